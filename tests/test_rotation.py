@@ -1,0 +1,68 @@
+import math
+
+import pytest
+import torch
+
+from wadi_probe.rotation import as_matrix, pair_angles, rotate_pairs
+
+
+def test_rotation_keeps_every_row_norm_exactly():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(7, 10, dtype=torch.float64, generator=g)
+    theta = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    r = rotate_pairs(w, theta)
+    torch.testing.assert_close(r.norm(dim=1), w.norm(dim=1), rtol=1e-14, atol=0)
+
+
+def test_zero_angles_are_the_identity_bit_for_bit():
+    w = torch.randn(4, 9)
+    assert torch.equal(rotate_pairs(w, torch.zeros(4, 4)), w)
+
+
+def test_known_quarter_turn_and_odd_fan_in_keeps_last_column():
+    w = torch.tensor([[1.0, 0.0, 0.0, 2.0, 5.0]], dtype=torch.float64)
+    theta = torch.tensor([[math.pi / 2, math.pi / 2]], dtype=torch.float64)
+    r = rotate_pairs(w, theta)
+    # (1, 0) -> (0, 1); (0, 2) -> (-2, 0); the fifth column is untouched.
+    torch.testing.assert_close(r, torch.tensor([[0.0, 1.0, -2.0, 0.0, 5.0]], dtype=torch.float64), atol=1e-15, rtol=0)
+
+
+def test_pair_angles_recover_planted_angles():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 12, dtype=torch.float64, generator=g)
+    theta = (torch.rand(6, 6, dtype=torch.float64, generator=g) - 0.5) * 2.0  # |θ| < 1 rad < π
+    s = rotate_pairs(w, theta)
+    torch.testing.assert_close(pair_angles(w, s), theta, rtol=0, atol=1e-12)
+
+
+def test_pair_angles_are_zero_where_a_pair_is_zero():
+    t = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    s = torch.tensor([[3.0, 4.0, 0.0, 0.0]])
+    assert torch.equal(pair_angles(t, s), torch.zeros(1, 2))
+
+
+def test_half_precision_weight_is_rotated_with_fp32_angles():
+    w = torch.randn(3, 8).half()
+    theta = torch.full((3, 4), 1e-3)
+    r = rotate_pairs(w, theta)
+    assert r.dtype == torch.float16
+    expected = rotate_pairs(w.float(), theta).half()
+    assert torch.equal(r, expected)
+
+
+def test_conv_kernel_flattens_per_output_channel():
+    k = torch.randn(4, 3, 2, 2)
+    assert as_matrix(k).shape == (4, 12)
+    with pytest.raises(ValueError):
+        as_matrix(torch.randn(5))
+
+
+def test_bad_theta_shape_is_refused():
+    with pytest.raises(ValueError, match="theta must have shape"):
+        rotate_pairs(torch.randn(3, 8), torch.zeros(3, 3))
+
+
+def test_rotation_is_differentiable():
+    w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    theta = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(rotate_pairs, (w, theta))

@@ -1,0 +1,11 @@
+"""wadi_probe: read a teacher and a student checkpoint and measure, layer by layer, how the weights moved.
+
+Norm versus direction, angles, residual and rotation spectra (DESIGN §4). Every capability is a function;
+the ``wadi-probe`` command only parses arguments and prints.
+"""
+
+from wadi_probe.errors import WadiInputError, WadiRuntimeError
+
+__version__ = "0.1.0"
+
+__all__ = ["WadiInputError", "WadiRuntimeError", "__version__"]
