@@ -1,0 +1,124 @@
+"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-like) with random weights, no downloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = ["a", "an", "the", "cat", "dog", "photo", "of", "red", "blue", "green", "house", "tree", "car", "on",
+         "in", "sky", "digit", "zero", "one", "two", "three", "big", "small", "drawing", "painting"]
+
+
+def make_tokenizer(folder: Path, max_length: int = 16) -> None:
+    """A word-level fast tokenizer with a fixed vocabulary, saved with save_pretrained."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "<s>": 2, "</s>": 3}
+    for word in WORDS:
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>", model_max_length=max_length)
+    fast.save_pretrained(folder)
+
+
+def _clip(projection: bool, hidden: int = 16):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=64, hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, max_position_embeddings=16, projection_dim=hidden,
+                            pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=4, sample_size=16)
+
+
+def _scheduler(prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         prediction_type=prediction_type)
+
+
+def tiny_unet(kind: str = "sd"):
+    """SD1-like (conv projections), SD2-like (linear projections) or SDXL-like (text_time) tiny UNet."""
+    from diffusers import UNet2DConditionModel
+
+    kwargs = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=4, attention_head_dim=4,
+                  cross_attention_dim=16)
+    if kind == "sd2":
+        kwargs["use_linear_projection"] = True
+    if kind == "sdxl":
+        kwargs.update(use_linear_projection=True, cross_attention_dim=32, addition_embed_type="text_time",
+                      addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
+    return UNet2DConditionModel(**kwargs)
+
+
+def tiny_pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8,
+                                    num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=24,
+                                    caption_channels=16, norm_num_groups=4, use_additional_conditions=True)
+
+
+def make_pipeline(folder: Path, kind: str = "sd", seed: int = 0) -> Path:
+    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index: dict = {"_diffusers_version": "0.30.0"}
+    vae = _vae()
+    vae.save_pretrained(folder / "vae")
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+    _scheduler("v_prediction" if kind == "sd2" else "epsilon").save_pretrained(folder / "scheduler")
+    index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    if kind in ("sd", "sd2"):
+        index["_class_name"] = "StableDiffusionPipeline"
+        tiny_unet(kind).save_pretrained(folder / "unet")
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+        _clip(False).save_pretrained(folder / "text_encoder")
+        make_tokenizer(folder / "tokenizer")
+        index.update(text_encoder=["transformers", "CLIPTextModel"],
+                     tokenizer=["transformers", "PreTrainedTokenizerFast"],
+                     safety_checker=[None, None], feature_extractor=[None, None])
+    elif kind == "sdxl":
+        index["_class_name"] = "StableDiffusionXLPipeline"
+        index["force_zeros_for_empty_prompt"] = True
+        tiny_unet("sdxl").save_pretrained(folder / "unet")
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+        _clip(False).save_pretrained(folder / "text_encoder")
+        _clip(True).save_pretrained(folder / "text_encoder_2")
+        make_tokenizer(folder / "tokenizer")
+        make_tokenizer(folder / "tokenizer_2")
+        index.update(text_encoder=["transformers", "CLIPTextModel"],
+                     text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer=["transformers", "PreTrainedTokenizerFast"],
+                     tokenizer_2=["transformers", "PreTrainedTokenizerFast"])
+    elif kind == "pixart":
+        index["_class_name"] = "PixArtAlphaPipeline"
+        tiny_pixart().save_pretrained(folder / "transformer")
+        index["transformer"] = ["diffusers", "PixArtTransformer2DModel"]
+        T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                decoder_start_token_id=0)).save_pretrained(folder / "text_encoder")
+        make_tokenizer(folder / "tokenizer", max_length=12)
+        index.update(text_encoder=["transformers", "T5EncoderModel"],
+                     tokenizer=["transformers", "PreTrainedTokenizerFast"])
+    else:
+        raise ValueError(kind)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return folder

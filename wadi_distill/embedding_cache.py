@@ -1,0 +1,117 @@
+"""An on-disk cache of text-encoder outputs: the encoders run once over all prompts, then are freed.
+
+Layout of a cache folder: ``index.json`` (key, count, chunk size, field names), ``null.safetensors`` (the null
+prompt's conditioning) and ``chunk-NNNNN.safetensors`` files of up to ``chunk_size`` prompts each. Rows are read
+lazily (memory-mapped slices), so a cache of millions of prompts never has to fit in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from wadi_distill.backbones import Conditioning
+from wadi_probe.atomic import atomic_path
+from wadi_probe.errors import WadiInputError
+
+CACHE_VERSION = 1
+
+
+def cache_key(prompts: list[str], teacher_fingerprint: str, null_prompt: str = "") -> str:
+    """A hash of the prompts, the null prompt and the teacher: a cache built for other inputs is never reused."""
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_VERSION}|{teacher_fingerprint}|{null_prompt}\n".encode())
+    for prompt in prompts:
+        digest.update(prompt.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:24]
+
+
+class EmbeddingCache:
+    """Read access to a written cache: ``get(indices)`` returns a batched :class:`Conditioning` (fp32, CPU)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index_path = self.folder / "index.json"
+        if not index_path.is_file():
+            raise WadiInputError(f"{self.folder} is not an embedding cache (no index.json).")
+        self.index = json.loads(index_path.read_text())
+        self.count = int(self.index["count"])
+        self.chunk_size = int(self.index["chunk_size"])
+        self.fields = list(self.index["fields"])
+        self._handles: dict[int, object] = {}
+        with safe_open(self.folder / "null.safetensors", framework="pt") as handle:
+            self.null = Conditioning.from_tensors({k: handle.get_tensor(k) for k in handle.keys()})
+
+    @property
+    def key(self) -> str:
+        return str(self.index["key"])
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _handle(self, chunk: int):
+        if chunk not in self._handles:
+            self._handles[chunk] = safe_open(self.folder / f"chunk-{chunk:05d}.safetensors", framework="pt")
+        return self._handles[chunk]
+
+    def get(self, indices: torch.Tensor | list[int]) -> Conditioning:
+        """The conditioning of the prompts at ``indices`` (in that order)."""
+        rows: dict[str, list[torch.Tensor]] = {k: [] for k in self.fields}
+        for idx in [int(i) for i in indices]:
+            if not 0 <= idx < self.count:
+                raise IndexError(f"prompt index {idx} outside the cache of {self.count} prompts")
+            handle = self._handle(idx // self.chunk_size)
+            row = idx % self.chunk_size
+            for k in self.fields:
+                rows[k].append(handle.get_slice(k)[row : row + 1])
+        return Conditioning.from_tensors({k: torch.cat(v) for k, v in rows.items()})
+
+
+def build_embedding_cache(
+    folder: str | Path,
+    prompts: list[str],
+    encode: Callable[[list[str]], Conditioning],
+    *,
+    key: str,
+    null_prompt: str = "",
+    batch_size: int = 64,
+    chunk_size: int = 4096,
+    progress: Callable[[int], None] | None = None,
+) -> EmbeddingCache:
+    """Encode ``prompts`` (and the null prompt) once into ``folder``; reuse the folder when its key matches.
+
+    The folder is written under a temporary name and renamed into place when complete, so an interrupted run
+    never leaves a half-written cache that would later be trusted.
+    """
+    folder = Path(folder)
+    if (folder / "index.json").is_file():
+        existing = json.loads((folder / "index.json").read_text())
+        if existing.get("key") == key and existing.get("version") == CACHE_VERSION:
+            return EmbeddingCache(folder)
+    if not prompts:
+        raise WadiInputError("There are no prompts to encode.")
+    with atomic_path(folder, directory=True) as tmp:
+        null = encode([null_prompt])
+        save_file({k: v.contiguous() for k, v in null.tensors().items()}, str(tmp / "null.safetensors"))
+        fields_ = list(null.tensors())
+        for chunk_index, start in enumerate(range(0, len(prompts), chunk_size)):
+            chunk_prompts = prompts[start : start + chunk_size]
+            parts: list[Conditioning] = []
+            for b in range(0, len(chunk_prompts), batch_size):
+                parts.append(encode(chunk_prompts[b : b + batch_size]))
+                if progress is not None:
+                    progress(len(chunk_prompts[b : b + batch_size]))
+            chunk = Conditioning.cat(parts)
+            save_file({k: v.contiguous() for k, v in chunk.tensors().items()},
+                      str(tmp / f"chunk-{chunk_index:05d}.safetensors"))
+        index = {"version": CACHE_VERSION, "key": key, "count": len(prompts), "chunk_size": chunk_size,
+                 "fields": fields_}
+        (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
+    return EmbeddingCache(folder)
