@@ -1,0 +1,412 @@
+"""Open any checkpoint layout users have as one lazy, uniformly named set of tensors (DESIGN §3).
+
+A :class:`Checkpoint` maps normalised diffusers-style names (``down_blocks.0.attentions.0.proj_in.weight``, no
+``unet.``/``module.`` prefix) to where each tensor lives in the file(s). Opening reads only headers and indexes;
+:meth:`Checkpoint.tensor` reads one tensor. Layouts:
+
+- ``safetensors``: one ``.safetensors`` file in diffusers naming;
+- ``diffusers`` / ``diffusers-sharded``: a model folder (or a pipeline root with ``unet/`` or ``transformer/``),
+  ``.fp16`` variants, sharded files with their ``*.index.json``;
+- ``ldm``: an original LDM/CompVis single file, ``model.diffusion_model.*`` renamed to diffusers names
+  (:mod:`wadi_probe.ldm`), VAE and text-encoder keys ignored;
+- ``torch``: ``.bin``/``.pt``/``.ckpt`` loaded with ``weights_only=True`` only;
+- ``adapter``: a LoRA / kohya / LoRaD file merged onto a base checkpoint on the fly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from wadi_probe.atomic import atomic_path
+from wadi_probe.errors import WadiInputError
+from wadi_probe.formats.safetensors_io import SafetensorsSource, write_safetensors_streaming
+
+TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+LDM_UNET_PREFIX = "model.diffusion_model."
+# prefixes removed when every (kept) key carries them
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+_MODEL_PREFIXES = ("unet.", "transformer.", "model.")
+# diffusers weight file stems, most preferred first
+_DIFFUSERS_STEMS = (
+    "diffusion_pytorch_model",
+    "diffusion_pytorch_model.fp16",
+    "diffusion_pytorch_model.bf16",
+    "model",
+    "model.fp16",
+    "pytorch_model",
+    "pytorch_model.fp16",
+)
+
+
+class TensorSource(Protocol):
+    """One file (or loaded dict) of raw keys; implemented by the format readers."""
+
+    path: Path
+
+    def keys(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> torch.dtype: ...
+    def tensor(self, key: str) -> torch.Tensor: ...
+    def close(self) -> None: ...
+
+
+class Checkpoint:
+    """A lazily opened checkpoint: normalised names -> (source file, stored key).
+
+    Tensors come back one at a time, on the CPU, in the dtype they are stored in. Use as a context manager or
+    call :meth:`close` when done.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        layout: str,
+        entries: Mapping[str, tuple[TensorSource, str]],
+        *,
+        sources: list[TensorSource] | None = None,
+        ignored_keys: list[str] | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.layout = layout
+        self._entries = {name: entries[name] for name in sorted(entries, key=model_order_key)}
+        self._sources = sources if sources is not None else list({id(s): s for s, _ in self._entries.values()}.values())
+        self.ignored_keys = list(ignored_keys or [])
+        self.info = dict(info or {})
+
+    # ---- names and metadata -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Normalised diffusers-style names, in the order the model stores them."""
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _entry(self, name: str) -> tuple[TensorSource, str]:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a tensor of {self.path}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        source, key = self._entry(name)
+        return tuple(source.shape(key))
+
+    def dtype(self, name: str) -> torch.dtype:
+        source, key = self._entry(name)
+        return source.dtype(key)
+
+    def source_key(self, name: str) -> str:
+        """The key as stored in the file(s)."""
+        return self._entry(name)[1]
+
+    def source_file(self, name: str) -> Path:
+        """The file holding ``name`` (differs per tensor for sharded checkpoints)."""
+        return self._entry(name)[0].path
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """Read one tensor (CPU, stored dtype) and nothing else."""
+        source, key = self._entry(name)
+        return source.tensor(key)
+
+    # ---- lifetime ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        for source in self._sources:
+            source.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, layout={self.layout!r}, tensors={len(self)})"
+
+
+# top-level modules of UNet2DConditionModel / diffusers transformers, in the order a forward pass meets them
+_TOP_LEVEL_ORDER = {
+    name: rank
+    for rank, name in enumerate(
+        ("conv_in", "pos_embed", "patch_embed", "x_embedder", "time_proj", "time_embedding", "time_embed",
+         "time_text_embed", "adaln_single", "class_embedding", "add_time_proj", "add_embedding",
+         "encoder_hid_proj", "caption_projection", "context_embedder", "down_blocks", "transformer_blocks",
+         "single_transformer_blocks", "mid_block", "up_blocks", "norm_out", "conv_norm_out", "proj_out",
+         "scale_shift_table", "conv_out")
+    )
+}
+_SUBBLOCK_ORDER = {"resnets": 0, "attentions": 1, "downsamplers": 2, "upsamplers": 2}
+
+
+def model_order_key(name: str) -> tuple:
+    """Sort key that puts names in forward-pass order, whatever order the file stored them in.
+
+    Numbers compare as numbers (``blocks.10`` after ``blocks.2``); within a UNet block, resnet ``l`` comes
+    before attention ``l`` and the down/upsampler last; ``weight`` before ``bias``.
+    """
+    parts = name.split(".")
+    key: list[tuple] = [(0, _TOP_LEVEL_ORDER.get(parts[0], len(_TOP_LEVEL_ORDER)), parts[0])]
+    i = 1
+    while i < len(parts):
+        part = parts[i]
+        if part in _SUBBLOCK_ORDER and i + 1 < len(parts) and parts[i + 1].isdigit():
+            key.append((1, int(parts[i + 1]), _SUBBLOCK_ORDER[part]))
+            i += 2
+            continue
+        if part.isdigit():
+            key.append((1, int(part), 0))
+        else:
+            key.append((2, {"weight": 0, "bias": 1}.get(part, 2), part))
+        i += 1
+    return tuple(key)
+
+
+# ---- key normalisation -------------------------------------------------------------------------------------
+def _strip_common_prefix(keys: list[str], prefixes: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """Map name -> key after removing wrapper prefixes that every key carries; pick ``unet.``-style sub-models.
+
+    Returns the name map and the keys that were left out (other sub-models of a whole-pipeline file).
+    """
+    current = {k: k for k in keys}
+    ignored: list[str] = []
+    changed = True
+    while changed and current:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if all(name.startswith(prefix) for name in current):
+                current = {name[len(prefix):]: key for name, key in current.items()}
+                changed = True
+    for prefix in prefixes:
+        with_prefix = {name: key for name, key in current.items() if name.startswith(prefix)}
+        if not with_prefix:
+            continue
+        # strip when all keys share it, or when it names a sub-model next to others (unet. beside text_encoder.)
+        if len(with_prefix) == len(current) or prefix in ("unet.", "transformer."):
+            ignored.extend(key for name, key in current.items() if not name.startswith(prefix))
+            current = {name[len(prefix):]: key for name, key in with_prefix.items()}
+            break
+    return current, ignored
+
+
+def _entries_from_sources(
+    path: Path, layout: str, sources: list[TensorSource], key_owner: dict[str, TensorSource] | None = None
+) -> Checkpoint:
+    """Build a checkpoint from raw sources, choosing the LDM renaming or plain prefix stripping by key names."""
+    owner: dict[str, TensorSource] = dict(key_owner or {})
+    if not owner:
+        for source in sources:
+            for key in source.keys():
+                owner.setdefault(key, source)
+    keys = list(owner)
+    if not keys:
+        raise WadiInputError(f"{path} holds no tensors.")
+    unwrapped, _ = _strip_common_prefix(keys, ())
+    ldm_keys = [name for name in unwrapped if name.startswith(LDM_UNET_PREFIX)]
+    if ldm_keys:
+        from wadi_probe.ldm import ldm_to_diffusers_names
+
+        shapes = {name[len(LDM_UNET_PREFIX):]: tuple(owner[unwrapped[name]].shape(unwrapped[name])) for name in ldm_keys}
+        mapping = ldm_to_diffusers_names(shapes)
+        entries = {}
+        for ldm_name, diffusers_name in mapping.items():
+            key = unwrapped[LDM_UNET_PREFIX + ldm_name]
+            entries[diffusers_name] = (owner[key], key)
+        mapped_keys = {key for _, key in entries.values()}
+        ignored = [key for key in keys if key not in mapped_keys]
+        return Checkpoint(path, "ldm", entries, sources=sources, ignored_keys=ignored)
+    names, ignored = _strip_common_prefix(keys, _MODEL_PREFIXES)
+    _refuse_adapter_names(path, names)
+    entries = {name: (owner[key], key) for name, key in names.items()}
+    return Checkpoint(path, layout, entries, sources=sources, ignored_keys=ignored)
+
+
+def _refuse_adapter_names(path: Path, names: Mapping[str, str]) -> None:
+    from wadi_probe.formats.adapters import looks_like_adapter
+
+    if looks_like_adapter(list(names)):
+        raise WadiInputError(
+            f"{path} is an adapter (LoRA/LoRaD weights), not a full model; open it with base=<the teacher checkpoint> "
+            "(on the command line: give the teacher as the base)."
+        )
+
+
+# ---- opening ------------------------------------------------------------------------------------------------
+def _open_file(path: Path, layout: str) -> TensorSource:
+    if path.suffix == ".safetensors":
+        return SafetensorsSource(path)
+    if path.suffix in TORCH_SUFFIXES:
+        from wadi_probe.formats.torch_io import TorchSource
+
+        return TorchSource(path)
+    raise WadiInputError(
+        f"{path} has an unknown extension; expected .safetensors, {', '.join(TORCH_SUFFIXES)} or a diffusers folder."
+    )
+
+
+def _open_sharded(index_path: Path) -> Checkpoint:
+    """Open a sharded checkpoint through its ``*.index.json`` (each shard opened lazily)."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map: dict[str, str] = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise WadiInputError(f"{index_path} is not a valid shard index (it needs a 'weight_map' object).") from exc
+    shards: dict[str, TensorSource] = {}
+    owner: dict[str, TensorSource] = {}
+    for key, shard_name in weight_map.items():
+        if shard_name not in shards:
+            shard_path = index_path.parent / shard_name
+            if not shard_path.is_file():
+                raise WadiInputError(f"{index_path} names shard {shard_name}, which does not exist in {index_path.parent}.")
+            shards[shard_name] = _open_file(shard_path, "diffusers-sharded")
+        owner[key] = shards[shard_name]
+    for shard_name, source in shards.items():
+        missing = [key for key in owner if owner[key] is source and key not in set(source.keys())]
+        if missing:
+            raise WadiInputError(f"{index_path} says shard {shard_name} holds {missing[0]!r}, but it does not.")
+    return _entries_from_sources(index_path.parent, "diffusers-sharded", list(shards.values()), owner)
+
+
+def find_weights_file(folder: Path) -> Path:
+    """The weights file (or shard index) of a diffusers model folder or pipeline root."""
+    for sub in ("unet", "transformer"):
+        if (folder / sub).is_dir():
+            return find_weights_file(folder / sub)
+    for stem in _DIFFUSERS_STEMS:
+        for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
+            candidate = folder / f"{stem}{suffix}"
+            if candidate.is_file():
+                return candidate
+    candidates = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.suffix in TORCH_SUFFIXES))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise WadiInputError(
+            f"{folder} holds no model weights (expected diffusion_pytorch_model[.fp16].safetensors, a shard index, "
+            "or a unet/ or transformer/ subfolder)."
+        )
+    raise WadiInputError(f"{folder} holds several weight files ({', '.join(p.name for p in candidates)}); name one of them.")
+
+
+def open_checkpoint(path: str | Path, *, base: Checkpoint | None = None) -> Checkpoint:
+    """Open a checkpoint lazily (only headers and indexes are read).
+
+    ``base``: when ``path`` is an adapter (LoRA in diffusers/PEFT or kohya layout, or LoRaD ``theta_a``/``theta_b``),
+    the result presents ``base`` with the adapter merged in, under the base's names (layout ``"adapter"``).
+    Raises :class:`WadiInputError` for a missing path, a folder without weights, a corrupt or truncated file, or a
+    pickle that would need code to load.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise WadiInputError(f"{path} does not exist.")
+    if base is not None:
+        from wadi_probe.formats.adapters import open_adapter
+
+        return open_adapter(path, base)
+    if path.is_dir():
+        weights = find_weights_file(path)
+        layout = "diffusers"
+    else:
+        weights = path
+        layout = "safetensors" if path.suffix == ".safetensors" else "torch"
+    if weights.name.endswith(".index.json"):
+        checkpoint = _open_sharded(weights)
+        checkpoint.path = path
+        return checkpoint
+    if weights.suffix in (".json", ".txt", ".yaml", ".md"):
+        raise WadiInputError(f"{weights} is not a weights file.")
+    source = _open_file(weights, layout)
+    checkpoint = _entries_from_sources(path, layout, [source])
+    if checkpoint.layout == "torch" and path.is_dir():
+        checkpoint.layout = "diffusers"
+    return checkpoint
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+def write_like(
+    reference: Checkpoint,
+    tensors: Mapping[str, torch.Tensor],
+    path: str | Path,
+    *,
+    metadata: Mapping[str, str] | None = None,
+) -> Path:
+    """Write ``tensors`` (keyed by normalised names) under ``reference``'s stored keys and dtypes, atomically.
+
+    ``.safetensors`` is written one tensor at a time (``tensors`` may be a lazy mapping that reads on access, so a
+    swapped checkpoint never has to sit in memory); a path ending ``.bin``/``.pt``/``.pth``/``.ckpt`` gets a torch
+    file. Names the reference does not have are refused; shapes must match the reference.
+    """
+    path = Path(path)
+    names = list(tensors.keys())
+    unknown = [name for name in names if name not in reference]
+    if unknown:
+        raise WadiInputError(f"{unknown[0]!r} is not a tensor of {reference.path}, so it cannot be written in its layout.")
+    ordered = [name for name in reference.names() if name in tensors]
+    key_of = {reference.source_key(name): name for name in ordered}
+    specs = {reference.source_key(name): (reference.shape(name), reference.dtype(name)) for name in ordered}
+
+    def fetch(key: str) -> torch.Tensor:
+        return tensors[key_of[key]]
+
+    if path.suffix in TORCH_SUFFIXES:
+        state: dict[str, torch.Tensor] = {}
+        for key in key_of:
+            shape, dtype = specs[key]
+            tensor = fetch(key)
+            if tuple(tensor.shape) != tuple(shape):
+                raise WadiInputError(f"tensor {key_of[key]!r} has shape {tuple(tensor.shape)} but {tuple(shape)} is required.")
+            state[key] = tensor.detach().to("cpu", dtype).contiguous()
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        return path
+    if path.suffix != ".safetensors":
+        raise WadiInputError(f"{path} should end in .safetensors (or .bin/.pt/.ckpt for a torch file).")
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        write_safetensors_streaming(handle, list(key_of), specs, fetch, metadata)
+    return path
+
+
+def lazy_tensors(checkpoint: Checkpoint, names: list[str] | None = None,
+                 override: Callable[[str], torch.Tensor | None] | None = None) -> Mapping[str, torch.Tensor]:
+    """A read-on-access mapping of a checkpoint's tensors (optionally replaced by ``override``), for write_like."""
+    return _LazyTensors(checkpoint, names if names is not None else checkpoint.names(), override)
+
+
+class _LazyTensors(Mapping[str, torch.Tensor]):
+    def __init__(self, checkpoint: Checkpoint, names: list[str], override: Callable[[str], torch.Tensor | None] | None):
+        self._checkpoint, self._names, self._override = checkpoint, names, override
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        if self._override is not None:
+            replaced = self._override(name)
+            if replaced is not None:
+                return replaced
+        return self._checkpoint.tensor(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def name_filter(include: str | None, exclude: str | None) -> Callable[[str], bool]:
+    """A predicate for ``--include``/``--exclude`` regexes (searched anywhere in the name)."""
+    try:
+        inc = re.compile(include) if include else None
+        exc = re.compile(exclude) if exclude else None
+    except re.error as error:
+        raise WadiInputError(f"invalid name pattern: {error}.") from error
+    return lambda name: (inc is None or inc.search(name) is not None) and (exc is None or exc.search(name) is None)

@@ -1,0 +1,1 @@
+"""File formats the probe reads and writes: lazy safetensors, safe torch pickles, adapters (LoRA, LoRaD)."""

@@ -1,0 +1,168 @@
+"""Lazy ``.safetensors`` reading (header first, one tensor at a time) and streaming writing.
+
+The header is parsed and checked before anything else so that a text file, a truncated download or a corrupt
+header is reported in one sentence instead of a library traceback. Tensors are read through
+``safetensors.safe_open`` one at a time; writing streams one tensor at a time, so neither direction ever holds a
+whole checkpoint in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from safetensors import safe_open
+
+from wadi_probe.errors import WadiInputError
+
+# safetensors dtype codes <-> torch dtypes
+_CODE_TO_DTYPE: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _code, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
+                     ("U32", "uint32"), ("U64", "uint64")):
+    if hasattr(torch, _name):
+        _CODE_TO_DTYPE[_code] = getattr(torch, _name)
+_DTYPE_TO_CODE = {dtype: code for code, dtype in _CODE_TO_DTYPE.items()}
+
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Parse and validate a safetensors header: ``({key: {"dtype", "shape", "data_offsets"}}, metadata)``.
+
+    Raises :class:`WadiInputError` for files that are not safetensors, truncated files and corrupt headers.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise WadiInputError(f"{path} is not a safetensors file: it is only {size} bytes long.")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise WadiInputError(
+                    f"{path} is not a valid safetensors file (its header length is impossible; "
+                    "is it a text file or a different format?)."
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise WadiInputError(f"cannot read {path}: {exc.strerror or exc}.") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise WadiInputError(f"{path} is not a valid safetensors file (its header is not readable JSON).") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    data_len = size - 8 - header_len
+    for key, info in header.items():
+        try:
+            start, end = info["data_offsets"]
+            code, shape = info["dtype"], info["shape"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WadiInputError(f"{path} has a corrupt safetensors header (entry {key!r} is malformed).") from exc
+        if code not in _CODE_TO_DTYPE:
+            raise WadiInputError(f"{path} stores tensor {key!r} in dtype {code}, which this tool cannot read.")
+        if end > data_len:
+            raise WadiInputError(
+                f"{path} is truncated or corrupt: tensor {key!r} ends at byte {end} but the file holds only "
+                f"{data_len} data bytes (re-download or re-save it)."
+            )
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        itemsize = torch.empty((), dtype=_CODE_TO_DTYPE[code]).element_size()
+        if end - start != numel * itemsize:
+            raise WadiInputError(f"{path} has a corrupt safetensors header (tensor {key!r} has the wrong byte size).")
+    return header, dict(metadata)
+
+
+class SafetensorsSource:
+    """One ``.safetensors`` file opened lazily: shapes and dtypes from the header, tensors read on demand."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.header, self.metadata = read_header(self.path)
+        try:
+            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+        except Exception as exc:  # safetensors raises its own error types
+            raise WadiInputError(f"{self.path} is not a readable safetensors file ({exc}).") from exc
+
+    def keys(self) -> list[str]:
+        """Keys in file order (the header's data order)."""
+        return sorted(self.header, key=lambda k: self.header[k]["data_offsets"][0])
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype:
+        return _CODE_TO_DTYPE[self.header[key]["dtype"]]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if self._handle is None:
+            raise WadiInputError(f"{self.path} was closed before tensor {key!r} was read.")
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as exc:
+            raise WadiInputError(f"cannot read tensor {key!r} from {self.path} ({exc}).") from exc
+
+    def close(self) -> None:
+        self._handle = None
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return b""
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def write_safetensors_streaming(
+    destination: BinaryIO,
+    keys: Iterable[str],
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    fetch: Any,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose tensors are produced one at a time by ``fetch(key)``.
+
+    ``specs`` gives every key's (shape, dtype) up front so the header can be written first; each fetched tensor
+    is checked against its spec and cast to the spec's dtype. Peak memory is one tensor.
+    """
+    keys = list(keys)
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for key in keys:
+        shape, dtype = specs[key]
+        numel = 1
+        for dim in shape:
+            numel *= int(dim)
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": _DTYPE_TO_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
+    destination.write(struct.pack("<Q", len(raw)))
+    destination.write(raw)
+    for key in keys:
+        shape, dtype = specs[key]
+        tensor = fetch(key)
+        if tuple(tensor.shape) != tuple(shape):
+            raise WadiInputError(f"tensor {key!r} has shape {tuple(tensor.shape)} but {tuple(shape)} is required.")
+        destination.write(_tensor_bytes(tensor.to(dtype)))
