@@ -14,6 +14,7 @@ from matplotlib.patches import Rectangle
 
 from wadi_probe import plots
 from wadi_probe.errors import WadiInputError
+from wadi_probe.report import report_to_dataframe
 from wadi_probe.rotation import rotate_pairs
 
 from _planted_report import planted_pair, planted_report
@@ -54,12 +55,16 @@ def test_mean_vs_std_has_one_point_per_layer_and_quantity_and_the_means(report):
     assert "%" in ax.get_xlabel() and "%" in ax.get_ylabel()
 
 
-def test_mean_vs_std_accepts_the_dataframe_form(report):
-    import pandas as pd
-
-    frame = pd.DataFrame([{k: v for k, v in r.items() if not isinstance(v, list) or k == "shape"} for r in report["layers"]])
+def test_scalar_plots_accept_the_dataframe_form(report):
+    frame = report_to_dataframe(report)
     offsets = _scatter_offsets(plots.plot_mean_vs_std(frame).axes[0])
     assert len(offsets[0]) == len(_matrix_layers(report))
+    points = np.concatenate(_scatter_offsets(plots.plot_depth_profile(frame).axes[0]))
+    assert len(points) == len(_matrix_layers(report))
+    bars = [p for p in plots.plot_recommended_ranks(frame).axes[0].patches if p.get_zorder() == 2]
+    assert len(bars) == len(_matrix_layers(report))
+    with pytest.raises(WadiInputError, match="no 'residual_energy' spectra"):
+        plots.plot_residual_energy(frame)
 
 
 def test_depth_profile_marks_every_layer_in_both_panels_by_type(report):

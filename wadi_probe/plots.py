@@ -85,6 +85,8 @@ def is_matrix_record(record: Mapping[str, Any]) -> bool:
     shape = record.get("shape")
     if isinstance(shape, (list, tuple)):
         return len(shape) >= 2
+    if isinstance(shape, str) and shape:  # the DataFrame form writes shapes as "320x4x3x3"
+        return "x" in shape
     return record.get("kind") in MATRIX_KINDS
 
 
@@ -332,10 +334,7 @@ def plot_recommended_ranks(report: ReportLike) -> Figure:
     threshold = float(_settings(report).get("recommend_threshold", 0.9))
     ax.set_ylabel("recommended LoRaD rank")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    total_params = sum(
-        int(r["recommended_rank"]) * (int(r["shape"][0]) + _fan_in(r["shape"]) // 2)
-        for r in records if isinstance(r.get("shape"), (list, tuple))
-    )
+    total_params = sum(int(r["recommended_rank"]) * (_out_and_fan_in(r)[0] + _out_and_fan_in(r)[1] // 2) for r in records)
     ax.set_title(
         f"LoRaD rank that keeps {threshold * 100:.0f} % of each layer's angle-field energy\n"
         f"{len(records)} layers, median rank {np.median(ranks):.0f}, {total_params:,} trainable parameters",
@@ -347,8 +346,12 @@ def plot_recommended_ranks(report: ReportLike) -> Figure:
     return fig
 
 
-def _fan_in(shape: Sequence[int]) -> int:
-    return int(np.prod(shape[1:])) if len(shape) > 1 else 1
+def _out_and_fan_in(record: Mapping[str, Any]) -> tuple[int, int]:
+    """(out, fan_in) of a matrix record, from its shape list or the DataFrame's out/fan_in columns."""
+    shape = record.get("shape")
+    if isinstance(shape, (list, tuple)):
+        return int(shape[0]), int(np.prod(shape[1:]))
+    return int(record.get("out") or 0), int(record.get("fan_in") or 0)
 
 
 # ------------------------------------------------------------------------------------ angle heatmap
