@@ -5,7 +5,9 @@ the ``wadi-probe`` command only parses arguments and prints.
 """
 
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
+from wadi_probe.analyze import compare
+from wadi_probe.report import Report, load_report
 
 __version__ = "0.1.0"
 
-__all__ = ["WadiInputError", "WadiRuntimeError", "__version__"]
+__all__ = ["Report", "WadiInputError", "WadiRuntimeError", "__version__", "compare", "load_report"]

@@ -1,0 +1,211 @@
+"""Stream matched teacher/student tensor pairs through the §4 math and collect a :class:`~wadi_probe.report.Report`.
+
+Only one pair of tensors is in memory at a time (read, moved to the device, analysed, freed), so a full SD
+checkpoint is probed in far less memory than loading either file whole.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from wadi_probe.checkpoints import Checkpoint, open_checkpoint
+from wadi_probe.decompose import AnalysisSettings, analyze_pair
+from wadi_probe.errors import WadiInputError
+from wadi_probe.layers import block_of, kind_of, layer_type_of, module_of
+from wadi_probe.pairing import pair_checkpoints
+from wadi_probe.report import Report, build_report
+
+class _MemorySource:
+    """A TensorSource over an in-memory state dict (for notebooks and tests)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str) -> None:
+        self.path = Path(label)
+        self._tensors = {key: value.detach() for key, value in tensors.items() if isinstance(value, torch.Tensor)}
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def close(self) -> None:
+        pass
+
+
+_PREFIXES = ("module.", "unet.", "transformer.")
+
+
+def checkpoint_from_state_dict(tensors: Mapping[str, torch.Tensor] | torch.nn.Module, label: str = "<memory>") -> Checkpoint:
+    """Wrap a state dict (or a module's) as a :class:`Checkpoint`, stripping ``module.``/``unet.`` prefixes."""
+    if isinstance(tensors, torch.nn.Module):
+        tensors = tensors.state_dict()
+    source = _MemorySource(tensors, label)
+    names: dict[str, str] = {}
+    for key in source.keys():
+        name = key
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        names[name] = key
+    return Checkpoint(Path(label), "memory", {name: (source, key) for name, key in names.items()}, sources=[source])
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; a CUDA request without a GPU is an input error."""
+    if isinstance(device, torch.device):
+        return device
+    text = str(device).strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise WadiInputError(f"unknown device {device!r}; use auto, cpu or cuda (cuda:N).")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise WadiInputError(f"device {device!r} was requested but CUDA is not available on this machine.")
+    return torch.device(text)
+
+
+def _open(spec: Any, label: str, *, base: Checkpoint | None = None) -> tuple[Checkpoint, bool]:
+    """Open a checkpoint-like thing; returns (checkpoint, opened_here) so the caller knows what to close."""
+    if isinstance(spec, Checkpoint):
+        return spec, False
+    if isinstance(spec, (Mapping, torch.nn.Module)):
+        return checkpoint_from_state_dict(spec, label), True
+    if isinstance(spec, (str, Path)):
+        return open_checkpoint(spec, base=base), True
+    raise WadiInputError(f"cannot read the {label} from a {type(spec).__name__}; give a path, a Checkpoint or a state dict.")
+
+
+def _describe(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {"path": str(checkpoint.path), "layout": checkpoint.layout, "tensors": len(checkpoint)}
+
+
+def compare(
+    teacher: Any,
+    student: Any,
+    *,
+    device: str | torch.device = "auto",
+    include: str | None = None,
+    exclude: str | None = None,
+    spectra: bool = True,
+    progress: bool = False,
+    student_is_adapter: bool = False,
+    settings: AnalysisSettings | None = None,
+    on_layer: Callable[[dict[str, Any]], None] | None = None,
+) -> Report:
+    """Compare a teacher and a student layer by layer (DESIGN §4) and return the report.
+
+    ``teacher``/``student``: a path (any layout :func:`~wadi_probe.checkpoints.open_checkpoint` reads), an open
+    :class:`Checkpoint`, a state dict or an ``nn.Module``. With ``student_is_adapter`` the student is an adapter
+    file merged onto the teacher. ``include``/``exclude`` are regexes on tensor names; ``spectra=False`` skips the
+    residual and pair-angle spectra (the fast mode). ``progress`` shows a rich progress bar on stderr.
+    """
+    settings = settings or AnalysisSettings(spectra=spectra)
+    target = resolve_device(device)
+    started = time.perf_counter()
+    teacher_ckpt, close_teacher = _open(teacher, "teacher")
+    student_ckpt, close_student = None, False
+    try:
+        student_ckpt, close_student = _open(student, "student", base=teacher_ckpt if student_is_adapter else None)
+        pairing = pair_checkpoints(teacher_ckpt, student_ckpt, include=include, exclude=exclude)
+        records = _analyze_all(teacher_ckpt, student_ckpt, pairing.matched, settings, target, progress, on_layer)
+        inputs = {"teacher": _describe(teacher_ckpt), "student": _describe(student_ckpt)}
+    finally:
+        if close_student and student_ckpt is not None:
+            student_ckpt.close()
+        if close_teacher:
+            teacher_ckpt.close()
+    report_settings = {"device": str(target), "include": include, "exclude": exclude, **settings.to_json()}
+    report = build_report(inputs=inputs, settings=report_settings, pairing=pairing.to_dict(), layers=records)
+    report.data["run"] = {
+        "elapsed_s": round(time.perf_counter() - started, 3),
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
+    }
+    return report
+
+
+def _analyze_all(
+    teacher: Checkpoint,
+    student: Checkpoint,
+    names: list[str],
+    settings: AnalysisSettings,
+    device: torch.device,
+    progress: bool,
+    on_layer: Callable[[dict[str, Any]], None] | None,
+) -> list[dict[str, Any]]:
+    """Analyse pairs one at a time (read, compute, free), optionally behind a progress bar."""
+    sizes = [max(1, _numel(teacher.shape(name))) for name in names]
+    records: list[dict[str, Any]] = []
+    if not progress:
+        for order, name in enumerate(names):
+            records.append(_analyze_one(teacher, student, name, order, settings, device))
+            if on_layer:
+                on_layer(records[-1])
+        return records
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("[bold]probing[/]"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}% of weights"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[layer]}[/]"),
+    )
+    layer_task_total = sum(sizes)
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("probe", total=layer_task_total, layer="")
+        done = 0
+        for order, (name, size) in enumerate(zip(names, sizes)):
+            bar.update(task, layer=name)
+            records.append(_analyze_one(teacher, student, name, order, settings, device))
+            if on_layer:
+                on_layer(records[-1])
+            done += size
+            bar.update(task, completed=done)
+    return records
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _analyze_one(
+    teacher: Checkpoint, student: Checkpoint, name: str, order: int, settings: AnalysisSettings, device: torch.device
+) -> dict[str, Any]:
+    shape = tuple(int(n) for n in teacher.shape(name))
+    t = teacher.tensor(name)
+    s = student.tensor(name)
+    record: dict[str, Any] = {
+        "name": name,
+        "module": module_of(name),
+        "kind": kind_of(name, shape),
+        "layer_type": layer_type_of(name, shape),
+        "block": block_of(name),
+        "order": order,
+        "shape": list(shape),
+        "params": _numel(shape),
+        "dtype": str(t.dtype).removeprefix("torch."),
+    }
+    if s.dtype != t.dtype:
+        record["student_dtype"] = str(s.dtype).removeprefix("torch.")
+    record.update(analyze_pair(t, s, settings, device=device))
+    del t, s
+    return record

@@ -1,0 +1,50 @@
+"""``wadi-probe compare``: probe a teacher/student pair layer by layer, print the summary, save the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from wadi_probe.analyze import compare
+from wadi_probe.cli import app
+from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.errors import WadiInputError
+from wadi_probe.summary import print_summary
+
+
+def _check_output(path: Optional[Path], what: str) -> None:
+    if path is not None and path.is_dir():
+        raise WadiInputError(f"the {what} path {path} is a folder; give a file name.")
+
+
+@app.command("compare")
+@handle_errors
+def compare_command(
+    teacher: Path = typer.Argument(..., help="Teacher checkpoint: .safetensors, diffusers folder, LDM single file or torch .bin/.pt/.ckpt."),
+    student: Path = typer.Argument(..., help="Student checkpoint (any of the teacher's layouts), or an adapter file with --adapter."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the report (JSON) here."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Write the per-layer table as CSV here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto picks CUDA when available)."),
+    include: Optional[str] = typer.Option(None, "--include", help="Only tensors whose name matches this regex."),
+    exclude: Optional[str] = typer.Option(None, "--exclude", help="Leave out tensors whose name matches this regex."),
+    no_spectra: bool = typer.Option(False, "--no-spectra", help="Skip residual and rotation spectra (much faster)."),
+    adapter: bool = typer.Option(False, "--adapter", help="STUDENT is an adapter (LoRA/LoRaD) merged onto TEACHER."),
+    top: int = typer.Option(10, "--top", help="How many of the most rotated layers to list."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+) -> None:
+    """Compare TEACHER and STUDENT: per-layer norm and direction change, angles, spectra, LoRaD rank advice."""
+    _check_output(output, "report")
+    _check_output(csv, "CSV")
+    report = compare(
+        teacher, student, device=device, include=include, exclude=exclude, spectra=not no_spectra,
+        progress=progress, student_is_adapter=adapter,
+    )
+    print_summary(report, console, top=top)
+    if output is not None:
+        report.save(output)
+        console.print(f"report written to {output}", highlight=False)
+    if csv is not None:
+        report.to_csv(csv)
+        console.print(f"layer table written to {csv}", highlight=False)

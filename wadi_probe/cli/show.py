@@ -1,0 +1,22 @@
+"""``wadi-probe show``: print the summary of a saved report again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from wadi_probe.cli import app
+from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.report import load_report
+from wadi_probe.summary import print_summary
+
+
+@app.command("show")
+@handle_errors
+def show_command(
+    report: Path = typer.Argument(..., help="A report.json written by `wadi-probe compare -o`."),
+    top: int = typer.Option(10, "--top", help="How many of the most rotated layers to list."),
+) -> None:
+    """Print the summary of a saved report: headline, most rotated layers, block × layer-type table."""
+    print_summary(load_report(report), console, top=top)

@@ -1,0 +1,369 @@
+"""The per-layer math of DESIGN §4 as pure tensor functions: no files, no printing, CPU or CUDA.
+
+A weight is viewed as a matrix (out, fan_in) whose rows are output units (conv kernels flattened per output
+channel, a 1-D tensor as one row). For teacher rows t_i and student rows s_i:
+
+* norm change ``nc_i = |‖s_i‖ − ‖t_i‖| / ‖t_i‖``;
+* direction change ``dc_i = 1 − cos(s_i, t_i)``, computed as ``½‖ŝ_i − t̂_i‖²`` (the same number, but without the
+  cancellation of ``1 − cos`` for small angles); the angle is ``2·asin(‖ŝ_i − t̂_i‖ / 2)`` = ``arccos(cos)``;
+* the direction residual ``ΔD = rownorm(S) − rownorm(T)`` and its spectrum: σ_k² are the eigenvalues of the
+  smaller Gram matrix (ΔD·ΔDᵀ or ΔDᵀ·ΔD), far cheaper than an SVD; ``energy(k) = Σ_{j≤k} σ_j² / Σ σ_j²``;
+* the LoRaD pair-angle field Θ (:func:`wadi_probe.rotation.pair_angles`), its spectrum the same way, and how
+  much of ΔD a pairwise rotation explains: ``1 − ‖rownorm(S) − R_Θ(rownorm(T))‖² / ‖ΔD‖²``.
+
+Rows with a NaN/Inf (in either tensor) or a zero norm (in either tensor) are counted and left out of every
+statistic. Big products run in fp32 on the tensors' device; per-row reductions and energies are fp64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from wadi_probe.rotation import pair_angles, rotate_pairs
+
+__all__ = [
+    "AnalysisSettings",
+    "analyze_pair",
+    "as_rows",
+    "bit_identical",
+    "energy_at_rank",
+    "energy_curve",
+    "gram_singular_values_sq",
+    "pair_angle_field",
+    "rank_at",
+    "truncate_to_rank",
+]
+
+#: A layer whose largest per-row direction change is at or below this counts as "direction unchanged": its
+#: spectra are not computed (nothing to explain) and its recommended rank is 0. fp32 rounding of a row that was
+#: only rescaled gives about 1e-14; a real rotation of 0.001° gives 1.5e-10.
+DIRECTION_TOLERANCE = 1e-12
+
+_RANK_SLACK = 1e-9  # energy(k) >= p - slack, so that a curve reaching p up to rounding counts as reaching it
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    """What to compute per layer. The defaults are the report's defaults (``settings`` in report.json)."""
+
+    spectra: bool = True
+    rank_fraction: float = 0.3
+    energy_thresholds: tuple[float, ...] = (0.9, 0.95, 0.99)
+    recommend_threshold: float = 0.9
+    top_singular_values: int = 16
+    truncated_explained: bool = True
+    energy_decimals: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as the report stores them."""
+        return {
+            "spectra": self.spectra,
+            "rank_fraction": self.rank_fraction,
+            "energy_thresholds": list(self.energy_thresholds),
+            "recommend_threshold": self.recommend_threshold,
+            "top_singular_values": self.top_singular_values,
+            "truncated_explained": self.truncated_explained,
+            "direction_tolerance": DIRECTION_TOLERANCE,
+            **self.extra,
+        }
+
+
+def pair_angle_field(teacher2d: torch.Tensor, student2d: torch.Tensor) -> torch.Tensor:
+    """Θ (out, fan_in // 2): the angle that turns each teacher column pair towards the student's (radians)."""
+    return pair_angles(teacher2d, student2d)
+
+
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """View a tensor as rows of output units: (out, fan_in) for ≥2-D, one row for a 1-D or 0-D tensor."""
+    if tensor.ndim >= 2:
+        return tensor.reshape(tensor.shape[0], -1)
+    return tensor.reshape(1, -1)
+
+
+def bit_identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when the two tensors have the same shape, dtype and bytes (NaN payloads and -0.0 included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype.is_floating_point and a.element_size() in (1, 2, 4, 8):
+        as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.contiguous().view(as_int), b.contiguous().view(as_int)
+    return bool(torch.equal(a, b))
+
+
+def gram_singular_values_sq(matrix: torch.Tensor, *, precise: bool = False) -> torch.Tensor:
+    """σ_k² of ``matrix``, descending, as the eigenvalues of its smaller Gram matrix (fp64 result, ≥ 0).
+
+    The Gram product runs in fp32 on the matrix's device (fp64 with ``precise=True``); eigenvalues come from
+    ``torch.linalg.eigvalsh``. Rounding can make the smallest eigenvalues slightly negative: they are clamped
+    to 0. Absolute error per σ² is about 1e-6 of the largest σ² in fp32 (tests compare with ``svdvals``).
+    """
+    dtype = torch.float64 if precise else torch.float32
+    m = matrix.to(dtype)
+    gram = m @ m.mT if m.shape[0] <= m.shape[1] else m.mT @ m
+    values = torch.linalg.eigvalsh(gram)
+    return values.flip(0).clamp_min(0).to(torch.float64)
+
+
+def _gram_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Eigen-decomposition of the smaller Gram matrix: (σ² descending fp64, vectors descending, left_side)."""
+    m = matrix.to(torch.float32)
+    left = m.shape[0] <= m.shape[1]
+    gram = m @ m.mT if left else m.mT @ m
+    values, vectors = torch.linalg.eigh(gram)
+    return values.flip(0).clamp_min(0).to(torch.float64), vectors.flip(1), left
+
+
+def truncate_to_rank(matrix: torch.Tensor, vectors: torch.Tensor, left: bool, rank: int) -> torch.Tensor:
+    """Best rank-``rank`` approximation of ``matrix`` from the Gram eigenvectors (projection on the top ones)."""
+    if rank <= 0:
+        return torch.zeros_like(matrix)
+    basis = vectors[:, :rank].to(matrix.dtype)
+    if left:
+        return basis @ (basis.mT @ matrix)
+    return (matrix @ basis) @ basis.mT
+
+
+def energy_curve(sigma_sq: torch.Tensor) -> torch.Tensor:
+    """Cumulative energy fraction ``energy(k)`` for k = 1..len(σ²) (fp64); all zeros when there is no energy."""
+    values = sigma_sq.to(torch.float64)
+    total = values.sum()
+    if values.numel() == 0 or total <= 0:
+        return torch.zeros_like(values)
+    return (values.cumsum(0) / total).clamp_max(1.0)
+
+
+def rank_at(curve: torch.Tensor, p: float) -> int:
+    """Smallest k with ``energy(k) ≥ p`` (0 for an empty or all-zero curve)."""
+    if curve.numel() == 0 or float(curve[-1]) <= 0:
+        return 0
+    hits = torch.nonzero(curve >= p - _RANK_SLACK)
+    return int(hits[0, 0]) + 1 if hits.numel() else int(curve.numel())
+
+
+def energy_at_rank(curve: torch.Tensor, k: int) -> float | None:
+    """``energy(k)``; ranks past the curve's end (rows were excluded) hold all the energy. None when empty."""
+    if curve.numel() == 0 or float(curve[-1]) <= 0:
+        return None
+    return float(curve[min(max(k, 1), curve.numel()) - 1])
+
+
+def _pad_curve(curve: torch.Tensor, length: int) -> torch.Tensor:
+    if curve.numel() >= length:
+        return curve[:length]
+    return torch.cat((curve, curve.new_ones(length - curve.numel())))
+
+
+def _round_list(curve: torch.Tensor, decimals: int) -> list[float]:
+    return [round(v, decimals) for v in curve.tolist()]
+
+
+def _rank_record(prefix: str, curve: torch.Tensor, full_rank: int, settings: AnalysisSettings) -> dict[str, Any]:
+    k_frac = max(1, math.ceil(settings.rank_fraction * full_rank))
+    record: dict[str, Any] = {f"{prefix}_energy_at_30pct_rank": energy_at_rank(curve, k_frac)}
+    for p in settings.energy_thresholds:
+        record[f"{prefix}_rank_{round(p * 100)}"] = rank_at(curve, p)
+    return record
+
+
+def _empty_spectra(settings: AnalysisSettings, zero_ranks: bool) -> dict[str, Any]:
+    """Spectral fields for a layer without spectra: null, or 0 ranks when the direction did not change."""
+    rank = 0 if zero_ranks else None
+    record: dict[str, Any] = {
+        "residual_energy_at_30pct_rank": None,
+        "lorad_energy_at_30pct_rank": None,
+        "residual_top_singular_values": [] if zero_ranks else None,
+        "lorad_explained": None,
+        "lorad_explained_at_recommended_rank": None,
+        "recommended_rank": rank,
+        "residual_energy": [] if zero_ranks else None,
+        "lorad_energy": [] if zero_ranks else None,
+    }
+    for p in settings.energy_thresholds:
+        record[f"residual_rank_{round(p * 100)}"] = rank
+        record[f"lorad_rank_{round(p * 100)}"] = rank
+    return record
+
+
+def _zero_stats() -> dict[str, Any]:
+    return {
+        "norm_change_mean": 0.0,
+        "norm_change_std": 0.0,
+        "norm_change_max": 0.0,
+        "direction_change_mean": 0.0,
+        "direction_change_std": 0.0,
+        "direction_change_max": 0.0,
+        "angle_deg_mean": 0.0,
+        "angle_deg_max": 0.0,
+        "matrix_norm_change": 0.0,
+        "matrix_direction_change": 0.0,
+    }
+
+
+def _null_stats() -> dict[str, Any]:
+    return {key: None for key in _zero_stats()}
+
+
+def _mean_std_max(values: torch.Tensor) -> tuple[float, float, float]:
+    """Mean, population std (ddof 0, so layers pool exactly) and max of a 1-D fp64 tensor, as floats."""
+    stats = torch.stack((values.mean(), values.std(correction=0) if values.numel() > 1 else values.new_zeros(()), values.max()))
+    mean, std, top = stats.tolist()
+    return mean, std, top
+
+
+def analyze_pair(
+    teacher: torch.Tensor,
+    student: torch.Tensor,
+    settings: AnalysisSettings | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Every number of DESIGN §4 for one teacher/student tensor pair of equal shape, as a flat dict.
+
+    Keys are the report's record fields (without the naming ones: name, module, kind, ...). Works for any
+    dtype (fp16/bf16 are upcast to fp32) and on the given device (default: the teacher's). Spectra are only
+    computed for tensors with 2 or more dimensions, when ``settings.spectra`` is on and the direction changed.
+    """
+    settings = settings or AnalysisSettings()
+    if teacher.shape != student.shape:
+        raise ValueError(f"shapes differ: {tuple(teacher.shape)} vs {tuple(student.shape)}")
+    shape = tuple(int(n) for n in teacher.shape)
+    is_matrix = len(shape) >= 2
+    out = shape[0] if is_matrix else 1
+    fan_in = math.prod(shape[1:]) if is_matrix else max(1, math.prod(shape))
+    full_rank = min(out, fan_in) if is_matrix else None
+    lorad_full_rank = min(out, fan_in // 2) if is_matrix else None
+    record: dict[str, Any] = {
+        "full_rank": full_rank,
+        "lorad_full_rank": lorad_full_rank,
+        "identical": False,
+        "rows": 0,
+        "zero_rows": 0,
+        "nonfinite": 0,
+    }
+    device = torch.device(device) if device is not None else teacher.device
+    if not (teacher.dtype.is_floating_point and student.dtype.is_floating_point):
+        record.update(_null_stats(), **_empty_spectra(settings, zero_ranks=False))
+        record["identical"] = bit_identical(teacher, student)
+        return record
+
+    t = as_rows(teacher.to(device)).to(torch.float32)
+    s = as_rows(student.to(device)).to(torch.float32)
+    finite = torch.isfinite(t).all(dim=1) & torch.isfinite(s).all(dim=1)
+    t_norm = torch.linalg.vector_norm(t, dim=1, dtype=torch.float64)
+    s_norm = torch.linalg.vector_norm(s, dim=1, dtype=torch.float64)
+    zero = finite & ((t_norm == 0) | (s_norm == 0))
+    valid = finite & ~zero
+    counts = torch.stack((valid.sum(), zero.sum(), (~finite).sum())).tolist()
+    record.update(rows=counts[0], zero_rows=counts[1], nonfinite=counts[2])
+
+    if bit_identical(teacher, student):
+        record["identical"] = True
+        record.update(_zero_stats(), **_empty_spectra(settings, zero_ranks=is_matrix))
+        return record
+    if counts[0] == 0:
+        record.update(_null_stats(), **_empty_spectra(settings, zero_ranks=False))
+        return record
+
+    if counts[0] < out:
+        t, s, t_norm, s_norm = t[valid], s[valid], t_norm[valid], s_norm[valid]
+    t_unit = t / t_norm.to(torch.float32).unsqueeze(1)
+    s_unit = s / s_norm.to(torch.float32).unsqueeze(1)
+    residual = s_unit - t_unit
+    residual_row_sq = torch.linalg.vector_norm(residual, dim=1, dtype=torch.float64).square()
+
+    norm_change = (s_norm - t_norm).abs() / t_norm
+    direction_change = residual_row_sq / 2
+    angle_deg = torch.rad2deg(2 * torch.asin((residual_row_sq.sqrt() / 2).clamp(max=1.0)))
+    cosines = 1 - direction_change
+    t_total = torch.linalg.vector_norm(t_norm)
+    s_total = torch.linalg.vector_norm(s_norm)
+    matrix_cos = (t_norm * s_norm * cosines).sum() / (t_total * s_total)
+    nc_mean, nc_std, nc_max = _mean_std_max(norm_change)
+    dc_mean, dc_std, dc_max = _mean_std_max(direction_change)
+    angle_mean, _, angle_max = _mean_std_max(angle_deg)
+    matrix_nc, matrix_dc = torch.stack(((s_total - t_total).abs() / t_total, (1 - matrix_cos).clamp_min(0))).tolist()
+    record.update(
+        norm_change_mean=nc_mean,
+        norm_change_std=nc_std,
+        norm_change_max=nc_max,
+        direction_change_mean=dc_mean,
+        direction_change_std=dc_std,
+        direction_change_max=dc_max,
+        angle_deg_mean=angle_mean,
+        angle_deg_max=angle_max,
+        matrix_norm_change=matrix_nc,
+        matrix_direction_change=matrix_dc,
+    )
+
+    direction_changed = dc_max > DIRECTION_TOLERANCE
+    if not is_matrix:
+        record.update({k: None for k in _empty_spectra(settings, False)})
+        return record
+    if not direction_changed:
+        record.update(_empty_spectra(settings, zero_ranks=True))
+        return record
+    if not settings.spectra:
+        record.update(_empty_spectra(settings, zero_ranks=False))
+        return record
+
+    record.update(_residual_spectrum(residual, full_rank, settings))
+    residual_energy = float(residual_row_sq.sum())
+    del residual
+    record.update(_lorad_spectrum(t, s, t_unit, s_unit, residual_energy, lorad_full_rank, settings))
+    return record
+
+
+def _residual_spectrum(residual: torch.Tensor, full_rank: int, settings: AnalysisSettings) -> dict[str, Any]:
+    sigma_sq = gram_singular_values_sq(residual)
+    curve = _pad_curve(energy_curve(sigma_sq), full_rank)
+    total = float(sigma_sq.sum())
+    top = (sigma_sq[: settings.top_singular_values] / total).sqrt() if total > 0 else sigma_sq[:0]
+    record = _rank_record("residual", curve, full_rank, settings)
+    record["residual_top_singular_values"] = [round(v, 6) for v in top.tolist()]
+    record["residual_energy"] = _round_list(curve, settings.energy_decimals)
+    return record
+
+
+def _lorad_spectrum(
+    t: torch.Tensor,
+    s: torch.Tensor,
+    t_unit: torch.Tensor,
+    s_unit: torch.Tensor,
+    residual_energy: float,
+    lorad_full_rank: int,
+    settings: AnalysisSettings,
+) -> dict[str, Any]:
+    """Θ's spectrum, the fraction of ΔD a pairwise rotation explains, and the recommended rank."""
+    record: dict[str, Any] = {}
+    if lorad_full_rank == 0:  # fan-in 1: nothing to pair
+        lorad_keys = [k for k in _empty_spectra(settings, False) if k.startswith("lorad") or k == "recommended_rank"]
+        return {k: None for k in lorad_keys}
+    theta = pair_angle_field(t, s)
+    if settings.truncated_explained:
+        sigma_sq, vectors, left = _gram_eigh(theta)
+    else:
+        sigma_sq, vectors, left = gram_singular_values_sq(theta), None, True
+    curve = _pad_curve(energy_curve(sigma_sq), lorad_full_rank)
+    record.update(_rank_record("lorad", curve, lorad_full_rank, settings))
+    record["lorad_energy"] = _round_list(curve, settings.energy_decimals)
+    recommended = rank_at(curve, settings.recommend_threshold)
+    record["recommended_rank"] = recommended
+    record["lorad_explained"] = _explained(t_unit, s_unit, theta, residual_energy)
+    record["lorad_explained_at_recommended_rank"] = None
+    if vectors is not None and recommended > 0:
+        truncated = truncate_to_rank(theta, vectors, left, recommended)
+        record["lorad_explained_at_recommended_rank"] = _explained(t_unit, s_unit, truncated, residual_energy)
+    return record
+
+
+def _explained(t_unit: torch.Tensor, s_unit: torch.Tensor, theta: torch.Tensor, residual_energy: float) -> float | None:
+    """``1 − ‖ŝ − R_Θ(t̂)‖² / ‖ΔD‖²``: the share of the direction change the rotation Θ reproduces."""
+    if residual_energy <= 0:
+        return None
+    left_over = torch.linalg.vector_norm(s_unit - rotate_pairs(t_unit, theta.to(t_unit.dtype)), dtype=torch.float64)
+    return 1.0 - float(left_over.square()) / residual_energy
