@@ -46,3 +46,97 @@ def test_diffusers_folder_model_and_pipeline_root(tmp_path: Path, tiny_unet) -> 
         with open_checkpoint(path) as ckpt:
             assert ckpt.layout == "diffusers"
             assert_same_tensors(ckpt, state)
+
+
+def test_fp16_variant_and_sharded_folders(tmp_path: Path, tiny_unet) -> None:
+    unet = tiny_unet(seed=3)
+    half = tiny_unet(seed=3).half()
+    half.save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert (tmp_path / "fp16" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    with open_checkpoint(tmp_path / "fp16") as ckpt:
+        assert ckpt.layout == "diffusers"
+        assert_same_tensors(ckpt, half.state_dict())
+        assert ckpt.dtype("conv_in.weight") == torch.float16
+
+    unet.save_pretrained(tmp_path / "pipe" / "unet", max_shard_size="20KB")
+    index = tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    assert len(shards) > 2
+    with open_checkpoint(tmp_path / "pipe") as ckpt:
+        assert ckpt.layout == "diffusers-sharded"
+        assert_same_tensors(ckpt, unet.state_dict())
+        assert len({ckpt.source_file(n) for n in ckpt.names()}) == len(shards)
+
+
+def test_torch_files_nested_and_prefixed(tmp_path: Path, unet_state) -> None:
+    bf16 = {k: v.to(torch.bfloat16) for k, v in unet_state.items()}
+    nested = {"epoch": 3, "state_dict": {f"module.unet.{k}": v for k, v in bf16.items()}}
+    torch.save(nested, tmp_path / "train.ckpt")
+    with open_checkpoint(tmp_path / "train.ckpt") as ckpt:
+        assert ckpt.layout == "torch"
+        assert_same_tensors(ckpt, bf16)
+        assert ckpt.source_key("conv_in.weight") == "module.unet.conv_in.weight"
+    torch.save({f"model.{k}": v for k, v in unet_state.items()}, tmp_path / "plain.pt")
+    with open_checkpoint(tmp_path / "plain.pt") as ckpt:
+        assert_same_tensors(ckpt, unet_state)
+
+
+def test_whole_pipeline_file_keeps_only_the_unet(tmp_path: Path, unet_state) -> None:
+    state = {f"unet.{k}": v for k, v in unet_state.items()}
+    state["text_encoder.embeddings.weight"] = torch.ones(4, 2)
+    save_file(state, str(tmp_path / "pipe.safetensors"))
+    with open_checkpoint(tmp_path / "pipe.safetensors") as ckpt:
+        assert_same_tensors(ckpt, unet_state)
+        assert ckpt.ignored_keys == ["text_encoder.embeddings.weight"]
+
+
+def to_ldm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers UNet state dict as an original LDM single file (plus VAE and text-encoder keys)."""
+    from wadi_probe.ldm import diffusers_to_ldm_names
+
+    names = diffusers_to_ldm_names(state)
+    ldm = {f"model.diffusion_model.{names[k]}": v for k, v in state.items()}
+    ldm["first_stage_model.decoder.conv_in.weight"] = torch.ones(4, 4, 3, 3)
+    ldm["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.ones(10, 16)
+    return ldm
+
+
+@pytest.mark.parametrize("overrides", [{}, {"use_linear_projection": True, "transformer_layers_per_block": 2}],
+                         ids=["sd1-conv-proj", "sd2-linear-proj"])
+def test_ldm_single_file_maps_to_diffusers_names(tmp_path: Path, tiny_unet, overrides) -> None:
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from conftest import tiny_unet_config
+    from wadi_probe.ldm import infer_unet_config
+    from wadi_probe.pairing import pair_checkpoints
+
+    unet = tiny_unet(seed=4, **overrides)
+    state = unet.state_dict()
+    ldm = to_ldm_state(state)
+    # the fixture itself is checked against diffusers' own LDM converter
+    converted = convert_ldm_unet_checkpoint(ldm, tiny_unet_config(**overrides))
+    assert set(converted) == set(state) and all(torch.equal(converted[k], state[k]) for k in state)
+
+    save_file(ldm, str(tmp_path / "sd.safetensors"))
+    unet.save_pretrained(tmp_path / "diffusers")
+    with open_checkpoint(tmp_path / "sd.safetensors") as ckpt, open_checkpoint(tmp_path / "diffusers") as folder:
+        assert ckpt.layout == "ldm"
+        assert_same_tensors(ckpt, state)
+        assert ckpt.source_key("down_blocks.0.attentions.0.proj_in.weight") == (
+            "model.diffusion_model.input_blocks.1.1.proj_in.weight"
+        )
+        assert set(ckpt.ignored_keys) == {k for k in ldm if not k.startswith("model.diffusion_model.")}
+        pairing = pair_checkpoints(ckpt, folder)
+        assert sorted(pairing.matched) == sorted(state) and pairing.unmatched == 0
+        # the UNet structure is recovered from the names and shapes alone
+        config = infer_unet_config({n: ckpt.shape(n) for n in ckpt.names()})
+        config.update(attention_head_dim=2, norm_num_groups=4)  # not visible in weights
+        rebuilt = UNet2DConditionModel(**config)
+        rebuilt.load_state_dict({n: ckpt.tensor(n) for n in ckpt.names()}, strict=True)
+
+    half = {k: v.half() for k, v in ldm.items()}
+    torch.save({"global_step": 1, "state_dict": half}, tmp_path / "sd.ckpt")
+    with open_checkpoint(tmp_path / "sd.ckpt") as ckpt:
+        assert ckpt.layout == "ldm"
+        assert_same_tensors(ckpt, {k: v.half() for k, v in state.items()})
