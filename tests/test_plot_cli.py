@@ -75,3 +75,21 @@ def test_plot_refuses_an_unknown_report_version(tmp_path):
     result, text = _run(tmp_path / "missing.json", "-o", tmp_path / "figs")
     assert result.exit_code == 2 and "does not exist" in text
     assert not (tmp_path / "figs").exists()
+
+
+def test_compare_plots_option_writes_the_figures_of_a_real_comparison(files, tmp_path):
+    _, teacher, student = files
+    result = CliRunner().invoke(
+        app, ["compare", str(teacher), str(student), "--no-progress", "--plots", str(tmp_path / "figs"), "-o",
+              str(tmp_path / "r.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in (tmp_path / "figs").iterdir()} == {f"{s}.{f}" for s in STEMS for f in ("png", "svg")}
+
+
+def test_compare_plots_option_refuses_a_file_before_comparing(files, tmp_path):
+    _, teacher, student = files
+    (tmp_path / "figs").write_text("not a folder")
+    result = CliRunner().invoke(app, ["compare", str(teacher), str(student), "--no-progress", "--plots", str(tmp_path / "figs")])
+    assert result.exit_code == 2 and "is a file" in " ".join(result.output.split())
+    assert (tmp_path / "figs").read_text() == "not a folder"

@@ -33,10 +33,13 @@ def compare_command(
     adapter: bool = typer.Option(False, "--adapter", help="STUDENT is an adapter (LoRA/LoRaD) merged onto TEACHER."),
     top: int = typer.Option(10, "--top", help="How many of the most rotated layers to list."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Also write every report figure (PNG and SVG) into this folder."),
 ) -> None:
     """Compare TEACHER and STUDENT: per-layer norm and direction change, angles, spectra, LoRaD rank advice."""
     _check_output(output, "report")
     _check_output(csv, "CSV")
+    if plots is not None and plots.exists() and not plots.is_dir():
+        raise WadiInputError(f"the plots path {plots} is a file; give a folder.")
     report = compare(
         teacher, student, device=device, include=include, exclude=exclude, spectra=not no_spectra,
         progress=progress, student_is_adapter=adapter,
@@ -48,3 +51,8 @@ def compare_command(
     if csv is not None:
         report.to_csv(csv)
         console.print(f"layer table written to {csv}", highlight=False)
+    if plots is not None:
+        from wadi_probe.cli.plot import print_saved
+        from wadi_probe.plots import save_all_plots
+
+        print_saved(save_all_plots(report, plots), plots)
