@@ -140,3 +140,88 @@ def test_ldm_single_file_maps_to_diffusers_names(tmp_path: Path, tiny_unet, over
     with open_checkpoint(tmp_path / "sd.ckpt") as ckpt:
         assert ckpt.layout == "ldm"
         assert_same_tensors(ckpt, {k: v.half() for k, v in state.items()})
+
+
+# ---- bad inputs: one clear sentence each ---------------------------------------------------------------------
+def test_missing_path_and_folder_without_weights(tmp_path: Path) -> None:
+    with pytest.raises(WadiInputError, match="does not exist"):
+        open_checkpoint(tmp_path / "nope.safetensors")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "README.md").write_text("no weights here")
+    with pytest.raises(WadiInputError, match="holds no model weights"):
+        open_checkpoint(tmp_path / "empty")
+
+
+def test_truncated_corrupt_and_text_safetensors(tmp_path: Path, unet_state) -> None:
+    good = tmp_path / "good.safetensors"
+    save_file(unet_state, str(good))
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WadiInputError, match="truncated or corrupt"):
+        open_checkpoint(truncated)
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(data[:8] + b"\xff" * 40 + data[48:])
+    with pytest.raises(WadiInputError, match="header is not readable JSON"):
+        open_checkpoint(corrupt)
+    text = tmp_path / "notes.safetensors"
+    text.write_text("these are not weights, just a text file with a misleading name\n" * 3)
+    with pytest.raises(WadiInputError, match="is not a valid safetensors file"):
+        open_checkpoint(text)
+    tiny = tmp_path / "tiny.safetensors"
+    tiny.write_text("hi")
+    with pytest.raises(WadiInputError, match="not a safetensors file"):
+        open_checkpoint(tiny)
+    text_bin = tmp_path / "notes.bin"
+    text_bin.write_text("not a torch file")
+    with pytest.raises(WadiInputError, match="not a readable torch checkpoint"):
+        open_checkpoint(text_bin)
+
+
+class _Payload:
+    """Pickles into a call that would create a marker file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "plain-pickle"])
+def test_pickle_that_runs_code_is_refused_without_running(tmp_path: Path, how: str) -> None:
+    import pickle
+
+    marker = tmp_path / "payload-ran"
+    path = tmp_path / "evil.bin"
+    state = {"conv_in.weight": torch.zeros(2, 2), "hook": _Payload(marker)}
+    if how == "torch.save":
+        torch.save(state, path)
+    else:
+        path.write_bytes(pickle.dumps(state))
+    # sanity: the payload really would run under a plain unpickler
+    probe = tmp_path / "probe-marker"
+    pickle.loads(pickle.dumps(_Payload(probe)))
+    assert probe.exists()
+    with pytest.raises(WadiInputError, match="needs code to run|not a readable torch checkpoint"):
+        open_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_index_naming_a_missing_shard(tmp_path: Path, tiny_unet) -> None:
+    folder = tmp_path / "unet"
+    tiny_unet(seed=5).save_pretrained(folder, max_shard_size="20KB")
+    shard = sorted(folder.glob("diffusion_pytorch_model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(WadiInputError, match=f"names shard {shard.name}, which does not exist"):
+        open_checkpoint(folder)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(WadiInputError, match="not a valid shard index"):
+        open_checkpoint(folder)
+
+
+def test_adapter_without_base_is_explained(tmp_path: Path) -> None:
+    save_file({"unet.conv_in.lora_A.weight": torch.zeros(2, 4), "unet.conv_in.lora_B.weight": torch.zeros(4, 2)},
+              str(tmp_path / "lora.safetensors"))
+    with pytest.raises(WadiInputError, match="is an adapter"):
+        open_checkpoint(tmp_path / "lora.safetensors")

@@ -7,6 +7,7 @@ read. State dicts nested under ``state_dict``/``model``/``module``/``ema`` keys 
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,14 @@ def load_weights_only(path: Path) -> Any:
         except RuntimeError as exc:
             if "mmap" not in str(exc) and "zip" not in str(exc).lower():
                 raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # old pickle protocols warn before failing or loading
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc) and "global" not in str(exc):
+            raise WadiInputError(
+                f"{path} is not a readable torch checkpoint (it is not a torch.save file of plain tensors)."
+            ) from exc
         raise WadiInputError(
             f"{path} refuses to load safely: it is a pickle that needs code to run (only plain tensors are "
             "accepted, torch.load weights_only=True); convert it to .safetensors with a trusted tool."
