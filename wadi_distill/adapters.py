@@ -38,6 +38,7 @@ __all__ = [
     "load_adapter",
     "load_official_thetas",
     "is_official_thetas",
+    "export_merged",
 ]
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -316,3 +317,10 @@ def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "def
         return Plan.from_json(adapter.config["plan"])
     entries = [PlanEntry(m, r, lorad_params_for(shapes[f"{m}.weight"], r), shapes[f"{m}.weight"]) for m, r in ranks.items()]
     return Plan(entries, source=f"official:{Path(path).name}", model_class=type(model).__name__)
+
+
+def export_merged(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path) -> Path:
+    """Write the teacher with the adapter merged in (see :func:`wadi_distill.export.export_merged`)."""
+    from wadi_distill.export import export_merged as _export_merged
+
+    return _export_merged(teacher_dir, adapter_path, output)

@@ -1,0 +1,78 @@
+"""``wadi-distill plan``: which layers get a LoRaD adapter at which rank (preset or from a probe report)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from wadi_distill.cli import app
+from wadi_distill.plan import PRESETS, Plan, load_model_config_only, plan_from_preset, plan_from_report
+from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.errors import WadiInputError
+
+
+def _reason_group(reason: str) -> str:
+    return reason.split(" (")[0]
+
+
+def make_plan(
+    teacher: Path,
+    *,
+    preset: str | None,
+    rank: int | None,
+    report: Path | None,
+    budget: float,
+    threshold: float,
+    min_rank: int,
+    max_rank: int | None,
+    multiple_of: int,
+    include_conv: bool,
+) -> Plan:
+    """Build the plan the command's options describe (the teacher's config is enough: meta device)."""
+    if (preset is None) == (report is None):
+        raise WadiInputError("give exactly one of --preset (with --rank) or --rank-from-probe REPORT.")
+    model = load_model_config_only(teacher)
+    if preset is not None:
+        if rank is None:
+            raise WadiInputError("--preset needs --rank N (the paper uses 256 for SD UNets, 128 for PixArt).")
+        return plan_from_preset(model, rank, preset)
+    return plan_from_report(model, report, budget=budget, threshold=threshold, min_rank=min_rank, max_rank=max_rank,
+                            multiple_of=multiple_of, include_conv=include_conv)
+
+
+@app.command("plan")
+@handle_errors
+def plan_command(
+    teacher: Path = typer.Option(..., "--teacher", help="Teacher model folder or pipeline folder (config.json is enough)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=f"Uniform plan: {', '.join(PRESETS)}."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Rank for --preset."),
+    rank_from_probe: Optional[Path] = typer.Option(None, "--rank-from-probe", help="Choose layers and ranks from a wadi-probe report.json."),
+    budget: float = typer.Option(0.10, "--budget", help="Trainable parameters as a fraction of the backbone (with --rank-from-probe)."),
+    threshold: float = typer.Option(0.9, "--threshold", help="Angle-field energy each layer's rank should capture."),
+    min_rank: int = typer.Option(8, "--min-rank", help="Smallest rank given to an adapted layer."),
+    max_rank: Optional[int] = typer.Option(None, "--max-rank", help="Largest rank given to any layer."),
+    multiple_of: int = typer.Option(8, "--multiple-of", help="Round ranks to a multiple of this."),
+    include_conv: bool = typer.Option(False, "--include-conv", help="Also plan Conv2d layers (beyond the paper)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the plan (JSON) here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
+) -> None:
+    """Plan LoRaD layers and ranks for a teacher: the paper's preset or ranks chosen from a probe report."""
+    plan = make_plan(teacher, preset=preset, rank=rank, report=rank_from_probe, budget=budget, threshold=threshold,
+                     min_rank=min_rank, max_rank=max_rank, multiple_of=multiple_of, include_conv=include_conv)
+    if output is not None:
+        plan.save(output)
+    if as_json:
+        typer.echo(json.dumps(plan.to_json(), indent=1))
+        return
+    console.print(plan.to_table())
+    for note in plan.notes:
+        console.print(f"• {note}", highlight=False)
+    if plan.skipped:
+        groups = Counter(_reason_group(reason) for _, reason in plan.skipped)
+        console.print("left out: " + "; ".join(f"{n} × {reason}" for reason, n in groups.most_common()), highlight=False)
+    if output is not None:
+        console.print(f"plan written to {output}", highlight=False)
