@@ -7,3 +7,16 @@ keeping its norm; plans say which layers get which rank, from a preset or from a
 __version__ = "0.1.0"
 
 __all__ = ["__version__"]
+
+from wadi_distill.lorad import (  # noqa: E402
+    LoRaDConv2d, LoRaDLinear, adapter_disabled, inject_lorad, lorad_parameters, merge_lorad, remove_lorad,
+    set_active_adapter, unmerge_lorad, use_adapter,
+)
+from wadi_distill.plan import Plan, PlanEntry, load_model_config_only, plan_from_preset, plan_from_report  # noqa: E402
+from wadi_distill.adapters import export_merged, load_adapter, load_official_thetas, save_adapter  # noqa: E402
+
+__all__ += [
+    "LoRaDLinear", "LoRaDConv2d", "inject_lorad", "set_active_adapter", "adapter_disabled", "use_adapter",
+    "lorad_parameters", "merge_lorad", "unmerge_lorad", "remove_lorad", "Plan", "PlanEntry", "plan_from_preset",
+    "plan_from_report", "load_model_config_only", "save_adapter", "load_adapter", "load_official_thetas", "export_merged",
+]
