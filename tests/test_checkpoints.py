@@ -225,3 +225,131 @@ def test_adapter_without_base_is_explained(tmp_path: Path) -> None:
               str(tmp_path / "lora.safetensors"))
     with pytest.raises(WadiInputError, match="is an adapter"):
         open_checkpoint(tmp_path / "lora.safetensors")
+
+
+# ---- adapters merged onto a base --------------------------------------------------------------------------------
+def _kohya_flat(module: str) -> str:
+    return "lora_unet_" + module.replace(".", "_")
+
+
+def test_peft_lora_merge_matches_peft(tmp_path: Path, tiny_unet) -> None:
+    from peft import LoraConfig, get_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    base = tiny_unet(seed=6)
+    base.save_pretrained(tmp_path / "teacher")
+    config = LoraConfig(r=2, lora_alpha=3, init_lora_weights=False,
+                        target_modules=["to_q", "to_v", "to_out.0", "proj_in", "conv1"])
+    student = tiny_unet(seed=6)
+    student.add_adapter(config)
+    lora_state = get_peft_model_state_dict(student)
+    save_file({f"unet.{k}": v.contiguous() for k, v in lora_state.items()}, str(tmp_path / "lora.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config.to_dict(), default=list))
+    for module in student.modules():  # PEFT's own merge is the reference answer
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    expected = {k.replace(".base_layer", ""): v for k, v in student.state_dict().items() if "lora_" not in k}
+
+    with open_checkpoint(tmp_path / "teacher") as teacher, \
+            open_checkpoint(tmp_path / "lora.safetensors", base=teacher) as merged:
+        assert merged.layout == "adapter"
+        assert merged.names() == teacher.names()
+        adapted = merged.adapted_names()
+        assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight" in adapted
+        assert "down_blocks.0.resnets.0.conv1.weight" in adapted
+        for name in merged.names():
+            got = merged.tensor(name)
+            assert torch.allclose(got, expected[name], atol=1e-6), name
+            if name not in adapted:
+                assert torch.equal(got, teacher.tensor(name))
+        # the known answer, spelled out for one linear layer: W + (alpha / r) · B·A
+        name = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+        a = lora_state[f"{name}.lora_A.weight"]
+        b = lora_state[f"{name}.lora_B.weight"]
+        assert torch.allclose(merged.tensor(f"{name}.weight"), teacher.tensor(f"{name}.weight") + 1.5 * b @ a, atol=1e-6)
+
+
+def test_kohya_and_old_diffusers_lora(tmp_path: Path, tiny_unet) -> None:
+    from wadi_probe.ldm import diffusers_to_ldm_names
+
+    base = tiny_unet(seed=7)
+    state = base.state_dict()
+    save_file(state, str(tmp_path / "teacher.safetensors"))
+    torch.manual_seed(0)
+    linear = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    conv = "up_blocks.1.resnets.1.conv1"
+    ldm_style = "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2"
+    old_style = "mid_block.attentions.0.transformer_blocks.0.attn1.to_v"
+    rank = 3
+    factors = {}
+    for module in (linear, conv, ldm_style, old_style):
+        weight = state[f"{module}.weight"]
+        factors[module] = (torch.randn(rank, *weight.shape[1:]), torch.randn(weight.shape[0], rank, *([1, 1] if weight.ndim == 4 else [])))
+    ldm_name = diffusers_to_ldm_names(state)[f"{ldm_style}.weight"][: -len(".weight")]
+    adapter = {}
+    for module, flat in ((linear, _kohya_flat(linear)), (conv, _kohya_flat(conv)), (ldm_style, "lora_unet_" + ldm_name.replace(".", "_"))):
+        down, up = factors[module]
+        adapter[f"{flat}.lora_down.weight"] = down
+        adapter[f"{flat}.lora_up.weight"] = up
+        adapter[f"{flat}.alpha"] = torch.tensor(1.5)
+    down, up = factors[old_style]
+    adapter[f"{old_style.replace('.to_v', '.processor.to_v_lora')}.down.weight"] = down
+    adapter[f"{old_style.replace('.to_v', '.processor.to_v_lora')}.up.weight"] = up
+    adapter["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(2, 4)
+    save_file(adapter, str(tmp_path / "kohya.safetensors"))
+
+    with open_checkpoint(tmp_path / "teacher.safetensors") as teacher, \
+            open_checkpoint(tmp_path / "kohya.safetensors", base=teacher) as merged:
+        assert sorted(merged.adapted_names()) == sorted(f"{m}.weight" for m in factors)
+        assert merged.ignored_keys == ["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"]
+        for module, (down, up) in factors.items():
+            weight = state[f"{module}.weight"]
+            scale = 1.0 if module == old_style else 1.5 / rank
+            delta = (up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)).reshape(weight.shape)
+            assert torch.allclose(merged.tensor(f"{module}.weight"), weight + scale * delta, atol=1e-5), module
+        assert torch.equal(merged.tensor("conv_in.weight"), state["conv_in.weight"])
+
+
+def test_lorad_adapter_rotates_pairs_and_keeps_row_norms(tmp_path: Path, tiny_unet) -> None:
+    from wadi_probe.rotation import as_matrix, rotate_pairs
+
+    half = tiny_unet(seed=8).half()
+    state = half.state_dict()
+    save_file(state, str(tmp_path / "teacher.safetensors"))
+    torch.manual_seed(1)
+    modules = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "down_blocks.1.resnets.0.conv1"]
+    thetas = {}
+    adapter = {}
+    for module in modules:
+        weight = state[f"{module}.weight"]
+        pairs = as_matrix(weight).shape[1] // 2
+        a, b = 0.3 * torch.randn(weight.shape[0], 2), torch.randn(2, pairs)
+        adapter[f"unet.{module}.theta_a"], adapter[f"unet.{module}.theta_b"] = a, b
+        thetas[module] = a @ b
+    save_file(adapter, str(tmp_path / "lorad.safetensors"))
+    with open_checkpoint(tmp_path / "teacher.safetensors") as teacher, \
+            open_checkpoint(tmp_path / "lorad.safetensors", base=teacher) as merged:
+        assert sorted(merged.adapted_names()) == sorted(f"{m}.weight" for m in modules)
+        for module in modules:
+            name = f"{module}.weight"
+            weight = state[name]
+            got = merged.tensor(name)
+            assert got.dtype == merged.dtype(name) == torch.float32 and merged.stored_dtype(name) == torch.float16
+            expected = rotate_pairs(as_matrix(weight.float()), thetas[module]).reshape(weight.shape)
+            assert torch.allclose(got, expected, atol=1e-6)
+            assert torch.allclose(as_matrix(got).norm(dim=1), as_matrix(weight.float()).norm(dim=1), rtol=1e-5)
+            assert not torch.allclose(got, weight.float(), atol=1e-3)
+
+
+def test_adapter_for_another_model_is_refused(tmp_path: Path, unet_state) -> None:
+    save_file(unet_state, str(tmp_path / "teacher.safetensors"))
+    save_file({"unet.not_a_module.lora_A.weight": torch.zeros(2, 4), "unet.not_a_module.lora_B.weight": torch.zeros(4, 2)},
+              str(tmp_path / "lora.safetensors"))
+    wrong_shape = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{wrong_shape}.lora_A.weight": torch.zeros(2, 5), f"{wrong_shape}.lora_B.weight": torch.zeros(8, 2)},
+              str(tmp_path / "lora2.safetensors"))
+    with open_checkpoint(tmp_path / "teacher.safetensors") as teacher:
+        with pytest.raises(WadiInputError, match="does not have"):
+            open_checkpoint(tmp_path / "lora.safetensors", base=teacher)
+        with pytest.raises(WadiInputError, match="do not fit"):
+            open_checkpoint(tmp_path / "lora2.safetensors", base=teacher)

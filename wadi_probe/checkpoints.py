@@ -105,6 +105,10 @@ class Checkpoint:
         source, key = self._entry(name)
         return source.dtype(key)
 
+    def stored_dtype(self, name: str) -> torch.dtype:
+        """The dtype in the file(s); differs from :meth:`dtype` only for merged adapter views."""
+        return self.dtype(name)
+
     def source_key(self, name: str) -> str:
         """The key as stored in the file(s)."""
         return self._entry(name)[1]
@@ -353,7 +357,7 @@ def write_like(
         raise WadiInputError(f"{unknown[0]!r} is not a tensor of {reference.path}, so it cannot be written in its layout.")
     ordered = [name for name in reference.names() if name in tensors]
     key_of = {reference.source_key(name): name for name in ordered}
-    specs = {reference.source_key(name): (reference.shape(name), reference.dtype(name)) for name in ordered}
+    specs = {reference.source_key(name): (reference.shape(name), reference.stored_dtype(name)) for name in ordered}
 
     def fetch(key: str) -> torch.Tensor:
         return tensors[key_of[key]]
