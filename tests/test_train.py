@@ -1,0 +1,202 @@
+"""VSD training on tiny SD1-, SD2-v-, SDXL- and PixArt-like teachers: steps, resume, pruning, export, NaN stop."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_pipelines import make_pipeline  # noqa: E402
+
+from wadi_distill.lorad import use_adapter  # noqa: E402
+from wadi_distill.train import DistillConfig, VSDTrainer, distill, list_checkpoints  # noqa: E402
+from wadi_probe.errors import WadiRuntimeError  # noqa: E402
+
+torch.set_num_threads(1)  # shared CPU; also makes the subprocess and this process compute identically
+
+PROMPTS = "a cat\na red house\na blue car on the tree\na dog in the sky\n"
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pipelines")
+    return {kind: make_pipeline(root / kind, kind) for kind in ("sd", "sd2", "sdxl", "pixart")}
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text(PROMPTS)
+    return path
+
+
+def _config(teacher: Path, out: Path, prompts: Path, **kw) -> DistillConfig:
+    base = dict(teacher=str(teacher), output_dir=str(out), prompts=str(prompts), rank=4, fake_rank=2,
+                max_steps=2, batch_size=2, checkpointing_steps=100, progress=False, tensorboard=False,
+                final_samples=2)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _snapshot(named) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in named}
+
+
+@pytest.mark.parametrize("kind", ["sd", "sd2", "sdxl", "pixart"])
+def test_vsd_steps_change_adapters_not_the_teacher(kind, pipelines, prompt_file, tmp_path):
+    trainer = VSDTrainer(_config(pipelines[kind], tmp_path / "out", prompt_file, fake_updates_per_step=2))
+    frozen = {n: p.detach().clone() for n, p in trainer.base.named_parameters() if not p.requires_grad}
+    student0, fake0 = _snapshot(trainer.student_named), _snapshot(trainer.fake_named)
+
+    # the one-step formula against a hand computation, using the (still identity) student
+    z = torch.randn(2, *trainer.teacher.latent_shape, generator=torch.Generator().manual_seed(3))
+    cond = trainer.cache.get([0, 1])
+    t_last = torch.full((2,), 999)
+    with torch.no_grad(), use_adapter(trainer.base, "student"):
+        raw = trainer.teacher.call(trainer.base, z, t_last, cond)
+    a_bar = trainer.schedule.alphas_cumprod[-1].item()
+    if trainer.schedule.prediction_type == "epsilon":
+        expected = (z - math.sqrt(1 - a_bar) * raw) / math.sqrt(a_bar)
+    else:  # v-prediction
+        expected = math.sqrt(a_bar) * z - math.sqrt(1 - a_bar) * raw
+    from wadi_distill.vsd import one_step_x0
+
+    with torch.no_grad():
+        got = one_step_x0(trainer.predict("student", z, t_last, cond), z, trainer.schedule)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+    for _ in range(2):
+        losses = trainer.train_step()
+        assert math.isfinite(losses["loss_student"]) and math.isfinite(losses["loss_fake"])
+    assert any(not torch.equal(student0[n], p) for n, p in trainer.student_named)
+    assert any(not torch.equal(fake0[n], p) for n, p in trainer.fake_named)
+    for n, p in trainer.base.named_parameters():
+        if n in frozen:
+            assert torch.equal(frozen[n], p), n
+    assert trainer.schedule.prediction_type == ("v_prediction" if kind == "sd2" else "epsilon")
+
+
+def test_full_finetune_trains_a_copy(pipelines, prompt_file, tmp_path):
+    trainer = VSDTrainer(_config(pipelines["sd"], tmp_path / "out", prompt_file, rank=None, student_adapter="full"))
+    base0 = {n: p.detach().clone() for n, p in trainer.base.named_parameters() if not p.requires_grad}
+    student0 = _snapshot(trainer.student_named)
+    trainer.train_step()
+    changed = sum(not torch.equal(student0[n], p) for n, p in trainer.student_named)
+    assert changed > len(student0) // 2
+    assert all(torch.equal(base0[n], p) for n, p in trainer.base.named_parameters() if n in base0)
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    from wadi_distill.train import DistillConfig, distill
+    cfg = DistillConfig(**__import__("json").loads(sys.argv[1]))
+    distill(cfg)
+""")
+
+
+def _read_log_steps(out: Path) -> list[int]:
+    path = out / "logs" / "losses.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_bit_identical_and_limit_prunes(pipelines, prompt_file, tmp_path):
+    steps = 6
+    kw = dict(checkpointing_steps=2, batch_size=1, max_steps=steps)
+    # uninterrupted reference, with pruning down to the 2 newest checkpoints
+    ref = distill(_config(pipelines["sd"], tmp_path / "ref", prompt_file, checkpoints_total_limit=2, **kw))
+    assert [s for s, _ in list_checkpoints(tmp_path / "ref")] == [4, 6]
+
+    # a run that is SIGKILLed after its first checkpoint, between checkpoints
+    killed = tmp_path / "killed"
+    cfg = _config(pipelines["sd"], killed, prompt_file, **{**kw, "max_steps": 10_000})
+    payload = json.dumps({k: v for k, v in cfg.__dict__.items()})
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, payload], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            logged = _read_log_steps(killed)
+            done = [s for s, _ in list_checkpoints(killed)]
+            if done and logged and logged[-1] > done[-1] and logged[-1] % 2 == 1:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.01)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    last_ckpt = list_checkpoints(killed)[-1][0]
+    assert last_ckpt < steps and max(_read_log_steps(killed)) > last_ckpt  # it really died between checkpoints
+
+    resumed = distill(_config(pipelines["sd"], killed, prompt_file, resume="latest", **kw))
+    assert resumed.steps == steps
+    for name in ("adapter.safetensors", "student.safetensors"):
+        a, b = load_file(str(ref.final_dir / name)), load_file(str(resumed.final_dir / name))
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert all(torch.equal(ref.fake_state[k], resumed.fake_state[k]) for k in ref.fake_state)
+    assert _read_log_steps(killed) == list(range(1, steps + 1))  # lines past the checkpoint were dropped
+
+
+def test_export_loads_into_stock_diffusers_class(pipelines, prompt_file, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    result = distill(_config(pipelines["sd2"], tmp_path / "out", prompt_file, max_steps=2))
+    assert (result.final_dir / "adapter_config.json").is_file()
+    assert (result.final_dir / "samples" / "grid.png").is_file()
+    stock = UNet2DConditionModel.from_pretrained(pipelines["sd2"] / "unet")
+    stock.load_state_dict(load_file(str(result.merged_path)), strict=True)
+
+    from wadi_distill.backbones import load_teacher
+    from wadi_distill.lorad import inject_lorad, set_active_adapter
+
+    teacher = load_teacher(pipelines["sd2"], load_text_encoders=False, load_vae=False)
+    config = json.loads((result.final_dir / "adapter_config.json").read_text())
+    ranks = {e["module"]: e["rank"] for e in config["plan"]["layers"]}
+    inject_lorad(teacher.denoiser, ranks, adapter_name="student")
+    adapter = load_file(str(result.adapter_path))
+    params = dict(teacher.denoiser.named_parameters())
+    with torch.no_grad():
+        for k, v in adapter.items():
+            params[k].copy_(v)
+    set_active_adapter(teacher.denoiser, "student")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999, 400])
+    hidden = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        adapted = teacher.denoiser(x, t, encoder_hidden_states=hidden).sample
+        plain = stock(x, t, encoder_hidden_states=hidden).sample
+        teacher_out = UNet2DConditionModel.from_pretrained(pipelines["sd2"] / "unet")(
+            x, t, encoder_hidden_states=hidden).sample
+    torch.testing.assert_close(plain, adapted, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain, teacher_out)  # the student really moved away from the teacher
+
+
+def test_nan_loss_stops_with_step_and_keeps_checkpoint(pipelines, prompt_file, tmp_path):
+    trainer = VSDTrainer(_config(pipelines["sd"], tmp_path / "out", prompt_file))
+    trainer.train_step()
+    ckpt = trainer.save_checkpoint()
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    with torch.no_grad():
+        trainer.student_named[0][1].fill_(float("nan"))
+    with pytest.raises(WadiRuntimeError, match=r"at step 2.*checkpoint-1"):
+        trainer.train_step()
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
