@@ -353,3 +353,73 @@ def test_adapter_for_another_model_is_refused(tmp_path: Path, unet_state) -> Non
             open_checkpoint(tmp_path / "lora.safetensors", base=teacher)
         with pytest.raises(WadiInputError, match="do not fit"):
             open_checkpoint(tmp_path / "lora2.safetensors", base=teacher)
+
+
+# ---- write_like: round trips in the reference's own layout ---------------------------------------------------------
+def test_write_like_round_trips_every_layout(tmp_path: Path, tiny_unet) -> None:
+    from wadi_probe.checkpoints import lazy_tensors
+
+    unet = tiny_unet(seed=9)
+    state = unet.state_dict()
+    half = {k: v.half() for k, v in state.items()}
+    unet.half().save_pretrained(tmp_path / "fp16", variant="fp16")
+    save_file(to_ldm_state(state), str(tmp_path / "sd.safetensors"))
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, tmp_path / "train.pt")
+    changed = {k: v.float() * 2 + 1 for k, v in state.items()}
+
+    cases = [(tmp_path / "fp16", "out.safetensors", half), (tmp_path / "sd.safetensors", "sd_out.safetensors", state),
+             (tmp_path / "train.pt", "train_out.pt", state), (tmp_path / "sd.safetensors", "sd_out.ckpt", state)]
+    for source, out_name, stored in cases:
+        out = tmp_path / out_name
+        with open_checkpoint(source) as reference:
+            write_like(reference, changed, out)
+            with open_checkpoint(out) as written:
+                assert written.layout == reference.layout or (reference.layout == "diffusers" and written.layout == "safetensors")
+                assert written.names() == reference.names()
+                for name in reference.names():
+                    assert written.source_key(name) == reference.source_key(name)
+                    assert written.dtype(name) == stored[name].dtype
+                    assert torch.equal(written.tensor(name), changed[name].to(stored[name].dtype)), name
+                assert written.ignored_keys == reference.ignored_keys  # VAE / text encoder carried over
+                for key in reference.ignored_keys:
+                    assert torch.equal(written._ignored_sources[key].tensor(key), reference._ignored_sources[key].tensor(key))
+            # a lazy mapping gives the same file, tensor by tensor
+            write_like(reference, lazy_tensors(reference), tmp_path / f"copy_{out_name}")
+            with open_checkpoint(tmp_path / f"copy_{out_name}") as copy:
+                assert all(torch.equal(copy.tensor(n), reference.tensor(n)) for n in reference.names())
+    raw = torch.load(tmp_path / "train_out.pt", weights_only=True)
+    assert list(raw) == ["state_dict"] and "module.conv_in.weight" in raw["state_dict"]
+
+
+def test_write_like_is_atomic_and_refuses_bad_tensors(tmp_path: Path, unet_state) -> None:
+    reference_path = tmp_path / "ref.safetensors"
+    save_file(unet_state, str(reference_path))
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"precious")
+    with open_checkpoint(reference_path) as reference:
+        bad = dict(unet_state)
+        bad["conv_out.weight"] = torch.zeros(1)
+        with pytest.raises(WadiInputError, match="shape"):
+            write_like(reference, bad, out)
+        with pytest.raises(WadiInputError, match="is not a tensor of"):
+            write_like(reference, {"nope.weight": torch.zeros(1)}, out)
+    assert out.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "ref.safetensors"]
+
+
+def test_write_merged_adapter_in_base_layout(tmp_path: Path, unet_state) -> None:
+    from wadi_probe.checkpoints import lazy_tensors
+
+    base_state = {k: v.half() for k, v in unet_state.items()}
+    save_file(base_state, str(tmp_path / "teacher.safetensors"))
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
+    out_features, in_features = base_state[f"{module}.weight"].shape
+    save_file({f"{module}.lora_A.weight": torch.randn(2, in_features), f"{module}.lora_B.weight": torch.randn(out_features, 2)},
+              str(tmp_path / "lora.safetensors"))
+    with open_checkpoint(tmp_path / "teacher.safetensors") as teacher, \
+            open_checkpoint(tmp_path / "lora.safetensors", base=teacher) as merged:
+        write_like(merged, lazy_tensors(merged), tmp_path / "merged.safetensors")
+        with open_checkpoint(tmp_path / "merged.safetensors") as written:
+            assert written.dtype(f"{module}.weight") == torch.float16
+            assert torch.equal(written.tensor(f"{module}.weight"), merged.tensor(f"{module}.weight").half())
+            assert not torch.equal(written.tensor(f"{module}.weight"), teacher.tensor(f"{module}.weight"))

@@ -72,12 +72,14 @@ class Checkpoint:
         sources: list[TensorSource] | None = None,
         ignored_keys: list[str] | None = None,
         info: dict[str, Any] | None = None,
+        ignored_sources: Mapping[str, TensorSource] | None = None,
     ) -> None:
         self.path = Path(path)
         self.layout = layout
         self._entries = {name: entries[name] for name in sorted(entries, key=model_order_key)}
         self._sources = sources if sources is not None else list({id(s): s for s, _ in self._entries.values()}.values())
         self.ignored_keys = list(ignored_keys or [])
+        self._ignored_sources = dict(ignored_sources or {})
         self.info = dict(info or {})
 
     # ---- names and metadata -------------------------------------------------------------------------------
@@ -226,11 +228,13 @@ def _entries_from_sources(
             entries[diffusers_name] = (owner[key], key)
         mapped_keys = {key for _, key in entries.values()}
         ignored = [key for key in keys if key not in mapped_keys]
-        return Checkpoint(path, "ldm", entries, sources=sources, ignored_keys=ignored)
+        return Checkpoint(path, "ldm", entries, sources=sources, ignored_keys=ignored,
+                          ignored_sources={key: owner[key] for key in ignored})
     names, ignored = _strip_common_prefix(keys, _MODEL_PREFIXES)
     _refuse_adapter_names(path, names)
     entries = {name: (owner[key], key) for name, key in names.items()}
-    return Checkpoint(path, layout, entries, sources=sources, ignored_keys=ignored)
+    return Checkpoint(path, layout, entries, sources=sources, ignored_keys=ignored,
+                      ignored_sources={key: owner[key] for key in ignored})
 
 
 def _refuse_adapter_names(path: Path, names: Mapping[str, str]) -> None:
@@ -331,6 +335,8 @@ def open_checkpoint(path: str | Path, *, base: Checkpoint | None = None) -> Chec
         raise WadiInputError(f"{weights} is not a weights file.")
     source = _open_file(weights, layout)
     checkpoint = _entries_from_sources(path, layout, [source])
+    if getattr(source, "nesting", ()):
+        checkpoint.info["nesting"] = tuple(source.nesting)
     if checkpoint.layout == "torch" and path.is_dir():
         checkpoint.layout = "diffusers"
     return checkpoint
@@ -342,41 +348,54 @@ def write_like(
     tensors: Mapping[str, torch.Tensor],
     path: str | Path,
     *,
+    keep_other_keys: bool = True,
     metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write ``tensors`` (keyed by normalised names) under ``reference``'s stored keys and dtypes, atomically.
 
-    ``.safetensors`` is written one tensor at a time (``tensors`` may be a lazy mapping that reads on access, so a
-    swapped checkpoint never has to sit in memory); a path ending ``.bin``/``.pt``/``.pth``/``.ckpt`` gets a torch
-    file. Names the reference does not have are refused; shapes must match the reference.
+    The result is a drop-in replacement for the reference file: same keys (an LDM file keeps its
+    ``model.diffusion_model.`` names), same dtypes, and with ``keep_other_keys`` the keys the probe ignores (VAE,
+    text encoder) copied over unchanged. ``.safetensors`` is written one tensor at a time, so ``tensors`` may be a
+    lazy mapping (:func:`lazy_tensors`) and a swapped checkpoint never sits in memory; a path ending
+    ``.bin``/``.pt``/``.pth``/``.ckpt`` gets a torch file (nested like the reference). Unknown names are refused
+    up front; a wrong shape aborts the write; either way an existing file at ``path`` is left untouched.
     """
     path = Path(path)
-    names = list(tensors.keys())
-    unknown = [name for name in names if name not in reference]
+    unknown = [name for name in tensors.keys() if name not in reference]
     if unknown:
         raise WadiInputError(f"{unknown[0]!r} is not a tensor of {reference.path}, so it cannot be written in its layout.")
     ordered = [name for name in reference.names() if name in tensors]
-    key_of = {reference.source_key(name): name for name in ordered}
-    specs = {reference.source_key(name): (reference.shape(name), reference.stored_dtype(name)) for name in ordered}
-
-    def fetch(key: str) -> torch.Tensor:
-        return tensors[key_of[key]]
+    fetchers: dict[str, Callable[[], torch.Tensor]] = {}
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name in ordered:
+        key = reference.source_key(name)
+        specs[key] = (reference.shape(name), reference.stored_dtype(name))
+        fetchers[key] = lambda name=name: tensors[name]
+    if keep_other_keys:
+        for key, source in reference._ignored_sources.items():
+            if key not in specs:
+                specs[key] = (tuple(source.shape(key)), source.dtype(key))
+                fetchers[key] = lambda key=key, source=source: source.tensor(key)
 
     if path.suffix in TORCH_SUFFIXES:
         state: dict[str, torch.Tensor] = {}
-        for key in key_of:
+        for key, fetch in fetchers.items():
             shape, dtype = specs[key]
-            tensor = fetch(key)
+            tensor = fetch()
             if tuple(tensor.shape) != tuple(shape):
-                raise WadiInputError(f"tensor {key_of[key]!r} has shape {tuple(tensor.shape)} but {tuple(shape)} is required.")
+                raise WadiInputError(f"tensor {key!r} has shape {tuple(tensor.shape)} but {tuple(shape)} is required.")
             state[key] = tensor.detach().to("cpu", dtype).contiguous()
+        obj: Any = state
+        for nest in reversed(reference.info.get("nesting", ())):
+            obj = {nest: obj}
         with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+            torch.save(obj, tmp)
         return path
     if path.suffix != ".safetensors":
         raise WadiInputError(f"{path} should end in .safetensors (or .bin/.pt/.ckpt for a torch file).")
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        write_safetensors_streaming(handle, list(key_of), specs, fetch, metadata)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            write_safetensors_streaming(handle, list(fetchers), specs, lambda key: fetchers[key](), metadata)
     return path
 
 

@@ -284,6 +284,10 @@ class AdapterCheckpoint(Checkpoint):
         )
         self.base = base
         self.targets = targets
+        # writing the merged view in the base's layout keeps the base's other keys and nesting
+        self._ignored_sources = dict(base._ignored_sources)
+        if "nesting" in base.info:
+            self.info["nesting"] = base.info["nesting"]
 
     def adapted_names(self) -> list[str]:
         """Names whose tensors the adapter changes."""
