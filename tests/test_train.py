@@ -165,19 +165,11 @@ def test_export_loads_into_stock_diffusers_class(pipelines, prompt_file, tmp_pat
     stock = UNet2DConditionModel.from_pretrained(pipelines["sd2"] / "unet")
     stock.load_state_dict(load_file(str(result.merged_path)), strict=True)
 
+    from wadi_distill.adapters import load_adapter
     from wadi_distill.backbones import load_teacher
-    from wadi_distill.lorad import inject_lorad, set_active_adapter
 
     teacher = load_teacher(pipelines["sd2"], load_text_encoders=False, load_vae=False)
-    config = json.loads((result.final_dir / "adapter_config.json").read_text())
-    ranks = {e["module"]: e["rank"] for e in config["plan"]["layers"]}
-    inject_lorad(teacher.denoiser, ranks, adapter_name="student")
-    adapter = load_file(str(result.adapter_path))
-    params = dict(teacher.denoiser.named_parameters())
-    with torch.no_grad():
-        for k, v in adapter.items():
-            params[k].copy_(v)
-    set_active_adapter(teacher.denoiser, "student")
+    load_adapter(teacher.denoiser, result.final_dir, adapter_name="student")
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([999, 400])
     hidden = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(1))

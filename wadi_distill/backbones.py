@@ -341,6 +341,8 @@ def load_teacher(path: str | Path, *, load_text_encoders: bool = True, load_vae:
     if spec.startswith("builtin:"):
         return load_builtin_teacher(spec)
     root = Path(path)
+    if root.is_dir() and not (root / "model_index.json").exists() and (root / "digits_teacher.json").is_file():
+        return load_builtin_teacher(spec)  # a folder written by `wadi-distill train-teacher`
     index = _read_model_index(root)
     pipeline_class = index.get("_class_name", "")
     family = SUPPORTED_PIPELINES.get(pipeline_class)
@@ -385,15 +387,12 @@ def load_teacher(path: str | Path, *, load_text_encoders: bool = True, load_vae:
 
 
 def load_builtin_teacher(spec: str) -> Teacher:
-    """Wrap ``wadi_distill.models.load_builtin`` (the project's small demo model) as a :class:`Teacher`."""
+    """Wrap the project's small demo model (``builtin:digits`` or a ``train-teacher`` folder) as a :class:`Teacher`."""
     try:
-        from wadi_distill.models import is_builtin, load_builtin
+        from wadi_distill.models import load_teacher as load_builtin
     except ImportError as exc:
         raise WadiInputError(f"The built-in teacher {spec!r} is not available in this installation.") from exc
-    if not is_builtin(spec):
-        raise WadiInputError(f"{spec!r} is not a known built-in teacher.")
-    name = spec.split(":", 1)[1]
-    builtin = load_builtin(name)
+    builtin = load_builtin(spec)
     unet = builtin.unet
     unet.requires_grad_(False)
     schedule = NoiseSchedule.from_scheduler(builtin.scheduler)

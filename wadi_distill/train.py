@@ -167,12 +167,8 @@ def _hash(obj: Any) -> str:
 
 def _default_prompts(teacher: Teacher) -> list[str]:
     builtin = teacher.extra.get("builtin")
-    if builtin is not None and hasattr(builtin, "prompts_for_class"):
-        prompts: list[str] = []
-        for k in range(10):
-            got = builtin.prompts_for_class(k)
-            prompts.extend([got] if isinstance(got, str) else list(got))
-        return prompts
+    if builtin is not None and hasattr(builtin, "class_prompts"):
+        return list(builtin.class_prompts)
     raise WadiInputError("A prompt file (--prompts) is needed for this teacher.")
 
 
@@ -623,25 +619,35 @@ class VSDTrainer:
             return {k: v.detach().cpu().contiguous() for k, v in self.full_student.state_dict().items()}
         model = copy.deepcopy(self.base)
         remove_lorad(model, merge=True, adapter_name="student")
-        dtype = next(p for p in self.teacher.denoiser.parameters() if not p.requires_grad).dtype
         return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
     def write_final(self) -> tuple[Path, Path | None, Path, Path]:
-        """``OUT/final/``: adapter.safetensors + config (LoRaD/LoRA), student.safetensors, samples grid."""
+        """``OUT/final/``: the adapter folder files (LoRaD/LoRA), the merged ``student.safetensors``, samples.
+
+        The merged student comes from :func:`wadi_distill.export.export_merged` (the teacher's keys and dtypes)
+        when the teacher is a diffusers folder, else from merging in memory.
+        """
+        from wadi_distill.adapters import ADAPTER_WEIGHTS, save_adapter
+
         final = self.output_dir / "final"
         with atomic_path(final, directory=True) as tmp:
             adapter_path: Path | None = None
             if self.full_student is None:
-                adapter_path = final / "adapter.safetensors"
-                save_file(_state(self.student_named), str(tmp / "adapter.safetensors"))
-                config = {"adapter_name": "student", "kind": self.config.student_adapter,
-                          "teacher": self.config.teacher, "teacher_fingerprint": self.teacher.fingerprint,
-                          "plan": self.plan.to_json() if self.plan is not None else None, "steps": self.step}
-                (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1) + "\n")
+                # save_adapter writes its folder atomically; the fresh temporary folder is that folder
+                save_adapter(self.base, tmp, self.plan, adapter_name="student")
+                adapter_path = final / ADAPTER_WEIGHTS
+                meta = {"teacher": self.config.teacher, "teacher_fingerprint": self.teacher.fingerprint,
+                        "steps": self.step, "run_id": self.run_id, "config": asdict(self.config)}
+                (tmp / "training.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
                 if self.ema is not None:
                     save_file({n: e.contiguous() for (n, _), e in zip(self.student_named, self.ema)},
                               str(tmp / "adapter_ema.safetensors"))
-            save_file(self.merged_student_state(), str(tmp / "student.safetensors"))
+            if self.full_student is None and self.teacher.family != "builtin":
+                from wadi_distill.export import export_merged
+
+                export_merged(self.teacher.source, tmp, tmp / "student.safetensors")
+            else:
+                save_file(self.merged_student_state(), str(tmp / "student.safetensors"))
             images = self.validation_images(self.config.final_samples)
             (tmp / "samples").mkdir()
             save_image_grid(images, tmp / "samples" / "grid.png")
