@@ -42,3 +42,43 @@ def make_tiny_unet(seed: int = 0, **overrides: Any) -> torch.nn.Module:
 def tiny_unet() -> Callable[..., torch.nn.Module]:
     """Factory fixture: ``tiny_unet(seed=0, **config_overrides)`` -> UNet2DConditionModel."""
     return make_tiny_unet
+
+
+def to_ldm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers UNet state dict as an original LDM single file would hold it (plus VAE and text-encoder keys)."""
+    from wadi_probe.ldm import diffusers_to_ldm_names
+
+    names = diffusers_to_ldm_names(state)
+    ldm = {f"model.diffusion_model.{names[k]}": v for k, v in state.items()}
+    ldm["first_stage_model.decoder.conv_in.weight"] = torch.ones(4, 4, 3, 3)
+    ldm["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.ones(10, 16)
+    return ldm
+
+
+def write_every_layout(unet: torch.nn.Module, folder: Any) -> dict[str, Any]:
+    """Write one UNet's weights in every layout the probe reads; returns {label: path}.
+
+    Labels: safetensors, diffusers, diffusers-sharded (pipeline root), ldm-safetensors, ldm-ckpt (nested under
+    ``state_dict``), torch-bin (``module.unet.`` prefixes). All hold bit-identical fp32 tensors.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
+    paths = {
+        "safetensors": folder / "file.safetensors",
+        "diffusers": folder / "folder",
+        "diffusers-sharded": folder / "pipe",
+        "ldm-safetensors": folder / "ldm.safetensors",
+        "ldm-ckpt": folder / "ldm.ckpt",
+        "torch-bin": folder / "plain.bin",
+    }
+    save_file(state, str(paths["safetensors"]))
+    unet.save_pretrained(paths["diffusers"])
+    unet.save_pretrained(paths["diffusers-sharded"] / "unet", max_shard_size="20KB")
+    save_file(to_ldm_state(state), str(paths["ldm-safetensors"]))
+    torch.save({"state_dict": to_ldm_state(state)}, paths["ldm-ckpt"])
+    torch.save({f"module.unet.{k}": v for k, v in state.items()}, paths["torch-bin"])
+    return paths

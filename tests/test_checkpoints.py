@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_tiny_unet
+from conftest import make_tiny_unet, to_ldm_state
 from wadi_probe.checkpoints import open_checkpoint, write_like
 from wadi_probe.errors import WadiInputError
 
@@ -88,17 +88,6 @@ def test_whole_pipeline_file_keeps_only_the_unet(tmp_path: Path, unet_state) -> 
     with open_checkpoint(tmp_path / "pipe.safetensors") as ckpt:
         assert_same_tensors(ckpt, unet_state)
         assert ckpt.ignored_keys == ["text_encoder.embeddings.weight"]
-
-
-def to_ldm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers UNet state dict as an original LDM single file (plus VAE and text-encoder keys)."""
-    from wadi_probe.ldm import diffusers_to_ldm_names
-
-    names = diffusers_to_ldm_names(state)
-    ldm = {f"model.diffusion_model.{names[k]}": v for k, v in state.items()}
-    ldm["first_stage_model.decoder.conv_in.weight"] = torch.ones(4, 4, 3, 3)
-    ldm["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"] = torch.ones(10, 16)
-    return ldm
 
 
 @pytest.mark.parametrize("overrides", [{}, {"use_linear_projection": True, "transformer_layers_per_block": 2}],

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import make_tiny_unet
+from conftest import make_tiny_unet, write_every_layout
 from wadi_probe.checkpoints import open_checkpoint
 from wadi_probe.errors import WadiInputError
 from wadi_probe.pairing import pair_checkpoints
@@ -62,3 +62,21 @@ def test_different_architectures_are_refused(tmp_path: Path) -> None:
     with open_checkpoint(tmp_path / "small.safetensors") as t, open_checkpoint(tmp_path / "wide.safetensors") as s:
         with pytest.raises(WadiInputError, match="look like different architectures"):
             pair_checkpoints(t, s)
+
+
+def test_same_weights_in_every_layout_pair_completely(tmp_path: Path) -> None:
+    unet = make_tiny_unet(seed=11)
+    state = unet.state_dict()
+    paths = write_every_layout(unet, tmp_path)
+    checkpoints = [open_checkpoint(p) for p in paths.values()]
+    assert [c.layout for c in checkpoints] == ["safetensors", "diffusers", "diffusers-sharded", "ldm", "ldm", "torch"]
+    try:
+        for i, teacher in enumerate(checkpoints):
+            for student in checkpoints[i + 1:]:
+                pairing = pair_checkpoints(teacher, student)
+                assert pairing.unmatched == 0 and pairing.matched == teacher.names() == student.names()
+        for name in checkpoints[0].names():
+            assert all(torch.equal(c.tensor(name), state[name]) for c in checkpoints), name
+    finally:
+        for checkpoint in checkpoints:
+            checkpoint.close()
