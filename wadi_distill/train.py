@@ -312,6 +312,11 @@ class VSDTrainer:
         _validate(config)
         self.config = config
         self.output_dir = Path(config.output_dir)
+        if not config.resume and list_checkpoints(self.output_dir):
+            raise WadiInputError(f"{self.output_dir} already holds checkpoints; pass --resume latest to continue "
+                                 "that run, or choose another output folder.")
+        if config.resume and config.resume != "latest" and not (Path(config.resume) / "state.json").is_file():
+            raise WadiInputError(f"{config.resume} is not a wadi-distill checkpoint folder (no state.json).")
         cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
         self.is_main = self.accelerator.is_main_process
@@ -322,8 +327,13 @@ class VSDTrainer:
 
         self.teacher = teacher if teacher is not None else load_teacher(config.teacher)
         self.schedule = self.teacher.schedule
+        self._prepare_models()  # first: a plan that does not fit is refused before anything is written
         self._prepare_conditioning()
-        self._prepare_models()
+        self.run_id = _hash({
+            "teacher": self.teacher.fingerprint, "student": config.student_adapter,
+            "plan": self.plan.ranks() if self.plan is not None else None, "fake": self.fake_plan.ranks(),
+            "fake_kind": config.fake_adapter, "prompts": self.prompt_key, "batch": config.batch_size,
+        })
         self._prepare_optimizers()
         self.step = 0
         self.generator = torch.Generator().manual_seed(int(config.seed))
@@ -334,7 +344,7 @@ class VSDTrainer:
         config, teacher = self.config, self.teacher
         prompts = load_prompts(config.prompts, column=config.prompt_column) if config.prompts else _default_prompts(teacher)
         self.prompt_key = cache_key(prompts, teacher.fingerprint, teacher.null_prompt)
-        folder = self.output_dir / "embedding-cache"
+        folder = self.output_dir / "embedding-cache" / self.prompt_key  # never overwrites another run's cache
         if self.is_main:
             if teacher.encode_prompts is None:
                 raise WadiInputError("The teacher has no text encoder to encode the prompts with.")
@@ -396,11 +406,6 @@ class VSDTrainer:
         self.ema: list[torch.Tensor] | None = None
         if config.ema_decay is not None:
             self.ema = [p.detach().float().clone() for _, p in self.student_named]
-        self.run_id = _hash({
-            "teacher": self.teacher.fingerprint, "student": config.student_adapter,
-            "plan": self.plan.ranks() if self.plan is not None else None, "fake": self.fake_plan.ranks(),
-            "fake_kind": config.fake_adapter, "prompts": self.prompt_key, "batch": config.batch_size,
-        })
 
     def _prepare_optimizers(self) -> None:
         config = self.config
@@ -660,9 +665,6 @@ class VSDTrainer:
         resume_path: Path | None = None
         if config.resume:
             resume_path = self.resolve_resume(config.resume)
-        elif list_checkpoints(self.output_dir):
-            raise WadiInputError(f"{self.output_dir} already holds checkpoints; pass --resume latest to continue "
-                                 "that run, or choose another output folder.")
         if resume_path is not None:
             self.load_checkpoint(resume_path)
         logger = _Logger(self.output_dir, self.step, config.tensorboard) if self.is_main else None
