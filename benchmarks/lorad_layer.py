@@ -2,13 +2,16 @@
 
 The forward-hook way (how the paper's released code adapts a layer): the original ``nn.Linear`` forward runs and
 its output is thrown away; a forward hook rebuilds the rotated weight R_Θ(W) and returns ``F.linear(x, R_Θ(W))``.
-:class:`wadi_distill.lorad.LoRaDLinear` forms R_Θ(W) once and makes one ``F.linear`` call. Both use the same
-rotation code (:func:`wadi_probe.rotation.rotate_pairs`), the same rank and the same factors, and their outputs and
-gradients are checked to agree before anything is timed.
+:class:`wadi_distill.lorad.LoRaDLinear` forms R_Θ(W) once and makes one ``F.linear`` call. Both run the forward
+rotation with :func:`wadi_probe.rotation.rotate_pairs`, at the same rank with the same factors, and their outputs
+and gradients are checked to agree before anything is timed. The LoRaD layer differentiates the rotation with its
+hand-written backward (frozen base); the column "autograd rotation" times the same layer with that switched off,
+so the two savings (no second forward, cheaper rotation backward) can be told apart. Times are forward+backward
+with the input requiring grad (as inside a network whose earlier layers are adapted).
 
 Shapes are SD1.5 UNet linears, (out × in) with the token count a 64×64 latent gives at that width (4096 tokens at
 320 wide, 1024 at 640, 256 at 1280); the cross-attention key/value projection 320×768 is also timed on 77 text
-tokens, which is what it really sees. One image per step (batch 1).
+tokens, which is what it really sees. One image per step unless ``--batch`` says otherwise.
 
     python benchmarks/lorad_layer.py --quick                 # CPU, token counts / 8, fewer repeats
     python benchmarks/lorad_layer.py --device cuda --dtype bf16
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wadi_distill.lorad import LoRaDLinear
+from wadi_distill.lorad import LoRaDLinear, set_fused_rotation_backward
 from wadi_probe.rotation import rotate_pairs
 
 # (out, in, tokens, note)
@@ -81,7 +84,8 @@ class HookRotation:
         return [self.a, self.b]
 
 
-def bench_shape(out: int, fan_in: int, tokens: int, rank: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+def bench_shape(out: int, fan_in: int, tokens: int, rank: int, device: torch.device, dtype: torch.dtype, repeats: int,
+                batch: int = 1) -> dict:
     torch.manual_seed(0)
     plain = nn.Linear(fan_in, out).to(device, dtype).requires_grad_(False)
     lorad = LoRaDLinear(nn.Linear(fan_in, out).to(device, dtype))
@@ -94,8 +98,8 @@ def bench_shape(out: int, fan_in: int, tokens: int, rank: int, device: torch.dev
     hook_base.load_state_dict(plain.state_dict())
     hook = HookRotation(hook_base, lorad.lorad_A["student"], lorad.lorad_B["student"])
 
-    x = torch.randn(1, tokens, fan_in, device=device, dtype=dtype, requires_grad=True)
-    grad_out = torch.randn(1, tokens, out, device=device, dtype=dtype)
+    x = torch.randn(batch, tokens, fan_in, device=device, dtype=dtype, requires_grad=True)
+    grad_out = torch.randn(batch, tokens, out, device=device, dtype=dtype)
     lorad_params = [lorad.lorad_A["student"], lorad.lorad_B["student"]]
 
     def step(module, params):
@@ -117,6 +121,11 @@ def bench_shape(out: int, fan_in: int, tokens: int, rank: int, device: torch.dev
         assert torch.allclose(a.float(), b.float(), rtol=tol * 10, atol=tol * 10), "LoRaD and hook gradients differ"
 
     t_lorad = time_call(step(lorad, lorad_params), device, repeats)
+    previous = set_fused_rotation_backward(False)  # the same layer, autograd differentiating rotate_pairs
+    try:
+        t_lorad_autograd = time_call(step(lorad, lorad_params), device, repeats)
+    finally:
+        set_fused_rotation_backward(previous)
     t_hook = time_call(step(hook, hook.params()), device, repeats)
 
     # merged vs plain (inference forward)
@@ -130,8 +139,9 @@ def bench_shape(out: int, fan_in: int, tokens: int, rank: int, device: torch.dev
         t_merged = time_call(lambda: lorad(xi), device, repeats)
         t_plain = time_call(lambda: merged_plain(xi), device, repeats)
     return {
-        "out": out, "in": fan_in, "tokens": tokens, "rank": rank,
-        "lorad_ms": t_lorad, "hook_ms": t_hook, "ratio": t_lorad / t_hook,
+        "out": out, "in": fan_in, "tokens": tokens, "batch": batch, "rank": rank,
+        "lorad_ms": t_lorad, "lorad_autograd_rotation_ms": t_lorad_autograd, "hook_ms": t_hook, "ratio": t_lorad / t_hook,
+        "ratio_autograd_rotation": t_lorad_autograd / t_hook,
         "merged_ms": t_merged, "plain_ms": t_plain, "merged_over_plain": t_merged / t_plain, "merged_equals_plain": equal,
     }
 
@@ -142,6 +152,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=1, help="images per step (tokens per image as listed)")
     parser.add_argument("--quick", action="store_true", help="token counts / 8 and fewer repeats (shared CPU)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: stable numbers on a shared machine; 0 keeps torch's default)")
@@ -155,18 +166,20 @@ def main() -> None:
     rows = []
     for out, fan_in, tokens, note in SHAPES:
         tokens = max(tokens // 8, 16) if args.quick and tokens > 77 else tokens
-        row = bench_shape(out, fan_in, tokens, args.rank, device, dtype, repeats)
+        row = bench_shape(out, fan_in, tokens, args.rank, device, dtype, repeats, args.batch)
         row["note"] = note
         rows.append(row)
         print(json.dumps(row), flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     print(f"\ndevice {args.device} ({name}), dtype {args.dtype}, rank {args.rank}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}, repeats {repeats}{', quick' if args.quick else ''}\n")
-    print("| shape (out×in) | tokens | LoRaD fwd+bwd ms | hook fwd+bwd ms | LoRaD / hook | merged fwd ms | plain fwd ms | merged == plain |")
-    print("|---|---:|---:|---:|---:|---:|---:|:-:|")
+          f"threads {torch.get_num_threads()}, batch {args.batch}, repeats {repeats}{', quick' if args.quick else ''}\n")
+    print("| shape (out×in) | tokens | LoRaD ms | LoRaD, autograd rotation ms | hook ms | LoRaD / hook | "
+          "(autograd rotation) / hook | merged fwd ms | plain fwd ms | merged == plain |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|")
     for r in rows:
-        print(f"| {r['out']}×{r['in']} ({r['note']}) | {r['tokens']} | {r['lorad_ms']:.2f} | {r['hook_ms']:.2f} | "
-              f"{r['ratio']:.2f}× | {r['merged_ms']:.2f} | {r['plain_ms']:.2f} | {'yes' if r['merged_equals_plain'] else 'NO'} |")
+        print(f"| {r['out']}×{r['in']} ({r['note']}) | {r['tokens']} | {r['lorad_ms']:.2f} | {r['lorad_autograd_rotation_ms']:.2f} | "
+              f"{r['hook_ms']:.2f} | {r['ratio']:.2f}× | {r['ratio_autograd_rotation']:.2f}× | {r['merged_ms']:.2f} | "
+              f"{r['plain_ms']:.2f} | {'yes' if r['merged_equals_plain'] else 'NO'} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 

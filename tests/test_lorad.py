@@ -277,3 +277,26 @@ def test_bad_injections_are_refused_with_a_sentence():
         inject_lorad(model, {"0": 2}, adapter_name="a.b")
     with pytest.raises(WadiInputError, match="at least 1"):
         inject_lorad(model, {"0": 0}, adapter_name="c")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_hand_written_rotation_backward_matches_autograd(dtype):
+    torch.manual_seed(0)
+    for base, x in ((nn.Linear(9, 5), torch.randn(4, 9)), (nn.Conv2d(3, 4, 3, padding=1), torch.randn(2, 3, 5, 5))):
+        base = base.to(dtype)
+        wrapper = LoRaDLinear(base) if isinstance(base, nn.Linear) else LoRaDConv2d(base)
+        layer = random_adapter(wrapper, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        x = x.to(dtype).requires_grad_(True)
+        grads = []
+        for fused in (True, False):
+            previous = lorad_module.set_fused_rotation_backward(fused)
+            try:
+                layer.zero_grad()
+                x.grad = None
+                (layer(x).float() ** 2).sum().backward()
+                grads.append([layer.lorad_A["default"].grad.clone(), layer.lorad_B["default"].grad.clone(), x.grad.clone()])
+            finally:
+                lorad_module.set_fused_rotation_backward(previous)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        for g_fused, g_auto in zip(*grads):
+            torch.testing.assert_close(g_fused.float(), g_auto.float(), rtol=tol, atol=tol)

@@ -54,11 +54,59 @@ __all__ = [
     "remove_lorad",
     "delete_adapter",
     "lorad_param_count",
+    "rotate_weight",
+    "set_fused_rotation_backward",
 ]
 
 ADAPTER_KINDS = ("lorad", "lora")
 INITS = ("zeros_xavier", "random")
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+
+class _RotateFrozenWeight(torch.autograd.Function):
+    """R_Θ(W) for a frozen W with a hand-written backward (the forward is :func:`rotate_pairs`).
+
+    d w'_{2j}/dθ = −w'_{2j+1} and d w'_{2j+1}/dθ = w'_{2j}, so dL/dθ = g_{2j+1}·w'_{2j} − g_{2j}·w'_{2j+1}: two
+    products on the rotated weight, instead of autograd replaying cos/sin/stack backwards and keeping their
+    intermediates. The rotated weight is kept in the compute dtype (fp32 for fp16/bf16 weights) for that.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        compute = torch.promote_types(weight.dtype, theta.dtype)
+        rotated = rotate_pairs(weight.to(compute), theta.to(compute))
+        ctx.save_for_backward(rotated)
+        ctx.theta_dtype = theta.dtype
+        return rotated.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (rotated,) = ctx.saved_tensors
+        pairs = rotated.shape[1] // 2
+        g = grad.to(rotated.dtype)
+        grad_theta = g[:, 1 : 2 * pairs : 2] * rotated[:, 0 : 2 * pairs : 2] - g[:, 0 : 2 * pairs : 2] * rotated[:, 1 : 2 * pairs : 2]
+        return None, grad_theta.to(ctx.theta_dtype)
+
+
+_FUSED_BACKWARD = True
+
+
+def set_fused_rotation_backward(enabled: bool) -> bool:
+    """Use the hand-written rotation backward for frozen bases (default on); returns the previous setting.
+
+    Off, autograd differentiates :func:`rotate_pairs` directly (same values, more kernels and memory); the
+    benchmark uses this to separate the two effects.
+    """
+    global _FUSED_BACKWARD
+    previous, _FUSED_BACKWARD = _FUSED_BACKWARD, bool(enabled)
+    return previous
+
+
+def rotate_weight(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """R_Θ(W) for a weight matrix (out, fan_in) in W's dtype, differentiable in Θ (and in W when it needs grad)."""
+    if _FUSED_BACKWARD and not weight.requires_grad and torch.is_grad_enabled() and theta.requires_grad:
+        return _RotateFrozenWeight.apply(weight, theta)
+    return rotate_pairs(weight, theta)
 
 
 @dataclass(frozen=True)
@@ -220,7 +268,7 @@ class LoRaDLayer(nn.Module):
         spec = self.specs[name]
         matrix = source.reshape(source.shape[0], -1)
         if spec.kind == "lorad":
-            adapted = rotate_pairs(matrix, self.theta(name))
+            adapted = rotate_weight(matrix, self.theta(name))
         else:
             delta = self.lora_B[name] @ self.lora_A[name]
             compute = torch.promote_types(matrix.dtype, delta.dtype)
