@@ -1,0 +1,93 @@
+"""Two CPU processes (gloo) train together: both end with identical adapters, and only rank 0 writes files."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny_pipelines import make_pipeline  # noqa: E402
+
+WORKER = textwrap.dedent("""
+    import builtins, json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from safetensors.torch import save_file
+    from wadi_distill.train import DistillConfig, distill
+
+    cfg = DistillConfig(**json.loads(sys.argv[1]))
+    rank = int(os.environ["RANK"])
+    out = os.path.abspath(cfg.output_dir)
+    writes = []
+    real_open, real_replace, real_mkdir = builtins.open, os.replace, os.mkdir
+
+    def inside(path):
+        return os.path.abspath(os.fspath(path)).startswith(out)
+
+    def open_(file, mode="r", *a, **k):
+        if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax+") and inside(file):
+            writes.append(("open", os.fspath(file)))
+        return real_open(file, mode, *a, **k)
+
+    def replace_(src, dst, *a, **k):
+        if inside(dst):
+            writes.append(("replace", os.fspath(dst)))
+        return real_replace(src, dst, *a, **k)
+
+    def mkdir_(path, *a, **k):
+        if inside(path):
+            writes.append(("mkdir", os.fspath(path)))
+        return real_mkdir(path, *a, **k)
+
+    builtins.open, os.replace, os.mkdir = open_, replace_, mkdir_
+    result = distill(cfg)
+    builtins.open, os.replace, os.mkdir = real_open, real_replace, real_mkdir
+    report = os.path.join(os.path.dirname(out), f"rank{rank}")
+    save_file(result.student_state, report + ".safetensors")
+    save_file(result.fake_state, report + "-fake.safetensors")
+    with open(report + ".json", "w") as handle:
+        json.dump({"writes": writes, "steps": result.steps}, handle)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_identical_adapters_rank0_writes(tmp_path):
+    teacher = make_pipeline(tmp_path / "sd", "sd")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na red house\na blue car\n")
+    out = tmp_path / "runs" / "out"
+    config = dict(teacher=str(teacher), output_dir=str(out), prompts=str(prompts), rank=4, fake_rank=2,
+                  max_steps=3, batch_size=1, checkpointing_steps=2, progress=False, tensorboard=False,
+                  final_samples=1, device="cpu")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "--no-python", sys.executable, "-c", WORKER,
+           json.dumps(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = tmp_path / "runs"
+    s0, s1 = load_file(str(runs / "rank0.safetensors")), load_file(str(runs / "rank1.safetensors"))
+    f0, f1 = load_file(str(runs / "rank0-fake.safetensors")), load_file(str(runs / "rank1-fake.safetensors"))
+    assert s0.keys() == s1.keys() and all(torch.equal(s0[k], s1[k]) for k in s0)
+    assert all(torch.equal(f0[k], f1[k]) for k in f0)
+    assert any(v.abs().sum() > 0 for k, v in s0.items() if "lorad_A" in k)  # the student really trained
+    r0, r1 = (json.loads((runs / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["steps"] == r1["steps"] == 3
+    assert r0["writes"] and r1["writes"] == []
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (out / "final" / "adapter.safetensors").is_file()
