@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,8 +42,8 @@ _DTYPE_TO_CODE = {dtype: code for code, dtype in _CODE_TO_DTYPE.items()}
 _MAX_HEADER_BYTES = 100_000_000
 
 
-def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Parse and validate a safetensors header: ``({key: {"dtype", "shape", "data_offsets"}}, metadata)``.
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], int]:
+    """Parse and validate a safetensors header: ``({key: {"dtype", "shape", "data_offsets"}}, metadata, data_start)``.
 
     Raises :class:`WadiInputError` for files that are not safetensors, truncated files and corrupt headers.
     """
@@ -88,19 +89,28 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
         itemsize = torch.empty((), dtype=_CODE_TO_DTYPE[code]).element_size()
         if end - start != numel * itemsize:
             raise WadiInputError(f"{path} has a corrupt safetensors header (tensor {key!r} has the wrong byte size).")
-    return header, dict(metadata)
+    return header, dict(metadata), 8 + header_len
 
 
 class SafetensorsSource:
-    """One ``.safetensors`` file opened lazily: shapes and dtypes from the header, tensors read on demand."""
+    """One ``.safetensors`` file opened lazily: shapes and dtypes from the header, tensors read on demand.
+
+    The file is checked by ``safetensors.safe_open`` when opened, but tensors are then read with plain positioned
+    reads into a fresh tensor rather than through the memory map: pages of a memory-mapped file stay resident
+    once touched, so reading a 3.4 GB checkpoint through the map would grow the process by 3.4 GB, while a read
+    holds only the one tensor.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.header, self.metadata = read_header(self.path)
+        self.header, self.metadata, self._data_start = read_header(self.path)
         try:
-            self._handle = safe_open(str(self.path), framework="pt", device="cpu")
+            with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+                handle.keys()
         except Exception as exc:  # safetensors raises its own error types
             raise WadiInputError(f"{self.path} is not a readable safetensors file ({exc}).") from exc
+        self._file: BinaryIO | None = open(self.path, "rb")
+        self._lock = threading.Lock()
 
     def keys(self) -> list[str]:
         """Keys in file order (the header's data order)."""
@@ -113,15 +123,24 @@ class SafetensorsSource:
         return _CODE_TO_DTYPE[self.header[key]["dtype"]]
 
     def tensor(self, key: str) -> torch.Tensor:
-        if self._handle is None:
+        """Read one tensor's bytes into a new CPU tensor (little-endian, as safetensors stores them)."""
+        if self._file is None:
             raise WadiInputError(f"{self.path} was closed before tensor {key!r} was read.")
-        try:
-            return self._handle.get_tensor(key)
-        except Exception as exc:
-            raise WadiInputError(f"cannot read tensor {key!r} from {self.path} ({exc}).") from exc
+        start, end = self.header[key]["data_offsets"]
+        out = torch.empty(self.shape(key), dtype=self.dtype(key))
+        if end > start:
+            buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            with self._lock:
+                self._file.seek(self._data_start + start)
+                read = self._file.readinto(buffer)
+            if read != end - start:
+                raise WadiInputError(f"{self.path} is truncated: tensor {key!r} could not be read in full.")
+        return out
 
     def close(self) -> None:
-        self._handle = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
