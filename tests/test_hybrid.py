@@ -64,11 +64,11 @@ def test_swap_rows_treats_a_vector_as_one_row_and_keeps_zero_rows():
     hybrid, kept = swap_rows(teacher, student, "norm")
     torch.testing.assert_close(hybrid, torch.tensor([0.0, 5.0]))  # student direction, teacher norm 5
     assert kept == 0
-    teacher = torch.tensor([[1.0, 0.0], [0.0, 0.0], [float("nan"), 1.0]])
-    student = torch.tensor([[0.0, 2.0], [1.0, 1.0], [1.0, 1.0]])
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 0.0], [float("nan"), 1.0], [0.0, 0.0]])
+    student = torch.tensor([[0.0, 2.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])
     hybrid, kept = swap_rows(teacher, student, "direction")
-    torch.testing.assert_close(hybrid, torch.tensor([[2.0, 0.0], [1.0, 1.0], [1.0, 1.0]]))
-    assert kept == 2
+    torch.testing.assert_close(hybrid, torch.tensor([[2.0, 0.0], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]))
+    assert kept == 2  # the zero-teacher row and the NaN row; an all-zero pair needs no swap
 
 
 @pytest.mark.parametrize("take", ["norm", "direction"])

@@ -31,7 +31,7 @@ def _check_take(take: str) -> None:
 
 
 def swap_rows(teacher: torch.Tensor, student: torch.Tensor, take: Take) -> tuple[torch.Tensor, int]:
-    """Per-row hybrid of one tensor pair and the number of rows left as the student's.
+    """Per-row hybrid of one tensor pair and the number of rows that could not be swapped (left as the student's).
 
     ``take="norm"``: row i becomes ‖t_i‖ · s_i / ‖s_i‖. ``take="direction"``: row i becomes ‖s_i‖ · t_i / ‖t_i‖.
     The arithmetic runs in float64 on the tensors' device; the result has the student's dtype and shape.
@@ -54,7 +54,8 @@ def swap_rows(teacher: torch.Tensor, student: torch.Tensor, take: Take) -> tuple
         usable = finite & (t_norm > 0)
         hybrid = t * (s_norm / torch.where(usable, t_norm, 1.0))
     hybrid = torch.where(usable, hybrid, s)
-    kept_rows = int((~usable).sum().item())
+    both_zero = (t_norm == 0) & (s_norm == 0)  # nothing to swap: the row stays zero either way
+    kept_rows = int((~usable & ~both_zero).sum().item())
     return hybrid.reshape(student.shape).to(student.dtype), kept_rows
 
 
