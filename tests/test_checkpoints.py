@@ -412,3 +412,31 @@ def test_write_merged_adapter_in_base_layout(tmp_path: Path, unet_state) -> None
             assert written.dtype(f"{module}.weight") == torch.float16
             assert torch.equal(written.tensor(f"{module}.weight"), merged.tensor(f"{module}.weight").half())
             assert not torch.equal(written.tensor(f"{module}.weight"), teacher.tensor(f"{module}.weight"))
+
+
+def test_project_adapter_folders_and_swapped_official_thetas(tmp_path: Path, unet_state) -> None:
+    from wadi_probe.rotation import as_matrix, rotate_pairs
+
+    save_file(unet_state, str(tmp_path / "teacher.safetensors"))
+    module = "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q"
+    weight = unet_state[f"{module}.weight"]
+    out_features, fan_in = weight.shape
+    torch.manual_seed(2)
+    a, b = 0.2 * torch.randn(out_features, 3), torch.randn(3, fan_in // 2)
+    down, up = torch.randn(2, fan_in), torch.randn(out_features, 2)
+    # the project's own LoRaD and LoRA adapter folders (factors without ".weight", per-module scales in the config)
+    (tmp_path / "lorad").mkdir()
+    save_file({f"{module}.lorad_A": a, f"{module}.lorad_B": b}, str(tmp_path / "lorad" / "adapter.safetensors"))
+    (tmp_path / "lorad" / "adapter_config.json").write_text(json.dumps({"kind": "lorad", "scales": None}))
+    (tmp_path / "lora").mkdir()
+    save_file({f"{module}.lora_A": down, f"{module}.lora_B": up}, str(tmp_path / "lora" / "adapter.safetensors"))
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({"kind": "lora", "scales": {module: 0.25}}))
+    # an official angle checkpoint in a torch file, factors stored the other way round
+    torch.save({f"model.diffusion_model.{module}.theta_a": b, f"model.diffusion_model.{module}.theta_b": a}, tmp_path / "official.pt")
+
+    rotated = rotate_pairs(as_matrix(weight), a @ b)
+    with open_checkpoint(tmp_path / "teacher.safetensors") as teacher:
+        for adapter, expected in (("lorad", rotated), ("official.pt", rotated), ("lora", weight + 0.25 * up @ down)):
+            with open_checkpoint(tmp_path / adapter, base=teacher) as merged:
+                assert merged.adapted_names() == [f"{module}.weight"], adapter
+                assert torch.allclose(merged.tensor(f"{module}.weight"), expected, atol=1e-6), adapter

@@ -40,8 +40,8 @@ _ADAPTER_FILES = (
 )
 # key suffix patterns -> (family, factor); the module path is group "m"
 _FACTOR_PATTERNS: list[tuple[re.Pattern[str], str, str]] = [
-    (re.compile(r"^(?P<m>.+)\.lora_A(?:\.[^.]+)?\.weight$"), "lora", "down"),
-    (re.compile(r"^(?P<m>.+)\.lora_B(?:\.[^.]+)?\.weight$"), "lora", "up"),
+    (re.compile(r"^(?P<m>.+)\.lora_A(?:\.[^.]+)?(?:\.weight)?$"), "lora", "down"),
+    (re.compile(r"^(?P<m>.+)\.lora_B(?:\.[^.]+)?(?:\.weight)?$"), "lora", "up"),
     (re.compile(r"^(?P<m>.+)\.lora\.down\.weight$"), "lora", "down"),
     (re.compile(r"^(?P<m>.+)\.lora\.up\.weight$"), "lora", "up"),
     (re.compile(r"^(?P<m>.+)\.lora_down\.weight$"), "lora", "down"),
@@ -187,7 +187,10 @@ def _pattern_value(patterns: dict[str, Any], module: str) -> Any:
 
 
 def lora_scale(entry: ModuleAdapter, module: str, config: dict[str, Any]) -> float:
-    """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA); 1 when no alpha is known."""
+    """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA), or a per-module ``scales`` entry; 1 when none is known."""
+    scales = config.get("scales") or {}
+    if module in scales:
+        return float(scales[module])
     rank = entry.factors["down"].shape[0]
     alpha = entry.alpha
     if alpha is None and config:
@@ -260,6 +263,12 @@ def open_adapter(path: Path, base: Checkpoint) -> AdapterCheckpoint:
             fits = len(weight_shape) > 1 and up.shape[0] == weight_shape[0] and math.prod(down.shape[1:]) == fan_in
         else:
             a, b = entry.factors["a"], entry.factors["b"]
+            pairs = fan_in // 2
+            oriented = a.shape[0] == weight_shape[0] and tuple(b.shape) == (a.shape[1], pairs)
+            swapped = a.ndim == b.ndim == 2 and b.shape[0] == weight_shape[0] and tuple(a.shape) == (b.shape[1], pairs)
+            if len(weight_shape) > 1 and swapped and not oriented:
+                entry.factors["a"], entry.factors["b"] = b, a  # stored as (B, A): put A (out, r) first
+                a, b = b, a
             fits = len(weight_shape) > 1 and a.shape[0] == weight_shape[0] and b.shape == (a.shape[1], fan_in // 2)
         if not fits:
             raise WadiInputError(
