@@ -90,8 +90,31 @@ def test_whole_pipeline_file_keeps_only_the_unet(tmp_path: Path, unet_state) -> 
         assert ckpt.ignored_keys == ["text_encoder.embeddings.weight"]
 
 
-@pytest.mark.parametrize("overrides", [{}, {"use_linear_projection": True, "transformer_layers_per_block": 2}],
-                         ids=["sd1-conv-proj", "sd2-linear-proj"])
+SDXL_LIKE = {
+    "block_out_channels": (8, 16, 16),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "layers_per_block": 2,
+    "transformer_layers_per_block": (1, 1, 2),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 4,
+    "projection_class_embeddings_input_dim": 40,
+}
+
+
+SD1_LIKE: dict = {}
+SD2_LIKE = {"use_linear_projection": True, "transformer_layers_per_block": 2}
+# the first attention's proj_in, in both namings (SDXL's first down block has no attention; 2 resnets + downsampler)
+FIRST_PROJ_IN = {
+    id(SD1_LIKE): ("down_blocks.0.attentions.0.proj_in.weight", "input_blocks.1.1.proj_in.weight"),
+    id(SD2_LIKE): ("down_blocks.0.attentions.0.proj_in.weight", "input_blocks.1.1.proj_in.weight"),
+    id(SDXL_LIKE): ("down_blocks.1.attentions.0.proj_in.weight", "input_blocks.4.1.proj_in.weight"),
+}
+
+
+@pytest.mark.parametrize("overrides", [SD1_LIKE, SD2_LIKE, SDXL_LIKE],
+                         ids=["sd1-conv-proj", "sd2-linear-proj", "sdxl-like"])
 def test_ldm_single_file_maps_to_diffusers_names(tmp_path: Path, tiny_unet, overrides) -> None:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
@@ -112,15 +135,16 @@ def test_ldm_single_file_maps_to_diffusers_names(tmp_path: Path, tiny_unet, over
     with open_checkpoint(tmp_path / "sd.safetensors") as ckpt, open_checkpoint(tmp_path / "diffusers") as folder:
         assert ckpt.layout == "ldm"
         assert_same_tensors(ckpt, state)
-        assert ckpt.source_key("down_blocks.0.attentions.0.proj_in.weight") == (
-            "model.diffusion_model.input_blocks.1.1.proj_in.weight"
-        )
+        diffusers_name, ldm_key = FIRST_PROJ_IN[id(overrides)]
+        assert ckpt.source_key(diffusers_name) == f"model.diffusion_model.{ldm_key}"
         assert set(ckpt.ignored_keys) == {k for k in ldm if not k.startswith("model.diffusion_model.")}
         pairing = pair_checkpoints(ckpt, folder)
         assert sorted(pairing.matched) == sorted(state) and pairing.unmatched == 0
         # the UNet structure is recovered from the names and shapes alone
         config = infer_unet_config({n: ckpt.shape(n) for n in ckpt.names()})
         config.update(attention_head_dim=2, norm_num_groups=4)  # not visible in weights
+        if "addition_time_embed_dim" in overrides:
+            config["addition_time_embed_dim"] = overrides["addition_time_embed_dim"]
         rebuilt = UNet2DConditionModel(**config)
         rebuilt.load_state_dict({n: ckpt.tensor(n) for n in ckpt.names()}, strict=True)
 
