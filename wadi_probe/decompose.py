@@ -163,6 +163,7 @@ def _round_list(curve: torch.Tensor, decimals: int) -> list[float]:
 
 
 def _rank_record(prefix: str, curve: torch.Tensor, full_rank: int, settings: AnalysisSettings) -> dict[str, Any]:
+    """Energy at ``rank_fraction`` of ``full_rank`` (the analysed matrix's: rows left out lower it) and rank_p."""
     k_frac = max(1, math.ceil(settings.rank_fraction * full_rank))
     record: dict[str, Any] = {f"{prefix}_energy_at_30pct_rank": energy_at_rank(curve, k_frac)}
     for p in settings.energy_thresholds:
@@ -251,17 +252,19 @@ def analyze_pair(
         record["identical"] = bit_identical(teacher, student)
         return record
 
+    identical = bit_identical(teacher, student)
     t = as_rows(teacher.to(device)).to(torch.float32)
     s = as_rows(student.to(device)).to(torch.float32)
-    finite = torch.isfinite(t).all(dim=1) & torch.isfinite(s).all(dim=1)
-    t_norm = torch.linalg.vector_norm(t, dim=1, dtype=torch.float64)
-    s_norm = torch.linalg.vector_norm(s, dim=1, dtype=torch.float64)
+    # A row holding NaN/Inf has a non-finite norm, so the norms alone find every bad row (no extra passes).
+    t_norm = torch.linalg.vector_norm(t, dim=1).to(torch.float64)
+    s_norm = torch.linalg.vector_norm(s, dim=1).to(torch.float64)
+    finite = torch.isfinite(t_norm) & torch.isfinite(s_norm)
     zero = finite & ((t_norm == 0) | (s_norm == 0))
     valid = finite & ~zero
     counts = torch.stack((valid.sum(), zero.sum(), (~finite).sum())).tolist()
     record.update(rows=counts[0], zero_rows=counts[1], nonfinite=counts[2])
 
-    if bit_identical(teacher, student):
+    if identical:
         record["identical"] = True
         record.update(_zero_stats(), **_empty_spectra(settings, zero_ranks=is_matrix))
         return record
@@ -271,10 +274,11 @@ def analyze_pair(
 
     if counts[0] < out:
         t, s, t_norm, s_norm = t[valid], s[valid], t_norm[valid], s_norm[valid]
-    t_unit = t / t_norm.to(torch.float32).unsqueeze(1)
-    s_unit = s / s_norm.to(torch.float32).unsqueeze(1)
-    residual = s_unit - t_unit
-    residual_row_sq = torch.linalg.vector_norm(residual, dim=1, dtype=torch.float64).square()
+    t_inv = (1 / t_norm).to(torch.float32).unsqueeze(1)
+    s_inv = (1 / s_norm).to(torch.float32).unsqueeze(1)
+    residual = s * s_inv  # ΔD = ŝ − t̂, formed with one temporary
+    residual.addcmul_(t, t_inv, value=-1.0)
+    residual_row_sq = torch.linalg.vector_norm(residual, dim=1).to(torch.float64).square()
 
     norm_change = (s_norm - t_norm).abs() / t_norm
     direction_change = residual_row_sq / 2
@@ -311,19 +315,21 @@ def analyze_pair(
         record.update(_empty_spectra(settings, zero_ranks=False))
         return record
 
-    record.update(_residual_spectrum(residual, full_rank, settings))
+    analysed_rank = min(int(counts[0]), fan_in)
+    record.update(_residual_spectrum(residual, full_rank, analysed_rank, settings))
     residual_energy = float(residual_row_sq.sum())
     del residual
-    record.update(_lorad_spectrum(t, s, t_unit, s_unit, residual_energy, lorad_full_rank, settings))
+    lorad_rank = min(int(counts[0]), fan_in // 2)
+    record.update(_lorad_spectrum(t, s, t * t_inv, s * s_inv, residual_energy, lorad_full_rank, lorad_rank, settings))
     return record
 
 
-def _residual_spectrum(residual: torch.Tensor, full_rank: int, settings: AnalysisSettings) -> dict[str, Any]:
+def _residual_spectrum(residual: torch.Tensor, full_rank: int, analysed_rank: int, settings: AnalysisSettings) -> dict[str, Any]:
     sigma_sq = gram_singular_values_sq(residual)
     curve = _pad_curve(energy_curve(sigma_sq), full_rank)
     total = float(sigma_sq.sum())
     top = (sigma_sq[: settings.top_singular_values] / total).sqrt() if total > 0 else sigma_sq[:0]
-    record = _rank_record("residual", curve, full_rank, settings)
+    record = _rank_record("residual", curve, analysed_rank, settings)
     record["residual_top_singular_values"] = [round(v, 6) for v in top.tolist()]
     record["residual_energy"] = _round_list(curve, settings.energy_decimals)
     return record
@@ -336,6 +342,7 @@ def _lorad_spectrum(
     s_unit: torch.Tensor,
     residual_energy: float,
     lorad_full_rank: int,
+    analysed_rank: int,
     settings: AnalysisSettings,
 ) -> dict[str, Any]:
     """Θ's spectrum, the fraction of ΔD a pairwise rotation explains, and the recommended rank."""
@@ -349,7 +356,7 @@ def _lorad_spectrum(
     else:
         sigma_sq, vectors, left = gram_singular_values_sq(theta), None, True
     curve = _pad_curve(energy_curve(sigma_sq), lorad_full_rank)
-    record.update(_rank_record("lorad", curve, lorad_full_rank, settings))
+    record.update(_rank_record("lorad", curve, analysed_rank, settings))
     record["lorad_energy"] = _round_list(curve, settings.energy_decimals)
     recommended = rank_at(curve, settings.recommend_threshold)
     record["recommended_rank"] = recommended
@@ -365,5 +372,5 @@ def _explained(t_unit: torch.Tensor, s_unit: torch.Tensor, theta: torch.Tensor, 
     """``1 − ‖ŝ − R_Θ(t̂)‖² / ‖ΔD‖²``: the share of the direction change the rotation Θ reproduces."""
     if residual_energy <= 0:
         return None
-    left_over = torch.linalg.vector_norm(s_unit - rotate_pairs(t_unit, theta.to(t_unit.dtype)), dtype=torch.float64)
+    left_over = torch.linalg.vector_norm(s_unit - rotate_pairs(t_unit, theta.to(t_unit.dtype))).to(torch.float64)
     return 1.0 - float(left_over.square()) / residual_energy
