@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 
 from wadi_probe import compare
@@ -37,6 +40,14 @@ def planted_pair(seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torc
 
 
 def planted_report(seed: int = 0, *, spectra: bool = True) -> dict:
-    """The report dict `wadi_probe.compare` produces for :func:`planted_pair` (``spectra=False``: the fast mode)."""
+    """The report dict `wadi_probe.compare` produces for :func:`planted_pair` (``spectra=False``: the fast mode).
+
+    Computed once per setting and handed out as a fresh copy, so a test may modify it.
+    """
+    return copy.deepcopy(_cached_report(seed, spectra))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_report(seed: int, spectra: bool) -> dict:
     teacher, student = planted_pair(seed)
     return compare(teacher, student, device="cpu", spectra=spectra).data

@@ -17,12 +17,17 @@ from wadi_probe.errors import WadiInputError
 from wadi_probe.report import report_to_dataframe
 from wadi_probe.rotation import rotate_pairs
 
-from _planted_report import planted_pair, planted_report
+from _planted_report import LAYER_SPECS, planted_pair, planted_report
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
     return planted_report()
+
+
+def test_planted_report_has_the_blocks_and_types_the_figures_group_by(report):
+    got = {(r["name"], r["block"], r["layer_type"], r["kind"]) for r in report["layers"]}
+    assert got == {(name, block, layer_type, kind) for name, _, block, layer_type, kind in LAYER_SPECS}
 
 
 def _matrix_layers(report: dict) -> list[dict]:
