@@ -15,6 +15,7 @@ slice of the global batch), which is what makes checkpoints resume bit-for-bit.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import hashlib
@@ -25,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -34,7 +35,7 @@ from torch import nn
 from wadi_distill import vsd
 from wadi_distill.backbones import Conditioning, Teacher, load_teacher
 from wadi_distill.embedding_cache import EmbeddingCache, build_embedding_cache, cache_key
-from wadi_distill.lorad import inject_lorad, lorad_parameters, remove_lorad, use_adapter
+from wadi_distill.lorad import inject_lorad, lorad_layers, lorad_parameters, remove_lorad, use_adapter
 from wadi_distill.one_step import one_step_images, save_image_grid
 from wadi_distill.prompts import load_prompts
 from wadi_probe.atomic import atomic_path, write_json_atomic
@@ -392,6 +393,7 @@ class VSDTrainer:
             if not p.requires_grad:
                 p.data = p.data.to(self.weight_dtype)
         self.base = base
+        self._layers = list(lorad_layers(base).values())
         if config.student_adapter == "full":
             self.student_named = list(self.full_student.named_parameters())
         else:
@@ -418,13 +420,25 @@ class VSDTrainer:
         self.sched_fake = torch.optim.lr_scheduler.LambdaLR(opt_f, _warmup(config.lr_warmup_steps))
 
     # ---------------------------------------------------------------- model roles
+    @contextlib.contextmanager
+    def _active(self, name: str | None) -> Iterator[None]:
+        """Like :func:`wadi_distill.lorad.use_adapter`, over a layer list gathered once (no module walk per call)."""
+        saved = [layer.active_adapter for layer in self._layers]
+        for layer in self._layers:
+            layer.active_adapter = name if name is not None and name in layer.specs else None
+        try:
+            yield
+        finally:
+            for layer, previous in zip(self._layers, saved):
+                layer.active_adapter = previous
+
     def predict(self, role: str, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """Raw prediction of ``role`` in {"teacher", "student", "fake"} (fp32)."""
         with self.accelerator.autocast():
             if role == "student" and self.full_student is not None:
                 out = self.teacher.call(self.full_student, x, t, cond)
             else:
-                with use_adapter(self.base, None if role == "teacher" else role):
+                with self._active(None if role == "teacher" else role):
                     out = self.teacher.call(self.base, x, t, cond)
         return out.float()
 
@@ -466,7 +480,7 @@ class VSDTrainer:
                                    f"and {where}.")
         if self.full_student is None:
             # with gradient checkpointing the backward pass re-runs forwards: keep the right adapter active
-            with use_adapter(self.base, role):
+            with self._active(role):
                 self.accelerator.backward(loss)
         else:
             self.accelerator.backward(loss)

@@ -1,0 +1,254 @@
+"""Step time and peak memory of one VSD step: our loop vs a loop written the way the paper's code works.
+
+- ours: :class:`wadi_distill.train.VSDTrainer` — ONE frozen base; student and fake score are LoRaD adapters on it
+  (the teacher is the base with no adapter); each adapted layer forms its rotated weight once and runs one matmul.
+- paper-style: THREE full copies of the UNet (teacher, student, fake score), the adapters attached with forward
+  hooks that discard the layer's own output and run the layer again with the rotated weight (each adapted
+  layer runs twice). Same VSD math (:mod:`wadi_distill.vsd`), plan, batch, CFG, optimizers and precision.
+
+Each variant runs in its own subprocess so that peak memory is measured separately (CUDA: max allocated;
+CPU: peak RSS above the RSS after imports).
+
+    python benchmarks/vsd_step.py                                   # CPU, small UNet
+    python benchmarks/vsd_step.py --device cuda --config sd15 --batch-size 2 --mixed-precision fp16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CONFIGS = {
+    # a small SD-shaped UNet that runs on a shared CPU in seconds
+    "small": dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                  layers_per_block=1, cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16),
+    # Stable Diffusion 1.5's UNet (random weights), 512 px -> 64x64 latents
+    "sd15": dict(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2,
+                 cross_attention_dim=768, attention_head_dim=8),
+}
+TEXT_LEN = 77
+
+
+def _teacher(config_name: str, device: str):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from wadi_distill.backbones import Conditioning, Teacher, UNetCall
+    from wadi_distill.vsd import NoiseSchedule
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**CONFIGS[config_name])
+    unet.requires_grad_(False)
+    schedule = NoiseSchedule.from_scheduler(
+        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    dim = unet.config.cross_attention_dim
+
+    def encode(prompts: list[str]) -> Conditioning:
+        gen = torch.Generator().manual_seed(len(prompts))
+        states = torch.randn(len(prompts), TEXT_LEN, dim, generator=gen)
+        states[[i for i, p in enumerate(prompts) if p == ""]] = 0
+        return Conditioning(states)
+
+    size = int(unet.config.sample_size)
+    return Teacher(denoiser=unet, call=UNetCall(size * 8, 4), schedule=schedule, latent_shape=(4, size, size),
+                   source=f"random:{config_name}", family="sd", encode_prompts=encode)
+
+
+# ------------------------------------------------------------------------------------------ paper-style loop
+class _HookRotation(nn.Module):
+    """LoRaD factors attached by a forward hook: the layer's own output is discarded and recomputed."""
+
+    def __init__(self, layer: nn.Linear, rank: int) -> None:
+        super().__init__()
+        out, fan_in = layer.weight.shape
+        self.A = nn.Parameter(torch.zeros(out, rank, device=layer.weight.device))
+        self.B = nn.Parameter(torch.empty(rank, fan_in // 2, device=layer.weight.device))
+        nn.init.xavier_uniform_(self.B)
+
+    def hook(self, module: nn.Linear, inputs, output):
+        from wadi_probe.rotation import rotate_pairs
+
+        weight = rotate_pairs(module.weight.float(), self.A @ self.B).to(module.weight.dtype)
+        return F.linear(inputs[0], weight, module.bias)
+
+
+def _attach(model: nn.Module, ranks: dict[str, int]) -> nn.ModuleList:
+    holders = nn.ModuleList()
+    modules = dict(model.named_modules())
+    for name, rank in ranks.items():
+        holder = _HookRotation(modules[name], rank)
+        modules[name].register_forward_hook(holder.hook)
+        holders.append(holder)
+    return holders
+
+
+def _paper_step_fn(teacher, ranks: dict[str, int], fake_ranks: dict[str, int], batch: int, cfg: float,
+                   device: str, dtype: torch.dtype):
+    from wadi_distill import vsd
+    from wadi_distill.backbones import Conditioning
+
+    base = teacher.denoiser.to(device, dtype)
+    teacher_unet, student_unet, fake_unet = base, copy.deepcopy(base), copy.deepcopy(base)
+    student = _attach(student_unet, ranks)
+    fake = _attach(fake_unet, fake_ranks)
+    opt_s = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    opt_f = torch.optim.AdamW(fake.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
+    schedule, call = teacher.schedule, teacher.call
+    cond = teacher.encode_prompts(["x"] * batch).to(device)
+    null = teacher.encode_prompts([""]).to(device).expand(batch)
+    gen = torch.Generator().manual_seed(0)
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def eps_of(model, x, t, c, alpha, sigma):
+        with autocast:
+            out = call(model, x, t, c).float()
+        return vsd.to_epsilon(out, x, alpha, sigma, schedule.prediction_type)
+
+    def guided(model, x, t, alpha, sigma):
+        both = eps_of(model, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([cond, null]),
+                      torch.cat([alpha, alpha]), torch.cat([sigma, sigma]))
+        return vsd.classifier_free_guidance(both[:batch], both[batch:], cfg)
+
+    def step() -> None:
+        z = torch.randn(batch, *teacher.latent_shape, generator=gen).to(device)
+        last = torch.full((batch,), schedule.last_timestep, device=device)
+        with autocast:
+            x0 = vsd.one_step_x0(call(student_unet, z, last, cond).float(), z, schedule)
+        t = vsd.student_timesteps(batch, schedule, gen).to(device)
+        noise = torch.randn(batch, *teacher.latent_shape, generator=gen).to(device)
+        alpha, sigma = schedule.alpha_sigma(t, x0)
+        with torch.no_grad():
+            x_t = vsd.add_noise(x0.detach(), noise, alpha, sigma)
+            g = vsd.vsd_gradient(guided(teacher_unet, x_t, t, alpha, sigma), guided(fake_unet, x_t, t, alpha, sigma),
+                                 alpha * alpha)
+        scaler.scale(vsd.student_loss(x0, g)).backward()
+        scaler.unscale_(opt_s)
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        scaler.step(opt_s)
+        scaler.update()
+        opt_s.zero_grad(set_to_none=True)
+        t2 = vsd.fake_timesteps(batch, schedule, gen).to(device)
+        noise2 = torch.randn(batch, *teacher.latent_shape, generator=gen).to(device)
+        alpha2, sigma2 = schedule.alpha_sigma(t2, x0)
+        x_t2 = vsd.add_noise(x0.detach(), noise2, alpha2, sigma2)
+        loss = vsd.fake_score_loss(eps_of(fake_unet, x_t2, t2, cond, alpha2, sigma2), noise2, alpha2 * alpha2)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt_f)
+        torch.nn.utils.clip_grad_norm_(fake.parameters(), 1.0)
+        scaler.step(opt_f)
+        scaler.update()
+        opt_f.zero_grad(set_to_none=True)
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------ our loop
+def _ours_step_fn(teacher, rank: int, fake_rank: int, batch: int, cfg: float, device: str, precision: str,
+                  workdir: Path, checkpointing: bool):
+    from wadi_distill.train import DistillConfig, VSDTrainer
+
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("x\n" * 8)
+    config = DistillConfig(teacher=teacher.source, output_dir=str(workdir / "out"), prompts=str(prompts), rank=rank,
+                           fake_rank=fake_rank, batch_size=batch, cfg=cfg, device=device, mixed_precision=precision,
+                           progress=False, tensorboard=False, gradient_checkpointing=checkpointing)
+    trainer = VSDTrainer(config, teacher=teacher)
+    return trainer.train_step
+
+
+def _worker(args: argparse.Namespace) -> dict:
+    from diffusers import UNet2DConditionModel  # noqa: F401  (imports before the memory baseline)
+
+    import wadi_distill.train  # noqa: F401
+    from wadi_distill.plan import plan_from_preset
+
+    torch.set_num_threads(args.threads)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+    teacher = _teacher(args.config, args.device)
+    ranks = plan_from_preset(teacher.denoiser, args.rank, "paper").ranks()
+    fake_ranks = plan_from_preset(teacher.denoiser, args.fake_rank, "paper").ranks()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.variant == "ours":
+            step = _ours_step_fn(teacher, args.rank, args.fake_rank, args.batch_size, args.cfg, args.device,
+                                 args.mixed_precision, Path(tmp), args.gradient_checkpointing)
+        else:
+            step = _paper_step_fn(teacher, ranks, fake_ranks, args.batch_size, args.cfg, args.device, dtype)
+        cuda = args.device == "cuda"
+        for _ in range(args.warmup):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times = []
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() if cuda else
+            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
+    return {"variant": args.variant, "median_step_s": statistics.median(times), "peak_bytes": int(peak),
+            "adapted_layers": len(ranks)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--config", default="small", choices=sorted(CONFIGS))
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--rank", type=int, default=None, help="student rank (default 8 small, 256 sd15)")
+    parser.add_argument("--fake-rank", type=int, default=None, help="fake-score rank (default 4 small, 32 sd15)")
+    parser.add_argument("--cfg", type=float, default=1.5)
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--variant", choices=["ours", "paper"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rank is None:
+        args.rank = 256 if args.config == "sd15" else 8
+    if args.fake_rank is None:
+        args.fake_rank = 32 if args.config == "sd15" else 4
+    if args.variant:
+        print(json.dumps(_worker(args)))
+        return
+    results = {}
+    for variant in ("paper", "ours"):
+        cmd = [sys.executable, __file__, "--variant", variant] + [a for a in sys.argv[1:]]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{variant} failed:\n{done.stderr[-4000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"device {device}, config {args.config}, batch {args.batch_size}, precision {args.mixed_precision}, "
+          f"student rank {args.rank}, fake rank {args.fake_rank}, {results['ours']['adapted_layers']} adapted layers, "
+          f"median of {args.steps} steps")
+    for variant in ("paper", "ours"):
+        r = results[variant]
+        print(f"  {variant:6s} step {r['median_step_s'] * 1000:9.1f} ms   peak memory {r['peak_bytes'] / 2**20:9.1f} MiB")
+    ratio_t = results["ours"]["median_step_s"] / results["paper"]["median_step_s"]
+    ratio_m = results["ours"]["peak_bytes"] / max(1, results["paper"]["peak_bytes"])
+    print(f"  ours / paper-style: step time {ratio_t:.2f}x, peak memory {ratio_m:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
