@@ -173,6 +173,10 @@ def test_truncated_corrupt_and_text_safetensors(tmp_path: Path, unet_state) -> N
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(WadiInputError, match="truncated or corrupt"):
         open_checkpoint(truncated)
+    cut_in_header = tmp_path / "cut.safetensors"
+    cut_in_header.write_bytes(data[:20])
+    with pytest.raises(WadiInputError, match="is truncated or not a safetensors file"):
+        open_checkpoint(cut_in_header)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(data[:8] + b"\xff" * 40 + data[48:])
     with pytest.raises(WadiInputError, match="header is not readable JSON"):

@@ -54,10 +54,15 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
             if len(prefix) < 8:
                 raise WadiInputError(f"{path} is not a safetensors file: it is only {size} bytes long.")
             (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            if header_len > _MAX_HEADER_BYTES:
                 raise WadiInputError(
                     f"{path} is not a valid safetensors file (its header length is impossible; "
                     "is it a text file or a different format?)."
+                )
+            if header_len > size - 8:
+                raise WadiInputError(
+                    f"{path} is truncated or not a safetensors file: its header needs {header_len} bytes but the "
+                    f"file has only {size - 8} after the length field."
                 )
             raw = handle.read(header_len)
     except OSError as exc:
