@@ -468,3 +468,19 @@ def test_project_adapter_folders_and_swapped_official_thetas(tmp_path: Path, une
             with open_checkpoint(tmp_path / adapter, base=teacher) as merged:
                 assert merged.adapted_names() == [f"{module}.weight"], adapter
                 assert torch.allclose(merged.tensor(f"{module}.weight"), expected, atol=1e-6), adapter
+
+
+def test_transformer_pipeline_root(tmp_path: Path) -> None:
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(sample_size=8, num_layers=2, attention_head_dim=4, num_attention_heads=2, in_channels=4,
+                                     out_channels=8, cross_attention_dim=8, caption_channels=12, patch_size=2)
+    model.save_pretrained(tmp_path / "pixart" / "transformer")
+    (tmp_path / "pixart" / "model_index.json").write_text("{}")
+    with open_checkpoint(tmp_path / "pixart") as ckpt:
+        assert ckpt.layout == "diffusers"
+        assert_same_tensors(ckpt, model.state_dict())
+        names = ckpt.names()
+        assert names[0].startswith("pos_embed.") and names.index("transformer_blocks.1.attn1.to_q.weight") > names.index(
+            "transformer_blocks.0.ff.net.2.weight")
