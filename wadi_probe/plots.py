@@ -324,7 +324,7 @@ def plot_recommended_ranks(report: ReportLike) -> Figure:
     records = _matrix_records(report, require=("recommended_rank",))
     if not records:
         raise _no_data("recommended ranks", "it was made without spectra (--no-spectra).")
-    fig, ax = _new_figure(max(8.0, min(18.0, 0.06 * len(records) + 6)), 4.6)
+    fig, ax = _new_figure(max(8.0, min(18.0, 0.06 * len(records) + 6)), 5.0)
     ranks = np.array([r["recommended_rank"] for r in records], dtype=float)
     types = [r.get("layer_type") or "other" for r in records]
     palette = {t: f"C{i}" for i, t in enumerate(dict.fromkeys(types))}
@@ -335,10 +335,9 @@ def plot_recommended_ranks(report: ReportLike) -> Figure:
     ax.set_ylabel("recommended LoRaD rank")
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     total_params = sum(int(r["recommended_rank"]) * (_out_and_fan_in(r)[0] + _out_and_fan_in(r)[1] // 2) for r in records)
-    ax.set_title(
+    fig.suptitle(
         f"LoRaD rank that keeps {threshold * 100:.0f} % of each layer's angle-field energy\n"
-        f"{len(records)} layers, median rank {np.median(ranks):.0f}, {total_params:,} trainable parameters",
-        pad=16,
+        f"{len(records)} layers, median rank {np.median(ranks):.0f}, {total_params:,} trainable parameters"
     )
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(handles=[Patch(color=c, label=t) for t, c in palette.items()], loc="upper left",
