@@ -160,3 +160,12 @@ def test_different_architectures_are_refused(pair, tmp_path):
     with pytest.raises(WadiInputError, match="different architectures"):
         write_hybrid(teacher_path, tmp_path / "other.safetensors", "norm", tmp_path / "h.safetensors")
     assert not (tmp_path / "h.safetensors").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_swap_rows_on_cuda_matches_the_cpu_result():
+    teacher, student = torch.randn(32, 8, 3, 3, dtype=torch.float16), torch.randn(32, 8, 3, 3, dtype=torch.float16)
+    for take in ("norm", "direction"):
+        on_gpu, _ = swap_rows(teacher.cuda(), student.cuda(), take)
+        assert on_gpu.device.type == "cuda" and on_gpu.dtype == torch.float16
+        torch.testing.assert_close(on_gpu.cpu(), swap_rows(teacher, student, take)[0])

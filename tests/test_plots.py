@@ -173,3 +173,11 @@ def test_save_all_plots_refuses_bad_arguments_before_writing(report, tmp_path):
     with pytest.raises(WadiInputError, match="layers"):
         plots.save_all_plots({"schema_version": 1}, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pair_angle_heatmap_takes_cuda_tensors():
+    teacher = torch.randn(6, 10, device="cuda")
+    theta = torch.full((6, 5), 0.1, device="cuda")
+    fig = plots.plot_pair_angle_heatmap(teacher, rotate_pairs(teacher, theta), "cuda layer")
+    np.testing.assert_allclose(fig.axes[0].images[0].get_array(), np.rad2deg(0.1), atol=1e-4)
