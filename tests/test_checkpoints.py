@@ -58,6 +58,12 @@ def test_fp16_variant_and_sharded_folders(tmp_path: Path, tiny_unet) -> None:
         assert_same_tensors(ckpt, half.state_dict())
         assert ckpt.dtype("conv_in.weight") == torch.float16
 
+    half.save_pretrained(tmp_path / "fp16-sharded", variant="fp16", max_shard_size="20KB")
+    assert (tmp_path / "fp16-sharded" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    with open_checkpoint(tmp_path / "fp16-sharded") as ckpt:
+        assert ckpt.layout == "diffusers-sharded"
+        assert_same_tensors(ckpt, half.state_dict())
+
     unet.save_pretrained(tmp_path / "pipe" / "unet", max_shard_size="20KB")
     index = tmp_path / "pipe" / "unet" / "diffusion_pytorch_model.safetensors.index.json"
     shards = set(json.loads(index.read_text())["weight_map"].values())

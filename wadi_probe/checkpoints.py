@@ -32,16 +32,21 @@ LDM_UNET_PREFIX = "model.diffusion_model."
 # prefixes removed when every (kept) key carries them
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 _MODEL_PREFIXES = ("unet.", "transformer.", "model.")
-# diffusers weight file stems, most preferred first
-_DIFFUSERS_STEMS = (
-    "diffusion_pytorch_model",
-    "diffusion_pytorch_model.fp16",
-    "diffusion_pytorch_model.bf16",
-    "model",
-    "model.fp16",
-    "pytorch_model",
-    "pytorch_model.fp16",
+# diffusers / transformers weight files, most preferred first: full precision before variants, safetensors before
+# torch, single files and shard indexes alike (diffusers names a variant index "….safetensors.index.fp16.json")
+_WEIGHT_FILE_NAMES = tuple(
+    name
+    for extension in ("safetensors", "bin")
+    for variant in ("", "fp16", "bf16")
+    for base in ("diffusion_pytorch_model", "model", "pytorch_model")
+    for name in (
+        (f"{base}.{extension}", f"{base}.{extension}.index.json")
+        if not variant
+        else (f"{base}.{variant}.{extension}", f"{base}.{extension}.index.{variant}.json",
+              f"{base}.{variant}.{extension}.index.json")
+    )
 )
+_SHARD_INDEX = re.compile(r"\.index(\.[A-Za-z0-9_-]+)?\.json$")
 
 
 class TensorSource(Protocol):
@@ -290,11 +295,9 @@ def find_weights_file(folder: Path) -> Path:
     for sub in ("unet", "transformer"):
         if (folder / sub).is_dir():
             return find_weights_file(folder / sub)
-    for stem in _DIFFUSERS_STEMS:
-        for suffix in (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json"):
-            candidate = folder / f"{stem}{suffix}"
-            if candidate.is_file():
-                return candidate
+    for name in _WEIGHT_FILE_NAMES:
+        if (folder / name).is_file():
+            return folder / name
     candidates = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.suffix in TORCH_SUFFIXES))
     if len(candidates) == 1:
         return candidates[0]
@@ -327,7 +330,7 @@ def open_checkpoint(path: str | Path, *, base: Checkpoint | None = None) -> Chec
     else:
         weights = path
         layout = "safetensors" if path.suffix == ".safetensors" else "torch"
-    if weights.name.endswith(".index.json"):
+    if _SHARD_INDEX.search(weights.name):
         checkpoint = _open_sharded(weights)
         checkpoint.path = path
         return checkpoint
