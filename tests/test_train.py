@@ -97,6 +97,17 @@ def test_full_finetune_trains_a_copy(pipelines, prompt_file, tmp_path):
     assert all(torch.equal(base0[n], p) for n, p in trainer.base.named_parameters() if n in base0)
 
 
+def test_gradient_checkpointing_gives_the_same_update(pipelines, prompt_file, tmp_path):
+    states = []
+    for flag in (False, True):
+        trainer = VSDTrainer(_config(pipelines["sd2"], tmp_path / str(flag), prompt_file, gradient_checkpointing=flag))
+        trainer.train_step()
+        states.append({n: p.detach().clone() for n, p in trainer.student_named + trainer.fake_named})
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6)
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
@@ -116,7 +127,7 @@ def _read_log_steps(out: Path) -> list[int]:
 @pytest.mark.slow
 def test_sigkilled_run_resumes_bit_identical_and_limit_prunes(pipelines, prompt_file, tmp_path):
     steps = 6
-    kw = dict(checkpointing_steps=2, batch_size=1, max_steps=steps)
+    kw = dict(checkpointing_steps=2, batch_size=1, max_steps=steps, ema_decay=0.9)
     # uninterrupted reference, with pruning down to the 2 newest checkpoints
     ref = distill(_config(pipelines["sd"], tmp_path / "ref", prompt_file, checkpoints_total_limit=2, **kw))
     assert [s for s, _ in list_checkpoints(tmp_path / "ref")] == [4, 6]
@@ -148,7 +159,7 @@ def test_sigkilled_run_resumes_bit_identical_and_limit_prunes(pipelines, prompt_
 
     resumed = distill(_config(pipelines["sd"], killed, prompt_file, resume="latest", **kw))
     assert resumed.steps == steps
-    for name in ("adapter.safetensors", "student.safetensors"):
+    for name in ("adapter.safetensors", "student.safetensors", "adapter_ema.safetensors"):
         a, b = load_file(str(ref.final_dir / name)), load_file(str(resumed.final_dir / name))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
