@@ -108,6 +108,18 @@ def test_gradient_checkpointing_gives_the_same_update(pipelines, prompt_file, tm
         torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6)
 
 
+def test_lora_adapters_and_bf16_after_fp32_in_one_process(pipelines, prompt_file, tmp_path):
+    trainer = VSDTrainer(_config(pipelines["sd"], tmp_path / "a", prompt_file, student_adapter="lora",
+                                 fake_adapter="lora", mixed_precision="bf16", ema_decay=0.5))
+    assert all(".lora_" in n for n, _ in trainer.student_named + trainer.fake_named)
+    assert next(p for p in trainer.base.parameters() if not p.requires_grad).dtype == torch.bfloat16
+    student0 = _snapshot(trainer.student_named)
+    losses = trainer.train_step()
+    assert math.isfinite(losses["loss_fake"])
+    assert any(not torch.equal(student0[n], p) for n, p in trainer.student_named)
+    assert any(not torch.equal(e, p) for e, (_, p) in zip(trainer.ema, trainer.student_named))
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)

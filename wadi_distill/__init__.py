@@ -20,3 +20,5 @@ __all__ += [
     "lorad_parameters", "merge_lorad", "unmerge_lorad", "remove_lorad", "Plan", "PlanEntry", "plan_from_preset",
     "plan_from_report", "load_model_config_only", "save_adapter", "load_adapter", "load_official_thetas", "export_merged",
 ]
+from wadi_distill.train import DistillConfig, DistillResult, distill  # noqa: E402
+__all__ += ["DistillConfig", "DistillResult", "distill"]

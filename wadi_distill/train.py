@@ -21,6 +21,7 @@ import gc
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -301,6 +302,19 @@ class _Logger:
             self.writer.close()
 
 
+def _reset_single_process_state() -> None:
+    """Let one Python process (a notebook) run several trainings with other precisions or devices.
+
+    Accelerate keeps a process-wide state that refuses a second ``Accelerator`` with another mixed precision;
+    outside a multi-process launch it is safe to forget it.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+
+
 # ------------------------------------------------------------------------------------------------ the run
 
 
@@ -319,6 +333,7 @@ class VSDTrainer:
         if config.resume and config.resume != "latest" and not (Path(config.resume) / "state.json").is_file():
             raise WadiInputError(f"{config.resume} is not a wadi-distill checkpoint folder (no state.json).")
         cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+        _reset_single_process_state()
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
         self.is_main = self.accelerator.is_main_process
         self.rank = self.accelerator.process_index
