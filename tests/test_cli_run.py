@@ -97,6 +97,11 @@ def test_checkpoint_from_another_run_and_existing_output(setup, tmp_path):
     _fails(["run", "--teacher", str(setup["teacher"]), "--prompts", str(setup["prompts"]), "--prompt-column",
             "caption", "--output-dir", str(tmp_path / "o"), "--rank", "2", "--fake-rank", "2",
             "--resume", str(out / "checkpoint-1")], "another run")
+    # same architecture, other weights: also another run
+    other = make_pipeline(tmp_path / "other", "sd", seed=1)
+    _fails(["run", "--teacher", str(other), "--prompts", str(setup["prompts"]), "--prompt-column",
+            "caption", "--output-dir", str(tmp_path / "o3"), "--rank", "4", "--fake-rank", "2",
+            "--resume", str(out / "checkpoint-1")], "another run")
     # a fresh run into a folder that holds checkpoints is refused
     _fails(["run", "--teacher", str(setup["teacher"]), "--prompts", str(setup["prompts"]), "--prompt-column",
             "caption", "--output-dir", str(out), "--rank", "4"], "already holds checkpoints")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -263,8 +263,14 @@ class Teacher:
         text = json.dumps({"class": type(self.denoiser).__name__, "config": config}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def with_denoiser(self, denoiser: nn.Module) -> "Teacher":
-        return replace(self, denoiser=denoiser)
+    def weights_digest(self) -> str:
+        """A hash of a few of the denoiser's weight tensors (first, middle, last): tells apart two teachers
+        with the same architecture, cheaply (SD-sized models are not read in full)."""
+        params = [p for _, p in sorted(self.denoiser.named_parameters())]
+        digest = hashlib.sha256()
+        for p in (params[0], params[len(params) // 2], params[-1]) if params else ():
+            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def _read_model_index(root: Path) -> dict:
@@ -308,8 +314,6 @@ def _load_component(root: Path, index: dict, name: str, *, required: bool = True
                 return cls.from_pretrained(folder, local_files_only=True)
             except Exception:
                 return AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        if name == "scheduler":
-            return cls.from_pretrained(folder, local_files_only=True)
         return cls.from_pretrained(folder, local_files_only=True)
     except WadiInputError:
         raise

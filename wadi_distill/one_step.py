@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -127,5 +125,3 @@ def load_merged_weights(denoiser: nn.Module, path: str | Path) -> None:
                              f"{len(wrong)} with other shapes); was it exported from another model?")
     denoiser.load_state_dict({k: state[k] for k in own}, strict=True)
 
-
-ProgressFn = Callable[[int], None]

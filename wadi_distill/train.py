@@ -20,7 +20,6 @@ import copy
 import gc
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -346,7 +345,7 @@ class VSDTrainer:
         self._prepare_models()  # first: a plan that does not fit is refused before anything is written
         self._prepare_conditioning()
         self.run_id = _hash({
-            "teacher": self.teacher.fingerprint, "student": config.student_adapter,
+            "teacher": self.teacher.fingerprint, "weights": self.teacher_digest, "student": config.student_adapter,
             "plan": self.plan.ranks() if self.plan is not None else None, "fake": self.fake_plan.ranks(),
             "fake_kind": config.fake_adapter, "prompts": self.prompt_key, "batch": config.batch_size,
         })
@@ -386,6 +385,7 @@ class VSDTrainer:
         base = self.teacher.denoiser
         base.requires_grad_(False)
         base.eval()
+        self.teacher_digest = self.teacher.weights_digest()  # before any cast: the run's identity
         init_gen = torch.Generator().manual_seed(int(config.seed) + 7919)
         self.full_student: nn.Module | None = None
         if config.student_adapter == "full":
