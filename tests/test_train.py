@@ -215,3 +215,20 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(pipelines, prompt_file, t
     with pytest.raises(WadiRuntimeError, match=r"at step 2.*checkpoint-1"):
         trainer.train_step()
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+def test_digits_teacher_folder_full_and_lorad(tmp_path):
+    models = pytest.importorskip("wadi_distill.models")
+    if not hasattr(models, "build_teacher") or not hasattr(models, "save_teacher"):
+        pytest.skip("the digits teacher builder is not available")
+    torch.manual_seed(0)
+    folder = tmp_path / "digits"
+    models.save_teacher(models.build_teacher(), folder)
+    full = distill(DistillConfig(teacher=str(folder), output_dir=str(tmp_path / "full"), student_adapter="full",
+                                 max_steps=1, progress=False, tensorboard=False, batch_size=2, final_samples=2))
+    assert full.adapter_path is None and full.merged_path.is_file() and full.samples_path.is_file()
+    lorad = distill(DistillConfig(teacher=str(folder), output_dir=str(tmp_path / "lorad"), rank=4, fake_rank=2,
+                                  max_steps=1, progress=False, tensorboard=False, batch_size=2, final_samples=2))
+    assert lorad.adapter_path.is_file()
+    prompts = json.loads((lorad.final_dir / "samples" / "prompts.json").read_text())
+    assert prompts == [models.build_teacher().prompts_for_class(k) for k in range(2)]
