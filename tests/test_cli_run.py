@@ -122,3 +122,14 @@ def test_sample_adapter_and_merged_agree(setup, tmp_path):
     assert ia.shape == ib.shape and np.abs(ia - ib).max() <= 1
     _fails([*common, "-o", str(tmp_path / "c.png")], "exactly one of")
     assert not (tmp_path / "c.png").exists()
+
+
+def test_bad_option_combinations(setup, tmp_path):
+    base = ["run", "--teacher", str(setup["teacher"]), "--prompts", str(setup["prompts"]), "--output-dir",
+            str(tmp_path / "o")]
+    _fails(base, "exactly one of --rank")
+    _fails([*base, "--rank", "4", "--full-finetune"], "cannot be combined")
+    if not torch.cuda.is_available():
+        _fails([*base, "--rank", "4", "--mixed-precision", "fp16"], "needs a CUDA GPU")
+    _fails([*base, "--rank", "4", "--max-steps", "0"], "max-steps must be at least 1")
+    assert not (tmp_path / "o").exists()

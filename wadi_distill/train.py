@@ -141,6 +141,9 @@ def _validate(config: DistillConfig) -> None:
         raise WadiInputError(f"device must be auto, cpu or cuda, not {config.device!r}.")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise WadiInputError("--device cuda was asked for but no CUDA GPU is available.")
+    on_cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
+    if config.mixed_precision == "fp16" and on_cpu:
+        raise WadiInputError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision bf16 (or no) on a CPU.")
     if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
         raise WadiInputError("ema-decay must be between 0 and 1.")
     if config.use_8bit_adam:
