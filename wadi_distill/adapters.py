@@ -55,7 +55,7 @@ def _base_key(name: str) -> str:
 
 
 def base_signature(shapes: Mapping[str, Iterable[int]] | nn.Module) -> str:
-    """SHA-256 (first 16 hex digits) of the base model's weight names and shapes (matrices and kernels only).
+    """SHA-256 (first 16 hex digits) of the base model's ``*.weight`` names and shapes (matrices and kernels only).
 
     Takes a model (wrappers and adapter factors are looked through) or a {name: shape} mapping such as a
     checkpoint's, so an adapter file can be matched against a model folder without building the model.
@@ -68,7 +68,8 @@ def base_signature(shapes: Mapping[str, Iterable[int]] | nn.Module) -> str:
         }
     else:
         items = {str(n): tuple(int(s) for s in shp) for n, shp in shapes.items()}
-    text = "\n".join(f"{n}:{'x'.join(map(str, s))}" for n, s in sorted(items.items()) if len(s) >= 2)
+    # Only ``*.weight`` matrices/kernels: buffers (e.g. positional tables some checkpoints omit) do not count.
+    text = "\n".join(f"{n}:{'x'.join(map(str, s))}" for n, s in sorted(items.items()) if len(s) >= 2 and n.endswith(".weight"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "plan_from_preset",
     "plan_from_report",
     "load_model_config_only",
+    "load_planning_model",
     "backbone_param_count",
 ]
 
@@ -497,3 +498,16 @@ def model_from_config(config: Mapping[str, Any], *, device: str | torch.device =
 def load_model_config_only(path: str | Path) -> nn.Module:
     """A meta-device model (shapes, no weights) from a config.json folder or a pipeline root."""
     return model_from_config(read_model_config(path))
+
+
+def load_planning_model(spec: str | Path) -> nn.Module:
+    """The model a plan is made for: ``builtin:<name>`` or a digits-teacher folder (small, loaded for real),
+    else a diffusers model folder / pipeline root built config-only on the meta device."""
+    from wadi_distill import models
+
+    if isinstance(spec, str) and spec.startswith(models.BUILTIN_PREFIX):
+        return models.load_teacher(spec).unet
+    path = Path(spec).expanduser()
+    if path.is_dir() and (path / models.TEACHER_CONFIG_FILE).is_file() and not (path / "config.json").is_file():
+        return models.load_teacher_dir(path).unet
+    return load_model_config_only(path)

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from wadi_distill.cli import app
-from wadi_distill.plan import PRESETS, Plan, load_model_config_only, plan_from_preset, plan_from_report
+from wadi_distill.plan import PRESETS, Plan, load_planning_model, plan_from_preset, plan_from_report
 from wadi_probe.cli._common import console, handle_errors
 from wadi_probe.errors import WadiInputError
 
@@ -20,7 +20,7 @@ def _reason_group(reason: str) -> str:
 
 
 def make_plan(
-    teacher: Path,
+    teacher: str | Path,
     *,
     preset: str | None,
     rank: int | None,
@@ -32,10 +32,10 @@ def make_plan(
     multiple_of: int,
     include_conv: bool,
 ) -> Plan:
-    """Build the plan the command's options describe (the teacher's config is enough: meta device)."""
+    """Build the plan the command's options describe (a diffusers teacher's config is enough: meta device)."""
     if (preset is None) == (report is None):
         raise WadiInputError("give exactly one of --preset (with --rank) or --rank-from-probe REPORT.")
-    model = load_model_config_only(teacher)
+    model = load_planning_model(teacher)
     if preset is not None:
         if rank is None:
             raise WadiInputError("--preset needs --rank N (the paper uses 256 for SD UNets, 128 for PixArt).")
@@ -47,7 +47,7 @@ def make_plan(
 @app.command("plan")
 @handle_errors
 def plan_command(
-    teacher: Path = typer.Option(..., "--teacher", help="Teacher model folder or pipeline folder (config.json is enough)."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model folder or pipeline folder (config.json is enough), or builtin:digits."),
     preset: Optional[str] = typer.Option(None, "--preset", help=f"Uniform plan: {', '.join(PRESETS)}."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Rank for --preset."),
     rank_from_probe: Optional[Path] = typer.Option(None, "--rank-from-probe", help="Choose layers and ranks from a wadi-probe report.json."),
