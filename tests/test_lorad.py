@@ -300,3 +300,17 @@ def test_hand_written_rotation_backward_matches_autograd(dtype):
         tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
         for g_fused, g_auto in zip(*grads):
             torch.testing.assert_close(g_fused.float(), g_auto.float(), rtol=tol, atol=tol)
+
+
+def test_angles_stay_fp32_under_autocast():
+    torch.manual_seed(0)
+    layer = random_adapter(LoRaDLinear(nn.Linear(16, 8)), dtype=torch.float32)
+    exact = layer.theta().detach()
+    x = torch.randn(3, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theta = layer.theta()
+        assert theta.dtype == torch.float32 and torch.equal(theta.detach(), exact)
+        y = layer(x)
+    assert y.dtype == torch.bfloat16  # the matmul itself follows autocast
+    y.float().sum().backward()
+    assert layer.lorad_A["default"].grad.dtype == torch.float32

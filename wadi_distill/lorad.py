@@ -91,6 +91,16 @@ class _RotateFrozenWeight(torch.autograd.Function):
 _FUSED_BACKWARD = True
 
 
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context that disables autocast on ``device_type`` when it is on (a no-op otherwise)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.autocast(device_type=device_type, enabled=False)
+    except (TypeError, RuntimeError):  # device types without autocast (e.g. meta)
+        pass
+    return contextlib.nullcontext()
+
+
 def set_fused_rotation_backward(enabled: bool) -> bool:
     """Use the hand-written rotation backward for frozen bases (default on); returns the previous setting.
 
@@ -256,7 +266,8 @@ class LoRaDLayer(nn.Module):
             raise WadiInputError(f"adapter {name!r} is a LoRA adapter; only LoRaD adapters have rotation angles.")
         a, b = self.lorad_A[name], self.lorad_B[name]
         dtype = torch.promote_types(a.dtype, torch.float32)
-        return a.to(dtype) @ b.to(dtype)
+        with _autocast_off(a.device.type):  # mixed precision must not turn the angles into fp16/bf16
+            return a.to(dtype) @ b.to(dtype)
 
     def effective_weight(self, name: str | None = None) -> torch.Tensor:
         """The weight adapter ``name`` (default: the active one) gives, in the base weight's shape and dtype."""

@@ -42,7 +42,7 @@ __all__ = [
 
 PLAN_SCHEMA_VERSION = 1
 PRESETS = ("paper", "paper-conv", "all-linear")
-_BLOCK_ROOTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks")
+_BLOCK_ROOTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks")
 
 
 def lorad_params_for(shape: tuple[int, ...] | list[int], rank: int) -> int:
