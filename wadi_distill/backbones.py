@@ -287,7 +287,8 @@ def _read_model_index(root: Path) -> dict:
         raise WadiInputError(f"{index_path} is not valid JSON.") from exc
 
 
-def _load_component(root: Path, index: dict, name: str, *, required: bool = True):
+def _load_component(root: Path, index: dict, name: str, *, required: bool = True,
+                    dtype: torch.dtype | None = None):
     entry = index.get(name)
     if not entry or entry[0] is None or entry[1] is None:
         if required:
@@ -314,6 +315,8 @@ def _load_component(root: Path, index: dict, name: str, *, required: bool = True
                 return cls.from_pretrained(folder, local_files_only=True)
             except Exception:
                 return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        if dtype is not None and library == "transformers":
+            return cls.from_pretrained(folder, local_files_only=True, dtype=dtype)
         return cls.from_pretrained(folder, local_files_only=True)
     except WadiInputError:
         raise
@@ -335,11 +338,14 @@ def _vae_decoder(vae: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return decode
 
 
-def load_teacher(path: str | Path, *, load_text_encoders: bool = True, load_vae: bool = True) -> Teacher:
+def load_teacher(path: str | Path, *, load_text_encoders: bool = True, load_vae: bool = True,
+                 text_encoder_dtype: torch.dtype | None = None) -> Teacher:
     """Load a local diffusers pipeline folder (or ``builtin:NAME``) as a :class:`Teacher`, without network.
 
     Supported: StableDiffusionPipeline (SD1.x, SD2.x incl. v-prediction), StableDiffusionXLPipeline,
     PixArtAlphaPipeline / PixArtSigmaPipeline. Any other pipeline class is refused with a clear message.
+    ``text_encoder_dtype`` loads the text encoders in half precision (T5-XXL is 19 GB in fp32); fp16 is
+    replaced by bf16 for T5, whose activations overflow fp16.
     """
     spec = str(path)
     if spec.startswith("builtin:"):
@@ -379,10 +385,13 @@ def load_teacher(path: str | Path, *, load_text_encoders: bool = True, load_vae:
     if load_text_encoders:
         names = ["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"]
         tokenizers = [_load_component(root, index, n.replace("text_encoder", "tokenizer")) for n in names]
-        encoders = [_load_component(root, index, n) for n in names]
+        if family == "pixart" and text_encoder_dtype == torch.float16:
+            text_encoder_dtype = torch.bfloat16
+        encoders = [_load_component(root, index, n, dtype=text_encoder_dtype) for n in names]
         for enc in encoders:
             enc.requires_grad_(False).eval()
         text = TextEncoders(family, tokenizers, encoders,
+                            max_length=300 if pipeline_class == "PixArtSigmaPipeline" else None,
                             zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
         teacher.encode_prompts = text.encode
         teacher.free_text_encoders = text.free

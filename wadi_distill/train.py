@@ -343,7 +343,8 @@ class VSDTrainer:
         self.device = self.accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
 
-        self.teacher = teacher if teacher is not None else load_teacher(config.teacher)
+        half_text = None if cpu or self.weight_dtype == torch.float32 else self.weight_dtype
+        self.teacher = teacher if teacher is not None else load_teacher(config.teacher, text_encoder_dtype=half_text)
         self.schedule = self.teacher.schedule
         self._prepare_models()  # first: a plan that does not fit is refused before anything is written
         self._prepare_conditioning()
