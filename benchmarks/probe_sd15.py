@@ -21,6 +21,7 @@ Usage::
 
     nice python benchmarks/probe_sd15.py            # full SD1.5 size (≈860M parameters, 2×3.4 GB cache)
     nice python benchmarks/probe_sd15.py --quick    # quarter-width UNet, for checking
+    python benchmarks/probe_sd15.py --size tiny --build-only   # a small pair for trying the CLI
     python benchmarks/probe_sd15.py --device cuda --skip-naive
 """
 
@@ -60,17 +61,21 @@ SD15_UNET_CONFIG = {
     "sample_size": 64,
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
 }
-QUICK_OVERRIDES = {"block_out_channels": [160, 320, 640, 640], "cross_attention_dim": 384}
+SIZES = {
+    "full": {},
+    "quick": {"block_out_channels": [160, 320, 640, 640], "cross_attention_dim": 384},  # about 1/4 of the parameters
+    "tiny": {"block_out_channels": [32, 64, 128, 128], "cross_attention_dim": 64},  # for docs and smoke runs
+}
 
 LORAD_RANK = 8
 
 
-def config_for(quick: bool) -> dict:
-    return {**SD15_UNET_CONFIG, **(QUICK_OVERRIDES if quick else {})}
+def config_for(size: str) -> dict:
+    return {**SD15_UNET_CONFIG, **SIZES[size]}
 
 
-def pair_paths(quick: bool) -> tuple[Path, Path]:
-    tag = "sd15-quick" if quick else "sd15"
+def pair_paths(size: str) -> tuple[Path, Path]:
+    tag = "sd15" if size == "full" else f"sd15-{size}"
     return CACHE / f"{tag}-teacher.safetensors", CACHE / f"{tag}-student.safetensors"
 
 
@@ -102,9 +107,9 @@ def _student_tensor(index: int, name: str, teacher, gen):
     return ((rows + noise) * scale).reshape(teacher.shape)
 
 
-def build_pair(quick: bool) -> tuple[Path, Path]:
+def build_pair(size: str) -> tuple[Path, Path]:
     """Build and cache the teacher/student pair (streamed writes: one model in memory)."""
-    teacher_path, student_path = pair_paths(quick)
+    teacher_path, student_path = pair_paths(size)
     if teacher_path.exists() and student_path.exists():
         return teacher_path, student_path
     import torch
@@ -116,7 +121,7 @@ def build_pair(quick: bool) -> tuple[Path, Path]:
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     started = time.perf_counter()
-    unet = UNet2DConditionModel(**config_for(quick))
+    unet = UNet2DConditionModel(**config_for(size))
     state = {k: v.detach().contiguous() for k, v in unet.state_dict().items()}
     del unet
     specs = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
@@ -231,6 +236,8 @@ def warm_page_cache(*paths: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="Quarter-width UNet (about 1/4 of the parameters).")
+    parser.add_argument("--size", choices=sorted(SIZES), help="full (default), quick (= --quick) or tiny.")
+    parser.add_argument("--build-only", action="store_true", help="Build (or find) the cached pair, print its paths, stop.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (for all methods).")
     parser.add_argument("--skip-naive", action="store_true", help="Only time the probe.")
     parser.add_argument("--timeout", type=float, default=3600, help="Seconds before a method is abandoned.")
@@ -244,7 +251,11 @@ def main() -> None:
         worker(args.worker, args.teacher, args.student, args.device, args.result)
         return
 
-    teacher, student = build_pair(args.quick)
+    size = args.size or ("quick" if args.quick else "full")
+    teacher, student = build_pair(size)
+    if args.build_only:
+        print(teacher, student)
+        return
     warm_page_cache(teacher, student)
     modes = ["probe-nospectra", "probe"] + ([] if args.skip_naive else ["naive"])
     results = {}
@@ -255,7 +266,7 @@ def main() -> None:
               flush=True)
     load = os.getloadavg()
     summary = {
-        "config": "SD1.5 UNet (quick: quarter width)" if args.quick else "SD1.5 UNet",
+        "config": f"SD1.5 UNet config, size {size} (block_out_channels {config_for(size)['block_out_channels']})",
         "files_gb": round((teacher.stat().st_size + student.stat().st_size) / 1e9, 2),
         "device": args.device,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",

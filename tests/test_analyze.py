@@ -233,3 +233,9 @@ def test_layer_naming(name, shape, module, block, layer_type, kind):
     assert block_of(name) == block
     assert layer_type_of(name, shape) == layer_type
     assert kind_of(name, shape) == kind
+
+
+def test_thread_setting_is_restored(planted):
+    before = torch.get_num_threads()
+    compare(planted.teacher, planted.student, device="cpu", spectra=False)
+    assert torch.get_num_threads() == before
