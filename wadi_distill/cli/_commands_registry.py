@@ -4,3 +4,4 @@ from wadi_distill.cli import export  # noqa: F401
 from wadi_distill.cli import run  # noqa: F401
 from wadi_distill.cli import sample  # noqa: F401
 from wadi_distill.cli import train_teacher  # noqa: F401
+from wadi_distill.cli import demo  # noqa: F401

@@ -1,0 +1,149 @@
+"""The end-to-end demo in a tiny configuration: every file is written and every value is sane."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from wadi_distill.demo import (
+    METRIC_KEYS,
+    eval_labels,
+    eval_seeds,
+    grid_subset,
+    metrics_markdown,
+    run_demo,
+)
+
+BUILTIN = Path(__file__).resolve().parents[1] / "wadi_distill" / "builtin"
+needs_shipped = pytest.mark.skipif(
+    not (BUILTIN / "digits_unet.safetensors").is_file() or not (BUILTIN / "digits_classifier.safetensors").is_file(),
+    reason="the shipped digits teacher/classifier are not in wadi_distill/builtin/",
+)
+
+TINY = dict(full_steps=2, lorad_steps=2, batch_size=2, ddim_steps=4, eval_per_class=4)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return run_demo(out, seed=0, progress=False, **TINY)
+
+
+@needs_shipped
+def test_demo_writes_every_file(demo):
+    out = demo.output_dir
+    for name in ("report.json", "metrics.json", "metrics.md", "full_student.safetensors",
+                 "lorad_student/adapter.safetensors", "lorad_student/adapter_config.json"):
+        assert (out / name).is_file(), name
+    for key in ("real", "teacher_multistep", "teacher_one_step", "full_student", "lorad_student"):
+        grid = out / f"samples_{key}.png"
+        assert grid.is_file() and grid.stat().st_size > 100
+        from PIL import Image
+
+        # 4 images per class in a 4-wide grid: 10 rows of 8 px + borders, upscaled 4×
+        assert Image.open(grid).size == ((4 * 10 + 2) * 4, (10 * 10 + 2) * 4)
+    assert sorted(p.name for p in (out / "plots").glob("*.png"))  # at least the report's figures
+    assert not list(out.glob(".runs-*")), "the training work folders are removed"
+
+
+@needs_shipped
+def test_demo_metrics_are_sane(demo):
+    record = json.loads((demo.output_dir / "metrics.json").read_text())
+    rows = {row["key"]: row for row in record["rows"]}
+    assert list(rows) == ["real", "teacher_multistep", "teacher_one_step", "full_student", "lorad_student"]
+    for row in rows.values():
+        assert row["num_images"] == 40 and row["num_reference"] == 300
+        for key in METRIC_KEYS:
+            assert math.isfinite(row[key])
+            assert row[key] >= 0
+            if not key.startswith("fd_"):
+                assert row[key] <= 1
+    assert rows["teacher_multistep"]["steps_per_image"] == 2 * TINY["ddim_steps"]
+    assert rows["full_student"]["steps_per_image"] == 1
+    # the held-out real digits are recognised and sit closer to the reference than the blurry one-step teacher
+    assert rows["real"]["class_accuracy"] >= 0.9
+    assert rows["real"]["fd_features"] < rows["teacher_one_step"]["fd_features"]
+    # students: every weight vs a LoRaD plan within the 10 % budget
+    teacher_params = rows["full_student"]["trainable_params"]
+    assert teacher_params > 900_000
+    assert 0 < rows["lorad_student"]["trainable_params"] <= 0.10 * teacher_params
+    assert record["plan"]["layers"] == len(record["plan"]["ranks"]) > 0
+    assert record["timings_seconds"]["total"] > 0
+    table = (demo.output_dir / "metrics.md").read_text()
+    assert "LoRaD-from-probe" in table and "DDIM 4 steps" in table
+
+
+@needs_shipped
+def test_demo_report_and_students_are_real(demo):
+    from safetensors.torch import load_file
+
+    from wadi_distill.adapters import load_adapter
+    from wadi_distill.models import load_builtin
+    from wadi_probe.report import load_report
+
+    report = load_report(demo.output_dir / "report.json")
+    summary = report.summary
+    assert summary["matrices"] > 50 and summary["unmatched"] == 0
+    assert summary["direction_change_mean"] > 0 and summary["norm_change_mean"] > 0
+    teacher = load_builtin("digits")
+    student = load_file(str(demo.full_student_path))
+    teacher_state = teacher.unet.state_dict()
+    assert set(student) == set(teacher_state)
+    assert any(not torch.equal(student[k], teacher_state[k].float()) for k in student)
+    # the probe's per-layer numbers match the files: recompute one layer's direction change
+    name = next(r["name"] for r in report.layers if r["kind"] == "linear")
+    t, s = teacher_state[name].double(), student[name].double()
+    direction = 1 - torch.nn.functional.cosine_similarity(t, s, dim=1)
+    assert report.layer(name)["direction_change_mean"] == pytest.approx(direction.mean().item(), rel=1e-3, abs=1e-9)
+    # the LoRaD adapter loads back onto the teacher with the planned layers
+    plan = load_adapter(teacher.unet, demo.lorad_adapter_dir, adapter_name="student")
+    assert {e.module for e in plan.layers} == set(demo.plan["ranks"])
+
+
+def test_metrics_markdown_marks_the_best_generated_value():
+    rows = [
+        {"key": "real", "name": "real", "fd_pixel": 0.1, "fd_features": 1.0, "precision": 1.0, "recall": 1.0,
+         "class_accuracy": 1.0},
+        {"key": "a", "name": "a", "steps_per_image": 1, "fd_pixel": 2.0, "fd_features": 5.0, "precision": 0.5,
+         "recall": 0.2, "class_accuracy": 0.9, "trainable_params": 1000, "train_seconds": 3.0},
+        {"key": "b", "name": "b", "steps_per_image": 50, "fd_pixel": 1.0, "fd_features": 9.0, "precision": 0.7,
+         "recall": 0.1, "class_accuracy": 0.8},
+    ]
+    text = metrics_markdown(rows)
+    line_a = next(line for line in text.splitlines() if line.startswith("| a |"))
+    line_b = next(line for line in text.splitlines() if line.startswith("| b |"))
+    assert "**5.00**" in line_a and "**0.200**" in line_a and "1,000" in line_a
+    assert "**1.00**" in line_b and "**0.700**" in line_b
+    assert "**" not in next(line for line in text.splitlines() if line.startswith("| real |"))
+
+
+def test_evaluation_set_helpers():
+    labels = eval_labels(3)
+    assert labels.tolist() == [k for k in range(10) for _ in range(3)]
+    assert eval_seeds(3, 0) == [0, 1, 2] and eval_seeds(2, 1) == [1_000_003, 1_000_004]
+    images = torch.arange(30, dtype=torch.float32).view(30, 1, 1, 1).expand(30, 1, 8, 8)
+    picked = grid_subset(images, labels, 2)
+    assert picked[:, 0, 0, 0].tolist() == [0, 1, 3, 4, 6, 7, 9, 10, 12, 13, 15, 16, 18, 19, 21, 22, 24, 25, 27, 28]
+
+
+def test_cli_refuses_bad_input_without_writing(tmp_path):
+    from wadi_distill.cli import app
+
+    runner = CliRunner()
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    result = runner.invoke(app, ["demo", "-o", str(target), "--quick", "--no-progress"])
+    assert result.exit_code == 2
+    assert "is a file" in result.output
+    assert target.read_text() == "keep me"
+
+    fresh = tmp_path / "fresh"
+    result = runner.invoke(app, ["demo", "-o", str(fresh), "--full-steps", "0", "--no-progress"])
+    assert result.exit_code == 2
+    assert "full-steps must be at least 1" in result.output
+    assert not fresh.exists()

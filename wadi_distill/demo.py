@@ -1,0 +1,404 @@
+"""The end-to-end demo on ``builtin:digits``: distil, probe, distil again from the probe, evaluate.
+
+1. VSD with full fine-tuning turns the multi-step digits teacher into a one-step student (as DMD2 / SwiftBrush
+   train their students: every weight trainable).
+2. :func:`wadi_probe.compare` measures how that student's weights moved away from the teacher's (norm versus
+   direction, spectra, LoRaD rank advice) → ``report.json``, a printed summary and the report's plots.
+3. VSD again, now with a LoRaD student whose layers and ranks :func:`wadi_distill.plan.plan_from_report` chose from
+   that report (``rank_from_probe``).
+4. The teacher (multi-step DDIM with CFG, and one step), both students (one step) and held-out real digits are
+   scored with :mod:`wadi_distill.evaluate` against the held-out ``reference`` split → ``metrics.json``,
+   ``metrics.md`` and one sample grid per model.
+
+Everything lands in ``output_dir``; the trained students are kept there too (``full_student.safetensors``,
+``lorad_student/``) so that the probe and the samples can be reproduced from the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wadi_probe.atomic import atomic_path, write_json_atomic
+from wadi_probe.errors import WadiInputError
+
+METRIC_KEYS = ("fd_pixel", "fd_features", "precision", "recall", "class_accuracy")
+METRIC_TITLES = {
+    "fd_pixel": "FD pixel ↓",
+    "fd_features": "FD features ↓",
+    "precision": "precision ↑",
+    "recall": "recall ↑",
+    "class_accuracy": "class accuracy ↑",
+}
+
+
+@dataclass
+class DemoSettings:
+    """Step counts and sizes of one demo run. :data:`FULL_SETTINGS` is the README's run, :data:`QUICK_SETTINGS`
+    a smoke run of a minute or two."""
+
+    full_steps: int = 400  # VSD steps of the fully fine-tuned student
+    lorad_steps: int = 400  # VSD steps of the LoRaD student (from the probe)
+    batch_size: int = 32
+    lr: float = 1e-4  # student learning rate, both students
+    fake_lr: float = 1e-2
+    fake_rank: int = 32
+    vsd_cfg: float = 1.5  # CFG scale inside VSD (real and fake score)
+    budget: float = 0.10  # trainable fraction of the backbone for the probe's plan
+    threshold: float = 0.9  # angle-field energy each planned layer should reach
+    ddim_steps: int = 25  # the teacher's multi-step sampler
+    teacher_cfg: float = 2.0  # CFG scale of the teacher's multi-step samples
+    eval_per_class: int = 30  # generated images per digit class for the metrics (30 → 300, the held-out size)
+    grid_per_class: int = 10  # images per class in each sample grid
+    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+
+
+FULL_SETTINGS = DemoSettings()
+QUICK_SETTINGS = DemoSettings(full_steps=40, lorad_steps=40, batch_size=16, ddim_steps=10, eval_per_class=10)
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` wrote and measured."""
+
+    output_dir: Path
+    rows: list[dict[str, Any]]  # one per evaluated model: name, metrics, steps per image, seconds
+    summary: dict[str, Any]  # the probe report's summary
+    report_path: Path
+    metrics_json: Path
+    metrics_md: Path
+    grids: dict[str, Path]
+    plots: list[Path]
+    full_student_path: Path
+    lorad_adapter_dir: Path
+    plan: dict[str, Any]
+    timings: dict[str, float]
+    settings: dict[str, Any] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+    def row(self, key: str) -> dict[str, Any]:
+        """The metrics row of one model key (``real``, ``teacher_multistep``, ``teacher_one_step``,
+        ``full_student``, ``lorad_student``)."""
+        for row in self.rows:
+            if row["key"] == key:
+                return row
+        raise KeyError(key)
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def eval_labels(per_class: int) -> torch.Tensor:
+    """Class labels of the evaluation set: ``per_class`` of each digit, class-major (0,0,…,1,1,…)."""
+    if per_class < 1:
+        raise WadiInputError("The evaluation needs at least one image per class.")
+    return torch.arange(10).repeat_interleave(per_class)
+
+
+def eval_seeds(count: int, seed: int) -> list[int]:
+    """Noise seeds of the one-step samples: the same for every model, so the grids compare like with like."""
+    return [seed * 1_000_003 + i for i in range(count)]
+
+
+@torch.no_grad()
+def one_step_digits(teacher: Any, unet: torch.nn.Module, labels: torch.Tensor, seed: int,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+    """One-step digit images (N, 1, 8, 8) in [-1, 1] of ``unet`` (a student, or the teacher itself) for ``labels``.
+
+    ``teacher`` is the :class:`wadi_distill.backbones.Teacher` of ``builtin:digits`` (schedule, calling convention,
+    prompt encoder); the noise comes from :func:`eval_seeds`.
+    """
+    from wadi_distill.one_step import one_step_images
+
+    builtin = teacher.extra["builtin"]
+    cond = teacher.encode_prompts(builtin.prompts_for_labels(labels.tolist()))
+    images = one_step_images(teacher, unet, cond, eval_seeds(len(labels), seed), device=device)
+    return images * 2.0 - 1.0
+
+
+@torch.no_grad()
+def multistep_digits(teacher: Any, labels: torch.Tensor, seed: int, *, steps: int, cfg: float,
+                     device: torch.device | str = "cpu", progress: bool = False) -> torch.Tensor:
+    """The teacher's own samples: DDIM with ``steps`` steps and CFG ``cfg``, (N, 1, 8, 8) in [-1, 1]."""
+    from wadi_distill.sample import sample_multistep
+
+    builtin = teacher.extra["builtin"]
+    generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
+    return sample_multistep(builtin, builtin.prompts_for_labels(labels.tolist()), steps=steps, cfg=cfg,
+                            generator=generator, progress=progress).cpu()
+
+
+def save_digit_grid(images: torch.Tensor, path: str | Path, per_row: int, scale: int = 4) -> Path:
+    """Write (N, 1, 8, 8) images in [-1, 1] as one PNG, ``per_row`` to a row, upscaled ``scale``× (nearest)."""
+    from PIL import Image
+
+    from wadi_distill.one_step import image_grid
+
+    grid = image_grid(((images.float().cpu() + 1.0) / 2.0).clamp(0, 1), nrow=per_row)
+    array = (grid[0] * 255).round().to(torch.uint8).numpy()
+    picture = Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+    return path
+
+
+def grid_subset(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> torch.Tensor:
+    """The first ``per_class`` images of each class, class-major (a grid row per digit)."""
+    picks = [images[labels == k][:per_class] for k in range(10)]
+    return torch.cat(picks)
+
+
+def metrics_markdown(rows: list[dict[str, Any]], *, notes: list[str] | None = None) -> str:
+    """The metrics table as Markdown (one row per model; best generated value per column in bold)."""
+    header = ["model", "steps/image", *(METRIC_TITLES[k] for k in METRIC_KEYS), "trainable params", "train s"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    generated = [r for r in rows if r["key"] != "real"]
+    best: dict[str, float] = {}
+    for key in METRIC_KEYS:
+        values = [r[key] for r in generated if r.get(key) is not None]
+        if values:
+            best[key] = min(values) if key.startswith("fd_") else max(values)
+    for row in rows:
+        cells = [row["name"], str(row.get("steps_per_image", "–"))]
+        for key in METRIC_KEYS:
+            value = row.get(key)
+            if value is None:
+                cells.append("–")
+                continue
+            text = f"{value:.2f}" if key.startswith("fd_") else f"{value:.3f}"
+            cells.append(f"**{text}**" if row["key"] != "real" and value == best.get(key) else text)
+        params = row.get("trainable_params")
+        cells.append(f"{params:,}" if params else "–")
+        seconds = row.get("train_seconds")
+        cells.append(f"{seconds:.0f}" if seconds else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return text
+
+
+def _print(console: Any, message: str) -> None:
+    if console is not None:
+        console.print(message, highlight=False)
+
+
+def _distill(teacher_spec: str, output: Path, settings: DemoSettings, seed: int, progress: bool, steps: int,
+             **student: Any):
+    from wadi_distill.train import DistillConfig, distill
+
+    config = DistillConfig(
+        teacher=teacher_spec, output_dir=str(output), max_steps=steps, batch_size=settings.batch_size,
+        lr=settings.lr, fake_lr=settings.fake_lr, fake_rank=settings.fake_rank, cfg=settings.vsd_cfg, seed=seed,
+        device="cpu" if not torch.cuda.is_available() else "auto", checkpointing_steps=steps, tensorboard=False,
+        progress=progress, final_samples=4, **student)
+    return distill(config)
+
+
+def _student_unet(teacher_spec: str, state_path: Path):
+    """A fresh teacher bundle whose denoiser holds the merged student weights from ``state_path``."""
+    from wadi_distill.backbones import load_teacher
+    from wadi_distill.one_step import load_merged_weights
+
+    bundle = load_teacher(teacher_spec)
+    load_merged_weights(bundle.denoiser, state_path)
+    return bundle.denoiser.eval()
+
+
+# ------------------------------------------------------------------------------------------------ the demo
+
+
+def run_demo(
+    output_dir: str | Path = "reports/demo",
+    *,
+    full_steps: int | None = None,
+    lorad_steps: int | None = None,
+    batch_size: int | None = None,
+    ddim_steps: int | None = None,
+    eval_per_class: int | None = None,
+    seed: int = 0,
+    quick: bool = False,
+    progress: bool = True,
+    teacher: str = "builtin:digits",
+    settings: DemoSettings | None = None,
+    console: Any = None,
+) -> DemoResult:
+    """Run the whole demo (distil → probe → distil from the probe → evaluate) and write it into ``output_dir``.
+
+    ``quick`` starts from :data:`QUICK_SETTINGS` instead of :data:`FULL_SETTINGS`; the keyword arguments override
+    single settings. ``teacher`` is ``builtin:digits`` or a folder written by ``wadi-distill train-teacher``.
+    ``console`` (a rich Console) receives the stage headers and the probe summary; None prints nothing but the
+    progress bars (``progress=False`` silences those too).
+    """
+    from wadi_distill.backbones import load_teacher
+    from wadi_distill.digits import load_split
+    from wadi_distill.evaluate import evaluate_images
+    from wadi_probe.analyze import compare
+    from wadi_probe.plots import save_all_plots
+
+    base = settings if settings is not None else (QUICK_SETTINGS if quick else FULL_SETTINGS)
+    overrides = {k: v for k, v in dict(full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size,
+                                         ddim_steps=ddim_steps, eval_per_class=eval_per_class).items() if v is not None}
+    settings = replace(base, **overrides)
+    for name in ("full_steps", "lorad_steps", "batch_size", "ddim_steps"):
+        if getattr(settings, name) < 1:
+            raise WadiInputError(f"{name.replace('_', '-')} must be at least 1.")
+    if settings.eval_per_class < 2:
+        raise WadiInputError("eval-per-class must be at least 2 (the metrics need more images than k = 3).")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise WadiInputError(f"The demo output {out} is a file; give a folder.")
+    if settings.threads:
+        torch.set_num_threads(int(settings.threads))
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    runs = Path(tempfile.mkdtemp(prefix=".runs-", dir=out))
+    try:
+        # 1. full fine-tuning VSD
+        _print(console, f"[bold]1/4[/bold] distilling {teacher} into a one-step student, full fine-tuning VSD "
+                        f"({settings.full_steps} steps, batch {settings.batch_size})")
+        t0 = time.perf_counter()
+        full = _distill(teacher, runs / "full", settings, seed, progress, settings.full_steps, student_adapter="full")
+        timings["train_full"] = time.perf_counter() - t0
+        full_student_path = out / "full_student.safetensors"
+        with atomic_path(full_student_path) as tmp:
+            shutil.copyfile(full.merged_path, tmp)
+
+        # 2. the probe: teacher vs the fully fine-tuned student
+        _print(console, "[bold]2/4[/bold] probing teacher vs the fully fine-tuned student")
+        t0 = time.perf_counter()
+        bundle = load_teacher(teacher)
+        teacher_state = {k: v.detach().float().clone() for k, v in bundle.denoiser.state_dict().items()}
+        report = compare(teacher_state, full_student_path, device="cpu", progress=progress)
+        report.data["inputs"]["teacher"]["path"] = teacher
+        report_path = report.save(out / "report.json")
+        saved = save_all_plots(report, out / "plots", formats=("png",))
+        timings["probe"] = time.perf_counter() - t0
+        if console is not None:
+            from wadi_probe.summary import print_summary
+
+            print_summary(report, console, top=5)
+            _print(console, f"report: {report_path}; plots: {out / 'plots'}")
+
+        # 3. LoRaD from the probe
+        _print(console, f"[bold]3/4[/bold] distilling again: LoRaD student planned from the report "
+                        f"(budget {settings.budget:.0%} of the backbone, {settings.lorad_steps} steps)")
+        t0 = time.perf_counter()
+        lorad = _distill(teacher, runs / "lorad", settings, seed, progress, settings.lorad_steps,
+                         rank_from_probe=str(report_path), budget=settings.budget)
+        timings["train_lorad"] = time.perf_counter() - t0
+        lorad_dir = out / "lorad_student"
+        with atomic_path(lorad_dir, directory=True) as tmp:
+            for name in ("adapter.safetensors", "adapter_config.json"):
+                shutil.copyfile(lorad.final_dir / name, tmp / name)
+        plan = json.loads((lorad_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        lorad_params = sum(int(v.numel()) for v in lorad.student_state.values())
+        full_params = sum(int(v.numel()) for v in full.student_state.values())
+
+        # 4. evaluation
+        _print(console, "[bold]4/4[/bold] evaluating teacher (multi-step and one step) and both students")
+        t0 = time.perf_counter()
+        rows, grids = _evaluate(teacher, bundle, full.merged_path, lorad.merged_path, settings, seed, out, progress,
+                                evaluate_images, load_split)
+        for row in rows:
+            if row["key"] == "full_student":
+                row.update(trainable_params=full_params, train_seconds=timings["train_full"])
+            elif row["key"] == "lorad_student":
+                row.update(trainable_params=lorad_params, train_seconds=timings["train_lorad"])
+        timings["evaluate"] = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)
+
+    wall = time.perf_counter() - started
+    timings["total"] = wall
+    settings_record = {**asdict(settings), "seed": seed, "teacher": teacher, "quick": quick,
+                       "torch_threads": torch.get_num_threads()}
+    notes = [
+        f"{settings.eval_per_class * 10} generated images per model ({settings.eval_per_class} per digit, the "
+        f"prompt 'a handwritten digit k'), scored against the {rows[0]['num_reference']} held-out reference digits; "
+        "the 'held-out real digits' row is the test split scored the same way (the best reachable at this size).",
+        f"teacher multi-step: DDIM {settings.ddim_steps} steps with CFG {settings.teacher_cfg:g} "
+        f"(2 UNet evaluations per step); one-step rows: one UNet evaluation at t = T−1 on the same noise seeds.",
+        f"students: VSD (CFG {settings.vsd_cfg:g}, batch {settings.batch_size}, lr {settings.lr:g}, fake score "
+        f"LoRaD rank {settings.fake_rank} at lr {settings.fake_lr:g}); full: {settings.full_steps} steps, every "
+        f"weight; LoRaD: {settings.lorad_steps} steps, {len(plan.get('layers') or {})} layers and ranks chosen by "
+        f"the probe ({lorad_params:,} trainable parameters).",
+        f"wall time: {wall:.0f} s in total ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})"
+        f", {torch.get_num_threads()} torch threads.",
+    ]
+    metrics_record = {"tool": "wadi-distill demo", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "settings": settings_record, "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+                      "probe_summary": _headline(report.summary), "plan": _plan_summary(plan, lorad_params),
+                      "rows": rows}
+    metrics_json = write_json_atomic(out / "metrics.json", metrics_record)
+    markdown = "# wadi-distill demo: metrics\n\n" + metrics_markdown(rows, notes=notes)
+    metrics_md = out / "metrics.md"
+    with atomic_path(metrics_md) as tmp:
+        tmp.write_text(markdown, encoding="utf-8")
+    return DemoResult(output_dir=out, rows=rows, summary=report.summary, report_path=report_path,
+                      metrics_json=Path(metrics_json) if metrics_json else out / "metrics.json", metrics_md=metrics_md,
+                      grids=grids, plots=list(saved.files), full_student_path=full_student_path,
+                      lorad_adapter_dir=lorad_dir, plan=_plan_summary(plan, lorad_params), timings=timings,
+                      settings=settings_record, wall_seconds=wall)
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("layers", "matrices", "identical", "norm_change_mean", "norm_change_std", "direction_change_mean",
+            "direction_change_std", "direction_to_norm_ratio", "residual_energy_at_30pct_rank_mean")
+    return {k: summary.get(k) for k in keys}
+
+
+def _plan_summary(adapter_config: dict[str, Any], params: int) -> dict[str, Any]:
+    """Layers and ranks of a saved adapter (its ``adapter_config.json``) and its trainable parameter count."""
+    ranks = {module: int(entry["rank"]) for module, entry in (adapter_config.get("layers") or {}).items()}
+    return {"layers": len(ranks), "trainable_params": params, "ranks": ranks}
+
+
+def _evaluate(teacher_spec, bundle, full_path, lorad_path, settings, seed, out, progress, evaluate_images, load_split):
+    from wadi_distill.classifier import shipped_classifier
+
+    classifier = shipped_classifier()
+    reference = load_split("reference")
+    labels = eval_labels(settings.eval_per_class)
+    rows: list[dict[str, Any]] = []
+    grids: dict[str, Path] = {}
+
+    test = load_split("test")
+    real_images = torch.cat([test.images[test.labels == k][: settings.eval_per_class] for k in range(10)])
+    candidates: list[tuple[str, str, Any, int]] = [("real", "held-out real digits (test split)", None, 0)]
+    candidates.append(("teacher_multistep",
+                       f"teacher, DDIM {settings.ddim_steps} steps + CFG {settings.teacher_cfg:g}", "multistep",
+                       2 * settings.ddim_steps))
+    candidates.append(("teacher_one_step", "teacher, one step", bundle.denoiser, 1))
+    candidates.append(("full_student", "full fine-tuning VSD student, one step", full_path, 1))
+    candidates.append(("lorad_student", "LoRaD-from-probe VSD student, one step", lorad_path, 1))
+    for key, name, source, nfe in candidates:
+        t0 = time.perf_counter()
+        if key == "real":
+            images, image_labels = real_images, torch.cat([test.labels[test.labels == k][: settings.eval_per_class]
+                                                           for k in range(10)])
+        elif source == "multistep":
+            images, image_labels = multistep_digits(bundle, labels, seed, steps=settings.ddim_steps,
+                                                    cfg=settings.teacher_cfg, progress=progress), labels
+        else:
+            unet = source if isinstance(source, torch.nn.Module) else _student_unet(teacher_spec, Path(source))
+            images, image_labels = one_step_digits(bundle, unet, labels, seed), labels
+        seconds = time.perf_counter() - t0
+        metrics = evaluate_images(images, image_labels, reference, classifier=classifier)
+        rows.append({"key": key, "name": name, "steps_per_image": nfe or "–",
+                     "sample_seconds": round(seconds, 2) if key != "real" else None,
+                     **{k: metrics[k] for k in METRIC_KEYS}, "num_images": metrics["num_images"],
+                     "num_reference": metrics["num_reference"]})
+        grids[key] = save_digit_grid(grid_subset(images, image_labels, settings.grid_per_class),
+                                     out / f"samples_{key}.png", per_row=settings.grid_per_class)
+    return rows, grids
