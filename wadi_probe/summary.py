@@ -33,6 +33,10 @@ def _rank(value: Any) -> str:
     return "-" if value is None else str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k" if n >= 1e3 else str(n)
+
+
 def headline(report: Report) -> Text:
     """The norm-versus-direction sentence (the paper's Fig. 1 finding, for this pair)."""
     s = report.summary
@@ -97,17 +101,19 @@ def top_rotated_table(report: Report, top: int = 10) -> Table:
     rows = [r for r in report.layers if len(r.get("shape") or ()) >= 2 and r.get("direction_change_mean") is not None]
     rows.sort(key=lambda r: r["direction_change_mean"], reverse=True)
     table = Table(title=f"Most rotated layers (top {min(top, len(rows))} of {len(rows)} by mean direction change)", title_justify="left")
-    for header, justify in (("layer", "left"), ("kind", "left"), ("shape", "left"), ("dir. change", "right"),
-                            ("angle mean/max", "right"), ("norm change", "right"), ("residual E@30%", "right"),
-                            ("rot. explained", "right"), ("rank 90%", "right")):
-        table.add_column(header, justify=justify, no_wrap=header != "layer", overflow="fold" if header == "layer" else "ellipsis")
+    for header, justify in (("layer", "left"), ("shape", "left"), ("dir. chg", "right"),
+                            ("angle mean/max", "right"), ("norm chg", "right"), ("res. E@30%", "right"),
+                            ("rot. expl.", "right"), ("rank", "right")):
+        if header == "layer":
+            table.add_column(header, justify="left", overflow="fold", min_width=32, ratio=1)
+        else:
+            table.add_column(header, justify=justify, no_wrap=True)
     for r in rows[:top]:
         table.add_row(
             r.get("module") or r["name"],
-            r.get("kind") or "",
             "×".join(str(n) for n in r["shape"]),
             percent(r["direction_change_mean"]),
-            f"{degrees(r.get('angle_deg_mean'))} / {degrees(r.get('angle_deg_max'))}",
+            f"{degrees(r.get('angle_deg_mean'))}/{degrees(r.get('angle_deg_max'))}",
             percent(r.get("norm_change_mean")),
             percent(r.get("residual_energy_at_30pct_rank")),
             percent(r.get("lorad_explained")),
@@ -118,13 +124,18 @@ def top_rotated_table(report: Report, top: int = 10) -> Table:
 
 def groups_table(report: Report) -> Table:
     """Block × layer type: mean changes, spectra and ranks (from ``summary["groups"]``)."""
-    table = Table(title="By block and layer type (weight matrices)", title_justify="left")
-    for header in ("block", "layer type", "matrices", "params", "norm change", "dir. change", "angle",
-                   "residual E@30%", "rot. explained", "rank (median)"):
+    table = Table(
+        title="By block and layer type (weight matrices; means of per-layer means; res. E@30% = residual energy at "
+        "30 % rank, rot. expl. = share of the direction change a pairwise rotation explains, rank = median "
+        "recommended LoRaD rank)",
+        title_justify="left",
+    )
+    for header in ("block", "layer type", "matrices", "params", "norm chg", "dir. chg", "angle",
+                   "res. E@30%", "rot. expl.", "rank"):
         table.add_column(header, justify="left" if header in ("block", "layer type") else "right", no_wrap=True)
     for g in report.summary.get("groups", []):
         table.add_row(
-            g["block"], g["layer_type"], str(g["matrices"]), f"{g['params'] / 1e6:.3g}M",
+            g["block"], g["layer_type"], str(g["matrices"]), _count(g["params"]),
             percent(g.get("norm_change_mean")), percent(g.get("direction_change_mean")), degrees(g.get("angle_deg_mean")),
             percent(g.get("residual_energy_at_30pct_rank_mean")), percent(g.get("lorad_explained_mean")),
             _rank(g.get("recommended_rank_median")),
