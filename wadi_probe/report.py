@@ -36,6 +36,10 @@ RECORD_FIELDS: tuple[str, ...] = (
     "lorad_explained", "lorad_explained_at_recommended_rank", "recommended_rank",
     "residual_energy", "lorad_energy",
 )
+_INTEGER_FIELDS = (
+    "order", "params", "rows", "zero_rows", "nonfinite", "full_rank", "residual_rank_90", "residual_rank_95",
+    "residual_rank_99", "lorad_full_rank", "lorad_rank_90", "lorad_rank_95", "lorad_rank_99", "recommended_rank",
+)
 _LIST_FIELDS = ("shape", "residual_top_singular_values", "residual_energy", "lorad_energy")
 _REQUIRED_TOP = ("schema_version", "tool", "inputs", "settings", "pairing", "summary", "layers")
 _REQUIRED_RECORD = ("name", "shape", "identical", "norm_change_mean", "direction_change_mean")
@@ -316,4 +320,8 @@ def report_to_dataframe(report: Report | Mapping[str, Any]) -> pd.DataFrame:
         return pd.DataFrame(columns=columns + ["out", "fan_in"])
     ordered = [c for c in columns if c in frame.columns] + ["out", "fan_in"]
     extras = [c for c in frame.columns if c not in ordered]
-    return frame[ordered + extras]
+    frame = frame[ordered + extras]
+    for column in _INTEGER_FIELDS:  # keep ranks integers when some rows are null (1-D tensors, --no-spectra)
+        if column in frame.columns:
+            frame[column] = frame[column].astype("Int64")
+    return frame
