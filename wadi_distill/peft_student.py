@@ -1,0 +1,118 @@
+"""PEFT LoRA / DoRA students for the VSD loop: the baselines LoRaD is compared against.
+
+The distiller's own student kinds are LoRaD, the project's LoRA and full fine-tuning. For an outside baseline the
+quality benchmark also trains students whose adapters come from the ``peft`` library itself
+(``LoraConfig(use_dora=False|True)``), so that "LoRA" and "DoRA" mean exactly what their reference implementation
+computes. :class:`PeftStudentTrainer` reuses the whole VSD loop of :class:`wadi_distill.train.VSDTrainer` in its
+separate-student mode (``student_adapter="full"``: teacher and fake score share the frozen base, the student is its
+own copy) and then freezes that copy and injects the PEFT adapter into it, so only the adapter trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from wadi_probe.errors import WadiInputError
+
+PEFT_KINDS = ("lora", "dora")
+
+
+def peft_param_count(shapes: list[tuple[int, ...]], rank: int, kind: str) -> int:
+    """Trainable parameters of a PEFT LoRA (r·(out + fan_in)) or DoRA (plus one magnitude per output) adapter."""
+    if kind not in PEFT_KINDS:
+        raise WadiInputError(f"PEFT student kind must be lora or dora, not {kind!r}.")
+    total = sum(rank * (s[0] + math.prod(s[1:])) for s in shapes)
+    return total + (sum(s[0] for s in shapes) if kind == "dora" else 0)
+
+
+def rank_for_budget(shapes: list[tuple[int, ...]], budget: int, kind: str) -> int:
+    """The uniform rank whose parameter count (``kind`` in lora, dora, lorad) comes closest to ``budget``."""
+    from wadi_distill.plan import lorad_params_for
+
+    def count(rank: int) -> int:
+        if kind == "lorad":
+            return sum(lorad_params_for(s, rank) for s in shapes)
+        return peft_param_count(shapes, rank, kind)
+
+    return min(range(1, 1025), key=lambda r: (abs(count(r) - budget), r))
+
+
+def inject_peft_student(model: nn.Module, modules: list[str], rank: int, kind: str, *, alpha: float | None = None,
+                        seed: int = 0) -> list[tuple[str, nn.Parameter]]:
+    """Freeze ``model`` and inject a PEFT LoRA/DoRA adapter (rank ``rank``) into ``modules`` (exact names).
+
+    Returns the adapter's (name, parameter) pairs, the only trainable ones. ``alpha`` defaults to the rank
+    (scale 1), the convention of diffusers' LoRA training scripts.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if kind not in PEFT_KINDS:
+        raise WadiInputError(f"PEFT student kind must be lora or dora, not {kind!r}.")
+    if not modules:
+        raise WadiInputError("Name at least one layer for the PEFT adapter.")
+    model.requires_grad_(False)
+    config = LoraConfig(r=int(rank), lora_alpha=float(alpha if alpha is not None else rank),
+                        target_modules=list(modules), use_dora=(kind == "dora"), init_lora_weights=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        inject_adapter_in_model(config, model)
+    named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
+    for _, p in named:
+        p.requires_grad_(True)
+    return named
+
+
+@torch.no_grad()
+def merged_peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The plain state dict (the base model's own keys) of ``model`` with its PEFT adapter merged in.
+
+    Works on a copy: the trained model keeps its adapter.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = copy.deepcopy(model)
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = merged.get_submodule(parent_name) if parent_name else merged
+            setattr(parent, child, module.get_base_layer())
+    return {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
+
+
+def _trainer_class():
+    from wadi_distill.train import VSDTrainer
+
+    class PeftStudentTrainer(VSDTrainer):
+        """VSD with a PEFT LoRA/DoRA student (see the module docstring). ``config.student_adapter`` must be
+        ``"full"``; ``peft`` holds ``kind`` (lora|dora), ``rank`` and ``modules``."""
+
+        def __init__(self, config: Any, peft: dict[str, Any], teacher: Any = None) -> None:
+            if config.student_adapter != "full":
+                raise WadiInputError("A PEFT student runs on the separate-student mode: set student_adapter='full'.")
+            self._peft = dict(peft)
+            super().__init__(config, teacher=teacher)
+
+        def _prepare_models(self) -> None:
+            super()._prepare_models()
+            self.student_named = inject_peft_student(self.full_student, self._peft["modules"], self._peft["rank"],
+                                                     self._peft["kind"], seed=int(self.config.seed))
+            self.full_student.to(self.device)
+            self.ema = None
+
+        def merged_student_state(self) -> dict[str, torch.Tensor]:
+            return merged_peft_state(self.full_student)
+
+    return PeftStudentTrainer
+
+
+def distill_peft(config: Any, *, kind: str, rank: int, modules: list[str], teacher: Any = None):
+    """Run VSD (``wadi_distill.train``'s loop, ``config`` with ``student_adapter="full"``) with a PEFT LoRA or
+    DoRA student of ``rank`` on ``modules``; the result's ``merged_path`` holds the merged plain student."""
+    trainer = _trainer_class()(config, {"kind": kind, "rank": int(rank), "modules": list(modules)}, teacher=teacher)
+    return trainer.train()
