@@ -239,3 +239,12 @@ def test_thread_setting_is_restored(planted):
     before = torch.get_num_threads()
     compare(planted.teacher, planted.student, device="cpu", spectra=False)
     assert torch.get_num_threads() == before
+
+
+def test_explained_at_rank_is_opt_in(planted, report):
+    name = next(iter(planted.rotated))
+    assert report.layer(name)["lorad_explained_at_recommended_rank"] is None
+    subset = compare(planted.teacher, planted.student, include=name.replace(".", r"\."), explained_at_rank=True)
+    record = subset.layer(name)
+    assert 0 < record["lorad_explained_at_recommended_rank"] <= record["lorad_explained"] + 1e-9
+    assert subset.settings["truncated_explained"] is True

@@ -103,7 +103,7 @@ def test_planted_low_rank_rotation_is_recovered(out, fan_in, rank):
     teacher = torch.randn(out, fan_in, generator=gen, dtype=torch.float64)
     theta = balanced_low_rank_angles(out, fan_in // 2, rank, scale=1.5, gen=gen)
     student = rotate_pairs(teacher, theta)
-    record = analyze_pair(teacher.float(), student.float())
+    record = analyze_pair(teacher.float(), student.float(), AnalysisSettings(truncated_explained=True))
     assert record["norm_change_max"] < 1e-6
     assert record["lorad_full_rank"] == min(out, fan_in // 2)
     assert record["full_rank"] == min(out, fan_in)
@@ -125,9 +125,14 @@ def test_truncated_rotation_explains_all_at_the_planted_rank():
     teacher = torch.randn(64, 64, generator=gen, dtype=torch.float64)
     theta = balanced_low_rank_angles(64, 32, 2, scale=1.0, gen=gen)
     record = analyze_pair(teacher.float(), rotate_pairs(teacher, theta).float(),
-                          AnalysisSettings(recommend_threshold=0.99))
+                          AnalysisSettings(recommend_threshold=0.99, truncated_explained=True))
     assert record["recommended_rank"] == 2
     assert record["lorad_explained_at_recommended_rank"] == pytest.approx(1.0, abs=1e-5)
+    # a rank-1 truncation of that rank-2 field explains less, and the default leaves the field empty
+    partial = analyze_pair(teacher.float(), rotate_pairs(teacher, theta).float(),
+                           AnalysisSettings(recommend_threshold=0.5, truncated_explained=True))
+    assert partial["recommended_rank"] == 1 and partial["lorad_explained_at_recommended_rank"] < 0.9
+    assert analyze_pair(teacher.float(), rotate_pairs(teacher, theta).float())["lorad_explained_at_recommended_rank"] is None
 
 
 def test_direction_change_matches_one_minus_cosine_in_fp64():

@@ -102,6 +102,7 @@ def compare(
     spectra: bool = True,
     progress: bool = False,
     student_is_adapter: bool = False,
+    explained_at_rank: bool = False,
     settings: AnalysisSettings | None = None,
     on_layer: Callable[[dict[str, Any]], None] | None = None,
 ) -> Report:
@@ -110,9 +111,11 @@ def compare(
     ``teacher``/``student``: a path (any layout :func:`~wadi_probe.checkpoints.open_checkpoint` reads), an open
     :class:`Checkpoint`, a state dict or an ``nn.Module``. With ``student_is_adapter`` the student is an adapter
     file merged onto the teacher. ``include``/``exclude`` are regexes on tensor names; ``spectra=False`` skips the
-    residual and pair-angle spectra (the fast mode). ``progress`` shows a rich progress bar on stderr.
+    residual and pair-angle spectra (the fast mode). ``explained_at_rank`` also fills
+    ``lorad_explained_at_recommended_rank`` (an eigen-decomposition with vectors per layer: slower). ``progress``
+    shows a rich progress bar on stderr. ``settings`` overrides all analysis options at once.
     """
-    settings = settings or AnalysisSettings(spectra=spectra)
+    settings = settings or AnalysisSettings(spectra=spectra, truncated_explained=explained_at_rank)
     target = resolve_device(device)
     started = time.perf_counter()
     teacher_ckpt, close_teacher = _open(teacher, "teacher")

@@ -55,7 +55,7 @@ class AnalysisSettings:
     energy_thresholds: tuple[float, ...] = (0.9, 0.95, 0.99)
     recommend_threshold: float = 0.9
     top_singular_values: int = 16
-    truncated_explained: bool = True
+    truncated_explained: bool = False  # costs an eigh + a rank-r product per layer; off by default
     energy_decimals: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
 

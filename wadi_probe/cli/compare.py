@@ -31,6 +31,9 @@ def compare_command(
     exclude: Optional[str] = typer.Option(None, "--exclude", help="Leave out tensors whose name matches this regex."),
     no_spectra: bool = typer.Option(False, "--no-spectra", help="Skip residual and rotation spectra (much faster)."),
     adapter: bool = typer.Option(False, "--adapter", help="STUDENT is an adapter (LoRA/LoRaD) merged onto TEACHER."),
+    explained_at_rank: bool = typer.Option(
+        False, "--explained-at-rank", help="Also report how much of the direction change LoRaD at the recommended rank explains (slower)."
+    ),
     top: int = typer.Option(10, "--top", help="How many of the most rotated layers to list."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
     plots: Optional[Path] = typer.Option(None, "--plots", help="Also write every report figure (PNG and SVG) into this folder."),
@@ -42,7 +45,7 @@ def compare_command(
         raise WadiInputError(f"the plots path {plots} is a file; give a folder.")
     report = compare(
         teacher, student, device=device, include=include, exclude=exclude, spectra=not no_spectra,
-        progress=progress, student_is_adapter=adapter,
+        progress=progress, student_is_adapter=adapter, explained_at_rank=explained_at_rank,
     )
     print_summary(report, console, top=top)
     if output is not None:
