@@ -58,6 +58,12 @@ def main() -> None:
             images = sample_multistep(teacher, prompts, steps=args.steps, cfg=cfg, generator=gen).cpu()
             sweep.append({"cfg": cfg, **evaluate_images(images, test.labels, classifier=classifier)})
     wall = time.perf_counter() - start
+    from wadi_distill.one_step import save_image_grid
+
+    grid_gen = torch.Generator(device=torch.device(args.device)).manual_seed(args.seed)
+    grid_prompts = [p for p in teacher.class_prompts for _ in range(10)]
+    grid = sample_multistep(teacher, grid_prompts, steps=args.steps, cfg=args.cfg, generator=grid_gen).cpu()
+    grid_path = save_image_grid((grid + 1) / 2, args.output.parent / "digits_teacher_samples.png", nrow=10)
     settings = {"teacher": "builtin:digits", "sampler": "DDIM", "steps": args.steps, "cfg": args.cfg,
                 "seed": args.seed, "images per row": rows[0]["num_images"],
                 "reference": f"held-out reference split ({rows[0]['num_reference']} digits)", "k": 3}
@@ -82,6 +88,8 @@ def main() -> None:
                  "|---:|---:|---:|---:|---:|---:|"]
         text += [f"| {r['cfg']:g} | {r['fd_pixel']:.2f} | {r['fd_features']:.2f} | {r['precision']:.3f} | "
                  f"{r['recall']:.3f} | {r['class_accuracy']:.3f} |" for r in sweep]
+    text += ["", f"Teacher samples (one row per digit 0-9, same settings): `{grid_path.name}`.",
+             "", f"![teacher samples]({grid_path.name})"]
     text += ["", f"Made by `{command}` ({wall:.0f} s on {args.device}, torch {torch.__version__}).", ""]
     write_text_atomic(args.output.with_suffix(".md"), "\n".join(text))
     write_json_atomic(args.output.with_suffix(".json"), {"command": command, "settings": settings, "rows": rows,

@@ -22,3 +22,8 @@ __all__ += [
 ]
 from wadi_distill.train import DistillConfig, DistillResult, distill  # noqa: E402
 __all__ += ["DistillConfig", "DistillResult", "distill"]
+from wadi_distill.models import BuiltinTeacher, is_builtin, load_builtin, load_teacher  # noqa: E402
+from wadi_distill.sample import sample_multistep  # noqa: E402
+from wadi_distill.evaluate import evaluate_images, frechet_distance, precision_recall  # noqa: E402
+__all__ += ["BuiltinTeacher", "is_builtin", "load_builtin", "load_teacher", "sample_multistep", "evaluate_images",
+            "frechet_distance", "precision_recall"]
