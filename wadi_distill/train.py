@@ -590,6 +590,14 @@ class VSDTrainer:
         self.accelerator.wait_for_everyone()
         return path
 
+    def _remove_partial_writes(self) -> None:
+        """Delete temporary folders a killed run left while writing a checkpoint or final/ (never complete ones)."""
+        if not self.output_dir.is_dir():
+            return
+        for child in self.output_dir.iterdir():
+            if child.is_dir() and re.match(r"^\.(checkpoint-\d+|final)\..*\.tmp$", child.name):
+                shutil.rmtree(child, ignore_errors=True)
+
     def _prune(self) -> None:
         limit = self.config.checkpoints_total_limit
         if limit is None:
@@ -700,6 +708,8 @@ class VSDTrainer:
             resume_path = self.resolve_resume(config.resume)
         if resume_path is not None:
             self.load_checkpoint(resume_path)
+        if self.is_main:
+            self._remove_partial_writes()
         logger = _Logger(self.output_dir, self.step, config.tensorboard) if self.is_main else None
         if self.is_main:
             write_json_atomic(self.output_dir / "run.json", {"run_id": self.run_id, "config": asdict(config),
