@@ -248,3 +248,20 @@ def test_explained_at_rank_is_opt_in(planted, report):
     record = subset.layer(name)
     assert 0 < record["lorad_explained_at_recommended_rank"] <= record["lorad_explained"] + 1e-9
     assert subset.settings["truncated_explained"] is True
+
+
+def test_lorad_adapter_student_shows_its_rank(tmp_path):
+    teacher = {k: v.contiguous() for k, v in make_tiny_unet(seed=0).state_dict().items()}
+    save_file(teacher, str(tmp_path / "teacher.safetensors"))
+    name = next(k for k in teacher if k.endswith("attn1.to_q.weight"))
+    out, fan_in = teacher[name].shape
+    gen = torch.Generator().manual_seed(0)
+    theta_a, theta_b = 0.3 * torch.randn(out, 2, generator=gen), torch.randn(2, fan_in // 2, generator=gen)
+    module = name.removesuffix(".weight")
+    save_file({f"{module}.theta_a": theta_a, f"{module}.theta_b": theta_b}, str(tmp_path / "adapter.safetensors"))
+    result = compare(tmp_path / "teacher.safetensors", tmp_path / "adapter.safetensors", student_is_adapter=True)
+    record = result.layer(name)
+    assert result.inputs["student"]["layout"] == "adapter"
+    assert record["lorad_rank_99"] == 2 and record["lorad_explained"] == pytest.approx(1.0, abs=1e-6)
+    assert record["norm_change_max"] < 1e-5
+    assert result.summary["identical"] == result.summary["layers"] - 1
