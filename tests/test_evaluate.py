@@ -105,3 +105,18 @@ def test_sanity_ordering_of_the_shipped_teacher_on_a_small_sample():
     real, teacher = rows[0], rows[1]
     assert teacher["class_accuracy"] >= 0.9
     assert teacher["fd_features"] < 3 * real["fd_features"]
+
+
+def test_classifier_training_and_save_load_round_trip(tmp_path):
+    from wadi_distill.classifier import load_classifier, save_classifier, train_classifier
+
+    train, test = load_split("train"), load_split("test")
+    model = train_classifier(train.images[:400], train.labels[:400], epochs=15, seed=1)
+    assert class_accuracy(test.images, test.labels, model) > 0.5
+    save_classifier(model, tmp_path, {"seed": 1})
+    loaded = load_classifier(tmp_path)
+    assert torch.equal(loaded.embed(test.images), model.embed(test.images))
+    with pytest.raises(WadiInputError, match="No digit classifier"):
+        load_classifier(tmp_path / "missing")
+    with pytest.raises(WadiInputError, match=r"\(N, 1, 8, 8\)"):
+        model.features(torch.zeros(2, 1, 16, 16))
