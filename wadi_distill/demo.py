@@ -45,10 +45,11 @@ class DemoSettings:
     """Step counts and sizes of one demo run. :data:`FULL_SETTINGS` is the README's run, :data:`QUICK_SETTINGS`
     a smoke run of a minute or two."""
 
-    full_steps: int = 400  # VSD steps of the fully fine-tuned student
-    lorad_steps: int = 400  # VSD steps of the LoRaD student (from the probe)
-    batch_size: int = 32
-    lr: float = 1e-4  # student learning rate, both students
+    full_steps: int = 800  # VSD steps of the fully fine-tuned student
+    lorad_steps: int = 800  # VSD steps of the LoRaD student (from the probe)
+    batch_size: int = 16
+    full_lr: float = 2e-5  # student learning rate of full fine-tuning (every weight moves: keep it small)
+    lorad_lr: float = 1e-3  # student learning rate of the LoRaD student (angles start at 0)
     fake_lr: float = 1e-2
     fake_rank: int = 32
     vsd_cfg: float = 1.5  # CFG scale inside VSD (real and fake score)
@@ -58,11 +59,12 @@ class DemoSettings:
     teacher_cfg: float = 2.0  # CFG scale of the teacher's multi-step samples
     eval_per_class: int = 30  # generated images per digit class for the metrics (30 → 300, the held-out size)
     grid_per_class: int = 10  # images per class in each sample grid
-    threads: int | None = None  # torch CPU threads (None: leave torch's default)
+    threads: int | None = 1  # torch CPU threads while the demo runs (None: torch's default). The model is tiny:
+    # one thread per process is fastest, and on shared or busy cores two threads were measured 10× slower.
 
 
 FULL_SETTINGS = DemoSettings()
-QUICK_SETTINGS = DemoSettings(full_steps=40, lorad_steps=40, batch_size=16, ddim_steps=10, eval_per_class=10)
+QUICK_SETTINGS = DemoSettings(full_steps=20, lorad_steps=20, batch_size=8, ddim_steps=10, eval_per_class=10)
 
 
 @dataclass
@@ -193,13 +195,13 @@ def _print(console: Any, message: str) -> None:
 
 
 def _distill(teacher_spec: str, output: Path, settings: DemoSettings, seed: int, progress: bool, steps: int,
-             **student: Any):
+             lr: float, **student: Any):
     from wadi_distill.train import DistillConfig, distill
 
     config = DistillConfig(
         teacher=teacher_spec, output_dir=str(output), max_steps=steps, batch_size=settings.batch_size,
-        lr=settings.lr, fake_lr=settings.fake_lr, fake_rank=settings.fake_rank, cfg=settings.vsd_cfg, seed=seed,
-        device="cpu" if not torch.cuda.is_available() else "auto", checkpointing_steps=steps, tensorboard=False,
+        lr=lr, fake_lr=settings.fake_lr, fake_rank=settings.fake_rank, cfg=settings.vsd_cfg, seed=seed,
+        device="auto", checkpointing_steps=steps, tensorboard=False,
         progress=progress, final_samples=4, **student)
     return distill(config)
 
@@ -239,12 +241,6 @@ def run_demo(
     ``console`` (a rich Console) receives the stage headers and the probe summary; None prints nothing but the
     progress bars (``progress=False`` silences those too).
     """
-    from wadi_distill.backbones import load_teacher
-    from wadi_distill.digits import load_split
-    from wadi_distill.evaluate import evaluate_images
-    from wadi_probe.analyze import compare
-    from wadi_probe.plots import save_all_plots
-
     base = settings if settings is not None else (QUICK_SETTINGS if quick else FULL_SETTINGS)
     overrides = {k: v for k, v in dict(full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size,
                                          ddim_steps=ddim_steps, eval_per_class=eval_per_class).items() if v is not None}
@@ -257,8 +253,23 @@ def run_demo(
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise WadiInputError(f"The demo output {out} is a file; give a folder.")
+    previous_threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(int(settings.threads))
+    try:
+        return _run(out, settings, seed=seed, quick=quick, progress=progress, teacher=teacher, console=console)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress: bool, teacher: str,
+         console: Any) -> DemoResult:
+    from wadi_distill.backbones import load_teacher
+    from wadi_distill.digits import load_split
+    from wadi_distill.evaluate import evaluate_images
+    from wadi_probe.analyze import compare
+    from wadi_probe.plots import save_all_plots
+
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +279,8 @@ def run_demo(
         _print(console, f"[bold]1/4[/bold] distilling {teacher} into a one-step student, full fine-tuning VSD "
                         f"({settings.full_steps} steps, batch {settings.batch_size})")
         t0 = time.perf_counter()
-        full = _distill(teacher, runs / "full", settings, seed, progress, settings.full_steps, student_adapter="full")
+        full = _distill(teacher, runs / "full", settings, seed, progress, settings.full_steps, settings.full_lr,
+                        student_adapter="full")
         timings["train_full"] = time.perf_counter() - t0
         full_student_path = out / "full_student.safetensors"
         with atomic_path(full_student_path) as tmp:
@@ -295,7 +307,7 @@ def run_demo(
                         f"(budget {settings.budget:.0%} of the backbone, {settings.lorad_steps} steps)")
         t0 = time.perf_counter()
         lorad = _distill(teacher, runs / "lorad", settings, seed, progress, settings.lorad_steps,
-                         rank_from_probe=str(report_path), budget=settings.budget)
+                         settings.lorad_lr, rank_from_probe=str(report_path), budget=settings.budget)
         timings["train_lorad"] = time.perf_counter() - t0
         lorad_dir = out / "lorad_student"
         with atomic_path(lorad_dir, directory=True) as tmp:
@@ -329,10 +341,10 @@ def run_demo(
         "the 'held-out real digits' row is the test split scored the same way (the best reachable at this size).",
         f"teacher multi-step: DDIM {settings.ddim_steps} steps with CFG {settings.teacher_cfg:g} "
         f"(2 UNet evaluations per step); one-step rows: one UNet evaluation at t = T−1 on the same noise seeds.",
-        f"students: VSD (CFG {settings.vsd_cfg:g}, batch {settings.batch_size}, lr {settings.lr:g}, fake score "
-        f"LoRaD rank {settings.fake_rank} at lr {settings.fake_lr:g}); full: {settings.full_steps} steps, every "
-        f"weight; LoRaD: {settings.lorad_steps} steps, {len(plan.get('layers') or {})} layers and ranks chosen by "
-        f"the probe ({lorad_params:,} trainable parameters).",
+        f"students: VSD (CFG {settings.vsd_cfg:g}, batch {settings.batch_size}, fake score LoRaD rank "
+        f"{settings.fake_rank} at lr {settings.fake_lr:g}); full: {settings.full_steps} steps at lr "
+        f"{settings.full_lr:g}, every weight; LoRaD: {settings.lorad_steps} steps at lr {settings.lorad_lr:g}, "
+        f"{len(plan.get('layers') or {})} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters).",
         f"wall time: {wall:.0f} s in total ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})"
         f", {torch.get_num_threads()} torch threads.",
     ]
