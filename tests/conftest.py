@@ -39,6 +39,16 @@ def make_tiny_unet(seed: int = 0, **overrides: Any) -> torch.nn.Module:
 
 
 @pytest.fixture
+def single_thread():
+    """Run a test with one torch thread (tiny models are fastest so on a shared CPU, and bit-identical resume of a
+    killed subprocess needs the same thread count); the previous count is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def tiny_unet() -> Callable[..., torch.nn.Module]:
     """Factory fixture: ``tiny_unet(seed=0, **config_overrides)`` -> UNet2DConditionModel."""
     return make_tiny_unet

@@ -20,14 +20,7 @@ from wadi_distill.cli import app  # noqa: E402
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on the shared CPU; the killed-run subprocess also uses one
-    thread, which bit-identical resume needs. Restored afterwards so other test files are unaffected."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

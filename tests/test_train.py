@@ -23,14 +23,7 @@ from wadi_distill.lorad import use_adapter  # noqa: E402
 from wadi_distill.train import DistillConfig, VSDTrainer, distill, list_checkpoints  # noqa: E402
 from wadi_probe.errors import WadiRuntimeError  # noqa: E402
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest single-threaded on the shared CPU; the killed-run subprocess also uses one
-    thread, which bit-identical resume needs. Restored afterwards so other test files are unaffected."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 PROMPTS = "a cat\na red house\na blue car on the tree\na dog in the sky\n"
