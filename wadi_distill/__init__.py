@@ -4,26 +4,38 @@ LoRaD (low-rank rotation of weight direction) turns each output unit's weight ro
 keeping its norm; plans say which layers get which rank, from a preset or from a ``wadi-probe`` report.
 """
 
+from wadi_distill.adapters import export_merged, load_adapter, load_official_thetas, save_adapter
+from wadi_distill.evaluate import evaluate_images, frechet_distance, precision_recall
+from wadi_distill.lorad import (
+    LoRaDConv2d,
+    LoRaDLinear,
+    adapter_disabled,
+    inject_lorad,
+    lorad_parameters,
+    merge_lorad,
+    remove_lorad,
+    set_active_adapter,
+    unmerge_lorad,
+    use_adapter,
+)
+from wadi_distill.models import BuiltinTeacher, is_builtin, load_builtin, load_teacher
+from wadi_distill.plan import Plan, PlanEntry, load_model_config_only, plan_from_preset, plan_from_report
+from wadi_distill.sample import sample_multistep
+from wadi_distill.train import DistillConfig, DistillResult, distill
+
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
-
-from wadi_distill.lorad import (  # noqa: E402
-    LoRaDConv2d, LoRaDLinear, adapter_disabled, inject_lorad, lorad_parameters, merge_lorad, remove_lorad,
-    set_active_adapter, unmerge_lorad, use_adapter,
-)
-from wadi_distill.plan import Plan, PlanEntry, load_model_config_only, plan_from_preset, plan_from_report  # noqa: E402
-from wadi_distill.adapters import export_merged, load_adapter, load_official_thetas, save_adapter  # noqa: E402
-
-__all__ += [
+__all__ = [
+    # LoRaD layers
     "LoRaDLinear", "LoRaDConv2d", "inject_lorad", "set_active_adapter", "adapter_disabled", "use_adapter",
-    "lorad_parameters", "merge_lorad", "unmerge_lorad", "remove_lorad", "Plan", "PlanEntry", "plan_from_preset",
-    "plan_from_report", "load_model_config_only", "save_adapter", "load_adapter", "load_official_thetas", "export_merged",
+    "lorad_parameters", "merge_lorad", "unmerge_lorad", "remove_lorad",
+    # plans, adapter files, export
+    "Plan", "PlanEntry", "plan_from_preset", "plan_from_report", "load_model_config_only",
+    "save_adapter", "load_adapter", "load_official_thetas", "export_merged",
+    # training
+    "DistillConfig", "DistillResult", "distill",
+    # the built-in teacher, sampling, metrics
+    "BuiltinTeacher", "is_builtin", "load_builtin", "load_teacher", "sample_multistep",
+    "evaluate_images", "frechet_distance", "precision_recall",
+    "__version__",
 ]
-from wadi_distill.train import DistillConfig, DistillResult, distill  # noqa: E402
-__all__ += ["DistillConfig", "DistillResult", "distill"]
-from wadi_distill.models import BuiltinTeacher, is_builtin, load_builtin, load_teacher  # noqa: E402
-from wadi_distill.sample import sample_multistep  # noqa: E402
-from wadi_distill.evaluate import evaluate_images, frechet_distance, precision_recall  # noqa: E402
-__all__ += ["BuiltinTeacher", "is_builtin", "load_builtin", "load_teacher", "sample_multistep", "evaluate_images",
-            "frechet_distance", "precision_recall"]
