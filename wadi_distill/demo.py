@@ -411,6 +411,7 @@ def _evaluate(teacher_spec, bundle, full_path, lorad_path, settings, seed, out, 
                      "sample_seconds": round(seconds, 2) if key != "real" else None,
                      **{k: metrics[k] for k in METRIC_KEYS}, "num_images": metrics["num_images"],
                      "num_reference": metrics["num_reference"]})
-        grids[key] = save_digit_grid(grid_subset(images, image_labels, settings.grid_per_class),
-                                     out / f"samples_{key}.png", per_row=settings.grid_per_class)
+        per_row = min(settings.grid_per_class, settings.eval_per_class)  # one grid row per digit
+        grids[key] = save_digit_grid(grid_subset(images, image_labels, per_row), out / f"samples_{key}.png",
+                                     per_row=per_row)
     return rows, grids
