@@ -81,6 +81,12 @@ def score_state(state: dict, seeds: list[int], per_class: int) -> dict:
                 "std": statistics.stdev(m[k] for m in per_seed) if len(per_seed) > 1 else 0.0} for k in METRICS}
 
 
+def rel(path: Path | str) -> str:
+    """``path`` relative to the repository when it lies inside it (reports stay machine-independent)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def fmt(entry: dict, digits: int = 3) -> str:
     return f"{entry['mean']:.{digits}g} ± {entry['std']:.2g}"
 
@@ -165,8 +171,8 @@ def render(stats, swap, ablation, args, command, wall, report) -> str:
     s = stats
     lines = ["# The WaDi paper's findings on builtin:digits", "",
              f"Command: `{command}` — {wall / 60:.1f} min. Teacher: the shipped `builtin:digits`; student: the demo's "
-             f"fully fine-tuned one-step VSD student (`{args.demo}/full_student.safetensors`, settings in "
-             f"`{args.demo}/metrics.json`); probe: `{args.demo}/report.json` ({s['matrices']} weight matrices).", "",
+             f"fully fine-tuned one-step VSD student (`{rel(args.demo)}/full_student.safetensors`, settings in "
+             f"`{rel(args.demo)}/metrics.json`); probe: `{rel(args.demo)}/report.json` ({s['matrices']} weight matrices).", "",
              "## 1. Norm versus direction change (per output row, averaged over weight matrices)", "",
              "| quantity | digits (ours) | SD1.5 → DMD2 (paper) |", "|---|---:|---:|",
              f"| norm change, mean | {pct(s['norm_change_mean'])} | ≈0.1 % |",

@@ -107,6 +107,11 @@ def markdown(summary: list[dict], settings: dict, command: str, wall: float) -> 
         cells = [entry["method"], f"{entry['trainable_params']:,}", f"{entry['step_seconds']:.2f}"]
         cells += [_mean_std(entry[k]["values"]) for k in titles]
         lines.append("| " + " | ".join(cells) + " |")
+    best = []
+    for key, title in titles.items():
+        pick = (min if key.startswith("fd_") else max)(summary, key=lambda e: e[key]["mean"])
+        best.append(f"{title.rstrip(' ↓↑')}: {pick['method']}")
+    lines += ["", "Best mean per metric — " + "; ".join(best) + "."]
     lines += ["", "Mean ± standard deviation over seeds " + ", ".join(map(str, settings["seeds"])) + "; "
               f"{settings['per_class'] * 10} one-step images per run ({settings['per_class']} per digit) against the "
               "300 held-out reference digits.", "",
