@@ -18,32 +18,10 @@ import torch
 from wadi_probe.checkpoints import Checkpoint, open_checkpoint
 from wadi_probe.decompose import AnalysisSettings, analyze_pair
 from wadi_probe.errors import WadiInputError
+from wadi_probe.formats.torch_io import DictSource
 from wadi_probe.layers import block_of, kind_of, layer_type_of, module_of
 from wadi_probe.pairing import pair_checkpoints
 from wadi_probe.report import Report, build_report
-
-class _MemorySource:
-    """A TensorSource over an in-memory state dict (for notebooks and tests)."""
-
-    def __init__(self, tensors: Mapping[str, torch.Tensor], label: str) -> None:
-        self.path = Path(label)
-        self._tensors = {key: value.detach() for key, value in tensors.items() if isinstance(value, torch.Tensor)}
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._tensors[key].shape)
-
-    def dtype(self, key: str) -> torch.dtype:
-        return self._tensors[key].dtype
-
-    def tensor(self, key: str) -> torch.Tensor:
-        return self._tensors[key]
-
-    def close(self) -> None:
-        pass
-
 
 _PREFIXES = ("module.", "unet.", "transformer.")
 
@@ -52,7 +30,7 @@ def checkpoint_from_state_dict(tensors: Mapping[str, torch.Tensor] | torch.nn.Mo
     """Wrap a state dict (or a module's) as a :class:`Checkpoint`, stripping ``module.``/``unet.`` prefixes."""
     if isinstance(tensors, torch.nn.Module):
         tensors = tensors.state_dict()
-    source = _MemorySource(tensors, label)
+    source = DictSource(tensors, label)
     names: dict[str, str] = {}
     for key in source.keys():
         name = key

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +60,12 @@ def find_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], tupl
     raise WadiInputError(f"{path} holds no state dict of tensors (looked under {', '.join(_NESTING_KEYS)}).")
 
 
-class TorchSource:
-    """A torch checkpoint's state dict (memory-mapped when possible), read tensor by tensor."""
+class DictSource:
+    """A tensor source over a state dict already in memory (a module's, or one handed over by a notebook)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor], path: str | Path = "<memory>") -> None:
         self.path = Path(path)
-        self._tensors, self.nesting = find_state_dict(load_weights_only(self.path), self.path)
+        self._tensors = {key: value.detach() for key, value in tensors.items() if isinstance(value, torch.Tensor)}
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -76,6 +77,21 @@ class TorchSource:
         return self._tensors[key].dtype
 
     def tensor(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+    def close(self) -> None:
+        pass
+
+
+class TorchSource(DictSource):
+    """A torch checkpoint's state dict (memory-mapped when possible), read tensor by tensor."""
+
+    def __init__(self, path: Path) -> None:
+        tensors, self.nesting = find_state_dict(load_weights_only(Path(path)), Path(path))
+        super().__init__(tensors, path)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        # A copy, so that a caller working in place never writes through to the memory-mapped file.
         return self._tensors[key].clone()
 
     def close(self) -> None:
