@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -58,6 +59,17 @@ def test_mean_vs_std_has_one_point_per_layer_and_quantity_and_the_means(report):
     np.testing.assert_allclose(offsets[2][:, 0], direction)
     np.testing.assert_allclose(offsets[3][0, 0], direction.mean())
     assert "%" in ax.get_xlabel() and "%" in ax.get_ylabel()
+    norm = np.array([r["norm_change_mean"] for r in _matrix_layers(report)]) * 100
+    assert f"direction/norm = {direction.mean() / norm.mean():.3g}×" in ax.get_title()
+
+
+def test_mean_vs_std_title_keeps_small_ratios_readable(report):
+    # A student whose norms moved 20× more than its directions must not be titled "0.1×" or "0.0×".
+    small = copy.deepcopy(report)
+    for record in _matrix_layers(small):
+        record["direction_change_mean"] = record["norm_change_mean"] * 0.0512
+    (ax,) = plots.plot_mean_vs_std(small).axes
+    assert "direction/norm = 0.0512×" in ax.get_title()
 
 
 def test_scalar_plots_accept_the_dataframe_form(report):

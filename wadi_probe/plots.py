@@ -144,7 +144,7 @@ def plot_mean_vs_std(report: ReportLike, *, log: bool = False) -> Figure:
     ax.set_xlabel("mean change over a layer's rows (%)")
     ax.set_ylabel("standard deviation over a layer's rows (%)")
     ratio = means["direction"][0] / means["norm"][0] if means["norm"][0] > 0 else float("inf")
-    ratio_text = f"direction/norm = {ratio:.1f}×" if math.isfinite(ratio) else "norms unchanged"
+    ratio_text = f"direction/norm = {ratio:.3g}×" if math.isfinite(ratio) else "norms unchanged"
     ax.set_title(f"Per-row weight change in {len(records)} layers: norm vs direction\n({ratio_text} in the mean)")
     if log:
         ax.set_xscale("log")
