@@ -27,6 +27,7 @@ from torch import nn
 
 from wadi_probe.atomic import write_json_atomic
 from wadi_probe.errors import WadiInputError
+from wadi_probe.report import load_report
 
 __all__ = [
     "PlanEntry",
@@ -255,20 +256,7 @@ def plan_from_preset(model: nn.Module, rank: int, preset: str = "paper") -> Plan
 def _report_data(report: Any) -> dict[str, Any]:
     """The report as a validated dict (a Report object, a dict, or a path to report.json)."""
     if isinstance(report, (str, Path)):
-        try:
-            from wadi_probe.report import load_report  # type: ignore[attr-defined]
-        except ImportError:  # the probe's reader is optional here; fall back to the documented schema
-            load_report = None
-        if load_report is not None:
-            report = load_report(report)
-        else:
-            path = Path(report)
-            if not path.is_file():
-                raise WadiInputError(f"report file {path} does not exist.")
-            try:
-                report = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise WadiInputError(f"{path} is not valid JSON ({exc.__class__.__name__}: {exc}).") from None
+        report = load_report(report)
     data = getattr(report, "data", report)
     if not isinstance(data, Mapping):
         raise WadiInputError("the report is not a JSON object.")
