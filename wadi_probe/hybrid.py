@@ -12,14 +12,19 @@ Tensors that do not pair by name and shape, and non-float tensors, stay the stud
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from wadi_probe.errors import WadiInputError
+
+if TYPE_CHECKING:
+    from wadi_probe.checkpoints import Checkpoint
 
 Take = Literal["norm", "direction"]
 TAKES = ("norm", "direction")
@@ -70,14 +75,23 @@ class HybridResult:
     path: Path | None = None
 
 
-def _open(source: object, role: str):
+@contextlib.contextmanager
+def _opened(teacher: object, student: object) -> Iterator[tuple[Checkpoint, Checkpoint]]:
+    """Yield (teacher, student) as checkpoints, opening paths and closing only what was opened here."""
     from wadi_probe.checkpoints import Checkpoint, open_checkpoint
 
-    if isinstance(source, Checkpoint):
-        return source, False
-    if isinstance(source, (str, os.PathLike)):
-        return open_checkpoint(source), True
-    raise WadiInputError(f"the {role} must be a checkpoint or a path, got {type(source).__name__}.")
+    with contextlib.ExitStack() as stack:
+        opened = []
+        for source, role in ((teacher, "teacher"), (student, "student")):
+            if isinstance(source, Checkpoint):
+                opened.append(source)
+            elif isinstance(source, (str, os.PathLike)):
+                checkpoint = open_checkpoint(source)
+                stack.callback(checkpoint.close)
+                opened.append(checkpoint)
+            else:
+                raise WadiInputError(f"the {role} must be a checkpoint or a path, got {type(source).__name__}.")
+        yield opened[0], opened[1]
 
 
 class _Hybrid:
@@ -112,18 +126,9 @@ def swap_hybrid(
     :func:`write_hybrid` streams instead.
     """
     _check_take(take)
-    t, close_t = _open(teacher, "teacher")
-    try:
-        s, close_s = _open(student, "student")
-        try:
-            hybrid = _Hybrid(t, s, take, include, exclude)
-            return {name: hybrid.tensor(name) for name in s.names()}
-        finally:
-            if close_s:
-                s.close()
-    finally:
-        if close_t:
-            t.close()
+    with _opened(teacher, student) as (t, s):
+        hybrid = _Hybrid(t, s, take, include, exclude)
+        return {name: hybrid.tensor(name) for name in s.names()}
 
 
 def write_hybrid(
@@ -148,21 +153,12 @@ def write_hybrid(
         raise WadiInputError(f"the output {output} should end in .safetensors (or .bin/.pt/.ckpt for a torch file).")
     if output.is_dir():
         raise WadiInputError(f"the output {output} is a folder; name a file such as hybrid.safetensors.")
-    t, close_t = _open(teacher, "teacher")
-    try:
-        s, close_s = _open(student, "student")
-        try:
-            for checkpoint, role in ((t, "teacher"), (s, "student")):
-                inputs = {checkpoint.path} | {checkpoint.source_file(n) for n in checkpoint.names()}
-                if output.exists() and any(p.exists() and output.samefile(p) for p in inputs):
-                    raise WadiInputError(f"the output {output} is the {role} checkpoint itself; write to a new file.")
-            hybrid = _Hybrid(t, s, take, include, exclude)
-            write_like(s, lazy_tensors(s, override=hybrid.tensor), output)
-            hybrid.result.path = output
-            return hybrid.result
-        finally:
-            if close_s:
-                s.close()
-    finally:
-        if close_t:
-            t.close()
+    with _opened(teacher, student) as (t, s):
+        for checkpoint, role in ((t, "teacher"), (s, "student")):
+            inputs = {checkpoint.path} | {checkpoint.source_file(n) for n in checkpoint.names()}
+            if output.exists() and any(p.exists() and output.samefile(p) for p in inputs):
+                raise WadiInputError(f"the output {output} is the {role} checkpoint itself; write to a new file.")
+        hybrid = _Hybrid(t, s, take, include, exclude)
+        write_like(s, lazy_tensors(s, override=hybrid.tensor), output)
+        hybrid.result.path = output
+        return hybrid.result
