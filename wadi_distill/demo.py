@@ -140,17 +140,9 @@ def multistep_digits(teacher: Any, labels: torch.Tensor, seed: int, *, steps: in
 
 def save_digit_grid(images: torch.Tensor, path: str | Path, per_row: int, scale: int = 4) -> Path:
     """Write (N, 1, 8, 8) images in [-1, 1] as one PNG, ``per_row`` to a row, upscaled ``scale``× (nearest)."""
-    from PIL import Image
+    from wadi_distill.one_step import save_image_grid
 
-    from wadi_distill.one_step import image_grid
-
-    grid = image_grid(((images.float().cpu() + 1.0) / 2.0).clamp(0, 1), nrow=per_row)
-    array = (grid[0] * 255).round().to(torch.uint8).numpy()
-    picture = Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
-    return path
+    return save_image_grid((images.float() + 1.0) / 2.0, path, nrow=per_row, scale=scale)
 
 
 def grid_subset(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> torch.Tensor:

@@ -58,17 +58,21 @@ def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     return grid
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write ``images`` (B, C, H, W) in [0, 1] as one PNG grid, atomically."""
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *, scale: int = 1) -> Path:
+    """Write ``images`` (B, C, H, W) in [0, 1] as one PNG grid, atomically; ``scale`` upscales the whole grid
+    (nearest neighbour) so that tiny images stay visible."""
     from PIL import Image
 
     grid = image_grid(images.float().cpu(), nrow)
     array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     if array.shape[2] == 1:
         array = array[:, :, 0]
+    picture = Image.fromarray(array)
+    if scale != 1:
+        picture = picture.resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
     path = Path(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+        picture.save(tmp, format="PNG")
     return path
 
 
