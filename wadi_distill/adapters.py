@@ -27,6 +27,7 @@ from wadi_distill.lorad import LoRaDLayer, inject_lorad, lorad_layers
 from wadi_distill.plan import Plan, PlanEntry, lorad_params_for
 from wadi_probe.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
+from wadi_probe.jsonfile import read_json
 
 __all__ = [
     "ADAPTER_WEIGHTS",
@@ -257,10 +258,7 @@ def read_adapter(path: str | Path, *, base_shapes: Mapping[str, tuple[int, ...]]
         raise WadiInputError(f"{path} has no {ADAPTER_WEIGHTS}; it is not a LoRaD adapter folder.")
     own = config_path.is_file() and (path.is_dir() or path.name == ADAPTER_WEIGHTS)
     if own:
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise WadiInputError(f"{config_path} is not valid JSON ({exc.__class__.__name__}).") from None
+        config = read_json(config_path)
         if not isinstance(config, dict) or config.get("format") != ADAPTER_FORMAT:
             raise WadiInputError(f"{config_path} is not a wadi LoRaD adapter config.")
         if config.get("version") != ADAPTER_VERSION:

@@ -24,6 +24,7 @@ from torch import nn
 
 from wadi_distill.vsd import NoiseSchedule
 from wadi_probe.errors import WadiInputError
+from wadi_probe.jsonfile import read_json
 
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "sd",
@@ -281,10 +282,7 @@ def _read_model_index(root: Path) -> dict:
     index_path = root / "model_index.json"
     if not index_path.is_file():
         raise WadiInputError(f"{root} is not a diffusers pipeline folder: it has no model_index.json.")
-    try:
-        return json.loads(index_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise WadiInputError(f"{index_path} is not valid JSON.") from exc
+    return read_json(index_path)
 
 
 def _load_component(root: Path, index: dict, name: str, *, required: bool = True,

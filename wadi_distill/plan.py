@@ -16,7 +16,6 @@ Models only need their shapes here, so :func:`load_model_config_only` builds the
 from __future__ import annotations
 
 import heapq
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch import nn
 
 from wadi_probe.atomic import write_json_atomic
 from wadi_probe.errors import WadiInputError
+from wadi_probe.jsonfile import read_json
 from wadi_probe.report import load_report
 
 __all__ = [
@@ -154,10 +154,7 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise WadiInputError(f"plan file {path} does not exist.")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise WadiInputError(f"{path} is not valid JSON ({exc.__class__.__name__}: {exc}).") from None
+        data = read_json(path)
         return cls.from_json(data)
 
     def to_table(self, *, max_rows: int | None = 40):
@@ -459,10 +456,7 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise WadiInputError(f"{path} does not exist.")
     config_path = path if path.is_file() else _model_folder(path) / "config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WadiInputError(f"{config_path} is not valid JSON ({exc.__class__.__name__}).") from None
+    config = read_json(config_path)
     if not isinstance(config, dict):
         raise WadiInputError(f"{config_path} is not a model config.")
     return config

@@ -40,6 +40,7 @@ from wadi_distill.one_step import one_step_images, save_image_grid
 from wadi_distill.prompts import load_prompts
 from wadi_probe.atomic import atomic_path, write_json_atomic
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
+from wadi_probe.jsonfile import read_json
 
 STUDENT_KINDS = ("lorad", "lora", "full")
 FAKE_KINDS = ("lorad", "lora")
@@ -620,10 +621,7 @@ class VSDTrainer:
         state_path = path / "state.json"
         if not state_path.is_file():
             raise WadiInputError(f"{path} is not a wadi-distill checkpoint (no state.json).")
-        try:
-            state = json.loads(state_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise WadiInputError(f"{state_path} is not valid JSON.") from exc
+        state = read_json(state_path)
         if state.get("run_id") != self.run_id:
             raise WadiInputError(f"The checkpoint {path} was written by another run (another teacher, plan, "
                                  "prompts or batch size); it cannot be resumed here.")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from wadi_probe.atomic import atomic_path, write_text_atomic
 from wadi_probe.errors import WadiInputError
+from wadi_probe.jsonfile import read_json
 
 SCHEMA_VERSION = 1
 TOOL = "wadi-probe"
@@ -294,10 +295,7 @@ def load_report(path: str | Path) -> Report:
     path = Path(path).expanduser()
     if not path.is_file():
         raise WadiInputError(f"{path} does not exist." if not path.exists() else f"{path} is not a file.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise WadiInputError(f"{path} is not valid JSON ({error}).") from error
+    data = read_json(path)
     validate_report(data, str(path))
     return Report(data)
 

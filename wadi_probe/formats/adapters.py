@@ -27,6 +27,7 @@ import torch
 
 from wadi_probe.checkpoints import Checkpoint
 from wadi_probe.errors import WadiInputError
+from wadi_probe.jsonfile import read_json
 from wadi_probe.rotation import as_matrix, rotate_pairs
 
 _ADAPTER_KEY = re.compile(r"(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|theta_a|theta_b|lorad_A|lorad_B)(\.|$)")
@@ -115,10 +116,7 @@ def _adapter_config(file: Path, metadata: dict[str, str]) -> dict[str, Any]:
     config_path = file.parent / "adapter_config.json"
     config: dict[str, Any] = {}
     if config_path.is_file():
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise WadiInputError(f"{config_path} is not valid JSON.") from exc
+        config = read_json(config_path)
     elif metadata.get("lora_adapter_metadata"):
         try:
             raw = json.loads(metadata["lora_adapter_metadata"])
