@@ -19,6 +19,7 @@ from wadi_probe.checkpoints import Checkpoint, open_checkpoint
 from wadi_probe.decompose import AnalysisSettings, analyze_pair
 from wadi_probe.errors import WadiInputError
 from wadi_probe.formats.torch_io import DictSource
+from wadi_probe.heap import reuse_freed_memory
 from wadi_probe.layers import block_of, kind_of, layer_type_of, module_of
 from wadi_probe.pairing import pair_checkpoints
 from wadi_probe.report import Report, build_report
@@ -101,7 +102,8 @@ def compare(
     try:
         student_ckpt, close_student = _open(student, "student", base=teacher_ckpt if student_is_adapter else None)
         pairing = pair_checkpoints(teacher_ckpt, student_ckpt, include=include, exclude=exclude)
-        records = _analyze_all(teacher_ckpt, student_ckpt, pairing.matched, settings, target, progress, on_layer)
+        with reuse_freed_memory():
+            records = _analyze_all(teacher_ckpt, student_ckpt, pairing.matched, settings, target, progress, on_layer)
         inputs = {"teacher": _describe(teacher_ckpt), "student": _describe(student_ckpt)}
     finally:
         if close_student and student_ckpt is not None:

@@ -48,21 +48,39 @@ def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return rotated.to(weight.dtype)
 
 
+def column_pairs(rows: torch.Tensor) -> torch.Tensor:
+    """The column pairs (2j, 2j+1) of a real (out, fan_in) matrix as complex numbers (out, fan_in // 2).
+
+    A view when the pairs lie contiguously (fp32/fp64, even fan-in, contiguous rows), else a copy; an odd
+    fan-in's last column is left out. fp16/bf16 rows are widened to fp32 first.
+    """
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.to(torch.float32)
+    out, fan_in = rows.shape
+    pairs = num_pairs(fan_in)
+    paired = rows[:, : 2 * pairs].reshape(out, pairs, 2)
+    if paired.stride(2) != 1 or paired.stride(1) != 2 or paired.stride(0) % 2:
+        paired = paired.contiguous()
+    return torch.view_as_complex(paired)
+
+
 def pair_angles(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """Recover the per-row, per-pair angles Θ that turn the teacher's column pairs towards the student's.
 
-    For teacher pair (a, b) and student pair (a', b'): θ = atan2(a·b' − b·a', a·a' + b·b'), and 0 wherever
-    either pair is exactly zero. Both inputs are (out, fan_in); the result is (out, fan_in // 2), in the
-    inputs' (promoted) floating dtype.
+    For teacher pair (a, b) and student pair (a', b'): θ = atan2(a·b' − b·a', a·a' + b·b'), the argument of
+    conj(a + ib)·(a' + ib'), and 0 wherever that product is zero (either pair is zero). Both inputs are
+    (out, fan_in); the result is (out, fan_in // 2), in the inputs' (promoted) floating dtype, at least fp32.
     """
     if teacher.shape != student.shape:
         raise ValueError(f"teacher and student shapes differ: {tuple(teacher.shape)} vs {tuple(student.shape)}")
     dtype = torch.promote_types(torch.promote_types(teacher.dtype, student.dtype), torch.float32)
-    t = teacher.to(dtype)
-    s = student.to(dtype)
-    pairs = num_pairs(t.shape[1])
-    a, b = t[:, 0 : 2 * pairs : 2], t[:, 1 : 2 * pairs : 2]
-    a2, b2 = s[:, 0 : 2 * pairs : 2], s[:, 1 : 2 * pairs : 2]
-    theta = torch.atan2(a * b2 - b * a2, a * a2 + b * b2)
-    zero = ((a == 0) & (b == 0)) | ((a2 == 0) & (b2 == 0))
-    return theta.masked_fill(zero, 0.0)
+    product = column_pairs(student.to(dtype)) * column_pairs(teacher.to(dtype)).conj()
+    return pair_product_angles(product)
+
+
+def pair_product_angles(product: torch.Tensor) -> torch.Tensor:
+    """θ = arg(product) for the complex products conj(teacher pair)·(student pair); 0 where a product is 0.
+
+    (The sign of a zero would otherwise turn arg(−0 + 0i) into π.)
+    """
+    return torch.angle(product).masked_fill_(product == 0, 0.0)
