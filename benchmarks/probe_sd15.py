@@ -23,6 +23,7 @@ Usage::
     nice python benchmarks/probe_sd15.py --quick    # quarter-width UNet, for checking
     python benchmarks/probe_sd15.py --size tiny --build-only   # a small pair for trying the CLI
     python benchmarks/probe_sd15.py --device cuda --skip-naive
+    python benchmarks/probe_sd15.py --skip-naive --breakdown   # where the full analysis spends its time
 """
 
 from __future__ import annotations
@@ -181,10 +182,39 @@ def probe(teacher_path: str, student_path: str, device: str, spectra: bool) -> d
     return {"layers": {r["name"]: {k: r.get(k) for k in keys} for r in report.layers}, "summary": report.summary}
 
 
+def probe_breakdown(teacher_path: str, student_path: str, device: str) -> dict:
+    """The full analysis with the time spent in the Gram products and in the eigenvalue calls summed up."""
+    import torch
+
+    from wadi_probe import decompose
+
+    spent = {"gram_s": 0.0, "eigenvalues_s": 0.0}
+
+    def timed(function, key):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            value = function(*args, **kwargs)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            spent[key] += time.perf_counter() - started
+            return value
+        return wrapper
+
+    decompose.lower_gram = timed(decompose.lower_gram, "gram_s")
+    decompose.symmetric_eigenvalues = timed(decompose.symmetric_eigenvalues, "eigenvalues_s")
+    started = time.perf_counter()
+    result = probe(teacher_path, student_path, device, spectra=True)
+    total = time.perf_counter() - started
+    result["breakdown"] = {**spent, "everything_else_s": total - sum(spent.values())}
+    return result
+
+
 def worker(mode: str, teacher_path: str, student_path: str, device: str, result_path: str) -> None:
     started = time.perf_counter()
     if mode == "naive":
         result = naive(teacher_path, student_path, device)
+    elif mode == "probe-breakdown":
+        result = probe_breakdown(teacher_path, student_path, device)
     else:
         result = probe(teacher_path, student_path, device, spectra=(mode == "probe"))
     if device.startswith("cuda"):
@@ -240,6 +270,8 @@ def main() -> None:
     parser.add_argument("--build-only", action="store_true", help="Build (or find) the cached pair, print its paths, stop.")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (for all methods).")
     parser.add_argument("--skip-naive", action="store_true", help="Only time the probe.")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="Also run the full analysis once more, timing its Gram products and eigenvalue calls.")
     parser.add_argument("--timeout", type=float, default=3600, help="Seconds before a method is abandoned.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -257,13 +289,15 @@ def main() -> None:
         print(teacher, student)
         return
     warm_page_cache(teacher, student)
-    modes = ["probe-nospectra", "probe"] + ([] if args.skip_naive else ["naive"])
+    modes = ["probe-nospectra", "probe"] + (["probe-breakdown"] if args.breakdown else []) + ([] if args.skip_naive else ["naive"])
     results = {}
     for mode in modes:
         results[mode] = run_worker(mode, teacher, student, args.device, args.timeout)
         r = results[mode]
         print(f"{mode:16s} {r['seconds']:8.1f} s (process {r['process_seconds']:.1f} s)  peak RSS {r['peak_rss_mb']:8.0f} MB",
               flush=True)
+        if "breakdown" in r:
+            print("                 " + ", ".join(f"{k} {v:.1f}" for k, v in r["breakdown"].items()), flush=True)
     load = os.getloadavg()
     summary = {
         "config": f"SD1.5 UNet config, size {size} (block_out_channels {config_for(size)['block_out_channels']})",
@@ -274,6 +308,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "results": {m: {k: round(v, 2) for k, v in r.items() if k in ("seconds", "process_seconds", "peak_rss_mb")}
                     for m, r in results.items()},
+        **({"breakdown": {k: round(v, 2) for k, v in results["probe-breakdown"]["breakdown"].items()}}
+           if "probe-breakdown" in results else {}),
     }
     if "naive" in results:
         summary["speedup_full"] = round(results["naive"]["seconds"] / results["probe"]["seconds"], 1)
