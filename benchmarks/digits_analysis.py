@@ -244,11 +244,13 @@ def VERDICT_ENERGY(energy: float | None) -> str:  # noqa: N802
 def VERDICT_SWAP(d_norm: float, d_dir: float) -> str:  # noqa: N802
     """The paper's point is which swap moves the student more: its change lives where the big move is."""
     if abs(d_dir) > 3 * abs(d_norm):
+        signs = ("(Positive like the paper's: the student beats its teacher, so undoing what it learned makes it "
+                 "worse.)" if d_dir > 0 else
+                 "(The paper's signs are both positive because its student beats its teacher; where ours does not, "
+                 "undoing its directions improves the metric instead.)")
         return (f"**Agrees with the paper in kind:** putting the teacher's directions back moves the student's feature "
                 f"FD by {d_dir:+.3g}, {abs(d_dir) / max(abs(d_norm), 1e-9):.3g}× more than putting its norms back "
-                f"({d_norm:+.3g}) — what the student learned lives in its directions. (The paper's signs are both "
-                "positive because its student beats its teacher; where ours does not, undoing its directions "
-                "improves the metric instead.)")
+                f"({d_norm:+.3g}) — what the student learned lives in its directions. {signs}")
     return (f"**Does not reproduce the paper's asymmetry** on this model: teacher norms move the feature FD by "
             f"{d_norm:+.3g}, teacher directions by {d_dir:+.3g}.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -140,3 +141,19 @@ def test_failed_write_leaves_no_half_written_report(pair, tmp_path, monkeypatch)
     result = runner.invoke(app, ["compare", str(pair[0]), str(pair[1]), "-o", str(out), "--no-progress", "--no-spectra"])
     assert result.exit_code != 0
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_summary_tables_keep_layer_names_and_numbers_on_an_80_column_console(pair):
+    from rich.console import Console
+
+    from wadi_probe import compare
+    from wadi_probe.summary import print_summary
+
+    report = compare(pair[0], pair[1], device="cpu")
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    print_summary(report, console, top=5)
+    text = console.export_text()
+    top = max(report.layers, key=lambda r: r["direction_change_mean"] if len(r["shape"]) >= 2 else -1)
+    assert top["module"][:20] in text  # the layer column is not squeezed out
+    assert "…" not in text  # no number or header cut short
+    assert console.width == 80  # the console is left as it was

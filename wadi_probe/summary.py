@@ -164,5 +164,20 @@ def print_summary(report: Report, console: Console | None = None, *, top: int = 
     """Print the summary to ``console`` (stdout by default)."""
     console = console or Console()
     for part in summary_renderables(report, top=top):
-        console.print(part)
+        _print_unsqueezed(console, part)
         console.print()
+
+
+def _print_unsqueezed(console: Console, part: RenderableType) -> None:
+    """Print a table at least as wide as it needs: on a narrow or piped console (80 columns) the lines then run
+    long instead of numbers being cut to "0.0…" and the layer names squeezed out; other parts print as usual."""
+    needed = console.measure(part, options=console.options.update_width(10_000)).maximum if isinstance(part, Table) else 0
+    if needed <= console.width:
+        console.print(part)
+        return
+    width = console.width
+    console.width = needed
+    try:
+        console.print(part)
+    finally:
+        console.width = width
