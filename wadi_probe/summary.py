@@ -101,15 +101,8 @@ def top_rotated_table(report: Report, top: int = 10) -> Table:
     rows = [r for r in report.layers if len(r.get("shape") or ()) >= 2 and r.get("direction_change_mean") is not None]
     rows.sort(key=lambda r: r["direction_change_mean"], reverse=True)
     table = Table(title=f"Most rotated layers (top {min(top, len(rows))} of {len(rows)} by mean direction change)", title_justify="left")
-    for header, justify in (("layer", "left"), ("shape", "left"), ("dir. chg", "right"),
-                            ("angle mean/max", "right"), ("norm chg", "right"), ("res. E@30%", "right"),
-                            ("rot. expl.", "right"), ("rank", "right")):
-        if header == "layer":
-            table.add_column(header, justify="left", overflow="fold", min_width=32, ratio=1)
-        else:
-            table.add_column(header, justify=justify, no_wrap=True)
-    for r in rows[:top]:
-        table.add_row(
+    cells = [
+        (
             r.get("module") or r["name"],
             "×".join(str(n) for n in r["shape"]),
             percent(r["direction_change_mean"]),
@@ -119,7 +112,23 @@ def top_rotated_table(report: Report, top: int = 10) -> Table:
             percent(r.get("lorad_explained")),
             _rank(r.get("recommended_rank")),
         )
+        for r in rows[:top]
+    ]
+    headers = ("layer", "shape", "dir. chg", "angle mean/max", "norm chg", "res. E@30%", "rot. expl.", "rank")
+    for index, header in enumerate(headers):
+        if header == "layer":
+            table.add_column(header, justify="left", overflow="fold", min_width=32, ratio=1)
+        else:
+            table.add_column(header, justify="right" if index > 1 else "left", no_wrap=True,
+                             min_width=_widest(header, cells, index))
+    for row in cells:
+        table.add_row(*row)
     return table
+
+
+def _widest(header: str, cells: list[tuple[str, ...]], index: int) -> int:
+    """Width of a no-wrap column's longest entry, so that rich's minimum width measures it whole."""
+    return max([len(header), *(len(row[index]) for row in cells)])
 
 
 def groups_table(report: Report) -> Table:
@@ -130,16 +139,21 @@ def groups_table(report: Report) -> Table:
         "recommended LoRaD rank)",
         title_justify="left",
     )
-    for header in ("block", "layer type", "matrices", "params", "norm chg", "dir. chg", "angle",
-                   "res. E@30%", "rot. expl.", "rank"):
-        table.add_column(header, justify="left" if header in ("block", "layer type") else "right", no_wrap=True)
-    for g in report.summary.get("groups", []):
-        table.add_row(
+    cells = [
+        (
             g["block"], g["layer_type"], str(g["matrices"]), _count(g["params"]),
             percent(g.get("norm_change_mean")), percent(g.get("direction_change_mean")), degrees(g.get("angle_deg_mean")),
             percent(g.get("residual_energy_at_30pct_rank_mean")), percent(g.get("lorad_explained_mean")),
             _rank(g.get("recommended_rank_median")),
         )
+        for g in report.summary.get("groups", [])
+    ]
+    headers = ("block", "layer type", "matrices", "params", "norm chg", "dir. chg", "angle", "res. E@30%", "rot. expl.", "rank")
+    for index, header in enumerate(headers):
+        table.add_column(header, justify="left" if index < 2 else "right", no_wrap=True,
+                         min_width=_widest(header, cells, index))
+    for row in cells:
+        table.add_row(*row)
     return table
 
 
@@ -169,15 +183,21 @@ def print_summary(report: Report, console: Console | None = None, *, top: int = 
 
 
 def _print_unsqueezed(console: Console, part: RenderableType) -> None:
-    """Print a table at least as wide as it needs: on a narrow or piped console (80 columns) the lines then run
-    long instead of numbers being cut to "0.0…" and the layer names squeezed out; other parts print as usual."""
-    needed = console.measure(part, options=console.options.update_width(10_000)).maximum if isinstance(part, Table) else 0
-    if needed <= console.width:
-        console.print(part)
+    """Print a table that would lose text at the console's width (numbers cut to "0.0…", the layer column squeezed
+    out: an 80-column or piped console) at its natural width instead, so lines run long rather than information
+    being dropped; everything else, and tables that fit, print as usual."""
+    if isinstance(part, Table) and _truncated(console, part, console.width):
+        width = console.width
+        console.width = console.measure(part, options=console.options.update_width(10_000)).maximum
+        try:
+            console.print(part)
+        finally:
+            console.width = width
         return
-    width = console.width
-    console.width = needed
-    try:
-        console.print(part)
-    finally:
-        console.width = width
+    console.print(part)
+
+
+def _truncated(console: Console, table: Table, width: int) -> bool:
+    lines = console.render_lines(table, console.options.update_width(width), pad=False)
+    text = "".join(segment.text for line in lines for segment in line)
+    return "…" in text or "┏┳" in text  # an ellipsis, or a first column squeezed to nothing
