@@ -395,7 +395,9 @@ class VSDTrainer:
         self.full_student: nn.Module | None = None
         if config.student_adapter == "full":
             self.plan = None
-            self.full_student = copy.deepcopy(base).to(self.device, torch.float32)
+            # .float() rather than .to(dtype): diffusers' ModelMixin.to warns about fp32-kept modules on every dtype
+            # cast, even when there are none.
+            self.full_student = copy.deepcopy(base).to(self.device).float()
             self.full_student.requires_grad_(True)
             self.full_student.train()
         else:
