@@ -1,6 +1,6 @@
-"""Full fine-tuning VSD on builtin:digits: how the one-step student's quality moves with training length, per recipe.
+"""VSD on builtin:digits: how the one-step student's quality moves with training length, per recipe.
 
-Each variant trains one fully fine-tuned student (seed 0, batch 16, VSD CFG 1.5, fake score LoRaD rank 32 at lr
+Each variant trains one student (fully fine-tuned, or the demo's LoRaD-from-probe student for ``lorad*``) (seed 0, batch 16, VSD CFG 1.5, fake score LoRaD rank 32 at lr
 1e-2, as in the demo) and is scored after 100, 200, 400 and 800 steps (the run is resumed from its checkpoint
 between lengths, so each variant is one continuous run). Scores: :func:`wadi_distill.evaluate.evaluate_images` on
 300 one-step images (30 per digit) against the 300 held-out reference digits. One JSON line per (variant, steps).
@@ -14,6 +14,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,13 +24,17 @@ VARIANTS = {
     "ttur5": {"lr": 2e-5, "fake_updates_per_step": 5},  # DMD2's two time-scale update rule
     "lr5e-6": {"lr": 5e-6},
     "fakerank128": {"lr": 2e-5, "fake_rank": 128},
+    # The demo's LoRaD student (layers and ranks from reports/demo/report.json, 10 % budget), at 1 and 5 fake updates.
+    "lorad": {"lr": 1e-3, "student": "lorad-probe"},
+    "lorad-ttur5": {"lr": 1e-3, "student": "lorad-probe", "fake_updates_per_step": 5},
 }
+REPORT = Path(__file__).resolve().parents[1] / "reports" / "demo" / "report.json"
 LENGTHS = (100, 200, 400, 800)
 METRICS = ("fd_pixel", "fd_features", "precision", "recall", "class_accuracy")
 
 
-def run_variant(name: str, workdir: Path, lengths: tuple[int, ...] = LENGTHS) -> list[dict]:
-    """Train one variant through ``lengths`` (resuming in between) and score it at each length."""
+def run_variant(name: str, workdir: Path, lengths: tuple[int, ...] = LENGTHS) -> Iterator[dict]:
+    """Train one variant through ``lengths`` (resuming in between); yield its scores at each length as they come."""
     from wadi_distill.backbones import load_teacher
     from wadi_distill.demo import eval_labels, one_step_digits
     from wadi_distill.digits import load_split
@@ -39,7 +44,6 @@ def run_variant(name: str, workdir: Path, lengths: tuple[int, ...] = LENGTHS) ->
 
     variant = VARIANTS[name]
     reference, labels = load_split("reference"), eval_labels(30)
-    rows = []
     for index, steps in enumerate(lengths):
         config = DistillConfig(
             teacher="builtin:digits", output_dir=str(workdir / name), max_steps=steps, batch_size=16,
@@ -47,15 +51,16 @@ def run_variant(name: str, workdir: Path, lengths: tuple[int, ...] = LENGTHS) ->
             checkpointing_steps=min(lengths), tensorboard=False, progress=False, final_samples=2,
             student_adapter="full", fake_updates_per_step=variant.get("fake_updates_per_step", 1),
             resume="latest" if index else None)
+        if variant.get("student") == "lorad-probe":
+            config.student_adapter, config.rank_from_probe, config.budget = "lorad", str(REPORT), 0.10
         started = time.perf_counter()
         result = distill(config)
         seconds = time.perf_counter() - started
         bundle = load_teacher("builtin:digits")
         load_merged_weights(bundle.denoiser, result.merged_path)
         metrics = evaluate_images(one_step_digits(bundle, bundle.denoiser.eval(), labels, seed=1000), labels, reference)
-        rows.append({"variant": name, "steps": steps, "train_s": round(seconds, 1),
-                     **{key: round(metrics[key], 3) for key in METRICS}})
-    return rows
+        yield {"variant": name, "steps": steps, "train_s": round(seconds, 1),
+               **{key: round(metrics[key], 3) for key in METRICS}}
 
 
 def main() -> None:
