@@ -342,7 +342,8 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
         f"(2 UNet evaluations per step); one-step rows: one UNet evaluation at t = T−1 on the same noise seeds.",
         f"students: VSD (CFG {settings.vsd_cfg:g}, batch {settings.batch_size}, fake score LoRaD rank "
         f"{settings.fake_rank} at lr {settings.fake_lr:g}); full: {settings.full_steps} steps at lr "
-        f"{settings.full_lr:g}, every weight, {settings.full_fake_updates} fake-score updates per step; LoRaD: {settings.lorad_steps} steps at lr {settings.lorad_lr:g}, "
+        f"{settings.full_lr:g}, every weight, {settings.full_fake_updates} fake-score updates per step; "
+        f"LoRaD: {settings.lorad_steps} steps at lr {settings.lorad_lr:g}, "
         f"{len(plan.get('layers') or {})} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters).",
         f"wall time: {wall:.0f} s in total ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})"
         f", {torch.get_num_threads()} torch threads.",

@@ -433,17 +433,11 @@ def _explained_by_exact_angles(
     """
     if residual_energy <= 0:
         return None
-    gap = _pair_lengths(student_pairs).mul_(s_inv).sub_(_pair_lengths(teacher_pairs).mul_(t_inv))
+    gap = student_pairs.abs().mul_(s_inv).sub_(teacher_pairs.abs().mul_(t_inv))
     left_over = torch.linalg.vector_norm(gap).to(torch.float64).square()
     if t.shape[1] % 2:
         left_over += torch.linalg.vector_norm(s[:, -1:] * s_inv - t[:, -1:] * t_inv).to(torch.float64).square()
     return 1.0 - float(left_over) / residual_energy
-
-
-def _pair_lengths(pairs: torch.Tensor) -> torch.Tensor:
-    """|z| of complex pairs via ``hypot`` on the real and imaginary parts (about 2× faster than ``abs`` on CPU)."""
-    parts = torch.view_as_real(pairs)
-    return pairs.abs()
 
 
 def _explained(t_unit: torch.Tensor, s_unit: torch.Tensor, theta: torch.Tensor, residual_energy: float) -> float | None:
