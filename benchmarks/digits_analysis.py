@@ -65,9 +65,9 @@ def change_statistics(report) -> dict:
 
 def score_state(state: dict, seeds: list[int], per_class: int) -> dict:
     """Metrics of the one-step samples of a UNet state dict (mean ± std over noise seeds)."""
-    from wadi_distill.backbones import load_teacher
-    from wadi_distill.demo import eval_labels, one_step_digits
-    from wadi_distill.digits import load_split
+    from wadi_distill.teachers.pipeline import load_teacher
+    from wadi_distill.builtin.digits.demo import eval_labels, one_step_digits
+    from wadi_distill.builtin.digits.data import load_split
     from wadi_distill.evaluate import evaluate_images
 
     bundle = load_teacher("builtin:digits")
@@ -115,10 +115,10 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from digits_quality import run_method
-    from wadi_distill.models import BUILTIN_DIR, UNET_FILE
-    from wadi_probe.atomic import write_json_atomic, write_text_atomic
+    from wadi_distill.builtin.digits.model import BUILTIN_DIR, UNET_FILE
+    from wadi_probe.io.atomic import write_json_atomic, write_text_atomic
     from wadi_probe.hybrid import swap_hybrid
-    from wadi_probe.report import load_report
+    from wadi_probe.report.schema import load_report
 
     started = time.perf_counter()
     report = load_report(args.demo / "report.json")

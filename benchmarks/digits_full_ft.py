@@ -35,12 +35,12 @@ METRICS = ("fd_pixel", "fd_features", "precision", "recall", "class_accuracy")
 
 def run_variant(name: str, workdir: Path, lengths: tuple[int, ...] = LENGTHS) -> Iterator[dict]:
     """Train one variant through ``lengths`` (resuming in between); yield its scores at each length as they come."""
-    from wadi_distill.backbones import load_teacher
-    from wadi_distill.demo import eval_labels, one_step_digits
-    from wadi_distill.digits import load_split
+    from wadi_distill.teachers.pipeline import load_teacher
+    from wadi_distill.builtin.digits.demo import eval_labels, one_step_digits
+    from wadi_distill.builtin.digits.data import load_split
     from wadi_distill.evaluate import evaluate_images
     from wadi_distill.one_step import load_merged_weights
-    from wadi_distill.train import DistillConfig, distill
+    from wadi_distill.vsd.trainer import DistillConfig, distill
 
     variant = VARIANTS[name]
     reference, labels = load_split("reference"), eval_labels(30)

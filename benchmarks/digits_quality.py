@@ -36,13 +36,13 @@ METHODS = ("full", "lora-peft", "dora-peft", "lorad-uniform", "lorad-probe")
 def run_method(method: str, *, seed: int, steps: int, batch_size: int, lr: dict[str, float], report: Path,
                budget: float, ranks: dict[str, int], modules: list[str], per_class: int, workdir: Path) -> dict:
     """Train one student with VSD and score its one-step samples; returns metrics, params and timings."""
-    from wadi_distill.backbones import load_teacher
-    from wadi_distill.demo import eval_labels, one_step_digits
-    from wadi_distill.digits import load_split
+    from wadi_distill.teachers.pipeline import load_teacher
+    from wadi_distill.builtin.digits.demo import eval_labels, one_step_digits
+    from wadi_distill.builtin.digits.data import load_split
     from wadi_distill.evaluate import evaluate_images
     from wadi_distill.one_step import load_merged_weights
-    from wadi_distill.peft_student import distill_peft
-    from wadi_distill.train import DistillConfig, distill
+    from wadi_distill.vsd.peft_student import distill_peft
+    from wadi_distill.vsd.trainer import DistillConfig, distill
 
     kind = method.split("-")[0]
     config = DistillConfig(teacher="builtin:digits", output_dir=str(workdir / f"{method}-s{seed}"), max_steps=steps,
@@ -135,10 +135,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from wadi_distill.models import load_builtin
-    from wadi_distill.peft_student import rank_for_budget
-    from wadi_distill.plan import plan_from_preset, plan_from_report
-    from wadi_probe.atomic import write_json_atomic, write_text_atomic
+    from wadi_distill.builtin.digits.model import load_builtin
+    from wadi_distill.vsd.peft_student import rank_for_budget
+    from wadi_distill.plan.planner import plan_from_preset, plan_from_report
+    from wadi_probe.io.atomic import write_json_atomic, write_text_atomic
 
     unet = load_builtin("digits").unet
     probe_plan = plan_from_report(unet, args.report, budget=args.budget)

@@ -116,8 +116,8 @@ def build_pair(size: str) -> tuple[Path, Path]:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from wadi_probe.atomic import atomic_path
-    from wadi_probe.formats.safetensors_io import write_safetensors_streaming
+    from wadi_probe.io.atomic import atomic_path
+    from wadi_probe.io.formats.safetensors_io import write_safetensors_streaming
 
     CACHE.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)

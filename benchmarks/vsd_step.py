@@ -1,10 +1,10 @@
 """Step time and peak memory of one VSD step: our loop vs a loop written the way the paper's code works.
 
-- ours: :class:`wadi_distill.train.VSDTrainer` — ONE frozen base; student and fake score are LoRaD adapters on it
+- ours: :class:`wadi_distill.vsd.trainer.VSDTrainer` — ONE frozen base; student and fake score are LoRaD adapters on it
   (the teacher is the base with no adapter); each adapted layer forms its rotated weight once and runs one matmul.
 - paper-style: THREE full copies of the UNet (teacher, student, fake score), the adapters attached with forward
   hooks that discard the layer's own output and run the layer again with the rotated weight (each adapted
-  layer runs twice). Same VSD math (:mod:`wadi_distill.vsd`), plan, batch, CFG, optimizers and precision.
+  layer runs twice). Same VSD math (:mod:`wadi_distill.vsd.losses`), plan, batch, CFG, optimizers and precision.
 
 Each variant runs in its own subprocess so that peak memory is measured separately (CUDA: max allocated;
 CPU: peak RSS above the RSS after imports).
@@ -48,8 +48,8 @@ TEXT_LEN = 77
 def _teacher(config_name: str, device: str):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from wadi_distill.backbones import Conditioning, Teacher, UNetCall
-    from wadi_distill.vsd import NoiseSchedule
+    from wadi_distill.teachers.pipeline import Conditioning, Teacher, UNetCall
+    from wadi_distill.vsd.losses import NoiseSchedule
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**CONFIGS[config_name])
@@ -99,8 +99,8 @@ def _attach(model: nn.Module, ranks: dict[str, int]) -> nn.ModuleList:
 
 def _paper_step_fn(teacher, ranks: dict[str, int], fake_ranks: dict[str, int], batch: int, cfg: float,
                    device: str, dtype: torch.dtype):
-    from wadi_distill import vsd
-    from wadi_distill.backbones import Conditioning
+    from wadi_distill.vsd import losses as vsd
+    from wadi_distill.teachers.pipeline import Conditioning
 
     base = teacher.denoiser.to(device, dtype)
     teacher_unet, student_unet, fake_unet = base, copy.deepcopy(base), copy.deepcopy(base)
@@ -161,7 +161,7 @@ def _paper_step_fn(teacher, ranks: dict[str, int], fake_ranks: dict[str, int], b
 # ------------------------------------------------------------------------------------------ our loop
 def _ours_step_fn(teacher, rank: int, fake_rank: int, batch: int, cfg: float, device: str, precision: str,
                   workdir: Path, checkpointing: bool):
-    from wadi_distill.train import DistillConfig, VSDTrainer
+    from wadi_distill.vsd.trainer import DistillConfig, VSDTrainer
 
     prompts = workdir / "prompts.txt"
     prompts.write_text("x\n" * 8)
@@ -175,8 +175,8 @@ def _ours_step_fn(teacher, rank: int, fake_rank: int, batch: int, cfg: float, de
 def _worker(args: argparse.Namespace) -> dict:
     from diffusers import UNet2DConditionModel  # noqa: F401  (imports before the memory baseline)
 
-    import wadi_distill.train  # noqa: F401
-    from wadi_distill.plan import plan_from_preset
+    import wadi_distill.vsd.trainer  # noqa: F401
+    from wadi_distill.plan.planner import plan_from_preset
 
     torch.set_num_threads(args.threads)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

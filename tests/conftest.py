@@ -56,7 +56,7 @@ def tiny_unet() -> Callable[..., torch.nn.Module]:
 
 def to_ldm_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers UNet state dict as an original LDM single file would hold it (plus VAE and text-encoder keys)."""
-    from wadi_probe.ldm import diffusers_to_ldm_names
+    from wadi_probe.io.ldm import diffusers_to_ldm_names
 
     names = diffusers_to_ldm_names(state)
     ldm = {f"model.diffusion_model.{names[k]}": v for k, v in state.items()}

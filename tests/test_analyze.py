@@ -37,7 +37,7 @@ def report(planted_files) -> Report:
 
 
 def test_every_tensor_is_reported_in_model_order(planted, report):
-    from wadi_probe.checkpoints import model_order_key
+    from wadi_probe.io.checkpoints import model_order_key
 
     assert [r["name"] for r in report.layers] == sorted(planted.teacher, key=model_order_key)
     assert [r["order"] for r in report.layers] == list(range(len(planted.teacher)))
@@ -159,7 +159,7 @@ class _TrackingSource:
 def test_tensors_are_streamed_one_pair_at_a_time(planted):
     from pathlib import Path
 
-    from wadi_probe.checkpoints import Checkpoint
+    from wadi_probe.io.checkpoints import Checkpoint
 
     tracker = {"alive": 0, "max_alive": 0, "reads": []}
     sources = [_TrackingSource(d, tracker, Path(label)) for d, label in ((planted.teacher, "t"), (planted.student, "s"))]

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_tiny_unet, to_ldm_state
-from wadi_probe.checkpoints import open_checkpoint, write_like
+from wadi_probe.io.checkpoints import open_checkpoint, write_like
 from wadi_probe.errors import WadiInputError
 
 
@@ -126,7 +126,7 @@ def test_ldm_single_file_maps_to_diffusers_names(tmp_path: Path, tiny_unet, over
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
     from conftest import tiny_unet_config
-    from wadi_probe.ldm import infer_unet_config
+    from wadi_probe.io.ldm import infer_unet_config
     from wadi_probe.pairing import pair_checkpoints
 
     unet = tiny_unet(seed=4, **overrides)
@@ -293,7 +293,7 @@ def test_peft_lora_merge_matches_peft(tmp_path: Path, tiny_unet) -> None:
 
 
 def test_kohya_and_old_diffusers_lora(tmp_path: Path, tiny_unet) -> None:
-    from wadi_probe.ldm import diffusers_to_ldm_names
+    from wadi_probe.io.ldm import diffusers_to_ldm_names
 
     base = tiny_unet(seed=7)
     state = base.state_dict()
@@ -380,7 +380,7 @@ def test_adapter_for_another_model_is_refused(tmp_path: Path, unet_state) -> Non
 
 # ---- write_like: round trips in the reference's own layout ---------------------------------------------------------
 def test_write_like_round_trips_every_layout(tmp_path: Path, tiny_unet) -> None:
-    from wadi_probe.checkpoints import lazy_tensors
+    from wadi_probe.io.checkpoints import lazy_tensors
 
     unet = tiny_unet(seed=9)
     state = unet.state_dict()
@@ -431,7 +431,7 @@ def test_write_like_is_atomic_and_refuses_bad_tensors(tmp_path: Path, unet_state
 
 
 def test_write_merged_adapter_in_base_layout(tmp_path: Path, unet_state) -> None:
-    from wadi_probe.checkpoints import lazy_tensors
+    from wadi_probe.io.checkpoints import lazy_tensors
 
     base_state = {k: v.half() for k, v in unet_state.items()}
     save_file(base_state, str(tmp_path / "teacher.safetensors"))

@@ -9,10 +9,10 @@ from torch import nn
 from typer.testing import CliRunner
 
 from conftest import make_tiny_unet
-from wadi_distill.adapters import save_adapter
+from wadi_distill.lorad.serialization import save_adapter
 from wadi_distill.cli import app
-from wadi_distill.lorad import inject_lorad, lorad_layers, merge_lorad, remove_lorad
-from wadi_distill.plan import Plan, plan_from_preset
+from wadi_distill.lorad.layer import inject_lorad, lorad_layers, merge_lorad, remove_lorad
+from wadi_distill.plan.planner import Plan, plan_from_preset
 from wadi_probe.rotation import rotate_pairs
 
 runner = CliRunner()
@@ -193,7 +193,7 @@ def test_export_official_thetas_and_refusals(folders, tmp_path):
 
 
 def test_plan_for_the_builtin_teacher():
-    from wadi_distill.models import load_teacher
+    from wadi_distill.builtin.digits.model import load_teacher
 
     result = run("plan", "--teacher", "builtin:digits", "--preset", "paper", "--rank", 8, "--json")
     assert result.exit_code == 0, result.output

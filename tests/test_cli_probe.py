@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from _planted_pairs import planted_unet_pair
 from conftest import make_tiny_unet
 from wadi_probe.cli import app
-from wadi_probe.report import load_report
+from wadi_probe.report.schema import load_report
 
 runner = CliRunner()
 
@@ -130,7 +130,7 @@ def test_crash_mid_run_leaves_no_half_written_report(pair, tmp_path, monkeypatch
 
 
 def test_failed_write_leaves_no_half_written_report(pair, tmp_path, monkeypatch):
-    import wadi_probe.report as report_module
+    import wadi_probe.report.schema as report_module
 
     out = tmp_path / "report.json"
 
@@ -147,7 +147,7 @@ def test_summary_tables_keep_layer_names_and_numbers_on_an_80_column_console(pai
     from rich.console import Console
 
     from wadi_probe import compare
-    from wadi_probe.summary import print_summary
+    from wadi_probe.report.summary import print_summary
 
     report = compare(pair[0], pair[1], device="cpu")
     console = Console(width=80, record=True, file=open(os.devnull, "w"))

@@ -12,9 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipelines import make_pipeline  # noqa: E402
 
-from wadi_distill.backbones import Conditioning, load_teacher  # noqa: E402
-from wadi_distill.embedding_cache import EmbeddingCache, build_embedding_cache, cache_key  # noqa: E402
-from wadi_distill.prompts import load_prompts  # noqa: E402
+from wadi_distill.teachers.pipeline import Conditioning, load_teacher  # noqa: E402
+from wadi_distill.teachers.embedding_cache import EmbeddingCache, build_embedding_cache, cache_key  # noqa: E402
+from wadi_distill.teachers.prompts import load_prompts  # noqa: E402
 from wadi_probe.errors import WadiInputError  # noqa: E402
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wadi_distill.demo import (
+from wadi_distill.builtin.digits.demo import (
     METRIC_KEYS,
     eval_labels,
     eval_seeds,
@@ -19,10 +19,10 @@ from wadi_distill.demo import (
     run_demo,
 )
 
-BUILTIN = Path(__file__).resolve().parents[1] / "wadi_distill" / "builtin"
+BUILTIN = Path(__file__).resolve().parents[1] / "wadi_distill" / "builtin" / "digits"
 needs_shipped = pytest.mark.skipif(
     not (BUILTIN / "digits_unet.safetensors").is_file() or not (BUILTIN / "digits_classifier.safetensors").is_file(),
-    reason="the shipped digits teacher/classifier are not in wadi_distill/builtin/",
+    reason="the shipped digits teacher/classifier are not in wadi_distill/builtin/digits/",
 )
 
 TINY = dict(full_steps=2, lorad_steps=2, batch_size=2, ddim_steps=4, eval_per_class=4)
@@ -82,9 +82,9 @@ def test_demo_metrics_are_sane(demo):
 def test_demo_report_and_students_are_real(demo):
     from safetensors.torch import load_file
 
-    from wadi_distill.adapters import load_adapter
-    from wadi_distill.models import load_builtin
-    from wadi_probe.report import load_report
+    from wadi_distill.lorad.serialization import load_adapter
+    from wadi_distill.builtin.digits.model import load_builtin
+    from wadi_probe.report.schema import load_report
 
     report = load_report(demo.output_dir / "report.json")
     summary = report.summary

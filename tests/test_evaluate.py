@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from wadi_distill.digits import load_split
+from wadi_distill.builtin.digits.data import load_split
 from wadi_distill.evaluate import (
     class_accuracy, evaluate_images, frechet_distance, frechet_distance_from_stats, precision_recall,
 )
-from wadi_distill.sanity import class_mean_images, gaussian_blur, ordering_violations, sanity_rows
+from wadi_distill.builtin.digits.sanity import class_mean_images, gaussian_blur, ordering_violations, sanity_rows
 from wadi_probe.errors import WadiInputError
 
 
@@ -98,7 +98,7 @@ def test_gaussian_blur_keeps_constant_images_and_mass():
 
 @pytest.mark.slow
 def test_sanity_ordering_of_the_shipped_teacher_on_a_small_sample():
-    from wadi_distill.models import load_builtin
+    from wadi_distill.builtin.digits.model import load_builtin
 
     rows = sanity_rows(load_builtin("digits"), steps=15, cfg=2.0, seed=0, count=100)
     assert ordering_violations(rows) == []
@@ -108,7 +108,7 @@ def test_sanity_ordering_of_the_shipped_teacher_on_a_small_sample():
 
 
 def test_classifier_training_and_save_load_round_trip(tmp_path):
-    from wadi_distill.classifier import load_classifier, save_classifier, train_classifier
+    from wadi_distill.builtin.digits.classifier import load_classifier, save_classifier, train_classifier
 
     train, test = load_split("train"), load_split("test")
     model = train_classifier(train.images[:400], train.labels[:400], epochs=15, seed=1)

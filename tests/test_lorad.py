@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import wadi_distill.lorad as lorad_module
-from wadi_distill.lorad import (
+import wadi_distill.lorad.layer as lorad_module
+from wadi_distill.lorad.layer import (
     LoRaDConv2d,
     LoRaDLinear,
     adapter_disabled,

@@ -6,12 +6,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wadi_distill.digits import load_split, split_indices
-from wadi_distill.models import (
+from wadi_distill.builtin.digits.data import load_split, split_indices
+from wadi_distill.builtin.digits.model import (
     BuiltinTeacher, build_teacher, is_builtin, load_builtin, load_teacher, load_teacher_dir, save_teacher,
 )
 from wadi_distill.sample import sample_multistep
-from wadi_distill.teacher_training import TeacherTrainingConfig, train_teacher
+from wadi_distill.builtin.digits.teacher_training import TeacherTrainingConfig, train_teacher
 from wadi_probe.errors import WadiInputError
 
 TINY_UNET = {

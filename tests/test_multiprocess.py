@@ -22,7 +22,7 @@ WORKER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from safetensors.torch import save_file
-    from wadi_distill.train import DistillConfig, distill
+    from wadi_distill.vsd.trainer import DistillConfig, distill
 
     cfg = DistillConfig(**json.loads(sys.argv[1]))
     rank = int(os.environ["RANK"])

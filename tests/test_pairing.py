@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import make_tiny_unet, write_every_layout
-from wadi_probe.checkpoints import open_checkpoint
+from wadi_probe.io.checkpoints import open_checkpoint
 from wadi_probe.errors import WadiInputError
 from wadi_probe.pairing import pair_checkpoints
 

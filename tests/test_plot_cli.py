@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from wadi_probe.cli import app
-from wadi_probe.report import Report
+from wadi_probe.report.schema import Report
 
 from _planted_report import planted_pair, planted_report
 

@@ -13,9 +13,9 @@ from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
 from matplotlib.patches import Rectangle
 
-from wadi_probe import plots
+from wadi_probe.report import plots
 from wadi_probe.errors import WadiInputError
-from wadi_probe.report import report_to_dataframe
+from wadi_probe.report.schema import report_to_dataframe
 from wadi_probe.rotation import rotate_pairs
 
 from _planted_report import LAYER_SPECS, planted_pair, planted_report

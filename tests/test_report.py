@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from wadi_probe import Report, WadiInputError, compare, load_report
-from wadi_probe.report import SCHEMA_VERSION, build_report, group_by_block, report_to_dataframe, summarize
+from wadi_probe.report.schema import SCHEMA_VERSION, build_report, group_by_block, report_to_dataframe, summarize
 
 
 def _record(name, shape, nc, nc_std, dc, dc_std, rows, rank=None, **extra):

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipelines import make_pipeline  # noqa: E402
 
-from wadi_distill.lorad import use_adapter  # noqa: E402
-from wadi_distill.train import DistillConfig, VSDTrainer, distill, list_checkpoints  # noqa: E402
+from wadi_distill.lorad.layer import use_adapter  # noqa: E402
+from wadi_distill.vsd.trainer import DistillConfig, VSDTrainer, distill, list_checkpoints  # noqa: E402
 from wadi_probe.errors import WadiRuntimeError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -71,7 +71,7 @@ def test_vsd_steps_change_adapters_not_the_teacher(kind, pipelines, prompt_file,
         expected = (z - math.sqrt(1 - a_bar) * raw) / math.sqrt(a_bar)
     else:  # v-prediction
         expected = math.sqrt(a_bar) * z - math.sqrt(1 - a_bar) * raw
-    from wadi_distill.vsd import one_step_x0
+    from wadi_distill.vsd.losses import one_step_x0
 
     with torch.no_grad():
         got = one_step_x0(trainer.predict("student", z, t_last, cond), z, trainer.schedule)
@@ -124,7 +124,7 @@ def test_lora_adapters_and_bf16_after_fp32_in_one_process(pipelines, prompt_file
 KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
-    from wadi_distill.train import DistillConfig, distill
+    from wadi_distill.vsd.trainer import DistillConfig, distill
     cfg = DistillConfig(**__import__("json").loads(sys.argv[1]))
     distill(cfg)
 """)
@@ -191,8 +191,8 @@ def test_export_loads_into_stock_diffusers_class(pipelines, prompt_file, tmp_pat
     stock = UNet2DConditionModel.from_pretrained(pipelines["sd2"] / "unet")
     stock.load_state_dict(load_file(str(result.merged_path)), strict=True)
 
-    from wadi_distill.adapters import load_adapter
-    from wadi_distill.backbones import load_teacher
+    from wadi_distill.lorad.serialization import load_adapter
+    from wadi_distill.teachers.pipeline import load_teacher
 
     teacher = load_teacher(pipelines["sd2"], load_text_encoders=False, load_vae=False)
     load_adapter(teacher.denoiser, result.final_dir, adapter_name="student")
@@ -221,7 +221,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(pipelines, prompt_file, t
 
 
 def test_digits_teacher_folder_full_and_lorad(tmp_path):
-    models = pytest.importorskip("wadi_distill.models")
+    models = pytest.importorskip("wadi_distill.builtin.digits.model")
     if not hasattr(models, "build_teacher") or not hasattr(models, "save_teacher"):
         pytest.skip("the digits teacher builder is not available")
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from wadi_distill import vsd
+from wadi_distill.vsd import losses as vsd
 from wadi_probe.errors import WadiInputError
 
 

@@ -4,9 +4,9 @@ LoRaD (low-rank rotation of weight direction) turns each output unit's weight ro
 keeping its norm; plans say which layers get which rank, from a preset or from a ``wadi-probe`` report.
 """
 
-from wadi_distill.adapters import export_merged, load_adapter, load_official_thetas, save_adapter
+from wadi_distill.lorad.serialization import export_merged, load_adapter, load_official_thetas, save_adapter
 from wadi_distill.evaluate import evaluate_images, frechet_distance, precision_recall
-from wadi_distill.lorad import (
+from wadi_distill.lorad.layer import (
     LoRaDConv2d,
     LoRaDLinear,
     adapter_disabled,
@@ -18,10 +18,10 @@ from wadi_distill.lorad import (
     unmerge_lorad,
     use_adapter,
 )
-from wadi_distill.models import BuiltinTeacher, is_builtin, load_builtin, load_teacher
-from wadi_distill.plan import Plan, PlanEntry, load_model_config_only, plan_from_preset, plan_from_report
+from wadi_distill.builtin.digits.model import BuiltinTeacher, is_builtin, load_builtin, load_teacher
+from wadi_distill.plan.planner import Plan, PlanEntry, load_model_config_only, plan_from_preset, plan_from_report
 from wadi_distill.sample import sample_multistep
-from wadi_distill.train import DistillConfig, DistillResult, distill
+from wadi_distill.vsd.trainer import DistillConfig, DistillResult, distill
 
 __version__ = "0.1.0"
 

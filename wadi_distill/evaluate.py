@@ -86,7 +86,7 @@ def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.nd
 
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor | list[int], classifier=None) -> float:
     """Share of ``images`` the digit classifier assigns to their requested ``labels``."""
-    from wadi_distill.classifier import shipped_classifier
+    from wadi_distill.builtin.digits.classifier import shipped_classifier
 
     classifier = classifier if classifier is not None else shipped_classifier()
     labels_t = torch.as_tensor(labels, dtype=torch.long)
@@ -99,13 +99,13 @@ def evaluate_images(images: torch.Tensor, labels: torch.Tensor | list[int] | Non
                     *, classifier=None, k: int = 3) -> dict[str, float]:
     """All metrics for digit ``images`` (N, 1, 8, 8) in [-1, 1] against ``reference`` real digits.
 
-    ``reference`` is a :class:`~wadi_distill.digits.DigitsSplit`, an image tensor, or None for the held-out
+    ``reference`` is a :class:`~wadi_distill.builtin.digits.data.DigitsSplit`, an image tensor, or None for the held-out
     ``reference`` split. ``labels`` (the classes the images were asked for) enable ``class_accuracy``.
     Returned keys: ``fd_pixel``, ``fd_features``, ``precision``, ``recall``, ``class_accuracy`` (or None),
     ``num_images``, ``num_reference``.
     """
-    from wadi_distill.classifier import shipped_classifier
-    from wadi_distill.digits import load_split
+    from wadi_distill.builtin.digits.classifier import shipped_classifier
+    from wadi_distill.builtin.digits.data import load_split
 
     classifier = classifier if classifier is not None else shipped_classifier()
     if reference is None:

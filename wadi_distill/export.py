@@ -1,9 +1,9 @@
 """Export a merged student: the teacher's weights with the adapter's rotation written in, nothing else changed.
 
-The teacher is read lazily, one tensor at a time (:func:`wadi_probe.checkpoints.open_checkpoint`); adapted
+The teacher is read lazily, one tensor at a time (:func:`wadi_probe.io.checkpoints.open_checkpoint`); adapted
 weights are rotated (Θ = A·B in fp32, :func:`wadi_probe.rotation.rotate_pairs`) and cast back to the teacher's
 dtype, every other tensor passes through untouched, and the result is written under the teacher's own key
-names (:func:`wadi_probe.checkpoints.write_like`). The output is a plain model: it loads with
+names (:func:`wadi_probe.io.checkpoints.write_like`). The output is a plain model: it loads with
 ``load_state_dict(strict=True)`` into the stock diffusers class, or with ``from_pretrained`` when written as a folder.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from wadi_distill.adapters import AdapterFile, read_adapter
-from wadi_probe.atomic import atomic_path
-from wadi_probe.checkpoints import TORCH_SUFFIXES, lazy_tensors, open_checkpoint, write_like
+from wadi_distill.lorad.serialization import AdapterFile, read_adapter
+from wadi_probe.io.atomic import atomic_path
+from wadi_probe.io.checkpoints import TORCH_SUFFIXES, lazy_tensors, open_checkpoint, write_like
 from wadi_probe.errors import WadiInputError
 from wadi_probe.rotation import rotate_pairs
 
@@ -41,7 +41,7 @@ class ExportResult:
 def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, kind: str = "lorad", scale: float = 1.0) -> torch.Tensor:
     """The weight an adapter gives: R_Θ(W) with Θ = A·B in fp32 (LoRaD) or W + scale·B·A (LoRA), in W's dtype.
 
-    Computes exactly what :meth:`wadi_distill.lorad.LoRaDLayer.merge` writes, so in-model merging and file
+    Computes exactly what :meth:`wadi_distill.lorad.layer.LoRaDLayer.merge` writes, so in-model merging and file
     export agree bit for bit.
     """
     matrix = weight.reshape(weight.shape[0], -1)

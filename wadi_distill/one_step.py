@@ -1,6 +1,6 @@
 """One-step generation with a distilled student, and image grids.
 
-The student evaluates once at t = T−1 on pure noise; :func:`wadi_distill.vsd.one_step_x0` turns its raw
+The student evaluates once at t = T−1 on pure noise; :func:`wadi_distill.vsd.losses.one_step_x0` turns its raw
 prediction (ε, v or x0, as the teacher's scheduler says) into the sample.
 """
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wadi_distill.backbones import Conditioning, DenoiserCall, Teacher, load_teacher
-from wadi_distill.vsd import NoiseSchedule, one_step_x0
-from wadi_probe.atomic import atomic_path
+from wadi_distill.teachers.pipeline import Conditioning, DenoiserCall, Teacher, load_teacher
+from wadi_distill.vsd.losses import NoiseSchedule, one_step_x0
+from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 
 
@@ -95,8 +95,8 @@ def sample(
     bundle = load_teacher(teacher)
     denoiser = bundle.denoiser
     if adapter is not None:
-        from wadi_distill.adapters import load_adapter
-        from wadi_distill.lorad import set_active_adapter
+        from wadi_distill.lorad.serialization import load_adapter
+        from wadi_distill.lorad.layer import set_active_adapter
 
         load_adapter(denoiser, adapter, adapter_name="student")
         set_active_adapter(denoiser, "student")

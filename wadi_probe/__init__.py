@@ -6,7 +6,7 @@ the ``wadi-probe`` command only parses arguments and prints.
 
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 from wadi_probe.analyze import compare
-from wadi_probe.report import Report, load_report
+from wadi_probe.report.schema import Report, load_report
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Stream matched teacher/student tensor pairs through the §4 math and collect a :class:`~wadi_probe.report.Report`.
+"""Stream matched teacher/student tensor pairs through the §4 math and collect a :class:`~wadi_probe.report.schema.Report`.
 
 Only one pair of tensors is in memory at a time (read, moved to the device, analysed, freed), so a full SD
 checkpoint is probed in far less memory than loading either file whole.
@@ -15,14 +15,14 @@ from typing import Any, Callable
 
 import torch
 
-from wadi_probe.checkpoints import Checkpoint, open_checkpoint
+from wadi_probe.io.checkpoints import Checkpoint, open_checkpoint
 from wadi_probe.decompose import AnalysisSettings, analyze_pair
 from wadi_probe.errors import WadiInputError
-from wadi_probe.formats.torch_io import DictSource
+from wadi_probe.io.formats.torch_io import DictSource
 from wadi_probe.heap import reuse_freed_memory
 from wadi_probe.layers import block_of, kind_of, layer_type_of, module_of
 from wadi_probe.pairing import pair_checkpoints
-from wadi_probe.report import Report, build_report
+from wadi_probe.report.schema import Report, build_report
 
 _PREFIXES = ("module.", "unet.", "transformer.")
 
@@ -87,7 +87,7 @@ def compare(
 ) -> Report:
     """Compare a teacher and a student layer by layer (DESIGN §4) and return the report.
 
-    ``teacher``/``student``: a path (any layout :func:`~wadi_probe.checkpoints.open_checkpoint` reads), an open
+    ``teacher``/``student``: a path (any layout :func:`~wadi_probe.io.checkpoints.open_checkpoint` reads), an open
     :class:`Checkpoint`, a state dict or an ``nn.Module``. With ``student_is_adapter`` the student is an adapter
     file merged onto the teacher. ``include``/``exclude`` are regexes on tensor names; ``spectra=False`` skips the
     residual and pair-angle spectra (the fast mode). ``explained_at_rank`` also fills

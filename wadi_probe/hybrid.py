@@ -24,7 +24,7 @@ import torch
 from wadi_probe.errors import WadiInputError
 
 if TYPE_CHECKING:
-    from wadi_probe.checkpoints import Checkpoint
+    from wadi_probe.io.checkpoints import Checkpoint
 
 Take = Literal["norm", "direction"]
 TAKES = ("norm", "direction")
@@ -78,7 +78,7 @@ class HybridResult:
 @contextlib.contextmanager
 def _opened(teacher: object, student: object) -> Iterator[tuple[Checkpoint, Checkpoint]]:
     """Yield (teacher, student) as checkpoints, opening paths and closing only what was opened here."""
-    from wadi_probe.checkpoints import Checkpoint, open_checkpoint
+    from wadi_probe.io.checkpoints import Checkpoint, open_checkpoint
 
     with contextlib.ExitStack() as stack:
         opened = []
@@ -145,7 +145,7 @@ def write_hybrid(
     The output must be a new ``.safetensors`` (or ``.bin``/``.pt``/``.ckpt``) file, not one of the inputs; on
     any error nothing is written and an existing file at ``output`` is left as it was.
     """
-    from wadi_probe.checkpoints import lazy_tensors, write_like
+    from wadi_probe.io.checkpoints import lazy_tensors, write_like
 
     _check_take(take)
     output = Path(output).expanduser()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from wadi_probe.checkpoints import Checkpoint, name_filter
+from wadi_probe.io.checkpoints import Checkpoint, name_filter
 from wadi_probe.errors import WadiInputError
 
 #: fewer than this fraction of the teacher's (filtered) tensors matched means "different architectures"

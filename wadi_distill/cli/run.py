@@ -50,7 +50,7 @@ def run_command(
     no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="Do not write TensorBoard logs."),
 ) -> None:
     """Train a one-step student by Variational Score Distillation; adapters only, resumable."""
-    from wadi_distill.train import DistillConfig, distill
+    from wadi_distill.vsd.trainer import DistillConfig, distill
 
     if full_finetune and student_adapter != "lorad":
         raise WadiInputError("--full-finetune and --student-adapter cannot be combined.")

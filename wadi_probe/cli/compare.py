@@ -11,7 +11,7 @@ from wadi_probe.analyze import compare
 from wadi_probe.cli import app
 from wadi_probe.cli._common import console, handle_errors
 from wadi_probe.errors import WadiInputError
-from wadi_probe.summary import print_summary
+from wadi_probe.report.summary import print_summary
 
 
 def _check_output(path: Optional[Path], what: str) -> None:
@@ -56,6 +56,6 @@ def compare_command(
         console.print(f"layer table written to {csv}", highlight=False)
     if plots is not None:
         from wadi_probe.cli.plot import print_saved
-        from wadi_probe.plots import save_all_plots
+        from wadi_probe.report.plots import save_all_plots
 
         print_saved(save_all_plots(report, plots), plots)

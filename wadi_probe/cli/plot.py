@@ -13,7 +13,7 @@ from wadi_probe.errors import WadiInputError
 
 
 def print_saved(saved, out_dir: Path) -> None:
-    """Print what :func:`wadi_probe.plots.save_all_plots` wrote and skipped (shared with ``compare --plots``)."""
+    """Print what :func:`wadi_probe.report.plots.save_all_plots` wrote and skipped (shared with ``compare --plots``)."""
     stems = list(dict.fromkeys(p.stem for p in saved.files))
     suffixes = "/".join(dict.fromkeys(p.suffix.lstrip(".") for p in saved.files))
     console.print(f"wrote {len(saved.files)} files to {out_dir} ({suffixes}): {', '.join(stems)}", highlight=False)
@@ -32,8 +32,8 @@ def plot_command(
     formats: List[str] = typer.Option(["png", "svg"], "--format", "-f", help="Image format(s): png, svg, pdf (repeatable)."),
 ) -> None:
     """Write the norm/direction, depth-profile, spectrum and rank figures of a report as PNG and SVG."""
-    from wadi_probe.plots import save_all_plots
-    from wadi_probe.report import load_report
+    from wadi_probe.report.plots import save_all_plots
+    from wadi_probe.report.schema import load_report
 
     loaded = load_report(report)
     if layer is not None and (teacher is None or student is None):

@@ -8,8 +8,8 @@ import typer
 
 from wadi_probe.cli import app
 from wadi_probe.cli._common import console, handle_errors
-from wadi_probe.report import load_report
-from wadi_probe.summary import print_summary
+from wadi_probe.report.schema import load_report
+from wadi_probe.report.summary import print_summary
 
 
 @app.command("show")

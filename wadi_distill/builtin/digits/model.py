@@ -6,7 +6,7 @@ cross-attention on prompt embeddings, a ``DDPMScheduler`` with SD's noise schedu
 (the project's stand-in for CLIP): prompts such as ``"a handwritten digit 7"`` and the empty prompt ``""`` (the
 null prompt classifier-free guidance uses) become (B, L, D) embeddings.
 
-Files (the shipped ones live in ``wadi_distill/builtin/``; ``wadi-distill train-teacher -o DIR`` writes the same):
+Files (the shipped ones live in ``wadi_distill/builtin/digits/``; ``wadi-distill train-teacher -o DIR`` writes the same):
 
 - ``digits_unet.safetensors``: the UNet's state dict under plain diffusers names (a probe can read it directly);
 - ``digits_text_encoder.safetensors``: the prompt encoder's weights;
@@ -27,12 +27,12 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wadi_probe.atomic import atomic_path, write_json_atomic
+from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.errors import WadiInputError
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("digits",)
-BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
+BUILTIN_DIR = Path(__file__).resolve().parent
 
 UNET_FILE = "digits_unet.safetensors"
 TEXT_ENCODER_FILE = "digits_text_encoder.safetensors"

@@ -1,6 +1,6 @@
 """A student given as an adapter on top of its teacher: LoRA (diffusers/PEFT, kohya) and LoRaD, merged on the fly.
 
-``open_adapter(path, base)`` returns a :class:`~wadi_probe.checkpoints.Checkpoint` with the base's names whose
+``open_adapter(path, base)`` returns a :class:`~wadi_probe.io.checkpoints.Checkpoint` with the base's names whose
 tensors are the merged weights, computed one module at a time when asked for:
 
 - LoRA: ``W + scale · B·A`` (A = ``lora_A``/``lora.down``/``lora_down``, B = ``lora_B``/``lora.up``/``lora_up``;
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from wadi_probe.checkpoints import Checkpoint
+from wadi_probe.io.checkpoints import Checkpoint
 from wadi_probe.errors import WadiInputError
-from wadi_probe.jsonfile import read_json
+from wadi_probe.io.jsonfile import read_json
 from wadi_probe.rotation import as_matrix, rotate_pairs
 
 _ADAPTER_KEY = re.compile(r"(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|theta_a|theta_b|lorad_A|lorad_B)(\.|$)")
@@ -98,14 +98,14 @@ def find_adapter_file(path: Path) -> Path:
 def _read_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a (small) adapter file completely."""
     if path.suffix == ".safetensors":
-        from wadi_probe.formats.safetensors_io import SafetensorsSource
+        from wadi_probe.io.formats.safetensors_io import SafetensorsSource
 
         source = SafetensorsSource(path)
         tensors = {key: source.tensor(key) for key in source.keys()}
         metadata = source.metadata
         source.close()
         return tensors, metadata
-    from wadi_probe.formats.torch_io import TorchSource
+    from wadi_probe.io.formats.torch_io import TorchSource
 
     torch_source = TorchSource(path)
     return {key: torch_source.tensor(key) for key in torch_source.keys()}, {}
@@ -218,7 +218,7 @@ def merge_module(weight: torch.Tensor, entry: ModuleAdapter, scale: float) -> to
 
 def _resolver(base_names: list[str]) -> dict[str, str]:
     """Flattened module spellings (kohya ``a_b_c``, LDM names) -> the base's module names."""
-    from wadi_probe.ldm import diffusers_to_ldm_names
+    from wadi_probe.io.ldm import diffusers_to_ldm_names
 
     modules = {name[: -len(".weight")] for name in base_names if name.endswith(".weight")}
     table: dict[str, str] = {}

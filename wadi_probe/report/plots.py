@@ -1,6 +1,6 @@
 """Figures of a probe report: how far each layer's weights turned (direction) versus how much they grew (norm).
 
-Every function takes a report (a :class:`wadi_probe.report.Report`, its raw ``dict``, or — where only scalar
+Every function takes a report (a :class:`wadi_probe.report.schema.Report`, its raw ``dict``, or — where only scalar
 columns are needed — its DataFrame) and returns a :class:`matplotlib.figure.Figure`. Figures are drawn on the
 Agg canvas without pyplot, so nothing opens a window and nothing is kept in a global figure list; call
 ``fig.savefig`` or :func:`save_all_plots` to write them.
@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from wadi_probe.atomic import atomic_path
+from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 from wadi_probe.rotation import as_matrix, pair_angles
 
@@ -362,7 +362,7 @@ def _tensor_of(source: Any, layer: str | None, role: str) -> torch.Tensor:
     if layer is None:
         raise WadiInputError(f"name the layer to draw (--layer) when the {role} is a checkpoint.")
     if isinstance(source, (str, Path)):
-        from wadi_probe.checkpoints import open_checkpoint
+        from wadi_probe.io.checkpoints import open_checkpoint
 
         with open_checkpoint(source) as checkpoint:
             return _tensor_of(checkpoint, layer, role)

@@ -23,11 +23,11 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from wadi_distill.lorad import LoRaDLayer, inject_lorad, lorad_layers
-from wadi_distill.plan import Plan, PlanEntry, lorad_params_for
-from wadi_probe.atomic import atomic_path
+from wadi_distill.lorad.layer import LoRaDLayer, inject_lorad, lorad_layers
+from wadi_distill.plan.planner import Plan, PlanEntry, lorad_params_for
+from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
-from wadi_probe.jsonfile import read_json
+from wadi_probe.io.jsonfile import read_json
 
 __all__ = [
     "ADAPTER_WEIGHTS",
@@ -208,7 +208,7 @@ def load_official_thetas(path: str | Path) -> dict[str, tuple[torch.Tensor, torc
     if path.suffix == ".safetensors":
         tensors = _load_safetensors(path)
     else:
-        from wadi_probe.formats.torch_io import find_state_dict, load_weights_only
+        from wadi_probe.io.formats.torch_io import find_state_dict, load_weights_only
 
         tensors, _ = find_state_dict(load_weights_only(path), path)
     renamed = _strip_prefix(list(tensors))

@@ -32,15 +32,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wadi_distill import vsd
-from wadi_distill.backbones import Conditioning, Teacher, load_teacher
-from wadi_distill.embedding_cache import EmbeddingCache, build_embedding_cache, cache_key
-from wadi_distill.lorad import inject_lorad, lorad_layers, lorad_parameters, remove_lorad, use_adapter
+from wadi_distill.vsd import losses as vsd
+from wadi_distill.teachers.pipeline import Conditioning, Teacher, load_teacher
+from wadi_distill.teachers.embedding_cache import EmbeddingCache, build_embedding_cache, cache_key
+from wadi_distill.lorad.layer import inject_lorad, lorad_layers, lorad_parameters, remove_lorad, use_adapter
 from wadi_distill.one_step import one_step_images, save_image_grid
-from wadi_distill.prompts import load_prompts
-from wadi_probe.atomic import atomic_path, write_json_atomic
+from wadi_distill.teachers.prompts import load_prompts
+from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
-from wadi_probe.jsonfile import read_json
+from wadi_probe.io.jsonfile import read_json
 
 STUDENT_KINDS = ("lorad", "lora", "full")
 FAKE_KINDS = ("lorad", "lora")
@@ -178,12 +178,12 @@ def _default_prompts(teacher: Teacher) -> list[str]:
 
 
 def _make_plan(config: DistillConfig, model: nn.Module):
-    from wadi_distill.plan import Plan, plan_from_preset, plan_from_report
+    from wadi_distill.plan.planner import Plan, plan_from_preset, plan_from_report
 
     if config.plan is not None:
         plan = Plan.load(config.plan)
     elif config.rank_from_probe is not None:
-        from wadi_probe.report import load_report
+        from wadi_probe.report.schema import load_report
 
         plan = plan_from_report(model, load_report(config.rank_from_probe), budget=config.budget)
     else:
@@ -404,7 +404,7 @@ class VSDTrainer:
             self.plan = _make_plan(config, base)
             inject_lorad(base, self.plan, adapter_name="student", kind=config.student_adapter,
                          generator=init_gen, activate=False)
-        from wadi_distill.plan import plan_from_preset
+        from wadi_distill.plan.planner import plan_from_preset
 
         self.fake_plan = plan_from_preset(base, int(config.fake_rank), "paper")
         inject_lorad(base, self.fake_plan, adapter_name="fake", kind=config.fake_adapter, generator=init_gen,
@@ -444,7 +444,7 @@ class VSDTrainer:
     # ---------------------------------------------------------------- model roles
     @contextlib.contextmanager
     def _active(self, name: str | None) -> Iterator[None]:
-        """Like :func:`wadi_distill.lorad.use_adapter`, over a layer list gathered once (no module walk per call)."""
+        """Like :func:`wadi_distill.lorad.layer.use_adapter`, over a layer list gathered once (no module walk per call)."""
         saved = [layer.active_adapter for layer in self._layers]
         for layer in self._layers:
             layer.active_adapter = name if name is not None and name in layer.specs else None
@@ -673,7 +673,7 @@ class VSDTrainer:
         The merged student comes from :func:`wadi_distill.export.export_merged` (the teacher's keys and dtypes)
         when the teacher is a diffusers folder, else from merging in memory.
         """
-        from wadi_distill.adapters import ADAPTER_WEIGHTS, save_adapter
+        from wadi_distill.lorad.serialization import ADAPTER_WEIGHTS, save_adapter
 
         final = self.output_dir / "final"
         with atomic_path(final, directory=True) as tmp:

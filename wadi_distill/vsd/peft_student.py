@@ -3,7 +3,7 @@
 The distiller's own student kinds are LoRaD, the project's LoRA and full fine-tuning. For an outside baseline the
 quality benchmark also trains students whose adapters come from the ``peft`` library itself
 (``LoraConfig(use_dora=False|True)``), so that "LoRA" and "DoRA" mean exactly what their reference implementation
-computes. :class:`PeftStudentTrainer` reuses the whole VSD loop of :class:`wadi_distill.train.VSDTrainer` in its
+computes. :class:`PeftStudentTrainer` reuses the whole VSD loop of :class:`wadi_distill.vsd.trainer.VSDTrainer` in its
 separate-student mode (``student_adapter="full"``: teacher and fake score share the frozen base, the student is its
 own copy) and then freezes that copy and injects the PEFT adapter into it, so only the adapter trains.
 """
@@ -32,7 +32,7 @@ def peft_param_count(shapes: list[tuple[int, ...]], rank: int, kind: str) -> int
 
 def rank_for_budget(shapes: list[tuple[int, ...]], budget: int, kind: str) -> int:
     """The uniform rank whose parameter count (``kind`` in lora, dora, lorad) comes closest to ``budget``."""
-    from wadi_distill.plan import lorad_params_for
+    from wadi_distill.plan.planner import lorad_params_for
 
     def count(rank: int) -> int:
         if kind == "lorad":
@@ -86,7 +86,7 @@ def merged_peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _trainer_class():
-    from wadi_distill.train import VSDTrainer
+    from wadi_distill.vsd.trainer import VSDTrainer
 
     class PeftStudentTrainer(VSDTrainer):
         """VSD with a PEFT LoRA/DoRA student (see the module docstring). ``config.student_adapter`` must be
@@ -112,7 +112,7 @@ def _trainer_class():
 
 
 def distill_peft(config: Any, *, kind: str, rank: int, modules: list[str], teacher: Any = None):
-    """Run VSD (``wadi_distill.train``'s loop, ``config`` with ``student_adapter="full"``) with a PEFT LoRA or
+    """Run VSD (``wadi_distill.vsd.trainer``'s loop, ``config`` with ``student_adapter="full"``) with a PEFT LoRA or
     DoRA student of ``rank`` on ``modules``; the result's ``merged_path`` holds the merged plain student."""
     trainer = _trainer_class()(config, {"kind": kind, "rank": int(rank), "modules": list(modules)}, teacher=teacher)
     return trainer.train()

@@ -12,7 +12,7 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from wadi_probe.report import Report
+from wadi_probe.report.schema import Report
 
 
 def percent(value: float | None, digits: int = 3) -> str:

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from wadi_distill.backbones import Conditioning
-from wadi_probe.atomic import atomic_path
+from wadi_distill.teachers.pipeline import Conditioning
+from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 
 CACHE_VERSION = 1

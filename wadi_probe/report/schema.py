@@ -17,9 +17,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from wadi_probe.atomic import atomic_path, write_text_atomic
+from wadi_probe.io.atomic import atomic_path, write_text_atomic
 from wadi_probe.errors import WadiInputError
-from wadi_probe.jsonfile import read_json
+from wadi_probe.io.jsonfile import read_json
 
 SCHEMA_VERSION = 1
 TOOL = "wadi-probe"

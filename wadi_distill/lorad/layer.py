@@ -36,7 +36,7 @@ from wadi_probe.errors import WadiInputError
 from wadi_probe.rotation import rotate_pairs
 
 if TYPE_CHECKING:  # pragma: no cover
-    from wadi_distill.plan import Plan
+    from wadi_distill.plan.planner import Plan
 
 __all__ = [
     "LoRaDLayer",

@@ -4,7 +4,7 @@
    train their students: every weight trainable).
 2. :func:`wadi_probe.compare` measures how that student's weights moved away from the teacher's (norm versus
    direction, spectra, LoRaD rank advice) → ``report.json``, a printed summary and the report's plots.
-3. VSD again, now with a LoRaD student whose layers and ranks :func:`wadi_distill.plan.plan_from_report` chose from
+3. VSD again, now with a LoRaD student whose layers and ranks :func:`wadi_distill.plan.planner.plan_from_report` chose from
    that report (``rank_from_probe``).
 4. The teacher (multi-step DDIM with CFG, and one step), both students (one step) and held-out real digits are
    scored with :mod:`wadi_distill.evaluate` against the held-out ``reference`` split → ``metrics.json``,
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from wadi_probe.atomic import atomic_path, write_json_atomic
+from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.errors import WadiInputError
 
 METRIC_KEYS = ("fd_pixel", "fd_features", "precision", "recall", "class_accuracy")
@@ -121,7 +121,7 @@ def one_step_digits(teacher: Any, unet: torch.nn.Module, labels: torch.Tensor, s
                     device: torch.device | str = "cpu") -> torch.Tensor:
     """One-step digit images (N, 1, 8, 8) in [-1, 1] of ``unet`` (a student, or the teacher itself) for ``labels``.
 
-    ``teacher`` is the :class:`wadi_distill.backbones.Teacher` of ``builtin:digits`` (schedule, calling convention,
+    ``teacher`` is the :class:`wadi_distill.teachers.pipeline.Teacher` of ``builtin:digits`` (schedule, calling convention,
     prompt encoder); the noise comes from :func:`eval_seeds`.
     """
     from wadi_distill.one_step import one_step_images
@@ -194,7 +194,7 @@ def _print(console: Any, message: str) -> None:
 
 def _distill(teacher_spec: str, output: Path, settings: DemoSettings, seed: int, progress: bool, steps: int,
              lr: float, fake_updates: int = 1, **student: Any):
-    from wadi_distill.train import DistillConfig, distill
+    from wadi_distill.vsd.trainer import DistillConfig, distill
 
     config = DistillConfig(
         teacher=teacher_spec, output_dir=str(output), max_steps=steps, batch_size=settings.batch_size,
@@ -206,7 +206,7 @@ def _distill(teacher_spec: str, output: Path, settings: DemoSettings, seed: int,
 
 def _student_unet(teacher_spec: str, state_path: Path):
     """A fresh teacher bundle whose denoiser holds the merged student weights from ``state_path``."""
-    from wadi_distill.backbones import load_teacher
+    from wadi_distill.teachers.pipeline import load_teacher
     from wadi_distill.one_step import load_merged_weights
 
     bundle = load_teacher(teacher_spec)
@@ -262,11 +262,11 @@ def run_demo(
 
 def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress: bool, teacher: str,
          console: Any) -> DemoResult:
-    from wadi_distill.backbones import load_teacher
-    from wadi_distill.digits import load_split
+    from wadi_distill.teachers.pipeline import load_teacher
+    from wadi_distill.builtin.digits.data import load_split
     from wadi_distill.evaluate import evaluate_images
     from wadi_probe.analyze import compare
-    from wadi_probe.plots import save_all_plots
+    from wadi_probe.report.plots import save_all_plots
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -296,7 +296,7 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
         saved = save_all_plots(report, out / "plots", formats=("png",))
         timings["probe"] = time.perf_counter() - t0
         if console is not None:
-            from wadi_probe.summary import print_summary
+            from wadi_probe.report.summary import print_summary
 
             print_summary(report, console, top=5)
             _print(console, f"report: {report_path}; plots: {out / 'plots'}")
@@ -377,7 +377,7 @@ def _plan_summary(adapter_config: dict[str, Any], params: int) -> dict[str, Any]
 
 
 def _evaluate(teacher_spec, bundle, full_path, lorad_path, settings, seed, out, progress, evaluate_images, load_split):
-    from wadi_distill.classifier import shipped_classifier
+    from wadi_distill.builtin.digits.classifier import shipped_classifier
 
     classifier = shipped_classifier()
     reference = load_split("reference")

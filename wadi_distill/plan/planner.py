@@ -24,10 +24,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from wadi_probe.atomic import write_json_atomic
+from wadi_probe.io.atomic import write_json_atomic
 from wadi_probe.errors import WadiInputError
-from wadi_probe.jsonfile import read_json
-from wadi_probe.report import load_report
+from wadi_probe.io.jsonfile import read_json
+from wadi_probe.report.schema import load_report
 
 __all__ = [
     "PlanEntry",
@@ -95,7 +95,7 @@ class Plan:
         return self.trainable_params / self.backbone_params if self.backbone_params else None
 
     def ranks(self) -> dict[str, int]:
-        """{module: rank}, the form :func:`wadi_distill.lorad.inject_lorad` also accepts."""
+        """{module: rank}, the form :func:`wadi_distill.lorad.layer.inject_lorad` also accepts."""
         return {e.module: e.rank for e in self.layers}
 
     def to_json(self) -> dict[str, Any]:
@@ -190,7 +190,7 @@ def backbone_param_count(model: nn.Module) -> int:
 
 
 def _weight_layers(model: nn.Module, kinds: tuple[type, ...]) -> list[tuple[str, nn.Module]]:
-    from wadi_distill.lorad import LoRaDLayer
+    from wadi_distill.lorad.layer import LoRaDLayer
 
     found = []
     for name, module in model.named_modules():
@@ -485,7 +485,7 @@ def load_model_config_only(path: str | Path) -> nn.Module:
 def load_planning_model(spec: str | Path) -> nn.Module:
     """The model a plan is made for: ``builtin:<name>`` or a digits-teacher folder (small, loaded for real),
     else a diffusers model folder / pipeline root built config-only on the meta device."""
-    from wadi_distill import models
+    from wadi_distill.builtin.digits import model as models
 
     if isinstance(spec, str) and spec.startswith(models.BUILTIN_PREFIX):
         return models.load_teacher(spec).unet

@@ -8,7 +8,7 @@ A :class:`Checkpoint` maps normalised diffusers-style names (``down_blocks.0.att
 - ``diffusers`` / ``diffusers-sharded``: a model folder (or a pipeline root with ``unet/`` or ``transformer/``),
   ``.fp16`` variants, sharded files with their ``*.index.json``;
 - ``ldm``: an original LDM/CompVis single file, ``model.diffusion_model.*`` renamed to diffusers names
-  (:mod:`wadi_probe.ldm`), VAE and text-encoder keys ignored;
+  (:mod:`wadi_probe.io.ldm`), VAE and text-encoder keys ignored;
 - ``torch``: ``.bin``/``.pt``/``.ckpt`` loaded with ``weights_only=True`` only;
 - ``adapter``: a LoRA / kohya / LoRaD file merged onto a base checkpoint on the fly.
 """
@@ -23,9 +23,9 @@ from typing import Any, Callable, Protocol
 
 import torch
 
-from wadi_probe.atomic import atomic_path
+from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
-from wadi_probe.formats.safetensors_io import SafetensorsSource, write_safetensors_streaming
+from wadi_probe.io.formats.safetensors_io import SafetensorsSource, write_safetensors_streaming
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -223,7 +223,7 @@ def _entries_from_sources(
     unwrapped, _ = _strip_common_prefix(keys, ())
     ldm_keys = [name for name in unwrapped if name.startswith(LDM_UNET_PREFIX)]
     if ldm_keys:
-        from wadi_probe.ldm import ldm_to_diffusers_names
+        from wadi_probe.io.ldm import ldm_to_diffusers_names
 
         shapes = {name[len(LDM_UNET_PREFIX):]: tuple(owner[unwrapped[name]].shape(unwrapped[name])) for name in ldm_keys}
         mapping = ldm_to_diffusers_names(shapes)
@@ -243,7 +243,7 @@ def _entries_from_sources(
 
 
 def _refuse_adapter_names(path: Path, names: Mapping[str, str]) -> None:
-    from wadi_probe.formats.adapters import looks_like_adapter
+    from wadi_probe.io.formats.adapters import looks_like_adapter
 
     if looks_like_adapter(list(names)):
         raise WadiInputError(
@@ -257,7 +257,7 @@ def _open_file(path: Path, layout: str) -> TensorSource:
     if path.suffix == ".safetensors":
         return SafetensorsSource(path)
     if path.suffix in TORCH_SUFFIXES:
-        from wadi_probe.formats.torch_io import TorchSource
+        from wadi_probe.io.formats.torch_io import TorchSource
 
         return TorchSource(path)
     raise WadiInputError(
@@ -321,7 +321,7 @@ def open_checkpoint(path: str | Path, *, base: Checkpoint | None = None) -> Chec
     if not path.exists():
         raise WadiInputError(f"{path} does not exist.")
     if base is not None:
-        from wadi_probe.formats.adapters import open_adapter
+        from wadi_probe.io.formats.adapters import open_adapter
 
         return open_adapter(path, base)
     if path.is_dir():

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from wadi_distill.digits import load_split
+from wadi_distill.builtin.digits.data import load_split
 
 LOWER_IS_BETTER = {"fd_pixel": True, "fd_features": True, "precision": False, "recall": False, "class_accuracy": False}
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from wadi_distill.digits import load_split
-from wadi_distill.models import BuiltinTeacher, build_teacher
+from wadi_distill.builtin.digits.data import load_split
+from wadi_distill.builtin.digits.model import BuiltinTeacher, build_teacher
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 
 
@@ -158,9 +158,9 @@ def train_and_save_teacher(output: str | Path, config: TeacherTrainingConfig | N
     seed, wall time, data split, loss history and, when ``evaluate``, the metrics at training time measured on
     the weights exactly as stored).
     """
-    from wadi_distill.classifier import CLASSIFIER_FILE
-    from wadi_distill.digits import split_description
-    from wadi_distill.models import BUILTIN_DIR, load_teacher_dir, save_teacher
+    from wadi_distill.builtin.digits.classifier import CLASSIFIER_FILE
+    from wadi_distill.builtin.digits.data import split_description
+    from wadi_distill.builtin.digits.model import BUILTIN_DIR, load_teacher_dir, save_teacher
 
     config = config or TeacherTrainingConfig()
     output = Path(output)
@@ -186,7 +186,7 @@ def train_and_save_teacher(output: str | Path, config: TeacherTrainingConfig | N
     # Save first, so the evaluation measures the weights exactly as stored (fp16 round trip).
     save_teacher(result.teacher, output, metadata=metadata)
     if evaluate and (BUILTIN_DIR / CLASSIFIER_FILE).is_file():
-        from wadi_distill.sanity import sanity_rows
+        from wadi_distill.builtin.digits.sanity import sanity_rows
 
         stored = load_teacher_dir(output, device=device)
         rows = sanity_rows(stored, steps=eval_steps, cfg=eval_cfg, seed=config.seed, device=device)

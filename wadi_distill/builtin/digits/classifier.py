@@ -2,7 +2,7 @@
 
 A small CNN on 8×8 model-range images ([-1, 1]): two 3×3 conv stages with max-pooling, a 64-unit penultimate
 layer (``features``) and a 10-way output (``predict``). It is trained once on the ``train`` split, seeded, and
-ships in ``wadi_distill/builtin/``; in eval mode it has no randomness, so every metric built on it is
+ships in ``wadi_distill/builtin/digits/``; in eval mode it has no randomness, so every metric built on it is
 deterministic. Training uses ±1-pixel shifts so that its features describe digit shape, not exact placement.
 """
 
@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from wadi_probe.atomic import atomic_path, write_json_atomic
+from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.errors import WadiInputError
 
 CLASSIFIER_FILE = "digits_classifier.safetensors"
@@ -105,7 +105,7 @@ def save_classifier(model: DigitClassifier, directory: str | Path, metadata: dic
 
 def load_classifier(directory: str | Path | None = None, device: torch.device | str = "cpu") -> DigitClassifier:
     """Load the shipped classifier (or one saved in ``directory``), eval mode, gradients off."""
-    from wadi_distill.models import BUILTIN_DIR
+    from wadi_distill.builtin.digits.model import BUILTIN_DIR
 
     directory = Path(directory) if directory is not None else BUILTIN_DIR
     path = directory / CLASSIFIER_FILE
@@ -130,7 +130,7 @@ def shipped_classifier(device: torch.device | str = "cpu") -> DigitClassifier:
 
 def classifier_training_run(seed: int = 0, device: torch.device | str = "cpu") -> tuple[DigitClassifier, dict]:
     """Train on the ``train`` split and measure held-out accuracy; returns the model and its JSON record."""
-    from wadi_distill.digits import load_split, split_description
+    from wadi_distill.builtin.digits.data import load_split, split_description
 
     train = load_split("train")
     start = time.perf_counter()

@@ -1,0 +1,1 @@
+"""Built-in teachers shipped with the project (no downloads)."""

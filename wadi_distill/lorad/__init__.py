@@ -1,0 +1,1 @@
+"""LoRaD: low-rank rotation of weight direction, as one method (layers, injection, adapter files)."""

@@ -1,0 +1,1 @@
+"""Teachers: loading diffusers pipelines offline, conditioning, prompts and the prompt-embedding cache."""

@@ -1,0 +1,1 @@
+"""Variational Score Distillation: the losses, the training loop and the student kinds."""
