@@ -9,6 +9,7 @@ import typer
 from wadi_distill.cli import app
 from wadi_distill.export import merge_into_checkpoint
 from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.errors import WadiInputError
 
 
 @app.command("export")
@@ -17,8 +18,27 @@ def export_command(
     teacher: Path = typer.Option(..., "--teacher", help="Teacher model folder or pipeline folder."),
     adapter: Path = typer.Option(..., "--adapter", help="Adapter folder (wadi-distill) or official theta_a/theta_b checkpoint."),
     output: Path = typer.Option(..., "--output", "-o", help="merged.safetensors, or a folder for a diffusers model folder."),
+    format: str = typer.Option("diffusers", "--format", help="diffusers (the teacher's key names) or ldm (original single-file names, for ComfyUI/A1111)."),
+    into: Path | None = typer.Option(None, "--into", help="With --format ldm: the teacher's original .safetensors checkpoint; write it whole with the student's UNet."),
 ) -> None:
     """Merge an adapter into the teacher and write the student with the teacher's key names and dtypes."""
+    from wadi_distill.transfer import check_transfer
+
+    if format not in ("diffusers", "ldm"):
+        raise WadiInputError(f"--format must be diffusers or ldm, not {format!r}.")
+    if into is not None and format != "ldm":
+        raise WadiInputError("--into writes an original single-file checkpoint; use it with --format ldm.")
+    for line in check_transfer(teacher, adapter).sentences():
+        console.print(line, highlight=False)
+    if format == "ldm":
+        from wadi_distill.single_file import export_single_file
+
+        single = export_single_file(teacher, adapter, output, into=into)
+        where = f"into {single.into} ({single.copied_tensors} other tensors copied unchanged" + (
+            f", {single.dropped_ema} EMA tensors left out)" if single.dropped_ema else ")") if single.into else "UNet only"
+        console.print(f"merged {single.merged_layers} layers; {single.unet_tensors} UNet tensors under LDM names, dtype "
+                      f"{single.dtype}, {where}, {single.bytes / 1e6:.1f} MB -> {single.path}", highlight=False)
+        return
     result = merge_into_checkpoint(teacher, adapter, output)
     source = "official theta checkpoint" if result.official else f"{result.adapter_kind} adapter"
     console.print(
