@@ -143,7 +143,8 @@ def read_adapter(path: str | Path) -> ParsedAdapter:
         name = _PROCESSOR.sub(lambda m: "." + ("to_out.0" if m.group(1) == "to_out" else m.group(1)) + ".lora.", key)
         if "dora_scale" in name or "lora_magnitude_vector" in name:
             raise WadiInputError(f"{file} is a DoRA adapter, which this tool cannot merge (LoRA and LoRaD only).")
-        if _OTHER_MODEL.match(name):
+        # biases (PEFT's lora_B.bias) and full deltas (kohya .diff/.diff_b) change no weight matrix: set aside
+        if _OTHER_MODEL.match(name) or name.endswith((".lora_B.bias", ".diff", ".diff_b")):
             ignored.append(key)
             continue
         for pattern, family, factor in _FACTOR_PATTERNS:

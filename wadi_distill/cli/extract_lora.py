@@ -1,0 +1,47 @@
+"""``wadi-distill extract-lora``: a LoRA (diffusers/PEFT or kohya layout) from the weight difference of any student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from wadi_distill.cli import app
+from wadi_probe.cli._common import console, handle_errors
+
+
+@app.command("extract-lora")
+@handle_errors
+def extract_lora_command(
+    teacher: Path = typer.Option(..., "--teacher", help="Teacher checkpoint (any layout the probe reads)."),
+    student: Path = typer.Option(..., "--student", help="Student: a full model (any layout) or an adapter folder/file on the teacher."),
+    output: Path = typer.Option(..., "--output", "-o", help="lora.safetensors (the record goes to lora.json)."),
+    rank: int | None = typer.Option(None, "--rank", help="Rank per layer (capped at the layer's full rank, where it is exact)."),
+    energy: float | None = typer.Option(None, "--energy", help="Per layer, the smallest rank keeping this share of ΔW's energy (e.g. 0.9)."),
+    format: str = typer.Option("diffusers", "--format", help="diffusers (PEFT names, load_lora_weights) or kohya (ComfyUI/A1111)."),
+    dtype: str = typer.Option("float16", "--dtype", help="Stored dtype of the factors: float16, bfloat16 or float32."),
+    device: str = typer.Option("cpu", "--device", help="Where the SVDs run (cpu, cuda)."),
+    deltas: bool = typer.Option(True, "--deltas/--no-deltas", help="Write changed biases and norms as exact deltas (kohya .diff/.diff_b: ComfyUI applies them, diffusers' loader refuses them)."),
+    top: int = typer.Option(10, "--top", help="Show this many layers with the largest error."),
+) -> None:
+    """ΔW = student − teacher per layer, truncated SVD at a fixed rank or energy share, written as a LoRA."""
+    from wadi_distill.lora_extract import extract_lora, summary_lines
+
+    result = extract_lora(teacher, student, output, rank=rank, energy=energy, format=format, dtype=dtype, device=device,
+                          deltas=deltas)
+    worst = sorted(result.layers, key=lambda layer: -layer.relative_error)[: max(top, 0)]
+    if worst:
+        table = Table(title=f"largest relative errors ({len(worst)} of {len(result.layers)} layers; all in the record)",
+                      title_justify="left")
+        table.add_column("layer", no_wrap=True, overflow="fold")
+        table.add_column("shape", justify="right")
+        table.add_column("rank", justify="right")
+        table.add_column("of", justify="right")
+        table.add_column("rel. error", justify="right")
+        for layer in worst:
+            table.add_row(layer.module, "×".join(map(str, layer.shape)), str(layer.rank), str(layer.full_rank),
+                          f"{layer.relative_error:.4f}")
+        console.print(table)
+    for line in summary_lines(result):
+        console.print(line, highlight=False)
