@@ -8,3 +8,6 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install --quiet "torch==2.13.0"
 fi
 "$PY" -m pip install --quiet -e ".[dev]"
+# evaluate's InceptionV3 comes from torch-fidelity; without --no-deps its torchvision requirement would pull in
+# another torch build (wadi loads only its InceptionV3 module, which needs torch alone)
+"$PY" -m pip install --quiet --no-deps "torch-fidelity>=0.3"

@@ -90,6 +90,17 @@ def sample(
 
     Each prompt gets ``n`` images with seeds ``seed, seed+1, ...``; returns (len(prompts)·n, C, H, W) in [0, 1].
     """
+    bundle, denoiser = load_student(teacher, adapter=adapter, merged=merged, device=device)
+    if bundle.encode_prompts is None:
+        raise WadiInputError(f"The teacher {teacher} has no text encoder to encode prompts with.")
+    cond = bundle.encode_prompts([p for p in prompts for _ in range(n)])
+    seeds = [seed + i for _ in prompts for i in range(n)]
+    return one_step_images(bundle, denoiser, cond, seeds, device=device)
+
+
+def load_student(teacher: str | Path, *, adapter: str | Path | None = None, merged: str | Path | None = None,
+                 device: str = "cpu") -> tuple[Teacher, nn.Module]:
+    """The teacher bundle and its denoiser turned into the student (an adapter, or merged weights), in eval mode."""
     if (adapter is None) == (merged is None):
         raise WadiInputError("Give exactly one of an adapter file (--adapter) or merged student weights (--merged).")
     bundle = load_teacher(teacher)
@@ -102,12 +113,7 @@ def sample(
         set_active_adapter(denoiser, "student")
     else:
         load_merged_weights(denoiser, merged)
-    denoiser.to(device).eval()
-    if bundle.encode_prompts is None:
-        raise WadiInputError(f"The teacher {teacher} has no text encoder to encode prompts with.")
-    cond = bundle.encode_prompts([p for p in prompts for _ in range(n)])
-    seeds = [seed + i for _ in prompts for i in range(n)]
-    return one_step_images(bundle, denoiser, cond, seeds, device=device)
+    return bundle, denoiser.to(device).eval()
 
 
 def load_merged_weights(denoiser: nn.Module, path: str | Path) -> None:

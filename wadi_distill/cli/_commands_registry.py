@@ -6,3 +6,4 @@ from wadi_distill.cli import sample  # noqa: F401
 from wadi_distill.cli import train_teacher  # noqa: F401
 from wadi_distill.cli import demo  # noqa: F401
 from wadi_distill.cli import extract_lora  # noqa: F401
+from wadi_distill.cli import evaluate  # noqa: F401

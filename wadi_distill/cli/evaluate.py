@@ -1,0 +1,127 @@
+"""``wadi-distill evaluate``: FID, KID, precision/recall and CLIP score of a student or an image folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from wadi_distill.cli import app
+from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.errors import WadiInputError
+
+
+@app.command("evaluate")
+@handle_errors
+def evaluate_command(
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder of images to score (instead of generating)."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher pipeline folder (or builtin:digits) of the student to generate with."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Student adapter folder."),
+    merged: Optional[Path] = typer.Option(None, "--merged", help="Merged student weights (student.safetensors)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file, one per line: one image each (and CLIP score)."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="Reference image folder, a .npz from --save-reference-stats, or builtin:digits."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="Local InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth)."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Instead of Inception: a TorchScript feature network file."),
+    clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP model folder for the CLIP score."),
+    output: Path = typer.Option(Path("evaluation.json"), "--output", "-o", help="JSON record to write."),
+    save_images: Optional[Path] = typer.Option(None, "--save-images", help="Where generated PNGs go (default: next to the record)."),
+    save_reference_stats: Optional[Path] = typer.Option(None, "--save-reference-stats", help="Write the reference's features and statistics (.npz) for later runs."),
+    batch_size: int = typer.Option(50, "--batch-size", help="Images per generation / feature batch."),
+    k: int = typer.Option(3, "--k", help="Neighbours for precision/recall."),
+    kid_subsets: int = typer.Option(100, "--kid-subsets", help="Random subsets KID averages over."),
+    kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="Samples per KID subset (capped at the set sizes)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the first image (the others count up); also KID's subsets."),
+    device: str = typer.Option("auto", "--device", help="auto (GPU when there is one), cpu or cuda."),
+) -> None:
+    """Score one-step images (generated from a prompt file, or a folder) against real images or saved statistics."""
+    from wadi_distill.evaluation import protocol as p
+    from wadi_distill.evaluation.features import digits_extractor, inception_extractor, torchscript_extractor
+
+    device = p.resolve_device(device)
+    settings = p.EvalSettings(batch_size=batch_size, k=k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
+    if reference is None:
+        if teacher != p.DIGITS_REFERENCE:
+            raise WadiInputError("give --reference: a folder of real images, a statistics .npz, or builtin:digits.")
+        reference = p.DIGITS_REFERENCE
+    digits = reference == p.DIGITS_REFERENCE
+    if inception is not None and features is not None:
+        raise WadiInputError("give one of --inception and --features, not both.")
+    if digits:
+        extractor = digits_extractor(device)
+    elif features is not None:
+        extractor = torchscript_extractor(features, device)
+    else:
+        extractor = inception_extractor(inception, device)
+    if not digits and not Path(reference).expanduser().exists():
+        raise WadiInputError(f"the reference {reference} does not exist.")
+    if save_reference_stats is not None:
+        if digits or Path(reference).suffix == ".npz":
+            raise WadiInputError("--save-reference-stats needs a reference image folder.")
+        meta = p.save_reference_stats(reference, save_reference_stats, extractor, settings)
+        console.print(f"wrote statistics of {meta['images']} reference images ({extractor.name}) -> {save_reference_stats}", highlight=False)
+        if images is None and teacher is None:
+            return
+    prompt_list = p.read_prompts(prompts) if prompts is not None else None
+    scorer = None
+    if clip is not None:
+        if digits:
+            raise WadiInputError("builtin:digits has no CLIP score; its prompts are scored by class accuracy.")
+        from wadi_distill.evaluation.clip import ClipScorer
+
+        scorer = ClipScorer(clip, device)
+    generation = None
+    if (images is None) == (teacher is None):
+        raise WadiInputError("give either --images (a folder to score) or --teacher with --adapter/--merged and --prompts.")
+    if teacher is not None:
+        if prompt_list is None:
+            raise WadiInputError("generating images needs --prompts (one prompt per line).")
+        images = save_images or output.with_name(output.stem + "-images")
+        generation = p.generate_images(teacher, prompt_list, images, adapter=adapter, merged=merged, seed=seed,
+                                       batch_size=batch_size, device=device)
+        if prompts is not None:
+            from wadi_distill.evaluation.features import file_sha256
+
+            generation["prompts"] = {"file": str(prompts), "sha256": file_sha256(prompts)}
+        console.print(f"generated {generation['images']} one-step images in {generation['seconds']:.1f} s -> {images}", highlight=False)
+    record = p.evaluate(images, reference, extractor, output=output, settings=settings, clip=scorer, prompts=prompt_list,
+                        generation=generation)
+    _print(record)
+    console.print(f"wrote {output}", highlight=False)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def _print(record: dict[str, Any]) -> None:
+    metrics, baseline = record["metrics"], record.get("baseline") or {}
+    counts = record["counts"]
+    table = Table(title=f"{counts['images']} images vs {counts['reference']} reference ({record['extractor']['name']})",
+                  title_justify="left")
+    table.add_column("metric", no_wrap=True)
+    table.add_column("value", justify="right")
+    chance = baseline.get("what", "no chance level known")
+    if "images_per_half" in baseline:
+        chance += f" ({baseline['images_per_half']} images each)"
+    table.add_column("chance level", justify="right")
+    rows = [("fid", "FID ↓"), ("kid", "KID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑")]
+    if "fd_features" in metrics:  # builtin:digits
+        rows = [("fd_features", "FD features ↓"), ("fd_pixel", "FD pixel ↓"), ("precision", "precision ↑"),
+                ("recall", "recall ↑"), ("class_accuracy", "class accuracy ↑")]
+    for key, label in rows:
+        value = metrics.get(key)
+        if key == "kid" and value is not None:
+            table.add_row(f"{label} (±std, subsets of {metrics['kid_subset_size']})", f"{value:.4g} ± {metrics['kid_std']:.2g}",
+                          _fmt(baseline.get("kid")))
+        else:
+            table.add_row(label, _fmt(value), _fmt(baseline.get(key)))
+    if "clip_score" in metrics:
+        table.add_row("CLIP score ↑", f"{metrics['clip_score']:.4g}", _fmt(baseline.get("clip_score_mismatched")))
+    console.print(table)
+    console.print(f"chance level: {chance}"
+                  + ("; CLIP score of mismatched prompts (each image against the next image's prompt)." if "clip_score" in metrics else "."),
+                  highlight=False)
+    for note in record.get("notes", []):
+        console.print(note, highlight=False)

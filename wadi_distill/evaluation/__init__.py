@@ -1,0 +1,17 @@
+"""Scoring one-step students the way papers report them: FID, KID, precision/recall, CLIP score (see protocol)."""
+
+from wadi_distill.evaluation.clip import ClipScorer, clip_scores
+from wadi_distill.evaluation.features import (
+    INCEPTION_FILE, Extractor, digits_extractor, file_sha256, inception_extractor, torchscript_extractor,
+)
+from wadi_distill.evaluation.images import list_images, protocol_image, save_pngs
+from wadi_distill.evaluation.kid import kernel_inception_distance
+from wadi_distill.evaluation.protocol import (
+    DIGITS_REFERENCE, EvalSettings, evaluate, generate_images, read_prompts, save_reference_stats,
+)
+
+__all__ = [
+    "ClipScorer", "clip_scores", "INCEPTION_FILE", "Extractor", "digits_extractor", "file_sha256", "inception_extractor",
+    "torchscript_extractor", "list_images", "protocol_image", "save_pngs", "kernel_inception_distance",
+    "DIGITS_REFERENCE", "EvalSettings", "evaluate", "generate_images", "read_prompts", "save_reference_stats",
+]
