@@ -135,6 +135,12 @@ def test_ldm_export_refusals_exit_2_and_write_nothing(tmp_path):
         assert not out.exists() and not list(tmp_path.glob(".out*"))
     result = run("export", "--teacher", teacher, "--adapter", adapter, "-o", out, "--into", mismatched)
     assert result.exit_code == 2 and "use it with --format ldm" in result.output
+    from tiny_pipelines import tiny_pixart
+    from wadi_distill.single_file import ldm_unet_keys
+    from wadi_probe.errors import WadiInputError
+
+    with pytest.raises(WadiInputError, match="exists for UNets"):
+        ldm_unet_keys({k: tuple(v.shape) for k, v in tiny_pixart().state_dict().items()})
 
 
 def test_export_onto_a_finetune_says_how_far_it_is_from_the_training_teacher(tmp_path, monkeypatch):

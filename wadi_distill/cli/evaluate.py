@@ -98,14 +98,15 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def _print(record: dict[str, Any]) -> None:
     metrics, baseline = record["metrics"], record.get("baseline") or {}
     counts = record["counts"]
-    table = Table(title=f"{counts['images']} images vs {counts['reference']} reference ({record['extractor']['name']})",
-                  title_justify="left")
+    console.print(f"{counts['images']} images vs {counts['reference']} reference images, features: {record['extractor']['name']}",
+                  highlight=False)
+    table = Table()
     table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
-    chance = baseline.get("what", "no chance level known")
+    chance = baseline.get("what", "none known")
     if "images_per_half" in baseline:
         chance += f" ({baseline['images_per_half']} images each)"
-    table.add_column("chance level", justify="right")
+    table.add_column("baseline", justify="right")
     rows = [("fid", "FID ↓"), ("kid", "KID ↓"), ("precision", "precision ↑"), ("recall", "recall ↑")]
     if "fd_features" in metrics:  # builtin:digits
         rows = [("fd_features", "FD features ↓"), ("fd_pixel", "FD pixel ↓"), ("precision", "precision ↑"),
@@ -120,8 +121,8 @@ def _print(record: dict[str, Any]) -> None:
     if "clip_score" in metrics:
         table.add_row("CLIP score ↑", f"{metrics['clip_score']:.4g}", _fmt(baseline.get("clip_score_mismatched")))
     console.print(table)
-    console.print(f"chance level: {chance}"
-                  + ("; CLIP score of mismatched prompts (each image against the next image's prompt)." if "clip_score" in metrics else "."),
+    console.print(f"baseline (what real images score against the reference at this size): {chance}"
+                  + ("; for the CLIP score, the chance level: each image against the next image's prompt." if "clip_score" in metrics else "."),
                   highlight=False)
     for note in record.get("notes", []):
         console.print(note, highlight=False)

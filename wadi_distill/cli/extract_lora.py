@@ -35,10 +35,10 @@ def extract_lora_command(
         table = Table(title=f"largest relative errors ({len(worst)} of {len(result.layers)} layers; all in the record)",
                       title_justify="left")
         table.add_column("layer", no_wrap=True, overflow="fold")
-        table.add_column("shape", justify="right")
-        table.add_column("rank", justify="right")
-        table.add_column("of", justify="right")
-        table.add_column("rel. error", justify="right")
+        table.add_column("shape", justify="right", no_wrap=True)
+        table.add_column("rank", justify="right", no_wrap=True)
+        table.add_column("of", justify="right", no_wrap=True)
+        table.add_column("error", justify="right", no_wrap=True)
         for layer in worst:
             table.add_row(layer.module, "×".join(map(str, layer.shape)), str(layer.rank), str(layer.full_rank),
                           f"{layer.relative_error:.4f}")

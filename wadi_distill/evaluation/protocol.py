@@ -234,7 +234,11 @@ def evaluate(images: str | Path, reference: str | Path, extractor: Extractor, *,
     record["counts"]["reference"] = record.pop("reference_count")
     record["formats"]["reference"] = record.pop("reference_formats")
     dim = extractor.dim
-    if min(record["counts"]["images"], record["counts"]["reference"]) <= dim and extractor.input != "digits":
+    if record["counts"]["reference"] is None:
+        record["notes"].append("the statistics file records neither its image count nor its features: FID only, and "
+                               "its sample size is unknown.")
+    sizes = [n for n in record["counts"].values() if n is not None]
+    if min(sizes) <= dim and extractor.input != "digits":
         record["notes"].append(f"fewer images than feature dimensions ({dim}): the covariances are rank-deficient, so FID "
                                "is biased upwards and only compares runs of the same size.")
     record["versions"] = _versions()
@@ -250,7 +254,8 @@ def _against_reference(paths: list[Path], reference: Path, extractor: Extractor,
         if not reference.is_file():
             raise WadiInputError(f"the statistics file {reference} does not exist.")
         real, stats, meta = _load_stats(reference, extractor, settings)
-        count, formats, baseline = int(meta.get("images", len(real) if real is not None else 0)), meta.get("formats"), meta.get("baseline")
+        count = meta.get("images", len(real) if real is not None else None)  # unknown for a bare (μ, Σ) file
+        formats, baseline = meta.get("formats"), meta.get("baseline")
     else:
         real_paths = list_images(reference, "reference folder")
         count, formats, stats = len(real_paths), _formats(real_paths), None
@@ -259,7 +264,7 @@ def _against_reference(paths: list[Path], reference: Path, extractor: Extractor,
                                  "generated ones; FID against a smaller reference measures the reference's own sampling noise.")
         real, _, _ = _features(real_paths, extractor, settings)
         baseline = _halves(real, settings)
-    if count < len(paths):
+    if count is not None and count < len(paths):
         raise WadiInputError(f"the reference statistics {reference} come from {count} images, fewer than the {len(paths)} "
                              "generated ones.")
     fake, image_emb, text_emb = _features(paths, extractor, settings, clip, prompts)
