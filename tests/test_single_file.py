@@ -109,6 +109,17 @@ def test_ldm_export_into_the_teachers_checkpoint_keeps_everything_else_byte_iden
         assert got.dtype == torch.float16 and torch.equal(got, value.half()), name
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["modelspec.title"] == "teacher"
+    # written with the modes the umask allows (a checkpoint shared with ComfyUI running as another user)
+    import os
+    import stat
+
+    previous = os.umask(0o027)
+    try:
+        shared = tmp_path / "shared.safetensors"
+        assert run("export", "--teacher", teacher, "--adapter", adapter, "-o", shared, "--format", "ldm").exit_code == 0
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o640
+    finally:
+        os.umask(previous)
 
 
 def test_ldm_export_refusals_exit_2_and_write_nothing(tmp_path):

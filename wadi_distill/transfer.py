@@ -72,13 +72,23 @@ def training_teacher_of(adapter: str | Path) -> str | None:
 
 
 def _resolve(recorded: str, adapter: Path) -> Path | None:
-    """The recorded teacher as a local path (absolute, or relative to the working or adapter folder), if present."""
+    """The recorded teacher as a local path (absolute, or relative to the working or adapter folder), if present.
+
+    ``builtin:digits`` (or a ``train-teacher`` folder) is its UNet weights file, which is what ``export`` reads.
+    """
+    if recorded.startswith("builtin:"):
+        from wadi_distill.builtin.digits.model import BUILTIN_DIR, BUILTIN_NAMES, BUILTIN_PREFIX, UNET_FILE
+
+        return BUILTIN_DIR / UNET_FILE if recorded[len(BUILTIN_PREFIX):] in BUILTIN_NAMES else None
     candidate = Path(recorded).expanduser()
     if candidate.is_absolute():
         return candidate if candidate.exists() else None
     for root in (Path.cwd(), adapter if adapter.is_dir() else adapter.parent):
-        if (root / candidate).exists():
-            return (root / candidate).resolve()
+        found = root / candidate
+        if found.exists():
+            from wadi_distill.builtin.digits.model import UNET_FILE
+
+            return (found / UNET_FILE).resolve() if (found / UNET_FILE).is_file() else found.resolve()
     return None
 
 

@@ -29,6 +29,10 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Ite
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp = Path(name)
+    # mkstemp/mkdtemp create owner-only (0600/0700) paths; give the result the modes the umask allows, like open()
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~mask)
     try:
         yield tmp
         if directory:
