@@ -37,9 +37,17 @@ def _adapter(unet, folder, seed=1):
     return folder
 
 
+def _sd15_layout():
+    """SD1.5's block structure (4 blocks, 2 layers each, attention in the first three) at a tiny width."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, block_out_channels=(8, 8, 16, 16), layers_per_block=2, norm_num_groups=4,
+                                cross_attention_dim=16, attention_head_dim=4)
+
+
 def _teacher(tmp_path, kind):
     torch.manual_seed(0)
-    unet = tiny_unet(kind)
+    unet = _sd15_layout() if kind == "sd15-layout" else tiny_unet(kind)
     with torch.no_grad():
         for p in unet.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -60,7 +68,7 @@ def _original_checkpoint(state, path, dtype=torch.float16):
     return path
 
 
-@pytest.mark.parametrize("kind", ["sd", "sd2", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd", "sd2", "sdxl", "sd15-layout"])
 def test_ldm_export_reads_back_through_diffusers_from_single_file(tmp_path, kind):
     from diffusers import UNet2DConditionModel
 
@@ -107,6 +115,11 @@ def test_ldm_export_into_the_teachers_checkpoint_keeps_everything_else_byte_iden
     for name, value in merged.items():
         got = written["model.diffusion_model." + names[name]]
         assert got.dtype == torch.float16 and torch.equal(got, value.half()), name
+    from diffusers import UNet2DConditionModel
+
+    loaded = UNet2DConditionModel.from_single_file(str(out), config=str(teacher), subfolder="unet", local_files_only=True,
+                                                   torch_dtype=torch.float16).state_dict()
+    assert all(torch.equal(loaded[k], v.half()) for k, v in merged.items())
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["modelspec.title"] == "teacher"
     # written with the modes the umask allows (a checkpoint shared with ComfyUI running as another user)
