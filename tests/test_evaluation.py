@@ -254,6 +254,11 @@ def test_a_student_generated_from_a_prompt_file_is_scored_from_its_pngs(data, tm
         real = data["module"](_protocol_tensor(data["real"])).double().numpy()
         fake = data["module"](_protocol_tensor(tmp_path / "student-images")).double().numpy()
     assert record["metrics"]["fid"] == pytest.approx(_fid(real, fake), rel=1e-5)
+    small = _folder(tmp_path / "small", 3, 5)
+    refused = run("evaluate", "--teacher", pipe, "--adapter", adapter, "--prompts", tmp_path / "prompts.txt",
+                  "--reference", small, "--features", data["features"], "-o", tmp_path / "x.json", "--save-images", tmp_path / "gen")
+    assert refused.exit_code == 2 and "fewer than the 4 to generate" in " ".join(refused.output.split())
+    assert not (tmp_path / "gen").exists() and not (tmp_path / "x.json").exists()
     again = run("evaluate", "--teacher", pipe, "--adapter", adapter, "--prompts", tmp_path / "prompts.txt",
                 "--reference", data["real"], "--features", data["features"], "-o", out)
     assert again.exit_code == 2 and "already holds images" in " ".join(again.output.split())

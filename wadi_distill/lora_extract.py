@@ -221,10 +221,9 @@ def extract_lora(teacher: str | Path, student: str | Path, output: str | Path, *
                 delta_sq += layer_delta
                 rounding_sq += float((delta - delta.to(store).float()).double().square().sum())
                 r = down.shape[0]
+                down_stored, up_stored = down.cpu(), up.cpu()
                 if len(shape) == 4:
-                    down_stored, up_stored = down.reshape(r, *shape[1:]), up.reshape(shape[0], r, 1, 1)
-                else:
-                    down_stored, up_stored = down, up
+                    down_stored, up_stored = down_stored.reshape(r, *shape[1:]), up_stored.reshape(shape[0], r, 1, 1)
                 if format == "diffusers":
                     tensors[f"unet.{module}.lora_A.weight"] = down_stored.cpu().contiguous()
                     tensors[f"unet.{module}.lora_B.weight"] = up_stored.cpu().contiguous()

@@ -77,6 +77,14 @@ def evaluate_command(
     if teacher is not None:
         if prompt_list is None:
             raise WadiInputError("generating images needs --prompts (one prompt per line).")
+        if not digits and Path(reference).is_dir():  # refuse a too small reference before spending time on generation
+            from wadi_distill.evaluation.images import list_images
+
+            count = len(list_images(reference, "reference folder"))
+            if count < len(prompt_list):
+                raise WadiInputError(f"the reference folder {reference} has {count} images, fewer than the "
+                                     f"{len(prompt_list)} to generate; FID against a smaller reference measures the "
+                                     "reference's own sampling noise.")
         images = save_images or output.with_name(output.stem + "-images")
         generation = p.generate_images(teacher, prompt_list, images, adapter=adapter, merged=merged, seed=seed,
                                        batch_size=batch_size, device=device)
