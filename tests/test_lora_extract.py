@@ -54,6 +54,12 @@ def test_truncated_svd_error_is_the_eckart_young_optimum():
     down, up, method = low_rank_factors(big, rank=8)
     optimum = np.sqrt((np.linalg.svd(big.double().numpy(), compute_uv=False)[8:] ** 2).sum()) / float(big.double().norm())
     assert method == "randomized" and float((big - up @ down).norm() / big.norm()) == pytest.approx(optimum, rel=1e-3)
+    # --energy on a big matrix: the rank from its spectrum (the Gram's eigenvalues), the factors randomized
+    s_big = np.linalg.svd(big.double().numpy(), compute_uv=False)
+    share_big = np.cumsum(s_big ** 2) / (s_big ** 2).sum()
+    down, up, method = low_rank_factors(big, energy=0.999)
+    assert down.shape[0] == int(np.searchsorted(share_big, 0.999)) + 1 and method == "randomized"
+    assert float((big - up @ down).norm() / big.norm()) <= np.sqrt(1 - 0.999) * 1.01
 
 
 def test_extracted_lora_loads_in_diffusers_and_gives_the_recorded_error(pair, tmp_path):

@@ -5,9 +5,10 @@ checkpoint of the teacher's architecture, so extracting one makes a one-step stu
 fine-tunes. Per weight matrix (convolutions viewed as (out, in·kh·kw)) the best rank-r approximation of ΔW in the
 Frobenius norm is its truncated SVD (Eckart–Young): ``ΔW ≈ B·A`` with ``B = U_r·diag(s_r)`` and ``A = V_rᵀ``. The
 rank is fixed (``rank``, capped at the layer's full rank ``min(out, fan_in)``, where the LoRA is exact) or the
-smallest that keeps a share ``energy`` of ‖ΔW‖²_F. Large layers at a small fixed rank use randomized SVD
-(``torch.svd_lowrank``, Halko et al.), which is several times faster there; the recorded error is measured on
-the factors actually written, so it holds either way.
+smallest that keeps a share ``energy`` of ‖ΔW‖²_F (on large layers read off the eigenvalues of the smaller
+Gram matrix, which are the σ²). Large layers whose rank is a small share of the full rank use randomized SVD
+(``torch.svd_lowrank``, Halko et al.), which is many times faster there; the recorded error is measured on the
+factors actually written, so it holds either way.
 
 Layouts: ``diffusers`` (PEFT names ``unet.<module>.lora_A.weight`` / ``lora_B.weight``, with ``lora_B.bias`` for
 changed biases of the adapted layers (PEFT's ``lora_bias``, possible only when every adapted layer has a bias,
@@ -94,9 +95,17 @@ def low_rank_factors(delta: torch.Tensor, *, rank: int | None = None, energy: fl
         raise WadiInputError("give exactly one of rank and energy.")
     matrix = delta.to(torch.float32)
     full = min(matrix.shape)
+    large = matrix.numel() >= _RANDOMIZED_MIN_NUMEL
+    if energy is not None and large:
+        # the spectrum alone picks the rank: eigenvalues of the smaller Gram matrix (fp64) are the σ², far cheaper
+        # than a full SVD; the factors then come from the randomized SVD when the rank is small
+        m64 = matrix.double()
+        gram = m64 @ m64.T if matrix.shape[0] <= matrix.shape[1] else m64.T @ m64
+        rank = _energy_rank(torch.linalg.eigvalsh(gram).flip(0).clamp_min(0), energy)
+        energy = None
     if rank is not None:
         r = min(int(rank), full)
-        if matrix.numel() >= _RANDOMIZED_MIN_NUMEL and r <= _RANDOMIZED_MAX_SHARE * full:
+        if large and r <= _RANDOMIZED_MAX_SHARE * full:
             state = torch.random.get_rng_state()
             torch.manual_seed(generator_seed)  # svd_lowrank draws its sketch from the global generator
             try:
@@ -106,10 +115,15 @@ def low_rank_factors(delta: torch.Tensor, *, rank: int | None = None, energy: fl
             return v[:, :r].T.contiguous(), (u[:, :r] * s[:r]).contiguous(), "randomized"
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     if energy is not None:
-        share = torch.cumsum(s.double() ** 2, 0) / (s.double() ** 2).sum()
-        r = int(torch.searchsorted(share, torch.tensor(float(energy), dtype=torch.float64) - 1e-12).item()) + 1
-        r = min(r, full)
+        r = _energy_rank(s.double() ** 2, energy)
     return vh[:r].contiguous(), (u[:, :r] * s[:r]).contiguous(), "svd"
+
+
+def _energy_rank(squares: torch.Tensor, energy: float) -> int:
+    """Smallest r whose largest ``squares`` (σ², descending) hold the share ``energy`` of their sum."""
+    share = torch.cumsum(squares, 0) / squares.sum()
+    r = int(torch.searchsorted(share, torch.tensor(float(energy), dtype=torch.float64) - 1e-12).item()) + 1
+    return min(r, len(squares))
 
 
 def _is_adapter(path: Path) -> bool:
