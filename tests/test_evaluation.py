@@ -233,7 +233,7 @@ def test_clip_score_from_a_local_folder_matches_transformers(data, tmp_path):
 
 
 def test_a_student_generated_from_a_prompt_file_is_scored_from_its_pngs(data, tmp_path):
-    from test_single_file import _adapter, _teacher
+    from test_single_file import _adapter
     from tiny_pipelines import make_pipeline
 
     pipe = make_pipeline(tmp_path / "pipe", "sd")

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 from typer.testing import CliRunner
 
 from tiny_pipelines import make_pipeline
