@@ -62,7 +62,10 @@ class TransferCheck:
 def training_teacher_of(adapter: str | Path) -> str | None:
     """The teacher an adapter folder records: PEFT's ``base_model_name_or_path`` or the run's ``training.json``."""
     folder = Path(adapter).expanduser()
-    folder = folder if folder.is_dir() else folder.parent
+    if not folder.is_dir():  # a weights file speaks for its folder only when that folder is an adapter folder
+        folder = folder.parent
+        if not (folder / "adapter_config.json").is_file():
+            return None
     for name, key in (("adapter_config.json", "base_model_name_or_path"), ("training.json", "teacher")):
         if (folder / name).is_file():
             value = read_json(folder / name).get(key)
