@@ -143,6 +143,13 @@ def test_kohya_layout_with_exact_deltas_and_without(pair, tmp_path):
     assert float(tensors[f"{flat}.alpha"]) == 2.0
     torch.testing.assert_close(tensors[f"{flat}.diff_b"], student[conv + ".bias"] - teacher[conv + ".bias"])
     assert result.extra_tensors and not result.dropped_tensors
+    # the probe reads the kohya file too, merging exactly teacher + up·down
+    from wadi_probe.io.checkpoints import open_checkpoint
+
+    with open_checkpoint(pair / "teacher") as base:
+        merged = open_checkpoint(out, base=base).tensor(conv + ".weight")
+    up, down = tensors[f"{flat}.lora_up.weight"].reshape(8, 2), tensors[f"{flat}.lora_down.weight"].reshape(2, -1)
+    torch.testing.assert_close(merged, teacher[conv + ".weight"] + (up @ down).reshape(merged.shape))
     plain = extract_lora(pair / "teacher", pair / "student", tmp_path / "plain.safetensors", rank=2, format="kohya",
                          dtype="float32", deltas=False)
     assert len(plain.dropped_tensors) == len(result.extra_tensors)
@@ -177,3 +184,13 @@ def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(pair, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         assert message in " ".join(result.output.split()) and "Traceback" not in result.output
         assert not out.exists() and not (tmp_path / "lora.json").exists()
+
+
+def test_a_single_file_ldm_student_gives_the_same_lora_as_its_diffusers_folder(pair, tmp_path):
+    from wadi_distill.single_file import export_single_file
+
+    ldm = export_single_file(pair / "student", None, tmp_path / "student-ldm.safetensors").path
+    a = extract_lora(pair / "teacher", pair / "student", tmp_path / "a.safetensors", rank=3, dtype="float32")
+    b = extract_lora(pair / "teacher", ldm, tmp_path / "b.safetensors", rank=3, dtype="float32")
+    assert [(l.module, l.rank, l.relative_error) for l in a.layers] == [(l.module, l.rank, l.relative_error) for l in b.layers]
+    assert load_file(str(tmp_path / "a.safetensors")).keys() == load_file(str(tmp_path / "b.safetensors")).keys()
