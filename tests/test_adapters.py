@@ -8,8 +8,8 @@ from torch import nn
 
 from conftest import make_tiny_unet
 from wadi_distill.lorad.serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, load_official_thetas, read_adapter, save_adapter
-from wadi_distill.lorad.layer import LoRaDLayer, inject_lorad, lorad_layers, use_adapter
-from wadi_distill.plan.planner import plan_from_preset
+from wadi_distill.lorad import LoRaDLayer, inject_lorad, lorad_layers, use_adapter
+from wadi_distill.plan import plan_from_preset
 from wadi_probe.errors import WadiInputError
 
 

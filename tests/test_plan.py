@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_unet, tiny_unet_config
-from wadi_distill.plan.planner import (
+from wadi_distill.plan import (
     Plan,
     load_model_config_only,
     lorad_params_for,

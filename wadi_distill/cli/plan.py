@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from wadi_distill.cli import app
-from wadi_distill.plan.planner import PRESETS, Plan, load_planning_model, plan_from_preset, plan_from_report
+from wadi_distill.plan import PRESETS, Plan, load_planning_model, plan_from_preset, plan_from_report
 from wadi_probe.cli._common import console, handle_errors
 from wadi_probe.errors import WadiInputError
 
