@@ -7,7 +7,6 @@ checkpoint is probed in far less memory than loading either file whole.
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -15,16 +14,15 @@ from typing import Any, Callable
 
 import torch
 
+from wadi_probe.device import resolve_device
 from wadi_probe.io.checkpoints import Checkpoint, open_checkpoint
+from wadi_probe.io.names import MODEL_PREFIXES, WRAPPER_PREFIXES, strip_prefixes
 from wadi_probe.decompose import AnalysisSettings, analyze_pair
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.formats.torch_io import DictSource
-from wadi_probe.heap import reuse_freed_memory
 from wadi_probe.layers import block_of, kind_of, layer_type_of, module_of
 from wadi_probe.pairing import pair_checkpoints
 from wadi_probe.report.schema import Report, build_report
-
-_PREFIXES = ("module.", "unet.", "transformer.")
 
 
 def checkpoint_from_state_dict(tensors: Mapping[str, torch.Tensor] | torch.nn.Module, label: str = "<memory>") -> Checkpoint:
@@ -34,26 +32,8 @@ def checkpoint_from_state_dict(tensors: Mapping[str, torch.Tensor] | torch.nn.Mo
     source = DictSource(tensors, label)
     names: dict[str, str] = {}
     for key in source.keys():
-        name = key
-        for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        names[name] = key
+        names[strip_prefixes(key, WRAPPER_PREFIXES + MODEL_PREFIXES)] = key
     return Checkpoint(Path(label), "memory", {name: (source, key) for name, key in names.items()}, sources=[source])
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; a CUDA request without a GPU is an input error."""
-    if isinstance(device, torch.device):
-        return device
-    text = str(device).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise WadiInputError(f"unknown device {device!r}; use auto, cpu or cuda (cuda:N).")
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise WadiInputError(f"device {device!r} was requested but CUDA is not available on this machine.")
-    return torch.device(text)
 
 
 def _open(spec: Any, label: str, *, base: Checkpoint | None = None) -> tuple[Checkpoint, bool]:
@@ -102,8 +82,7 @@ def compare(
     try:
         student_ckpt, close_student = _open(student, "student", base=teacher_ckpt if student_is_adapter else None)
         pairing = pair_checkpoints(teacher_ckpt, student_ckpt, include=include, exclude=exclude)
-        with reuse_freed_memory():
-            records = _analyze_all(teacher_ckpt, student_ckpt, pairing.matched, settings, target, progress, on_layer)
+        records = _analyze_all(teacher_ckpt, student_ckpt, pairing.matched, settings, target, progress, on_layer)
         inputs = {"teacher": _describe(teacher_ckpt), "student": _describe(student_ckpt)}
     finally:
         if close_student and student_ckpt is not None:

@@ -26,12 +26,13 @@ import torch
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.formats.safetensors_io import SafetensorsSource, write_safetensors_streaming
+from wadi_probe.io.names import MODEL_PREFIXES, WRAPPER_PREFIXES
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LDM_UNET_PREFIX = "model.diffusion_model."
 # prefixes removed when every (kept) key carries them
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
-_MODEL_PREFIXES = ("unet.", "transformer.", "model.")
+_WRAPPER_PREFIXES = WRAPPER_PREFIXES
+_MODEL_PREFIXES = (*MODEL_PREFIXES, "model.")
 # diffusers / transformers weight files, most preferred first: full precision before variants, safetensors before
 # torch, single files and shard indexes alike (diffusers names a variant index "….safetensors.index.fp16.json")
 _WEIGHT_FILE_NAMES = tuple(
