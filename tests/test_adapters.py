@@ -114,7 +114,7 @@ def official_checkpoint(unet, seed=0, swap=False):
 
 
 def design_rotation(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """DESIGN §5 written out: w'_{i,2j} = cos·w_{i,2j} − sin·w_{i,2j+1}, w'_{i,2j+1} = sin·w_{i,2j} + cos·w_{i,2j+1}."""
+    """The LoRaD rotation written out (docs/design.md): w'_{i,2j} = cos·w_{i,2j} − sin·w_{i,2j+1}, w'_{i,2j+1} = sin·w_{i,2j} + cos·w_{i,2j+1}."""
     out = w.clone()
     c, s = torch.cos(theta), torch.sin(theta)
     out[:, 0::2][:, : theta.shape[1]] = c * w[:, 0 : 2 * theta.shape[1] : 2] - s * w[:, 1 : 2 * theta.shape[1] : 2]

@@ -65,7 +65,7 @@ def compare(
     settings: AnalysisSettings | None = None,
     on_layer: Callable[[dict[str, Any]], None] | None = None,
 ) -> Report:
-    """Compare a teacher and a student layer by layer (DESIGN §4) and return the report.
+    """Compare a teacher and a student layer by layer (docs/design.md, "The probe") and return the report.
 
     ``teacher``/``student``: a path (any layout :func:`~wadi_probe.io.checkpoints.open_checkpoint` reads), an open
     :class:`Checkpoint`, a state dict or an ``nn.Module``. With ``student_is_adapter`` the student is an adapter
