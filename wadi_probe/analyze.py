@@ -118,19 +118,10 @@ def _analyze_all(
                 on_layer(records[-1])
         return records
 
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from wadi_probe.console import progress_bar
 
-    columns = (
-        TextColumn("[bold]probing[/]"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}% of weights"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("[dim]{task.fields[layer]}[/]"),
-    )
     layer_task_total = sum(sizes)
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    with progress_bar("probing (share of weights)", "layer", percent=True) as bar:
         task = bar.add_task("probe", total=layer_task_total, layer="")
         done = 0
         for order, (name, size) in enumerate(zip(names, sizes)):

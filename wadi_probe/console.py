@@ -8,7 +8,8 @@ rich, so a command module can use it at import time without slowing ``--help`` d
 - :class:`Device` is the ``--device`` choice (``auto`` picks CUDA when there is one), :func:`device_option`
   the option itself and :func:`choice_option` any other choice option made from an :class:`enum.Enum` (a bad
   value is one sentence and exit code 2, like every other input error);
-- :func:`version_option` adds ``--version`` to an app.
+- :func:`version_option` adds ``--version`` to an app;
+- :func:`progress_bar` is the one progress display of long work (rich, on stderr), library loops included.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from rich.console import Console
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 
 __all__ = ["console", "err_console", "EXIT_USAGE", "EXIT_RUNTIME", "fail", "handle_errors", "Device", "choice_option",
-           "device_option", "version_option"]
+           "device_option", "version_option", "progress_bar"]
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -94,6 +95,20 @@ def choice_option(choices: type[E], default: E | None, *names: str, what: str, h
 def device_option(default: Device = Device.auto, help: str = "Where to compute; auto picks CUDA when available.") -> Any:
     """The ``--device`` option of every command that computes."""
     return choice_option(Device, default, "--device", what="device", help=help)
+
+
+def progress_bar(title: str, *fields: str, percent: bool = False, transient: bool = False) -> Any:
+    """A rich ``Progress`` on stderr: title, bar, done/total (or a percentage), elapsed, remaining, then ``fields``.
+
+    Each name in ``fields`` is a ``task.fields`` entry shown after the times (e.g. the current layer or loss);
+    use it as a context manager or with ``start()``/``stop()``.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    count = TextColumn("{task.percentage:>3.0f}%") if percent else MofNCompleteColumn()
+    columns = [TextColumn(f"[bold]{title}[/]"), BarColumn(), count, TimeElapsedColumn(), TimeRemainingColumn(),
+               *(TextColumn(f"[dim]{{task.fields[{name}]}}[/]") for name in fields)]
+    return Progress(*columns, console=err_console, transient=transient)
 
 
 def version_option(name: str, version: str) -> Any:

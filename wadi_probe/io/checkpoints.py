@@ -15,7 +15,6 @@ A :class:`Checkpoint` maps normalised diffusers-style names (``down_blocks.0.att
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +26,7 @@ from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.formats.safetensors_io import SafetensorsSource, write_safetensors_streaming
 from wadi_probe.io.names import MODEL_PREFIXES, WRAPPER_PREFIXES
+from wadi_probe.io.jsonfile import read_json
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LDM_UNET_PREFIX = "model.diffusion_model."
@@ -269,7 +269,7 @@ def _open_file(path: Path, layout: str) -> TensorSource:
 def _open_sharded(index_path: Path) -> Checkpoint:
     """Open a sharded checkpoint through its ``*.index.json`` (each shard opened lazily)."""
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = read_json(index_path)
         weight_map: dict[str, str] = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")

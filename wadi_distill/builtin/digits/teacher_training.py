@@ -105,10 +105,9 @@ def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: Built
     start = time.perf_counter()
     bar = None
     if progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from wadi_probe.console import progress_bar
 
-        bar = Progress(TextColumn("train teacher"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        bar = progress_bar("train teacher", "loss")
         task = bar.add_task("train", total=config.steps, loss="-")
         bar.start()
     try:
