@@ -251,7 +251,16 @@ def factors_fit(entry: ModuleAdapter, weight_shape: tuple[int, ...]) -> bool:
 
 
 def _resolver(base_names: list[str]) -> dict[str, str]:
-    """Flattened module spellings (kohya ``a_b_c``, LDM names) -> the base's module names."""
+    """Flattened module spellings (kohya ``a_b_c``, LDM names) -> the base's module names.
+
+    Written here rather than taken from diffusers' kohya conversion (``_maybe_map_sgm_blocks_to_diffusers`` +
+    ``_convert_non_diffusers_lora_to_diffusers``), because that does not give the same modules: measured on tiny
+    SD1-, SD2-, SDXL- and SD1.5-shaped UNets with every weight matrix adapted, it loses the up-block upsampler of
+    LDM-spelled files (SD1/SD2), SDXL's ``add_embedding`` in diffusers spelling, and raises KeyError on LDM-spelled
+    files with ten or more input blocks (SD1.5's layout). This table is built from the base's own names (through
+    :func:`wadi_probe.io.ldm.diffusers_to_ldm_names`, which the tests hold to diffusers' LDM converter), so every
+    module the base has can be named.
+    """
     from wadi_probe.io.ldm import diffusers_to_ldm_names
 
     modules = {name[: -len(".weight")] for name in base_names if name.endswith(".weight")}
