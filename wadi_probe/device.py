@@ -25,5 +25,5 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
         raise WadiInputError(f"unknown device {device!r}; use auto, cpu or cuda (cuda:N).")
     if text.startswith("cuda") and not torch.cuda.is_available():
-        raise WadiInputError(f"device {device!r} was requested but CUDA is not available on this machine.")
+        raise WadiInputError(f"device {text!r} was requested but CUDA is not available on this machine.")
     return torch.device(text)
