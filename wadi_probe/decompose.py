@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from wadi_probe.rotation import column_pairs, pair_angles, pair_product_angles, rotate_pairs
+from wadi_probe.rotation import column_pairs, pair_product_angles, rotate_pairs
 
 __all__ = [
     "AnalysisSettings",
