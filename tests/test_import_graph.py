@@ -91,3 +91,17 @@ def test_the_probe_does_not_import_the_distiller_and_the_graph_sees_real_edges()
     assert "wadi_probe.rotation" in graph["wadi_distill.lorad.layer"]
     assert "wadi_distill.lorad.layer" in graph["wadi_distill.plan.models"]
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
+
+
+def test_the_distiller_imports_only_public_names_of_the_probe():
+    private = []
+    for path in (ROOT / "wadi_distill").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("wadi_probe"):
+                names = node.module.split(".") + [alias.name for alias in node.names]
+                if any(name.startswith("_") for name in names):
+                    private.append(f"{path.relative_to(ROOT)}: from {node.module} import {', '.join(a.name for a in node.names)}")
+            elif isinstance(node, ast.Import):
+                private += [f"{path.relative_to(ROOT)}: import {a.name}" for a in node.names
+                            if a.name.startswith("wadi_probe") and any(p.startswith("_") for p in a.name.split("."))]
+    assert private == []
