@@ -76,3 +76,17 @@ def test_bad_configs_are_one_sentence(tmp_path):
     # newer files may carry keys this version does not know: they are left aside
     newer = {**LoRaDConfig(r=3, target_modules=["m"]).to_dict(), "some_future_field": 1}
     assert LoRaDConfig.from_dict(newer).ranks() == {"m": 3}
+
+
+def test_a_plan_becomes_a_config_that_injects_the_same_adapter():
+    unet = make_tiny_unet()
+    plan = plan_from_preset(unet, 3)
+    config = LoRaDConfig.from_plan(plan, kind="lora", lora_scale=0.25, base_model_name_or_path="tiny")
+    assert config.ranks() == plan.ranks() and config.trainable_params is None  # the plan counts LoRaD numbers
+    assert LoRaDConfig.from_plan(plan).trainable_params == plan.trainable_params
+    assert config.layer_shapes[plan.layers[0].module] == list(plan.layers[0].shape)
+    adapted = inject_lorad(unet, config, adapter_name="fake")
+    layers = lorad_layers(unet)
+    assert adapted == list(plan.ranks())
+    assert {layers[m].specs["fake"].kind for m in adapted} == {"lora"}
+    assert {layers[m].specs["fake"].scale for m in adapted} == {0.25}

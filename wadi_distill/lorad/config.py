@@ -104,6 +104,18 @@ class LoRaDConfig:
         pattern = {m: k for m, k in ranks.items() if k != r}
         return cls(r=r, target_modules=list(ranks), rank_pattern=pattern, **fields)
 
+    @classmethod
+    def from_plan(cls, plan: Any, **fields: Any) -> "LoRaDConfig":
+        """The config of a :class:`~wadi_distill.plan.Plan`: its ranks, layer shapes and itself for the record.
+
+        A plan counts LoRaD parameters, so ``trainable_params`` is carried over for the ``"lorad"`` kind only.
+        """
+        lorad = fields.get("kind", "lorad") == "lorad"
+        return cls.from_ranks(plan.ranks(), layer_shapes={e.module: list(e.shape) for e in plan.layers},
+                              model_class=fields.pop("model_class", plan.model_class), plan=plan.to_json(),
+                              trainable_params=fields.pop("trainable_params", plan.trainable_params if lorad else None),
+                              **fields)
+
     # ------------------------------------------------------------------------------------------- file form
     def to_dict(self) -> dict[str, Any]:
         """The ``adapter_config.json`` object (with ``format`` and ``version`` so readers can tell it apart)."""
