@@ -25,10 +25,9 @@ def train_teacher_command(
 ) -> None:
     """Train the class-conditional digits teacher (ε-prediction, 10 % null-prompt dropout, EMA weights)."""
     from wadi_distill.builtin.digits.teacher_training import TeacherTrainingConfig, train_and_save_teacher
-    from wadi_probe.device import resolve_device
 
     config = TeacherTrainingConfig(steps=steps, seed=seed, batch_size=batch_size, learning_rate=learning_rate)
-    metadata = train_and_save_teacher(output, config, device=str(resolve_device(device)), evaluate=evaluate, eval_steps=eval_steps,
+    metadata = train_and_save_teacher(output, config, device=device.value, evaluate=evaluate, eval_steps=eval_steps,
                                       eval_cfg=eval_cfg)
     console.print(f"trained {steps} steps in {metadata['wall_seconds']:.0f} s; final loss {metadata['final_loss']}")
     metrics = metadata.get("metrics_at_training_time")
