@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -106,16 +107,21 @@ _DIFFUSERS_PART = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attenti
 _DIFFUSERS_MID = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
 
 
-def diffusers_to_ldm_names(names: Iterable[str]) -> dict[str, str]:
-    """Map diffusers ``UNet2DConditionModel`` names to LDM names (without ``model.diffusion_model.``).
+@dataclass
+class _BlockLayout:
+    """How a diffusers UNet's blocks sit in LDM's flat ``input_blocks`` / ``output_blocks`` numbering."""
 
-    The inverse of :func:`ldm_to_diffusers_names`; used to write LDM-layout files (and test fixtures).
-    """
-    names = list(names)
-    layers: dict[tuple[str, int], int] = defaultdict(int)  # resnets per block
+    layers: dict[tuple[str, int], int]  # resnets per (down_blocks|up_blocks, b)
+    has_attention: set[tuple[str, int]]
+    mid_attention: bool
+    down_start: dict[int, int]  # the input block holding down block b's first layer
+    up_start: dict[int, int]  # the output block holding up block b's first layer
+
+
+def _block_layout(names: list[str]) -> _BlockLayout:
+    layers: dict[tuple[str, int], int] = defaultdict(int)
     has_attention: set[tuple[str, int]] = set()
     has_sampler: set[tuple[str, int]] = set()
-    mid_attention = False
     for name in names:
         match = _DIFFUSERS_PART.match(name)
         if match:
@@ -126,8 +132,6 @@ def diffusers_to_ldm_names(names: Iterable[str]) -> dict[str, str]:
                 has_attention.add(block)
             else:
                 has_sampler.add(block)
-        elif name.startswith("mid_block.attentions."):
-            mid_attention = True
     n_down = 1 + max((b for (kind, b) in layers if kind == "down_blocks"), default=-1)
     n_up = 1 + max((b for (kind, b) in layers if kind == "up_blocks"), default=-1)
     down_start, index = {}, 1
@@ -138,33 +142,40 @@ def diffusers_to_ldm_names(names: Iterable[str]) -> dict[str, str]:
     for b in range(n_up):
         up_start[b] = index
         index += layers[("up_blocks", b)]
+    mid_attention = any(name.startswith("mid_block.attentions.") for name in names)
+    return _BlockLayout(dict(layers), has_attention, mid_attention, down_start, up_start)
 
+
+def _ldm_block_name(layout: _BlockLayout, section: str, b: int, part: str, layer: int, rest: str) -> str:
+    """The LDM name of one parameter of down/up block ``b`` (``part``: resnets, attentions or a sampler)."""
+    if section == "down_blocks":
+        if part == "downsamplers":
+            return f"input_blocks.{layout.down_start[b] + layout.layers[(section, b)]}.0.op.{rest[len('conv.'):]}"
+        return f"input_blocks.{layout.down_start[b] + layer}." + _ldm_part(part, rest)
+    if part == "upsamplers":
+        k = 2 if (section, b) in layout.has_attention else 1
+        return f"output_blocks.{layout.up_start[b] + layout.layers[(section, b)] - 1}.{k}.{rest}"
+    return f"output_blocks.{layout.up_start[b] + layer}." + _ldm_part(part, rest)
+
+
+def diffusers_to_ldm_names(names: Iterable[str]) -> dict[str, str]:
+    """Map diffusers ``UNet2DConditionModel`` names to LDM names (without ``model.diffusion_model.``).
+
+    The inverse of :func:`ldm_to_diffusers_names`; used to write LDM-layout files (and test fixtures).
+    """
+    names = list(names)
+    layout = _block_layout(names)
     mapping: dict[str, str] = {}
     for name in names:
         match = _DIFFUSERS_PART.match(name)
         if match:
             section, b, part, layer, rest = match.group(1), int(match.group(2)), match.group(3), int(match.group(4)), match.group(5)
-            if section == "down_blocks":
-                if part == "downsamplers":
-                    mapping[name] = f"input_blocks.{down_start[b] + layers[(section, b)]}.0.op.{rest[len('conv.'):]}"
-                else:
-                    i = down_start[b] + layer
-                    mapping[name] = f"input_blocks.{i}." + _ldm_part(part, rest)
-            else:
-                i = up_start[b] + (layers[(section, b)] - 1 if part == "upsamplers" else layer)
-                if part == "upsamplers":
-                    k = 2 if (section, b) in has_attention else 1
-                    mapping[name] = f"output_blocks.{i}.{k}.{rest}"
-                else:
-                    mapping[name] = f"output_blocks.{i}." + _ldm_part(part, rest)
+            mapping[name] = _ldm_block_name(layout, section, b, part, layer, rest)
             continue
         match = _DIFFUSERS_MID.match(name)
         if match:
             part, index_in_mid, rest = match.group(1), int(match.group(2)), match.group(3)
-            if part == "attentions":
-                k = 1
-            else:
-                k = 0 if index_in_mid == 0 else (2 if mid_attention else 1)
+            k = 1 if part == "attentions" else (0 if index_in_mid == 0 else (2 if layout.mid_attention else 1))
             mapping[name] = f"middle_block.{k}." + (_inverse_resnet(rest) if part == "resnets" else rest)
             continue
         mapping[name] = _rename_prefix(name, _INVERSE_TOP) or name
