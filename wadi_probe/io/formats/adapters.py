@@ -59,7 +59,6 @@ _FACTOR_PATTERNS: list[tuple[re.Pattern[str], str, str]] = [
     (re.compile(r"^(?P<m>.+)\.alpha$"), "alpha", "alpha"),
 ]
 _OTHER_MODEL = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.|te\d?\.|vae\.|first_stage_model\.|cond_stage_model\.|conditioner\.)")
-_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
 
 
 def looks_like_adapter(names: list[str]) -> bool:
@@ -148,6 +147,19 @@ def _adapter_config(file: Path, metadata: dict[str, str]) -> dict[str, Any]:
     return config
 
 
+def _peft_names(keys: list[str]) -> dict[str, str]:
+    """Old diffusers attention-processor LoRA keys (``attn1.processor.to_q_lora.down.weight``) in PEFT naming.
+
+    diffusers' own ``convert_unet_state_dict_to_peft`` does the renaming, fed the keys as placeholder values; it
+    is only imported when a file has such keys, so reading every other adapter does not load diffusers.
+    """
+    if not any(".processor." in key for key in keys):
+        return {key: key for key in keys}
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    return {old: new for new, old in convert_unet_state_dict_to_peft({key: key for key in keys}).items()}
+
+
 def read_adapter(path: str | Path) -> ParsedAdapter:
     """Parse an adapter file into per-module factors; text-encoder parts are set aside."""
     file = find_adapter_file(Path(path))
@@ -155,8 +167,9 @@ def read_adapter(path: str | Path) -> ParsedAdapter:
     config = _adapter_config(file, metadata)
     modules: dict[str, ModuleAdapter] = {}
     ignored: list[str] = []
+    renamed = _peft_names(list(tensors))
     for key, value in tensors.items():
-        name = _PROCESSOR.sub(lambda m: "." + ("to_out.0" if m.group(1) == "to_out" else m.group(1)) + ".lora.", key)
+        name = renamed[key]
         if "dora_scale" in name or "lora_magnitude_vector" in name:
             raise WadiInputError(f"{file} is a DoRA adapter, which this tool cannot merge (LoRA and LoRaD only).")
         if _OTHER_MODEL.match(name):
