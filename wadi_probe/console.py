@@ -88,8 +88,9 @@ def choice_option(choices: type[E], default: E | None, *names: str, what: str, h
             fail(f"unknown {what} {text!r}; use {listed}.")
             raise  # pragma: no cover  (fail exits)
 
+    shown = f"{help} Default: {default.value}." if default is not None else help
     return typer.Option(default.value if default is not None else None, *names, parser=parse,
-                        metavar="[" + "|".join(values) + "]", help=help)
+                        metavar="[" + "|".join(values) + "]", help=shown)
 
 
 def device_option(default: Device = Device.auto, help: str = "Where to compute; auto picks CUDA when available.") -> Any:
