@@ -108,9 +108,9 @@ def test_extracted_lora_loads_in_diffusers_and_gives_the_recorded_error(pair, tm
 def test_full_energy_reproduces_a_lorad_adapter_student_and_fp16_rounding_is_the_floor(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from wadi_distill.lorad.layer import inject_lorad, lorad_layers
+    from wadi_distill.lorad.model import inject_lorad, lorad_layers
     from wadi_distill.lorad.serialization import save_adapter
-    from wadi_distill.plan.planner import plan_from_preset
+    from wadi_distill.plan import plan_from_preset
 
     make_pipeline(tmp_path / "teacher", "sd")
     model = UNet2DConditionModel.from_pretrained(tmp_path / "teacher" / "unet")
@@ -175,7 +175,7 @@ def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(pair, tmp_path):
         (["--student", pair / "student", "--rank", 999], "larger than any layer of this model allows"),
         (["--student", pair / "student", "--energy", 1.5], "must be in (0, 1]"),
         (["--student", pair / "student"], "exactly one of --rank and --energy"),
-        (["--student", pair / "student", "--rank", 2, "--format", "webui"], "--format must be diffusers or kohya"),
+        (["--student", pair / "student", "--rank", 2, "--format", "webui"], "unknown format 'webui'; use diffusers or kohya"),
         (["--student", tmp_path / "missing", "--rank", 2], "does not exist"),
         (["--student", pair / "teacher", "--rank", 2], "nothing to extract"),
     ]

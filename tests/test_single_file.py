@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from tiny_pipelines import tiny_unet
 from wadi_distill.cli import app
-from wadi_distill.lorad.layer import inject_lorad, lorad_layers
+from wadi_distill.lorad.model import inject_lorad, lorad_layers
 from wadi_distill.lorad.serialization import save_adapter
-from wadi_distill.plan.planner import plan_from_preset
+from wadi_distill.plan import plan_from_preset
 from wadi_probe.io.ldm import diffusers_to_ldm_names
 from wadi_probe.rotation import rotate_pairs
 
@@ -147,7 +147,7 @@ def test_ldm_export_refusals_exit_2_and_write_nothing(tmp_path):
         (["--into", mismatched], "does not match the student's"),
         (["--into", no_unet], "holds no model.diffusion_model"),
         (["--into", tmp_path / "missing.safetensors"], "--into must be an existing"),
-        (["--format", "comfy"], "--format must be diffusers or ldm"),
+        (["--format", "comfy"], "unknown format 'comfy'; use diffusers or ldm"),
     ]
     for extra, message in cases:
         args = ["export", "--teacher", teacher, "--adapter", adapter, "-o", out]

@@ -100,20 +100,19 @@ def ldm_unet_keys(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, An
 
 def _adapter_override(teacher: Any, adapter_path: str | Path) -> tuple[Callable[[str], torch.Tensor], int, str]:
     """A name -> merged tensor function (teacher's tensor where the adapter does not touch it)."""
-    from wadi_distill.export import merged_weight
     from wadi_distill.lorad.serialization import read_adapter
+    from wadi_probe.rotation import merged_weight
 
     shapes = {name: teacher.shape(name) for name in teacher.names()}
     adapter = read_adapter(adapter_path, base_shapes=shapes)
-    scales = (adapter.config.get("scales") or {}) if adapter.kind == "lora" else {}
     by_weight = {f"{module}.weight": module for module in adapter.factors}
 
-    def tensor(name: str) -> torch.Tensor:
+    def tensor(name: str) -> torch.Tensor:  # what export's merge writes, for the same tensor
         module = by_weight.get(name)
         if module is None:
             return teacher.tensor(name)
         a, b = adapter.factors[module]
-        return merged_weight(teacher.tensor(name), a, b, kind=adapter.kind, scale=float(scales.get(module, 1.0)))
+        return merged_weight(teacher.tensor(name), a, b, kind=adapter.kind, scale=adapter.lora_scale)
 
     return tensor, len(adapter.factors), adapter.path.name
 

@@ -100,8 +100,8 @@ def check_transfer(base: str | Path, adapter: str | Path, *, device: str = "auto
 
     Raises WadiInputError when the base has another architecture than the training teacher (names or shapes).
     """
-    from wadi_distill.export import merged_weight
     from wadi_distill.lorad.serialization import read_adapter
+    from wadi_probe.rotation import merged_weight
     from wadi_probe.analyze import compare
     from wadi_probe.io.checkpoints import open_checkpoint
 

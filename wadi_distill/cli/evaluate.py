@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from wadi_distill.cli import app
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import Device, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
 
 
@@ -33,13 +33,15 @@ def evaluate_command(
     kid_subsets: int = typer.Option(100, "--kid-subsets", help="Random subsets KID averages over."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="Samples per KID subset (capped at the set sizes)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image (the others count up); also KID's subsets."),
-    device: str = typer.Option("auto", "--device", help="auto (GPU when there is one), cpu or cuda."),
+    device: Device = device_option(Device.auto, help="Where to generate and extract features; auto picks CUDA when available."),
 ) -> None:
     """Score one-step images (generated from a prompt file, or a folder) against real images or saved statistics."""
     from wadi_distill.evaluation import protocol as p
     from wadi_distill.evaluation.features import digits_extractor, inception_extractor, torchscript_extractor
 
-    device = p.resolve_device(device)
+    from wadi_probe.device import resolve_device
+
+    device = str(resolve_device(device))
     settings = p.EvalSettings(batch_size=batch_size, k=k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
     if reference is None:
         if teacher != p.DIGITS_REFERENCE:

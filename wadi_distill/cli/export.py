@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import typer
 
 from wadi_distill.cli import app
-from wadi_distill.export import merge_into_checkpoint
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import choice_option, console, handle_errors
 from wadi_probe.errors import WadiInputError
+
+
+class ExportFormat(str, enum.Enum):
+    """Key names of the written student: the teacher's own (diffusers) or the original LDM single-file ones."""
+
+    diffusers = "diffusers"
+    ldm = "ldm"
 
 
 @app.command("export")
@@ -18,19 +25,18 @@ def export_command(
     teacher: Path = typer.Option(..., "--teacher", help="Teacher model folder or pipeline folder."),
     adapter: Path = typer.Option(..., "--adapter", help="Adapter folder (wadi-distill) or official theta_a/theta_b checkpoint."),
     output: Path = typer.Option(..., "--output", "-o", help="merged.safetensors, or a folder for a diffusers model folder."),
-    format: str = typer.Option("diffusers", "--format", help="diffusers (the teacher's key names) or ldm (original single-file names, for ComfyUI/A1111)."),
+    format: ExportFormat = choice_option(ExportFormat, ExportFormat.diffusers, "--format", what="format",
+                                         help="diffusers (the teacher's key names) or ldm (original single-file names, for ComfyUI/A1111)."),
     into: Path | None = typer.Option(None, "--into", help="With --format ldm: the teacher's original .safetensors checkpoint; write it whole with the student's UNet."),
 ) -> None:
     """Merge an adapter into the teacher and write the student with the teacher's key names and dtypes."""
     from wadi_distill.transfer import check_transfer
 
-    if format not in ("diffusers", "ldm"):
-        raise WadiInputError(f"--format must be diffusers or ldm, not {format!r}.")
-    if into is not None and format != "ldm":
+    if into is not None and format is not ExportFormat.ldm:
         raise WadiInputError("--into writes an original single-file checkpoint; use it with --format ldm.")
     for line in check_transfer(teacher, adapter).sentences():
         console.print(line, highlight=False)
-    if format == "ldm":
+    if format is ExportFormat.ldm:
         from wadi_distill.single_file import export_single_file
 
         single = export_single_file(teacher, adapter, output, into=into)
@@ -39,6 +45,8 @@ def export_command(
         console.print(f"merged {single.merged_layers} layers; {single.unet_tensors} UNet tensors under LDM names, dtype "
                       f"{single.dtype}, {where}, {single.bytes / 1e6:.1f} MB -> {single.path}", highlight=False)
         return
+    from wadi_distill.export import merge_into_checkpoint
+
     result = merge_into_checkpoint(teacher, adapter, output)
     source = "official theta checkpoint" if result.official else f"{result.adapter_kind} adapter"
     console.print(

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
 from wadi_distill.cli import app
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import Device, choice_option, console, device_option, handle_errors
+
+
+class LoraFormat(str, enum.Enum):
+    """Key layout of the written LoRA."""
+
+    diffusers = "diffusers"
+    kohya = "kohya"
+
+
+class FactorDtype(str, enum.Enum):
+    """Stored dtype of the LoRA factors."""
+
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
 
 
 @app.command("extract-lora")
@@ -19,17 +35,20 @@ def extract_lora_command(
     output: Path = typer.Option(..., "--output", "-o", help="lora.safetensors (the record goes to lora.json)."),
     rank: int | None = typer.Option(None, "--rank", help="Rank per layer (capped at the layer's full rank, where it is exact)."),
     energy: float | None = typer.Option(None, "--energy", help="Per layer, the smallest rank keeping this share of ΔW's energy (e.g. 0.9)."),
-    format: str = typer.Option("diffusers", "--format", help="diffusers (PEFT names, load_lora_weights) or kohya (ComfyUI/A1111)."),
-    dtype: str = typer.Option("float16", "--dtype", help="Stored dtype of the factors: float16, bfloat16 or float32."),
-    device: str = typer.Option("cpu", "--device", help="Where the SVDs run (cpu, cuda)."),
+    format: LoraFormat = choice_option(LoraFormat, LoraFormat.diffusers, "--format", what="format",
+                                       help="diffusers (PEFT names, load_lora_weights) or kohya (ComfyUI/A1111)."),
+    dtype: FactorDtype = choice_option(FactorDtype, FactorDtype.float16, "--dtype", what="dtype",
+                                       help="Stored dtype of the factors."),
+    device: Device = device_option(Device.cpu, help="Where the SVDs run; auto picks CUDA when available."),
     deltas: bool = typer.Option(True, "--deltas/--no-deltas", help="Write changed biases and norms as exact deltas (kohya .diff/.diff_b: ComfyUI applies them, diffusers' loader refuses them)."),
     top: int = typer.Option(10, "--top", help="Show this many layers with the largest error."),
 ) -> None:
     """ΔW = student − teacher per layer, truncated SVD at a fixed rank or energy share, written as a LoRA."""
     from wadi_distill.lora_extract import extract_lora, summary_lines
+    from wadi_probe.device import resolve_device
 
-    result = extract_lora(teacher, student, output, rank=rank, energy=energy, format=format, dtype=dtype, device=device,
-                          deltas=deltas)
+    result = extract_lora(teacher, student, output, rank=rank, energy=energy, format=format.value, dtype=dtype.value,
+                          device=str(resolve_device(device)), deltas=deltas)
     worst = sorted(result.layers, key=lambda layer: -layer.relative_error)[: max(top, 0)]
     if worst:
         table = Table(title=f"largest relative errors ({len(worst)} of {len(result.layers)} layers; all in the record)",

@@ -56,18 +56,14 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def generate_images(teacher: str | Path, prompts: list[str], folder: str | Path, *, adapter: str | Path | None = None,
                     merged: str | Path | None = None, seed: int = 0, batch_size: int = 50,
                     device: str = "auto") -> dict[str, Any]:
     """One one-step image per prompt (seed ``seed + i``), batched, written as ``folder/000000.png`` …; returns a record."""
     from wadi_distill.one_step import load_student, one_step_images
+    from wadi_probe.device import resolve_device
 
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     folder = Path(folder).expanduser()
     if folder.exists() and list_images(folder):
         raise WadiInputError(f"{folder} already holds images; give an empty or new folder for the generated ones.")
