@@ -213,7 +213,7 @@ def test_export_onto_a_finetune_says_how_far_it_is_from_the_training_teacher(tmp
 
 
 def lorad_layers_modules(adapter):
-    return list(json.loads((adapter / "adapter_config.json").read_text())["layers"])
+    return list(json.loads((adapter / "adapter_config.json").read_text())["target_modules"])
 
 
 def test_rotation_is_linear_so_the_finetune_change_is_rotated_with_its_norm():
