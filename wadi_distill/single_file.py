@@ -1,10 +1,11 @@
 """Single-file export: the merged student UNet under the original CompVis/LDM key names (``model.diffusion_model.…``).
 
 ComfyUI, A1111/Forge and most community tools read Stable Diffusion as one ``.safetensors`` file in the original
-LDM layout, not as a diffusers folder. The name map is derived from diffusers' own converter
+LDM layout, not as a diffusers folder. The name map is held to diffusers' own converter
 (``convert_ldm_unet_checkpoint``) applied to names: candidate LDM names come from
-:func:`wadi_probe.io.ldm.diffusers_to_ldm_names`, and a name is accepted only when diffusers' converter maps it
-back to the diffusers name it came from, so the file reads back exactly with ``from_single_file``. This works for
+:func:`wadi_probe.io.ldm.diffusers_to_ldm_names`, and a name is accepted only when diffusers' converter
+(:func:`wadi_probe.io.ldm.ldm_to_diffusers_names`) maps it back to the diffusers name it came from, so the file
+reads back exactly with ``from_single_file``. This works for
 the SD1.x (conv projections), SD2.x (linear projections) and SDXL (``label_emb`` / ``add_embedding``) UNets.
 
 With ``into`` (the teacher's own single-file checkpoint), the UNet tensors of that file are replaced by the
@@ -14,7 +15,6 @@ Everything is streamed one tensor at a time and written atomically.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,9 +26,8 @@ from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.io.checkpoints import LDM_UNET_PREFIX, open_checkpoint
 from wadi_probe.io.formats.safetensors_io import SafetensorsSource, write_safetensors_streaming
-from wadi_probe.io.jsonfile import read_json
 
-__all__ = ["SingleFileResult", "ldm_unet_keys", "unet_config_of", "export_single_file"]
+__all__ = ["SingleFileResult", "ldm_unet_keys", "export_single_file"]
 
 # EMA copies of the UNet in an original checkpoint ("model_ema.<flattened name>"): they would still hold the teacher
 _EMA_PREFIX = "model_ema."
@@ -49,47 +48,19 @@ class SingleFileResult:
     notes: list[str] = field(default_factory=list)
 
 
-def unet_config_of(model: str | Path) -> dict[str, Any] | None:
-    """The UNet's diffusers config.json (model folder or pipeline root), or None for a weights file."""
-    model = Path(model).expanduser()
-    if model.is_file():
-        return None
-    for folder in (model / "unet", model):
-        if (folder / "config.json").is_file():
-            return read_json(folder / "config.json")
-    return None
-
-
-def ldm_unet_keys(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any] | None = None) -> dict[str, str]:
+def ldm_unet_keys(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
     """diffusers ``UNet2DConditionModel`` names -> full LDM keys (``model.diffusion_model.…``).
 
-    ``config`` is the UNet's diffusers config (inferred from the shapes when None). Raises WadiInputError when the
-    weights are not a UNet or when some name has no LDM key that diffusers' converter maps back to it.
+    Raises WadiInputError when the weights are not a UNet or when some name has no LDM key that diffusers'
+    converter (:func:`wadi_probe.io.ldm.ldm_to_diffusers_names`) maps back to it.
     """
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    from wadi_probe.io.ldm import diffusers_to_ldm_names, infer_unet_config
+    from wadi_probe.io.ldm import diffusers_to_ldm_names, ldm_to_diffusers_names
 
     if "conv_in.weight" not in shapes or not any(name.startswith("down_blocks.") for name in shapes):
         raise WadiInputError("the LDM single-file layout exists for UNets (SD1.x/2.x/XL); these weights are not a UNet2DConditionModel.")
-    config = dict(config) if config else infer_unet_config(shapes)
-    if not isinstance(config.get("layers_per_block"), int):
-        raise WadiInputError(
-            f"this UNet has a different number of layers per block ({config.get('layers_per_block')}), which the "
-            "original LDM layout (and diffusers' converter) does not describe."
-        )
     candidate = diffusers_to_ldm_names(list(shapes))
-    names = {LDM_UNET_PREFIX + ldm: LDM_UNET_PREFIX + ldm for ldm in candidate.values()}
-    # the converter only moves values between keys, so running it on key names gives its exact name map
-    logging.getLogger("diffusers.loaders.single_file_utils").disabled = True
-    try:
-        converted = convert_ldm_unet_checkpoint(names, config)
-    except (KeyError, IndexError) as exc:
-        raise WadiInputError(f"diffusers' LDM converter cannot place this UNet's weights ({exc}).") from exc
-    finally:
-        logging.getLogger("diffusers.loaders.single_file_utils").disabled = False
-    back = {ldm: name for name, ldm in converted.items()}
-    wrong = [name for name in shapes if back.get(LDM_UNET_PREFIX + candidate[name]) != name]
+    back = ldm_to_diffusers_names(list(candidate.values()))
+    wrong = [name for name in shapes if back.get(candidate[name]) != name]
     if wrong:
         raise WadiInputError(
             f"{len(wrong)} of {len(shapes)} UNet tensors have no LDM name that diffusers reads back to them "
@@ -131,7 +102,7 @@ def export_single_file(teacher: str | Path, adapter: str | Path | None, output: 
         raise WadiInputError(f"{output} should end in .safetensors (the single-file format).")
     with open_checkpoint(teacher_path) as source:
         shapes = {name: source.shape(name) for name in source.names()}
-        keys = ldm_unet_keys(shapes, unet_config_of(teacher_path))
+        keys = ldm_unet_keys(shapes)
         if adapter is not None:
             fetch_merged, merged_layers, adapter_name = _adapter_override(source, adapter)
         else:
