@@ -118,7 +118,7 @@ def test_lora_adapters_and_bf16_after_fp32_in_one_process(pipelines, prompt_file
     losses = trainer.train_step()
     assert math.isfinite(losses["loss_fake"])
     assert any(not torch.equal(student0[n], p) for n, p in trainer.student_named)
-    assert any(not torch.equal(e, p) for e, (_, p) in zip(trainer.ema, trainer.student_named))
+    assert any(not torch.equal(e, p) for e, (_, p) in zip(trainer.ema.shadow_params, trainer.student_named))
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -174,7 +174,7 @@ def test_sigkilled_run_resumes_bit_identical_and_limit_prunes(pipelines, prompt_
     stale.mkdir()
     resumed = distill(_config(pipelines["sd"], killed, prompt_file, resume="latest", **kw))
     assert resumed.steps == steps and not stale.exists()
-    for name in ("adapter.safetensors", "student.safetensors", "adapter_ema.safetensors"):
+    for name in ("adapter.safetensors", "student.safetensors", "ema/adapter.safetensors", "ema/student.safetensors"):
         a, b = load_file(str(ref.final_dir / name)), load_file(str(resumed.final_dir / name))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name

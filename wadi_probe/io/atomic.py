@@ -1,7 +1,10 @@
 """Write files so that a crash or a bad input never leaves a half-written result behind.
 
 Everything the project writes goes to a temporary name in the destination folder first and is renamed into
-place only when complete (``os.replace`` is atomic on one filesystem).
+place only when complete (``os.replace`` is atomic on one filesystem). ``tempfile.mkstemp``/``mkdtemp`` create
+their entries private (0600/0700) whatever the umask; the temporary entry is given the mode the umask gives a
+plain ``open``/``mkdir`` (0644/0755 under umask 022) before it is renamed, so colleagues on a shared machine can
+read checkpoints, students and reports as they can any other file.
 """
 
 from __future__ import annotations
@@ -13,6 +16,19 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting and restoring it: POSIX offers no read-only call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(path: Path, directory: bool) -> None:
+    """Give a fresh temporary entry the permissions ``open``/``mkdir`` would have given it."""
+    base = 0o777 if directory else 0o666
+    os.chmod(path, base & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -29,6 +45,7 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Ite
         fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
         os.close(fd)
         tmp = Path(name)
+    _apply_umask(tmp, directory)
     try:
         yield tmp
         if directory:
