@@ -18,7 +18,8 @@ from wadi_distill.lorad.layer import (
     unmerge_lorad,
     use_adapter,
 )
-from wadi_distill.builtin.digits.model import BuiltinTeacher, is_builtin, load_builtin, load_teacher
+from wadi_distill.builtin.digits.model import DigitsModel, is_builtin, load_builtin
+from wadi_distill.teachers.pipeline import Teacher, load_teacher
 from wadi_distill.plan.planner import Plan, PlanEntry, load_model_config_only, plan_from_preset, plan_from_report
 from wadi_distill.sample import sample_multistep
 from wadi_distill.vsd.trainer import DistillConfig, DistillResult, distill
@@ -35,7 +36,7 @@ __all__ = [
     # training
     "DistillConfig", "DistillResult", "distill",
     # the built-in teacher, sampling, metrics
-    "BuiltinTeacher", "is_builtin", "load_builtin", "load_teacher", "sample_multistep",
+    "Teacher", "load_teacher", "DigitsModel", "is_builtin", "load_builtin", "sample_multistep",
     "evaluate_images", "frechet_distance", "precision_recall",
     "__version__",
 ]

@@ -89,9 +89,19 @@ def sample(
     """One-step images of a distilled student: the teacher's folder plus either an adapter or merged weights.
 
     Each prompt gets ``n`` images with seeds ``seed, seed+1, ...``; returns (len(prompts)·n, C, H, W) in [0, 1].
+    ``adapter`` is an adapter folder (``final/`` or, for the EMA weights, ``final/ema/``) or its
+    ``adapter.safetensors``; ``merged`` a merged ``student.safetensors``. ``device`` is cpu, cuda or auto.
     """
     if (adapter is None) == (merged is None):
         raise WadiInputError("Give exactly one of an adapter file (--adapter) or merged student weights (--merged).")
+    if not prompts:
+        raise WadiInputError("Give at least one prompt (--prompt).")
+    if int(n) < 1:
+        raise WadiInputError(f"The number of images per prompt must be at least 1, not {n}.")
+    device = resolve_device(device)
+    for given in (adapter, merged):
+        if given is not None and not Path(given).exists():
+            raise WadiInputError(f"The student file or folder {given} does not exist.")
     bundle = load_teacher(teacher)
     denoiser = bundle.denoiser
     if adapter is not None:
@@ -108,6 +118,18 @@ def sample(
     cond = bundle.encode_prompts([p for p in prompts for _ in range(n)])
     seeds = [seed + i for _ in prompts for i in range(n)]
     return one_step_images(bundle, denoiser, cond, seeds, device=device)
+
+
+def resolve_device(device: str) -> str:
+    """``cpu``, ``cuda`` (refused without a GPU) or ``auto`` (the GPU when there is one), as a torch device name."""
+    device = str(getattr(device, "value", device))
+    if device not in ("auto", "cpu", "cuda"):
+        raise WadiInputError(f"device must be auto, cpu or cuda, not {device!r}.")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WadiInputError("--device cuda was asked for but no CUDA GPU is available.")
+    return device
 
 
 def load_merged_weights(denoiser: nn.Module, path: str | Path) -> None:

@@ -444,7 +444,7 @@ def load_teacher(path: str | Path, *, load_text_encoders: bool = True, load_vae:
 def load_builtin_teacher(spec: str) -> Teacher:
     """Wrap the project's small demo model (``builtin:digits`` or a ``train-teacher`` folder) as a :class:`Teacher`."""
     try:
-        from wadi_distill.builtin.digits.model import load_teacher as load_builtin
+        from wadi_distill.builtin.digits.model import load_digits as load_builtin
     except ImportError as exc:
         raise WadiInputError(f"The built-in teacher {spec!r} is not available in this installation.") from exc
     builtin = load_builtin(spec)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from wadi_probe.errors import WadiInputError
 
@@ -122,6 +121,8 @@ def resolve_mixed_precision(config: DistillConfig) -> str:
 
 def on_cpu(device: str) -> bool:
     """True when a run with ``--device device`` computes on the CPU."""
+    import torch
+
     return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
@@ -179,6 +180,8 @@ def _validate_student(config: DistillConfig) -> None:
 
 
 def _validate_machine(config: DistillConfig) -> None:
+    import torch
+
     config.device = _choice(config.device, tuple(d.value for d in Device), "device")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise WadiInputError("--device cuda was asked for but no CUDA GPU is available.")
@@ -192,7 +195,7 @@ def _validate_machine(config: DistillConfig) -> None:
 
 
 def check_output_dir(path: Path) -> None:
-    """Refuse an output folder that is a file or that cannot be created or written, before anything is written."""
+    """Refuse an output path whose folder is a file or cannot be created or written, before anything is written."""
     if path.exists() and not path.is_dir():
         raise WadiInputError(f"The output folder {path} is a file; choose a folder.")
     parent = path
@@ -200,8 +203,11 @@ def check_output_dir(path: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise WadiInputError(f"The output folder {path} cannot be created: {parent} is a file.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise WadiInputError(f"The output folder {path} cannot be written ({parent} is not writable).")
+    try:  # a real write, not os.access: root, read-only mounts and ACLs all answer truthfully this way
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise WadiInputError(f"The output folder {path} cannot be written ({parent}: {exc.strerror}).") from exc
 
 
 def validate_config(config: DistillConfig) -> None:
