@@ -426,7 +426,7 @@ class VSDTrainer:
             "rng.safetensors": rng,
         }
         if self.ema is not None:
-            files["ema.pt"] = self.ema.state_dict()
+            files["ema.pt"] = {**self.ema.state_dict(), "names": [n for n, _ in self.student_named]}
         if self.accelerator.scaler is not None:  # fp16: the loss scale continues on resume
             files["scaler.pt"] = self.accelerator.scaler.state_dict()
         if self.plan is not None:
@@ -473,7 +473,11 @@ class VSDTrainer:
         self.sched_student.load_state_dict(scheds["student"])
         self.sched_fake.load_state_dict(scheds["fake"])
         if self.ema is not None and reader.has("ema.pt"):
-            self.ema.load_state_dict(reader.obj("ema.pt"))
+            ema = reader.obj("ema.pt")
+            if ema.get("names", [n for n, _ in self.student_named]) != [n for n, _ in self.student_named]:
+                raise WadiInputError(f"The EMA in {path} does not match this run's layers; it was written by "
+                                     "another run.")
+            self.ema.load_state_dict(ema)
         if self.accelerator.scaler is not None and reader.has("scaler.pt"):
             self.accelerator.scaler.load_state_dict(reader.obj("scaler.pt"))
         rng = reader.tensors("rng.safetensors")

@@ -2,9 +2,10 @@
 
 Everything the project writes goes to a temporary name in the destination folder first and is renamed into
 place only when complete (``os.replace`` is atomic on one filesystem). ``tempfile.mkstemp``/``mkdtemp`` create
-their entries private (0600/0700) whatever the umask; the temporary entry is given the mode the umask gives a
-plain ``open``/``mkdir`` (0644/0755 under umask 022) before it is renamed, so colleagues on a shared machine can
-read checkpoints, students and reports as they can any other file.
+their entries private (0600/0700) whatever the umask, and so do some writers (safetensors); the finished entry,
+and everything inside a finished folder, is given the mode the umask gives a plain ``open``/``mkdir``
+(0644/0755 under umask 022) before it is renamed, so colleagues on a shared machine can read checkpoints,
+students and reports as they can any other file.
 """
 
 from __future__ import annotations
@@ -31,6 +32,20 @@ def _apply_umask(path: Path, directory: bool) -> None:
     os.chmod(path, base & ~current_umask())
 
 
+def _apply_umask_tree(path: Path) -> None:
+    """Apply the umask to ``path`` and everything written inside it: some writers (safetensors' ``save_file``)
+    create their files private (0600) themselves, whatever the umask."""
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            for name in dirs:
+                _apply_umask(Path(root) / name, True)
+            for name in files:
+                _apply_umask(Path(root) / name, False)
+        _apply_umask(path, True)
+    elif path.exists():
+        _apply_umask(path, False)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on failure remove it.
@@ -48,6 +63,7 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Ite
     _apply_umask(tmp, directory)
     try:
         yield tmp
+        _apply_umask_tree(tmp)
         if directory:
             if final.exists():
                 old = final.with_name(f".{final.name}.old")
