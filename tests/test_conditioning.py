@@ -107,3 +107,30 @@ def test_refuses_non_pipeline_folders(tmp_path):
                                                            "unet": ["diffusers", "UNet2DConditionModel"]}))
     with pytest.raises(WadiInputError, match="folder .* is missing"):
         load_teacher(tmp_path)
+
+
+def test_encodings_equal_diffusers_encode_prompt(tmp_path):
+    """The project's prompt encoding gives what diffusers' own pipelines give (their ``encode_prompt``)."""
+    from diffusers import DiffusionPipeline
+
+    prompts = ["a cat", "a red house on the tree"]
+    for kind in ("sd", "sdxl", "pixart"):
+        root = make_pipeline(tmp_path / kind, kind)
+        extra = {"safety_checker": None} if kind == "sd" else {}
+        pipe = DiffusionPipeline.from_pretrained(root, local_files_only=True, **extra)
+        ours = load_teacher(root, load_vae=False).encode_prompts([*prompts, ""])
+        with torch.no_grad():
+            if kind == "sd":
+                hidden, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+                assert torch.equal(hidden, ours.encoder_hidden_states[:2])
+            elif kind == "sdxl":  # the negative (null) prompt is zeros: force_zeros_for_empty_prompt
+                hidden, null, pooled, null_pooled = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                                       do_classifier_free_guidance=True)
+                assert torch.equal(hidden, ours.encoder_hidden_states[:2]) and torch.equal(pooled, ours.pooled[:2])
+                assert torch.equal(null[:1], ours.encoder_hidden_states[2:])
+                assert torch.equal(null_pooled[:1], ours.pooled[2:])
+            else:
+                hidden, mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
+                                                  max_sequence_length=120)[:2]
+                torch.testing.assert_close(hidden, ours.encoder_hidden_states[:2], rtol=0, atol=1e-6)
+                assert torch.equal(mask, ours.attention_mask[:2])

@@ -178,7 +178,13 @@ def denoiser_call_for(model: nn.Module, image_size: int) -> DenoiserCall:
 
 
 class TextEncoders:
-    """The pipeline's tokenizer(s) and text encoder(s); ``encode`` turns prompts into :class:`Conditioning`."""
+    """The pipeline's tokenizer(s) and text encoder(s); ``encode`` turns prompts into :class:`Conditioning`.
+
+    The embeddings equal diffusers' ``encode_prompt`` (tests/test_conditioning.py: SD and SDXL bit for bit,
+    PixArt's T5 within float rounding). Ours is kept because ``encode_prompt`` needs a whole pipeline object
+    (every component loaded, while only the encoding process should hold the text encoders), and because the
+    embedding cache runs the null prompt through the same call as every other prompt.
+    """
 
     def __init__(self, family: str, tokenizers: list[Any], encoders: list[nn.Module], *,
                  max_length: int | None = None, zeros_for_empty_prompt: bool = False) -> None:
@@ -327,6 +333,12 @@ def _read_model_index(root: Path) -> dict:
 
 def _load_component(root: Path, index: dict, name: str, *, required: bool = True,
                     dtype: torch.dtype | None = None):
+    """Load one pipeline component with its library's ``from_pretrained(local_files_only=True)``.
+
+    Components are loaded one by one, not with ``DiffusionPipeline.from_pretrained``: a process that does not
+    encode prompts skips the text encoders, a variant (fp16-only folders) is detected per folder, and every
+    failure names the component in one sentence.
+    """
     entry = index.get(name)
     if not entry or entry[0] is None or entry[1] is None:
         if required:
