@@ -555,6 +555,8 @@ class VSDTrainer:
         if self.resume_path is not None:
             note = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "no options changed"
             self.console.note(f"resumed at step {self.step} from {self.resume_path} ({note})")
+        elif self.config.resume:
+            self.console.note(f"no checkpoint in {self.output_dir} yet: starting at step 0")
 
     def _after_step(self, log: RunLog | None, values: dict[str, float]) -> None:
         config = self.config
