@@ -203,6 +203,15 @@ def test_bad_inputs_one_sentence_nothing_written(world, tmp_path):
     _fails(_args(teacher, out, prompts, "--device", "gpu"), "'gpu' is not one of")
     _fails(_args(teacher, out, prompts, "--mixed-precision", "fp8"), "'fp8' is not one of")
     _fails(_args(teacher, out, prompts, "--prompts", tmp_path / "missing.txt"), "does not exist")
+    _fails(_args(teacher, out, prompts, "--prompts", tmp_path), "is a folder, not a file")
+    assert not out.exists()
+    # prompts the encoder refuses (the digits encoder knows a fixed vocabulary): refused, nothing left behind
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("a handwritten digit 7\na purple elephant\n")
+    _fails(["run", "--teacher", "builtin:digits", "--prompts", str(unknown), "--output-dir", str(out), "--rank", "4"],
+           "does not know the word(s) 'purple', 'elephant'")
+    _fails(["run", "--teacher", "builtin:digits", "--output-dir", str(out), "--rank", "4", "--validation-prompt",
+            "a cat"], "does not know the word(s) 'cat'")
     assert not out.exists()
     a_file = tmp_path / "file"
     a_file.write_text("x")

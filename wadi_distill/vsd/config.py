@@ -176,7 +176,8 @@ def _validate_student(config: DistillConfig) -> None:
     for name in ("prompts", "plan", "rank_from_probe"):
         value = getattr(config, name)
         if value is not None and not Path(value).is_file():
-            raise WadiInputError(f"The {name.replace('_', '-')} file {value} does not exist.")
+            state = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
+            raise WadiInputError(f"The {name.replace('_', '-')} file {value} {state}.")
 
 
 def _validate_machine(config: DistillConfig) -> None:

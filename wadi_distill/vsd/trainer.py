@@ -204,33 +204,56 @@ class VSDTrainer:
         return _default_prompts(self.teacher)
 
     def _prepare_conditioning(self) -> None:
-        """Rank 0 encodes the prompts into the cache; the others wait for it on disk (no barrier that can time out)."""
+        """Rank 0 encodes the prompts into the cache; the others wait for it on disk (no barrier that can time out).
+
+        Validation prompts are encoded first (a prompt the encoder refuses stops the run before anything is
+        written); an output folder this run created is removed again if encoding fails.
+        """
         teacher = self.teacher
         folder = self.output_dir / "embedding-cache" / self.prompt_key  # never overwrites another run's cache
+        self.validation_prompts = list(self.config.validation_prompts
+                                       or self.prompts[: self.config.num_validation_images])
+        self.validation_cond: Conditioning | None = None
         if self.is_main:
             if teacher.encode_prompts is None:
                 raise WadiInputError("The teacher has no text encoder to encode the prompts with.")
             text = teacher.extra.get("text_encoders")
             if text is not None:
                 text.to(self.device)
-            started = time.perf_counter()
-            self.cache = build_embedding_cache(folder, self.prompts, teacher.encode_prompts, key=self.prompt_key,
-                                               null_prompt=teacher.null_prompt, notes=self.console.note)
-            self.console.note(f"embedding cache ready: {len(self.prompts)} prompts in "
-                              f"{time.perf_counter() - started:.1f} s ({folder})")
+            if self.config.validation_prompts:  # only rank 0 draws validation images
+                self.validation_cond = teacher.encode_prompts(self.validation_prompts)
+            with self._remove_new_output_on_failure():
+                self.cache = self._build_cache(folder)
+            if self.validation_cond is None:
+                self.validation_cond = self.cache.get(range(len(self.validation_prompts)))
         else:
             self.cache = wait_for_cache(folder, self.prompt_key)
         if self.cache.key != self.prompt_key:
             raise WadiInputError(f"The embedding cache in {folder} belongs to other prompts or another teacher.")
-        self.validation_prompts = list(self.config.validation_prompts
-                                       or self.prompts[: self.config.num_validation_images])
-        self.validation_cond: Conditioning | None = None
-        if self.is_main:  # only rank 0 draws validation images
-            self.validation_cond = (teacher.encode_prompts(self.validation_prompts) if self.config.validation_prompts
-                                    else self.cache.get(range(len(self.validation_prompts))))
         teacher.free_text_encoders()
         teacher.extra.pop("text_encoders", None)
         gc.collect()
+
+    def _build_cache(self, folder: Path) -> EmbeddingCache:
+        started = time.perf_counter()
+        cache = build_embedding_cache(folder, self.prompts, self.teacher.encode_prompts, key=self.prompt_key,
+                                      null_prompt=self.teacher.null_prompt, notes=self.console.note)
+        self.console.note(f"embedding cache ready: {len(self.prompts)} prompts in "
+                          f"{time.perf_counter() - started:.1f} s ({folder})")
+        return cache
+
+    @contextlib.contextmanager
+    def _remove_new_output_on_failure(self) -> Iterator[None]:
+        """Remove the output folder again when this run created it and the block fails (nothing half-written)."""
+        created = not self.output_dir.exists()
+        try:
+            yield
+        except BaseException:
+            if created and self.output_dir.is_dir():
+                import shutil
+
+                shutil.rmtree(self.output_dir, ignore_errors=True)
+            raise
 
     def _prepare_models(self) -> None:
         config = self.config
