@@ -36,7 +36,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     prompts.write_text("a cat\na red house\na dog in the sky\n")
     return {"root": root, "prompts": prompts,
             "legacy": make_pipeline(root / "legacy-sd15", "sd", legacy_config=True),
-            "fp16": make_pipeline(root / "sdxl-fp16", "sdxl", variant="fp16")}
+            "fp16": make_pipeline(root / "hub", "sdxl", variant="fp16", hub_snapshot=True)}
 
 
 def _args(teacher, out, prompts, *extra) -> list[str]:
@@ -167,6 +167,8 @@ def test_ema_in_final_is_an_adapter_like_the_student_and_every_tool_takes_it(wor
 
 
 def test_fp16_only_variant_folder_runs_and_samples(world, tmp_path):
+    """An SDXL-like teacher as the Hub ships it: fp16-only files, in a cache snapshot of symbolic links."""
+    assert all(p.is_symlink() for p in world["fp16"].rglob("*.safetensors"))
     out = tmp_path / "out"
     result = runner.invoke(app, _args(world["fp16"], out, world["prompts"], "--max-steps", "1",
                                       "--checkpointing-steps", "1"))

@@ -5,7 +5,9 @@ The real-world variants the suite uses (``make_pipeline(..., legacy_config=True,
 - ``legacy_config``: the UNet's and the scheduler's ``config.json`` hold only the keys the original SD1.5 release
   had (diffusers fills the rest with defaults and records them in ``_use_default_values``, a list whose order
   follows Python's hash seed);
-- ``variant="fp16"``: every component saved only as ``*.fp16.safetensors`` in fp16 (as many SDXL releases ship).
+- ``variant="fp16"``: every component saved only as ``*.fp16.safetensors`` in fp16 (as many SDXL releases ship);
+- ``hub_snapshot``: the layout of a Hugging Face cache (``models--org--name/snapshots/<commit>/`` whose files are
+  symbolic links into ``blobs/``); the returned path is the snapshot folder.
 """
 
 from __future__ import annotations
@@ -98,9 +100,12 @@ def _keep_only(config_path: Path, keys: tuple[str, ...]) -> None:
 
 
 def make_pipeline(folder: Path, kind: str = "sd", seed: int = 0, *, legacy_config: bool = False,
-                  variant: str | None = None) -> Path:
+                  variant: str | None = None, hub_snapshot: bool = False) -> Path:
     """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart; see the module docstring
-    for ``legacy_config`` (SD-like kinds) and ``variant``."""
+    for ``legacy_config`` (SD-like kinds), ``variant`` and ``hub_snapshot``."""
+    if hub_snapshot:
+        return _to_hub_snapshot(make_pipeline(Path(folder) / "plain", kind, seed, legacy_config=legacy_config,
+                                              variant=variant), Path(folder) / f"models--tiny--{kind}")
     folder = _make_pipeline(folder, kind, seed)
     if legacy_config:
         if kind not in ("sd", "sd2"):
@@ -110,6 +115,25 @@ def make_pipeline(folder: Path, kind: str = "sd", seed: int = 0, *, legacy_confi
     if variant is not None:
         _to_variant(folder, variant)
     return folder
+
+
+def _to_hub_snapshot(plain: Path, repo: Path) -> Path:
+    """Move the files of ``plain`` into ``repo/blobs/<sha256>`` and link them from ``repo/snapshots/<commit>/``."""
+    import hashlib
+    import os
+
+    snapshot = repo / "snapshots" / ("0123456789abcdef" * 2 + "01234567")
+    (repo / "blobs").mkdir(parents=True)
+    for path in sorted(p for p in plain.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        if not blob.exists():
+            path.replace(blob)
+        link = snapshot / path.relative_to(plain)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    return snapshot
 
 
 def _to_variant(folder: Path, variant: str) -> None:
