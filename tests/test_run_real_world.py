@@ -326,3 +326,25 @@ def test_cli_presets_are_the_planners():
     from wadi_distill.plan.planner import PRESETS
 
     assert tuple(p.value for p in Preset) == tuple(PRESETS)
+
+
+def test_identity_names_each_differing_part():
+    from wadi_distill.vsd.identity import identity_for
+
+    base = dict(teacher_fingerprint="t", weights_digest="w", student="lorad", plan_ranks={"a": 4}, fake_kind="lorad",
+                fake_ranks={"a": 2}, prompts_key="p", batch_size=2, processes=1)
+    one = identity_for(**base)
+    assert identity_for(**base).run_id == one.run_id
+    two = identity_for(**{**base, "processes": 2, "prompts_key": "q"})
+    assert two.run_id != one.run_id
+    assert two.differences(one.parts) == ["the prompts", "the batch (per process x processes)"]
+    message = two.refusal("out/checkpoint-4", one.parts)
+    assert message.startswith("The checkpoint out/checkpoint-4 was written by another run (the prompts, the batch")
+    assert "(it records no details)" in two.refusal("old", None)
+
+
+def test_resume_path_that_is_a_file(world, tmp_path):
+    a_file = tmp_path / "checkpoint-3"
+    a_file.write_text("x")
+    _fails(_args(world["legacy"], tmp_path / "o", world["prompts"], "--resume", a_file), "is a file; --resume takes")
+    assert not (tmp_path / "o").exists()

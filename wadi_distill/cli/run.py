@@ -93,10 +93,10 @@ def run_command(
     result = distill(config)
     if result.final_dir is not None:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items() if k.startswith("loss"))
-        console.print(f"trained {result.steps} steps (last step: {losses})", highlight=False)
+        console.print(f"trained {result.steps} steps (last step: {losses})", highlight=False, soft_wrap=True)
         if result.adapter_path is not None:
-            console.print(f"adapter: {result.adapter_path}", highlight=False)
-        console.print(f"merged student: {result.merged_path}", highlight=False)
+            console.print(f"adapter: {result.adapter_path}", highlight=False, soft_wrap=True)
+        console.print(f"merged student: {result.merged_path}", highlight=False, soft_wrap=True)
         if result.ema_dir is not None:
-            console.print(f"EMA student: {result.ema_dir} (adapter and merged weights)", highlight=False)
-        console.print(f"samples: {result.samples_path}", highlight=False)
+            console.print(f"EMA student: {result.ema_dir} (adapter and merged weights)", highlight=False, soft_wrap=True)
+        console.print(f"samples: {result.samples_path}", highlight=False, soft_wrap=True)

@@ -34,4 +34,4 @@ def sample_command(
     check_output_dir(output.parent)  # refused before the teacher is loaded
     images = sample(teacher, list(prompt), adapter=adapter, merged=merged, n=n, seed=seed, device=device.value)
     save_image_grid(images, output, nrow=n)
-    console.print(f"wrote {images.shape[0]} one-step images to {output}", highlight=False)
+    console.print(f"wrote {images.shape[0]} one-step images to {output}", highlight=False, soft_wrap=True)

@@ -63,6 +63,8 @@ def resolve_resume(resume: str, output_dir: Path) -> Path | None:
         found = list_checkpoints(output_dir)
         return found[-1][1] if found else None
     path = Path(resume)
+    if path.is_file():
+        raise WadiInputError(f"{path} is a file; --resume takes a checkpoint folder (checkpoint-STEP) or latest.")
     if not path.is_dir():
         raise WadiInputError(f"The checkpoint folder {path} does not exist.")
     if not (path / "state.json").is_file():
