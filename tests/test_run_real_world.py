@@ -348,3 +348,20 @@ def test_resume_path_that_is_a_file(world, tmp_path):
     a_file.write_text("x")
     _fails(_args(world["legacy"], tmp_path / "o", world["prompts"], "--resume", a_file), "is a file; --resume takes")
     assert not (tmp_path / "o").exists()
+
+
+def test_every_writer_refuses_an_unwritable_destination_with_a_sentence(world, tmp_path):
+    """plan -o, export -o and the probe's outputs all write through atomic_path, which refuses in one sentence."""
+    from wadi_probe.errors import WadiInputError
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    _fails(["plan", "--teacher", str(world["legacy"]), "--preset", "paper", "--rank", "4", "-o",
+            str(a_file / "plan.json")], f"Cannot write {a_file / 'plan.json'}: {a_file} is a file, not a folder.")
+    out = tmp_path / "run"
+    assert runner.invoke(app, _args(world["legacy"], out, world["prompts"], "--max-steps", "1")).exit_code == 0
+    _fails(["export", "--teacher", str(world["legacy"]), "--adapter", str(out / "final"), "-o",
+            "/proc/wadi-merged.safetensors"], "Cannot write /proc/wadi-merged.safetensors")
+    with pytest.raises(WadiInputError, match="is a file, not a folder"):
+        write_json_atomic(a_file / "deeper" / "report.json", {})
+    assert a_file.read_text() == "x"

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from wadi_probe.errors import WadiInputError
+
 
 def current_umask() -> int:
     """The process's umask (read by setting and restoring it: POSIX offers no read-only call)."""
@@ -50,16 +52,24 @@ def _apply_umask_tree(path: Path) -> None:
 def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on failure remove it.
 
-    With ``directory=True`` the temporary path is a fresh folder and replaces any folder at ``path``.
+    With ``directory=True`` the temporary path is a fresh folder and replaces any folder at ``path``. A
+    destination that cannot be written (read-only, a file where a folder should be, no such place) is refused
+    with :class:`~wadi_probe.errors.WadiInputError` before anything is written.
     """
     final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-    else:
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-        os.close(fd)
-        tmp = Path(name)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if directory:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+            os.close(fd)
+            tmp = Path(name)
+    except OSError as exc:  # the destination itself is wrong: one sentence for every writer of the project
+        blocker = next((p for p in final.parents if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise WadiInputError(f"Cannot write {final}: {blocker} is a file, not a folder.") from exc
+        raise WadiInputError(f"Cannot write {final}: {exc.strerror or exc} ({exc.filename or final.parent}).") from exc
     _apply_umask(tmp, directory)
     try:
         yield tmp
