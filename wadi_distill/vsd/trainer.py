@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import time
+from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -51,6 +52,7 @@ __all__ = ["DistillConfig", "DistillResult", "VSDTrainer", "distill", "list_chec
            "STUDENT_KINDS", "FAKE_KINDS"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 
 
 @dataclass
@@ -187,10 +189,14 @@ class VSDTrainer:
     # ---------------------------------------------------------------- set-up
     def _start_accelerator(self) -> None:
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
 
         self.cpu = on_cpu(self.config.device)
         _reset_single_process_state()
-        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.cpu)
+        # the other ranks wait at the step's all-reduce while rank 0 writes a checkpoint (a full-fine-tuning SDXL
+        # checkpoint with its Adam states is tens of GB): allow far longer than the default 10-30 minutes
+        group = InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)
+        self.accelerator = Accelerator(mixed_precision=self.mixed_precision, cpu=self.cpu, kwargs_handlers=[group])
         self.is_main = self.accelerator.is_main_process
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
@@ -614,9 +620,8 @@ class VSDTrainer:
             if log is not None:
                 log.close()
         final = adapter = merged = samples = None
-        if self.is_main:
+        if self.is_main:  # the other ranks are done: nothing of theirs waits for final/
             final, adapter, merged, samples = self.write_final()
-        self.accelerator.wait_for_everyone()
         ema_dir = final / "ema" if final is not None and self.ema is not None else None
         return DistillResult(self.output_dir, self.step, dict(self.losses), final, adapter, merged, samples,
                              ckpt.tensors_state(self.student_named), ckpt.tensors_state(self.fake_named), ema_dir)
