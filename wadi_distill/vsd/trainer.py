@@ -544,7 +544,7 @@ class VSDTrainer:
         finally:
             self.ema.restore(self.student_params)
 
-    def write_final(self) -> tuple[Path, Path | None, Path, Path]:
+    def write_final(self) -> tuple[Path, Path | None, Path, Path | None]:
         """``OUT/final/``: the student's files (adapter folder files for LoRaD/LoRA, the merged
         ``student.safetensors``), ``ema/`` (the same files for the EMA weights, with ``--ema-decay``), samples."""
         final = self.output_dir / "final"
@@ -564,7 +564,8 @@ class VSDTrainer:
             if images is not None:
                 save_image_grid(images, tmp / "samples" / "grid.png")
                 (tmp / "samples" / "prompts.json").write_text(json.dumps(self.validation_prompts[: len(images)]))
-        return final, adapter_path, final / "student.safetensors", final / "samples" / "grid.png"
+        grid = final / "samples" / "grid.png" if images is not None else None
+        return final, adapter_path, final / "student.safetensors", grid
 
     # ---------------------------------------------------------------- the loop
     def _record_run(self) -> None:
