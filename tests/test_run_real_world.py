@@ -30,13 +30,8 @@ CLI = "import torch; torch.set_num_threads(1); from wadi_distill.cli import main
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("world")
-    prompts = root / "prompts.txt"
-    prompts.write_text("a cat\na red house\na dog in the sky\n")
-    return {"root": root, "prompts": prompts,
-            "legacy": make_pipeline(root / "legacy-sd15", "sd", legacy_config=True),
-            "fp16": make_pipeline(root / "hub", "sdxl", variant="fp16", hub_snapshot=True)}
+def world(teacher_family) -> dict[str, Path]:
+    return {**teacher_family, "legacy": teacher_family["legacy-sd15"], "fp16": teacher_family["sdxl-fp16-hub"]}
 
 
 def _args(teacher, out, prompts, *extra) -> list[str]:
@@ -166,17 +161,19 @@ def test_ema_in_final_is_an_adapter_like_the_student_and_every_tool_takes_it(wor
     assert report.is_file()
 
 
-def test_fp16_only_variant_folder_runs_and_samples(world, tmp_path):
-    """An SDXL-like teacher as the Hub ships it: fp16-only files, in a cache snapshot of symbolic links."""
-    assert all(p.is_symlink() for p in world["fp16"].rglob("*.safetensors"))
+@pytest.mark.parametrize("name", ["sdxl-fp16-hub", "sd2-fp16"])
+def test_fp16_only_variant_folder_runs_and_samples(name, world, tmp_path):
+    """fp16-only teachers: SDXL-like as the Hub ships it (a cache snapshot of symbolic links), SD2-like plain."""
+    teacher = world[name]
+    assert all(p.is_symlink() == name.endswith("hub") for p in teacher.rglob("*.safetensors"))
     out = tmp_path / "out"
-    result = runner.invoke(app, _args(world["fp16"], out, world["prompts"], "--max-steps", "1",
+    result = runner.invoke(app, _args(teacher, out, world["prompts"], "--max-steps", "1",
                                       "--checkpointing-steps", "1"))
     assert result.exit_code == 0, result.output
     merged = load_file(str(out / "final" / "student.safetensors"))
     assert {v.dtype for v in merged.values()} == {torch.float16}  # the teacher's own dtype, as export writes it
     grid = tmp_path / "s.png"
-    done = runner.invoke(app, ["sample", "--teacher", str(world["fp16"]), "--merged",
+    done = runner.invoke(app, ["sample", "--teacher", str(teacher), "--merged",
                                str(out / "final" / "student.safetensors"), "--prompt", "a cat", "-n", "2",
                                "-o", str(grid)])
     assert done.exit_code == 0 and grid.is_file(), done.output
