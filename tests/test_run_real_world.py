@@ -247,7 +247,7 @@ def test_sample_bad_inputs(world, tmp_path):
     common = ["sample", "--teacher", str(world["legacy"]), "--prompt", "a cat", "--merged", str(tmp_path / "x")]
     _fails([*common, "-n", "0", "-o", str(tmp_path / "a.png")], "at least 1")
     if not torch.cuda.is_available():
-        _fails([*common, "--device", "cuda", "-o", str(tmp_path / "a.png")], "no CUDA GPU")
+        _fails([*common, "--device", "cuda", "-o", str(tmp_path / "a.png")], "CUDA is not available")
     _fails([*common, "-o", "/proc/wadi.png"], "cannot be written")
     _fails([*common, "-o", str(tmp_path)], "is a folder")
     _fails([*common, "-o", str(tmp_path / "a.png")], "does not exist")

@@ -13,6 +13,7 @@ from torch import nn
 
 from wadi_distill.teachers.pipeline import Conditioning, DenoiserCall, Teacher, load_teacher
 from wadi_distill.vsd.losses import NoiseSchedule, one_step_x0
+from wadi_probe.analyze import resolve_device
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 
@@ -98,7 +99,7 @@ def sample(
         raise WadiInputError("Give at least one prompt (--prompt).")
     if int(n) < 1:
         raise WadiInputError(f"The number of images per prompt must be at least 1, not {n}.")
-    device = resolve_device(device)
+    device = str(resolve_device(getattr(device, "value", device)))
     for given in (adapter, merged):
         if given is not None and not Path(given).exists():
             raise WadiInputError(f"The student file or folder {given} does not exist.")
@@ -118,18 +119,6 @@ def sample(
     cond = bundle.encode_prompts([p for p in prompts for _ in range(n)])
     seeds = [seed + i for _ in prompts for i in range(n)]
     return one_step_images(bundle, denoiser, cond, seeds, device=device)
-
-
-def resolve_device(device: str) -> str:
-    """``cpu``, ``cuda`` (refused without a GPU) or ``auto`` (the GPU when there is one), as a torch device name."""
-    device = str(getattr(device, "value", device))
-    if device not in ("auto", "cpu", "cuda"):
-        raise WadiInputError(f"device must be auto, cpu or cuda, not {device!r}.")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise WadiInputError("--device cuda was asked for but no CUDA GPU is available.")
-    return device
 
 
 def load_merged_weights(denoiser: nn.Module, path: str | Path) -> None:

@@ -181,11 +181,10 @@ def _validate_student(config: DistillConfig) -> None:
 
 
 def _validate_machine(config: DistillConfig) -> None:
-    import torch
+    from wadi_probe.analyze import resolve_device
 
     config.device = _choice(config.device, tuple(d.value for d in Device), "device")
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise WadiInputError("--device cuda was asked for but no CUDA GPU is available.")
+    resolve_device(config.device)  # the one device check of the project: cuda without a GPU is refused
     if resolve_mixed_precision(config) == "fp16" and on_cpu(config.device):
         raise WadiInputError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision bf16 (or no) on a CPU.")
     if config.use_8bit_adam:
