@@ -29,6 +29,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from torch import nn
 
 from wadi_distill.lorad.layer import inject_lorad, lorad_layers, lorad_parameters
@@ -188,9 +192,6 @@ class VSDTrainer:
 
     # ---------------------------------------------------------------- set-up
     def _start_accelerator(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import InitProcessGroupKwargs
-
         self.cpu = on_cpu(self.config.device)
         _reset_single_process_state()
         # the other ranks wait at the step's all-reduce while rank 0 writes a checkpoint (a full-fine-tuning SDXL
@@ -291,9 +292,6 @@ class VSDTrainer:
                     m.enable_gradient_checkpointing()
 
     def _prepare_optimizers(self) -> None:
-        from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
-
         config = self.config
         self.student_params = [p for _, p in self.student_named]
         self.fake_params = [p for _, p in self.fake_named]
