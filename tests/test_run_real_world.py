@@ -362,3 +362,16 @@ def test_every_writer_refuses_an_unwritable_destination_with_a_sentence(world, t
     with pytest.raises(WadiInputError, match="is a file, not a folder"):
         write_json_atomic(a_file / "deeper" / "report.json", {})
     assert a_file.read_text() == "x"
+
+
+def test_progress_bar_on_request_and_the_plain_line_format(world, tmp_path):
+    from wadi_distill.vsd.run_log import format_duration, progress_line
+
+    assert format_duration(3725.4) == "1:02:05" and format_duration(-3) == "0:00:00"
+    line = progress_line(20, 1000, {"loss_student": 1.23456e-05, "loss_fake": 0.00264801}, 0.84)
+    assert line == "step 20/1000  loss_student 1.235e-05  loss_fake 0.002648  0.84 s/step  ETA 0:13:43"
+    result = runner.invoke(app, _args(world["legacy"], tmp_path / "out", world["prompts"], "--max-steps", "2",
+                                      "--progress"))
+    assert result.exit_code == 0, result.output
+    assert "VSD" in result.output and "s/step" in result.output
+    assert not any(line.startswith("step ") for line in result.output.splitlines())
