@@ -203,6 +203,7 @@ def test_bad_inputs_one_sentence_nothing_written(world, tmp_path):
     _fails(_args(teacher, out, prompts, "--mixed-precision", "fp8"), "'fp8' is not one of")
     _fails(_args(teacher, out, prompts, "--prompts", tmp_path / "missing.txt"), "does not exist")
     _fails(_args(teacher, out, prompts, "--prompts", tmp_path), "is a folder, not a file")
+    _fails(["run", "--teacher", str(teacher), "--output-dir", str(out), "--rank", "4"], "(--prompts) is needed")
     assert not out.exists()
     # prompts the encoder refuses (the digits encoder knows a fixed vocabulary): refused, nothing left behind
     unknown = tmp_path / "unknown.txt"

@@ -173,6 +173,10 @@ def _validate_student(config: DistillConfig) -> None:
     elif any([config.rank is not None, config.rank_from_probe, config.plan]):
         raise WadiInputError("--full-finetune trains every weight; it cannot be combined with --rank, "
                              "--rank-from-probe or --plan.")
+    builtin = str(config.teacher).startswith("builtin:") or (Path(config.teacher) / "digits_teacher.json").is_file()
+    if config.prompts is None and not builtin:
+        raise WadiInputError("A prompt file (--prompts) is needed for this teacher (only builtin teachers bring "
+                             "their own prompts).")
     for name in ("prompts", "plan", "rank_from_probe"):
         value = getattr(config, name)
         if value is not None and not Path(value).is_file():
