@@ -134,3 +134,29 @@ def test_encodings_equal_diffusers_encode_prompt(tmp_path):
                                                   max_sequence_length=120)[:2]
                 torch.testing.assert_close(hidden, ours.encoder_hidden_states[:2], rtol=0, atol=1e-6)
                 assert torch.equal(mask, ours.attention_mask[:2])
+
+
+def test_waiting_ranks_take_the_cache_only_once_it_is_complete_with_their_key(tmp_path):
+    """The ranks that do not encode poll for index.json with their key (no barrier, no timeout)."""
+    import threading
+    import time
+
+    from wadi_distill.teachers.embedding_cache import wait_for_cache
+
+    def encode(prompts):
+        return Conditioning(torch.full((len(prompts), 2, 2), float(len(prompts))))
+
+    folder = tmp_path / "cache"
+    key = cache_key(["a", "b"], "t")
+    build_embedding_cache(folder, ["x"], encode, key="another-run")  # a stale cache of other prompts
+    found: list = []
+    waiter = threading.Thread(target=lambda: found.append(wait_for_cache(folder, key, poll_seconds=0.02)))
+    waiter.start()
+    time.sleep(0.2)
+    assert not found  # the other key is never taken
+    import shutil
+
+    shutil.rmtree(folder)
+    build_embedding_cache(folder, ["a", "b"], encode, key=key)
+    waiter.join(timeout=10)
+    assert found and found[0].key == key and len(found[0]) == 2
