@@ -335,7 +335,7 @@ def test_identity_names_each_differing_part():
     assert identity_for(**base).run_id == one.run_id
     two = identity_for(**{**base, "processes": 2, "prompts_key": "q"})
     assert two.run_id != one.run_id
-    assert two.differences(one.parts) == ["the prompts", "the batch (per process x processes)"]
+    assert two.differences(one.parts) == ["the prompts", "the batch (2 per process x 1 processes then, 2 x 2 now)"]
     message = two.refusal("out/checkpoint-4", one.parts)
     assert message.startswith("The checkpoint out/checkpoint-4 was written by another run (the prompts, the batch")
     assert "(it records no details)" in two.refusal("old", None)

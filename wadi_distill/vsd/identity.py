@@ -44,7 +44,17 @@ class RunIdentity:
         """Plain names of the parts in which ``other`` (a checkpoint's recorded parts) differs from this run."""
         if not other:
             return []
-        return [PART_NAMES.get(k, k) for k in PART_NAMES if self.parts.get(k) != other.get(k)]
+        found = []
+        for key in PART_NAMES:
+            if self.parts.get(key) == other.get(key):
+                continue
+            if key == "batch" and isinstance(other.get(key), dict):  # say the numbers: a GPU count is easy to fix
+                was, now = other[key], self.parts[key]
+                found.append(f"the batch ({was.get('per_process')} per process x {was.get('processes')} processes "
+                             f"then, {now['per_process']} x {now['processes']} now)")
+            else:
+                found.append(PART_NAMES.get(key, key))
+        return found
 
     def refusal(self, where: str, other: dict[str, Any] | None) -> str:
         """The sentence that refuses resuming the checkpoint at ``where`` whose recorded parts are ``other``."""
