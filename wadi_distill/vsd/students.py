@@ -24,7 +24,8 @@ from torch import nn
 from wadi_probe.errors import WadiInputError
 
 
-def _named(model: nn.Module, params: list[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
+def named_subset(model: nn.Module, params: list[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of those of ``model``'s parameters that are in ``params``, in the model's order."""
     ids = {id(p) for p in params}
     return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
 
@@ -108,7 +109,7 @@ class AdapterStudent(Student):
     def trainable(self, base):
         from wadi_distill.lorad.layer import lorad_parameters
 
-        return _named(base, lorad_parameters(base, "student"))
+        return named_subset(base, lorad_parameters(base, "student"))
 
     def merged_state(self):
         from wadi_distill.lorad.layer import remove_lorad

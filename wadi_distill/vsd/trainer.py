@@ -47,7 +47,7 @@ from wadi_distill.vsd.config import (FAKE_KINDS, STUDENT_KINDS, TRAINING_OPTIONS
                                      resolve_mixed_precision, validate_config)
 from wadi_distill.vsd.identity import RunIdentity, identity_for
 from wadi_distill.vsd.run_log import Console, RunLog
-from wadi_distill.vsd.students import Student, check_plan_fits, student_for
+from wadi_distill.vsd.students import Student, check_plan_fits, named_subset, student_for
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.io.jsonfile import read_json
@@ -76,11 +76,6 @@ class DistillResult:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-
-
-def _named(model: nn.Module, params: list[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
-    ids = {id(p) for p in params}
-    return [(n, p) for n, p in model.named_parameters() if id(p) in ids]
 
 
 def _default_prompts(teacher: Teacher) -> list[str]:
@@ -283,7 +278,7 @@ class VSDTrainer:
         self.base = base
         self._layers = list(lorad_layers(base).values())
         self.student_named = self.student.trainable(base)
-        self.fake_named = _named(base, lorad_parameters(base, "fake"))
+        self.fake_named = named_subset(base, lorad_parameters(base, "fake"))
         for _, p in self.student_named + self.fake_named:
             p.requires_grad_(True)
         if config.gradient_checkpointing:
