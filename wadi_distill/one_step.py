@@ -13,7 +13,7 @@ from torch import nn
 
 from wadi_distill.teachers.pipeline import Conditioning, DenoiserCall, Teacher, load_teacher
 from wadi_distill.vsd.losses import NoiseSchedule, one_step_x0
-from wadi_probe.analyze import resolve_device
+from wadi_probe.device import resolve_device
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 
@@ -107,7 +107,7 @@ def sample(
     denoiser = bundle.denoiser
     if adapter is not None:
         from wadi_distill.lorad.serialization import load_adapter
-        from wadi_distill.lorad.layer import set_active_adapter
+        from wadi_distill.lorad.model import set_active_adapter
 
         load_adapter(denoiser, adapter, adapter_name="student")
         set_active_adapter(denoiser, "student")

@@ -9,19 +9,11 @@ from typing import Optional
 import typer
 
 from wadi_distill.cli import app
-from wadi_distill.vsd.config import Device, FakeKind, MixedPrecision
-from wadi_probe.cli._common import console, handle_errors
+from wadi_distill.cli.plan import Preset
+from wadi_distill.vsd.config import FakeKind, MixedPrecision
+from wadi_probe.console import Device, choice_option, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
 
-
-
-class Preset(str, Enum):
-    """The planner's layer presets (``wadi_distill.plan.planner.PRESETS``; a test keeps the two equal). Listed here
-    so that ``--help`` needs no torch import."""
-
-    paper = "paper"
-    paper_conv = "paper-conv"
-    all_linear = "all-linear"
 
 
 class StudentAdapter(str, Enum):
@@ -38,14 +30,16 @@ def run_command(
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Folder for checkpoints, logs and final/."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file: .txt (one per line), .jsonl or .csv."),
     prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Column/field holding the prompt (.csv/.jsonl)."),
-    preset: Preset = typer.Option("paper", "--preset", help="Layer preset for --rank."),
+    preset: Preset = choice_option(Preset, Preset.paper, "--preset", what="preset", help="Layer preset for --rank."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Uniform LoRaD rank of the student on the preset's layers."),
     rank_from_probe: Optional[Path] = typer.Option(None, "--rank-from-probe", help="wadi-probe report.json choosing layers and ranks."),
     budget: float = typer.Option(0.10, "--budget", help="Trainable fraction of the backbone for --rank-from-probe."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="A plan.json from `wadi-distill plan`."),
     full_finetune: bool = typer.Option(False, "--full-finetune", help="Train every weight of the student (no adapter)."),
-    student_adapter: StudentAdapter = typer.Option("lorad", "--student-adapter", help="Student adapter kind."),
-    fake_adapter: FakeKind = typer.Option("lorad", "--fake-adapter", help="Fake-score adapter kind."),
+    student_adapter: StudentAdapter = choice_option(StudentAdapter, StudentAdapter.lorad, "--student-adapter",
+                                                    what="student adapter", help="Student adapter kind."),
+    fake_adapter: FakeKind = choice_option(FakeKind, FakeKind.lorad, "--fake-adapter", what="fake adapter",
+                                           help="Fake-score adapter kind."),
     fake_rank: int = typer.Option(32, "--fake-rank", help="Rank of the fake score's adapter."),
     max_steps: int = typer.Option(1000, "--max-steps", help="Training steps (student updates)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Prompts per process and step."),
@@ -62,9 +56,10 @@ def run_command(
     validation_steps: int = typer.Option(0, "--validation-steps", help="Write a validation grid every N steps (0: only at the end)."),
     validation_prompt: Optional[list[str]] = typer.Option(None, "--validation-prompt", help="Fixed validation prompt (repeatable)."),
     seed: int = typer.Option(0, "--seed", help="Seed of all sampling in the run."),
-    device: Device = typer.Option("auto", "--device", help="Multi-GPU: launch with accelerate/torchrun."),
-    mixed_precision: Optional[MixedPrecision] = typer.Option(
-        None, "--mixed-precision", help="Default: what `accelerate launch` or its config says, else no."),
+    device: Device = device_option(help="auto picks CUDA when available (multi-GPU: launch with accelerate/torchrun)."),
+    mixed_precision: Optional[MixedPrecision] = choice_option(
+        MixedPrecision, None, "--mixed-precision", what="mixed precision",
+        help="Default: what `accelerate launch` or its config says, else no."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
     use_8bit_adam: bool = typer.Option(False, "--use-8bit-adam", help="8-bit AdamW (needs bitsandbytes)."),
     no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="Do not write TensorBoard logs."),

@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 
 from wadi_distill.cli import app
-from wadi_distill.vsd.config import Device
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import Device, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
 
 
@@ -22,7 +21,7 @@ def sample_command(
     merged: Optional[Path] = typer.Option(None, "--merged", help="Merged student weights (student.safetensors)."),
     n: int = typer.Option(4, "-n", "--num-images", help="Images per prompt (at least 1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image; the others count up."),
-    device: Device = typer.Option("cpu", "--device", help="auto takes the GPU when there is one."),
+    device: Device = device_option(Device.cpu),
     output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="PNG grid to write."),
 ) -> None:
     """Generate images in ONE denoiser evaluation per image and save them as a grid."""

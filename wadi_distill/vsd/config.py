@@ -17,14 +17,6 @@ from typing import Any
 from wadi_probe.errors import WadiInputError
 
 
-class Device(str, Enum):
-    """Where a run computes: ``auto`` takes the GPU when there is one."""
-
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
 class MixedPrecision(str, Enum):
     """Compute dtype of the frozen teacher and of autocast; adapters and optimizer states stay fp32."""
 
@@ -49,6 +41,7 @@ class FakeKind(str, Enum):
 
 
 STUDENT_KINDS = tuple(k.value for k in StudentKind)
+DEVICES = ("auto", "cpu", "cuda")  # wadi_probe.console.Device on the command line
 FAKE_KINDS = tuple(k.value for k in FakeKind)
 
 # Options that change what a step computes. Resuming with another value is refused (the checkpoint's optimizer
@@ -185,9 +178,9 @@ def _validate_student(config: DistillConfig) -> None:
 
 
 def _validate_machine(config: DistillConfig) -> None:
-    from wadi_probe.analyze import resolve_device
+    from wadi_probe.device import resolve_device
 
-    config.device = _choice(config.device, tuple(d.value for d in Device), "device")
+    config.device = _choice(config.device, DEVICES, "device")
     resolve_device(config.device)  # the one device check of the project: cuda without a GPU is refused
     if resolve_mixed_precision(config) == "fp16" and on_cpu(config.device):
         raise WadiInputError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision bf16 (or no) on a CPU.")

@@ -3,7 +3,8 @@
 - :class:`AdapterStudent`: a LoRaD (or the project's LoRA) adapter ``"student"`` on the shared frozen base, its
   layers and ranks from a plan;
 - :class:`FullStudent`: a separate trainable copy of the base weights (full fine-tuning);
-- :class:`PeftStudent`: a frozen copy carrying a ``peft`` LoRA/DoRA adapter (the baselines LoRaD is compared to).
+- :class:`wadi_distill.vsd.peft_student.PeftStudent`: a frozen copy carrying a ``peft`` LoRA/DoRA adapter (the
+  baselines LoRaD is compared to), a subclass of :class:`FullStudent` kept beside the PEFT functions it uses.
 
 The trainer asks a student to :meth:`~Student.attach` to the base (before the fake score's adapter is injected),
 then for its :meth:`~Student.trainable` parameters, runs it through :attr:`~Student.module` with adapter
@@ -52,7 +53,7 @@ def check_plan_fits(plan: Any, model: nn.Module) -> None:
 
 def make_plan(config: Any, model: nn.Module):
     """The student's plan from ``--plan``, ``--rank-from-probe`` or ``--rank`` with ``--preset``, checked to fit."""
-    from wadi_distill.plan.planner import Plan, plan_from_preset, plan_from_report
+    from wadi_distill.plan import Plan, plan_from_preset, plan_from_report
 
     if config.plan is not None:
         plan = Plan.load(config.plan)
@@ -100,19 +101,19 @@ class AdapterStudent(Student):
         self.kind = kind
 
     def attach(self, base, config, generator, device):
-        from wadi_distill.lorad.layer import inject_lorad
+        from wadi_distill.lorad.model import inject_lorad
 
         self.plan = make_plan(config, base)
         inject_lorad(base, self.plan, adapter_name="student", kind=self.kind, generator=generator, activate=False)
         self.module = base
 
     def trainable(self, base):
-        from wadi_distill.lorad.layer import lorad_parameters
+        from wadi_distill.lorad.model import lorad_parameters
 
         return named_subset(base, lorad_parameters(base, "student"))
 
     def merged_state(self):
-        from wadi_distill.lorad.layer import remove_lorad
+        from wadi_distill.lorad.model import remove_lorad
 
         model = copy.deepcopy(self.module)
         remove_lorad(model, merge=True, adapter_name="student")
@@ -148,32 +149,6 @@ class FullStudent(Student):
 
     def merged_state(self):
         return _cpu_state(self.module)
-
-
-class PeftStudent(FullStudent):
-    """A frozen copy of the base with a ``peft`` LoRA (``kind="lora"``) or DoRA (``"dora"``) adapter on ``modules``."""
-
-    def __init__(self, kind: str, rank: int, modules: list[str]) -> None:
-        from wadi_distill.vsd.peft_student import PEFT_KINDS
-
-        if kind not in PEFT_KINDS:
-            raise WadiInputError(f"PEFT student kind must be lora or dora, not {kind!r}.")
-        self.kind, self.rank, self.modules = kind, int(rank), list(modules)
-
-    def attach(self, base, config, generator, device):
-        from wadi_distill.vsd.peft_student import inject_peft_student
-
-        super().attach(base, config, generator, device)
-        self._named = inject_peft_student(self.module, self.modules, self.rank, self.kind, seed=int(config.seed))
-        self.module.to(device)
-
-    def trainable(self, base):
-        return self._named
-
-    def merged_state(self):
-        from wadi_distill.vsd.peft_student import merged_peft_state
-
-        return merged_peft_state(self.module)
 
 
 def student_for(config: Any) -> Student:

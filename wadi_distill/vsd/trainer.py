@@ -35,7 +35,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
-from wadi_distill.lorad.layer import inject_lorad, lorad_layers, lorad_parameters
+from wadi_distill.lorad.model import inject_lorad, lorad_layers, lorad_parameters
 from wadi_distill.one_step import one_step_images, save_image_grid
 from wadi_distill.teachers.embedding_cache import EmbeddingCache, build_embedding_cache, cache_key, wait_for_cache
 from wadi_distill.teachers.pipeline import Conditioning, Teacher, load_teacher
@@ -147,7 +147,7 @@ def _flag(name: str, value: Any) -> str:
 class VSDTrainer:
     """Holds the models, optimizers and RNG of one run; :meth:`train` runs it. Use :func:`distill` normally.
 
-    ``student`` picks another student kind (e.g. :class:`~wadi_distill.vsd.students.PeftStudent`); by default
+    ``student`` picks another student kind (e.g. :class:`~wadi_distill.vsd.peft_student.PeftStudent`); by default
     ``config.student_adapter`` decides.
     """
 
@@ -266,7 +266,7 @@ class VSDTrainer:
         init_gen = torch.Generator().manual_seed(int(config.seed) + 7919)
         self.student.attach(base, config, init_gen, self.device)
         self.plan = self.student.plan
-        from wadi_distill.plan.planner import plan_from_preset
+        from wadi_distill.plan import plan_from_preset
 
         self.fake_plan = plan_from_preset(base, int(config.fake_rank), "paper")
         inject_lorad(base, self.fake_plan, adapter_name="fake", kind=config.fake_adapter, generator=init_gen,
@@ -306,7 +306,7 @@ class VSDTrainer:
     # ---------------------------------------------------------------- model roles
     @contextlib.contextmanager
     def _active(self, name: str | None) -> Iterator[None]:
-        """Like :func:`wadi_distill.lorad.layer.use_adapter`, over a layer list gathered once (no module walk per call)."""
+        """Like :func:`wadi_distill.lorad.model.use_adapter`, over a layer list gathered once (no module walk per call)."""
         saved = [layer.active_adapter for layer in self._layers]
         for layer in self._layers:
             layer.active_adapter = name if name is not None and name in layer.specs else None
