@@ -93,6 +93,13 @@ def sample(
     ``adapter`` is an adapter folder (``final/`` or, for the EMA weights, ``final/ema/``) or its
     ``adapter.safetensors``; ``merged`` a merged ``student.safetensors``. ``device`` is cpu, cuda or auto.
     """
+    if (adapter is None) == (merged is None):
+        raise WadiInputError("Give exactly one of an adapter file (--adapter) or merged student weights (--merged).")
+    if not prompts:
+        raise WadiInputError("Give at least one prompt (--prompt).")
+    if int(n) < 1:
+        raise WadiInputError(f"The number of images per prompt must be at least 1, not {n}.")
+    device = str(resolve_device(getattr(device, "value", device)))
     bundle, denoiser = load_student(teacher, adapter=adapter, merged=merged, device=device)
     if bundle.encode_prompts is None:
         raise WadiInputError(f"The teacher {teacher} has no text encoder to encode prompts with.")
@@ -106,10 +113,6 @@ def load_student(teacher: str | Path, *, adapter: str | Path | None = None, merg
     """The teacher bundle and its denoiser turned into the student (an adapter, or merged weights), in eval mode."""
     if (adapter is None) == (merged is None):
         raise WadiInputError("Give exactly one of an adapter file (--adapter) or merged student weights (--merged).")
-    if not prompts:
-        raise WadiInputError("Give at least one prompt (--prompt).")
-    if int(n) < 1:
-        raise WadiInputError(f"The number of images per prompt must be at least 1, not {n}.")
     device = str(resolve_device(getattr(device, "value", device)))
     for given in (adapter, merged):
         if given is not None and not Path(given).exists():
