@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,6 +97,14 @@ class Context:
     device: str
     scratch: str
     deadline: float
+    result_path: str = ""
+    last: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, result: dict[str, Any]) -> None:
+        """Keep what a section has measured so far: a section stopped later still reports it."""
+        self.last = result
+        if self.result_path:
+            Path(self.result_path).write_text(json.dumps({**result, "status": "partial"}, indent=1, default=str))
 
     @property
     def plan(self) -> dict[str, Any]:
@@ -321,6 +329,7 @@ def section_probe(ctx: Context) -> dict[str, Any]:
         result[mode] = {k: round(v, 2) for k, v in run.items()
                         if k in ("seconds", "process_seconds", "peak_rss_mb", "peak_gpu_mb")}
     result["layers_total"] = len(runs["probe"]["layers"])
+    ctx.save(result)
 
     # the CPU reference on a few layers: a small pair holding just those tensors, compared on the CPU and on the
     # device in this process; and the device numbers of the full run checked against the CPU ones
@@ -384,6 +393,7 @@ def section_vsd_step(ctx: Context) -> dict[str, Any]:
                               "peak_mb": round(out[variant]["peak_bytes"] / 2**20, 1)}
         entry["targets"] = {"time_ratio_le_0.7": out["time_ratio"] <= 0.7, "memory_ratio_le_0.6": out["memory_ratio"] <= 0.6}
         result["precisions"][precision] = entry
+        ctx.save(result)
     return result
 
 
@@ -664,6 +674,7 @@ def section_real_run(ctx: Context) -> dict[str, Any]:
     result["checkpointing_on"] = distill_run(ctx, "checkpointing-on", pipeline, straight, prompts,
                                              steps=plan["steps"], checkpointing=True,
                                              checkpoint_every=plan["resume_from"], **common)
+    ctx.save(result)
     resumed = folder / "resumed"
     checkpoint = straight / f"checkpoint-{plan['resume_from']}"
     result["resumed"] = distill_run(ctx, "resumed", pipeline, resumed, prompts, steps=plan["steps"],
@@ -677,7 +688,9 @@ def section_real_run(ctx: Context) -> dict[str, Any]:
         "merged_export": _compare_safetensors(straight / "final" / "student.safetensors",
                                               resumed / "final" / "student.safetensors"),
     }
+    ctx.save(result)
     result["export_check"] = check_merged_export(ctx, pipeline, straight / "final")
+    ctx.save(result)
     shutil.rmtree(resumed, ignore_errors=True)
     result["checkpointing_off"] = distill_run(ctx, "checkpointing-off", pipeline, folder / "without-checkpointing",
                                               prompts, steps=plan["steps_no_checkpointing"], checkpointing=False,
@@ -745,10 +758,14 @@ def run_section(name: str, ctx: Context, budget: float, log: Path, env: dict[str
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     seconds = round(time.perf_counter() - started, 1)
+    killed = proc.returncode == -signal.SIGKILL
     if result_path.is_file():
         result = json.loads(result_path.read_text())
+        if result.get("status") == "partial":  # stopped between two stages: keep what it had measured
+            result["status"] = "timeout" if killed else "failed"
+            result["error"] = (f"stopped after its time budget of {budget:.0f} s" if killed else _log_tail(log))
     else:
-        result = {"status": "timeout" if proc.returncode == -signal.SIGKILL else "failed",
+        result = {"status": "timeout" if killed else "failed",
                   "error": _log_tail(log) or f"exit code {proc.returncode}"}
         if result["status"] == "timeout":
             result["error"] = f"stopped after its time budget of {budget:.0f} s"
@@ -764,22 +781,23 @@ def _log_tail(log: Path, lines: int = 6) -> str:
 
 def section_child(args: argparse.Namespace) -> None:
     """Inside a section's process: run it, and write its numbers (or its error) where the parent looks."""
-    ctx = Context(size=args.size, device=args.device, scratch=args.scratch, deadline=args.deadline)
+    ctx = Context(size=args.size, device=args.device, scratch=args.scratch, deadline=args.deadline,
+                  result_path=args.result)
     try:
         result = SECTION_FUNCTIONS[args.section](ctx)
         result["status"] = "failed" if result.get("problems") else "ok"
     except SectionProblem as exc:
-        result = {"status": "timeout" if "time budget" in str(exc) else "failed", "error": str(exc)}
+        result = {**ctx.last, "status": "timeout" if "time budget" in str(exc) else "failed", "error": str(exc)}
     except subprocess.TimeoutExpired as exc:
-        result = {"status": "timeout", "error": f"{Path(str(exc.cmd[0])).name} ... did not finish within the "
-                                                "section's time budget"}
+        result = {**ctx.last, "status": "timeout",
+                  "error": f"{Path(str(exc.cmd[0])).name} ... did not finish within the section's time budget"}
     except SystemExit as exc:  # the benchmark scripts' workers stop with sys.exit(message)
-        result = {"status": "failed", "error": str(exc.code)[:2000]}
+        result = {**ctx.last, "status": "failed", "error": str(exc.code)[:2000]}
     except Exception as exc:  # any other failure is recorded too: the check goes on with the next section
         import traceback
 
         traceback.print_exc()
-        result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]}
+        result = {**ctx.last, "status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]}
     Path(args.result).write_text(json.dumps(result, indent=1, default=str))
 
 
@@ -823,6 +841,7 @@ def _steps(spread: dict[str, float] | None) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """The human summary: one short block per section, each number with its spread or rounding reference."""
     env = report["sections"].get("environment", {})
+    tiny = report["size"] == "tiny"
     lines = [f"# gpu_check ({report['size']}, device {report['device']})", "",
              f"- command: `{report['command']}`", f"- date: {report['date']}; total {report['total_s']} s "
              f"(limit {report['time_limit_s']} s)",
@@ -836,6 +855,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"## {name}: {sec['status']}"]
         if sec.get("error"):
             lines += ["", "```", str(sec["error"])[-1500:], "```"]
+            measured = [k for k in sec if k not in ("status", "error", "seconds", "budget_s")]
+            if measured:
+                lines.append(f"Measured before it stopped (in the JSON): {', '.join(measured)}.")
         for problem in sec.get("problems", []):
             lines.append(f"- problem: {problem}")
         if sec["status"] not in ("ok", "failed") or "error" in sec:
@@ -859,7 +881,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                       f"({agree['max_abs_diff_field'] or 'every field equal'}), largest relative {_fmt(agree['max_rel_diff_all_fields'])}; "
                       f"fp32 rounding unit {FP32_EPS:.2g}. Full run vs CPU: "
                       + ", ".join(f"{k} {_fmt(v)}" for k, v in agree["max_abs_diff_full_run_vs_cpu"].items()) + ".",
-                      f"Target ≤ 10 s for the full analysis: {'met' if sec['targets']['probe_full_analysis_le_10_s'] else 'not met'}."]
+                      f"Target ≤ 10 s for the full analysis: {'met' if sec['targets']['probe_full_analysis_le_10_s'] else 'not met'}"
+                      + (" (the target is for the SD1.5 pair on a GPU)." if tiny else ".")]
         elif name == "vsd_step":
             lines += [f"UNet `{sec['config']}`, batch {sec['batch_size']}, student rank {sec['rank']}, fake rank "
                       f"{sec['fake_rank']}; step time median (min, max) over the timed steps.", "",
@@ -872,7 +895,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines += ["", "Peak memory: " + next(iter(sec["precisions"].values()))["peak_memory"] + ". Targets "
                       "(time ≤ 0.7×, memory ≤ 0.6×): " + "; ".join(
                           f"{p} time {'met' if e['targets']['time_ratio_le_0.7'] else 'not met'}, memory "
-                          f"{'met' if e['targets']['memory_ratio_le_0.6'] else 'not met'}" for p, e in sec["precisions"].items()) + "."]
+                          f"{'met' if e['targets']['memory_ratio_le_0.6'] else 'not met'}" for p, e in sec["precisions"].items())
+                      + (" (the targets are for SD1.5 on a GPU; at this size convolutions dominate the step)." if tiny else ".")]
         elif name in ("real_run", "pixart"):
             runs = ({"checkpointing on": sec["checkpointing_on"], "resumed": sec["resumed"],
                      "checkpointing off": sec["checkpointing_off"]} if name == "real_run" else {"run": sec["run"]})

@@ -149,3 +149,40 @@ def test_bad_arguments_stop_before_anything_runs(tmp_path, args, message):
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+def test_markdown_of_a_gpu_run_states_the_gpu_numbers_and_targets(tiny_check):
+    """The GPU-only fields (peak GPU memory, fp16, the 24 GB target) are rendered too: built from the tiny
+    report with those fields set as a CUDA run sets them."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    report = json.loads(json.dumps(tiny_check[0]))
+    report.update(size="sd15", device="cuda")
+    sections = report["sections"]
+    sections["environment"]["gpu"] = "Some GPU"
+    sections["probe"]["probe"]["peak_gpu_mb"] = 1234.5
+    sections["probe"]["targets"]["probe_full_analysis_le_10_s"] = True
+    fp32 = sections["vsd_step"]["precisions"].pop("no")
+    for precision in ("fp16", "bf16"):
+        entry = json.loads(json.dumps(fp32))
+        entry.update(peak_memory="CUDA max allocated", time_ratio=0.64, memory_ratio=0.55,
+                     targets={"time_ratio_le_0.7": True, "memory_ratio_le_0.6": True})
+        sections["vsd_step"]["precisions"][precision] = entry
+    run = sections["real_run"]
+    for key, (allocated, reserved) in (("checkpointing_on", (9000.0, 11000.0)), ("resumed", (9000.0, 11000.0)),
+                                       ("checkpointing_off", (30000.0, 33000.0))):
+        run[key].update(peak_gpu_allocated_mb=allocated, peak_gpu_reserved_mb=reserved)
+    run.update(checkpointing_memory_ratio=0.3, targets={"batch8_fp16_checkpointing_fits_24_gb": True})
+    sections["pixart"]["run"].update(peak_gpu_allocated_mb=20000.0, peak_gpu_reserved_mb=22000.0)
+    markdown = gpu_check.render_markdown(report)
+    assert "- machine: Some GPU," in markdown
+    assert "| 1234.5 |" in markdown  # probe peak GPU MB
+    assert "| fp16 |" in markdown and "| bf16 |" in markdown and "| 0.64× |" in markdown
+    assert "fp16 time met, memory met; bf16 time met, memory met." in markdown
+    assert "| 9000 | 11000 |" in markdown and "peak GPU memory 0.30×" in markdown
+    assert "within a 24 GB card (reserved < 23 GiB): met." in markdown
+    assert "(the target is for the SD1.5 pair on a GPU)" not in markdown
