@@ -670,16 +670,24 @@ def section_real_run(ctx: Context) -> dict[str, Any]:
                               "build_s": round(build_s, 1)}
     precision = _precision(ctx, "fp16")
     common = dict(batch_size=plan["batch_size"], rank=plan["rank"], fake_rank=plan["fake_rank"], precision=precision)
+    # every `wadi-distill run` first, the comparisons after: Linux hands a process's peak RSS on to the programs
+    # it starts, so reading models in this process before a run would inflate that run's peak RSS
     straight = folder / "with-checkpointing"
     result["checkpointing_on"] = distill_run(ctx, "checkpointing-on", pipeline, straight, prompts,
                                              steps=plan["steps"], checkpointing=True,
                                              checkpoint_every=plan["resume_from"], **common)
+    ctx.save(result)
+    result["checkpointing_off"] = distill_run(ctx, "checkpointing-off", pipeline, folder / "without-checkpointing",
+                                              prompts, steps=plan["steps_no_checkpointing"], checkpointing=False,
+                                              checkpoint_every=plan["steps_no_checkpointing"], **common)
+    shutil.rmtree(folder / "without-checkpointing", ignore_errors=True)
     ctx.save(result)
     resumed = folder / "resumed"
     checkpoint = straight / f"checkpoint-{plan['resume_from']}"
     result["resumed"] = distill_run(ctx, "resumed", pipeline, resumed, prompts, steps=plan["steps"],
                                     checkpointing=True, checkpoint_every=plan["resume_from"], resume=checkpoint,
                                     **common)
+    ctx.save(result)
     last = f"checkpoint-{plan['steps']}"
     result["resume_check"] = {
         "resumed_from": checkpoint.name, "compared": last,
@@ -688,13 +696,10 @@ def section_real_run(ctx: Context) -> dict[str, Any]:
         "merged_export": _compare_safetensors(straight / "final" / "student.safetensors",
                                               resumed / "final" / "student.safetensors"),
     }
+    shutil.rmtree(resumed, ignore_errors=True)
     ctx.save(result)
     result["export_check"] = check_merged_export(ctx, pipeline, straight / "final")
-    ctx.save(result)
-    shutil.rmtree(resumed, ignore_errors=True)
-    result["checkpointing_off"] = distill_run(ctx, "checkpointing-off", pipeline, folder / "without-checkpointing",
-                                              prompts, steps=plan["steps_no_checkpointing"], checkpointing=False,
-                                              checkpoint_every=plan["steps_no_checkpointing"], **common)
+    _release_gpu_cache()
     on, off = result["checkpointing_on"], result["checkpointing_off"]
     if on.get("s_per_step") and off.get("s_per_step"):
         result["checkpointing_time_ratio"] = round(on["s_per_step"]["median"] / off["s_per_step"]["median"], 3)
@@ -711,6 +716,7 @@ def section_real_run(ctx: Context) -> dict[str, Any]:
     if export["relative_diff"] > 1e-4:
         problems.append("the merged export's output differs from teacher + adapter by more than 1e-4 relative")
     result["problems"] = problems
+    shutil.rmtree(folder, ignore_errors=True)  # about 10 GB at SD1.5 size
     return result
 
 
