@@ -19,12 +19,12 @@ in the JSON and the next section still runs):
   folder (bit-identical to the straight run), the merged export loaded back and compared with base + adapter;
 * ``pixart``: ``wadi-distill run`` on a PixArt-α-sized pipeline folder in bf16, a few steps: s/step, peak memory.
 
-Usage (the device machine; ``--wheels`` installs the wheels in that folder first, ``--install`` installs the
-project from this working tree, both into a folder under the scratch folder, nothing system-wide)::
+Usage (on a GPU machine without network; ``--wheels`` installs the wheels in that folder first, ``--install``
+installs the project from this working tree, both into a folder under the scratch folder, nothing system-wide)::
 
-    python benchmarks/gpu_check.py --size sd15 --out $OUT --wheels .whl --install
+    python benchmarks/gpu_check.py --size sd15 --out OUT --wheels .whl --install
     python benchmarks/gpu_check.py --size tiny --out /tmp/check        # the same sections, tiny, on a CPU
-    python benchmarks/gpu_check.py --size sd15 --out $OUT --only probe,pixart --budget probe=120
+    python benchmarks/gpu_check.py --size sd15 --out OUT --only probe,pixart --budget probe=120
 
 The outputs are ``OUT/gpu_check.json`` and ``OUT/gpu_check.md`` (and ``OUT/gpu_check.log``, every section's
 output); the large files (pairs, pipelines, runs) go to a scratch folder that is deleted at the end.
@@ -57,8 +57,9 @@ sys.path.insert(0, str(HERE))  # the sibling benchmark scripts (probe_sd15, vsd_
 SECTIONS = ("environment", "cuda_tests", "probe", "vsd_step", "real_run", "pixart")
 FP32_EPS = 2.0**-23  # the rounding unit of the fp32 numbers the CPU and the GPU compute
 
-# What each section runs, per size. "sd15" is the issue's size; "tiny" the same architectures, small enough
-# for a CPU in a test. The budgets (seconds) fit the whole sd15 check in 8 minutes with margin.
+# What each section runs, per size. "sd15" is SD1.5's size (PixArt-α 512 px for pixart); "tiny" the same
+# architectures, small enough for a CPU in a test. The budgets (seconds) are caps; the time limit keeps the
+# whole sd15 check under 8 minutes (a section that would start past it is recorded as skipped).
 PLANS: dict[str, dict[str, Any]] = {
     "tiny": {
         "probe": {"pair": "tiny", "layers": 4},
