@@ -186,3 +186,21 @@ def test_markdown_of_a_gpu_run_states_the_gpu_numbers_and_targets(tiny_check):
     assert "| 9000 | 11000 |" in markdown and "peak GPU memory 0.30×" in markdown
     assert "within a 24 GB card (reserved < 23 GiB): met." in markdown
     assert "(the target is for the SD1.5 pair on a GPU)" not in markdown
+
+
+@pytest.mark.slow
+def test_wheels_and_the_project_install_into_the_scratch_folder(tmp_path):
+    """``--wheels`` and ``--install`` (the GPU machine's set-up) install into the scratch folder only, and the
+    sections then find the ``wadi-distill`` command there."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)
+    assert [p.name for p in wheels.glob("*.whl")] == ["wadi-0.1.0-py3-none-any.whl"]
+    scratch = tmp_path / "scratch"
+    done = _check(["--size", "tiny", "--device", "cpu", "--out", "out", "--only", "environment", "--wheels",
+                   str(wheels), "--install", "--scratch", str(scratch)], tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    env = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["sections"]["environment"]
+    assert env["wadi_distill_command"] == str(scratch / "site" / "bin" / "wadi-distill")
+    assert (scratch / "site" / "wadi_distill" / "__init__.py").is_file()
+    assert Path(env["wadi_imported_from"]) == ROOT  # the working tree stays first on the path
