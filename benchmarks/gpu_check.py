@@ -819,10 +819,11 @@ def prepare_environment(scratch: Path, wheels: Path | None, install: bool) -> di
     if wheels is not None:
         subprocess.run(pip + sorted(str(p) for p in Path(wheels).glob("*.whl")), check=True)
     if install:
-        had_build = (ROOT / "build").exists()
+        # setuptools builds in the tree (build/, wadi.egg-info/): leave the tree as it was
+        left_alone = [ROOT / name for name in ("build", "wadi.egg-info") if not (ROOT / name).exists()]
         subprocess.run(pip + ["--no-build-isolation", str(ROOT)], check=True)
-        if not had_build:  # setuptools builds in the tree; leave the tree as it was
-            shutil.rmtree(ROOT / "build", ignore_errors=True)
+        for path in left_alone:
+            shutil.rmtree(path, ignore_errors=True)
         env["PATH"] = os.pathsep.join([str(site / "bin"), env.get("PATH", "")])
     if wheels is not None or install:
         paths.append(str(site))

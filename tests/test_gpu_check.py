@@ -194,13 +194,13 @@ def test_wheels_and_the_project_install_into_the_scratch_folder(tmp_path):
     """``--wheels`` and ``--install`` (the GPU machine's set-up) install into the scratch folder only, and the
     sections then find the ``wadi-distill`` command there."""
     wheels = tmp_path / "wheels"
-    had_build = (ROOT / "build").exists()
+    new = [ROOT / name for name in ("build", "wadi.egg-info") if not (ROOT / name).exists()]
     try:
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
                         "-w", str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)
     finally:
-        if not had_build:  # setuptools builds in the tree
-            shutil.rmtree(ROOT / "build", ignore_errors=True)
+        for path in new:  # setuptools builds in the tree
+            shutil.rmtree(path, ignore_errors=True)
     assert [p.name for p in wheels.glob("*.whl")] == ["wadi-0.1.0-py3-none-any.whl"]
     scratch = tmp_path / "scratch"
     done = _check(["--size", "tiny", "--device", "cpu", "--out", "out", "--only", "environment", "--wheels",
