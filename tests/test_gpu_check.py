@@ -87,8 +87,9 @@ def test_every_section_runs_and_reports_real_numbers(tiny_check):
         assert run[key]["peak_rss_mb"] > 100
         assert all(math.isfinite(v) for v in run[key]["final_losses"].values())
         assert run[key]["command"].startswith("wadi-distill run --teacher ")
-    assert run["resumed"]["steps_logged"] == plan["steps"] - plan["resume_from"]
-    for part in ("student", "fake", "merged_export"):
+    for key in ("resumed", "resumed_again"):
+        assert run[key]["steps_logged"] == plan["steps"] - plan["resume_from"]
+    for part in ("student", "fake", "merged_export", "two_resumes_student", "two_resumes_fake"):
         assert run["resume_check"][part]["tensors"] > 0
         assert run["resume_check"][part]["bit_identical"] is True
     export = run["export_check"]
@@ -175,7 +176,7 @@ def test_markdown_of_a_gpu_run_states_the_gpu_numbers_and_targets(tiny_check):
         sections["vsd_step"]["precisions"][precision] = entry
     run = sections["real_run"]
     for key, (allocated, reserved) in (("checkpointing_on", (9000.0, 11000.0)), ("resumed", (9000.0, 11000.0)),
-                                       ("checkpointing_off", (30000.0, 33000.0))):
+                                       ("resumed_again", (9000.0, 11000.0)), ("checkpointing_off", (30000.0, 33000.0))):
         run[key].update(peak_gpu_allocated_mb=allocated, peak_gpu_reserved_mb=reserved)
     run.update(checkpointing_memory_ratio=0.3, targets={"batch8_fp16_checkpointing_fits_24_gb": True})
     sections["pixart"]["run"].update(peak_gpu_allocated_mb=20000.0, peak_gpu_reserved_mb=22000.0)
