@@ -16,9 +16,14 @@ from wadi_probe.errors import WadiInputError
 def _progress(iterable, enabled: bool, description: str):
     if not enabled:
         return iterable
-    from rich.progress import track
+    return _tracked(iterable, description)
 
-    return track(iterable, description=description, transient=True)
+
+def _tracked(iterable, description: str):
+    from wadi_probe.console import progress_bar
+
+    with progress_bar(description, transient=True) as bar:
+        yield from bar.track(iterable)
 
 
 @torch.no_grad()
@@ -27,7 +32,7 @@ def sample_multistep(teacher, prompts: list[str], steps: int = 50, cfg: float = 
                      progress: bool = False) -> torch.Tensor:
     """Draw one image per prompt with ``steps`` DDIM steps and CFG scale ``cfg``; returns (B, C, H, W) in [-1, 1].
 
-    ``teacher`` is a :class:`~wadi_distill.builtin.digits.model.BuiltinTeacher` (anything with ``.unet``, ``.scheduler``,
+    ``teacher`` is a :class:`~wadi_distill.builtin.digits.model.DigitsModel` (anything with ``.unet``, ``.scheduler``,
     ``.encode_prompts``, ``.image_size``, ``.channels``). Noise is drawn from ``generator`` (on its device),
     so the same seed gives the same images; ``cfg = 1`` skips the null-prompt pass.
     """

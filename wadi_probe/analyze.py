@@ -7,7 +7,6 @@ checkpoint is probed in far less memory than loading either file whole.
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -15,16 +14,15 @@ from typing import Any, Callable
 
 import torch
 
+from wadi_probe.device import resolve_device
 from wadi_probe.io.checkpoints import Checkpoint, open_checkpoint
+from wadi_probe.io.names import MODEL_PREFIXES, WRAPPER_PREFIXES, strip_prefixes
 from wadi_probe.decompose import AnalysisSettings, analyze_pair
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.formats.torch_io import DictSource
-from wadi_probe.heap import reuse_freed_memory
 from wadi_probe.layers import block_of, kind_of, layer_type_of, module_of
 from wadi_probe.pairing import pair_checkpoints
 from wadi_probe.report.schema import Report, build_report
-
-_PREFIXES = ("module.", "unet.", "transformer.")
 
 
 def checkpoint_from_state_dict(tensors: Mapping[str, torch.Tensor] | torch.nn.Module, label: str = "<memory>") -> Checkpoint:
@@ -34,26 +32,8 @@ def checkpoint_from_state_dict(tensors: Mapping[str, torch.Tensor] | torch.nn.Mo
     source = DictSource(tensors, label)
     names: dict[str, str] = {}
     for key in source.keys():
-        name = key
-        for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        names[name] = key
+        names[strip_prefixes(key, WRAPPER_PREFIXES + MODEL_PREFIXES)] = key
     return Checkpoint(Path(label), "memory", {name: (source, key) for name, key in names.items()}, sources=[source])
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; a CUDA request without a GPU is an input error."""
-    if isinstance(device, torch.device):
-        return device
-    text = str(device).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise WadiInputError(f"unknown device {device!r}; use auto, cpu or cuda (cuda:N).")
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise WadiInputError(f"device {device!r} was requested but CUDA is not available on this machine.")
-    return torch.device(text)
 
 
 def _open(spec: Any, label: str, *, base: Checkpoint | None = None) -> tuple[Checkpoint, bool]:
@@ -85,7 +65,7 @@ def compare(
     settings: AnalysisSettings | None = None,
     on_layer: Callable[[dict[str, Any]], None] | None = None,
 ) -> Report:
-    """Compare a teacher and a student layer by layer (DESIGN §4) and return the report.
+    """Compare a teacher and a student layer by layer (docs/design.md, "The probe") and return the report.
 
     ``teacher``/``student``: a path (any layout :func:`~wadi_probe.io.checkpoints.open_checkpoint` reads), an open
     :class:`Checkpoint`, a state dict or an ``nn.Module``. With ``student_is_adapter`` the student is an adapter
@@ -102,8 +82,7 @@ def compare(
     try:
         student_ckpt, close_student = _open(student, "student", base=teacher_ckpt if student_is_adapter else None)
         pairing = pair_checkpoints(teacher_ckpt, student_ckpt, include=include, exclude=exclude)
-        with reuse_freed_memory():
-            records = _analyze_all(teacher_ckpt, student_ckpt, pairing.matched, settings, target, progress, on_layer)
+        records = _analyze_all(teacher_ckpt, student_ckpt, pairing.matched, settings, target, progress, on_layer)
         inputs = {"teacher": _describe(teacher_ckpt), "student": _describe(student_ckpt)}
     finally:
         if close_student and student_ckpt is not None:
@@ -139,19 +118,10 @@ def _analyze_all(
                 on_layer(records[-1])
         return records
 
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from wadi_probe.console import progress_bar
 
-    columns = (
-        TextColumn("[bold]probing[/]"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}% of weights"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("[dim]{task.fields[layer]}[/]"),
-    )
     layer_task_total = sum(sizes)
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    with progress_bar("probing (share of weights)", "layer", percent=True) as bar:
         task = bar.add_task("probe", total=layer_task_total, layer="")
         done = 0
         for order, (name, size) in enumerate(zip(names, sizes)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 from wadi_distill.teachers.pipeline import Conditioning
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
+from wadi_probe.io.jsonfile import read_json
 
 CACHE_VERSION = 1
 
@@ -41,7 +43,7 @@ class EmbeddingCache:
         index_path = self.folder / "index.json"
         if not index_path.is_file():
             raise WadiInputError(f"{self.folder} is not an embedding cache (no index.json).")
-        self.index = json.loads(index_path.read_text())
+        self.index = read_json(index_path)
         self.count = int(self.index["count"])
         self.chunk_size = int(self.index["chunk_size"])
         self.fields = list(self.index["fields"])
@@ -84,19 +86,24 @@ def build_embedding_cache(
     batch_size: int = 64,
     chunk_size: int = 4096,
     progress: Callable[[int], None] | None = None,
+    notes: Callable[[str], None] | None = None,
 ) -> EmbeddingCache:
     """Encode ``prompts`` (and the null prompt) once into ``folder``; reuse the folder when its key matches.
 
     The folder is written under a temporary name and renamed into place when complete, so an interrupted run
-    never leaves a half-written cache that would later be trusted.
+    never leaves a half-written cache that would later be trusted. ``notes`` receives one line per written
+    chunk (prompts done, prompts per second), for the logs of long encodings.
     """
     folder = Path(folder)
     if (folder / "index.json").is_file():
-        existing = json.loads((folder / "index.json").read_text())
+        existing = read_json(folder / "index.json")
         if existing.get("key") == key and existing.get("version") == CACHE_VERSION:
             return EmbeddingCache(folder)
     if not prompts:
         raise WadiInputError("There are no prompts to encode.")
+    started = time.perf_counter()
+    if notes is not None:
+        notes(f"encoding {len(prompts)} prompts into {folder}")
     with atomic_path(folder, directory=True) as tmp:
         null = encode([null_prompt])
         save_file({k: v.contiguous() for k, v in null.tensors().items()}, str(tmp / "null.safetensors"))
@@ -111,7 +118,30 @@ def build_embedding_cache(
             chunk = Conditioning.cat(parts)
             save_file({k: v.contiguous() for k, v in chunk.tensors().items()},
                       str(tmp / f"chunk-{chunk_index:05d}.safetensors"))
+            if notes is not None:
+                done, elapsed = start + len(chunk_prompts), time.perf_counter() - started
+                notes(f"encoded {done}/{len(prompts)} prompts ({done / max(elapsed, 1e-9):.1f} prompts/s)")
         index = {"version": CACHE_VERSION, "key": key, "count": len(prompts), "chunk_size": chunk_size,
                  "fields": fields_}
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return EmbeddingCache(folder)
+
+
+def wait_for_cache(folder: str | Path, key: str, *, poll_seconds: float = 1.0) -> EmbeddingCache:
+    """Wait (without a time limit) until another process has written the cache ``key`` into ``folder``.
+
+    The processes of a multi-process run that do not encode poll the file system instead of waiting at a
+    process-group barrier, whose timeout (minutes) a long prompt set would outlast. If the encoding process
+    fails, the launcher (torchrun, ``accelerate launch``) ends the others.
+    """
+    folder = Path(folder)
+    index = folder / "index.json"
+    while True:
+        if index.is_file():
+            try:  # not read_json: a file being replaced right now is looked at again, not an error
+                found = json.loads(index.read_text())
+            except (OSError, json.JSONDecodeError):
+                found = {}
+            if found.get("key") == key and found.get("version") == CACHE_VERSION:
+                return EmbeddingCache(folder)
+        time.sleep(poll_seconds)

@@ -7,11 +7,9 @@ from typing import Optional
 
 import typer
 
-from wadi_probe.analyze import compare
 from wadi_probe.cli import app
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import Device, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
-from wadi_probe.report.summary import print_summary
 
 
 def _check_output(path: Optional[Path], what: str) -> None:
@@ -26,7 +24,7 @@ def compare_command(
     student: Path = typer.Argument(..., help="Student checkpoint (any of the teacher's layouts), or an adapter file with --adapter."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the report (JSON) here."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Write the per-layer table as CSV here."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto picks CUDA when available)."),
+    device: Device = device_option(),
     include: Optional[str] = typer.Option(None, "--include", help="Only tensors whose name matches this regex."),
     exclude: Optional[str] = typer.Option(None, "--exclude", help="Leave out tensors whose name matches this regex."),
     no_spectra: bool = typer.Option(False, "--no-spectra", help="Skip residual and rotation spectra (much faster)."),
@@ -43,10 +41,15 @@ def compare_command(
     _check_output(csv, "CSV")
     if plots is not None and plots.exists() and not plots.is_dir():
         raise WadiInputError(f"the plots path {plots} is a file; give a folder.")
-    report = compare(
-        teacher, student, device=device, include=include, exclude=exclude, spectra=not no_spectra,
-        progress=progress, student_is_adapter=adapter, explained_at_rank=explained_at_rank,
-    )
+    from wadi_probe.analyze import compare
+    from wadi_probe.heap import reuse_freed_memory
+    from wadi_probe.report.summary import print_summary
+
+    with reuse_freed_memory():  # a process-wide allocator setting: the command line's choice, not the library's
+        report = compare(
+            teacher, student, device=device.value, include=include, exclude=exclude, spectra=not no_spectra,
+            progress=progress, student_is_adapter=adapter, explained_at_rank=explained_at_rank,
+        )
     print_summary(report, console, top=top)
     if output is not None:
         report.save(output)

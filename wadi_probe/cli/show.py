@@ -7,9 +7,7 @@ from pathlib import Path
 import typer
 
 from wadi_probe.cli import app
-from wadi_probe.cli._common import console, handle_errors
-from wadi_probe.report.schema import load_report
-from wadi_probe.report.summary import print_summary
+from wadi_probe.console import console, handle_errors
 
 
 @app.command("show")
@@ -19,4 +17,7 @@ def show_command(
     top: int = typer.Option(10, "--top", help="How many of the most rotated layers to list."),
 ) -> None:
     """Print the summary of a saved report: headline, most rotated layers, block × layer-type table."""
+    from wadi_probe.report.schema import load_report
+    from wadi_probe.report.summary import print_summary
+
     print_summary(load_report(report), console, top=top)

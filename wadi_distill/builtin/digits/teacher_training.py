@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from wadi_distill.builtin.digits.data import load_split
-from wadi_distill.builtin.digits.model import BuiltinTeacher, build_teacher
+from wadi_distill.builtin.digits.model import DigitsModel, build_teacher
+from wadi_probe.device import resolve_device
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 
 
@@ -48,7 +49,7 @@ class TeacherTrainingConfig:
 
 @dataclass
 class TeacherTrainingResult:
-    teacher: BuiltinTeacher  # the EMA weights, eval mode
+    teacher: DigitsModel  # the EMA weights, eval mode
     losses: list[float] = field(default_factory=list)  # mean loss per logging window
     wall_seconds: float = 0.0
     config: dict = field(default_factory=dict)
@@ -61,7 +62,7 @@ def noise_images(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps:
     return (alphas.sqrt() * clean + (1.0 - alphas).sqrt() * noise).to(clean.dtype)
 
 
-def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: BuiltinTeacher | None = None,
+def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: DigitsModel | None = None,
                   device: torch.device | str = "cpu", progress: bool = True, log_every: int = 100,
                   train_images: torch.Tensor | None = None,
                   train_labels: torch.Tensor | None = None) -> TeacherTrainingResult:
@@ -105,10 +106,9 @@ def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: Built
     start = time.perf_counter()
     bar = None
     if progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from wadi_probe.console import progress_bar
 
-        bar = Progress(TextColumn("train teacher"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        bar = progress_bar("train teacher", "loss")
         task = bar.add_task("train", total=config.steps, loss="-")
         bar.start()
     try:
@@ -166,9 +166,8 @@ def train_and_save_teacher(output: str | Path, config: TeacherTrainingConfig | N
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise WadiInputError(f"{output} exists and is not a folder.")
+    device = resolve_device(device)
     device_name = str(device)
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise WadiInputError("A CUDA device was asked for but none is available.")
     result = train_teacher(config, device=device, progress=progress)
     command = (f"wadi-distill train-teacher -o {output} --steps {config.steps} --seed {config.seed} "
                f"--batch-size {config.batch_size} --lr {config.learning_rate:g} --device {device_name}")
