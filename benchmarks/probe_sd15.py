@@ -75,9 +75,9 @@ def config_for(size: str) -> dict:
     return {**SD15_UNET_CONFIG, **SIZES[size]}
 
 
-def pair_paths(size: str) -> tuple[Path, Path]:
+def pair_paths(size: str, cache: Path = CACHE) -> tuple[Path, Path]:
     tag = "sd15" if size == "full" else f"sd15-{size}"
-    return CACHE / f"{tag}-teacher.safetensors", CACHE / f"{tag}-student.safetensors"
+    return cache / f"{tag}-teacher.safetensors", cache / f"{tag}-student.safetensors"
 
 
 # ---- building the pair ---------------------------------------------------------------------------------------
@@ -108,9 +108,9 @@ def _student_tensor(index: int, name: str, teacher, gen):
     return ((rows + noise) * scale).reshape(teacher.shape)
 
 
-def build_pair(size: str) -> tuple[Path, Path]:
-    """Build and cache the teacher/student pair (streamed writes: one model in memory)."""
-    teacher_path, student_path = pair_paths(size)
+def build_pair(size: str, cache: Path = CACHE) -> tuple[Path, Path]:
+    """Build and cache the teacher/student pair in ``cache`` (streamed writes: one model in memory)."""
+    teacher_path, student_path = pair_paths(size, cache)
     if teacher_path.exists() and student_path.exists():
         return teacher_path, student_path
     import torch
@@ -119,7 +119,7 @@ def build_pair(size: str) -> tuple[Path, Path]:
     from wadi_probe.io.atomic import atomic_path
     from wadi_probe.io.formats.safetensors_io import write_safetensors_streaming
 
-    CACHE.mkdir(parents=True, exist_ok=True)
+    cache.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     started = time.perf_counter()
     unet = UNet2DConditionModel(**config_for(size))
@@ -223,14 +223,16 @@ def worker(mode: str, teacher_path: str, student_path: str, device: str, result_
         import torch
 
         torch.cuda.synchronize()
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["seconds"] = time.perf_counter() - started
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(result_path).write_text(json.dumps(result))
 
 
-def run_worker(mode: str, teacher: Path, student: Path, device: str, timeout: float) -> dict:
-    """Run one method in a fresh Python process; return its timings, peak RSS and numbers."""
-    result_path = CACHE / f"result-{mode}.json"
+def run_worker(mode: str, teacher: Path, student: Path, device: str, timeout: float,
+               result_dir: Path = CACHE) -> dict:
+    """Run one method in a fresh Python process; return its timings, peak RSS (and GPU memory) and numbers."""
+    result_path = result_dir / f"result-{mode}.json"
     result_path.unlink(missing_ok=True)
     started = time.perf_counter()
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", mode, "--teacher", str(teacher),

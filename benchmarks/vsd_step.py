@@ -205,8 +205,43 @@ def _worker(args: argparse.Namespace) -> dict:
             times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if cuda else
             (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
-    return {"variant": args.variant, "median_step_s": statistics.median(times), "peak_bytes": int(peak),
-            "adapted_layers": len(ranks)}
+    return {"variant": args.variant, "median_step_s": statistics.median(times), "step_s": times,
+            "peak_bytes": int(peak), "adapted_layers": len(ranks)}
+
+
+def compare_variants(*, device: str = "cpu", config: str = "small", batch_size: int = 1, rank: int | None = None,
+                     fake_rank: int | None = None, cfg: float = 1.5, mixed_precision: str = "no",
+                     gradient_checkpointing: bool = False, steps: int = 5, warmup: int = 2, threads: int = 1,
+                     timeout: float | None = None) -> dict:
+    """Time the paper-style step and ours, each in its own process; their step times, peak memory and ratios.
+
+    ``rank``/``fake_rank`` default to 8/4 on the small UNet and to the paper's 256/32 on SD1.5. Peak memory is
+    CUDA's max allocated on a GPU and the peak RSS above the imports on a CPU. Raises RuntimeError (with the
+    failing variant's stderr) when a variant fails.
+    """
+    rank = rank if rank is not None else (256 if config == "sd15" else 8)
+    fake_rank = fake_rank if fake_rank is not None else (32 if config == "sd15" else 4)
+    flags = ["--device", device, "--config", config, "--batch-size", str(batch_size), "--rank", str(rank),
+             "--fake-rank", str(fake_rank), "--cfg", str(cfg), "--mixed-precision", mixed_precision,
+             "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
+    if gradient_checkpointing:
+        flags.append("--gradient-checkpointing")
+    results: dict = {}
+    for variant in ("paper", "ours"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, *flags]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"{variant} failed:\n{done.stderr[-4000:]}")
+        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "CPU", "config": config,
+        "batch_size": batch_size, "mixed_precision": mixed_precision, "rank": rank, "fake_rank": fake_rank,
+        "gradient_checkpointing": gradient_checkpointing, "steps": steps, "warmup": warmup,
+        "peak_memory": "CUDA max allocated" if device == "cuda" else "peak RSS above the imports",
+        **results,
+        "time_ratio": results["ours"]["median_step_s"] / results["paper"]["median_step_s"],
+        "memory_ratio": results["ours"]["peak_bytes"] / max(1, results["paper"]["peak_bytes"]),
+    }
 
 
 def main() -> None:
@@ -231,23 +266,20 @@ def main() -> None:
     if args.variant:
         print(json.dumps(_worker(args)))
         return
-    results = {}
-    for variant in ("paper", "ours"):
-        cmd = [sys.executable, __file__, "--variant", variant] + [a for a in sys.argv[1:]]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{variant} failed:\n{done.stderr[-4000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"device {device}, config {args.config}, batch {args.batch_size}, precision {args.mixed_precision}, "
+    try:
+        results = compare_variants(device=args.device, config=args.config, batch_size=args.batch_size, rank=args.rank,
+                                   fake_rank=args.fake_rank, cfg=args.cfg, mixed_precision=args.mixed_precision,
+                                   gradient_checkpointing=args.gradient_checkpointing, steps=args.steps,
+                                   warmup=args.warmup, threads=args.threads)
+    except RuntimeError as exc:
+        sys.exit(str(exc))
+    print(f"device {results['device']}, config {args.config}, batch {args.batch_size}, precision {args.mixed_precision}, "
           f"student rank {args.rank}, fake rank {args.fake_rank}, {results['ours']['adapted_layers']} adapted layers, "
           f"median of {args.steps} steps")
     for variant in ("paper", "ours"):
         r = results[variant]
         print(f"  {variant:6s} step {r['median_step_s'] * 1000:9.1f} ms   peak memory {r['peak_bytes'] / 2**20:9.1f} MiB")
-    ratio_t = results["ours"]["median_step_s"] / results["paper"]["median_step_s"]
-    ratio_m = results["ours"]["peak_bytes"] / max(1, results["paper"]["peak_bytes"])
-    print(f"  ours / paper-style: step time {ratio_t:.2f}x, peak memory {ratio_m:.2f}x")
+    print(f"  ours / paper-style: step time {results['time_ratio']:.2f}x, peak memory {results['memory_ratio']:.2f}x")
 
 
 if __name__ == "__main__":

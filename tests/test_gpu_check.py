@@ -1,0 +1,213 @@
+"""``benchmarks/gpu_check.py`` at ``--size tiny`` on the CPU: every section runs end to end, the JSON and the
+Markdown hold real numbers, and a section that fails or runs out of time is recorded while the rest still runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]])
+    env["COLUMNS"] = "80"
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+def _check(args: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def tiny_check(tmp_path_factory):
+    """One whole tiny check, its output folder given as a relative path."""
+    cwd = tmp_path_factory.mktemp("gpu-check")
+    done = _check(["--size", "tiny", "--device", "cpu", "--out", "out"], cwd)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    out = cwd / "out"
+    return json.loads((out / "gpu_check.json").read_text()), (out / "gpu_check.md").read_text(), out
+
+
+@pytest.mark.slow
+def test_every_section_runs_and_reports_real_numbers(tiny_check):
+    report, markdown, out = tiny_check
+    sections = report["sections"]
+    assert list(sections) == ["environment", "cuda_tests", "probe", "vsd_step", "real_run", "pixart"]
+    assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(sections, "ok")
+    assert 0 < report["total_s"] < report["time_limit_s"]
+    assert all(0 < s["seconds"] <= s["budget_s"] + 10 for s in sections.values())
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
+
+    env = sections["environment"]
+    assert env["packages"]["torch"] and env["packages"]["diffusers"] and env["cpu_count"] >= 1
+    assert Path(env["wadi_imported_from"]) == ROOT
+
+    tests = sections["cuda_tests"]
+    assert tests["exit_code"] == 0 and tests["counts"]["deselected"] > 0 and not tests["counts"].get("failed")
+    assert tests["counts"].get("skipped", 0) + tests["counts"].get("passed", 0) >= 1
+    assert all("CUDA" in reason for reason in tests["skip_reasons"])  # this machine has no GPU
+
+    probe = sections["probe"]
+    assert probe["layers_total"] > 100 and probe["files_gb"] > 0
+    for mode in ("probe", "probe-nospectra"):
+        assert 0 < probe[mode]["seconds"] <= probe[mode]["process_seconds"]
+        assert probe[mode]["peak_rss_mb"] > 100
+    agree = probe["cpu_agreement"]
+    assert len(agree["layers"]) == 4
+    assert agree["max_abs_diff_all_fields"] == 0.0  # the CPU against itself, same process: the same numbers
+    assert all(v is not None and v <= 1e-6 for v in agree["max_abs_diff_full_run_vs_cpu"].values())
+    assert probe["targets"]["probe_full_analysis_le_10_s"] == (probe["probe"]["seconds"] <= 10)
+
+    step = sections["vsd_step"]["precisions"]["no"]
+    for variant in ("paper", "ours"):
+        assert step[variant]["step_s"]["n"] == 2 and step[variant]["step_s"]["min"] > 0
+        assert step[variant]["peak_mb"] > 0
+    assert step["time_ratio"] == pytest.approx(step["ours"]["step_s"]["median"] / step["paper"]["step_s"]["median"],
+                                               rel=0.01)
+    assert step["memory_ratio"] == pytest.approx(step["ours"]["peak_mb"] / step["paper"]["peak_mb"], rel=0.01)
+    assert step["adapted_layers"] > 10
+
+    run = sections["real_run"]
+    plan = report["plan"]["real_run"]
+    for key, steps in (("checkpointing_on", plan["steps"]), ("checkpointing_off", plan["steps_no_checkpointing"])):
+        assert run[key]["steps_logged"] == steps
+        assert run[key]["s_per_step"]["n"] == steps - 1 and run[key]["s_per_step"]["min"] > 0
+        assert run[key]["peak_rss_mb"] > 100
+        assert all(math.isfinite(v) for v in run[key]["final_losses"].values())
+        assert run[key]["command"].startswith("wadi-distill run --teacher ")
+    for key in ("resumed", "resumed_again"):
+        assert run[key]["steps_logged"] == plan["steps"] - plan["resume_from"]
+    for part in ("student", "fake", "merged_export", "two_resumes_student", "two_resumes_fake"):
+        assert run["resume_check"][part]["tensors"] > 0
+        assert run["resume_check"][part]["bit_identical"] is True
+    export = run["export_check"]
+    assert export["keys_as_teacher"] and export["dtypes_and_shapes_as_teacher"]
+    assert export["missing_keys"] == export["unexpected_keys"] == 0
+    assert export["output_max_abs"] > 0 and export["relative_diff"] <= 1e-6
+    assert run["problems"] == []
+
+    pixart = sections["pixart"]["run"]
+    assert pixart["steps_logged"] == report["plan"]["pixart"]["steps"]
+    assert pixart["s_per_step"]["median"] > 0 and pixart["peak_rss_mb"] > 100
+
+    # the Markdown says what the JSON holds
+    assert "| real_run | ok |" in markdown and "## pixart: ok" in markdown
+    assert f"| {step['time_ratio']:.2f}× |" in markdown
+    assert "student 0 of " in markdown and "bit-identical means 0" in markdown
+    assert f"{probe['probe']['seconds']:.3g}" in markdown
+
+
+@pytest.mark.slow
+def test_a_section_out_of_time_is_recorded_and_the_next_still_runs(tmp_path):
+    done = _check(["--size", "tiny", "--device", "cpu", "--out", str(tmp_path / "out"), "--only",
+                   "cuda_tests,environment", "--budget", "cuda_tests=1"], tmp_path)
+    assert done.returncode == 1  # not every section ok
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
+    tests, env = report["sections"]["cuda_tests"], report["sections"]["environment"]
+    # stopped by the section itself (its pytest out of time) or by the parent (the section's process killed)
+    assert tests["status"] == "timeout" and "time budget" in tests["error"]
+    assert tests["seconds"] < 30
+    assert env["status"] == "ok" and env["packages"]["torch"]
+    markdown = (tmp_path / "out" / "gpu_check.md").read_text()
+    assert "## cuda_tests: timeout" in markdown and "## environment: ok" in markdown
+
+
+def test_a_section_that_crashes_is_recorded_not_fatal(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the scratch folder should be\n")
+    log = tmp_path / "log.txt"
+    result = gpu_check.run_section("environment", gpu_check.Context("tiny", "cpu", str(blocker), 0), 60, log, _env())
+    assert result["status"] == "failed"
+    assert "NotADirectoryError" in result["error"] or "FileNotFoundError" in result["error"]
+    assert result["budget_s"] == 60 and result["seconds"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "nope=3"], "--budget takes SECTION=SECONDS"),
+    (["--budget", "probe=soon"], "--budget takes SECTION=SECONDS"),
+    (["--only", "probe,warp"], "unknown section(s) warp"),
+    (["--size", "sd15", "--device", "cpu"], "the sd15 size needs a GPU"),
+    (["--wheels", "."], "no .whl files there"),
+])
+def test_bad_arguments_stop_before_anything_runs(tmp_path, args, message):
+    done = _check(["--size", "tiny", "--out", "out", *args], tmp_path, timeout=120)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+def test_markdown_of_a_gpu_run_states_the_gpu_numbers_and_targets(tiny_check):
+    """The GPU-only fields (peak GPU memory, fp16, the 24 GB target) are rendered too: built from the tiny
+    report with those fields set as a CUDA run sets them."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    report = json.loads(json.dumps(tiny_check[0]))
+    report.update(size="sd15", device="cuda")
+    sections = report["sections"]
+    sections["environment"]["gpu"] = "Some GPU"
+    sections["probe"]["probe"]["peak_gpu_mb"] = 1234.5
+    sections["probe"]["targets"]["probe_full_analysis_le_10_s"] = True
+    fp32 = sections["vsd_step"]["precisions"].pop("no")
+    for precision in ("fp16", "bf16"):
+        entry = json.loads(json.dumps(fp32))
+        entry.update(peak_memory="CUDA max allocated", time_ratio=0.64, memory_ratio=0.55,
+                     targets={"time_ratio_le_0.7": True, "memory_ratio_le_0.6": True})
+        sections["vsd_step"]["precisions"][precision] = entry
+    run = sections["real_run"]
+    for key, (allocated, reserved) in (("checkpointing_on", (9000.0, 11000.0)), ("resumed", (9000.0, 11000.0)),
+                                       ("resumed_again", (9000.0, 11000.0)), ("checkpointing_off", (30000.0, 33000.0))):
+        run[key].update(peak_gpu_allocated_mb=allocated, peak_gpu_reserved_mb=reserved)
+    run.update(checkpointing_memory_ratio=0.3, targets={"batch8_fp16_checkpointing_fits_24_gb": True})
+    sections["pixart"]["run"].update(peak_gpu_allocated_mb=20000.0, peak_gpu_reserved_mb=22000.0)
+    markdown = gpu_check.render_markdown(report)
+    assert "- machine: Some GPU," in markdown
+    assert "| 1234.5 |" in markdown  # probe peak GPU MB
+    assert "| fp16 |" in markdown and "| bf16 |" in markdown and "| 0.64× |" in markdown
+    assert "fp16 time met, memory met; bf16 time met, memory met." in markdown
+    assert "| 9000 | 11000 |" in markdown and "peak GPU memory 0.30×" in markdown
+    assert "within a 24 GB card (reserved < 23 GiB): met." in markdown
+    assert "(the target is for the SD1.5 pair on a GPU)" not in markdown
+
+
+@pytest.mark.slow
+def test_wheels_and_the_project_install_into_the_scratch_folder(tmp_path):
+    """``--wheels`` and ``--install`` (the GPU machine's set-up) install into the scratch folder only, and the
+    sections then find the ``wadi-distill`` command there."""
+    wheels = tmp_path / "wheels"
+    new = [ROOT / name for name in ("build", "wadi.egg-info") if not (ROOT / name).exists()]
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                        "-w", str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)
+    finally:
+        for path in new:  # setuptools builds in the tree
+            shutil.rmtree(path, ignore_errors=True)
+    assert [p.name for p in wheels.glob("*.whl")] == ["wadi-0.1.0-py3-none-any.whl"]
+    scratch = tmp_path / "scratch"
+    done = _check(["--size", "tiny", "--device", "cpu", "--out", "out", "--only", "environment", "--wheels",
+                   str(wheels), "--install", "--scratch", str(scratch)], tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    env = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["sections"]["environment"]
+    assert env["wadi_distill_command"] == str(scratch / "site" / "bin" / "wadi-distill")
+    assert (scratch / "site" / "wadi_distill" / "__init__.py").is_file()
+    assert Path(env["wadi_imported_from"]) == ROOT  # the working tree stays first on the path
