@@ -258,8 +258,8 @@ def _report_data(report: Any) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise WadiInputError("the report is not a JSON object.")
     version = data.get("schema_version")
-    if version != 1:
-        raise WadiInputError(f"report schema_version {version!r} is not supported (this version reads 1).")
+    if version not in (1, 2):
+        raise WadiInputError(f"report schema_version {version!r} is not supported (this version reads 1 and 2).")
     if not isinstance(data.get("layers"), list):
         raise WadiInputError("the report has no 'layers' list.")
     return dict(data)
@@ -356,6 +356,9 @@ def plan_from_report(
             continue
         if r.get("identical"):
             skipped.append((module, "identical in teacher and student"))
+            continue
+        if r.get("rounding_level"):
+            skipped.append((module, f"changed only at the rounding level of {r.get('compared_dtype')}"))
             continue
         curve = r.get("lorad_energy")
         if not curve:

@@ -1,0 +1,143 @@
+"""What the probe's spectral numbers would be for a structureless change: the chance baselines.
+
+A direction change with no structure at all — every row turned by the same small angle towards an independent,
+uniformly random direction orthogonal to it — is not "rank 0" and not "unexplained": a random matrix already
+keeps about 70 % of its energy in its top 30 % of singular values (the Marchenko–Pastur law), and a pairwise
+rotation already reproduces the part of a random change that lies along each column pair's own circle, about
+half. A layer's spectra say something about the student only by how far they exceed these numbers.
+
+* :func:`chance_residual_energy` — the energy a structureless ΔD of shape (rows, fan_in) keeps at
+  ``ceil(rank_fraction · min(rows, fan_in))``: a seeded Monte-Carlo estimate (mean and the spread of one draw),
+  cached per shape. No closed form is used because the finite-size corrections are a few percent at the sizes
+  of real layers (0.708 for 128², 0.698 for 1280²) and the law is only asymptotic.
+* :func:`chance_rotation_explained` — the share of a structureless change a pairwise rotation explains:
+  ``⌊fan_in/2⌋ / fan_in`` in closed form (half of each pair's change is along its circle; an odd fan-in's last
+  column cannot be rotated), with the Monte-Carlo spread of one draw.
+
+The estimates use their own seeded CPU generator, so they are the same in every process and on every device.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ABOVE_CHANCE_MARGIN", "Chance", "above_chance", "chance_for_shape", "chance_residual_energy",
+           "chance_rotation_explained"]
+
+#: An excess over chance smaller than this (2 percentage points), or than twice the spread of one draw of the
+#: structureless change, is reported as "at chance".
+ABOVE_CHANCE_MARGIN = 0.02
+
+#: Monte-Carlo draws per shape: enough that the mean's error is far below the margin for small layers,
+#: two for layers whose single draw already self-averages (the spread of one draw falls like 1/sqrt(rows·fan_in)).
+_ELEMENTS_PER_SHAPE = 1 << 22
+_MAX_DRAWS = 32
+_SMALL_ANGLE = 1e-3  # radians; the shares are scale-free for small angles
+
+
+@dataclass(frozen=True)
+class Chance:
+    """Chance baselines for one analysed shape: means and the spread (std) of a single structureless draw."""
+
+    residual_energy: float | None
+    residual_energy_std: float | None
+    rotation_explained: float | None
+    rotation_explained_std: float | None
+    draws: int
+
+
+def above_chance(excess: float | None, spread: float | None = None) -> bool:
+    """True when ``excess`` (value − chance) is larger than :data:`ABOVE_CHANCE_MARGIN` and twice ``spread``."""
+    if excess is None:
+        return False
+    return excess > max(ABOVE_CHANCE_MARGIN, 2 * (spread or 0.0))
+
+
+def _seed(rows: int, fan_in: int) -> int:
+    # Not Python's hash(): that changes with PYTHONHASHSEED, and the baseline must not.
+    return (rows * 1_000_003 + fan_in * 7919 + 12345) % (2**63 - 1)
+
+
+def _draws(rows: int, fan_in: int) -> int:
+    # at least two, so that the spread of one draw is measured too
+    return max(2, min(_MAX_DRAWS, math.ceil(_ELEMENTS_PER_SHAPE / max(1, rows * fan_in))))
+
+
+def _structureless_pair(rows: int, fan_in: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit teacher rows and unit student rows turned by ``_SMALL_ANGLE`` towards a random orthogonal direction."""
+    t = torch.randn(rows, fan_in, generator=gen, dtype=torch.float64)
+    t /= t.norm(dim=1, keepdim=True)
+    d = torch.randn(rows, fan_in, generator=gen, dtype=torch.float64)
+    d -= (d * t).sum(1, keepdim=True) * t
+    d /= d.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    s = math.cos(_SMALL_ANGLE) * t + math.sin(_SMALL_ANGLE) * d
+    return t, s
+
+
+def _energy_share(residual: torch.Tensor, k: int) -> float:
+    from wadi_probe.decompose import gram_singular_values_sq
+
+    sigma_sq = gram_singular_values_sq(residual, precise=True)
+    total = float(sigma_sq.sum())
+    return float(sigma_sq[:k].sum()) / total if total > 0 else 0.0
+
+
+def _explained(t: torch.Tensor, s: torch.Tensor) -> float:
+    from wadi_probe.rotation import column_pairs
+
+    residual = float((s - t).square().sum())
+    gap = column_pairs(s).abs() - column_pairs(t).abs()
+    left = float(gap.square().sum())
+    if t.shape[1] % 2:
+        left += float((s[:, -1] - t[:, -1]).square().sum())
+    return 1.0 - left / residual
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = math.fsum(values) / len(values)
+    var = math.fsum((v - mean) ** 2 for v in values) / max(1, len(values) - 1)
+    return mean, math.sqrt(var) if len(values) > 1 else 0.0
+
+
+@functools.lru_cache(maxsize=4096)
+def chance_for_shape(rows: int, fan_in: int, rank_fraction: float = 0.3) -> Chance:
+    """Both baselines for a (rows, fan_in) direction change, estimated once per shape and process (cached).
+
+    ``rows`` is the number of analysed rows (rows with zeros or NaN/Inf left out), ``fan_in`` the flattened
+    input width. Shapes with a single row or column have no spectrum to compare: their energy baseline is 1.
+    """
+    rows, fan_in = int(rows), int(fan_in)
+    if rows < 1 or fan_in < 2:
+        return Chance(None, None, None, None, 0)
+    k = max(1, math.ceil(rank_fraction * min(rows, fan_in)))
+    gen = torch.Generator().manual_seed(_seed(rows, fan_in))
+    energies, explained = [], []
+    for _ in range(_draws(rows, fan_in)):
+        t, s = _structureless_pair(rows, fan_in, gen)
+        energies.append(_energy_share(s - t, k))
+        explained.append(_explained(t, s))
+    e_mean, e_std = _mean_std(energies)
+    _, x_std = _mean_std(explained)
+    return Chance(e_mean, e_std, chance_rotation_explained(fan_in), x_std, len(energies))
+
+
+def chance_residual_energy(rows: int, fan_in: int, rank_fraction: float = 0.3) -> float | None:
+    """Energy share a structureless direction change of this shape keeps at ``rank_fraction`` of full rank."""
+    return chance_for_shape(rows, fan_in, rank_fraction).residual_energy
+
+
+def chance_rotation_explained(fan_in: int) -> float | None:
+    """Share of a structureless direction change a pairwise rotation explains: ``⌊fan_in/2⌋ / fan_in``.
+
+    For a small isotropic change, each column pair's change splits evenly (in expectation) between the pair's
+    circle (which a rotation reproduces) and its radius (which it cannot); an odd fan-in's last column is
+    never rotated.
+    """
+    fan_in = int(fan_in)
+    if fan_in < 2:
+        return None
+    return (fan_in // 2) / fan_in
