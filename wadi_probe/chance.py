@@ -41,13 +41,15 @@ _SMALL_ANGLE = 1e-3  # radians; the shares are scale-free for small angles
 
 @dataclass(frozen=True)
 class Chance:
-    """Chance baselines for one analysed shape: means and the spread (std) of a single structureless draw."""
+    """Chance baselines for one analysed shape: means and the spread (std) of a single structureless draw, and
+    the mean cumulative energy curve of the structureless residual (``energy(k)``, k = 1..min(rows, fan_in))."""
 
     residual_energy: float | None
     residual_energy_std: float | None
     rotation_explained: float | None
     rotation_explained_std: float | None
     draws: int
+    residual_curve: tuple[float, ...] = ()
 
 
 def above_chance(excess: float | None, spread: float | None = None) -> bool:
@@ -78,12 +80,10 @@ def _structureless_pair(rows: int, fan_in: int, gen: torch.Generator) -> tuple[t
     return t, s
 
 
-def _energy_share(residual: torch.Tensor, k: int) -> float:
-    from wadi_probe.decompose import gram_singular_values_sq
+def _energy_curve(residual: torch.Tensor) -> torch.Tensor:
+    from wadi_probe.decompose import energy_curve, gram_singular_values_sq
 
-    sigma_sq = gram_singular_values_sq(residual, precise=True)
-    total = float(sigma_sq.sum())
-    return float(sigma_sq[:k].sum()) / total if total > 0 else 0.0
+    return energy_curve(gram_singular_values_sq(residual, precise=True))
 
 
 def _explained(t: torch.Tensor, s: torch.Tensor) -> float:
@@ -115,14 +115,17 @@ def chance_for_shape(rows: int, fan_in: int, rank_fraction: float = 0.3) -> Chan
         return Chance(None, None, None, None, 0)
     k = max(1, math.ceil(rank_fraction * min(rows, fan_in)))
     gen = torch.Generator().manual_seed(_seed(rows, fan_in))
-    energies, explained = [], []
+    energies, explained, curves = [], [], []
     for _ in range(_draws(rows, fan_in)):
         t, s = _structureless_pair(rows, fan_in, gen)
-        energies.append(_energy_share(s - t, k))
+        curve = _energy_curve(s - t)
+        curves.append(curve)
+        energies.append(float(curve[k - 1]))
         explained.append(_explained(t, s))
     e_mean, e_std = _mean_std(energies)
     _, x_std = _mean_std(explained)
-    return Chance(e_mean, e_std, chance_rotation_explained(fan_in), x_std, len(energies))
+    mean_curve = tuple(round(v, 6) for v in torch.stack(curves).mean(0).tolist())
+    return Chance(e_mean, e_std, chance_rotation_explained(fan_in), x_std, len(energies), mean_curve)
 
 
 def chance_residual_energy(rows: int, fan_in: int, rank_fraction: float = 0.3) -> float | None:

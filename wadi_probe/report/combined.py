@@ -9,11 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from rich.table import Table
 from rich.text import Text
 
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
-from wadi_probe.report.summary import percent
+from wadi_probe.report.summary import compact_table, percent
 
 COMBINED_SCHEMA_VERSION = 1
 
@@ -46,11 +45,11 @@ def _excess(value: Any, excess: Any) -> str:
 
 def combined_table(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
     """The side-by-side table (fits 80 columns) and its legend, as rich renderables."""
-    table = Table(title="Students side by side", title_justify="left")
+    table = compact_table("Students side by side")
     headers = ("student", "θ/norm", "paper", "angle", "norm σ", "E@30% (±ch.)", "rot. (±ch.)", "rank", "id/unm")
     for index, header in enumerate(headers):
-        table.add_column(header, justify="left" if index == 0 else "right", overflow="fold",
-                         no_wrap=index > 0)
+        table.add_column(header, justify="left" if index == 0 else "right", overflow="fold", no_wrap=index > 0,
+                         ratio=1 if index == 0 else None)
     for row in rows:
         rank = row.get("recommended_rank_median")
         table.add_row(
