@@ -69,8 +69,10 @@ def _open(spec: Any, label: str, *, base: Checkpoint | None = None) -> tuple[Che
     raise WadiInputError(f"cannot read the {label} from a {type(spec).__name__}; give a path, a Checkpoint or a state dict.")
 
 
-def _describe(checkpoint: Checkpoint) -> dict[str, Any]:
-    return {"path": str(checkpoint.path), "layout": checkpoint.layout, "tensors": len(checkpoint)}
+def _describe(checkpoint: Checkpoint, spec: Any = None) -> dict[str, Any]:
+    """The report's record of an input: its path as given (a built-in name stays a name), layout, tensor count."""
+    path = spec if is_builtin(spec) else str(checkpoint.path)
+    return {"path": path, "layout": checkpoint.layout, "tensors": len(checkpoint)}
 
 
 def compare(
@@ -237,8 +239,9 @@ def compare_many(
         with reuse_freed_memory():
             result.teacher_reads = _analyze_all(teacher_ckpt, [(label, ckpt) for label, ckpt, _, _ in opened], names,
                                                 matched, settings, target, progress, on_layer, records)
-        teacher_info = _describe(teacher_ckpt)
-        student_info = {label: _describe(ckpt) for label, ckpt, _, _ in opened}
+        teacher_info = _describe(teacher_ckpt, teacher)
+        student_info = {label: _describe(ckpt, spec) for (label, ckpt, _, _), spec in
+                        zip(opened, [s for label, s in zip(labels, students) if label in records])}
     finally:
         for _, checkpoint, close, _ in opened:
             if close:
