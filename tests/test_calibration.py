@@ -131,6 +131,17 @@ def test_a_rounding_level_change_gets_no_rank_advice_and_no_plan():
     assert record["lorad_energy"]  # the spectrum is still reported
 
 
+def test_rows_rescaled_then_saved_in_fp16_are_a_rounding_level_turn():
+    gen = torch.Generator().manual_seed(10)
+    teacher = torch.randn(40, 36, generator=gen)
+    scale = 1 + 0.01 * torch.rand(40, 1, generator=gen)  # a real norm change of up to 1 %, no turn at all
+    record = analyze_pair(teacher, (teacher * scale).half())
+    assert record["compared_dtype"] == "float16" and record["rounding_level"] is True
+    assert record["recommended_rank"] == 0 and record["norm_change_max"] > 0.005
+    summary = compare({"a.weight": teacher}, {"a.weight": (teacher * scale).half()}, device="cpu").summary
+    assert summary["recommended_layers"] == 0 and summary["precision"]["rounding_level_names"] == ["a.weight"]
+
+
 def test_the_tiny_student_in_fp16_gets_the_fp32_ranks():
     teacher = {k: v.float() for k, v in load_file(ROOT / "wadi_distill/builtin/digits/digits_unet.safetensors").items()}
     student = load_file(ROOT / "reports/demo/full_student.safetensors")

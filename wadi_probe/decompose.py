@@ -362,9 +362,10 @@ def analyze_pair(
         matrix_direction_change=matrix_dc,
     )
 
-    # Every row turned by at most one unit in the last place of the compared precision (and no row's norm moved
-    # more): what rounding alone can do. Such a change is reported, but gets no rank advice.
-    record["rounding_level"] = bool(angle_max <= math.degrees(rounding) and nc_max <= rounding)
+    # No row turned by more than rounding every element by one unit in the last place of the compared precision
+    # could turn it: the direction change is rounding. It is reported, but gets no rank advice (the advice is
+    # about directions; a real rescale of the rows, rounded, is such a case).
+    record["rounding_level"] = bool(angle_max <= math.degrees(rounding))
     direction_changed = dc_max > DIRECTION_TOLERANCE
     if not is_matrix:
         record.update({k: None for k in _empty_spectra(settings, False)})
@@ -398,8 +399,8 @@ def compare_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 def rounding_angle(dtype: torch.dtype) -> float:
     """The largest angle (radians) and relative norm change rounding alone gives a row: the machine epsilon.
 
-    Moving every element of a row by at most one unit in the last place changes each by a relative amount of at
-    most ε, so it turns the row by at most ε radians and changes its norm by at most a fraction ε.
+    Rounding moves every element by at most half a unit in the last place, a relative amount of at most ε/2; two
+    roundings (teacher and student) turn a row by at most ε radians and change its norm by at most a fraction ε.
     """
     return float(torch.finfo(dtype).eps)
 

@@ -160,8 +160,8 @@ def _append_context(text: Text, s: dict[str, Any]) -> Text:
         )
     if precision.get("rounding_level"):
         text.append(
-            f"\n{precision['rounding_level']} matrices changed only at the rounding level (every row within one unit "
-            f"in the last place, e.g. {_names_text(precision.get('rounding_level_names') or [], precision['rounding_level'])}); "
+            f"\n{precision['rounding_level']} matrices turned only at the rounding level (no row more than rounding "
+            f"can turn it, e.g. {_names_text(precision.get('rounding_level_names') or [], precision['rounding_level'])}); "
             "they get no rank advice.", style="yellow",
         )
     if s.get("unmatched"):
@@ -276,7 +276,7 @@ def groups_tables(report: Report) -> list[RenderableType]:
         "norm chg = mean relative norm change, 1−cos = the paper's direction change; E@30% = share of the direction "
         "residual's energy kept at 30 % rank, rot. = share of the direction change a pairwise rotation explains, "
         "each with its excess over a structureless change of the same shapes in percentage points (±ch.); "
-        "round. = matrices changed only at the rounding level (no rank advice); rank = median recommended LoRaD "
+        "round. = matrices turned only at the rounding level (no rank advice); rank = median recommended LoRaD "
         "rank.", style="dim",
     )
     return [changes, spectra, legend]
