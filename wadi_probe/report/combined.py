@@ -45,11 +45,12 @@ def _excess(value: Any, excess: Any) -> str:
 
 def combined_table(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
     """The side-by-side table (fits 80 columns) and its legend, as rich renderables."""
-    table = compact_table("Students side by side")
+    table = compact_table("Students side by side", tight=True)
     headers = ("student", "θ/norm", "paper", "angle", "norm σ", "E@30% (±ch.)", "rot. (±ch.)", "rank", "id/unm")
+    widest = max([len(str(row["label"])) for row in rows] + [len(headers[0])])
     for index, header in enumerate(headers):
         table.add_column(header, justify="left" if index == 0 else "right", overflow="fold", no_wrap=index > 0,
-                         ratio=1 if index == 0 else None)
+                         min_width=min(widest, 14) if index == 0 else None)
     for row in rows:
         rank = row.get("recommended_rank_median")
         table.add_row(
@@ -66,6 +67,7 @@ def combined_table(rows: Sequence[Mapping[str, Any]]) -> list[Any]:
         "mean norm change; angle: mean angle; norm σ: spread of the per-layer mean norm change across layers; "
         "E@30%: residual energy at 30 % rank, and in brackets its excess over a structureless change of the same "
         "shapes (percentage points); rot.: share a pairwise rotation explains, and its excess over chance; rank: "
-        "median recommended LoRaD rank; id/unm: identical / unmatched tensors.", style="dim",
+        "median recommended LoRaD rank; id/unm: identical / unmatched tensors; a ratio is '-' when the norms "
+        "changed only at the rounding level.", style="dim",
     )
     return [table, legend]

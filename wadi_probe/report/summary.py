@@ -38,10 +38,11 @@ def degrees(value: float | None) -> str:
     return f"{value:.3g}°" if value == 0 or abs(value) >= 0.01 else f"{_short_exp(value)}°"
 
 
-def compact_table(title: str) -> Table:
-    """A table with one space between columns and a rule under the header only: 80 columns hold it."""
-    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True,
-                 pad_edge=False, show_edge=False)
+def compact_table(title: str, *, tight: bool = False) -> Table:
+    """A table with a rule under the header only and two spaces between columns (one when ``tight``), so that
+    80 columns hold it."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 0 if tight else 1),
+                 collapse_padding=True, pad_edge=False, show_edge=False)
 
 
 def _rank(value: Any) -> str:
@@ -160,8 +161,9 @@ def _append_context(text: Text, s: dict[str, Any]) -> Text:
         )
     if precision.get("rounding_level"):
         text.append(
-            f"\n{precision['rounding_level']} matrices turned only at the rounding level (no row more than rounding "
-            f"can turn it, e.g. {_names_text(precision.get('rounding_level_names') or [], precision['rounding_level'])}); "
+            f"\n{precision['rounding_level']} matrices turned only at the rounding level (none of their rows turned "
+            "further than rounding can turn a row): "
+            f"{_names_text((precision.get('rounding_level_names') or [])[:3], precision['rounding_level'])}; "
             "they get no rank advice.", style="yellow",
         )
     if s.get("unmatched"):
