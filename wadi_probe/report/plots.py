@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -502,6 +501,17 @@ def _tensor_of(source: Any, layer: str | None, role: str) -> torch.Tensor:
     raise WadiInputError(f"the {role} must be a tensor, a checkpoint or a path, got {type(source).__name__}.")
 
 
+def _wrap_name(text: str, width: int) -> str:
+    """Wrap a dotted layer name at its dots (never inside a part), so that a title fits its figure."""
+    lines: list[str] = []
+    for piece in re.split(r"(?<=\.)", text):
+        if lines and len(lines[-1]) + len(piece) <= width:
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+    return "\n".join(lines)
+
+
 def pair_angle_field_deg(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     """Θ in degrees, (out, fan_in // 2), for a teacher/student weight of the same shape (conv kernels flattened)."""
     if teacher.shape != student.shape:
@@ -543,7 +553,7 @@ def plot_pair_angle_heatmap(
     ax.set_xlabel("input column pair j (features 2j, 2j+1)")
     ax.set_ylabel("output unit (row) i")
     abs_theta = theta.abs()
-    name = "\n".join(textwrap.wrap(layer or "weight", 60, break_on_hyphens=False)) or "weight"
+    name = _wrap_name(f"{layer or 'weight'} {tuple(theta.shape)}", 56)
     note = f", averaged to {data.shape[0]}×{data.shape[1]} cells" if pooled else ""
     if float(abs_theta.max()) == 0:
         stats = "θ = 0 everywhere: teacher and student pairs point the same way (nothing turned)"
@@ -552,7 +562,7 @@ def plot_pair_angle_heatmap(
     else:
         stats = (f"mean |θ| = {abs_theta.mean().item():.3g}°, max |θ| = {abs_theta.max().item():.3g}°\n"
                  f"(colours clipped at ±{limit:.3g}°, the 99th percentile)")
-    ax.set_title(f"Pair angles of\n{name} {tuple(theta.shape)}{note}\n{stats}", fontsize=9)
+    ax.set_title(f"Pair angles of\n{name}{note}\n{stats}", fontsize=9)
     return fig
 
 
