@@ -19,7 +19,10 @@ from wadi_probe.errors import WadiInputError
 
 
 def _quiet_broken_pipe() -> None:
-    """The reader of stdout went away (``| head``): everything is already written; stop printing quietly."""
+    """The reader of stdout went away (``| head``): everything is already written; stop printing quietly.
+
+    rich handles a closed pipe during its own writes (quietly, exit code 1); this covers the final flush.
+    """
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
