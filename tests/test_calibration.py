@@ -237,3 +237,26 @@ def test_every_column_and_caption_survives_80_columns_and_a_pipe(files):
                    "params", "ident.", "1−cos", "round."):
         assert header in text, header
     assert "rank = median recommended LoRaD rank." in " ".join(text.split())
+
+
+def test_a_schema_1_report_is_upgraded_on_reading(tmp_path):
+    import json
+
+    from wadi_probe import load_report
+
+    current = load_report(ROOT / "reports" / "demo" / "report.json")
+    old = json.loads(json.dumps(current.data))
+    old["schema_version"] = 1
+    for record in old["layers"]:
+        for key in [k for k in record if "chance" in k or "excess" in k] + ["rounding_level", "angle_deg_std",
+                                                                          "compared_dtype", "student_dtype"]:
+            record.pop(key, None)
+    old["summary"] = {"direction_to_norm_ratio": 0.064, "layers": len(old["layers"])}
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    upgraded = load_report(path)
+    assert upgraded.data["schema_version"] == 2 and upgraded.data["upgraded_from"] == 1
+    for a, b in zip(upgraded.layers, current.layers):
+        assert a["residual_energy_at_30pct_rank_chance"] == b["residual_energy_at_30pct_rank_chance"]
+    assert upgraded.summary["angle_to_norm_ratio"] == pytest.approx(current.summary["angle_to_norm_ratio"])
+    assert upgraded.summary["residual_energy_at_30pct_rank_above_chance"] is True

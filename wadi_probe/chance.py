@@ -125,7 +125,10 @@ def chance_for_shape(rows: int, fan_in: int, rank_fraction: float = 0.3) -> Chan
     e_mean, e_std = _mean_std(energies)
     _, x_std = _mean_std(explained)
     mean_curve = tuple(round(v, 6) for v in torch.stack(curves).mean(0).tolist())
-    return Chance(e_mean, e_std, chance_rotation_explained(fan_in), x_std, len(energies), mean_curve)
+    # Rounded to 6 decimals (the estimate's own error is far larger): the last bits of a Gram product depend on the
+    # thread count, and the baseline should read the same however many threads computed it.
+    return Chance(round(e_mean, 6), round(e_std, 6), chance_rotation_explained(fan_in), round(x_std, 6), len(energies),
+                  mean_curve)
 
 
 def chance_residual_energy(rows: int, fan_in: int, rank_fraction: float = 0.3) -> float | None:
