@@ -134,3 +134,12 @@ def test_resolving_a_builtin_name_does_not_import_the_distiller():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.stdout.strip() == "False"
+
+
+def test_plot_takes_the_builtin_teacher_for_a_heatmap(tmp_path):
+    out = tmp_path / "figs"
+    layer = "mid_block.attentions.0.proj_in.weight"
+    result = runner.invoke(app, ["plot", str(DEMO / "report.json"), "-o", str(out), "-f", "png", "--layer", layer,
+                                 "--teacher", "builtin:digits", "--student", str(DEMO / "full_student.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert (out / f"pair_angles_{layer}.png").stat().st_size > 0
