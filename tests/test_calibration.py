@@ -236,7 +236,9 @@ def test_every_column_and_caption_survives_80_columns_and_a_pipe(files):
     for header in ("layer and shape", "angle mean/max", "norm chg", "E@30% (±ch.)", "rot. (±ch.)", "rank", "mats",
                    "params", "ident.", "1−cos", "round."):
         assert header in text, header
-    assert "rank = median recommended LoRaD rank." in " ".join(text.split())
+    joined = " ".join(text.split())  # the legend, whole: nothing of the caption is lost
+    assert "rank = median recommended LoRaD rank; ≤ε = no larger than rounding can make it" in joined
+    assert joined.endswith("(ε = 1.19e-07 of the compared precision).")
 
 
 def test_a_schema_1_report_is_upgraded_on_reading(tmp_path):

@@ -6,6 +6,7 @@ can print them too (``rich.print(*summary_renderables(report))``).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich import box
@@ -202,6 +203,29 @@ def counts_line(report: Report) -> Text:
     return text
 
 
+ROUNDING_MARK = "≤ε"
+
+
+def _floor(report: Report) -> float:
+    """ε of the precision the report compared at (0 when unknown): changes at or below it are rounding."""
+    return float((report.summary.get("precision") or {}).get("rounding_angle_rad") or 0.0)
+
+
+def _share_or_rounding(value: float | None, eps: float, *, second_order: bool = False) -> str:
+    """A relative change as a percentage, or ``≤ε`` when it is no larger than rounding can make it (ε; for
+    1 − cos, ε²/2), exact zeros aside."""
+    limit = eps * eps / 2 if second_order else eps
+    if value is not None and 0 < value <= limit:
+        return ROUNDING_MARK
+    return percent(value)
+
+
+def _degrees_or_rounding(value: float | None, eps: float) -> str:
+    if value is not None and 0 < value <= math.degrees(eps):
+        return ROUNDING_MARK
+    return degrees(value)
+
+
 def _with_excess(value: float | None, excess: float | None) -> str:
     """``65.4 % (+3.1)``: a share and, in brackets, its excess over chance in percentage points."""
     if value is None:
@@ -217,13 +241,14 @@ def top_rotated_table(report: Report, top: int = 10) -> Table:
     """
     rows = [r for r in report.layers if len(r.get("shape") or ()) >= 2 and r.get("angle_deg_mean") is not None]
     rows.sort(key=lambda r: r["angle_deg_mean"], reverse=True)
+    eps = _floor(report)
     table = compact_table(f"Most rotated layers (top {min(top, len(rows))} of {len(rows)} by mean angle)")
     cells = [
         (
             f"{r.get('module') or r['name']} {'×'.join(str(n) for n in r['shape'])}"
             + (" (rounding level)" if r.get("rounding_level") else ""),
-            f"{degrees(r.get('angle_deg_mean'))}/{degrees(r.get('angle_deg_max'))}",
-            percent(r.get("norm_change_mean")),
+            f"{_degrees_or_rounding(r.get('angle_deg_mean'), eps)}/{_degrees_or_rounding(r.get('angle_deg_max'), eps)}",
+            _share_or_rounding(r.get("norm_change_mean"), eps),
             _with_excess(r.get("residual_energy_at_30pct_rank"), r.get("residual_energy_at_30pct_rank_excess")),
             _with_excess(r.get("lorad_explained"), r.get("lorad_explained_excess")),
             _rank(r.get("recommended_rank")),
@@ -249,11 +274,13 @@ def _widest(header: str, cells: list[tuple[str, ...]], index: int) -> int:
 def groups_tables(report: Report) -> list[RenderableType]:
     """Block × layer type in two tables that each fit 80 columns (changes; spectra against chance), and a legend."""
     groups = report.summary.get("groups", [])
+    eps = _floor(report)
     changes = compact_table("By block and layer type: how far the weights moved (weight matrices; means of "
                             "per-layer means)")
     change_cells = [
         (g["block"], g["layer_type"], str(g["matrices"]), _count(g["params"]), str(g.get("identical", 0)),
-         degrees(g.get("angle_deg_mean")), percent(g.get("norm_change_mean")), percent(g.get("direction_change_mean")))
+         _degrees_or_rounding(g.get("angle_deg_mean"), eps), _share_or_rounding(g.get("norm_change_mean"), eps),
+         _share_or_rounding(g.get("direction_change_mean"), eps, second_order=True))
         for g in groups
     ]
     spectra = compact_table("By block and layer type: structure of the direction change against chance")
@@ -278,6 +305,9 @@ def groups_tables(report: Report) -> list[RenderableType]:
         "norm chg = mean relative norm change, 1−cos = the paper's direction change; E@30% = share of the direction "
         "residual's energy kept at 30 % rank, rot. = share of the direction change a pairwise rotation explains, "
         "each with its excess over a structureless change of the same shapes in percentage points (±ch.); "
+        "round. = matrices turned only at the rounding level (no rank advice); rank = median recommended LoRaD "
+        f"rank; {ROUNDING_MARK} = no larger than rounding can make it (ε = {eps:.3g} of the compared precision)."
+        if eps else
         "round. = matrices turned only at the rounding level (no rank advice); rank = median recommended LoRaD "
         "rank.", style="dim",
     )
