@@ -262,3 +262,18 @@ def test_a_schema_1_report_is_upgraded_on_reading(tmp_path):
         assert a["residual_energy_at_30pct_rank_chance"] == b["residual_energy_at_30pct_rank_chance"]
     assert upgraded.summary["angle_to_norm_ratio"] == pytest.approx(current.summary["angle_to_norm_ratio"])
     assert upgraded.summary["residual_energy_at_30pct_rank_above_chance"] is True
+
+
+def test_a_partly_matched_identical_pair_is_not_called_identical_without_saying_so():
+    gen = torch.Generator().manual_seed(11)
+    teacher = {f"b.{i}.weight": torch.randn(8, 6, generator=gen) for i in range(20)}
+    teacher["conv_in.weight"] = torch.randn(8, 4, 3, 3, generator=gen)
+    teacher["proj_out.weight"] = torch.randn(4, 8, generator=gen)
+    student = {k: v.clone() for k, v in teacher.items()}
+    student["conv_in.weight"] = torch.randn(8, 9, 3, 3, generator=gen)  # another input width
+    del student["proj_out.weight"]
+    report = compare(teacher, student, device="cpu")
+    text = headline(report)
+    assert "that were compared are identical" in text.plain
+    assert "2 tensors were not compared" in text.plain and "conv_in.weight, proj_out.weight" in text.plain
+    assert not any("green" in str(span.style) for span in text.spans)
