@@ -386,6 +386,7 @@ def analyze_pair(
     record.update(chance_fields(record, int(counts[0]), fan_in, settings.rank_fraction))
     if record["rounding_level"]:
         record["recommended_rank"] = 0
+        record["lorad_explained_at_recommended_rank"] = None
     return record
 
 
