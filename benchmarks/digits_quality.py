@@ -137,7 +137,7 @@ def main() -> None:
 
     from wadi_distill.builtin.digits.model import load_builtin
     from wadi_distill.vsd.peft_student import rank_for_budget
-    from wadi_distill.plan.planner import plan_from_preset, plan_from_report
+    from wadi_distill.plan import plan_from_preset, plan_from_report
     from wadi_probe.io.atomic import write_json_atomic, write_text_atomic
 
     unet = load_builtin("digits").unet

@@ -176,8 +176,10 @@ def naive(teacher_path: str, student_path: str, device: str) -> dict:
 def probe(teacher_path: str, student_path: str, device: str, spectra: bool) -> dict:
     """``wadi_probe.compare`` as a user calls it."""
     import wadi_probe
+    from wadi_probe.heap import reuse_freed_memory
 
-    report = wadi_probe.compare(teacher_path, student_path, device=device, spectra=spectra)
+    with reuse_freed_memory():  # the allocator setting the wadi-probe command applies (opt-in, process-wide)
+        report = wadi_probe.compare(teacher_path, student_path, device=device, spectra=spectra)
     keys = ("norm_change_mean", "direction_change_mean", "residual_energy_at_30pct_rank")
     return {"layers": {r["name"]: {k: r.get(k) for k in keys} for r in report.layers}, "summary": report.summary}
 

@@ -176,7 +176,7 @@ def _worker(args: argparse.Namespace) -> dict:
     from diffusers import UNet2DConditionModel  # noqa: F401  (imports before the memory baseline)
 
     import wadi_distill.vsd.trainer  # noqa: F401
-    from wadi_distill.plan.planner import plan_from_preset
+    from wadi_distill.plan import plan_from_preset
 
     torch.set_num_threads(args.threads)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -8,8 +8,8 @@ from torch import nn
 
 from conftest import make_tiny_unet
 from wadi_distill.lorad.serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, load_official_thetas, read_adapter, save_adapter
-from wadi_distill.lorad.layer import LoRaDLayer, inject_lorad, lorad_layers, use_adapter
-from wadi_distill.plan.planner import plan_from_preset
+from wadi_distill.lorad import LoRaDLayer, inject_lorad, lorad_layers, use_adapter
+from wadi_distill.plan import plan_from_preset
 from wadi_probe.errors import WadiInputError
 
 
@@ -114,7 +114,7 @@ def official_checkpoint(unet, seed=0, swap=False):
 
 
 def design_rotation(w: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """DESIGN §5 written out: w'_{i,2j} = cos·w_{i,2j} − sin·w_{i,2j+1}, w'_{i,2j+1} = sin·w_{i,2j} + cos·w_{i,2j+1}."""
+    """The LoRaD rotation written out (docs/design.md): w'_{i,2j} = cos·w_{i,2j} − sin·w_{i,2j+1}, w'_{i,2j+1} = sin·w_{i,2j} + cos·w_{i,2j+1}."""
     out = w.clone()
     c, s = torch.cos(theta), torch.sin(theta)
     out[:, 0::2][:, : theta.shape[1]] = c * w[:, 0 : 2 * theta.shape[1] : 2] - s * w[:, 1 : 2 * theta.shape[1] : 2]
@@ -153,3 +153,26 @@ def test_official_checkpoint_needing_code_is_refused(tmp_path):
     torch.save({"x.theta_a": torch.zeros(2, 1)}, tmp_path / "half.pt")
     with pytest.raises(WadiInputError, match="theta_a without theta_b"):
         load_official_thetas(tmp_path / "half.pt")
+
+
+def test_official_thetas_under_ldm_names_load_onto_a_diffusers_unet(tmp_path):
+    """The one adapter parser resolves LDM module names, so an official file saved from an LDM model loads too."""
+    from safetensors.torch import save_file
+
+    from wadi_probe.io.ldm import diffusers_to_ldm_names
+
+    unet = make_tiny_unet()
+    state, factors = official_checkpoint(unet, seed=3)
+    to_ldm = diffusers_to_ldm_names(unet.state_dict())
+    ldm_state = {}
+    for key, value in state.items():
+        module, which = key.removeprefix("unet.").rsplit(".", 1)
+        ldm_module = to_ldm[f"{module}.weight"].removesuffix(".weight")
+        ldm_state[f"model.diffusion_model.{ldm_module}.{which}"] = value.contiguous()
+    assert not set(ldm_state) & {f"model.diffusion_model.{k.removeprefix('unet.')}" for k in state}  # names differ
+    save_file(ldm_state, str(tmp_path / "wadi_ldm.safetensors"))
+    load_adapter(unet, tmp_path / "wadi_ldm.safetensors", adapter_name="student")
+    layers = lorad_layers(unet)
+    assert set(layers) == set(factors)
+    for module, (a, b) in factors.items():
+        assert torch.equal(layers[module].lorad_A["student"], a) and torch.equal(layers[module].lorad_B["student"], b)

@@ -490,3 +490,45 @@ def test_transformer_pipeline_root(tmp_path: Path) -> None:
         names = ckpt.names()
         assert names[0].startswith("pos_embed.") and names.index("transformer_blocks.1.attn1.to_q.weight") > names.index(
             "transformer_blocks.0.ff.net.2.weight")
+
+
+SD15_SHAPED = {  # SD1.5's block structure (4 down blocks, 2 layers each, attention in the first three)
+    "block_out_channels": (8, 16, 16, 16),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+
+
+@pytest.mark.parametrize("overrides", [SD1_LIKE, SD15_SHAPED, SD2_LIKE, SDXL_LIKE],
+                         ids=["sd1-conv-proj", "sd15-shaped", "sd2-linear-proj", "sdxl-like"])
+def test_ldm_name_map_is_diffusers_converter_and_its_inverse(tiny_unet, overrides) -> None:
+    """Parity: the lazy name map puts every LDM tensor where diffusers' converter puts it, and writing inverts it."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from conftest import tiny_unet_config
+    from wadi_probe.io.ldm import diffusers_to_ldm_names, ldm_to_diffusers_names
+
+    state = tiny_unet(seed=5, **overrides).state_dict()
+    ldm = to_ldm_state(state)
+    unet_keys = [k[len("model.diffusion_model."):] for k in ldm if k.startswith("model.diffusion_model.")]
+    mapping = ldm_to_diffusers_names(unet_keys)
+    converted = convert_ldm_unet_checkpoint(ldm, tiny_unet_config(**overrides))  # real tensors, diffusers' way
+    by_identity = {id(tensor): name for name, tensor in converted.items()}
+    assert {ldm_key: by_identity[id(ldm["model.diffusion_model." + ldm_key])] for ldm_key in unet_keys} == mapping
+    inverse = diffusers_to_ldm_names(state)
+    assert {v: k for k, v in inverse.items()} == mapping and len(set(mapping.values())) == len(mapping) == len(state)
+
+
+def test_ldm_layouts_the_converter_cannot_place_are_refused(tiny_unet) -> None:
+    from wadi_probe.io.ldm import diffusers_to_ldm_names, ldm_to_diffusers_names
+
+    names = list(diffusers_to_ldm_names(tiny_unet(seed=0, **SD15_SHAPED).state_dict()).values())
+    fewer_outputs = [n for n in names if not n.startswith("output_blocks.11.")]
+    with pytest.raises(WadiInputError, match="has 11 output blocks but its input blocks imply 12"):
+        ldm_to_diffusers_names(fewer_outputs)
+    uneven = [n for n in names if not n.startswith("input_blocks.2.")]  # first down block one layer short
+    with pytest.raises(WadiInputError, match="do not all have the same number of layers"):
+        ldm_to_diffusers_names([n.replace("input_blocks.3.0.op", "input_blocks.2.0.op") for n in uneven])
+    # names it does not know keep their LDM spelling (they then show up as unmatched, not lost)
+    assert ldm_to_diffusers_names([*names, "some_new_head.weight"])["some_new_head.weight"] == "some_new_head.weight"

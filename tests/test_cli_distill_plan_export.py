@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from conftest import make_tiny_unet
 from wadi_distill.lorad.serialization import save_adapter
 from wadi_distill.cli import app
-from wadi_distill.lorad.layer import inject_lorad, lorad_layers, merge_lorad, remove_lorad
-from wadi_distill.plan.planner import Plan, plan_from_preset
+from wadi_distill.lorad.model import inject_lorad, lorad_layers, merge_lorad, remove_lorad
+from wadi_distill.plan import Plan, plan_from_preset
 from wadi_probe.rotation import rotate_pairs
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""Known answers for the per-layer math (DESIGN §4): planted scales, planted rotations, spectra vs svdvals."""
+"""Known answers for the per-layer math (docs/design.md, "The probe"): planted scales, planted rotations, spectra vs svdvals."""
 
 from __future__ import annotations
 
@@ -15,10 +15,9 @@ from wadi_probe.decompose import (
     energy_at_rank,
     energy_curve,
     gram_singular_values_sq,
-    pair_angle_field,
     rank_at,
 )
-from wadi_probe.rotation import rotate_pairs
+from wadi_probe.rotation import pair_angles, rotate_pairs
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -117,7 +116,7 @@ def test_planted_low_rank_rotation_is_recovered(out, fan_in, rank):
     assert record["angle_deg_mean"] == pytest.approx(float(angles.mean()), abs=1e-3)
     assert record["angle_deg_max"] == pytest.approx(float(angles.max()), abs=1e-3)
     # the recovered field is the planted one
-    assert torch.allclose(pair_angle_field(teacher, student), theta, atol=1e-9)
+    assert torch.allclose(pair_angles(teacher, student), theta, atol=1e-9)
 
 
 def test_truncated_rotation_explains_all_at_the_planted_rank():

@@ -1,4 +1,4 @@
-"""LoRaD layers: the DESIGN §5 rotation, one weight + one call per forward, adapters, merge/unmerge, removal."""
+"""LoRaD layers: the pairwise rotation (docs/design.md), one weight + one call per forward, adapters, merge/unmerge, removal."""
 
 import math
 
@@ -8,9 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import wadi_distill.lorad.layer as lorad_module
-from wadi_distill.lorad.layer import (
-    LoRaDConv2d,
-    LoRaDLinear,
+from wadi_distill.lorad.layer import LoRaDConv2d, LoRaDLinear
+from wadi_distill.lorad.model import (
     adapter_disabled,
     inject_lorad,
     lorad_layers,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wadi_distill.vsd.peft_student import inject_peft_student, merged_peft_state, peft_param_count, rank_for_budget
-from wadi_distill.plan.planner import lorad_params_for, plan_from_preset
+from wadi_distill.plan import lorad_params_for, plan_from_preset
 from wadi_probe.errors import WadiInputError
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from conftest import make_tiny_unet, tiny_unet_config
-from wadi_distill.plan.planner import (
+from wadi_distill.plan import (
     Plan,
     load_model_config_only,
     lorad_params_for,
@@ -36,7 +36,7 @@ def test_paper_preset_counts_on_the_meta_device(config, layers, params):
     assert all(e.module.split(".")[0] in ("down_blocks", "mid_block", "up_blocks") for e in plan.layers)
     if config is SD15:
         assert plan.backbone_params == 859_520_964
-        assert abs(plan.fraction - 0.0975) < 5e-4  # 9.75 % of 859.5M (DESIGN §5)
+        assert abs(plan.fraction - 0.0975) < 5e-4  # 9.75 % of 859.5M (the paper's SD1.5 setup, docs/design.md)
         skipped = dict(plan.skipped)
         assert "time_embedding.linear_1" in skipped
 
@@ -104,7 +104,7 @@ def _energy(theta: torch.Tensor) -> list[float]:
 
 
 def report_for(teacher: nn.Module, student: nn.Module, schema_version=1) -> dict:
-    """A report in the report.json schema with the fields plans use, computed from the definitions in DESIGN §4."""
+    """A report in the report.json schema with the fields plans use, computed from the definitions in docs/design.md."""
     records = []
     s_modules = dict(student.named_modules())
     for order, (name, m) in enumerate(teacher.named_modules()):

@@ -118,3 +118,31 @@ def test_reuse_freed_memory_keeps_blocks_inside_and_returns_them_after():
     after = _rss_bytes()
     assert kept - before > 150e6  # freed inside the block, still resident (ready for reuse)
     assert after - before < 50e6  # given back when the block ends
+
+
+def test_allocator_limits_come_back_as_they_were_and_startup_values_follow_the_environment():
+    from wadi_probe import heap
+
+    assert heap._startup_limits({}) == {heap._M_MMAP_MAX: 65536, heap._M_TRIM_THRESHOLD: 128 * 1024}
+    env = {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1000000:glibc.malloc.mmap_max=7", "MALLOC_MMAP_MAX_": "9"}
+    assert heap._startup_limits(env) == {heap._M_MMAP_MAX: 9, heap._M_TRIM_THRESHOLD: 1_000_000}
+    before = heap.current_limits()
+    heap._mallopt(heap._M_TRIM_THRESHOLD, 4 * 1024 * 1024)  # someone set their own limit earlier
+    try:
+        with reuse_freed_memory():
+            assert heap.current_limits() == {"mmap_max": 0, "trim_threshold": 2**31 - 1}
+        assert heap.current_limits() == {**before, "trim_threshold": 4 * 1024 * 1024}
+    finally:
+        heap._mallopt(heap._M_TRIM_THRESHOLD, before["trim_threshold"])
+    assert heap.current_limits() == before
+
+
+def test_the_library_compare_leaves_the_allocator_alone(monkeypatch):
+    from wadi_probe import heap
+    from wadi_probe.analyze import compare
+
+    calls = []
+    monkeypatch.setattr(heap, "_mallopt", lambda option, value: calls.append((option, value)))
+    teacher = {"w.weight": torch.randn(4, 6)}
+    compare(teacher, {"w.weight": teacher["w.weight"] + 0.1}, device="cpu", progress=False)
+    assert calls == []

@@ -66,3 +66,40 @@ def test_rotation_is_differentiable():
     w = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
     theta = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(rotate_pairs, (w, theta))
+
+
+def test_merged_weight_is_the_one_merge_the_layer_export_and_probe_share():
+    from wadi_distill.lorad import inject_lorad, lorad_layers
+    from wadi_probe.io.formats.adapters import ModuleAdapter, merge_module
+    from wadi_probe.rotation import merged_weight
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 4, 3, 3, generator=g).half()  # a conv kernel in fp16: fan-in 36, 18 pairs
+    a, b = 0.2 * torch.randn(6, 2, generator=g), torch.randn(2, 18, generator=g)
+    expected = rotate_pairs(as_matrix(weight).float(), a @ b).reshape(weight.shape)
+    torch.testing.assert_close(merged_weight(weight, a, b, dtype=torch.float32), expected, rtol=0, atol=1e-6)
+    assert merged_weight(weight, a, b).dtype == torch.float16
+    assert torch.equal(merged_weight(weight, a, b), merged_weight(weight, a, b, dtype=torch.float32).half())
+    # the probe's adapter view keeps fp32; a LoRaD layer's merge writes the fp16 cast of the same numbers
+    assert torch.equal(merge_module(weight, ModuleAdapter("lorad", {"a": a, "b": b}), 1.0),
+                       merged_weight(weight, a, b, dtype=torch.float32))
+    conv = torch.nn.Conv2d(4, 6, 3).half()
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+    model = torch.nn.Sequential(conv)
+    inject_lorad(model, {"0": 2}, adapter_name="s")
+    layer = lorad_layers(model)["0"]
+    with torch.no_grad():
+        layer.lorad_A["s"].copy_(a)
+        layer.lorad_B["s"].copy_(b)
+    layer.merge("s")
+    assert torch.equal(layer.base_layer.weight, merged_weight(weight, a, b))
+    # LoRA: W + scale·B·A, kohya's 4-D conv factors flattened
+    down, up = torch.randn(3, 4, 3, 3, generator=g), torch.randn(6, 3, 1, 1, generator=g)
+    lora = as_matrix(weight).float() + 0.5 * (up.reshape(6, 3) @ down.reshape(3, 36))
+    torch.testing.assert_close(merged_weight(weight, down, up, kind="lora", scale=0.5, dtype=torch.float32),
+                               lora.reshape(weight.shape), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="do not fit"):
+        merged_weight(weight, down[:, :2], up, kind="lora")
+    with pytest.raises(ValueError, match="unknown adapter kind"):
+        merged_weight(weight, a, b, kind="dora")

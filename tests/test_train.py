@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny_pipelines import make_pipeline  # noqa: E402
 
-from wadi_distill.lorad.layer import use_adapter  # noqa: E402
+from wadi_distill.lorad.model import use_adapter  # noqa: E402
 from wadi_distill.vsd.trainer import DistillConfig, VSDTrainer, distill, list_checkpoints  # noqa: E402
 from wadi_probe.errors import WadiRuntimeError  # noqa: E402
 

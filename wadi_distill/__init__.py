@@ -2,40 +2,32 @@
 
 LoRaD (low-rank rotation of weight direction) turns each output unit's weight row by low-rank pairwise angles,
 keeping its norm; plans say which layers get which rank, from a preset or from a ``wadi-probe`` report.
+
+The names below are imported from their modules on first use (PEP 562), so ``import wadi_distill`` and the
+``wadi-distill`` command line stay fast; ``from wadi_distill import X`` works as usual.
 """
 
-from wadi_distill.lorad.serialization import export_merged, load_adapter, load_official_thetas, save_adapter
-from wadi_distill.evaluate import evaluate_images, frechet_distance, precision_recall
-from wadi_distill.lorad.layer import (
-    LoRaDConv2d,
-    LoRaDLinear,
-    adapter_disabled,
-    inject_lorad,
-    lorad_parameters,
-    merge_lorad,
-    remove_lorad,
-    set_active_adapter,
-    unmerge_lorad,
-    use_adapter,
-)
-from wadi_distill.builtin.digits.model import BuiltinTeacher, is_builtin, load_builtin, load_teacher
-from wadi_distill.plan.planner import Plan, PlanEntry, load_model_config_only, plan_from_preset, plan_from_report
-from wadi_distill.sample import sample_multistep
-from wadi_distill.vsd.trainer import DistillConfig, DistillResult, distill
+from wadi_probe.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    # LoRaD layers
-    "LoRaDLinear", "LoRaDConv2d", "inject_lorad", "set_active_adapter", "adapter_disabled", "use_adapter",
-    "lorad_parameters", "merge_lorad", "unmerge_lorad", "remove_lorad",
-    # plans, adapter files, export
-    "Plan", "PlanEntry", "plan_from_preset", "plan_from_report", "load_model_config_only",
-    "save_adapter", "load_adapter", "load_official_thetas", "export_merged",
+_EXPORTS = {
+    # LoRaD: config, layers, injection, files, pipelines
+    **{name: "wadi_distill.lorad" for name in (
+        "LoRaDConfig", "LoRaDLinear", "LoRaDConv2d", "inject_lorad", "set_active_adapter", "adapter_disabled",
+        "use_adapter", "lorad_parameters", "merge_lorad", "unmerge_lorad", "remove_lorad",
+        "save_adapter", "load_adapter", "load_official_thetas", "load_lorad")},
+    # plans
+    **{name: "wadi_distill.plan" for name in (
+        "Plan", "PlanEntry", "plan_from_preset", "plan_from_report", "load_model_config_only")},
+    "export_merged": "wadi_distill.export",
     # training
-    "DistillConfig", "DistillResult", "distill",
+    **{name: "wadi_distill.vsd.trainer" for name in ("DistillConfig", "DistillResult", "distill")},
     # the built-in teacher, sampling, metrics
-    "BuiltinTeacher", "is_builtin", "load_builtin", "load_teacher", "sample_multistep",
-    "evaluate_images", "frechet_distance", "precision_recall",
-    "__version__",
-]
+    **{name: "wadi_distill.builtin.digits.model" for name in ("BuiltinTeacher", "is_builtin", "load_builtin", "load_teacher")},
+    "sample_multistep": "wadi_distill.sample",
+    **{name: "wadi_distill.evaluate" for name in ("evaluate_images", "frechet_distance", "precision_recall")},
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

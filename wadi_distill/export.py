@@ -1,8 +1,8 @@
 """Export a merged student: the teacher's weights with the adapter's rotation written in, nothing else changed.
 
 The teacher is read lazily, one tensor at a time (:func:`wadi_probe.io.checkpoints.open_checkpoint`); adapted
-weights are rotated (Θ = A·B in fp32, :func:`wadi_probe.rotation.rotate_pairs`) and cast back to the teacher's
-dtype, every other tensor passes through untouched, and the result is written under the teacher's own key
+weights are merged by :func:`wadi_probe.rotation.merged_weight` (Θ = A·B in fp32, the same function a LoRaD
+layer merges with) and cast back to the teacher's dtype, every other tensor passes through untouched, and the result is written under the teacher's own key
 names (:func:`wadi_probe.io.checkpoints.write_like`). The output is a plain model: it loads with
 ``load_state_dict(strict=True)`` into the stock diffusers class, or with ``from_pretrained`` when written as a folder.
 """
@@ -17,11 +17,11 @@ import torch
 
 from wadi_distill.lorad.serialization import AdapterFile, read_adapter
 from wadi_probe.io.atomic import atomic_path
-from wadi_probe.io.checkpoints import TORCH_SUFFIXES, lazy_tensors, open_checkpoint, write_like
+from wadi_probe.io.checkpoints import TORCH_SUFFIXES, denoiser_folder, lazy_tensors, open_checkpoint, write_like
 from wadi_probe.errors import WadiInputError
-from wadi_probe.rotation import rotate_pairs
+from wadi_probe.rotation import merged_weight
 
-__all__ = ["ExportResult", "merged_weight", "export_merged", "merge_into_checkpoint"]
+__all__ = ["ExportResult", "export_merged", "merge_into_checkpoint"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -38,31 +38,10 @@ class ExportResult:
     official: bool
 
 
-def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, kind: str = "lorad", scale: float = 1.0) -> torch.Tensor:
-    """The weight an adapter gives: R_Θ(W) with Θ = A·B in fp32 (LoRaD) or W + scale·B·A (LoRA), in W's dtype.
-
-    Computes exactly what :meth:`wadi_distill.lorad.layer.LoRaDLayer.merge` writes, so in-model merging and file
-    export agree bit for bit.
-    """
-    matrix = weight.reshape(weight.shape[0], -1)
-    if kind == "lorad":
-        dtype = torch.promote_types(a.dtype, torch.float32)
-        adapted = rotate_pairs(matrix, a.to(matrix.device, dtype) @ b.to(matrix.device, dtype))
-    else:
-        delta = b.to(matrix.device) @ a.to(matrix.device)
-        compute = torch.promote_types(matrix.dtype, delta.dtype)
-        adapted = (matrix.to(compute) + scale * delta.to(compute)).to(matrix.dtype)
-    return adapted.reshape(weight.shape)
-
-
 def _model_config(teacher: Path) -> Path | None:
     """config.json of the teacher's denoiser (model folder or pipeline root), if there is one."""
-    if teacher.is_file():
-        return None
-    for folder in (teacher / "unet", teacher / "transformer", teacher):
-        if (folder / "config.json").is_file():
-            return folder / "config.json"
-    return None
+    config = None if teacher.is_file() else denoiser_folder(teacher) / "config.json"
+    return config if config is not None and config.is_file() else None
 
 
 def export_merged(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path) -> Path:
@@ -85,7 +64,6 @@ def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, out
         sources = {teacher.source_file(n).resolve() for n in teacher.names()}
         if output.resolve() in sources:
             raise WadiInputError(f"{output} is the teacher's own weights file; write the merged student elsewhere.")
-        scales = (adapter.config.get("scales") or {}) if adapter.kind == "lora" else {}
         by_weight = {f"{module}.weight": module for module in adapter.factors}
 
         def override(name: str) -> torch.Tensor | None:
@@ -93,7 +71,7 @@ def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, out
             if module is None:
                 return None
             a, b = adapter.factors[module]
-            return merged_weight(teacher.tensor(name), a, b, kind=adapter.kind, scale=float(scales.get(module, 1.0)))
+            return merged_weight(teacher.tensor(name), a, b, kind=adapter.kind, scale=adapter.lora_scale)
 
         tensors = lazy_tensors(teacher, override=override)
         metadata = {"format": "pt", "wadi_merged_adapter": adapter.path.name}

@@ -96,7 +96,7 @@ def sample(
     denoiser = bundle.denoiser
     if adapter is not None:
         from wadi_distill.lorad.serialization import load_adapter
-        from wadi_distill.lorad.layer import set_active_adapter
+        from wadi_distill.lorad.model import set_active_adapter
 
         load_adapter(denoiser, adapter, adapter_name="student")
         set_active_adapter(denoiser, "student")

@@ -16,9 +16,14 @@ from wadi_probe.errors import WadiInputError
 def _progress(iterable, enabled: bool, description: str):
     if not enabled:
         return iterable
-    from rich.progress import track
+    return _tracked(iterable, description)
 
-    return track(iterable, description=description, transient=True)
+
+def _tracked(iterable, description: str):
+    from wadi_probe.console import progress_bar
+
+    with progress_bar(description, transient=True) as bar:
+        yield from bar.track(iterable)
 
 
 @torch.no_grad()

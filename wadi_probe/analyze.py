@@ -7,7 +7,6 @@ checkpoint is probed in far less memory than loading either file whole.
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,17 +15,16 @@ from typing import Any, Callable
 
 import torch
 
+from wadi_probe.device import resolve_device
 from wadi_probe.io.checkpoints import Checkpoint, open_checkpoint
+from wadi_probe.io.names import MODEL_PREFIXES, WRAPPER_PREFIXES, strip_prefixes
 from wadi_probe.decompose import AnalysisSettings, analyze_pair
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.formats.torch_io import DictSource
-from wadi_probe.heap import reuse_freed_memory
 from wadi_probe.layers import block_of, kind_of, layer_type_of, module_of
 from wadi_probe.builtins import is_builtin, resolve_builtin
 from wadi_probe.pairing import Pairing, pair_checkpoints
 from wadi_probe.report.schema import Report, build_report
-
-_PREFIXES = ("module.", "unet.", "transformer.")
 
 
 def checkpoint_from_state_dict(tensors: Mapping[str, torch.Tensor] | torch.nn.Module, label: str = "<memory>") -> Checkpoint:
@@ -36,26 +34,8 @@ def checkpoint_from_state_dict(tensors: Mapping[str, torch.Tensor] | torch.nn.Mo
     source = DictSource(tensors, label)
     names: dict[str, str] = {}
     for key in source.keys():
-        name = key
-        for prefix in _PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-        names[name] = key
+        names[strip_prefixes(key, WRAPPER_PREFIXES + MODEL_PREFIXES)] = key
     return Checkpoint(Path(label), "memory", {name: (source, key) for name, key in names.items()}, sources=[source])
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; a CUDA request without a GPU is an input error."""
-    if isinstance(device, torch.device):
-        return device
-    text = str(device).strip().lower()
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise WadiInputError(f"unknown device {device!r}; use auto, cpu or cuda (cuda:N).")
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise WadiInputError(f"device {device!r} was requested but CUDA is not available on this machine.")
-    return torch.device(text)
 
 
 def _open(spec: Any, label: str, *, base: Checkpoint | None = None) -> tuple[Checkpoint, bool]:
@@ -90,7 +70,7 @@ def compare(
     on_layer: Callable[[dict[str, Any]], None] | None = None,
     partial: bool = False,
 ) -> Report:
-    """Compare a teacher and a student layer by layer and return the report.
+    """Compare a teacher and a student layer by layer (docs/design.md, "The probe") and return the report.
 
     ``teacher``/``student``: a path (any layout :func:`~wadi_probe.io.checkpoints.open_checkpoint` reads, or a
     built-in name such as ``builtin:digits``), an open :class:`Checkpoint`, a state dict or an ``nn.Module``.
@@ -236,9 +216,8 @@ def compare_many(
         records: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in opened}
         names = [n for n in teacher_ckpt.names() if any(n in set(p.matched) for *_, p in opened)] if opened else []
         matched = {label: set(p.matched) for label, _, _, p in opened}
-        with reuse_freed_memory():
-            result.teacher_reads = _analyze_all(teacher_ckpt, [(label, ckpt) for label, ckpt, _, _ in opened], names,
-                                                matched, settings, target, progress, on_layer, records)
+        result.teacher_reads = _analyze_all(teacher_ckpt, [(label, ckpt) for label, ckpt, _, _ in opened], names,
+                                            matched, settings, target, progress, on_layer, records)
         teacher_info = _describe(teacher_ckpt, teacher)
         student_info = {label: _describe(ckpt, spec) for (label, ckpt, _, _), spec in
                         zip(opened, [s for label, s in zip(labels, students) if label in records])}
@@ -320,18 +299,9 @@ def _analyze_all(
             one_layer(name)
         return reads
 
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from wadi_probe.console import progress_bar
 
-    columns = (
-        TextColumn("[bold]probing[/]"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}% of weights"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("[dim]{task.fields[layer]}[/]"),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+    with progress_bar("probing (share of weights)", "layer", percent=True) as bar:
         task = bar.add_task("probe", total=sum(sizes), layer="")
         done = 0
         for name, size in zip(names, sizes):

@@ -1,4 +1,4 @@
-"""The per-layer math of the probe as pure tensor functions: no files, no printing, CPU or CUDA.
+"""The per-layer math of the probe (docs/design.md, "The probe") as pure tensor functions: no files, no printing, CPU or CUDA.
 
 A weight is viewed as a matrix (out, fan_in) whose rows are output units (conv kernels flattened per output
 channel, a 1-D tensor as one row). For teacher rows t_i and student rows s_i:
@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from wadi_probe.rotation import column_pairs, pair_angles, pair_product_angles, rotate_pairs
+from wadi_probe.rotation import column_pairs, pair_product_angles, rotate_pairs
 
 __all__ = [
     "AnalysisSettings",
@@ -42,7 +42,6 @@ __all__ = [
     "gram_singular_values_sq",
     "lower_gram",
     "symmetric_eigenvalues",
-    "pair_angle_field",
     "rank_at",
     "truncate_to_rank",
 ]
@@ -80,11 +79,6 @@ class AnalysisSettings:
             "direction_tolerance": DIRECTION_TOLERANCE,
             **self.extra,
         }
-
-
-def pair_angle_field(teacher2d: torch.Tensor, student2d: torch.Tensor) -> torch.Tensor:
-    """Θ (out, fan_in // 2): the angle that turns each teacher column pair towards the student's (radians)."""
-    return pair_angles(teacher2d, student2d)
 
 
 def as_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -273,7 +267,7 @@ def analyze_pair(
     *,
     device: torch.device | str | None = None,
 ) -> dict[str, Any]:
-    """Every number the probe measures for one teacher/student tensor pair of equal shape, as a flat dict.
+    """Every number of the probe (docs/design.md) for one teacher/student tensor pair of equal shape, as a flat dict.
 
     Keys are the report's record fields (without the naming ones: name, module, kind, ...). Works for any
     dtype (fp16/bf16 are upcast to fp32) and on the given device (default: the teacher's). Spectra are only

@@ -4,9 +4,15 @@ A probe allocates, per layer, a few arrays the size of the weight (the two read 
 residual, the pair products) and frees them before the next layer. glibc serves blocks above its mmap threshold
 (at most 32 MB) with a fresh ``mmap`` and returns them with ``munmap``, so every such array of every layer is
 first touched page by page: on a 2-core machine that was 20 s of kernel time out of a 57 s SD1.5 probe.
-:func:`reuse_freed_memory` makes glibc serve blocks from its heap and keep freed blocks for reuse, then restores
-glibc's default limits and hands the kept memory back to the system when the block ends. Peak resident memory
-is unchanged (it is the largest layer's working set either way).
+:func:`reuse_freed_memory` makes glibc serve blocks from its heap and keep freed blocks for reuse, then puts
+back the limits that were in force before and hands the kept memory back to the system when the block ends.
+Peak resident memory is unchanged (it is the largest layer's working set either way).
+
+It changes a setting of the whole process, so the library never applies it on its own: the ``wadi-probe``
+command wraps its work in it, and a script that wants the same speed opts in the same way (as
+``benchmarks/probe_sd15.py`` does). glibc has no call that reads these limits back, so "what was there" is
+what this module last set, else what the process started with: glibc's defaults unless the environment set
+them (``MALLOC_MMAP_MAX_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES``).
 
 On anything other than glibc (macOS, Windows, musl) it does nothing.
 """
@@ -16,11 +22,12 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import contextlib
+import os
 import platform
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["reuse_freed_memory", "current_limits"]
 
 # mallopt parameters and glibc's defaults (malloc/malloc.c).
 _M_TRIM_THRESHOLD = -1
@@ -31,6 +38,28 @@ _KEEP_UP_TO = 2**31 - 1  # trim threshold while active (mallopt takes an int): k
 
 _lock = threading.Lock()
 _depth = 0
+_saved: dict[int, int] = {}
+
+
+def _startup_limits(environ: Mapping[str, str]) -> dict[int, int]:
+    """The limits the process started with: glibc's defaults, or what the environment asked glibc for."""
+    limits = {_M_MMAP_MAX: _DEFAULT_MMAP_MAX, _M_TRIM_THRESHOLD: _DEFAULT_TRIM_THRESHOLD}
+    names = {_M_MMAP_MAX: ("MALLOC_MMAP_MAX_", "glibc.malloc.mmap_max"),
+             _M_TRIM_THRESHOLD: ("MALLOC_TRIM_THRESHOLD_", "glibc.malloc.trim_threshold")}
+    tunables = dict(item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
+    for option, (variable, tunable) in names.items():
+        for text in (tunables.get(tunable), environ.get(variable)):  # the old variables win, as in glibc
+            if text is not None and text.strip().isdigit():
+                limits[option] = int(text)
+    return limits
+
+
+_current = _startup_limits(os.environ)
+
+
+def current_limits() -> dict[str, int]:
+    """The mmap count limit and trim threshold in force, as far as this process knows (see the module doc)."""
+    return {"mmap_max": _current[_M_MMAP_MAX], "trim_threshold": _current[_M_TRIM_THRESHOLD]}
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -52,6 +81,7 @@ _LIBC = _glibc()
 def _mallopt(option: int, value: int) -> None:
     if _LIBC is not None:
         _LIBC.mallopt(option, value)
+    _current[option] = value
 
 
 @contextlib.contextmanager
@@ -61,6 +91,8 @@ def reuse_freed_memory() -> Iterator[None]:
     with _lock:
         _depth += 1
         if _depth == 1:
+            _saved.clear()
+            _saved.update(_current)
             _mallopt(_M_MMAP_MAX, 0)
             _mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO)
     try:
@@ -69,7 +101,7 @@ def reuse_freed_memory() -> Iterator[None]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                _mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-                _mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+                _mallopt(_M_MMAP_MAX, _saved[_M_MMAP_MAX])
+                _mallopt(_M_TRIM_THRESHOLD, _saved[_M_TRIM_THRESHOLD])
                 if _LIBC is not None:
                     _LIBC.malloc_trim(0)

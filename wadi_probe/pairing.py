@@ -1,4 +1,4 @@
-"""Pair a teacher's and a student's tensors by normalised name.
+"""Pair a teacher's and a student's tensors by normalised name (docs/design.md, "Checkpoints and names").
 
 Two checkpoints in different layouts (an LDM single file and a diffusers folder, say) pair completely because
 both are opened under the same diffusers-style names. Plainly different architectures are refused up front.

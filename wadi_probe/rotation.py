@@ -1,11 +1,11 @@
-"""The pairwise rotation of weight directions that LoRaD uses (DESIGN §4–§5), as pure tensor math.
+"""The pairwise rotation of weight directions that LoRaD uses, as pure tensor math (docs/design.md, "LoRaD").
 
 A weight is viewed as a matrix (out, fan_in); a conv kernel (out, in, kh, kw) flattens to (out, in·kh·kw).
 Input columns are paired (2j, 2j+1); row i, pair j is turned by the angle θ_ij. An odd fan-in leaves its last
 column unrotated. Every row keeps its norm exactly, and Θ = 0 is the identity.
 
-The probe uses :func:`pair_angles` to recover Θ from a teacher/student pair; LoRaD and the adapter readers use
-:func:`rotate_pairs` to apply one.
+The probe uses :func:`pair_angles` to recover Θ from a teacher/student pair; LoRaD layers, export and the
+adapter readers all merge an adapter through :func:`merged_weight`, the one place the merge formula is written.
 """
 
 from __future__ import annotations
@@ -46,6 +46,38 @@ def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     if fan_in > 2 * pairs:
         rotated = torch.cat((rotated, w[:, 2 * pairs :]), dim=1)
     return rotated.to(weight.dtype)
+
+
+def lorad_theta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Θ = A·B of a LoRaD adapter (A (out, r), B (r, fan_in // 2)), in fp32 or wider whatever the factors' dtype."""
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(dtype) @ b.to(a.device, dtype)
+
+
+def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, kind: str = "lorad",
+                  scale: float = 1.0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight an adapter gives, in ``weight``'s shape and in ``dtype`` (default: ``weight``'s dtype).
+
+    ``kind="lorad"``: R_Θ(W) with Θ = A·B (:func:`lorad_theta`), A (out, r) and B (r, fan_in // 2).
+    ``kind="lora"``: W + scale·B·A with A the down factor (r, fan_in) and B the up factor (out, r); conv factors
+    (kohya's 4-D kernels) are flattened to matrices. Either way the arithmetic runs in fp32 or wider, so a small
+    update on an fp16 base is not rounded away before the final cast.
+    """
+    matrix = as_matrix(weight)
+    factors_dtype = torch.promote_types(a.dtype, b.dtype)
+    compute = torch.promote_types(torch.promote_types(matrix.dtype, factors_dtype), torch.float32)
+    if kind == "lorad":
+        theta = lorad_theta(a.to(matrix.device), b.to(matrix.device))
+        adapted = rotate_pairs(matrix.to(compute), theta.to(compute))
+    elif kind == "lora":
+        down = a.to(matrix.device, compute).reshape(a.shape[0], -1)
+        up = b.to(matrix.device, compute).reshape(b.shape[0], -1)
+        if up.shape[0] != matrix.shape[0] or down.shape[1] != matrix.shape[1] or up.shape[1] != down.shape[0]:
+            raise ValueError(f"LoRA factors {tuple(up.shape)}·{tuple(down.shape)} do not fit a weight {tuple(matrix.shape)}")
+        adapted = matrix.to(compute) + scale * (up @ down)
+    else:
+        raise ValueError(f"unknown adapter kind {kind!r}; use 'lorad' or 'lora'")
+    return adapted.reshape(weight.shape).to(dtype or weight.dtype)
 
 
 def column_pairs(rows: torch.Tensor) -> torch.Tensor:

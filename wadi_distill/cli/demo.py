@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from wadi_distill.cli import app
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import console, handle_errors
 
 
 @app.command("demo")

@@ -7,8 +7,7 @@ from pathlib import Path
 import typer
 
 from wadi_distill.cli import app
-from wadi_distill.export import merge_into_checkpoint
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import console, handle_errors
 
 
 @app.command("export")
@@ -19,6 +18,8 @@ def export_command(
     output: Path = typer.Option(..., "--output", "-o", help="merged.safetensors, or a folder for a diffusers model folder."),
 ) -> None:
     """Merge an adapter into the teacher and write the student with the teacher's key names and dtypes."""
+    from wadi_distill.export import merge_into_checkpoint
+
     result = merge_into_checkpoint(teacher, adapter, output)
     source = "official theta checkpoint" if result.official else f"{result.adapter_kind} adapter"
     console.print(

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from wadi_distill.cli import app
-from wadi_distill.plan.planner import PRESETS, Plan, load_planning_model, plan_from_preset, plan_from_report
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import choice_option, console, handle_errors
 from wadi_probe.errors import WadiInputError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from wadi_distill.plan import Plan
+
+
+class Preset(str, enum.Enum):
+    """The uniform plans (:data:`wadi_distill.plan.presets.PRESETS`; a test keeps the two lists equal)."""
+
+    paper = "paper"
+    paper_conv = "paper-conv"
+    all_linear = "all-linear"
 
 
 def _reason_group(reason: str) -> str:
@@ -22,7 +33,7 @@ def _reason_group(reason: str) -> str:
 def make_plan(
     teacher: str | Path,
     *,
-    preset: str | None,
+    preset: str | Preset | None,
     rank: int | None,
     report: Path | None,
     budget: float,
@@ -31,15 +42,17 @@ def make_plan(
     max_rank: int | None,
     multiple_of: int,
     include_conv: bool,
-) -> Plan:
+) -> "Plan":
     """Build the plan the command's options describe (a diffusers teacher's config is enough: meta device)."""
+    from wadi_distill.plan import load_planning_model, plan_from_preset, plan_from_report
+
     if (preset is None) == (report is None):
         raise WadiInputError("give exactly one of --preset (with --rank) or --rank-from-probe REPORT.")
     model = load_planning_model(teacher)
     if preset is not None:
         if rank is None:
             raise WadiInputError("--preset needs --rank N (the paper uses 256 for SD UNets, 128 for PixArt).")
-        return plan_from_preset(model, rank, preset)
+        return plan_from_preset(model, rank, preset.value if isinstance(preset, Preset) else preset)
     return plan_from_report(model, report, budget=budget, threshold=threshold, min_rank=min_rank, max_rank=max_rank,
                             multiple_of=multiple_of, include_conv=include_conv)
 
@@ -48,7 +61,7 @@ def make_plan(
 @handle_errors
 def plan_command(
     teacher: str = typer.Option(..., "--teacher", help="Teacher model folder or pipeline folder (config.json is enough), or builtin:digits."),
-    preset: Optional[str] = typer.Option(None, "--preset", help=f"Uniform plan: {', '.join(PRESETS)}."),
+    preset: Optional[Preset] = choice_option(Preset, None, "--preset", what="preset", help="Uniform plan: one rank on every chosen layer."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Rank for --preset."),
     rank_from_probe: Optional[Path] = typer.Option(None, "--rank-from-probe", help="Choose layers and ranks from a wadi-probe report.json."),
     budget: float = typer.Option(0.10, "--budget", help="Trainable parameters as a fraction of the backbone (with --rank-from-probe)."),

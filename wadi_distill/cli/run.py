@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from wadi_distill.cli import app
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import Device, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
 
 
@@ -43,7 +43,7 @@ def run_command(
     validation_steps: int = typer.Option(0, "--validation-steps", help="Write a validation grid every N steps (0: only at the end)."),
     validation_prompt: Optional[list[str]] = typer.Option(None, "--validation-prompt", help="Fixed validation prompt (repeatable)."),
     seed: int = typer.Option(0, "--seed", help="Seed of all sampling in the run."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (multi-GPU: launch with accelerate/torchrun)."),
+    device: Device = device_option(help="auto picks CUDA when available (multi-GPU: launch with accelerate/torchrun)."),
     mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
     use_8bit_adam: bool = typer.Option(False, "--use-8bit-adam", help="8-bit AdamW (needs bitsandbytes)."),
@@ -65,7 +65,7 @@ def run_command(
         max_grad_norm=max_grad_norm, lr_warmup_steps=lr_warmup_steps, ema_decay=ema_decay,
         checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit, resume=resume,
         validation_steps=validation_steps, validation_prompts=list(validation_prompt) if validation_prompt else None,
-        seed=seed, device=device, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+        seed=seed, device=device.value, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
         use_8bit_adam=use_8bit_adam, tensorboard=not no_tensorboard,
     )
     result = distill(config)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from wadi_distill.cli import app
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import Device, console, device_option, handle_errors
 
 
 @app.command("sample")
@@ -20,12 +20,13 @@ def sample_command(
     merged: Optional[Path] = typer.Option(None, "--merged", help="Merged student weights (student.safetensors)."),
     n: int = typer.Option(4, "-n", "--num-images", help="Images per prompt."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image; the others count up."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    device: Device = device_option(Device.cpu),
     output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="PNG grid to write."),
 ) -> None:
     """Generate images in ONE denoiser evaluation per image and save them as a grid."""
     from wadi_distill.one_step import sample, save_image_grid
+    from wadi_probe.device import resolve_device
 
-    images = sample(teacher, list(prompt), adapter=adapter, merged=merged, n=n, seed=seed, device=device)
+    images = sample(teacher, list(prompt), adapter=adapter, merged=merged, n=n, seed=seed, device=str(resolve_device(device)))
     save_image_grid(images, output, nrow=n)
     console.print(f"wrote {images.shape[0]} one-step images to {output}", highlight=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from wadi_distill.cli import app
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import Device, console, device_option, handle_errors
 
 
 @app.command("train-teacher")
@@ -18,7 +18,7 @@ def train_teacher_command(
     seed: int = typer.Option(0, "--seed", help="Seed for initialisation, batches, noise and the evaluation samples."),
     batch_size: int = typer.Option(64, "--batch-size", help="Training images per step."),
     learning_rate: float = typer.Option(1e-3, "--lr", help="Peak AdamW learning rate (warm-up, then cosine decay)."),
-    device: str = typer.Option("cpu", "--device", help="torch device, e.g. cpu or cuda."),
+    device: Device = device_option(Device.cpu),
     evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="Score DDIM samples against held-out digits with the shipped classifier."),
     eval_steps: int = typer.Option(50, "--eval-steps", help="DDIM steps for the evaluation samples."),
     eval_cfg: float = typer.Option(2.0, "--eval-cfg", help="CFG scale for the evaluation samples."),
@@ -27,7 +27,7 @@ def train_teacher_command(
     from wadi_distill.builtin.digits.teacher_training import TeacherTrainingConfig, train_and_save_teacher
 
     config = TeacherTrainingConfig(steps=steps, seed=seed, batch_size=batch_size, learning_rate=learning_rate)
-    metadata = train_and_save_teacher(output, config, device=device, evaluate=evaluate, eval_steps=eval_steps,
+    metadata = train_and_save_teacher(output, config, device=device.value, evaluate=evaluate, eval_steps=eval_steps,
                                       eval_cfg=eval_cfg)
     console.print(f"trained {steps} steps in {metadata['wall_seconds']:.0f} s; final loss {metadata['final_loss']}")
     metrics = metadata.get("metrics_at_training_time")

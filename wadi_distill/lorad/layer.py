@@ -1,4 +1,4 @@
-"""LoRaD layers: low-rank rotation of weight direction (DESIGN §5), as wrappers around a frozen base layer.
+"""LoRaD layers: low-rank rotation of weight direction, as wrappers around a frozen base layer.
 
 A wrapped layer keeps its original ``nn.Linear`` / ``nn.Conv2d`` as ``base_layer`` (frozen) and any number of
 named adapters; one of them (or none) is active. With adapter ``name`` active, a forward pass
@@ -16,8 +16,10 @@ adapter ``None`` is the teacher, ``"student"`` the one-step generator, ``"fake"`
 adapter kind, ``"lora"`` (W + scale·B·A, the usual additive low-rank update), lives in the same wrapper for the
 fake-score option that uses plain LoRA.
 
-Merging writes R_Θ(W) into the base weight (a copy of the original is kept, so unmerging restores it
-bit-for-bit); :func:`remove_lorad` hands back plain layers, which is what export uses.
+Merging writes the adapted weight into the base layer through :func:`wadi_probe.rotation.merged_weight`, the
+same function export and the probe's adapter reader call (a copy of the original is kept, so unmerging restores
+it bit-for-bit). Injecting adapters into a whole model, switching, merging and unloading them live in
+:mod:`wadi_distill.lorad.model`; the settings in :class:`wadi_distill.lorad.config.LoRaDConfig`.
 """
 
 from __future__ import annotations
@@ -26,40 +28,24 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wadi_distill.lorad.config import ADAPTER_KINDS, INITS
 from wadi_probe.errors import WadiInputError
-from wadi_probe.rotation import rotate_pairs
-
-if TYPE_CHECKING:  # pragma: no cover
-    from wadi_distill.plan.planner import Plan
+from wadi_probe.rotation import lorad_theta, merged_weight, rotate_pairs
 
 __all__ = [
+    "AdapterSpec",
     "LoRaDLayer",
     "LoRaDLinear",
     "LoRaDConv2d",
-    "inject_lorad",
-    "set_active_adapter",
-    "adapter_disabled",
-    "use_adapter",
-    "lorad_parameters",
-    "lorad_layers",
-    "adapter_names",
-    "merge_lorad",
-    "unmerge_lorad",
-    "remove_lorad",
-    "delete_adapter",
-    "lorad_param_count",
     "rotate_weight",
     "set_fused_rotation_backward",
 ]
 
-ADAPTER_KINDS = ("lorad", "lora")
-INITS = ("zeros_xavier", "random")
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
 
@@ -265,9 +251,8 @@ class LoRaDLayer(nn.Module):
         if self.specs[name].kind != "lorad":
             raise WadiInputError(f"adapter {name!r} is a LoRA adapter; only LoRaD adapters have rotation angles.")
         a, b = self.lorad_A[name], self.lorad_B[name]
-        dtype = torch.promote_types(a.dtype, torch.float32)
         with _autocast_off(a.device.type):  # mixed precision must not turn the angles into fp16/bf16
-            return a.to(dtype) @ b.to(dtype)
+            return lorad_theta(a, b)
 
     def effective_weight(self, name: str | None = None) -> torch.Tensor:
         """The weight adapter ``name`` (default: the active one) gives, in the base weight's shape and dtype."""
@@ -277,14 +262,11 @@ class LoRaDLayer(nn.Module):
             return source
         self._require(name)
         spec = self.specs[name]
+        if spec.kind == "lora":
+            return merged_weight(source, self.lora_A[name], self.lora_B[name], kind="lora", scale=spec.scale)
+        # training goes through rotate_weight (its hand-written backward); the values are merged_weight's
         matrix = source.reshape(source.shape[0], -1)
-        if spec.kind == "lorad":
-            adapted = rotate_weight(matrix, self.theta(name))
-        else:
-            delta = self.lora_B[name] @ self.lora_A[name]
-            compute = torch.promote_types(matrix.dtype, delta.dtype)
-            adapted = (matrix.to(compute) + spec.scale * delta.to(compute)).to(matrix.dtype)
-        return adapted.reshape(source.shape)
+        return rotate_weight(matrix, self.theta(name)).reshape(source.shape)
 
     def _forward_weight(self) -> torch.Tensor:
         name = self.active_adapter
@@ -304,7 +286,10 @@ class LoRaDLayer(nn.Module):
             return
         if self.merged_adapter is not None:
             self.unmerge()
-        merged = self.effective_weight(name).detach()
+        spec, source = self.specs[name], self._source_weight()
+        a, b = (self.lorad_A[name], self.lorad_B[name]) if spec.kind == "lorad" else (self.lora_A[name], self.lora_B[name])
+        with _autocast_off(source.device.type):
+            merged = merged_weight(source, a, b, kind=spec.kind, scale=spec.scale)
         self._original_weight = self.base_layer.weight.detach().clone()
         self.base_layer.weight.copy_(merged)
         self.merged_adapter = name
@@ -352,176 +337,3 @@ class LoRaDConv2d(LoRaDLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # _conv_forward honours stride, padding (including non-zero padding modes), dilation and groups.
         return self.base_layer._conv_forward(x, self._forward_weight(), self.base_layer.bias)
-
-
-# --------------------------------------------------------------------------------------------- model level
-def lorad_layers(model: nn.Module) -> dict[str, LoRaDLayer]:
-    """Every wrapped layer of ``model`` by its module path (the path of the layer it replaced)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRaDLayer)}
-
-
-def adapter_names(model: nn.Module) -> list[str]:
-    """Names of the adapters present anywhere in ``model``, in first-seen order."""
-    seen: dict[str, None] = {}
-    for layer in lorad_layers(model).values():
-        for name in layer.specs:
-            seen.setdefault(name, None)
-    return list(seen)
-
-
-def _plan_ranks(plan: "Plan | Mapping[str, int] | Iterable") -> dict[str, int]:
-    if hasattr(plan, "layers"):
-        return {e.module: int(e.rank) for e in plan.layers}
-    if isinstance(plan, Mapping):
-        return {str(k): int(v) for k, v in plan.items()}
-    ranks: dict[str, int] = {}
-    for item in plan:
-        module, rank = (item.module, item.rank) if hasattr(item, "module") else item
-        ranks[str(module)] = int(rank)
-    return ranks
-
-
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, module)
-
-
-def inject_lorad(
-    model: nn.Module,
-    plan: "Plan | Mapping[str, int] | Iterable",
-    *,
-    adapter_name: str = "default",
-    init: str = "zeros_xavier",
-    dtype: torch.dtype = torch.float32,
-    kind: str = "lorad",
-    scale: float = 1.0,
-    activate: bool = True,
-    generator: torch.Generator | None = None,
-) -> list[str]:
-    """Add adapter ``adapter_name`` to every layer of ``plan`` (a Plan, or a {module: rank} mapping).
-
-    Plain ``nn.Linear`` / ``nn.Conv2d`` layers are replaced in place by :class:`LoRaDLinear` /
-    :class:`LoRaDConv2d` (their base parameters frozen); layers already wrapped get one more adapter. Adapter
-    parameters are created in ``dtype`` (fp32 by default, also for fp16/bf16 bases) on the layer's device.
-    With ``activate`` the new adapter becomes the active one on those layers. Returns the module names adapted.
-    """
-    ranks = _plan_ranks(plan)
-    modules = dict(model.named_modules())
-    missing = [m for m in ranks if m not in modules]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise WadiInputError(f"the model has no module called {shown}; was the plan made for another model?")
-    for module_name in ranks:
-        m = modules[module_name]
-        if not isinstance(m, (LoRaDLayer, nn.Linear, nn.Conv2d)):
-            raise WadiInputError(
-                f"module {module_name} is a {type(m).__name__}; LoRaD adapts only nn.Linear and nn.Conv2d layers."
-            )
-        if isinstance(m, LoRaDLayer) and adapter_name in m.specs:
-            raise WadiInputError(f"module {module_name} already has an adapter called {adapter_name!r}.")
-    adapted: list[str] = []
-    for module_name, rank in ranks.items():
-        m = modules[module_name]
-        if not isinstance(m, LoRaDLayer):
-            m = LoRaDLinear(m) if isinstance(m, nn.Linear) else LoRaDConv2d(m)
-            _set_submodule(model, module_name, m)
-        m.add_adapter(adapter_name, rank, kind=kind, init=init, dtype=dtype, scale=scale, generator=generator)
-        if activate:
-            m.set_active(adapter_name)
-        adapted.append(module_name)
-    return adapted
-
-
-def set_active_adapter(model: nn.Module, name: str | None) -> None:
-    """Use adapter ``name`` on every layer that has it (the others run plain); ``None`` gives the plain base."""
-    layers = lorad_layers(model)
-    if name is not None and not any(name in layer.specs for layer in layers.values()):
-        raise WadiInputError(f"the model has no adapter called {name!r} (it has: {', '.join(adapter_names(model)) or 'none'}).")
-    for layer in layers.values():
-        layer.active_adapter = name if name is not None and name in layer.specs else None
-
-
-@contextlib.contextmanager
-def use_adapter(model: nn.Module, name: str | None) -> Iterator[nn.Module]:
-    """Run the body with adapter ``name`` active (``None``: the plain teacher), then restore what was active."""
-    layers = lorad_layers(model)
-    saved = {path: layer.active_adapter for path, layer in layers.items()}
-    set_active_adapter(model, name)
-    try:
-        yield model
-    finally:
-        for path, layer in layers.items():
-            layer.active_adapter = saved[path]
-
-
-@contextlib.contextmanager
-def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the body as the plain base model (the teacher), then restore the active adapters."""
-    with use_adapter(model, None):
-        yield model
-
-
-def lorad_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
-    """The trainable parameters of adapter ``adapter_name`` (both factors, every layer), in model order."""
-    params: list[nn.Parameter] = []
-    for layer in lorad_layers(model).values():
-        for store in (layer.lorad_A, layer.lorad_B, layer.lora_A, layer.lora_B):
-            if adapter_name in store:
-                params.append(store[adapter_name])
-    if not params:
-        raise WadiInputError(f"the model has no adapter called {adapter_name!r} (it has: {', '.join(adapter_names(model)) or 'none'}).")
-    return params
-
-
-def lorad_param_count(model: nn.Module, adapter_name: str) -> int:
-    """Number of trainable numbers in adapter ``adapter_name``: Σ r·(out + ⌊fan_in/2⌋) for LoRaD layers."""
-    return sum(p.numel() for p in lorad_parameters(model, adapter_name))
-
-
-def merge_lorad(model: nn.Module, adapter_name: str) -> None:
-    """Merge adapter ``adapter_name`` into the base weights of every layer that has it (originals are kept)."""
-    layers = [layer for layer in lorad_layers(model).values() if adapter_name in layer.specs]
-    if not layers:
-        raise WadiInputError(f"the model has no adapter called {adapter_name!r} (it has: {', '.join(adapter_names(model)) or 'none'}).")
-    for layer in layers:
-        layer.merge(adapter_name)
-
-
-def unmerge_lorad(model: nn.Module) -> None:
-    """Restore every merged layer's original weight bit-for-bit."""
-    for layer in lorad_layers(model).values():
-        layer.unmerge()
-
-
-def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Drop adapter ``adapter_name`` from every layer (wrappers stay, even when left without adapters)."""
-    layers = [layer for layer in lorad_layers(model).values() if adapter_name in layer.specs]
-    if not layers:
-        raise WadiInputError(f"the model has no adapter called {adapter_name!r}.")
-    for layer in layers:
-        layer.delete_adapter(adapter_name)
-
-
-def remove_lorad(model: nn.Module, *, merge: bool, adapter_name: str | None = None) -> nn.Module:
-    """Replace every wrapper by its plain base layer and return ``model`` (changed in place).
-
-    With ``merge=True`` the base layers keep the weights of ``adapter_name`` (default: whatever is merged,
-    else the active adapter) — a plain diffusers model that loads with ``strict=True``. With ``merge=False``
-    the original weights come back bit-for-bit.
-    """
-    for path, layer in lorad_layers(model).items():
-        if merge:
-            name = adapter_name or layer.merged_adapter or layer.active_adapter
-            if name is not None and name in layer.specs:
-                layer.merge(name)
-            elif layer.merged_adapter is not None:
-                layer.unmerge()
-            layer._original_weight = None
-            layer.merged_adapter = None
-        else:
-            layer.unmerge()
-        for n, p in layer.base_layer.named_parameters():
-            p.requires_grad_(layer._base_requires_grad.get(n, True))
-        _set_submodule(model, path, layer.base_layer)
-    return model

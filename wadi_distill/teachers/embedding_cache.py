@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from wadi_distill.teachers.pipeline import Conditioning
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
+from wadi_probe.io.jsonfile import read_json
 
 CACHE_VERSION = 1
 
@@ -41,7 +42,7 @@ class EmbeddingCache:
         index_path = self.folder / "index.json"
         if not index_path.is_file():
             raise WadiInputError(f"{self.folder} is not an embedding cache (no index.json).")
-        self.index = json.loads(index_path.read_text())
+        self.index = read_json(index_path)
         self.count = int(self.index["count"])
         self.chunk_size = int(self.index["chunk_size"])
         self.fields = list(self.index["fields"])
@@ -92,7 +93,7 @@ def build_embedding_cache(
     """
     folder = Path(folder)
     if (folder / "index.json").is_file():
-        existing = json.loads((folder / "index.json").read_text())
+        existing = read_json(folder / "index.json")
         if existing.get("key") == key and existing.get("version") == CACHE_VERSION:
             return EmbeddingCache(folder)
     if not prompts:

@@ -18,7 +18,7 @@ from wadi_probe.errors import WadiInputError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-#: Student-step timesteps are drawn uniformly from this closed range (DESIGN §6).
+#: Student-step timesteps are drawn uniformly from this closed range (docs/design.md, "VSD").
 STUDENT_T_RANGE = (20, 980)
 #: Probability that the fake-score step sees the null prompt instead of its prompt.
 FAKE_NULL_PROMPT_PROB = 0.1

@@ -32,7 +32,7 @@ def peft_param_count(shapes: list[tuple[int, ...]], rank: int, kind: str) -> int
 
 def rank_for_budget(shapes: list[tuple[int, ...]], budget: int, kind: str) -> int:
     """The uniform rank whose parameter count (``kind`` in lora, dora, lorad) comes closest to ``budget``."""
-    from wadi_distill.plan.planner import lorad_params_for
+    from wadi_distill.plan import lorad_params_for
 
     def count(rank: int) -> int:
         if kind == "lorad":

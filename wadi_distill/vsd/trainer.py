@@ -35,7 +35,7 @@ from torch import nn
 from wadi_distill.vsd import losses as vsd
 from wadi_distill.teachers.pipeline import Conditioning, Teacher, load_teacher
 from wadi_distill.teachers.embedding_cache import EmbeddingCache, build_embedding_cache, cache_key
-from wadi_distill.lorad.layer import inject_lorad, lorad_layers, lorad_parameters, remove_lorad, use_adapter
+from wadi_distill.lorad.model import inject_lorad, lorad_layers, lorad_parameters, remove_lorad, use_adapter
 from wadi_distill.one_step import one_step_images, save_image_grid
 from wadi_distill.teachers.prompts import load_prompts
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
@@ -178,7 +178,7 @@ def _default_prompts(teacher: Teacher) -> list[str]:
 
 
 def _make_plan(config: DistillConfig, model: nn.Module):
-    from wadi_distill.plan.planner import Plan, plan_from_preset, plan_from_report
+    from wadi_distill.plan import Plan, plan_from_preset, plan_from_report
 
     if config.plan is not None:
         plan = Plan.load(config.plan)
@@ -404,7 +404,7 @@ class VSDTrainer:
             self.plan = _make_plan(config, base)
             inject_lorad(base, self.plan, adapter_name="student", kind=config.student_adapter,
                          generator=init_gen, activate=False)
-        from wadi_distill.plan.planner import plan_from_preset
+        from wadi_distill.plan import plan_from_preset
 
         self.fake_plan = plan_from_preset(base, int(config.fake_rank), "paper")
         inject_lorad(base, self.fake_plan, adapter_name="fake", kind=config.fake_adapter, generator=init_gen,

@@ -1,11 +1,16 @@
 """``wadi-probe``: compare a teacher and a student checkpoint layer by layer.
 
 Each command lives in its own module and registers itself on :data:`app`; this package only assembles them.
+Command modules import their heavy dependencies (torch, diffusers) inside the command function, so ``--help``
+and ``--version`` answer without loading them.
 """
 
 from __future__ import annotations
 
 import typer
+
+from wadi_probe import __version__
+from wadi_probe.console import version_option
 
 app = typer.Typer(
     name="wadi-probe",
@@ -16,8 +21,8 @@ app = typer.Typer(
 )
 
 @app.callback()
-def _group() -> None:
-    """Keep the app a command group even while it has a single command."""
+def _group(version: bool = version_option("wadi-probe", __version__)) -> None:
+    """Keep the app a command group; ``--version`` prints the version."""
 
 
 # Command modules (each registers with ``@app.command``).

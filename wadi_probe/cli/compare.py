@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from wadi_probe.cli import app
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import Device, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
 
 
@@ -39,7 +39,7 @@ def compare_command(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report file (one student) or folder (several: LABEL.json per student, summary.json, summary.csv)."),
     labels: Optional[List[str]] = typer.Option(None, "--label", help="A name per student (repeat; default: file or folder names)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Write the per-layer table as CSV here (one student)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (auto picks CUDA when available)."),
+    device: Device = device_option(),
     include: Optional[str] = typer.Option(None, "--include", help="Only tensors whose name matches this regex."),
     exclude: Optional[str] = typer.Option(None, "--exclude", help="Leave out tensors whose name matches this regex."),
     no_spectra: bool = typer.Option(False, "--no-spectra", help="Skip residual and rotation spectra (much faster)."),
@@ -72,11 +72,14 @@ def compare_command(
         outputs["summary"], outputs["summary table"] = output / "summary.json", output / "summary.csv"
     check_outputs(outputs, [teacher, *students], folders=("report folder", "plots folder"))
 
-    result = compare_many(
-        teacher, students, labels=names, device=device, include=include, exclude=exclude, spectra=not no_spectra,
-        progress=progress, adapters=[True] * len(students) if adapter else None, explained_at_rank=explained_at_rank,
-        partial=partial, refuse_one_by_one=many,
-    )
+    from wadi_probe.heap import reuse_freed_memory
+
+    with reuse_freed_memory():  # a process-wide allocator setting: the command line's choice, not the library's
+        result = compare_many(
+            teacher, students, labels=names, device=device.value, include=include, exclude=exclude,
+            spectra=not no_spectra, progress=progress, adapters=[True] * len(students) if adapter else None,
+            explained_at_rank=explained_at_rank, partial=partial, refuse_one_by_one=many,
+        )
     if not result.reports:
         raise WadiInputError("no student could be compared: " + "; ".join(f"{k}: {v}" for k, v in result.refused.items()))
     written = _write(result, names, teacher, output, csv, plots, many)

@@ -8,7 +8,7 @@ from typing import List, Optional
 import typer
 
 from wadi_probe.cli import app
-from wadi_probe.cli._common import console, handle_errors
+from wadi_probe.console import console, handle_errors
 from wadi_probe.errors import WadiInputError
 
 

@@ -7,9 +7,7 @@ from pathlib import Path
 import typer
 
 from wadi_probe.cli import app
-from wadi_probe.cli._common import console, handle_errors
-from wadi_probe.report.schema import load_report
-from wadi_probe.report.summary import print_summary
+from wadi_probe.console import console, handle_errors
 
 
 @app.command("show")
@@ -20,6 +18,9 @@ def show_command(
 ) -> None:
     """Print the summary of a saved report: headline, most rotated layers, block × layer-type table."""
     import sys
+
+    from wadi_probe.report.schema import load_report
+    from wadi_probe.report.summary import print_summary
 
     loaded = load_report(report)
     try:

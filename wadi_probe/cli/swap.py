@@ -8,8 +8,7 @@ from typing import Optional
 import typer
 
 from wadi_probe.cli import app
-from wadi_probe.cli._common import console, handle_errors
-from wadi_probe.hybrid import write_hybrid
+from wadi_probe.console import console, handle_errors
 
 
 @app.command("swap")
@@ -23,6 +22,8 @@ def swap_command(
     exclude: Optional[str] = typer.Option(None, help="Do not swap tensors whose name matches this regex."),
 ) -> None:
     """Write the student with the teacher's per-row norms (--take norm) or directions (--take direction)."""
+    from wadi_probe.hybrid import write_hybrid
+
     result = write_hybrid(teacher, student, take, output, include=include, exclude=exclude)
     other = "direction" if take == "norm" else "norm"
     console.print(

@@ -1,4 +1,4 @@
-"""Open any checkpoint layout users have as one lazy, uniformly named set of tensors (DESIGN §3).
+"""Open any checkpoint layout users have as one lazy, uniformly named set of tensors (docs/checkpoints.md).
 
 A :class:`Checkpoint` maps normalised diffusers-style names (``down_blocks.0.attentions.0.proj_in.weight``, no
 ``unet.``/``module.`` prefix) to where each tensor lives in the file(s). Opening reads only headers and indexes;
@@ -15,7 +15,6 @@ A :class:`Checkpoint` maps normalised diffusers-style names (``down_blocks.0.att
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,12 +25,14 @@ import torch
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.formats.safetensors_io import SafetensorsSource, write_safetensors_streaming
+from wadi_probe.io.names import MODEL_PREFIXES, WRAPPER_PREFIXES
+from wadi_probe.io.jsonfile import read_json
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LDM_UNET_PREFIX = "model.diffusion_model."
 # prefixes removed when every (kept) key carries them
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
-_MODEL_PREFIXES = ("unet.", "transformer.", "model.")
+_WRAPPER_PREFIXES = WRAPPER_PREFIXES
+_MODEL_PREFIXES = (*MODEL_PREFIXES, "model.")
 # diffusers / transformers weight files, most preferred first: full precision before variants, safetensors before
 # torch, single files and shard indexes alike (diffusers names a variant index "….safetensors.index.fp16.json")
 _WEIGHT_FILE_NAMES = tuple(
@@ -268,7 +269,7 @@ def _open_file(path: Path, layout: str) -> TensorSource:
 def _open_sharded(index_path: Path) -> Checkpoint:
     """Open a sharded checkpoint through its ``*.index.json`` (each shard opened lazily)."""
     try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = read_json(index_path)
         weight_map: dict[str, str] = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
@@ -290,11 +291,21 @@ def _open_sharded(index_path: Path) -> Checkpoint:
     return _entries_from_sources(index_path.parent, "diffusers-sharded", list(shards.values()), owner)
 
 
+def denoiser_folder(path: str | Path) -> Path:
+    """The denoiser's own folder: ``unet/`` or ``transformer/`` of a pipeline root, else ``path`` itself.
+
+    The one place a pipeline root is told from a model folder: weights and ``config.json`` are both looked up here.
+    """
+    path = Path(path)
+    for sub in ("unet", "transformer"):
+        if (path / sub).is_dir():
+            return path / sub
+    return path
+
+
 def find_weights_file(folder: Path) -> Path:
     """The weights file (or shard index) of a diffusers model folder or pipeline root."""
-    for sub in ("unet", "transformer"):
-        if (folder / sub).is_dir():
-            return find_weights_file(folder / sub)
+    folder = denoiser_folder(folder)
     for name in _WEIGHT_FILE_NAMES:
         if (folder / name).is_file():
             return folder / name
@@ -321,8 +332,6 @@ def open_checkpoint(path: str | Path, *, base: Checkpoint | None = None) -> Chec
     if not path.exists():
         raise WadiInputError(f"{path} does not exist.")
     if base is not None:
-        from wadi_probe.io.formats.adapters import open_adapter
-
         return open_adapter(path, base)
     if path.is_dir():
         weights = find_weights_file(path)
@@ -343,6 +352,71 @@ def open_checkpoint(path: str | Path, *, base: Checkpoint | None = None) -> Chec
     if checkpoint.layout == "torch" and path.is_dir():
         checkpoint.layout = "diffusers"
     return checkpoint
+
+
+def open_adapter(path: Path, base: Checkpoint) -> "AdapterCheckpoint":
+    """Open ``path`` as an adapter merged onto ``base`` (:mod:`wadi_probe.io.formats.adapters` reads it)."""
+    from wadi_probe.io.formats.adapters import lora_scale, read_adapter, resolve_targets
+
+    parsed = read_adapter(path)
+    targets, problems = resolve_targets(parsed, base.names(), base.shape)
+    for module, problem, target in problems:
+        if problem == "missing":
+            raise WadiInputError(
+                f"the adapter {parsed.path} changes module {module}, which {base.path} does not have "
+                "(is the adapter meant for another model?)."
+            )
+        raise WadiInputError(
+            f"the adapter's factors for {module} do not fit {base.path}'s weight of shape "
+            f"{base.shape(f'{target}.weight')} (is the adapter meant for another model?)."
+        )
+    weights = {
+        f"{target}.weight": (entry, lora_scale(entry, module, parsed.config) if entry.family == "lora" else 1.0)
+        for target, (module, entry) in targets.items()
+    }
+    return AdapterCheckpoint(Path(path), base, weights, parsed)
+
+
+class AdapterCheckpoint(Checkpoint):
+    """``base`` with an adapter merged into the named weights, computed one tensor at a time."""
+
+    def __init__(self, path: Path, base: Checkpoint, targets: dict[str, tuple[Any, float]], parsed: Any) -> None:
+        super().__init__(
+            path, "adapter", dict(base._entries), sources=[],
+            ignored_keys=parsed.ignored_keys,
+            info={"base": str(base.path), "base_layout": base.layout, "adapter_file": str(parsed.path),
+                  "adapted": len(targets), "families": sorted({entry.family for entry, _ in targets.values()})},
+        )
+        self.base = base
+        self.targets = targets
+        # writing the merged view in the base's layout keeps the base's other keys and nesting
+        self._ignored_sources = dict(base._ignored_sources)
+        if "nesting" in base.info:
+            self.info["nesting"] = base.info["nesting"]
+
+    def adapted_names(self) -> list[str]:
+        """Names whose tensors the adapter changes."""
+        return [name for name in self.names() if name in self.targets]
+
+    def dtype(self, name: str) -> torch.dtype:
+        base_dtype = self.base.dtype(name)
+        return torch.promote_types(base_dtype, torch.float32) if name in self.targets else base_dtype
+
+    def stored_dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from wadi_probe.io.formats.adapters import merge_module
+
+        weight = self.base.tensor(name)
+        if name not in self.targets:
+            return weight
+        entry, scale = self.targets[name]
+        return merge_module(weight, entry, scale)
+
+    def close(self) -> None:
+        """Drops the adapter factors; the base stays open (its owner closes it)."""
+        self.targets = {}
 
 
 # ---- writing ------------------------------------------------------------------------------------------------

@@ -1,17 +1,20 @@
 """Original LDM/CompVis UNet key names <-> diffusers ``UNet2DConditionModel`` names, computed from the keys alone.
 
 An LDM single file stores the UNet under ``model.diffusion_model.`` as ``input_blocks.i.k``, ``middle_block.k``
-and ``output_blocks.i.k``. The diffusers block structure (how many resnets/attentions each down and up block
-has, where the down/upsamplers sit) is read off those keys locally — nothing is fetched — and the result is a
-plain name map, so tensors are still read one at a time. Inside a transformer block LDM and diffusers already
-agree (``proj_in``, ``transformer_blocks.N.attn1.to_q``, ``ff.net.0.proj`` ...); only resnet parts and the
-top-level modules are renamed. Both conv (SD1) and linear (SD2/SDXL) ``proj_in``/``proj_out`` keep their shapes.
+and ``output_blocks.i.k``. Reading (LDM → diffusers) is diffusers' own converter run on the names: the few
+config entries it needs are read off the keys locally (nothing is fetched) and the result is a plain name map,
+so tensors are still read one at a time. Writing (diffusers → LDM, :func:`diffusers_to_ldm_names`) has no
+diffusers counterpart for the UNet, so it is written here, and the tests hold it to be the exact inverse of
+diffusers' converter. Inside a transformer block LDM and diffusers already agree (``proj_in``,
+``transformer_blocks.N.attn1.to_q``, ``ff.net.0.proj`` ...); only resnet parts and the top-level modules are
+renamed. Both conv (SD1) and linear (SD2/SDXL) ``proj_in``/``proj_out`` keep their shapes.
 """
 
 from __future__ import annotations
 
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -42,8 +45,6 @@ _INVERSE_TOP = {v: k for k, v in TOP_LEVEL_RENAMES.items()}
 _INVERSE_TOP["class_embedding.linear_1"] = "label_emb.0.0"
 _INVERSE_TOP["class_embedding.linear_2"] = "label_emb.0.2"
 
-_BLOCK_ENTRY = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)$")
-_MIDDLE_ENTRY = re.compile(r"^middle_block\.(\d+)\.(.+)$")
 
 
 def _rename_prefix(name: str, renames: Mapping[str, str]) -> str | None:
@@ -54,134 +55,73 @@ def _rename_prefix(name: str, renames: Mapping[str, str]) -> str | None:
     return None
 
 
-def _part_kind(rests: list[str], where: str) -> str:
-    """Classify an LDM sub-module by its parameter names: resnet, attention, downsampler or upsampler."""
-    heads = {rest.split(".")[0] for rest in rests}
-    if "in_layers" in heads or "out_layers" in heads:
-        return "resnet"
-    if "transformer_blocks" in heads or "proj_in" in heads:
-        return "attention"
-    if heads == {"op"}:
-        return "downsampler"
-    if heads == {"conv"}:
-        return "upsampler"
-    raise WadiInputError(f"the LDM UNet part {where} has parameters ({', '.join(sorted(heads))}) this tool does not recognise.")
+def _converter_config(names: list[str]) -> dict[str, Any]:
+    """The few config entries diffusers' LDM converter reads, recovered from the LDM key names alone.
 
-
-def _group(names: Iterable[str]) -> tuple[dict, dict, list[str]]:
-    """Split LDM names into {(section, i, k): [rest]}, {k: [rest]} for the middle block, and everything else."""
-    blocks: dict[tuple[str, int, int], list[str]] = defaultdict(list)
-    middle: dict[int, list[str]] = defaultdict(list)
-    other: list[str] = []
-    for name in names:
-        match = _BLOCK_ENTRY.match(name)
-        if match and not (match.group(1) == "input_blocks" and match.group(2) == "0"):
-            blocks[(match.group(1), int(match.group(2)), int(match.group(3)))].append(match.group(4))
-            continue
-        match = _MIDDLE_ENTRY.match(name)
-        if match:
-            middle[int(match.group(1))].append(match.group(2))
-            continue
-        other.append(name)
-    return blocks, middle, other
+    The converter assumes the same number of layers in every down block (as every SD/SDXL UNet has); a file
+    that breaks that, or whose output blocks do not mirror its input blocks, is refused here by name.
+    """
+    inputs = sorted({int(m.group(1)) for n in names if (m := re.match(r"^input_blocks\.(\d+)\.", n))})
+    outputs = {int(m.group(1)) for n in names if (m := re.match(r"^output_blocks\.(\d+)\.", n))}
+    samplers = sorted({int(m.group(1)) for n in names if (m := re.match(r"^input_blocks\.(\d+)\.0\.op\.", n))})
+    layers = samplers[0] - 1 if samplers else max(inputs, default=1)
+    if layers < 1 or samplers != [(k + 1) * (layers + 1) for k in range(len(samplers))]:
+        raise WadiInputError("this LDM UNet's down blocks do not all have the same number of layers; "
+                             "the layout is not one this tool recognises.")
+    expected = (len(samplers) + 1) * (layers + 1)
+    if outputs and len(outputs) != expected:
+        raise WadiInputError(
+            f"this LDM UNet has {len(outputs)} output blocks but its input blocks imply {expected}; "
+            "the layout is not one this tool recognises."
+        )
+    config: dict[str, Any] = {"layers_per_block": layers}
+    if any(n.startswith("label_emb.0.0.") for n in names):
+        config["addition_embed_type"] = "text_time"  # SDXL's added time/text embedding
+    if "label_emb.weight" in names:
+        config["num_class_embeds"] = 1
+    return config
 
 
 def ldm_to_diffusers_names(ldm_shapes: Mapping[str, Any] | Iterable[str]) -> dict[str, str]:
     """Map LDM UNet names (without ``model.diffusion_model.``) to diffusers ``UNet2DConditionModel`` names.
 
-    Only the key names are needed (shapes may be passed but are not used). Names this mapping does not know
-    keep their LDM spelling, so they show up as unmatched instead of silently disappearing.
+    Uses diffusers' own single-file converter (``convert_ldm_unet_checkpoint``), fed the names themselves as
+    placeholder values, so it moves names instead of tensors and the checkpoint stays lazy. Only the key names
+    are needed (shapes may be passed but are not used). Names the converter does not place keep their LDM
+    spelling, so they show up as unmatched instead of silently disappearing.
     """
+    from diffusers.loaders.single_file_utils import LDM_UNET_KEY, convert_ldm_unet_checkpoint
+
     names = list(ldm_shapes)
-    blocks, middle, other = _group(names)
-    mapping: dict[str, str] = {}
-
-    # down path: input_blocks 1.. in order; a downsampler closes a down block
-    input_ids = sorted({i for (section, i, _) in blocks if section == "input_blocks"})
-    down, layer = 0, 0
-    layers_per_down: list[int] = []
-    for i in input_ids:
-        parts = sorted(k for (section, j, k) in blocks if section == "input_blocks" and j == i)
-        kinds = {k: _part_kind(blocks[("input_blocks", i, k)], f"input_blocks.{i}.{k}") for k in parts}
-        if "downsampler" in kinds.values():
-            for k in parts:
-                for rest in blocks[("input_blocks", i, k)]:
-                    mapping[f"input_blocks.{i}.{k}.{rest}"] = f"down_blocks.{down}.downsamplers.0.conv.{rest[len('op.'):]}"
-            layers_per_down.append(layer)
-            down, layer = down + 1, 0
-            continue
-        for k in parts:
-            target = _sub_module(kinds[k], f"down_blocks.{down}", layer)
-            for rest in blocks[("input_blocks", i, k)]:
-                mapping[f"input_blocks.{i}.{k}.{rest}"] = target + "." + _inner(kinds[k], rest)
-        layer += 1
-    layers_per_down.append(layer)
-
-    # up path: up block b mirrors down block (n-1-b) and has one more layer; an upsampler sits in its last entry
-    output_ids = sorted({i for (section, i, _) in blocks if section == "output_blocks"})
-    layers_per_up = [n + 1 for n in reversed(layers_per_down)]
-    if output_ids and sum(layers_per_up) != len(output_ids):
-        raise WadiInputError(
-            f"this LDM UNet has {len(output_ids)} output blocks but its input blocks imply {sum(layers_per_up)}; "
-            "the layout is not one this tool recognises."
-        )
-    position = 0
-    for up, count in enumerate(layers_per_up if output_ids else []):
-        for layer in range(count):
-            i = output_ids[position]
-            position += 1
-            for k in sorted(k for (section, j, k) in blocks if section == "output_blocks" and j == i):
-                rests = blocks[("output_blocks", i, k)]
-                kind = _part_kind(rests, f"output_blocks.{i}.{k}")
-                for rest in rests:
-                    if kind == "upsampler":
-                        mapping[f"output_blocks.{i}.{k}.{rest}"] = f"up_blocks.{up}.upsamplers.0.{rest}"
-                    else:
-                        mapping[f"output_blocks.{i}.{k}.{rest}"] = _sub_module(kind, f"up_blocks.{up}", layer) + "." + _inner(kind, rest)
-
-    # middle block: resnet, attention, resnet (or resnets only)
-    counters = {"resnet": 0, "attention": 0}
-    for k in sorted(middle):
-        kind = _part_kind(middle[k], f"middle_block.{k}")
-        if kind not in counters:
-            raise WadiInputError(f"the LDM middle block part {k} is a {kind}, which this tool does not expect there.")
-        target = _sub_module(kind, "mid_block", counters[kind])
-        counters[kind] += 1
-        for rest in middle[k]:
-            mapping[f"middle_block.{k}.{rest}"] = target + "." + _inner(kind, rest)
-
-    for name in other:
-        mapping[name] = _rename_prefix(name, TOP_LEVEL_RENAMES) or name
+    converted = convert_ldm_unet_checkpoint({LDM_UNET_KEY + n: n for n in names}, _converter_config(names))
+    mapping = {ldm: diffusers for diffusers, ldm in converted.items() if isinstance(ldm, str)}
+    for name in names:
+        target = mapping.setdefault(name, name)
+        if ".attentions." in target and re.search(r"\.(in_layers|out_layers|emb_layers)\.", target):
+            raise WadiInputError(f"the LDM UNet part {name} is a resnet where diffusers expects an attention; "
+                                 "the layout is not one this tool recognises.")
     return mapping
-
-
-def _sub_module(kind: str, block: str, layer: int) -> str:
-    return f"{block}.resnets.{layer}" if kind == "resnet" else f"{block}.attentions.{layer}"
-
-
-def _inner(kind: str, rest: str) -> str:
-    if kind == "resnet":
-        renamed = _rename_prefix(rest, RESNET_RENAMES)
-        if renamed is None:
-            raise WadiInputError(f"the LDM resnet parameter {rest!r} is not one this tool recognises.")
-        return renamed
-    return rest
 
 
 _DIFFUSERS_PART = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
 _DIFFUSERS_MID = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
 
 
-def diffusers_to_ldm_names(names: Iterable[str]) -> dict[str, str]:
-    """Map diffusers ``UNet2DConditionModel`` names to LDM names (without ``model.diffusion_model.``).
+@dataclass
+class _BlockLayout:
+    """How a diffusers UNet's blocks sit in LDM's flat ``input_blocks`` / ``output_blocks`` numbering."""
 
-    The inverse of :func:`ldm_to_diffusers_names`; used to write LDM-layout files (and test fixtures).
-    """
-    names = list(names)
-    layers: dict[tuple[str, int], int] = defaultdict(int)  # resnets per block
+    layers: dict[tuple[str, int], int]  # resnets per (down_blocks|up_blocks, b)
+    has_attention: set[tuple[str, int]]
+    mid_attention: bool
+    down_start: dict[int, int]  # the input block holding down block b's first layer
+    up_start: dict[int, int]  # the output block holding up block b's first layer
+
+
+def _block_layout(names: list[str]) -> _BlockLayout:
+    layers: dict[tuple[str, int], int] = defaultdict(int)
     has_attention: set[tuple[str, int]] = set()
     has_sampler: set[tuple[str, int]] = set()
-    mid_attention = False
     for name in names:
         match = _DIFFUSERS_PART.match(name)
         if match:
@@ -192,8 +132,6 @@ def diffusers_to_ldm_names(names: Iterable[str]) -> dict[str, str]:
                 has_attention.add(block)
             else:
                 has_sampler.add(block)
-        elif name.startswith("mid_block.attentions."):
-            mid_attention = True
     n_down = 1 + max((b for (kind, b) in layers if kind == "down_blocks"), default=-1)
     n_up = 1 + max((b for (kind, b) in layers if kind == "up_blocks"), default=-1)
     down_start, index = {}, 1
@@ -204,33 +142,40 @@ def diffusers_to_ldm_names(names: Iterable[str]) -> dict[str, str]:
     for b in range(n_up):
         up_start[b] = index
         index += layers[("up_blocks", b)]
+    mid_attention = any(name.startswith("mid_block.attentions.") for name in names)
+    return _BlockLayout(dict(layers), has_attention, mid_attention, down_start, up_start)
 
+
+def _ldm_block_name(layout: _BlockLayout, section: str, b: int, part: str, layer: int, rest: str) -> str:
+    """The LDM name of one parameter of down/up block ``b`` (``part``: resnets, attentions or a sampler)."""
+    if section == "down_blocks":
+        if part == "downsamplers":
+            return f"input_blocks.{layout.down_start[b] + layout.layers[(section, b)]}.0.op.{rest[len('conv.'):]}"
+        return f"input_blocks.{layout.down_start[b] + layer}." + _ldm_part(part, rest)
+    if part == "upsamplers":
+        k = 2 if (section, b) in layout.has_attention else 1
+        return f"output_blocks.{layout.up_start[b] + layout.layers[(section, b)] - 1}.{k}.{rest}"
+    return f"output_blocks.{layout.up_start[b] + layer}." + _ldm_part(part, rest)
+
+
+def diffusers_to_ldm_names(names: Iterable[str]) -> dict[str, str]:
+    """Map diffusers ``UNet2DConditionModel`` names to LDM names (without ``model.diffusion_model.``).
+
+    The inverse of :func:`ldm_to_diffusers_names`; used to write LDM-layout files (and test fixtures).
+    """
+    names = list(names)
+    layout = _block_layout(names)
     mapping: dict[str, str] = {}
     for name in names:
         match = _DIFFUSERS_PART.match(name)
         if match:
             section, b, part, layer, rest = match.group(1), int(match.group(2)), match.group(3), int(match.group(4)), match.group(5)
-            if section == "down_blocks":
-                if part == "downsamplers":
-                    mapping[name] = f"input_blocks.{down_start[b] + layers[(section, b)]}.0.op.{rest[len('conv.'):]}"
-                else:
-                    i = down_start[b] + layer
-                    mapping[name] = f"input_blocks.{i}." + _ldm_part(part, rest)
-            else:
-                i = up_start[b] + (layers[(section, b)] - 1 if part == "upsamplers" else layer)
-                if part == "upsamplers":
-                    k = 2 if (section, b) in has_attention else 1
-                    mapping[name] = f"output_blocks.{i}.{k}.{rest}"
-                else:
-                    mapping[name] = f"output_blocks.{i}." + _ldm_part(part, rest)
+            mapping[name] = _ldm_block_name(layout, section, b, part, layer, rest)
             continue
         match = _DIFFUSERS_MID.match(name)
         if match:
             part, index_in_mid, rest = match.group(1), int(match.group(2)), match.group(3)
-            if part == "attentions":
-                k = 1
-            else:
-                k = 0 if index_in_mid == 0 else (2 if mid_attention else 1)
+            k = 1 if part == "attentions" else (0 if index_in_mid == 0 else (2 if layout.mid_attention else 1))
             mapping[name] = f"middle_block.{k}." + (_inverse_resnet(rest) if part == "resnets" else rest)
             continue
         mapping[name] = _rename_prefix(name, _INVERSE_TOP) or name

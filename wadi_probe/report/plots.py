@@ -6,7 +6,7 @@ Agg canvas without pyplot, so nothing opens a window and nothing is kept in a gl
 ``fig.savefig`` or :func:`save_all_plots` to write them.
 
 Units: norm and direction changes are plotted in percent (a fraction 0.022 is 2.2 %), angles in degrees.
-"Per-row" means per output unit (a conv kernel is flattened per output channel), as everywhere in the probe.
+"Per-row" means per output unit (a conv kernel is flattened per output channel), as in docs/design.md ("The probe").
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ deterministic. Training uses ±1-pixel shifts so that its features describe digi
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.errors import WadiInputError
+from wadi_probe.io.jsonfile import read_json
 
 CLASSIFIER_FILE = "digits_classifier.safetensors"
 CLASSIFIER_CONFIG_FILE = "digits_classifier.json"
@@ -111,7 +111,7 @@ def load_classifier(directory: str | Path | None = None, device: torch.device | 
     path = directory / CLASSIFIER_FILE
     if not path.is_file():
         raise WadiInputError(f"No digit classifier at {path}; run `python benchmarks/digits_sanity.py --train-classifier`.")
-    record = json.loads((directory / CLASSIFIER_CONFIG_FILE).read_text(encoding="utf-8"))
+    record = read_json(directory / CLASSIFIER_CONFIG_FILE)
     model = DigitClassifier(feature_dim=int(record.get("feature_dim", FEATURE_DIM)))
     model.load_state_dict(load_file(str(path)))
     return model.to(device).eval().requires_grad_(False)

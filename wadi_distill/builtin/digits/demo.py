@@ -4,7 +4,7 @@
    train their students: every weight trainable).
 2. :func:`wadi_probe.compare` measures how that student's weights moved away from the teacher's (norm versus
    direction, spectra, LoRaD rank advice) → ``report.json``, a printed summary and the report's plots.
-3. VSD again, now with a LoRaD student whose layers and ranks :func:`wadi_distill.plan.planner.plan_from_report` chose from
+3. VSD again, now with a LoRaD student whose layers and ranks :func:`wadi_distill.plan.plan_from_report` chose from
    that report (``rank_from_probe``).
 4. The teacher (multi-step DDIM with CFG, and one step), both students (one step) and held-out real digits are
    scored with :mod:`wadi_distill.evaluate` against the held-out ``reference`` split → ``metrics.json``,
@@ -16,7 +16,6 @@ Everything lands in ``output_dir``; the trained students are kept there too (``f
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from wadi_distill.lorad.config import LoRaDConfig
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.errors import WadiInputError
 
@@ -314,7 +314,7 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
         with atomic_path(lorad_dir, directory=True) as tmp:
             for name in ("adapter.safetensors", "adapter_config.json"):
                 shutil.copyfile(lorad.final_dir / name, tmp / name)
-        plan = json.loads((lorad_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        plan = LoRaDConfig.load(lorad_dir)
         lorad_params = sum(int(v.numel()) for v in lorad.student_state.values())
         full_params = sum(int(v.numel()) for v in full.student_state.values())
         _print(console, f"both students side by side: wadi-probe compare {teacher} {full_student_path} {lorad_dir} "
@@ -348,7 +348,7 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
         f"{settings.fake_rank} at lr {settings.fake_lr:g}); full: {settings.full_steps} steps at lr "
         f"{settings.full_lr:g}, every weight, {settings.full_fake_updates} fake-score updates per step; "
         f"LoRaD: {settings.lorad_steps} steps at lr {settings.lorad_lr:g}, "
-        f"{len(plan.get('layers') or {})} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters).",
+        f"{len(plan.target_modules)} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters).",
         f"wall time: {wall:.0f} s in total ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})"
         f", {torch.get_num_threads()} torch threads.",
     ]
@@ -375,9 +375,9 @@ def _headline(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary.get(k) for k in keys}
 
 
-def _plan_summary(adapter_config: dict[str, Any], params: int) -> dict[str, Any]:
+def _plan_summary(adapter_config: LoRaDConfig, params: int) -> dict[str, Any]:
     """Layers and ranks of a saved adapter (its ``adapter_config.json``) and its trainable parameter count."""
-    ranks = {module: int(entry["rank"]) for module, entry in (adapter_config.get("layers") or {}).items()}
+    ranks = adapter_config.ranks()
     return {"layers": len(ranks), "trainable_params": params, "ranks": ranks}
 
 

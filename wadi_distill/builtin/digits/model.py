@@ -29,6 +29,7 @@ from torch import nn
 
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.errors import WadiInputError
+from wadi_probe.io.jsonfile import read_json
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("digits",)
@@ -249,7 +250,7 @@ def load_teacher_dir(directory: str | Path, device: torch.device | str = "cpu") 
     if missing:
         raise WadiInputError(f"{directory} is not a digits teacher folder: {', '.join(missing)} missing.")
     try:
-        record = json.loads((directory / TEACHER_CONFIG_FILE).read_text(encoding="utf-8"))
+        record = read_json(directory / TEACHER_CONFIG_FILE)
         teacher = build_teacher(record["unet_config"], record["text_encoder_config"], record["scheduler_config"])
         unet_state = load_file(str(directory / UNET_FILE))
         text_state = load_file(str(directory / TEXT_ENCODER_FILE))

@@ -20,6 +20,7 @@ import torch
 
 from wadi_distill.builtin.digits.data import load_split
 from wadi_distill.builtin.digits.model import BuiltinTeacher, build_teacher
+from wadi_probe.device import resolve_device
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 
 
@@ -105,10 +106,9 @@ def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: Built
     start = time.perf_counter()
     bar = None
     if progress:
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from wadi_probe.console import progress_bar
 
-        bar = Progress(TextColumn("train teacher"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn())
+        bar = progress_bar("train teacher", "loss")
         task = bar.add_task("train", total=config.steps, loss="-")
         bar.start()
     try:
@@ -166,9 +166,8 @@ def train_and_save_teacher(output: str | Path, config: TeacherTrainingConfig | N
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise WadiInputError(f"{output} exists and is not a folder.")
+    device = resolve_device(device)
     device_name = str(device)
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise WadiInputError("A CUDA device was asked for but none is available.")
     result = train_teacher(config, device=device, progress=progress)
     command = (f"wadi-distill train-teacher -o {output} --steps {config.steps} --seed {config.seed} "
                f"--batch-size {config.batch_size} --lr {config.learning_rate:g} --device {device_name}")

@@ -1,14 +1,19 @@
 """A student given as an adapter on top of its teacher: LoRA (diffusers/PEFT, kohya) and LoRaD, merged on the fly.
 
-``open_adapter(path, base)`` returns a :class:`~wadi_probe.io.checkpoints.Checkpoint` with the base's names whose
-tensors are the merged weights, computed one module at a time when asked for:
+Adapter files, parsed into per-module factors; :func:`wadi_probe.io.checkpoints.open_checkpoint` with ``base=``
+presents a base with such an adapter merged in, one module at a time when asked for:
 
 - LoRA: ``W + scale · B·A`` (A = ``lora_A``/``lora.down``/``lora_down``, B = ``lora_B``/``lora.up``/``lora_up``;
   conv factors flattened to matrices); ``scale = alpha / r`` from a ``.alpha`` tensor (kohya, converted files),
   ``adapter_config.json`` or the ``lora_adapter_metadata`` of a diffusers file (PEFT's ``lora_alpha``,
   ``rank_pattern``/``alpha_pattern``, ``use_rslora``), else 1.
 - LoRaD: ``R_Θ(W)`` with ``Θ = A·B`` (``theta_a``/``lorad_A`` (out, r), ``theta_b``/``lorad_B`` (r, fan_in//2)),
-  applied with :func:`wadi_probe.rotation.rotate_pairs` on the weight viewed as (out, fan_in).
+  on the weight viewed as (out, fan_in); factors stored the other way round are put right once, in
+  :func:`orient_lorad_factors`.
+
+Both merges are :func:`wadi_probe.rotation.merged_weight`. :func:`read_adapter` is the project's one adapter
+parser (``wadi_distill.lorad`` reads its own folders through it too) and :func:`resolve_targets` the one place
+stored module names are matched to a base's and checked against its shapes.
 
 Adapted tensors are merged in float32 (or wider) and returned in ``promote(base dtype, float32)``, so a small
 update on an fp16 base is not rounded away; untouched tensors are the base's own.
@@ -21,14 +26,16 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from wadi_probe.io.checkpoints import Checkpoint
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.jsonfile import read_json
-from wadi_probe.rotation import as_matrix, rotate_pairs
+from wadi_probe.io.names import ADAPTER_PREFIXES, strip_prefixes
+from wadi_probe.rotation import merged_weight
+
+OWN_FORMAT = "wadi-lorad-adapter"  # the "format" of wadi_distill's adapter_config.json
 
 _ADAPTER_KEY = re.compile(r"(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|theta_a|theta_b|lorad_A|lorad_B)(\.|$)")
 _ADAPTER_FILES = (
@@ -52,8 +59,6 @@ _FACTOR_PATTERNS: list[tuple[re.Pattern[str], str, str]] = [
     (re.compile(r"^(?P<m>.+)\.alpha$"), "alpha", "alpha"),
 ]
 _OTHER_MODEL = re.compile(r"^(lora_te\d?_|text_encoder(_\d)?\.|te\d?\.|vae\.|first_stage_model\.|cond_stage_model\.|conditioner\.)")
-_STRIP_PREFIXES = ("base_model.model.", "module.", "unet.", "transformer.", "model.diffusion_model.", "model.")
-_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.")
 
 
 def looks_like_adapter(names: list[str]) -> bool:
@@ -81,6 +86,11 @@ class ParsedAdapter:
     ignored_keys: list[str]
     config: dict[str, Any]
 
+    @property
+    def own(self) -> bool:
+        """True for an adapter folder wadi_distill wrote (its adapter_config.json says so)."""
+        return self.config.get("format") == OWN_FORMAT
+
 
 def find_adapter_file(path: Path) -> Path:
     """The adapter weights inside a folder (PEFT / diffusers / wadi names), or the file itself."""
@@ -100,7 +110,10 @@ def _read_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if path.suffix == ".safetensors":
         from wadi_probe.io.formats.safetensors_io import SafetensorsSource
 
-        source = SafetensorsSource(path)
+        try:
+            source = SafetensorsSource(path)
+        except WadiInputError as exc:
+            raise WadiInputError(f"{path} is not a readable safetensors file ({str(exc).removeprefix(str(path) + ' ')}).") from None
         tensors = {key: source.tensor(key) for key in source.keys()}
         metadata = source.metadata
         source.close()
@@ -117,6 +130,8 @@ def _adapter_config(file: Path, metadata: dict[str, str]) -> dict[str, Any]:
     config: dict[str, Any] = {}
     if config_path.is_file():
         config = read_json(config_path)
+        if not isinstance(config, dict):
+            raise WadiInputError(f"{config_path} is not an adapter config (not a JSON object).")
     elif metadata.get("lora_adapter_metadata"):
         try:
             raw = json.loads(metadata["lora_adapter_metadata"])
@@ -132,6 +147,19 @@ def _adapter_config(file: Path, metadata: dict[str, str]) -> dict[str, Any]:
     return config
 
 
+def _peft_names(keys: list[str]) -> dict[str, str]:
+    """Old diffusers attention-processor LoRA keys (``attn1.processor.to_q_lora.down.weight``) in PEFT naming.
+
+    diffusers' own ``convert_unet_state_dict_to_peft`` does the renaming, fed the keys as placeholder values; it
+    is only imported when a file has such keys, so reading every other adapter does not load diffusers.
+    """
+    if not any(".processor." in key for key in keys):
+        return {key: key for key in keys}
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    return {old: new for new, old in convert_unet_state_dict_to_peft({key: key for key in keys}).items()}
+
+
 def read_adapter(path: str | Path) -> ParsedAdapter:
     """Parse an adapter file into per-module factors; text-encoder parts are set aside."""
     file = find_adapter_file(Path(path))
@@ -139,8 +167,9 @@ def read_adapter(path: str | Path) -> ParsedAdapter:
     config = _adapter_config(file, metadata)
     modules: dict[str, ModuleAdapter] = {}
     ignored: list[str] = []
+    renamed = _peft_names(list(tensors))
     for key, value in tensors.items():
-        name = _PROCESSOR.sub(lambda m: "." + ("to_out.0" if m.group(1) == "to_out" else m.group(1)) + ".lora.", key)
+        name = renamed[key]
         if "dora_scale" in name or "lora_magnitude_vector" in name:
             raise WadiInputError(f"{file} is a DoRA adapter, which this tool cannot merge (LoRA and LoRaD only).")
         if _OTHER_MODEL.match(name):
@@ -153,11 +182,7 @@ def read_adapter(path: str | Path) -> ParsedAdapter:
         else:
             ignored.append(key)
             continue
-        module = match.group("m")
-        for prefix in _STRIP_PREFIXES:
-            if module.startswith(prefix):
-                module = module[len(prefix):]
-                break
+        module = strip_prefixes(match.group("m"), ADAPTER_PREFIXES)
         entry = modules.setdefault(module, ModuleAdapter(family if family != "alpha" else "lora"))
         entry.keys.append(key)
         if family == "alpha":
@@ -169,6 +194,8 @@ def read_adapter(path: str | Path) -> ParsedAdapter:
         entry.factors[factor] = value
     for module, entry in modules.items():
         needed = {"down", "up"} if entry.family == "lora" else {"a", "b"}
+        if entry.family == "lorad" and entry.factors and set(entry.factors) != needed:
+            raise WadiInputError(f"{file} has theta_a without theta_b (or the reverse) for {module}.")
         if set(entry.factors) != needed:
             raise WadiInputError(f"{file} has an incomplete adapter for {module} (found {sorted(entry.factors)}, need {sorted(needed)}).")
     if not modules:
@@ -189,6 +216,8 @@ def lora_scale(entry: ModuleAdapter, module: str, config: dict[str, Any]) -> flo
     scales = config.get("scales") or {}
     if module in scales:
         return float(scales[module])
+    if config.get("format") == OWN_FORMAT:  # wadi_distill's LoRA kind: one scale, independent of the rank
+        return float(config.get("lora_scale", 1.0))
     rank = entry.factors["down"].shape[0]
     alpha = entry.alpha
     if alpha is None and config:
@@ -201,23 +230,50 @@ def lora_scale(entry: ModuleAdapter, module: str, config: dict[str, Any]) -> flo
 
 
 def merge_module(weight: torch.Tensor, entry: ModuleAdapter, scale: float) -> torch.Tensor:
-    """The merged weight of one module (float32 or wider)."""
+    """The merged weight of one module, in float32 or wider (:func:`wadi_probe.rotation.merged_weight`)."""
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    matrix = as_matrix(weight.to(dtype))
     if entry.family == "lora":
-        down = entry.factors["down"].to(dtype).reshape(entry.factors["down"].shape[0], -1)
-        up = entry.factors["up"].to(dtype).reshape(entry.factors["up"].shape[0], -1)
-        if up.shape[0] != matrix.shape[0] or down.shape[1] != matrix.shape[1] or up.shape[1] != down.shape[0]:
-            raise ValueError(f"LoRA factors {tuple(up.shape)}·{tuple(down.shape)} do not fit a weight {tuple(matrix.shape)}")
-        merged = matrix + scale * (up @ down)
-    else:
-        theta = entry.factors["a"].to(dtype) @ entry.factors["b"].to(dtype)
-        merged = rotate_pairs(matrix, theta)
-    return merged.reshape(weight.shape)
+        return merged_weight(weight, entry.factors["down"], entry.factors["up"], kind="lora", scale=scale, dtype=dtype)
+    return merged_weight(weight, entry.factors["a"], entry.factors["b"], kind="lorad", dtype=dtype)
+
+
+def orient_lorad_factors(a: torch.Tensor, b: torch.Tensor, weight_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRaD factors as (A (out, r), B (r, fan_in // 2)) for a weight of ``weight_shape``.
+
+    Official WaDi files store ``theta_a``/``theta_b`` in either order; a pair that fits only the other way round
+    is swapped, anything else is returned as it came (the caller's shape check then refuses it).
+    """
+    if len(weight_shape) < 2 or a.ndim != 2 or b.ndim != 2:
+        return a, b
+    out, pairs = int(weight_shape[0]), math.prod(weight_shape[1:]) // 2
+    oriented = a.shape[0] == out and tuple(b.shape) == (a.shape[1], pairs)
+    swapped = b.shape[0] == out and tuple(a.shape) == (b.shape[1], pairs)
+    return (b, a) if swapped and not oriented else (a, b)
+
+
+def factors_fit(entry: ModuleAdapter, weight_shape: tuple[int, ...]) -> bool:
+    """Whether ``entry``'s (oriented) factors fit a base weight of ``weight_shape``."""
+    if len(weight_shape) < 2:
+        return False
+    fan_in = math.prod(weight_shape[1:])
+    if entry.family == "lora":
+        down, up = entry.factors["down"], entry.factors["up"]
+        return up.shape[0] == weight_shape[0] and math.prod(down.shape[1:]) == fan_in and up.shape[1] == down.shape[0]
+    a, b = entry.factors["a"], entry.factors["b"]
+    return a.ndim == b.ndim == 2 and a.shape[0] == weight_shape[0] and tuple(b.shape) == (a.shape[1], fan_in // 2)
 
 
 def _resolver(base_names: list[str]) -> dict[str, str]:
-    """Flattened module spellings (kohya ``a_b_c``, LDM names) -> the base's module names."""
+    """Flattened module spellings (kohya ``a_b_c``, LDM names) -> the base's module names.
+
+    Written here rather than taken from diffusers' kohya conversion (``_maybe_map_sgm_blocks_to_diffusers`` +
+    ``_convert_non_diffusers_lora_to_diffusers``), because that does not give the same modules: measured on tiny
+    SD1-, SD2-, SDXL- and SD1.5-shaped UNets with every weight matrix adapted, it loses the up-block upsampler of
+    LDM-spelled files (SD1/SD2), SDXL's ``add_embedding`` in diffusers spelling, and raises KeyError on LDM-spelled
+    files with ten or more input blocks (SD1.5's layout). This table is built from the base's own names (through
+    :func:`wadi_probe.io.ldm.diffusers_to_ldm_names`, which the tests hold to diffusers' LDM converter), so every
+    module the base has can be named.
+    """
     from wadi_probe.io.ldm import diffusers_to_ldm_names
 
     modules = {name[: -len(".weight")] for name in base_names if name.endswith(".weight")}
@@ -236,84 +292,33 @@ def _resolver(base_names: list[str]) -> dict[str, str]:
     return table
 
 
-def open_adapter(path: Path, base: Checkpoint) -> AdapterCheckpoint:
-    """Open ``path`` as an adapter merged onto ``base``; see the module docstring."""
-    parsed = read_adapter(path)
-    base_names = base.names()
+def resolve_targets(parsed: ParsedAdapter, base_names: list[str], shape_of: Callable[[str], tuple[int, ...]]
+                    ) -> tuple[dict[str, tuple[str, ModuleAdapter]], list[tuple[str, str, str | None]]]:
+    """Match the adapter's modules to the base's and check their shapes.
+
+    Returns ({base module path: (stored module name, entry with oriented factors)}, problems), each problem
+    (stored module name, ``"missing"`` or ``"shape"``, the base module path or None). Module names are taken as stored, else through the kohya (``a_b_c``) and LDM
+    spellings of the base's names.
+    """
+    names = set(base_names)
     table: dict[str, str] | None = None
-    targets: dict[str, tuple[ModuleAdapter, float]] = {}
+    targets: dict[str, tuple[str, ModuleAdapter]] = {}
+    problems: list[tuple[str, str, str | None]] = []
     for module, entry in parsed.modules.items():
-        target = module if module + ".weight" in base else None
+        target: str | None = module if module + ".weight" in names else None
         if target is None:
             if table is None:
                 table = _resolver(base_names)
             flat = module[len("lora_unet_"):] if module.startswith("lora_unet_") else module
             target = table.get(flat)
-        if target is None or target + ".weight" not in base:
-            raise WadiInputError(
-                f"the adapter {parsed.path} changes module {module}, which {base.path} does not have "
-                "(is the adapter meant for another model?)."
-            )
-        weight_shape = base.shape(target + ".weight")
-        fan_in = math.prod(weight_shape[1:]) if len(weight_shape) > 1 else 0
-        if entry.family == "lora":
-            down, up = entry.factors["down"], entry.factors["up"]
-            fits = len(weight_shape) > 1 and up.shape[0] == weight_shape[0] and math.prod(down.shape[1:]) == fan_in
-        else:
-            a, b = entry.factors["a"], entry.factors["b"]
-            pairs = fan_in // 2
-            oriented = a.shape[0] == weight_shape[0] and tuple(b.shape) == (a.shape[1], pairs)
-            swapped = a.ndim == b.ndim == 2 and b.shape[0] == weight_shape[0] and tuple(a.shape) == (b.shape[1], pairs)
-            if len(weight_shape) > 1 and swapped and not oriented:
-                entry.factors["a"], entry.factors["b"] = b, a  # stored as (B, A): put A (out, r) first
-                a, b = b, a
-            fits = len(weight_shape) > 1 and a.shape[0] == weight_shape[0] and b.shape == (a.shape[1], fan_in // 2)
-        if not fits:
-            raise WadiInputError(
-                f"the adapter's factors for {module} do not fit {base.path}'s weight of shape {weight_shape} "
-                "(is the adapter meant for another model?)."
-            )
-        scale = lora_scale(entry, module, parsed.config) if entry.family == "lora" else 1.0
-        targets[target + ".weight"] = (entry, scale)
-    return AdapterCheckpoint(Path(path), base, targets, parsed)
-
-
-class AdapterCheckpoint(Checkpoint):
-    """``base`` with an adapter merged into the named weights, computed one tensor at a time."""
-
-    def __init__(self, path: Path, base: Checkpoint, targets: dict[str, tuple[ModuleAdapter, float]],
-                 parsed: ParsedAdapter) -> None:
-        super().__init__(
-            path, "adapter", {name: base._entry(name) for name in base.names()}, sources=[],
-            ignored_keys=parsed.ignored_keys,
-            info={"base": str(base.path), "base_layout": base.layout, "adapter_file": str(parsed.path),
-                  "adapted": len(targets), "families": sorted({entry.family for entry, _ in targets.values()})},
-        )
-        self.base = base
-        self.targets = targets
-        # writing the merged view in the base's layout keeps the base's other keys and nesting
-        self._ignored_sources = dict(base._ignored_sources)
-        if "nesting" in base.info:
-            self.info["nesting"] = base.info["nesting"]
-
-    def adapted_names(self) -> list[str]:
-        """Names whose tensors the adapter changes."""
-        return [name for name in self.names() if name in self.targets]
-
-    def dtype(self, name: str) -> torch.dtype:
-        base_dtype = self.base.dtype(name)
-        return torch.promote_types(base_dtype, torch.float32) if name in self.targets else base_dtype
-
-    def stored_dtype(self, name: str) -> torch.dtype:
-        return self.base.dtype(name)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        weight = self.base.tensor(name)
-        if name not in self.targets:
-            return weight
-        entry, scale = self.targets[name]
-        return merge_module(weight, entry, scale)
-
-    def close(self) -> None:
-        """Drops the adapter factors; the base stays open (its owner closes it)."""
-        self.targets = {}
+        if target is None or target + ".weight" not in names:
+            problems.append((module, "missing", None))
+            continue
+        weight_shape = tuple(shape_of(target + ".weight"))
+        if entry.family == "lorad":
+            entry.factors["a"], entry.factors["b"] = orient_lorad_factors(entry.factors["a"], entry.factors["b"], weight_shape)
+        if not factors_fit(entry, weight_shape):
+            problems.append((module, "shape", target))
+            continue
+        targets[target] = (module, entry)
+    return targets, problems
