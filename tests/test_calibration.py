@@ -239,8 +239,8 @@ def test_every_column_and_caption_survives_80_columns_and_a_pipe(files):
                    "params", "ident.", "1−cos", "round."):
         assert header in text, header
     joined = " ".join(text.split())  # the legend, whole: nothing of the caption is lost
-    assert "rank = median recommended LoRaD rank; ≤ε = no larger than rounding can make it" in joined
-    assert joined.endswith("(ε = 1.19e-07 of the compared precision).")
+    assert "rank = median recommended LoRaD rank; ≤ε = no larger than rounding makes it" in joined
+    assert joined.endswith("(angles: ε = 1.19e-07 of the compared precision; norm changes: 2ε/√fan-in; 1 − cos: ε²/2).")
 
 
 def test_a_schema_1_report_is_upgraded_on_reading(tmp_path):
@@ -279,3 +279,14 @@ def test_a_partly_matched_identical_pair_is_not_called_identical_without_saying_
     assert "that were compared are identical" in text.plain
     assert "2 tensors were not compared" in text.plain and "conv_in.weight, proj_out.weight" in text.plain
     assert not any("green" in str(span.style) for span in text.spans)
+
+
+def test_a_real_small_norm_change_in_fp16_is_not_called_rounding():
+    # DMD2-like: an fp16 student whose rows grew by 0.1 % (about fp16's ε) and turned by 0.5°; fp32 teacher
+    gen = torch.Generator().manual_seed(12)
+    teacher = {f"b.{i}.weight": torch.randn(64, 320, generator=gen, dtype=torch.float64) for i in range(3)}
+    student = {k: (_turn_rows(v, math.radians(0.5), gen) * 1.001).half() for k, v in teacher.items()}
+    s = compare({k: v.float() for k, v in teacher.items()}, student, device="cpu").summary
+    assert s["norm_change_at_rounding_level"] is False and s["norm_change_mean"] == pytest.approx(1e-3, rel=0.05)
+    assert s["angle_to_norm_ratio"] == pytest.approx(math.radians(0.5) / 1e-3, rel=0.05)
+    assert s["precision"]["norm_change_rounding_mean"] == pytest.approx(2 * 2**-10 / math.sqrt(320))

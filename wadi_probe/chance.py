@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from wadi_probe.rotation import column_pairs
+
 __all__ = ["ABOVE_CHANCE_MARGIN", "Chance", "above_chance", "chance_for_shape", "chance_residual_energy",
            "chance_rotation_explained"]
 
@@ -84,14 +86,16 @@ def _structureless_pair(rows: int, fan_in: int, gen: torch.Generator) -> tuple[t
 
 
 def _energy_curve(residual: torch.Tensor) -> torch.Tensor:
-    from wadi_probe.decompose import energy_curve, gram_singular_values_sq
+    """Cumulative energy share of the singular values, from the smaller Gram matrix's eigenvalues (fp64).
 
-    return energy_curve(gram_singular_values_sq(residual, precise=True))
+    (The same arithmetic as :func:`wadi_probe.decompose.energy_curve`, written out here so that this module, which
+    the per-layer math uses, does not import it back.)"""
+    gram = residual @ residual.mT if residual.shape[0] <= residual.shape[1] else residual.mT @ residual
+    sigma_sq = torch.linalg.eigvalsh(gram).flip(0).clamp_min(0)
+    return (sigma_sq.cumsum(0) / sigma_sq.sum()).clamp_max(1.0)
 
 
 def _explained(t: torch.Tensor, s: torch.Tensor) -> float:
-    from wadi_probe.rotation import column_pairs
-
     residual = float((s - t).square().sum())
     gap = column_pairs(s).abs() - column_pairs(t).abs()
     left = float(gap.square().sum())

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from wadi_probe.chance import chance_for_shape
 from wadi_probe.rotation import column_pairs, pair_product_angles, rotate_pairs
 
 __all__ = [
@@ -360,6 +361,7 @@ def analyze_pair(
     # could turn it: the direction change is rounding. It is reported, but gets no rank advice (the advice is
     # about directions; a real rescale of the rows, rounded, is such a case).
     record["rounding_level"] = bool(angle_max <= math.degrees(rounding))
+    record["norm_change_rounding"] = norm_rounding(compared, fan_in)
     direction_changed = dc_max > DIRECTION_TOLERANCE
     if not is_matrix:
         record.update({k: None for k in _empty_spectra(settings, False)})
@@ -400,10 +402,19 @@ def rounding_angle(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps)
 
 
+def norm_rounding(dtype: torch.dtype, fan_in: int) -> float:
+    """The relative norm change that rounding alone typically gives a row of ``fan_in`` elements: ``2ε/√fan_in``.
+
+    Rounding both tensors moves each element by independent relative errors of at most ε/2; they mostly cancel
+    in the squared norm, whose relative change has a standard deviation of about ε/√(2·fan_in) for weights of
+    similar size. Twice ε/√fan_in is about three of those: a layer's mean norm change below it is rounding. (The
+    worst case, every error aligned, is ε; a norm change of 0.1 % in fp16, as distilled students show, is real.)
+    """
+    return 2 * float(torch.finfo(dtype).eps) / math.sqrt(max(1, fan_in))
+
+
 def chance_fields(record: dict[str, Any], rows: int, fan_in: int, rank_fraction: float) -> dict[str, Any]:
     """The chance baselines of a layer's spectral numbers and their excess (see :mod:`wadi_probe.chance`)."""
-    from wadi_probe.chance import chance_for_shape
-
     chance = chance_for_shape(rows, fan_in, rank_fraction)
     fields: dict[str, Any] = {}
     for key, base, spread in (

@@ -30,7 +30,7 @@ TOOL = "wadi-probe"
 #: Record fields in the order they are written (extra keys, if any, follow).
 RECORD_FIELDS: tuple[str, ...] = (
     "name", "module", "kind", "layer_type", "block", "order", "shape", "params", "dtype", "student_dtype",
-    "compared_dtype", "identical", "rounding_level", "rows", "zero_rows", "nonfinite",
+    "compared_dtype", "identical", "rounding_level", "norm_change_rounding", "rows", "zero_rows", "nonfinite",
     "norm_change_mean", "norm_change_std", "norm_change_max",
     "direction_change_mean", "direction_change_std", "direction_change_max",
     "angle_deg_mean", "angle_deg_std", "angle_deg_max", "matrix_norm_change", "matrix_direction_change",
@@ -282,10 +282,12 @@ def summarize(layers: Sequence[Mapping[str, Any]], pairing: Mapping[str, Any] | 
     summary["angle_rad_mean"] = math.radians(angle) if angle is not None else None
     precision = _precision(layers, matrices)
     floor = precision["rounding_angle_rad"] or 0.0
+    norm_floor = _mean(_values(measured, "norm_change_rounding")) or 0.0
+    precision["norm_change_rounding_mean"] = norm_floor
     nc, dc, rad = summary["norm_change_mean"], summary["direction_change_mean"], summary["angle_rad_mean"]
-    summary["norm_change_at_rounding_level"] = nc is not None and nc <= floor
+    summary["norm_change_at_rounding_level"] = nc is not None and nc <= norm_floor
     summary["angle_at_rounding_level"] = rad is not None and rad <= floor
-    usable_norm = nc is not None and nc > floor
+    usable_norm = nc is not None and nc > norm_floor
     summary["angle_to_norm_ratio"] = rad / nc if usable_norm and rad is not None else None
     summary["paper_direction_to_norm_ratio"] = dc / nc if usable_norm and dc is not None else None
     for prefix in ("norm_change", "direction_change"):
@@ -346,6 +348,7 @@ def group_by_block(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "lorad_explained_mean": _mean(_values(spectral, "lorad_explained")),
             "lorad_explained_excess_mean": _mean(_values(spectral, "lorad_explained_excess")),
             "rounding_level": sum(1 for r in records if r.get("rounding_level")),
+            "norm_change_rounding_mean": _mean(_values(measured, "norm_change_rounding")),
             "recommended_rank_median": statistics.median(ranks) if ranks else None,
         })
     return result
@@ -411,6 +414,16 @@ def upgrade_report(data: dict[str, Any]) -> dict[str, Any]:
     for record in data["layers"]:
         record = dict(record)
         record.setdefault("rounding_level", False)
+        if record.get("dtype") and record.get("norm_change_rounding") is None:
+            from wadi_probe.decompose import norm_rounding
+
+            import torch
+
+            dtype = getattr(torch, str(record["dtype"]), None)
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                shape = record.get("shape") or [1]
+                fan_in = math.prod(int(n) for n in shape[1:]) if len(shape) >= 2 else math.prod(int(n) for n in shape)
+                record["norm_change_rounding"] = norm_rounding(dtype, fan_in)
         record.setdefault("angle_deg_std", None)
         shape = record.get("shape") or []
         if len(shape) >= 2 and record.get("residual_energy_at_30pct_rank") is not None and record.get("rows"):

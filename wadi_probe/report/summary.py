@@ -93,13 +93,15 @@ def headline(report: Report) -> Text:
     norm_text = f"mean relative norm change {percent(nc)}"
     if norm_round and angle_round:
         text.append(f"No change beyond rounding in the {matrices} weight matrices{partly}", style="bold green")
-        text.append(f": {angle_text}, {norm_text}, both within one unit in the last place (ε = {eps:.3g}).")
+        text.append(f": {angle_text}, {norm_text}, both within what rounding gives (ε = {eps:.3g}; for the norms "
+                    f"about {percent(precision.get('norm_change_rounding_mean'))}).")
         return _append_context(text, s)
     ratio = s.get("angle_to_norm_ratio")
     if norm_round:
         text.append("Only directions changed", style="bold")
         text.append(f" over {matrices} weight matrices{partly}: {angle_text} sideways; the norms changed only at "
-                    f"the rounding level ({norm_text}, ε = {eps:.3g}), so no ratio is given.")
+                    f"the rounding level ({norm_text}; rounding alone gives about "
+                    f"{percent(precision.get('norm_change_rounding_mean'))}), so no ratio is given.")
     elif angle_round:
         text.append("Only norms changed", style="bold")
         text.append(f" over {matrices} weight matrices{partly}: {norm_text}; the directions changed only at the "
@@ -211,9 +213,10 @@ def _floor(report: Report) -> float:
     return float((report.summary.get("precision") or {}).get("rounding_angle_rad") or 0.0)
 
 
-def _share_or_rounding(value: float | None, eps: float, *, second_order: bool = False) -> str:
-    """A relative change as a percentage, or ``≤ε`` when it is no larger than rounding can make it (ε; for
-    1 − cos, ε²/2), exact zeros aside."""
+def _share_or_rounding(value: float | None, eps: float | None, *, second_order: bool = False) -> str:
+    """A relative change as a percentage, or ``≤ε`` when it is no larger than rounding makes it (``eps``: for a
+    norm change the layer's rounding scale 2ε/√fan-in; for 1 − cos, ε²/2), exact zeros aside."""
+    eps = eps or 0.0
     limit = eps * eps / 2 if second_order else eps
     if value is not None and 0 < value <= limit:
         return ROUNDING_MARK
@@ -248,7 +251,7 @@ def top_rotated_table(report: Report, top: int = 10) -> Table:
             f"{r.get('module') or r['name']} {'×'.join(str(n) for n in r['shape'])}"
             + (" (rounding level)" if r.get("rounding_level") else ""),
             f"{_degrees_or_rounding(r.get('angle_deg_mean'), eps)}/{_degrees_or_rounding(r.get('angle_deg_max'), eps)}",
-            _share_or_rounding(r.get("norm_change_mean"), eps),
+            _share_or_rounding(r.get("norm_change_mean"), r.get("norm_change_rounding")),
             _with_excess(r.get("residual_energy_at_30pct_rank"), r.get("residual_energy_at_30pct_rank_excess")),
             _with_excess(r.get("lorad_explained"), r.get("lorad_explained_excess")),
             _rank(r.get("recommended_rank")),
@@ -279,7 +282,8 @@ def groups_tables(report: Report) -> list[RenderableType]:
                             "per-layer means)")
     change_cells = [
         (g["block"], g["layer_type"], str(g["matrices"]), _count(g["params"]), str(g.get("identical", 0)),
-         _degrees_or_rounding(g.get("angle_deg_mean"), eps), _share_or_rounding(g.get("norm_change_mean"), eps),
+         _degrees_or_rounding(g.get("angle_deg_mean"), eps),
+         _share_or_rounding(g.get("norm_change_mean"), g.get("norm_change_rounding_mean")),
          _share_or_rounding(g.get("direction_change_mean"), eps, second_order=True))
         for g in groups
     ]
@@ -306,7 +310,8 @@ def groups_tables(report: Report) -> list[RenderableType]:
         "residual's energy kept at 30 % rank, rot. = share of the direction change a pairwise rotation explains, "
         "each with its excess over a structureless change of the same shapes in percentage points (±ch.); "
         "round. = matrices turned only at the rounding level (no rank advice); rank = median recommended LoRaD "
-        f"rank; {ROUNDING_MARK} = no larger than rounding can make it (ε = {eps:.3g} of the compared precision)."
+        f"rank; {ROUNDING_MARK} = no larger than rounding makes it (angles: ε = {eps:.3g} of the compared precision; "
+        "norm changes: 2ε/√fan-in; 1 − cos: ε²/2)."
         if eps else
         "round. = matrices turned only at the rounding level (no rank advice); rank = median recommended LoRaD "
         "rank.", style="dim",
