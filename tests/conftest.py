@@ -92,3 +92,26 @@ def write_every_layout(unet: torch.nn.Module, folder: Any) -> dict[str, Any]:
     torch.save({"state_dict": to_ldm_state(state)}, paths["ldm-ckpt"])
     torch.save({f"module.unet.{k}": v for k, v in state.items()}, paths["torch-bin"])
     return paths
+
+
+@pytest.fixture(scope="session")
+def teacher_family(tmp_path_factory) -> dict[str, Any]:
+    """Teachers as users have them (see tests/tiny_pipelines.py), built once per test session:
+
+    ``legacy-sd15`` (SD1-like, the original SD1.5 ``config.json`` keys only: diffusers fills the rest in hash-seed
+    order), ``sdxl-fp16-hub`` (SDXL-like, fp16-only files in a Hub cache snapshot of symbolic links),
+    ``sd2-fp16`` (SD2-like v-prediction, fp16-only files in a plain folder) and ``prompts`` (a .txt prompt file).
+    """
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_pipelines import make_pipeline
+
+    root = tmp_path_factory.mktemp("teacher-family")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a cat\na red house\na dog in the sky\n")
+    return {"root": root, "prompts": prompts,
+            "legacy-sd15": make_pipeline(root / "legacy-sd15", "sd", legacy_config=True),
+            "sdxl-fp16-hub": make_pipeline(root / "hub", "sdxl", variant="fp16", hub_snapshot=True),
+            "sd2-fp16": make_pipeline(root / "sd2-fp16", "sd2", variant="fp16")}

@@ -193,11 +193,11 @@ def test_export_official_thetas_and_refusals(folders, tmp_path):
 
 
 def test_plan_for_the_builtin_teacher():
-    from wadi_distill.builtin.digits.model import load_teacher
+    from wadi_distill.builtin.digits.model import load_digits
 
     result = run("plan", "--teacher", "builtin:digits", "--preset", "paper", "--rank", 8, "--json")
     assert result.exit_code == 0, result.output
-    expected = plan_from_preset(load_teacher("builtin:digits").unet, 8)
+    expected = plan_from_preset(load_digits("builtin:digits").unet, 8)
     assert json.loads(result.output)["trainable_params"] == expected.trainable_params
     result = run("plan", "--teacher", "builtin:nope", "--preset", "paper", "--rank", 8)
     assert result.exit_code == 2 and "no built-in model" in result.output.replace("\n", " ")

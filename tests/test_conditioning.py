@@ -107,3 +107,56 @@ def test_refuses_non_pipeline_folders(tmp_path):
                                                            "unet": ["diffusers", "UNet2DConditionModel"]}))
     with pytest.raises(WadiInputError, match="folder .* is missing"):
         load_teacher(tmp_path)
+
+
+def test_encodings_equal_diffusers_encode_prompt(tmp_path):
+    """The project's prompt encoding gives what diffusers' own pipelines give (their ``encode_prompt``)."""
+    from diffusers import DiffusionPipeline
+
+    prompts = ["a cat", "a red house on the tree"]
+    for kind in ("sd", "sdxl", "pixart"):
+        root = make_pipeline(tmp_path / kind, kind)
+        extra = {"safety_checker": None} if kind == "sd" else {}
+        pipe = DiffusionPipeline.from_pretrained(root, local_files_only=True, **extra)
+        ours = load_teacher(root, load_vae=False).encode_prompts([*prompts, ""])
+        with torch.no_grad():
+            if kind == "sd":
+                hidden, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
+                assert torch.equal(hidden, ours.encoder_hidden_states[:2])
+            elif kind == "sdxl":  # the negative (null) prompt is zeros: force_zeros_for_empty_prompt
+                hidden, null, pooled, null_pooled = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1,
+                                                                       do_classifier_free_guidance=True)
+                assert torch.equal(hidden, ours.encoder_hidden_states[:2]) and torch.equal(pooled, ours.pooled[:2])
+                assert torch.equal(null[:1], ours.encoder_hidden_states[2:])
+                assert torch.equal(null_pooled[:1], ours.pooled[2:])
+            else:
+                hidden, mask = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
+                                                  max_sequence_length=120)[:2]
+                torch.testing.assert_close(hidden, ours.encoder_hidden_states[:2], rtol=0, atol=1e-6)
+                assert torch.equal(mask, ours.attention_mask[:2])
+
+
+def test_waiting_ranks_take_the_cache_only_once_it_is_complete_with_their_key(tmp_path):
+    """The ranks that do not encode poll for index.json with their key (no barrier, no timeout)."""
+    import threading
+    import time
+
+    from wadi_distill.teachers.embedding_cache import wait_for_cache
+
+    def encode(prompts):
+        return Conditioning(torch.full((len(prompts), 2, 2), float(len(prompts))))
+
+    folder = tmp_path / "cache"
+    key = cache_key(["a", "b"], "t")
+    build_embedding_cache(folder, ["x"], encode, key="another-run")  # a stale cache of other prompts
+    found: list = []
+    waiter = threading.Thread(target=lambda: found.append(wait_for_cache(folder, key, poll_seconds=0.02)))
+    waiter.start()
+    time.sleep(0.2)
+    assert not found  # the other key is never taken
+    import shutil
+
+    shutil.rmtree(folder)
+    build_embedding_cache(folder, ["a", "b"], encode, key=key)
+    waiter.join(timeout=10)
+    assert found and found[0].key == key and len(found[0]) == 2

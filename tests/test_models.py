@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from wadi_distill.builtin.digits.data import load_split, split_indices
 from wadi_distill.builtin.digits.model import (
-    BuiltinTeacher, build_teacher, is_builtin, load_builtin, load_teacher, load_teacher_dir, save_teacher,
+    DigitsModel, build_teacher, is_builtin, load_builtin, load_digits, load_teacher_dir, save_teacher,
 )
 from wadi_distill.sample import sample_multistep
 from wadi_distill.builtin.digits.teacher_training import TeacherTrainingConfig, train_teacher
@@ -23,7 +23,7 @@ TINY_TEXT = {"embedding_dim": 8, "max_length": 8}
 
 
 @pytest.fixture
-def tiny_teacher() -> BuiltinTeacher:
+def tiny_teacher() -> DigitsModel:
     return build_teacher(TINY_UNET, TINY_TEXT, seed=0).eval()
 
 
@@ -54,7 +54,7 @@ def test_prompt_encoding(tiny_teacher):
 
 def test_save_load_round_trip(tiny_teacher, tmp_path):
     save_teacher(tiny_teacher, tmp_path / "t", metadata={"seed": 3}, dtype=torch.float32)
-    loaded = load_teacher(tmp_path / "t")
+    loaded = load_digits(tmp_path / "t")
     for a, b in zip(tiny_teacher.unet.state_dict().values(), loaded.unet.state_dict().values()):
         assert torch.equal(a, b)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
@@ -68,7 +68,7 @@ def test_load_refuses_bad_folders(tmp_path):
     with pytest.raises(WadiInputError, match="not a digits teacher folder"):
         load_teacher_dir(tmp_path)
     with pytest.raises(WadiInputError, match="No teacher"):
-        load_teacher(tmp_path / "missing")
+        load_digits(tmp_path / "missing")
     with pytest.raises(WadiInputError, match="no built-in model"):
         load_builtin("builtin:cats")
 
@@ -142,7 +142,7 @@ def test_train_teacher_cli_writes_a_loadable_teacher_and_refuses_a_file(tmp_path
     record = json.loads((out / "digits_teacher.json").read_text())
     assert record["command"].startswith("wadi-distill train-teacher") and record["seed"] == 0
     assert record["data_split"]["sizes"]["train"] == 1197
-    assert load_teacher(out).image_size == 8
+    assert load_digits(out).image_size == 8
 
     blocker = tmp_path / "file"
     blocker.write_text("keep me")

@@ -62,3 +62,37 @@ def test_rank_for_budget_matches_counts():
     assert peft_param_count([(4, 6)], 2, "dora") == 2 * (4 + 6) + 4
     with pytest.raises(WadiInputError):
         peft_param_count([(4, 6)], 2, "lorad")
+
+
+def test_peft_student_trains_in_the_vsd_loop(tmp_path):
+    """distill_peft: the PEFT adapter is the student's only trained tensor set; final/ holds its merged weights."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_pipelines import make_pipeline
+
+    from wadi_distill.teachers.pipeline import load_teacher
+    from wadi_distill.vsd.peft_student import distill_peft
+    from wadi_distill.vsd.trainer import DistillConfig
+
+    teacher = make_pipeline(tmp_path / "sd", "sd")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na dog\n")
+    modules = [e.module for e in plan_from_preset(load_teacher(teacher, load_text_encoders=False).denoiser, 2).layers]
+    config = DistillConfig(teacher=str(teacher), output_dir=str(tmp_path / "out"), prompts=str(prompts),
+                           student_adapter="full", fake_rank=2, max_steps=2, batch_size=2, progress=False,
+                           tensorboard=False, final_samples=1)
+    result = distill_peft(config, kind="lora", rank=2, modules=modules)
+    assert result.adapter_path is None and set(result.student_state) and all(
+        "lora_" in k for k in result.student_state)
+    assert any(v.abs().sum() > 0 for k, v in result.student_state.items() if "lora_B" in k)  # it trained
+    merged = load_file(str(result.merged_path))
+    base = load_teacher(teacher, load_text_encoders=False).denoiser.state_dict()
+    assert merged.keys() == base.keys()
+    assert any(not torch.equal(merged[k], base[k]) for k in base)
+    with pytest.raises(WadiInputError, match="separate-student"):
+        distill_peft(DistillConfig(teacher=str(teacher), output_dir=str(tmp_path / "o2"), prompts=str(prompts),
+                                   rank=2), kind="lora", rank=2, modules=modules)

@@ -32,7 +32,9 @@ PROMPTS = "a cat\na red house\na blue car on the tree\na dog in the sky\n"
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipelines")
-    return {kind: make_pipeline(root / kind, kind) for kind in ("sd", "sd2", "sdxl", "pixart")}
+    found = {kind: make_pipeline(root / kind, kind) for kind in ("sd", "sd2", "sdxl", "pixart")}
+    found["legacy"] = make_pipeline(root / "legacy", "sd", legacy_config=True)  # an SD1.5-era config.json
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +120,7 @@ def test_lora_adapters_and_bf16_after_fp32_in_one_process(pipelines, prompt_file
     losses = trainer.train_step()
     assert math.isfinite(losses["loss_fake"])
     assert any(not torch.equal(student0[n], p) for n, p in trainer.student_named)
-    assert any(not torch.equal(e, p) for e, (_, p) in zip(trainer.ema, trainer.student_named))
+    assert any(not torch.equal(e, p) for e, (_, p) in zip(trainer.ema.shadow_params, trainer.student_named))
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -139,18 +141,22 @@ def _read_log_steps(out: Path) -> list[int]:
 
 @pytest.mark.slow
 def test_sigkilled_run_resumes_bit_identical_and_limit_prunes(pipelines, prompt_file, tmp_path):
+    """The killed run is another process (another PYTHONHASHSEED) naming the teacher by a relative path; the
+    teacher's config lacks newer keys, as the original SD1.5 one does."""
     steps = 6
+    teacher = pipelines["legacy"]
     kw = dict(checkpointing_steps=2, batch_size=1, max_steps=steps, ema_decay=0.9)
     # uninterrupted reference, with pruning down to the 2 newest checkpoints
-    ref = distill(_config(pipelines["sd"], tmp_path / "ref", prompt_file, checkpoints_total_limit=2, **kw))
+    ref = distill(_config(teacher, tmp_path / "ref", prompt_file, checkpoints_total_limit=2, **kw))
     assert [s for s, _ in list_checkpoints(tmp_path / "ref")] == [4, 6]
 
     # a run that is SIGKILLed after its first checkpoint, between checkpoints
     killed = tmp_path / "killed"
-    cfg = _config(pipelines["sd"], killed, prompt_file, **{**kw, "max_steps": 10_000})
+    cfg = _config(Path(os.path.relpath(teacher, tmp_path)), killed, prompt_file, **{**kw, "max_steps": 10_000})
     payload = json.dumps({k: v for k, v in cfg.__dict__.items()})
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, payload], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, cwd=tmp_path, env=env)
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
@@ -172,9 +178,9 @@ def test_sigkilled_run_resumes_bit_identical_and_limit_prunes(pipelines, prompt_
 
     stale = killed / ".checkpoint-99.abc123.tmp"  # what a kill during a checkpoint write leaves behind
     stale.mkdir()
-    resumed = distill(_config(pipelines["sd"], killed, prompt_file, resume="latest", **kw))
+    resumed = distill(_config(teacher.resolve(), killed, prompt_file, resume="latest", **kw))
     assert resumed.steps == steps and not stale.exists()
-    for name in ("adapter.safetensors", "student.safetensors", "adapter_ema.safetensors"):
+    for name in ("adapter.safetensors", "student.safetensors", "ema/adapter.safetensors", "ema/student.safetensors"):
         a, b = load_file(str(ref.final_dir / name)), load_file(str(resumed.final_dir / name))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name

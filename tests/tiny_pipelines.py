@@ -1,4 +1,14 @@
-"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-like) with random weights, no downloads."""
+"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-like) with random weights, no downloads.
+
+The real-world variants the suite uses (``make_pipeline(..., legacy_config=True, variant="fp16")``):
+
+- ``legacy_config``: the UNet's and the scheduler's ``config.json`` hold only the keys the original SD1.5 release
+  had (diffusers fills the rest with defaults and records them in ``_use_default_values``, a list whose order
+  follows Python's hash seed);
+- ``variant="fp16"``: every component saved only as ``*.fp16.safetensors`` in fp16 (as many SDXL releases ship);
+- ``hub_snapshot``: the layout of a Hugging Face cache (``models--org--name/snapshots/<commit>/`` whose files are
+  symbolic links into ``blobs/``); the returned path is the snapshot folder.
+"""
 
 from __future__ import annotations
 
@@ -74,8 +84,69 @@ def tiny_pixart():
                                     caption_channels=16, norm_num_groups=4, use_additional_conditions=True)
 
 
-def make_pipeline(folder: Path, kind: str = "sd", seed: int = 0) -> Path:
-    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart."""
+# the keys of the original SD1.5 unet/config.json and scheduler/scheduler_config.json (diffusers 0.6 era)
+SD15_UNET_KEYS = ("_class_name", "_diffusers_version", "act_fn", "attention_head_dim", "block_out_channels",
+                  "center_input_sample", "cross_attention_dim", "down_block_types", "downsample_padding",
+                  "flip_sin_to_cos", "freq_shift", "in_channels", "layers_per_block", "mid_block_scale_factor",
+                  "norm_eps", "norm_num_groups", "out_channels", "sample_size", "up_block_types")
+SD15_SCHEDULER_KEYS = ("_class_name", "_diffusers_version", "beta_end", "beta_schedule", "beta_start",
+                       "clip_sample", "num_train_timesteps", "set_alpha_to_one", "skip_prk_steps", "steps_offset",
+                       "trained_betas", "prediction_type")
+
+
+def _keep_only(config_path: Path, keys: tuple[str, ...]) -> None:
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k in keys}, indent=1))
+
+
+def make_pipeline(folder: Path, kind: str = "sd", seed: int = 0, *, legacy_config: bool = False,
+                  variant: str | None = None, hub_snapshot: bool = False) -> Path:
+    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart; see the module docstring
+    for ``legacy_config`` (SD-like kinds), ``variant`` and ``hub_snapshot``."""
+    if hub_snapshot:
+        return _to_hub_snapshot(make_pipeline(Path(folder) / "plain", kind, seed, legacy_config=legacy_config,
+                                              variant=variant), Path(folder) / f"models--tiny--{kind}")
+    folder = _make_pipeline(folder, kind, seed)
+    if legacy_config:
+        if kind not in ("sd", "sd2"):
+            raise ValueError("legacy_config is the SD1.5 config; use kind sd or sd2")
+        _keep_only(folder / "unet" / "config.json", SD15_UNET_KEYS + (("use_linear_projection",) if kind == "sd2" else ()))
+        _keep_only(folder / "scheduler" / "scheduler_config.json", SD15_SCHEDULER_KEYS)
+    if variant is not None:
+        _to_variant(folder, variant)
+    return folder
+
+
+def _to_hub_snapshot(plain: Path, repo: Path) -> Path:
+    """Move the files of ``plain`` into ``repo/blobs/<sha256>`` and link them from ``repo/snapshots/<commit>/``."""
+    import hashlib
+    import os
+
+    snapshot = repo / "snapshots" / ("0123456789abcdef" * 2 + "01234567")
+    (repo / "blobs").mkdir(parents=True)
+    for path in sorted(p for p in plain.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        if not blob.exists():
+            path.replace(blob)
+        link = snapshot / path.relative_to(plain)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(snapshot.name)
+    return snapshot
+
+
+def _to_variant(folder: Path, variant: str) -> None:
+    """Rewrite every weight file of ``folder`` as ``NAME.VARIANT.safetensors`` in fp16, the plain files removed."""
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(folder.glob("*/*.safetensors")):
+        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+        save_file(tensors, str(path.with_name(f"{path.stem}.{variant}.safetensors")), metadata={"format": "pt"})
+        path.unlink()
+
+
+def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)

@@ -23,8 +23,10 @@ _EXPORTS = {
     "export_merged": "wadi_distill.export",
     # training
     **{name: "wadi_distill.vsd.trainer" for name in ("DistillConfig", "DistillResult", "distill")},
-    # the built-in teacher, sampling, metrics
-    **{name: "wadi_distill.builtin.digits.model" for name in ("BuiltinTeacher", "is_builtin", "load_builtin", "load_teacher")},
+    # teachers: the one Teacher type, and the built-in digits model
+    **{name: "wadi_distill.teachers.pipeline" for name in ("Teacher", "load_teacher")},
+    **{name: "wadi_distill.builtin.digits.model" for name in ("DigitsModel", "is_builtin", "load_builtin")},
+    # sampling, metrics
     "sample_multistep": "wadi_distill.sample",
     **{name: "wadi_distill.evaluate" for name in ("evaluate_images", "frechet_distance", "precision_recall")},
 }

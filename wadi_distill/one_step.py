@@ -13,6 +13,7 @@ from torch import nn
 
 from wadi_distill.teachers.pipeline import Conditioning, DenoiserCall, Teacher, load_teacher
 from wadi_distill.vsd.losses import NoiseSchedule, one_step_x0
+from wadi_probe.device import resolve_device
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 
@@ -89,9 +90,19 @@ def sample(
     """One-step images of a distilled student: the teacher's folder plus either an adapter or merged weights.
 
     Each prompt gets ``n`` images with seeds ``seed, seed+1, ...``; returns (len(prompts)·n, C, H, W) in [0, 1].
+    ``adapter`` is an adapter folder (``final/`` or, for the EMA weights, ``final/ema/``) or its
+    ``adapter.safetensors``; ``merged`` a merged ``student.safetensors``. ``device`` is cpu, cuda or auto.
     """
     if (adapter is None) == (merged is None):
         raise WadiInputError("Give exactly one of an adapter file (--adapter) or merged student weights (--merged).")
+    if not prompts:
+        raise WadiInputError("Give at least one prompt (--prompt).")
+    if int(n) < 1:
+        raise WadiInputError(f"The number of images per prompt must be at least 1, not {n}.")
+    device = str(resolve_device(getattr(device, "value", device)))
+    for given in (adapter, merged):
+        if given is not None and not Path(given).exists():
+            raise WadiInputError(f"The student file or folder {given} does not exist.")
     bundle = load_teacher(teacher)
     denoiser = bundle.denoiser
     if adapter is not None:

@@ -32,7 +32,7 @@ def sample_multistep(teacher, prompts: list[str], steps: int = 50, cfg: float = 
                      progress: bool = False) -> torch.Tensor:
     """Draw one image per prompt with ``steps`` DDIM steps and CFG scale ``cfg``; returns (B, C, H, W) in [-1, 1].
 
-    ``teacher`` is a :class:`~wadi_distill.builtin.digits.model.BuiltinTeacher` (anything with ``.unet``, ``.scheduler``,
+    ``teacher`` is a :class:`~wadi_distill.builtin.digits.model.DigitsModel` (anything with ``.unet``, ``.scheduler``,
     ``.encode_prompts``, ``.image_size``, ``.channels``). Noise is drawn from ``generator`` (on its device),
     so the same seed gives the same images; ``cfg = 1`` skips the null-prompt pass.
     """

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from wadi_distill.cli import app
-from wadi_probe.console import Device, console, device_option, handle_errors
+from wadi_distill.cli.plan import Preset
+from wadi_distill.vsd.config import FakeKind, MixedPrecision
+from wadi_probe.console import Device, choice_option, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
+
+
+
+class StudentAdapter(str, Enum):
+    """Adapter kinds of an adapter student (``--full-finetune`` trains every weight instead)."""
+
+    lorad = "lorad"
+    lora = "lora"
 
 
 @app.command("run")
@@ -19,14 +30,16 @@ def run_command(
     output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Folder for checkpoints, logs and final/."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file: .txt (one per line), .jsonl or .csv."),
     prompt_column: Optional[str] = typer.Option(None, "--prompt-column", help="Column/field holding the prompt (.csv/.jsonl)."),
-    preset: str = typer.Option("paper", "--preset", help="Layer preset for --rank: paper, paper-conv, all-linear."),
+    preset: Preset = choice_option(Preset, Preset.paper, "--preset", what="preset", help="Layer preset for --rank."),
     rank: Optional[int] = typer.Option(None, "--rank", help="Uniform LoRaD rank of the student on the preset's layers."),
     rank_from_probe: Optional[Path] = typer.Option(None, "--rank-from-probe", help="wadi-probe report.json choosing layers and ranks."),
     budget: float = typer.Option(0.10, "--budget", help="Trainable fraction of the backbone for --rank-from-probe."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="A plan.json from `wadi-distill plan`."),
     full_finetune: bool = typer.Option(False, "--full-finetune", help="Train every weight of the student (no adapter)."),
-    student_adapter: str = typer.Option("lorad", "--student-adapter", help="Student adapter kind: lorad or lora."),
-    fake_adapter: str = typer.Option("lorad", "--fake-adapter", help="Fake-score adapter kind: lorad or lora."),
+    student_adapter: StudentAdapter = choice_option(StudentAdapter, StudentAdapter.lorad, "--student-adapter",
+                                                    what="student adapter", help="Student adapter kind."),
+    fake_adapter: FakeKind = choice_option(FakeKind, FakeKind.lorad, "--fake-adapter", what="fake adapter",
+                                           help="Fake-score adapter kind."),
     fake_rank: int = typer.Option(32, "--fake-rank", help="Rank of the fake score's adapter."),
     max_steps: int = typer.Option(1000, "--max-steps", help="Training steps (student updates)."),
     batch_size: int = typer.Option(1, "--batch-size", help="Prompts per process and step."),
@@ -35,8 +48,8 @@ def run_command(
     cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance scale, the same for real and fake scores."),
     fake_updates: int = typer.Option(1, "--fake-updates-per-step", help="Fake-score updates per student update."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm."),
-    lr_warmup_steps: int = typer.Option(0, "--lr-warmup-steps", help="Linear learning-rate warm-up."),
-    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Keep an EMA of the student adapter (e.g. 0.999)."),
+    lr_warmup_steps: int = typer.Option(0, "--lr-warmup-steps", help="Linear learning-rate warm-up from 0."),
+    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Also keep an EMA of the student (e.g. 0.999); final/ema/."),
     checkpointing_steps: int = typer.Option(500, "--checkpointing-steps", help="Write checkpoint-STEP every K steps."),
     checkpoints_total_limit: Optional[int] = typer.Option(None, "--checkpoints-total-limit", help="Keep only the newest M checkpoints."),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint folder to continue from."),
@@ -44,35 +57,41 @@ def run_command(
     validation_prompt: Optional[list[str]] = typer.Option(None, "--validation-prompt", help="Fixed validation prompt (repeatable)."),
     seed: int = typer.Option(0, "--seed", help="Seed of all sampling in the run."),
     device: Device = device_option(help="auto picks CUDA when available (multi-GPU: launch with accelerate/torchrun)."),
-    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16."),
+    mixed_precision: Optional[MixedPrecision] = choice_option(
+        MixedPrecision, None, "--mixed-precision", what="mixed precision",
+        help="Default: what `accelerate launch` or its config says, else no."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Trade compute for memory."),
     use_8bit_adam: bool = typer.Option(False, "--use-8bit-adam", help="8-bit AdamW (needs bitsandbytes)."),
     no_tensorboard: bool = typer.Option(False, "--no-tensorboard", help="Do not write TensorBoard logs."),
+    progress: Optional[bool] = typer.Option(
+        None, "--progress/--no-progress", help="A progress bar, or plain log lines (default: a bar on a terminal)."),
+    log_every: int = typer.Option(10, "--log-every", help="Steps between plain log lines."),
 ) -> None:
     """Train a one-step student by Variational Score Distillation; adapters only, resumable."""
     from wadi_distill.vsd.trainer import DistillConfig, distill
 
-    if full_finetune and student_adapter != "lorad":
+    if full_finetune and student_adapter != StudentAdapter.lorad:
         raise WadiInputError("--full-finetune and --student-adapter cannot be combined.")
-    if not full_finetune and student_adapter not in ("lorad", "lora"):
-        raise WadiInputError("--student-adapter must be lorad or lora.")
     config = DistillConfig(
         teacher=teacher, output_dir=str(output_dir), prompts=str(prompts) if prompts else None,
-        prompt_column=prompt_column, student_adapter="full" if full_finetune else student_adapter, preset=preset,
-        rank=rank, rank_from_probe=str(rank_from_probe) if rank_from_probe else None, budget=budget,
-        plan=str(plan) if plan else None, fake_adapter=fake_adapter, fake_rank=fake_rank, max_steps=max_steps,
-        batch_size=batch_size, lr=lr, fake_lr=fake_lr, cfg=cfg, fake_updates_per_step=fake_updates,
+        prompt_column=prompt_column, student_adapter="full" if full_finetune else student_adapter.value,
+        preset=preset.value, rank=rank, rank_from_probe=str(rank_from_probe) if rank_from_probe else None,
+        budget=budget, plan=str(plan) if plan else None, fake_adapter=fake_adapter.value, fake_rank=fake_rank,
+        max_steps=max_steps, batch_size=batch_size, lr=lr, fake_lr=fake_lr, cfg=cfg, fake_updates_per_step=fake_updates,
         max_grad_norm=max_grad_norm, lr_warmup_steps=lr_warmup_steps, ema_decay=ema_decay,
         checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit, resume=resume,
         validation_steps=validation_steps, validation_prompts=list(validation_prompt) if validation_prompt else None,
-        seed=seed, device=device.value, mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
-        use_8bit_adam=use_8bit_adam, tensorboard=not no_tensorboard,
+        seed=seed, device=device.value, mixed_precision=mixed_precision.value if mixed_precision else None,
+        gradient_checkpointing=gradient_checkpointing, use_8bit_adam=use_8bit_adam, tensorboard=not no_tensorboard,
+        progress=progress, log_every=log_every,
     )
     result = distill(config)
     if result.final_dir is not None:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items() if k.startswith("loss"))
-        console.print(f"trained {result.steps} steps ({losses})", highlight=False)
+        console.print(f"trained {result.steps} steps (last step: {losses})", highlight=False, soft_wrap=True)
         if result.adapter_path is not None:
-            console.print(f"adapter: {result.adapter_path}", highlight=False)
-        console.print(f"merged student: {result.merged_path}", highlight=False)
-        console.print(f"samples: {result.samples_path}", highlight=False)
+            console.print(f"adapter: {result.adapter_path}", highlight=False, soft_wrap=True)
+        console.print(f"merged student: {result.merged_path}", highlight=False, soft_wrap=True)
+        if result.ema_dir is not None:
+            console.print(f"EMA student: {result.ema_dir} (adapter and merged weights)", highlight=False, soft_wrap=True)
+        console.print(f"samples: {result.samples_path}", highlight=False, soft_wrap=True)

@@ -9,6 +9,7 @@ import typer
 
 from wadi_distill.cli import app
 from wadi_probe.console import Device, console, device_option, handle_errors
+from wadi_probe.errors import WadiInputError
 
 
 @app.command("sample")
@@ -16,17 +17,20 @@ from wadi_probe.console import Device, console, device_option, handle_errors
 def sample_command(
     teacher: str = typer.Option(..., "--teacher", help="The teacher's pipeline folder (or builtin:digits)."),
     prompt: list[str] = typer.Option(..., "--prompt", help="Prompt (repeatable)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Student adapter folder or adapter.safetensors."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Student adapter folder (final/, or final/ema/ for the EMA) or adapter.safetensors."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="Merged student weights (student.safetensors)."),
-    n: int = typer.Option(4, "-n", "--num-images", help="Images per prompt."),
+    n: int = typer.Option(4, "-n", "--num-images", help="Images per prompt (at least 1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image; the others count up."),
     device: Device = device_option(Device.cpu),
     output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="PNG grid to write."),
 ) -> None:
     """Generate images in ONE denoiser evaluation per image and save them as a grid."""
     from wadi_distill.one_step import sample, save_image_grid
-    from wadi_probe.device import resolve_device
+    from wadi_distill.vsd.config import check_output_dir
 
-    images = sample(teacher, list(prompt), adapter=adapter, merged=merged, n=n, seed=seed, device=str(resolve_device(device)))
+    if output.is_dir():
+        raise WadiInputError(f"The output {output} is a folder; name a .png file.")
+    check_output_dir(output.parent)  # refused before the teacher is loaded
+    images = sample(teacher, list(prompt), adapter=adapter, merged=merged, n=n, seed=seed, device=device.value)
     save_image_grid(images, output, nrow=n)
-    console.print(f"wrote {images.shape[0]} one-step images to {output}", highlight=False)
+    console.print(f"wrote {images.shape[0]} one-step images to {output}", highlight=False, soft_wrap=True)

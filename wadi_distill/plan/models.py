@@ -79,7 +79,7 @@ def load_planning_model(spec: str | Path) -> nn.Module:
     from wadi_distill.builtin.digits import model as models
 
     if isinstance(spec, str) and spec.startswith(models.BUILTIN_PREFIX):
-        return models.load_teacher(spec).unet
+        return models.load_digits(spec).unet
     path = Path(spec).expanduser()
     if path.is_dir() and (path / models.TEACHER_CONFIG_FILE).is_file() and not (path / "config.json").is_file():
         return models.load_teacher_dir(path).unet

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -85,11 +86,13 @@ def build_embedding_cache(
     batch_size: int = 64,
     chunk_size: int = 4096,
     progress: Callable[[int], None] | None = None,
+    notes: Callable[[str], None] | None = None,
 ) -> EmbeddingCache:
     """Encode ``prompts`` (and the null prompt) once into ``folder``; reuse the folder when its key matches.
 
     The folder is written under a temporary name and renamed into place when complete, so an interrupted run
-    never leaves a half-written cache that would later be trusted.
+    never leaves a half-written cache that would later be trusted. ``notes`` receives one line per written
+    chunk (prompts done, prompts per second), for the logs of long encodings.
     """
     folder = Path(folder)
     if (folder / "index.json").is_file():
@@ -98,6 +101,9 @@ def build_embedding_cache(
             return EmbeddingCache(folder)
     if not prompts:
         raise WadiInputError("There are no prompts to encode.")
+    started = time.perf_counter()
+    if notes is not None:
+        notes(f"encoding {len(prompts)} prompts into {folder}")
     with atomic_path(folder, directory=True) as tmp:
         null = encode([null_prompt])
         save_file({k: v.contiguous() for k, v in null.tensors().items()}, str(tmp / "null.safetensors"))
@@ -112,7 +118,30 @@ def build_embedding_cache(
             chunk = Conditioning.cat(parts)
             save_file({k: v.contiguous() for k, v in chunk.tensors().items()},
                       str(tmp / f"chunk-{chunk_index:05d}.safetensors"))
+            if notes is not None:
+                done, elapsed = start + len(chunk_prompts), time.perf_counter() - started
+                notes(f"encoded {done}/{len(prompts)} prompts ({done / max(elapsed, 1e-9):.1f} prompts/s)")
         index = {"version": CACHE_VERSION, "key": key, "count": len(prompts), "chunk_size": chunk_size,
                  "fields": fields_}
         (tmp / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     return EmbeddingCache(folder)
+
+
+def wait_for_cache(folder: str | Path, key: str, *, poll_seconds: float = 1.0) -> EmbeddingCache:
+    """Wait (without a time limit) until another process has written the cache ``key`` into ``folder``.
+
+    The processes of a multi-process run that do not encode poll the file system instead of waiting at a
+    process-group barrier, whose timeout (minutes) a long prompt set would outlast. If the encoding process
+    fails, the launcher (torchrun, ``accelerate launch``) ends the others.
+    """
+    folder = Path(folder)
+    index = folder / "index.json"
+    while True:
+        if index.is_file():
+            try:  # not read_json: a file being replaced right now is looked at again, not an error
+                found = json.loads(index.read_text())
+            except (OSError, json.JSONDecodeError):
+                found = {}
+            if found.get("key") == key and found.get("version") == CACHE_VERSION:
+                return EmbeddingCache(folder)
+        time.sleep(poll_seconds)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -177,7 +178,13 @@ def denoiser_call_for(model: nn.Module, image_size: int) -> DenoiserCall:
 
 
 class TextEncoders:
-    """The pipeline's tokenizer(s) and text encoder(s); ``encode`` turns prompts into :class:`Conditioning`."""
+    """The pipeline's tokenizer(s) and text encoder(s); ``encode`` turns prompts into :class:`Conditioning`.
+
+    The embeddings equal diffusers' ``encode_prompt`` (tests/test_conditioning.py: SD and SDXL bit for bit,
+    PixArt's T5 within float rounding). Ours is kept because ``encode_prompt`` needs a whole pipeline object
+    (every component loaded, while only the encoding process should hold the text encoders), and because the
+    embedding cache runs the null prompt through the same call as every other prompt.
+    """
 
     def __init__(self, family: str, tokenizers: list[Any], encoders: list[nn.Module], *,
                  max_length: int | None = None, zeros_for_empty_prompt: bool = False) -> None:
@@ -259,9 +266,10 @@ class Teacher:
 
     @property
     def fingerprint(self) -> str:
-        """A short hash of the denoiser's class and config: checkpoints and plans refuse other teachers by it."""
-        config = dict(getattr(self.denoiser, "config", {}))
-        text = json.dumps({"class": type(self.denoiser).__name__, "config": config}, sort_keys=True, default=str)
+        """A short hash of the denoiser's class and canonical config: checkpoints, caches and plans refuse other
+        teachers by it; the same in every process (see :func:`canonical_config`)."""
+        text = json.dumps({"class": type(self.denoiser).__name__, "config": canonical_config(self.denoiser)},
+                          sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def weights_digest(self) -> str:
@@ -272,6 +280,44 @@ class Teacher:
         for p in (params[0], params[len(params) // 2], params[-1]) if params else ():
             digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def canonical_config(model: nn.Module) -> dict[str, Any]:
+    """The model's config as it decides the architecture: private keys dropped, defaults filled, lists not tuples.
+
+    diffusers fills every init argument the ``config.json`` lacks with its default when it loads a model, and
+    records the bookkeeping keys ``_use_default_values`` (a list whose order follows Python's hash seed),
+    ``_name_or_path`` (where it was read from), ``_diffusers_version`` and ``_class_name``. Those say nothing
+    about the weights' meaning, so they are dropped: an original SD1.5 ``config.json`` that lacks newer keys gives
+    the same canonical config in every process and from every path.
+    """
+    config = getattr(model, "config", None) or {}
+    canonical = json.loads(json.dumps({k: v for k, v in dict(config).items() if not str(k).startswith("_")},
+                                      default=str))
+    return dict(sorted(canonical.items()))
+
+
+_STEM = r"(?:diffusion_pytorch_model|model|pytorch_model)"
+_PLAIN_WEIGHTS = re.compile(rf"^{_STEM}(?:-\d+-of-\d+)?\.(?:safetensors|bin)$|^{_STEM}\.(?:safetensors|bin)\.index\.json$")
+_VARIANT_WEIGHTS = re.compile(rf"^{_STEM}(?:-\d+-of-\d+)?\.(?P<a>[^.]+)\.(?:safetensors|bin)$"
+                              rf"|^{_STEM}\.(?:safetensors|bin)\.index\.(?P<b>[^.]+)\.json$")
+
+
+def weights_variant(folder: Path) -> str | None:
+    """The variant (``fp16``, ...) to load from a component folder that holds only variant weight files.
+
+    ``from_pretrained`` reads the plain ``diffusion_pytorch_model.safetensors`` unless told ``variant=``; folders
+    that ship only ``diffusion_pytorch_model.fp16.safetensors`` (common for SDXL) need it named. ``None`` when
+    plain weights are there (they are preferred) or no weights are found at all.
+    """
+    names = sorted(p.name for p in folder.iterdir() if p.is_file())
+    if any(_PLAIN_WEIGHTS.match(n) for n in names):
+        return None
+    for name in names:
+        match = _VARIANT_WEIGHTS.match(name)
+        if match:
+            return match.group("a") or match.group("b")
+    return None
 
 
 def _read_model_index(root: Path) -> dict:
@@ -287,6 +333,12 @@ def _read_model_index(root: Path) -> dict:
 
 def _load_component(root: Path, index: dict, name: str, *, required: bool = True,
                     dtype: torch.dtype | None = None):
+    """Load one pipeline component with its library's ``from_pretrained(local_files_only=True)``.
+
+    Components are loaded one by one, not with ``DiffusionPipeline.from_pretrained``: a process that does not
+    encode prompts skips the text encoders, a variant (fp16-only folders) is detected per folder, and every
+    failure names the component in one sentence.
+    """
     entry = index.get(name)
     if not entry or entry[0] is None or entry[1] is None:
         if required:
@@ -313,9 +365,13 @@ def _load_component(root: Path, index: dict, name: str, *, required: bool = True
                 return cls.from_pretrained(folder, local_files_only=True)
             except Exception:
                 return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        kwargs: dict[str, Any] = {"local_files_only": True}
+        variant = weights_variant(folder)
+        if variant is not None:
+            kwargs["variant"] = variant
         if dtype is not None and library == "transformers":
-            return cls.from_pretrained(folder, local_files_only=True, dtype=dtype)
-        return cls.from_pretrained(folder, local_files_only=True)
+            kwargs["dtype"] = dtype
+        return cls.from_pretrained(folder, **kwargs)
     except WadiInputError:
         raise
     except Exception as exc:  # corrupt or incomplete component: one sentence, the cause chained
@@ -400,7 +456,7 @@ def load_teacher(path: str | Path, *, load_text_encoders: bool = True, load_vae:
 def load_builtin_teacher(spec: str) -> Teacher:
     """Wrap the project's small demo model (``builtin:digits`` or a ``train-teacher`` folder) as a :class:`Teacher`."""
     try:
-        from wadi_distill.builtin.digits.model import load_teacher as load_builtin
+        from wadi_distill.builtin.digits.model import load_digits as load_builtin
     except ImportError as exc:
         raise WadiInputError(f"The built-in teacher {spec!r} is not available in this installation.") from exc
     builtin = load_builtin(spec)

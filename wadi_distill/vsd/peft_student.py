@@ -3,9 +3,9 @@
 The distiller's own student kinds are LoRaD, the project's LoRA and full fine-tuning. For an outside baseline the
 quality benchmark also trains students whose adapters come from the ``peft`` library itself
 (``LoraConfig(use_dora=False|True)``), so that "LoRA" and "DoRA" mean exactly what their reference implementation
-computes. :class:`PeftStudentTrainer` reuses the whole VSD loop of :class:`wadi_distill.vsd.trainer.VSDTrainer` in its
-separate-student mode (``student_adapter="full"``: teacher and fake score share the frozen base, the student is its
-own copy) and then freezes that copy and injects the PEFT adapter into it, so only the adapter trains.
+computes. :class:`PeftStudent` is that student kind in the VSD loop (teacher and fake
+score share the frozen base; the student is its own copy, frozen, with the PEFT adapter injected, so only the
+adapter trains); this module holds the PEFT-side functions it uses.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wadi_distill.vsd.students import FullStudent
 from wadi_probe.errors import WadiInputError
 
 PEFT_KINDS = ("lora", "dora")
@@ -85,34 +86,31 @@ def merged_peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
 
 
-def _trainer_class():
-    from wadi_distill.vsd.trainer import VSDTrainer
+class PeftStudent(FullStudent):
+    """A frozen copy of the base with a ``peft`` LoRA (``kind="lora"``) or DoRA (``"dora"``) adapter on ``modules``."""
 
-    class PeftStudentTrainer(VSDTrainer):
-        """VSD with a PEFT LoRA/DoRA student (see the module docstring). ``config.student_adapter`` must be
-        ``"full"``; ``peft`` holds ``kind`` (lora|dora), ``rank`` and ``modules``."""
+    def __init__(self, kind: str, rank: int, modules: list[str]) -> None:
+        if kind not in PEFT_KINDS:
+            raise WadiInputError(f"PEFT student kind must be lora or dora, not {kind!r}.")
+        self.kind, self.rank, self.modules = kind, int(rank), list(modules)
 
-        def __init__(self, config: Any, peft: dict[str, Any], teacher: Any = None) -> None:
-            if config.student_adapter != "full":
-                raise WadiInputError("A PEFT student runs on the separate-student mode: set student_adapter='full'.")
-            self._peft = dict(peft)
-            super().__init__(config, teacher=teacher)
+    def attach(self, base, config, generator, device):
+        super().attach(base, config, generator, device)
+        self._named = inject_peft_student(self.module, self.modules, self.rank, self.kind, seed=int(config.seed))
+        self.module.to(device)
 
-        def _prepare_models(self) -> None:
-            super()._prepare_models()
-            self.student_named = inject_peft_student(self.full_student, self._peft["modules"], self._peft["rank"],
-                                                     self._peft["kind"], seed=int(self.config.seed))
-            self.full_student.to(self.device)
-            self.ema = None
+    def trainable(self, base):
+        return self._named
 
-        def merged_student_state(self) -> dict[str, torch.Tensor]:
-            return merged_peft_state(self.full_student)
-
-    return PeftStudentTrainer
+    def merged_state(self):
+        return merged_peft_state(self.module)
 
 
 def distill_peft(config: Any, *, kind: str, rank: int, modules: list[str], teacher: Any = None):
     """Run VSD (``wadi_distill.vsd.trainer``'s loop, ``config`` with ``student_adapter="full"``) with a PEFT LoRA or
     DoRA student of ``rank`` on ``modules``; the result's ``merged_path`` holds the merged plain student."""
-    trainer = _trainer_class()(config, {"kind": kind, "rank": int(rank), "modules": list(modules)}, teacher=teacher)
-    return trainer.train()
+    from wadi_distill.vsd.trainer import distill
+
+    if config.student_adapter != "full":
+        raise WadiInputError("A PEFT student runs on the separate-student mode: set student_adapter='full'.")
+    return distill(config, teacher=teacher, student=PeftStudent(kind, rank, modules))

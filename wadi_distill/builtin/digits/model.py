@@ -1,4 +1,8 @@
-"""Teachers the distiller can load, and ``builtin:digits``: a small class-conditional diffusion model that ships.
+"""``builtin:digits``: a small class-conditional diffusion model that ships, and its files.
+
+:class:`DigitsModel` is the model bundle (UNet, scheduler, prompt encoder) that trains, samples and is scored;
+the distiller sees it, like every pipeline folder, as a :class:`wadi_distill.teachers.pipeline.Teacher`
+(``load_teacher("builtin:digits")``).
 
 ``builtin:digits`` is built from the same diffusers classes as Stable Diffusion: a ``UNet2DConditionModel`` with
 cross-attention on prompt embeddings, a ``DDPMScheduler`` with SD's noise schedule (scaled-linear betas
@@ -130,8 +134,8 @@ class DigitPromptEncoder(nn.Module):
 
 
 @dataclass
-class BuiltinTeacher:
-    """A small multi-step teacher: UNet, noise scheduler and prompt encoder, plus how it was made."""
+class DigitsModel:
+    """The digits model: UNet, noise scheduler and prompt encoder, plus how it was made."""
 
     unet: UNet2DConditionModel
     text_encoder: DigitPromptEncoder
@@ -178,7 +182,7 @@ class BuiltinTeacher:
         ids = self.text_encoder.tokenize(prompts).to(encoder_device)
         return self.text_encoder(ids).to(device=target, dtype=self.unet.dtype)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "BuiltinTeacher":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DigitsModel":
         """Move UNet and encoder (in place) and return self."""
         if dtype is not None:
             self.unet.to(device=device, dtype=dtype)
@@ -187,19 +191,19 @@ class BuiltinTeacher:
         self.text_encoder.to(device=device)
         return self
 
-    def eval(self) -> "BuiltinTeacher":
+    def eval(self) -> "DigitsModel":
         self.unet.eval()
         self.text_encoder.eval()
         return self
 
-    def requires_grad_(self, flag: bool) -> "BuiltinTeacher":
+    def requires_grad_(self, flag: bool) -> "DigitsModel":
         self.unet.requires_grad_(flag)
         self.text_encoder.requires_grad_(flag)
         return self
 
 
 def build_teacher(unet_config: dict[str, Any] | None = None, text_encoder_config: dict[str, Any] | None = None,
-                  scheduler_config: dict[str, Any] | None = None, *, seed: int = 0) -> BuiltinTeacher:
+                  scheduler_config: dict[str, Any] | None = None, *, seed: int = 0) -> DigitsModel:
     """A freshly initialised digits teacher (random weights, seeded), e.g. to train or for tests."""
     unet_config = dict(DEFAULT_UNET_CONFIG if unet_config is None else unet_config)
     text_config = dict(DEFAULT_TEXT_ENCODER_CONFIG if text_encoder_config is None else text_encoder_config)
@@ -210,7 +214,7 @@ def build_teacher(unet_config: dict[str, Any] | None = None, text_encoder_config
         unet = UNet2DConditionModel(**unet_config)
         text_encoder = DigitPromptEncoder(**text_config)
     scheduler = DDPMScheduler(**dict(DEFAULT_SCHEDULER_CONFIG if scheduler_config is None else scheduler_config))
-    return BuiltinTeacher(unet=unet, text_encoder=text_encoder, scheduler=scheduler)
+    return DigitsModel(unet=unet, text_encoder=text_encoder, scheduler=scheduler)
 
 
 def is_builtin(spec: str | Path) -> bool:
@@ -218,7 +222,7 @@ def is_builtin(spec: str | Path) -> bool:
     return isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX) and spec[len(BUILTIN_PREFIX):] in BUILTIN_NAMES
 
 
-def save_teacher(teacher: BuiltinTeacher, directory: str | Path, *, metadata: dict[str, Any] | None = None,
+def save_teacher(teacher: DigitsModel, directory: str | Path, *, metadata: dict[str, Any] | None = None,
                  dtype: torch.dtype = torch.float16) -> Path:
     """Write the teacher's three files into ``directory`` (atomically each) and return the folder.
 
@@ -243,7 +247,7 @@ def save_teacher(teacher: BuiltinTeacher, directory: str | Path, *, metadata: di
     return directory
 
 
-def load_teacher_dir(directory: str | Path, device: torch.device | str = "cpu") -> BuiltinTeacher:
+def load_teacher_dir(directory: str | Path, device: torch.device | str = "cpu") -> DigitsModel:
     """Load a teacher written by :func:`save_teacher` (or ``wadi-distill train-teacher``), in fp32, eval mode."""
     directory = Path(directory)
     missing = [f for f in (TEACHER_CONFIG_FILE, UNET_FILE, TEXT_ENCODER_FILE) if not (directory / f).is_file()]
@@ -270,7 +274,7 @@ def _load_state(module: nn.Module, state: dict[str, torch.Tensor], path: Path) -
     module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
 
 
-def load_builtin(name: str = "digits", device: torch.device | str = "cpu") -> BuiltinTeacher:
+def load_builtin(name: str = "digits", device: torch.device | str = "cpu") -> DigitsModel:
     """Load a built-in teacher shipped inside the package (``"digits"`` or ``"builtin:digits"``), offline."""
     key = name[len(BUILTIN_PREFIX):] if name.startswith(BUILTIN_PREFIX) else name
     if key not in BUILTIN_NAMES:
@@ -282,8 +286,9 @@ def load_builtin(name: str = "digits", device: torch.device | str = "cpu") -> Bu
     return load_teacher_dir(BUILTIN_DIR, device=device)
 
 
-def load_teacher(spec: str | Path, device: torch.device | str = "cpu") -> BuiltinTeacher:
-    """Load ``"builtin:digits"`` or a folder written by ``wadi-distill train-teacher``."""
+def load_digits(spec: str | Path, device: torch.device | str = "cpu") -> DigitsModel:
+    """Load the :class:`DigitsModel` of ``"builtin:digits"`` or of a folder written by ``wadi-distill train-teacher``
+    (the distiller wraps it with :func:`wadi_distill.teachers.pipeline.load_teacher`)."""
     if isinstance(spec, str) and spec.startswith(BUILTIN_PREFIX):
         return load_builtin(spec, device=device)
     path = Path(spec)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from wadi_distill.builtin.digits.data import load_split
-from wadi_distill.builtin.digits.model import BuiltinTeacher, build_teacher
+from wadi_distill.builtin.digits.model import DigitsModel, build_teacher
 from wadi_probe.device import resolve_device
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 
@@ -49,7 +49,7 @@ class TeacherTrainingConfig:
 
 @dataclass
 class TeacherTrainingResult:
-    teacher: BuiltinTeacher  # the EMA weights, eval mode
+    teacher: DigitsModel  # the EMA weights, eval mode
     losses: list[float] = field(default_factory=list)  # mean loss per logging window
     wall_seconds: float = 0.0
     config: dict = field(default_factory=dict)
@@ -62,7 +62,7 @@ def noise_images(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps:
     return (alphas.sqrt() * clean + (1.0 - alphas).sqrt() * noise).to(clean.dtype)
 
 
-def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: BuiltinTeacher | None = None,
+def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: DigitsModel | None = None,
                   device: torch.device | str = "cpu", progress: bool = True, log_every: int = 100,
                   train_images: torch.Tensor | None = None,
                   train_labels: torch.Tensor | None = None) -> TeacherTrainingResult:

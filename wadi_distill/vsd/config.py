@@ -1,0 +1,215 @@
+"""What a VSD run is asked to do: :class:`DistillConfig`, its choices, and its validation before anything is written.
+
+``validate_config`` checks every option (values, combinations, the machine, the output folder) so that a bad
+input is refused with one sentence before a single file is created.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from wadi_probe.errors import WadiInputError
+
+
+class MixedPrecision(str, Enum):
+    """Compute dtype of the frozen teacher and of autocast; adapters and optimizer states stay fp32."""
+
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class StudentKind(str, Enum):
+    """The student's trainable weights (see :mod:`wadi_distill.vsd.students`)."""
+
+    lorad = "lorad"
+    lora = "lora"
+    full = "full"
+
+
+class FakeKind(str, Enum):
+    """The fake score's adapter on the shared base."""
+
+    lorad = "lorad"
+    lora = "lora"
+
+
+STUDENT_KINDS = tuple(k.value for k in StudentKind)
+DEVICES = ("auto", "cpu", "cuda")  # wadi_probe.console.Device on the command line
+FAKE_KINDS = tuple(k.value for k in FakeKind)
+
+# Options that change what a step computes. Resuming with another value is refused (the checkpoint's optimizer
+# and scheduler carry the old ones); everything else (max_steps, checkpointing, validation, logging) may change.
+TRAINING_OPTIONS = ("lr", "fake_lr", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
+                    "lr_warmup_steps", "max_grad_norm", "fake_updates_per_step", "cfg", "use_8bit_adam",
+                    "ema_decay", "seed", "mixed_precision", "gradient_checkpointing")
+
+
+@dataclass
+class DistillConfig:
+    """Everything a VSD run needs; the CLI ``wadi-distill run`` fills one of these."""
+
+    teacher: str
+    output_dir: str
+    prompts: str | None = None
+    prompt_column: str | None = None
+    # student
+    student_adapter: str = "lorad"  # lorad | lora | full
+    preset: str = "paper"
+    rank: int | None = None
+    rank_from_probe: str | None = None
+    budget: float = 0.10
+    plan: str | None = None
+    # fake score
+    fake_adapter: str = "lorad"  # lorad | lora
+    fake_rank: int = 32
+    # optimisation
+    max_steps: int = 1000
+    batch_size: int = 1
+    lr: float = 1e-4
+    fake_lr: float = 1e-2
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    fake_updates_per_step: int = 1
+    cfg: float = 1.5
+    use_8bit_adam: bool = False
+    ema_decay: float | None = None
+    # runtime
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: str | None = None  # None: what `accelerate launch` / its config says, else "no"
+    gradient_checkpointing: bool = False
+    # checkpoints and logs
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume: str | None = None
+    validation_steps: int = 0
+    validation_prompts: list[str] | None = None
+    num_validation_images: int = 4
+    tensorboard: bool = True
+    progress: bool | None = True  # None: a bar on a terminal, plain lines otherwise
+    log_every: int = 10  # plain log lines every N steps when no bar is shown
+    final_samples: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_mixed_precision(config: DistillConfig) -> str:
+    """``--mixed-precision`` when given, else what ``accelerate launch`` (flag or config file) exported, else no."""
+    value = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION") or "no"
+    value = str(value.value if isinstance(value, Enum) else value).lower()
+    if value not in {m.value for m in MixedPrecision}:
+        raise WadiInputError(f"mixed precision must be no, fp16 or bf16, not {value!r}.")
+    return value
+
+
+def on_cpu(device: str) -> bool:
+    """True when a run with ``--device device`` computes on the CPU."""
+    import torch
+
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+
+
+def _choice(value: Any, allowed: tuple[str, ...], what: str) -> str:
+    value = value.value if isinstance(value, Enum) else value
+    if value not in allowed:
+        raise WadiInputError(f"{what} must be one of {', '.join(allowed)}, not {value!r}.")
+    return str(value)
+
+
+def _validate_numbers(config: DistillConfig) -> None:
+    for name in ("max_steps", "batch_size", "fake_updates_per_step", "fake_rank", "checkpointing_steps",
+                 "log_every"):
+        if int(getattr(config, name)) < 1:
+            raise WadiInputError(f"{name.replace('_', '-')} must be at least 1.")
+    for name in ("lr_warmup_steps", "validation_steps", "final_samples"):
+        if int(getattr(config, name)) < 0:
+            raise WadiInputError(f"{name.replace('_', '-')} must not be negative.")
+    if config.checkpoints_total_limit is not None and config.checkpoints_total_limit < 1:
+        raise WadiInputError("checkpoints-total-limit must be at least 1.")
+    for name in ("lr", "fake_lr", "max_grad_norm", "adam_epsilon"):
+        value = float(getattr(config, name))
+        if not math.isfinite(value) or value <= 0:
+            raise WadiInputError(f"{name.replace('_', '-')} must be a positive number, not {value:g}.")
+    if not math.isfinite(float(config.cfg)) or config.cfg < 0:
+        raise WadiInputError(f"cfg must be a non-negative number (1 turns guidance off), not {config.cfg:g}.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= float(getattr(config, name)) < 1.0:
+            raise WadiInputError(f"{name.replace('_', '-')} must be in [0, 1).")
+    if config.adam_weight_decay < 0:
+        raise WadiInputError("adam-weight-decay must not be negative.")
+    if not 0.0 < config.budget <= 1.0:
+        raise WadiInputError(f"budget must be a fraction in (0, 1], not {config.budget:g}.")
+    if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
+        raise WadiInputError("ema-decay must be between 0 and 1.")
+
+
+def _validate_student(config: DistillConfig) -> None:
+    config.student_adapter = _choice(config.student_adapter, STUDENT_KINDS, "student_adapter")
+    config.fake_adapter = _choice(config.fake_adapter, FAKE_KINDS, "fake_adapter")
+    if config.student_adapter != "full":
+        given = [config.rank is not None, config.rank_from_probe is not None, config.plan is not None]
+        if sum(given) != 1:
+            raise WadiInputError("Choose the student's layers and ranks with exactly one of --rank (with --preset), "
+                                 "--rank-from-probe or --plan (or train the full student with --full-finetune).")
+        if config.rank is not None and int(config.rank) < 1:
+            raise WadiInputError("rank must be at least 1.")
+    elif any([config.rank is not None, config.rank_from_probe, config.plan]):
+        raise WadiInputError("--full-finetune trains every weight; it cannot be combined with --rank, "
+                             "--rank-from-probe or --plan.")
+    builtin = str(config.teacher).startswith("builtin:") or (Path(config.teacher) / "digits_teacher.json").is_file()
+    if config.prompts is None and not builtin:
+        raise WadiInputError("A prompt file (--prompts) is needed for this teacher (only builtin teachers bring "
+                             "their own prompts).")
+    for name in ("prompts", "plan", "rank_from_probe"):
+        value = getattr(config, name)
+        if value is not None and not Path(value).is_file():
+            state = "is a folder, not a file" if Path(value).is_dir() else "does not exist"
+            raise WadiInputError(f"The {name.replace('_', '-')} file {value} {state}.")
+
+
+def _validate_machine(config: DistillConfig) -> None:
+    from wadi_probe.device import resolve_device
+
+    config.device = _choice(config.device, DEVICES, "device")
+    resolve_device(config.device)  # the one device check of the project: cuda without a GPU is refused
+    if resolve_mixed_precision(config) == "fp16" and on_cpu(config.device):
+        raise WadiInputError("fp16 mixed precision needs a CUDA GPU; use --mixed-precision bf16 (or no) on a CPU.")
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise WadiInputError("--use-8bit-adam needs the bitsandbytes package, which is not installed.") from exc
+
+
+def check_output_dir(path: Path) -> None:
+    """Refuse an output path whose folder is a file or cannot be created or written, before anything is written."""
+    if path.exists() and not path.is_dir():
+        raise WadiInputError(f"The output folder {path} is a file; choose a folder.")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WadiInputError(f"The output folder {path} cannot be created: {parent} is a file.")
+    try:  # a real write, not os.access: root, read-only mounts and ACLs all answer truthfully this way
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise WadiInputError(f"The output folder {path} cannot be written ({parent}: {exc.strerror}).") from exc
+
+
+def validate_config(config: DistillConfig) -> None:
+    """Refuse a config that cannot run, with one sentence, before anything is loaded or written."""
+    _validate_student(config)
+    _validate_numbers(config)
+    _validate_machine(config)
+    check_output_dir(Path(config.output_dir))
