@@ -44,7 +44,7 @@ def test_compare_writes_report_and_csv_and_prints_summary(pair, tmp_path):
     assert result.exit_code == 0, result.output
     report = load_report(out)
     assert report.summary["layers"] == report.pairing["matched"] > 100
-    assert "Direction changed" in result.stdout and "Most rotated layers" in result.stdout
+    assert "farther sideways" in result.stdout and "Most rotated layers" in result.stdout
     assert "By block and layer type" in result.stdout
     assert csv.read_text().splitlines()[0].startswith("name,module,kind")
     assert len(csv.read_text().splitlines()) == report.summary["layers"] + 1
@@ -52,7 +52,7 @@ def test_compare_writes_report_and_csv_and_prints_summary(pair, tmp_path):
     shown = runner.invoke(app, ["show", str(out)])
     assert shown.exit_code == 0, shown.output
     assert "Most rotated layers" in shown.stdout
-    headline = next(line for line in result.stdout.splitlines() if "Direction changed" in line)
+    headline = next(line for line in result.stdout.splitlines() if "farther sideways" in line)
     assert headline in shown.stdout
 
 
@@ -97,8 +97,8 @@ def test_output_that_is_a_folder(pair, tmp_path):
 
 def test_show_refuses_unknown_schema_version(tmp_path):
     path = tmp_path / "future.json"
-    path.write_text(json.dumps({"schema_version": 2, "tool": "wadi-probe", "layers": [], "summary": {}}))
-    _one_sentence_error(runner.invoke(app, ["show", str(path)]), "schema_version 2")
+    path.write_text(json.dumps({"schema_version": 3, "tool": "wadi-probe", "layers": [], "summary": {}}))
+    _one_sentence_error(runner.invoke(app, ["show", str(path)]), "schema_version 3")
 
 
 def test_show_missing_and_garbage(tmp_path):

@@ -48,7 +48,7 @@ def _assert_no_empty_axes(fig: Figure) -> None:
 
 
 def test_mean_vs_std_has_one_point_per_layer_and_quantity_and_the_means(report):
-    fig = plots.plot_mean_vs_std(report)
+    fig = plots.plot_mean_vs_std(report, direction="1-cos", log=False)
     _assert_no_empty_axes(fig)
     (ax,) = fig.axes
     offsets = _scatter_offsets(ax)
@@ -68,7 +68,7 @@ def test_mean_vs_std_title_keeps_small_ratios_readable(report):
     small = copy.deepcopy(report)
     for record in _matrix_layers(small):
         record["direction_change_mean"] = record["norm_change_mean"] * 0.0512
-    (ax,) = plots.plot_mean_vs_std(small).axes
+    (ax,) = plots.plot_mean_vs_std(small, direction="1-cos").axes
     assert "direction/norm = 0.0512×" in ax.get_title()
 
 
@@ -85,7 +85,7 @@ def test_scalar_plots_accept_the_dataframe_form(report):
 
 
 def test_depth_profile_marks_every_layer_in_both_panels_by_type(report):
-    fig = plots.plot_depth_profile(report)
+    fig = plots.plot_depth_profile(report, direction="1-cos", log=False)
     _assert_no_empty_axes(fig)
     ax_dir, ax_norm = fig.axes
     layers = _matrix_layers(report)

@@ -39,7 +39,11 @@ def test_summary_known_values():
     assert s["norm_change_mean"] == pytest.approx((0.001 + 0.003 + 0.0) / 3)
     assert s["direction_change_mean"] == pytest.approx((0.02 + 0.04) / 3)
     assert s["direction_change_std"] == pytest.approx((0.01 + 0.03) / 3)
-    assert s["direction_to_norm_ratio"] == pytest.approx(0.06 / 0.004)
+    assert s["paper_direction_to_norm_ratio"] == pytest.approx(0.06 / 0.004)
+    # first order on both sides: the mean angle in radians (1° in every record) over the mean norm change
+    assert s["angle_rad_mean"] == pytest.approx(math.pi / 180)
+    assert s["angle_to_norm_ratio"] == pytest.approx((math.pi / 180) / (0.004 / 3))
+    assert s["unmatched_names"] == ["x", "y"]
     # pooled over the 44 rows: mean = Σ n·m / N, var = Σ n·(sd² + m²)/N − mean²
     mean = (10 * 0.02 + 30 * 0.04) / 44
     var = (10 * (0.01**2 + 0.02**2) + 30 * (0.03**2 + 0.04**2)) / 44 - mean**2

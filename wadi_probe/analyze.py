@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +22,8 @@ from wadi_probe.decompose import AnalysisSettings, analyze_pair
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.formats.torch_io import DictSource
 from wadi_probe.layers import block_of, kind_of, layer_type_of, module_of
-from wadi_probe.pairing import pair_checkpoints
+from wadi_probe.builtins import is_builtin, resolve_builtin
+from wadi_probe.pairing import Pairing, pair_checkpoints
 from wadi_probe.report.schema import Report, build_report
 
 
@@ -43,12 +45,14 @@ def _open(spec: Any, label: str, *, base: Checkpoint | None = None) -> tuple[Che
     if isinstance(spec, (Mapping, torch.nn.Module)):
         return checkpoint_from_state_dict(spec, label), True
     if isinstance(spec, (str, Path)):
-        return open_checkpoint(spec, base=base), True
+        return open_checkpoint(resolve_builtin(spec), base=base), True
     raise WadiInputError(f"cannot read the {label} from a {type(spec).__name__}; give a path, a Checkpoint or a state dict.")
 
 
-def _describe(checkpoint: Checkpoint) -> dict[str, Any]:
-    return {"path": str(checkpoint.path), "layout": checkpoint.layout, "tensors": len(checkpoint)}
+def _describe(checkpoint: Checkpoint, spec: Any = None) -> dict[str, Any]:
+    """The report's record of an input: its path as given (a built-in name stays a name), layout, tensor count."""
+    path = spec if is_builtin(spec) else str(checkpoint.path)
+    return {"path": path, "layout": checkpoint.layout, "tensors": len(checkpoint)}
 
 
 def compare(
@@ -64,74 +68,248 @@ def compare(
     explained_at_rank: bool = False,
     settings: AnalysisSettings | None = None,
     on_layer: Callable[[dict[str, Any]], None] | None = None,
+    partial: bool = False,
 ) -> Report:
     """Compare a teacher and a student layer by layer (docs/design.md, "The probe") and return the report.
 
-    ``teacher``/``student``: a path (any layout :func:`~wadi_probe.io.checkpoints.open_checkpoint` reads), an open
-    :class:`Checkpoint`, a state dict or an ``nn.Module``. With ``student_is_adapter`` the student is an adapter
-    file merged onto the teacher. ``include``/``exclude`` are regexes on tensor names; ``spectra=False`` skips the
-    residual and pair-angle spectra (the fast mode). ``explained_at_rank`` also fills
-    ``lorad_explained_at_recommended_rank`` (an eigen-decomposition with vectors per layer: slower). ``progress``
-    shows a rich progress bar on stderr. ``settings`` overrides all analysis options at once.
+    ``teacher``/``student``: a path (any layout :func:`~wadi_probe.io.checkpoints.open_checkpoint` reads, or a
+    built-in name such as ``builtin:digits``), an open :class:`Checkpoint`, a state dict or an ``nn.Module``.
+    With ``student_is_adapter`` the student is an adapter file merged onto the teacher. ``include``/``exclude``
+    are regexes on tensor names; ``spectra=False`` skips the residual and pair-angle spectra (the fast mode).
+    ``explained_at_rank`` also fills ``lorad_explained_at_recommended_rank`` (an eigen-decomposition with vectors
+    per layer: slower). ``progress`` shows a rich progress bar on stderr. ``settings`` overrides all analysis
+    options at once.
+
+    A pair that mostly does not pair up by name and shape, or whose weights look unrelated (mean angle above
+    :data:`UNRELATED_ANGLE_DEG`), raises :class:`WadiInputError` unless ``partial`` asks for a comparison of
+    whatever matched.
     """
+    result = compare_many(
+        teacher, [student], labels=["student"], device=device, include=include, exclude=exclude, spectra=spectra,
+        progress=progress, adapters=[True] if student_is_adapter else None, explained_at_rank=explained_at_rank,
+        settings=settings, on_layer=on_layer, partial=partial, refuse_one_by_one=False,
+    )
+    return result.reports["student"]
+
+
+@dataclass
+class ManyResult:
+    """What :func:`compare_many` produced: one report per compared student (by label) and the refused ones."""
+
+    reports: dict[str, Report] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    teacher_reads: int = 0
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per student: the summary fields the side-by-side table shows (:func:`summary_row`)."""
+        return [summary_row(label, report) for label, report in self.reports.items()]
+
+
+#: The columns of the side-by-side summary (``summary.json``/``summary.csv``), all from a report's summary.
+SUMMARY_COLUMNS = (
+    "label", "student", "matrices", "angle_to_norm_ratio", "paper_direction_to_norm_ratio", "angle_rad_mean",
+    "angle_deg_mean", "norm_change_mean", "norm_change_layer_std", "residual_energy_at_30pct_rank_mean",
+    "residual_energy_at_30pct_rank_chance_mean", "residual_energy_at_30pct_rank_excess_mean", "lorad_explained_mean",
+    "lorad_explained_chance_mean", "lorad_explained_excess_mean", "recommended_rank_median", "recommended_params",
+    "identical", "unmatched", "rounding_level",
+)
+
+
+def summary_row(label: str, report: Report) -> dict[str, Any]:
+    """The side-by-side row of one student: :data:`SUMMARY_COLUMNS` read from its report's summary."""
+    s = report.summary
+    row: dict[str, Any] = {"label": label, "student": report.inputs["student"]["path"]}
+    for key in SUMMARY_COLUMNS[2:]:
+        row[key] = (s.get("precision") or {}).get("rounding_level") if key == "rounding_level" else s.get(key)
+    return row
+
+
+def default_labels(students: Sequence[Any]) -> list[str]:
+    """Labels from the students' file or folder names (``dmd2.safetensors`` -> ``dmd2``), made unique."""
+    labels: list[str] = []
+    for index, spec in enumerate(students):
+        if isinstance(spec, (str, Path)):
+            text = str(spec).rstrip("/")
+            base = text.split(":", 1)[1] if is_builtin(text) else Path(text).name
+            base = base.removesuffix(".safetensors").removesuffix(".ckpt").removesuffix(".bin").removesuffix(".pt")
+        else:
+            base = f"student{index + 1}"
+        name, n = base or f"student{index + 1}", 2
+        while name in labels:
+            name, n = f"{base}-{n}", n + 1
+        labels.append(name)
+    return labels
+
+
+def _open_student(spec: Any, teacher: Checkpoint, adapter: bool | None) -> tuple[Checkpoint, bool]:
+    """Open a student; an adapter (LoRA/LoRaD) is merged onto the teacher, detected when ``adapter`` is None."""
+    if adapter:
+        return _open(spec, "student", base=teacher)
+    try:
+        return _open(spec, "student")
+    except WadiInputError as exc:
+        # The checkpoint reader refuses an adapter opened without a base; with a teacher at hand, merge it.
+        if adapter is None and isinstance(spec, (str, Path)) and "is an adapter" in str(exc):
+            return _open(spec, "student", base=teacher)
+        raise
+
+
+def compare_many(
+    teacher: Any,
+    students: Sequence[Any],
+    *,
+    labels: Sequence[str] | None = None,
+    device: str | torch.device = "auto",
+    include: str | None = None,
+    exclude: str | None = None,
+    spectra: bool = True,
+    progress: bool = False,
+    adapters: Sequence[bool] | None = None,
+    explained_at_rank: bool = False,
+    settings: AnalysisSettings | None = None,
+    on_layer: Callable[[dict[str, Any]], None] | None = None,
+    partial: bool = False,
+    refuse_one_by_one: bool = True,
+) -> ManyResult:
+    """Compare several students against one teacher, reading each teacher tensor once for all of them.
+
+    Students may be full checkpoints, merged files or adapters (detected, or forced per student by
+    ``adapters``), in any layout; ``labels`` default to their file or folder names. Layers stream one at a
+    time: memory holds one teacher tensor and the students' tensors of that layer. A student that does not pair
+    with the teacher (another architecture) or looks unrelated is refused with a sentence in
+    ``result.refused`` while the rest are compared; with ``refuse_one_by_one=False`` it raises instead.
+    """
+    if not students:
+        raise WadiInputError("give at least one student to compare with the teacher.")
+    labels = list(labels) if labels else default_labels(students)
+    if len(labels) != len(students):
+        raise WadiInputError(f"{len(labels)} labels for {len(students)} students; give one --label per student.")
+    if len(set(labels)) != len(labels):
+        raise WadiInputError(f"the labels must differ, got {', '.join(labels)}.")
+    adapters = list(adapters) if adapters is not None else [None] * len(students)
     settings = settings or AnalysisSettings(spectra=spectra, truncated_explained=explained_at_rank)
     target = resolve_device(device)
     started = time.perf_counter()
+    result = ManyResult()
     teacher_ckpt, close_teacher = _open(teacher, "teacher")
-    student_ckpt, close_student = None, False
+    opened: list[tuple[str, Checkpoint, bool, Pairing]] = []
     try:
-        student_ckpt, close_student = _open(student, "student", base=teacher_ckpt if student_is_adapter else None)
-        pairing = pair_checkpoints(teacher_ckpt, student_ckpt, include=include, exclude=exclude)
-        records = _analyze_all(teacher_ckpt, student_ckpt, pairing.matched, settings, target, progress, on_layer)
-        inputs = {"teacher": _describe(teacher_ckpt), "student": _describe(student_ckpt)}
+        for label, spec, adapter in zip(labels, students, adapters):
+            try:
+                checkpoint, close = _open_student(spec, teacher_ckpt, adapter)
+            except WadiInputError as exc:
+                if not refuse_one_by_one:
+                    raise
+                result.refused[label] = str(exc)
+                continue
+            try:
+                pairing = pair_checkpoints(teacher_ckpt, checkpoint, include=include, exclude=exclude, partial=partial)
+            except WadiInputError as exc:
+                if close:
+                    checkpoint.close()
+                if not refuse_one_by_one:
+                    raise
+                result.refused[label] = str(exc)
+                continue
+            opened.append((label, checkpoint, close, pairing))
+        records: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in opened}
+        names = [n for n in teacher_ckpt.names() if any(n in set(p.matched) for *_, p in opened)] if opened else []
+        matched = {label: set(p.matched) for label, _, _, p in opened}
+        result.teacher_reads = _analyze_all(teacher_ckpt, [(label, ckpt) for label, ckpt, _, _ in opened], names,
+                                            matched, settings, target, progress, on_layer, records)
+        teacher_info = _describe(teacher_ckpt, teacher)
+        student_info = {label: _describe(ckpt, spec) for (label, ckpt, _, _), spec in
+                        zip(opened, [s for label, s in zip(labels, students) if label in records])}
     finally:
-        if close_student and student_ckpt is not None:
-            student_ckpt.close()
+        for _, checkpoint, close, _ in opened:
+            if close:
+                checkpoint.close()
         if close_teacher:
             teacher_ckpt.close()
-    report_settings = {"device": str(target), "include": include, "exclude": exclude, **settings.to_json()}
-    report = build_report(inputs=inputs, settings=report_settings, pairing=pairing.to_dict(), layers=records)
-    report.data["run"] = {
-        "elapsed_s": round(time.perf_counter() - started, 3),
-        "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
-    }
-    return report
+    report_settings = {"device": str(target), "include": include, "exclude": exclude, "partial": partial,
+                       **settings.to_json()}
+    elapsed = round(time.perf_counter() - started, 3)
+    for label, _, _, pairing in opened:
+        report = build_report(inputs={"teacher": teacher_info, "student": student_info[label]}, settings=report_settings,
+                              pairing=pairing.to_dict(), layers=records[label])
+        try:
+            check_related(report, partial=partial)
+        except WadiInputError as exc:
+            if not refuse_one_by_one:
+                raise
+            result.refused[label] = str(exc)
+            continue
+        report.data["run"] = {
+            "elapsed_s": elapsed,
+            "students_in_run": len(opened),
+            "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
+        }
+        result.reports[label] = report
+    result.elapsed_s = elapsed
+    return result
+
+
+#: A mean angle between teacher and student rows above this (degrees) means the weights are unrelated: two
+#: independent random matrices sit at 90°, a distilled student a few degrees from its teacher.
+UNRELATED_ANGLE_DEG = 60.0
+
+
+def check_related(report: Report, *, partial: bool = False) -> None:
+    """Refuse a report whose weights look unrelated (mean angle over matrices above 60°) unless ``partial``."""
+    angle = report.summary.get("angle_deg_mean")
+    if angle is not None and angle > UNRELATED_ANGLE_DEG and not partial:
+        inputs = report.inputs
+        raise WadiInputError(
+            f"{inputs['teacher']['path']} and {inputs['student']['path']} look unrelated: their weight rows are "
+            f"{angle:.3g}° apart on average (independent weights give 90°, a distilled student a few degrees); "
+            "pass --partial (partial=True) to compare them anyway."
+        )
 
 
 def _analyze_all(
     teacher: Checkpoint,
-    student: Checkpoint,
+    students: list[tuple[str, Checkpoint]],
     names: list[str],
+    matched: dict[str, set[str]],
     settings: AnalysisSettings,
     device: torch.device,
     progress: bool,
     on_layer: Callable[[dict[str, Any]], None] | None,
-) -> list[dict[str, Any]]:
-    """Analyse pairs one at a time (read, compute, free), optionally behind a progress bar."""
+    records: dict[str, list[dict[str, Any]]],
+) -> int:
+    """Analyse layer by layer: read the teacher tensor once, then each student's of that layer; returns the reads."""
     sizes = [max(1, _numel(teacher.shape(name))) for name in names]
-    records: list[dict[str, Any]] = []
+    reads = 0
+
+    def one_layer(name: str) -> None:
+        nonlocal reads
+        t = teacher.tensor(name)
+        reads += 1
+        for label, student in students:
+            if name in matched[label]:
+                records[label].append(_analyze_one(t, student, name, len(records[label]), settings, device))
+                if on_layer:
+                    on_layer(records[label][-1])
+        del t
+
     if not progress:
-        for order, name in enumerate(names):
-            records.append(_analyze_one(teacher, student, name, order, settings, device))
-            if on_layer:
-                on_layer(records[-1])
-        return records
+        for name in names:
+            one_layer(name)
+        return reads
 
     from wadi_probe.console import progress_bar
 
-    layer_task_total = sum(sizes)
     with progress_bar("probing (share of weights)", "layer", percent=True) as bar:
-        task = bar.add_task("probe", total=layer_task_total, layer="")
+        task = bar.add_task("probe", total=sum(sizes), layer="")
         done = 0
-        for order, (name, size) in enumerate(zip(names, sizes)):
+        for name, size in zip(names, sizes):
             bar.update(task, layer=name)
-            records.append(_analyze_one(teacher, student, name, order, settings, device))
-            if on_layer:
-                on_layer(records[-1])
+            one_layer(name)
             done += size
             bar.update(task, completed=done)
-    return records
+    return reads
 
 
 #: Layers smaller than this run single-threaded on the CPU: their work is too small to share between threads, and
@@ -162,10 +340,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _analyze_one(
-    teacher: Checkpoint, student: Checkpoint, name: str, order: int, settings: AnalysisSettings, device: torch.device
+    t: torch.Tensor, student: Checkpoint, name: str, order: int, settings: AnalysisSettings, device: torch.device
 ) -> dict[str, Any]:
-    shape = tuple(int(n) for n in teacher.shape(name))
-    t = teacher.tensor(name)
+    shape = tuple(int(n) for n in t.shape)
     s = student.tensor(name)
     record: dict[str, Any] = {
         "name": name,
@@ -182,5 +359,5 @@ def _analyze_one(
         record["student_dtype"] = str(s.dtype).removeprefix("torch.")
     with _threads_for(record["params"], device):
         record.update(analyze_pair(t, s, settings, device=device))
-    del t, s
+    del s
     return record

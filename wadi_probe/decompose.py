@@ -15,6 +15,11 @@ channel, a 1-D tensor as one row). For teacher rows t_i and student rows s_i:
 
 Rows with a NaN/Inf (in either tensor) or a zero norm (in either tensor) are counted and left out of every
 statistic. Big products run in fp32 on the tensors' device; per-row reductions and energies are fp64.
+
+Two tensors of different precision are first rounded to the lower one (:func:`compare_dtype`), and a change no
+larger than that precision's rounding (:func:`rounding_angle`) is flagged ``rounding_level`` and gets no rank
+advice. The spectral numbers come with their values for a structureless change of the same shape
+(``*_chance``, :mod:`wadi_probe.chance`) and the excess over it (``*_excess``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 
 import torch
 
+from wadi_probe.chance import chance_for_shape
 from wadi_probe.rotation import column_pairs, pair_product_angles, rotate_pairs
 
 __all__ = [
@@ -220,6 +226,8 @@ def _empty_spectra(settings: AnalysisSettings, zero_ranks: bool) -> dict[str, An
         "residual_energy": [] if zero_ranks else None,
         "lorad_energy": [] if zero_ranks else None,
     }
+    for key in ("residual_energy_at_30pct_rank", "lorad_explained"):
+        record.update({f"{key}_chance": None, f"{key}_chance_std": None, f"{key}_excess": None})
     for p in settings.energy_thresholds:
         record[f"residual_rank_{round(p * 100)}"] = rank
         record[f"lorad_rank_{round(p * 100)}"] = rank
@@ -235,6 +243,7 @@ def _zero_stats() -> dict[str, Any]:
         "direction_change_std": 0.0,
         "direction_change_max": 0.0,
         "angle_deg_mean": 0.0,
+        "angle_deg_std": 0.0,
         "angle_deg_max": 0.0,
         "matrix_norm_change": 0.0,
         "matrix_direction_change": 0.0,
@@ -278,6 +287,7 @@ def analyze_pair(
         "full_rank": full_rank,
         "lorad_full_rank": lorad_full_rank,
         "identical": False,
+        "rounding_level": False,
         "rows": 0,
         "zero_rows": 0,
         "nonfinite": 0,
@@ -288,6 +298,12 @@ def analyze_pair(
         record["identical"] = bit_identical(teacher, student)
         return record
 
+    # The precision floor: a pair stored at different precisions is compared at the lower one, so that a plain
+    # cast of the teacher reads as unchanged rather than as a rotation made of rounding errors.
+    compared = compare_dtype(teacher.dtype, student.dtype)
+    teacher, student = teacher.to(compared), student.to(compared)
+    record["compared_dtype"] = str(compared).removeprefix("torch.")
+    rounding = rounding_angle(compared)
     identical = bit_identical(teacher, student)
     t = as_rows(teacher.to(device)).to(torch.float32)
     s = as_rows(student.to(device)).to(torch.float32)
@@ -325,7 +341,7 @@ def analyze_pair(
     matrix_cos = (t_norm * s_norm * cosines).sum() / (t_total * s_total)
     nc_mean, nc_std, nc_max = _mean_std_max(norm_change)
     dc_mean, dc_std, dc_max = _mean_std_max(direction_change)
-    angle_mean, _, angle_max = _mean_std_max(angle_deg)
+    angle_mean, angle_std, angle_max = _mean_std_max(angle_deg)
     matrix_nc, matrix_dc = torch.stack(((s_total - t_total).abs() / t_total, (1 - matrix_cos).clamp_min(0))).tolist()
     record.update(
         norm_change_mean=nc_mean,
@@ -335,11 +351,17 @@ def analyze_pair(
         direction_change_std=dc_std,
         direction_change_max=dc_max,
         angle_deg_mean=angle_mean,
+        angle_deg_std=angle_std,
         angle_deg_max=angle_max,
         matrix_norm_change=matrix_nc,
         matrix_direction_change=matrix_dc,
     )
 
+    # No row turned by more than rounding every element by one unit in the last place of the compared precision
+    # could turn it: the direction change is rounding. It is reported, but gets no rank advice (the advice is
+    # about directions; a real rescale of the rows, rounded, is such a case).
+    record["rounding_level"] = bool(angle_max <= math.degrees(rounding))
+    record["norm_change_rounding"] = norm_rounding(compared, fan_in)
     direction_changed = dc_max > DIRECTION_TOLERANCE
     if not is_matrix:
         record.update({k: None for k in _empty_spectra(settings, False)})
@@ -357,7 +379,53 @@ def analyze_pair(
     del residual
     lorad_rank = min(int(counts[0]), fan_in // 2)
     record.update(_lorad_spectrum(t, s, t_inv, s_inv, residual_energy, lorad_full_rank, lorad_rank, settings))
+    record.update(chance_fields(record, int(counts[0]), fan_in, settings.rank_fraction))
+    if record["rounding_level"]:
+        record["recommended_rank"] = 0
+        record["lorad_explained_at_recommended_rank"] = None
     return record
+
+
+def compare_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The lower of two floating precisions (the one with the larger machine epsilon; bf16 below fp16)."""
+    if a == b:
+        return a
+    return a if torch.finfo(a).eps >= torch.finfo(b).eps else b
+
+
+def rounding_angle(dtype: torch.dtype) -> float:
+    """The largest angle (radians) and relative norm change rounding alone gives a row: the machine epsilon.
+
+    Rounding moves every element by at most half a unit in the last place, a relative amount of at most ε/2; two
+    roundings (teacher and student) turn a row by at most ε radians and change its norm by at most a fraction ε.
+    """
+    return float(torch.finfo(dtype).eps)
+
+
+def norm_rounding(dtype: torch.dtype, fan_in: int) -> float:
+    """The relative norm change that rounding alone typically gives a row of ``fan_in`` elements: ``2ε/√fan_in``.
+
+    Rounding both tensors moves each element by independent relative errors of at most ε/2; they mostly cancel
+    in the squared norm, whose relative change has a standard deviation of about ε/√(2·fan_in) for weights of
+    similar size. Twice ε/√fan_in is about three of those: a layer's mean norm change below it is rounding. (The
+    worst case, every error aligned, is ε; a norm change of 0.1 % in fp16, as distilled students show, is real.)
+    """
+    return 2 * float(torch.finfo(dtype).eps) / math.sqrt(max(1, fan_in))
+
+
+def chance_fields(record: dict[str, Any], rows: int, fan_in: int, rank_fraction: float) -> dict[str, Any]:
+    """The chance baselines of a layer's spectral numbers and their excess (see :mod:`wadi_probe.chance`)."""
+    chance = chance_for_shape(rows, fan_in, rank_fraction)
+    fields: dict[str, Any] = {}
+    for key, base, spread in (
+        ("residual_energy_at_30pct_rank", chance.residual_energy, chance.residual_energy_std),
+        ("lorad_explained", chance.rotation_explained, chance.rotation_explained_std),
+    ):
+        value = record.get(key)
+        fields[f"{key}_chance"] = base
+        fields[f"{key}_chance_std"] = spread
+        fields[f"{key}_excess"] = value - base if value is not None and base is not None else None
+    return fields
 
 
 def _residual_spectrum(residual: torch.Tensor, full_rank: int, analysed_rank: int, settings: AnalysisSettings) -> dict[str, Any]:

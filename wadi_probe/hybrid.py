@@ -86,7 +86,9 @@ def _opened(teacher: object, student: object) -> Iterator[tuple[Checkpoint, Chec
             if isinstance(source, Checkpoint):
                 opened.append(source)
             elif isinstance(source, (str, os.PathLike)):
-                checkpoint = open_checkpoint(source)
+                from wadi_probe.builtins import resolve_builtin
+
+                checkpoint = open_checkpoint(resolve_builtin(source))
                 stack.callback(checkpoint.close)
                 opened.append(checkpoint)
             else:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from wadi_probe.io.checkpoints import Checkpoint, name_filter
 from wadi_probe.errors import WadiInputError
 
-#: fewer than this fraction of the teacher's (filtered) tensors matched means "different architectures"
-MIN_MATCHED_FRACTION = 0.5
+#: fewer than this fraction of either checkpoint's (filtered) tensors matched means "mostly unmatched": refused
+#: unless a partial comparison is asked for
+MIN_MATCHED_FRACTION = 0.9
 
 
 @dataclass
@@ -28,6 +29,10 @@ class Pairing:
     def unmatched(self) -> int:
         """Tensors that could not be compared (shape mismatches plus names in only one checkpoint)."""
         return len(self.shape_mismatch) + len(self.only_in_teacher) + len(self.only_in_student)
+
+    def unmatched_names(self) -> list[str]:
+        """Every tensor that could not be compared: shape mismatches, then teacher-only, then student-only names."""
+        return [name for name, _, _ in self.shape_mismatch] + self.only_in_teacher + self.only_in_student
 
     def to_dict(self) -> dict:
         """The report.json form: counts for matched, lists for the rest."""
@@ -46,11 +51,13 @@ def pair_checkpoints(
     include: str | None = None,
     exclude: str | None = None,
     min_matched_fraction: float = MIN_MATCHED_FRACTION,
+    partial: bool = False,
 ) -> Pairing:
     """Pair tensors by name; ``include``/``exclude`` are regexes searched in the names.
 
-    Raises :class:`WadiInputError` when fewer than ``min_matched_fraction`` of the teacher's selected tensors have
-    a same-shaped partner (the two look like different architectures), or when the filters select nothing.
+    Raises :class:`WadiInputError` when fewer than ``min_matched_fraction`` of either checkpoint's selected
+    tensors have a same-named, same-shaped partner (the two look like different architectures) — with
+    ``partial`` only when nothing at all matched — or when the filters select nothing.
     """
     keep = name_filter(include, exclude)
     teacher_names = [name for name in teacher.names() if keep(name)]
@@ -73,9 +80,18 @@ def pair_checkpoints(
             pairing.shape_mismatch.append((name, t_shape, s_shape))
     teacher_set = set(teacher_names)
     pairing.only_in_student = [name for name in student_names if name not in teacher_set]
-    if len(pairing.matched) < min_matched_fraction * len(teacher_names):
+    matched = len(pairing.matched)
+    if not matched:
         raise WadiInputError(
-            f"{teacher.path} and {student.path} look like different architectures: only {len(pairing.matched)} of "
-            f"the teacher's {len(teacher_names)} tensors have a same-named, same-shaped partner."
+            f"{teacher.path} and {student.path} share no same-named, same-shaped tensor: they are different "
+            "architectures (or the include/exclude patterns leave nothing in common)."
+        )
+    needed = min_matched_fraction * max(len(teacher_names), len(student_names))
+    if matched < needed and not partial:
+        examples = ", ".join(pairing.unmatched_names()[:3])
+        raise WadiInputError(
+            f"{teacher.path} and {student.path} look like different architectures: only {matched} of the teacher's "
+            f"{len(teacher_names)} and the student's {len(student_names)} tensors pair up (unmatched e.g. {examples}); "
+            "pass --partial (partial=True) to compare the matched ones anyway."
         )
     return pairing

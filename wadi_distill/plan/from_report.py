@@ -34,8 +34,8 @@ def _report_data(report: Any) -> dict[str, Any]:
     if not isinstance(data, Mapping):
         raise WadiInputError("the report is not a JSON object.")
     version = data.get("schema_version")
-    if version != 1:
-        raise WadiInputError(f"report schema_version {version!r} is not supported (this version reads 1).")
+    if version not in (1, 2):
+        raise WadiInputError(f"report schema_version {version!r} is not supported (this version reads 1 and 2).")
     if not isinstance(data.get("layers"), list):
         raise WadiInputError("the report has no 'layers' list.")
     return dict(data)
@@ -108,6 +108,8 @@ def _usable_records(records: list[Mapping[str, Any]], layers: Mapping[str, nn.Mo
             skipped.append((module, "Conv2d layer (pass include_conv to plan convolutions)"))
         elif r.get("identical"):
             skipped.append((module, "identical in teacher and student"))
+        elif r.get("rounding_level"):
+            skipped.append((module, f"changed only at the rounding level of {r.get('compared_dtype')}"))
         elif not r.get("lorad_energy"):
             skipped.append((module, "the report has no angle spectrum for it (run the probe with spectra)"))
         else:

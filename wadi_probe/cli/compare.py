@@ -1,9 +1,15 @@
-"""``wadi-probe compare``: probe a teacher/student pair layer by layer, print the summary, save the report."""
+"""``wadi-probe compare``: probe a teacher against one or several students, save the reports, print the summary.
+
+Every output is checked before the computation (not an input, writable, no two at one place), written
+atomically, and written before anything is printed, so a closed pipe (``| head``) never loses a result.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -12,53 +18,131 @@ from wadi_probe.console import Device, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
 
 
-def _check_output(path: Optional[Path], what: str) -> None:
-    if path is not None and path.is_dir():
-        raise WadiInputError(f"the {what} path {path} is a folder; give a file name.")
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (``| head``): everything is already written; stop printing quietly.
+
+    rich handles a closed pipe during its own writes (quietly, exit code 1); this covers the final flush.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file descriptor (a test runner's capture)
+        pass
+    raise typer.Exit(0)
 
 
 @app.command("compare")
 @handle_errors
 def compare_command(
-    teacher: Path = typer.Argument(..., help="Teacher checkpoint: .safetensors, diffusers folder, LDM single file or torch .bin/.pt/.ckpt."),
-    student: Path = typer.Argument(..., help="Student checkpoint (any of the teacher's layouts), or an adapter file with --adapter."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the report (JSON) here."),
-    csv: Optional[Path] = typer.Option(None, "--csv", help="Write the per-layer table as CSV here."),
+    teacher: str = typer.Argument(..., help="Teacher checkpoint: .safetensors, diffusers folder, LDM single file, torch .bin/.pt/.ckpt, or builtin:digits."),
+    students: List[str] = typer.Argument(..., help="One or more students (any of the teacher's layouts, or LoRA/LoRaD adapters, detected)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report file (one student) or folder (several: LABEL.json per student, summary.json, summary.csv)."),
+    labels: Optional[List[str]] = typer.Option(None, "--label", help="A name per student (repeat; default: file or folder names)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Write the per-layer table as CSV here (one student)."),
     device: Device = device_option(),
     include: Optional[str] = typer.Option(None, "--include", help="Only tensors whose name matches this regex."),
     exclude: Optional[str] = typer.Option(None, "--exclude", help="Leave out tensors whose name matches this regex."),
     no_spectra: bool = typer.Option(False, "--no-spectra", help="Skip residual and rotation spectra (much faster)."),
-    adapter: bool = typer.Option(False, "--adapter", help="STUDENT is an adapter (LoRA/LoRaD) merged onto TEACHER."),
+    adapter: bool = typer.Option(False, "--adapter", help="Every STUDENT is an adapter merged onto TEACHER (otherwise detected)."),
+    partial: bool = typer.Option(False, "--partial", help="Compare what matches even when most tensors do not pair up or the weights look unrelated."),
     explained_at_rank: bool = typer.Option(
         False, "--explained-at-rank", help="Also report how much of the direction change LoRaD at the recommended rank explains (slower)."
     ),
     top: int = typer.Option(10, "--top", help="How many of the most rotated layers to list."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
-    plots: Optional[Path] = typer.Option(None, "--plots", help="Also write every report figure (PNG and SVG) into this folder."),
+    plots: Optional[Path] = typer.Option(None, "--plots", help="Also write the figures (PNG and SVG) into this folder."),
 ) -> None:
-    """Compare TEACHER and STUDENT: per-layer norm and direction change, angles, spectra, LoRaD rank advice."""
-    _check_output(output, "report")
-    _check_output(csv, "CSV")
-    if plots is not None and plots.exists() and not plots.is_dir():
-        raise WadiInputError(f"the plots path {plots} is a file; give a folder.")
-    from wadi_probe.analyze import compare
+    """Compare TEACHER with each STUDENT: per-layer norm and direction change, angles, spectra against chance,
+    LoRaD rank advice."""
+    from wadi_probe.analyze import compare_many, default_labels
+    from wadi_probe.report.outputs import check_outputs
+
+    many = len(students) > 1
+    names = list(labels) if labels else default_labels(students)
+    if len(names) != len(students):
+        raise WadiInputError(f"{len(names)} --label for {len(students)} students; give one per student or none.")
+    if many and csv is not None:
+        raise WadiInputError("--csv writes one student's layer table; with several students -o OUT/ gets summary.csv.")
+    if many and output is not None and output.suffix == ".json":
+        raise WadiInputError(f"with several students -o names a folder (LABEL.json per student), not {output}.")
+    outputs: dict[str, Optional[Path]] = {"report folder" if many else "report": output, "CSV": csv, "plots folder": plots}
+    if many and output is not None:
+        for label in names:
+            outputs[f"report of {label}"] = output / f"{label}.json"
+        outputs["summary"], outputs["summary table"] = output / "summary.json", output / "summary.csv"
+    check_outputs(outputs, [teacher, *students], folders=("report folder", "plots folder"))
+
     from wadi_probe.heap import reuse_freed_memory
-    from wadi_probe.report.summary import print_summary
 
     with reuse_freed_memory():  # a process-wide allocator setting: the command line's choice, not the library's
-        report = compare(
-            teacher, student, device=device.value, include=include, exclude=exclude, spectra=not no_spectra,
-            progress=progress, student_is_adapter=adapter, explained_at_rank=explained_at_rank,
+        result = compare_many(
+            teacher, students, labels=names, device=device.value, include=include, exclude=exclude,
+            spectra=not no_spectra, progress=progress, adapters=[True] * len(students) if adapter else None,
+            explained_at_rank=explained_at_rank, partial=partial, refuse_one_by_one=many,
         )
-    print_summary(report, console, top=top)
-    if output is not None:
-        report.save(output)
-        console.print(f"report written to {output}", highlight=False)
-    if csv is not None:
-        report.to_csv(csv)
-        console.print(f"layer table written to {csv}", highlight=False)
-    if plots is not None:
-        from wadi_probe.cli.plot import print_saved
-        from wadi_probe.report.plots import save_all_plots
+    if not result.reports:
+        raise WadiInputError("no student could be compared: " + "; ".join(f"{k}: {v}" for k, v in result.refused.items()))
+    written = _write(result, names, teacher, output, csv, plots, many)
+    try:
+        _print(result, written, top, many)
+    except BrokenPipeError:
+        _quiet_broken_pipe()
 
-        print_saved(save_all_plots(report, plots), plots)
+
+def _write(result, names, teacher, output, csv, plots, many) -> list[str]:
+    """Write every requested output (before anything is printed); returns the lines that say what was written."""
+    lines: list[str] = []
+    if not many:
+        report = result.reports[names[0]]
+        if output is not None:
+            report.save(output)
+            lines.append(f"report written to {output}")
+        if csv is not None:
+            report.to_csv(csv)
+            lines.append(f"layer table written to {csv}")
+        if plots is not None:
+            from wadi_probe.report.plots import save_all_plots
+
+            lines += saved_lines(save_all_plots(report, plots), plots)
+        return lines
+    if output is not None:
+        from wadi_probe.report.combined import write_combined
+
+        paths = {}
+        for label, report in result.reports.items():
+            paths[label] = str(report.save(output / f"{label}.json"))
+        json_path, csv_path = write_combined(result.table(), result.refused, output, teacher=str(teacher), reports=paths)
+        lines.append(f"{len(paths)} reports, {json_path.name} and {csv_path.name} written to {output}")
+    if plots is not None:
+        from wadi_probe.report.plots import save_comparison_plots
+
+        lines += saved_lines(save_comparison_plots(list(result.reports.values()), list(result.reports), plots), plots)
+    return lines
+
+
+def saved_lines(saved, out_dir: Path) -> list[str]:
+    """What :func:`wadi_probe.report.plots.save_all_plots` wrote and skipped, as lines to print."""
+    stems = list(dict.fromkeys(p.stem for p in saved.files))
+    suffixes = "/".join(dict.fromkeys(p.suffix.lstrip(".") for p in saved.files))
+    lines = [f"wrote {len(saved.files)} files to {out_dir} ({suffixes}): {', '.join(stems)}"] if saved.files else []
+    lines += [f"skipped {name}: {why}" for name, why in saved.skipped]
+    return lines
+
+
+def _print(result, written: list[str], top: int, many: bool) -> None:
+    from wadi_probe.report.summary import print_summary
+
+    if many:
+        from wadi_probe.report.combined import combined_table
+        from wadi_probe.report.summary import print_renderables
+
+        print_renderables(combined_table(result.table()), console)
+        for label, why in result.refused.items():
+            console.print(f"refused {label}: {why}", highlight=False, style="yellow")
+        console.print(f"the teacher was read once for {len(result.reports)} students "
+                      f"({result.teacher_reads} tensors) in {result.elapsed_s:.1f} s", highlight=False)
+    else:
+        print_summary(next(iter(result.reports.values())), console, top=top)
+    for line in written:
+        console.print(line, highlight=False, soft_wrap=True)
+    sys.stdout.flush()

@@ -17,7 +17,16 @@ def show_command(
     top: int = typer.Option(10, "--top", help="How many of the most rotated layers to list."),
 ) -> None:
     """Print the summary of a saved report: headline, most rotated layers, block × layer-type table."""
+    import sys
+
     from wadi_probe.report.schema import load_report
     from wadi_probe.report.summary import print_summary
 
-    print_summary(load_report(report), console, top=top)
+    loaded = load_report(report)
+    try:
+        print_summary(loaded, console, top=top)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (``| head``): nothing is lost, stop quietly
+        from wadi_probe.cli.compare import _quiet_broken_pipe
+
+        _quiet_broken_pipe()

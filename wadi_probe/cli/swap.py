@@ -14,7 +14,7 @@ from wadi_probe.console import console, handle_errors
 @app.command("swap")
 @handle_errors
 def swap_command(
-    teacher: Path = typer.Argument(..., help="Teacher checkpoint (file or diffusers folder)."),
+    teacher: str = typer.Argument(..., help="Teacher checkpoint (file or diffusers folder, or builtin:digits)."),
     student: Path = typer.Argument(..., help="Student checkpoint; the hybrid is written in its layout, key names and dtypes."),
     take: str = typer.Option(..., "--take", help="What to take from the teacher: 'norm' (per-row norms) or 'direction' (per-row directions)."),
     output: Path = typer.Option(..., "--output", "-o", help="Hybrid file to write (.safetensors, or .bin/.pt)."),

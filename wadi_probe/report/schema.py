@@ -1,8 +1,9 @@
 """The probe's report: schema, summary, JSON read/write with validation, and the layer table as a DataFrame.
 
-A report is plain JSON (``schema_version`` 1, field definitions in ``docs/report.md``). :class:`Report` wraps the
+A report is plain JSON (``schema_version`` 2, field definitions in ``docs/report.md``). :class:`Report` wraps the
 decoded dict and adds accessors; :func:`build_report` assembles one from per-layer records and computes the
-summary; :func:`load_report` refuses files it does not understand with one clear sentence.
+summary; :func:`load_report` refuses files it does not understand with one clear sentence, and reads
+``schema_version`` 1 reports by upgrading them in memory (:func:`upgrade_report`).
 """
 
 from __future__ import annotations
@@ -21,20 +22,25 @@ from wadi_probe.io.atomic import atomic_path, write_text_atomic
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.jsonfile import read_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Versions :func:`load_report` reads (older ones are upgraded in memory).
+READABLE_VERSIONS = (1, 2)
 TOOL = "wadi-probe"
 
 #: Record fields in the order they are written (extra keys, if any, follow).
 RECORD_FIELDS: tuple[str, ...] = (
-    "name", "module", "kind", "layer_type", "block", "order", "shape", "params", "dtype",
-    "identical", "rows", "zero_rows", "nonfinite",
+    "name", "module", "kind", "layer_type", "block", "order", "shape", "params", "dtype", "student_dtype",
+    "compared_dtype", "identical", "rounding_level", "norm_change_rounding", "rows", "zero_rows", "nonfinite",
     "norm_change_mean", "norm_change_std", "norm_change_max",
     "direction_change_mean", "direction_change_std", "direction_change_max",
-    "angle_deg_mean", "angle_deg_max", "matrix_norm_change", "matrix_direction_change",
-    "full_rank", "residual_energy_at_30pct_rank", "residual_rank_90", "residual_rank_95", "residual_rank_99",
+    "angle_deg_mean", "angle_deg_std", "angle_deg_max", "matrix_norm_change", "matrix_direction_change",
+    "full_rank", "residual_energy_at_30pct_rank", "residual_energy_at_30pct_rank_chance",
+    "residual_energy_at_30pct_rank_chance_std", "residual_energy_at_30pct_rank_excess",
+    "residual_rank_90", "residual_rank_95", "residual_rank_99",
     "residual_top_singular_values",
     "lorad_full_rank", "lorad_rank_90", "lorad_rank_95", "lorad_rank_99", "lorad_energy_at_30pct_rank",
-    "lorad_explained", "lorad_explained_at_recommended_rank", "recommended_rank",
+    "lorad_explained", "lorad_explained_chance", "lorad_explained_chance_std", "lorad_explained_excess",
+    "lorad_explained_at_recommended_rank", "recommended_rank",
     "residual_energy", "lorad_energy",
 )
 _INTEGER_FIELDS = (
@@ -105,8 +111,8 @@ class Report:
     def __repr__(self) -> str:
         s = self.summary
         return (
-            f"Report(layers={s.get('layers')}, norm_change_mean={_fmt(s.get('norm_change_mean'))}, "
-            f"direction_change_mean={_fmt(s.get('direction_change_mean'))})"
+            f"Report(layers={s.get('layers')}, angle_rad_mean={_fmt(s.get('angle_rad_mean'))}, "
+            f"norm_change_mean={_fmt(s.get('norm_change_mean'))}, angle_to_norm_ratio={_fmt(s.get('angle_to_norm_ratio'))})"
         )
 
 
@@ -169,48 +175,134 @@ def _pooled(records: Sequence[Mapping[str, Any]], prefix: str) -> tuple[float | 
     return mean, math.sqrt(max(second - mean * mean, 0.0))
 
 
+#: How many names the summary lists for unmatched tensors and for layers with bad rows (the report's
+#: ``pairing`` section and the layer records hold all of them).
+NAMES_SHOWN = 5
+
+
+def _spread(values: Sequence[float]) -> float | None:
+    """Population std across layers (how much the per-layer means differ from layer to layer)."""
+    return statistics.pstdev(values) if len(values) > 1 else (0.0 if values else None)
+
+
+def _names(records: Iterable[Mapping[str, Any]]) -> list[str]:
+    return [str(r.get("name")) for r in records]
+
+
+def _chance_summary(spectral: Sequence[Mapping[str, Any]], key: str) -> dict[str, Any]:
+    """Mean of a spectral number, of its chance baseline, of the excess, and whether the excess is above chance.
+
+    The excess counts as above chance when its mean exceeds the margin of :func:`wadi_probe.chance.above_chance`
+    for the spread of a mean of this many structureless layers.
+    """
+    from wadi_probe.chance import above_chance
+
+    rows = [r for r in spectral if r.get(key) is not None and r.get(f"{key}_chance") is not None]
+    excess = _mean(_values(rows, f"{key}_excess"))
+    spreads = _values(rows, f"{key}_chance_std")
+    spread = math.sqrt(math.fsum(v * v for v in spreads) / len(spreads)) / math.sqrt(len(spreads)) if spreads else None
+    return {
+        f"{key}_mean": _mean(_values(spectral, key)),
+        f"{key}_chance_mean": _mean(_values(rows, f"{key}_chance")),
+        f"{key}_excess_mean": excess,
+        f"{key}_above_chance": above_chance(excess, spread) if rows else None,
+    }
+
+
+def _precision(layers: Sequence[Mapping[str, Any]], matrices: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Which precisions were compared, whether the pair had to be lowered to one, and the rounding-level layers."""
+    from wadi_probe.decompose import rounding_angle
+
+    import torch
+
+    teacher = sorted({str(r["dtype"]) for r in layers if r.get("dtype")})
+    student = sorted({str(r.get("student_dtype") or r["dtype"]) for r in layers if r.get("dtype")})
+    compared = sorted({str(r["compared_dtype"]) for r in layers if r.get("compared_dtype")})
+    rounding = [r for r in matrices if r.get("rounding_level")]
+    eps = [rounding_angle(getattr(torch, name)) for name in compared if isinstance(getattr(torch, name, None), torch.dtype)]
+    return {
+        "teacher_dtypes": teacher,
+        "student_dtypes": student,
+        "compared_dtypes": compared,
+        "lowered": sum(1 for r in layers if r.get("student_dtype") and r.get("student_dtype") != r.get("dtype")),
+        "rounding_angle_rad": max(eps) if eps else None,
+        "rounding_level": len(rounding),
+        "rounding_level_names": _names(rounding)[:NAMES_SHOWN],
+    }
+
+
 def summarize(layers: Sequence[Mapping[str, Any]], pairing: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Whole-model numbers. Statistics are over *matrices* (tensors with 2+ dimensions: linear, conv, embedding).
 
-    ``norm_change_mean``/``direction_change_mean`` (and ``_std``) average the per-layer mean (std) over matrices,
-    each layer counting once, as in a per-layer plot; the ``_rows`` variants pool every output unit of every
-    matrix instead. ``direction_to_norm_ratio`` = direction_change_mean / norm_change_mean. Recommended-rank
-    statistics are over the matrices whose direction changed (recommended rank > 0).
+    ``norm_change_mean``/``direction_change_mean``/``angle_rad_mean`` (and ``_std``) average the per-layer mean
+    (std) over matrices, each layer counting once, as in a per-layer plot; the ``_rows`` variants pool every
+    output unit of every matrix instead; ``*_layer_std`` is the spread of the per-layer means across layers.
+
+    The headline ratio is first order on both sides: ``angle_to_norm_ratio`` = mean angle in radians (how far a
+    row moved sideways, relative to its length) / mean relative norm change (how far it moved radially). The
+    paper's ratio ``paper_direction_to_norm_ratio`` = mean (1 − cos) / mean norm change sets a second-order
+    quantity (1 − cos θ ≈ θ²/2) against a first-order one. Either ratio is null when the norms changed only at
+    the rounding level (``norm_change_at_rounding_level``).
+
+    Spectral means (and their chance baselines and excess) are over the matrices with spectra that changed
+    beyond rounding; recommended-rank statistics over the matrices with a recommended rank > 0.
     """
     pairing = pairing or {}
     matrices = [r for r in layers if _is_matrix(r)]
     measured = [r for r in matrices if r.get("norm_change_mean") is not None]
-    unmatched = (len(pairing.get("shape_mismatch", [])) + len(pairing.get("only_in_teacher", []))
-                 + len(pairing.get("only_in_student", [])))
+    unmatched_names = ([str(item[0]) for item in pairing.get("shape_mismatch", [])]
+                       + [str(n) for n in pairing.get("only_in_teacher", [])]
+                       + [str(n) for n in pairing.get("only_in_student", [])])
+    nonfinite = [r for r in layers if r.get("nonfinite")]
+    zero_rows = [r for r in layers if r.get("zero_rows")]
     summary: dict[str, Any] = {
         "layers": len(layers),
         "matrices": len(matrices),
         "vectors": len(layers) - len(matrices),
         "identical": sum(1 for r in layers if r.get("identical")),
         "identical_matrices": sum(1 for r in matrices if r.get("identical")),
-        "unmatched": unmatched,
+        "unmatched": len(unmatched_names),
+        "unmatched_names": unmatched_names[:NAMES_SHOWN],
         "skipped": sum(1 for r in layers if r.get("norm_change_mean") is None),
         "zero_rows": sum(int(r.get("zero_rows") or 0) for r in layers),
+        "zero_row_layers": _names(zero_rows)[:NAMES_SHOWN],
         "nonfinite": sum(int(r.get("nonfinite") or 0) for r in layers),
+        "nonfinite_layers": _names(nonfinite)[:NAMES_SHOWN],
+        "nonfinite_layer_count": len(nonfinite),
         "params": sum(int(r.get("params") or 0) for r in layers),
         "matrix_params": sum(int(r.get("params") or 0) for r in matrices),
     }
-    for prefix in ("norm_change", "direction_change"):
-        summary[f"{prefix}_mean"] = _mean(_values(measured, f"{prefix}_mean"))
+    for prefix in ("norm_change", "direction_change", "angle_deg"):
+        means = _values(measured, f"{prefix}_mean")
+        summary[f"{prefix}_mean"] = _mean(means)
         summary[f"{prefix}_std"] = _mean(_values(measured, f"{prefix}_std"))
-    summary["angle_deg_mean"] = _mean(_values(measured, "angle_deg_mean"))
+        summary[f"{prefix}_layer_std"] = _spread(means)
     summary["angle_deg_max"] = max(_values(measured, "angle_deg_max"), default=None)
-    nc, dc = summary["norm_change_mean"], summary["direction_change_mean"]
-    summary["direction_to_norm_ratio"] = dc / nc if nc and dc is not None else None
+    angle = summary["angle_deg_mean"]
+    summary["angle_rad_mean"] = math.radians(angle) if angle is not None else None
+    precision = _precision(layers, matrices)
+    floor = precision["rounding_angle_rad"] or 0.0
+    norm_floor = _mean(_values(measured, "norm_change_rounding")) or 0.0
+    precision["norm_change_rounding_mean"] = norm_floor
+    nc, dc, rad = summary["norm_change_mean"], summary["direction_change_mean"], summary["angle_rad_mean"]
+    summary["norm_change_at_rounding_level"] = nc is not None and nc <= norm_floor
+    summary["angle_at_rounding_level"] = rad is not None and rad <= floor
+    usable_norm = nc is not None and nc > norm_floor
+    summary["angle_to_norm_ratio"] = rad / nc if usable_norm and rad is not None else None
+    summary["paper_direction_to_norm_ratio"] = dc / nc if usable_norm and dc is not None else None
     for prefix in ("norm_change", "direction_change"):
         summary[f"{prefix}_mean_rows"], summary[f"{prefix}_std_rows"] = _pooled(measured, prefix)
-    for key in ("residual_energy_at_30pct_rank", "lorad_energy_at_30pct_rank", "lorad_explained",
-                "lorad_explained_at_recommended_rank"):
-        summary[f"{key}_mean"] = _mean(_values(matrices, key))
+    spectral = [r for r in matrices if not r.get("rounding_level")]
+    summary.update(_chance_summary(spectral, "residual_energy_at_30pct_rank"))
+    summary.update(_chance_summary(spectral, "lorad_explained"))
+    for key in ("lorad_energy_at_30pct_rank", "lorad_explained_at_recommended_rank"):
+        summary[f"{key}_mean"] = _mean(_values(spectral, key))
     ranks = [int(r["recommended_rank"]) for r in matrices if r.get("recommended_rank")]
     summary["recommended_rank_median"] = statistics.median(ranks) if ranks else None
     summary["recommended_rank_max"] = max(ranks, default=None)
+    summary["recommended_layers"] = len(ranks)
     summary["recommended_params"] = sum(int(r["recommended_rank"]) * (int(r["shape"][0]) + _pairs(r)) for r in matrices if r.get("recommended_rank"))
+    summary["precision"] = precision
     summary["groups"] = group_by_block(layers)
     return summary
 
@@ -240,6 +332,7 @@ def group_by_block(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     result = []
     for (block, layer_type), records in sorted(groups.items(), key=lambda item: (_block_sort_key(item[0][0]), item[0][1])):
         measured = [r for r in records if r.get("norm_change_mean") is not None]
+        spectral = [r for r in records if not r.get("rounding_level")]
         ranks = [int(r["recommended_rank"]) for r in records if r.get("recommended_rank")]
         result.append({
             "block": block,
@@ -250,8 +343,12 @@ def group_by_block(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "norm_change_mean": _mean(_values(measured, "norm_change_mean")),
             "direction_change_mean": _mean(_values(measured, "direction_change_mean")),
             "angle_deg_mean": _mean(_values(measured, "angle_deg_mean")),
-            "residual_energy_at_30pct_rank_mean": _mean(_values(records, "residual_energy_at_30pct_rank")),
-            "lorad_explained_mean": _mean(_values(records, "lorad_explained")),
+            "residual_energy_at_30pct_rank_mean": _mean(_values(spectral, "residual_energy_at_30pct_rank")),
+            "residual_energy_at_30pct_rank_excess_mean": _mean(_values(spectral, "residual_energy_at_30pct_rank_excess")),
+            "lorad_explained_mean": _mean(_values(spectral, "lorad_explained")),
+            "lorad_explained_excess_mean": _mean(_values(spectral, "lorad_explained_excess")),
+            "rounding_level": sum(1 for r in records if r.get("rounding_level")),
+            "norm_change_rounding_mean": _mean(_values(measured, "norm_change_rounding")),
             "recommended_rank_median": statistics.median(ranks) if ranks else None,
         })
     return result
@@ -275,9 +372,10 @@ def validate_report(data: Any, source: str = "the report") -> None:
     if not isinstance(data, dict) or data.get("tool") not in (TOOL, None) or "schema_version" not in data:
         raise WadiInputError(f"{source} is not a wadi-probe report (no schema_version).")
     version = data["schema_version"]
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise WadiInputError(
-            f"{source} has schema_version {version!r}, but this wadi-probe reads schema_version {SCHEMA_VERSION} only; "
+            f"{source} has schema_version {version!r}, but this wadi-probe reads schema_version "
+            f"{' and '.join(str(v) for v in READABLE_VERSIONS)} only; "
             "re-create it with `wadi-probe compare` or use a matching wadi version."
         )
     missing = [key for key in _REQUIRED_TOP if key not in data]
@@ -297,7 +395,43 @@ def load_report(path: str | Path) -> Report:
         raise WadiInputError(f"{path} does not exist." if not path.exists() else f"{path} is not a file.")
     data = read_json(path)
     validate_report(data, str(path))
-    return Report(data)
+    return Report(upgrade_report(data))
+
+
+def upgrade_report(data: dict[str, Any]) -> dict[str, Any]:
+    """A validated report in the current schema: a ``schema_version`` 1 report gains the chance baselines of its
+    layers (computed from their shapes and analysed rows) and a recomputed summary; ``upgraded_from`` says so.
+
+    Version 1 did not record the precision each layer was compared at, so an upgraded report's rounding-level
+    flags are all false.
+    """
+    if data.get("schema_version") == SCHEMA_VERSION:
+        return data
+    from wadi_probe.decompose import chance_fields
+
+    fraction = float((data.get("settings") or {}).get("rank_fraction", 0.3))
+    layers = []
+    for record in data["layers"]:
+        record = dict(record)
+        record.setdefault("rounding_level", False)
+        if record.get("dtype") and record.get("norm_change_rounding") is None:
+            from wadi_probe.decompose import norm_rounding
+
+            import torch
+
+            dtype = getattr(torch, str(record["dtype"]), None)
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+                shape = record.get("shape") or [1]
+                fan_in = math.prod(int(n) for n in shape[1:]) if len(shape) >= 2 else math.prod(int(n) for n in shape)
+                record["norm_change_rounding"] = norm_rounding(dtype, fan_in)
+        record.setdefault("angle_deg_std", None)
+        shape = record.get("shape") or []
+        if len(shape) >= 2 and record.get("residual_energy_at_30pct_rank") is not None and record.get("rows"):
+            record.update(chance_fields(record, int(record["rows"]), math.prod(int(n) for n in shape[1:]), fraction))
+        layers.append(order_record(record))
+    upgraded = {**data, "schema_version": SCHEMA_VERSION, "upgraded_from": data.get("schema_version"), "layers": layers}
+    upgraded["summary"] = summarize(layers, data.get("pairing") or {})
+    return upgraded
 
 
 # ---- table ---------------------------------------------------------------------------------------------------

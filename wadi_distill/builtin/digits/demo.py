@@ -300,6 +300,8 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
 
             print_summary(report, console, top=5)
             _print(console, f"report: {report_path}; plots: {out / 'plots'}")
+            _print(console, f"the same report from the command line: wadi-probe compare {teacher} "
+                            f"{full_student_path} -o {report_path} --plots {out / 'plots'}")
 
         # 3. LoRaD from the probe
         _print(console, f"[bold]3/4[/bold] distilling again: LoRaD student planned from the report "
@@ -315,6 +317,8 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
         plan = LoRaDConfig.load(lorad_dir)
         lorad_params = sum(int(v.numel()) for v in lorad.student_state.values())
         full_params = sum(int(v.numel()) for v in full.student_state.values())
+        _print(console, f"both students side by side: wadi-probe compare {teacher} {full_student_path} {lorad_dir} "
+                        f"--label full --label lorad -o {out / 'students'}")
 
         # 4. evaluation
         _print(console, "[bold]4/4[/bold] evaluating teacher (multi-step and one step) and both students")
@@ -365,8 +369,9 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
 
 
 def _headline(summary: dict[str, Any]) -> dict[str, Any]:
-    keys = ("layers", "matrices", "identical", "norm_change_mean", "norm_change_std", "direction_change_mean",
-            "direction_change_std", "direction_to_norm_ratio", "residual_energy_at_30pct_rank_mean")
+    keys = ("layers", "matrices", "identical", "norm_change_mean", "norm_change_std", "angle_rad_mean",
+            "direction_change_mean", "direction_change_std", "angle_to_norm_ratio", "paper_direction_to_norm_ratio",
+            "residual_energy_at_30pct_rank_mean", "residual_energy_at_30pct_rank_chance_mean")
     return {k: summary.get(k) for k in keys}
 
 
