@@ -151,9 +151,9 @@ def open_student(student: str | Path, teacher: Any):
 
 
 def _check_architecture(teacher: Any, student: Any) -> None:
-    t = {name: teacher.shape(name) for name in teacher.names()}
-    s = {name: student.shape(name) for name in student.names()}
-    differ = sorted(set(t) ^ set(s)) or [name for name in t if t[name] != s[name]]
+    from wadi_probe.io.checkpoints import architecture_differences
+
+    differ = architecture_differences(teacher, student)
     if differ:
         raise WadiInputError(
             f"the student is not the teacher's architecture: {differ[0]} differs ({len(differ)} tensors in all), "

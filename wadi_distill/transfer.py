@@ -103,7 +103,7 @@ def check_transfer(base: str | Path, adapter: str | Path, *, device: str = "auto
     from wadi_distill.lorad.serialization import read_adapter
     from wadi_probe.rotation import merged_weight
     from wadi_probe.analyze import compare
-    from wadi_probe.io.checkpoints import open_checkpoint
+    from wadi_probe.io.checkpoints import architecture_differences, open_checkpoint
 
     base, adapter = Path(base).expanduser(), Path(adapter).expanduser()
     recorded = training_teacher_of(adapter)
@@ -115,9 +115,7 @@ def check_transfer(base: str | Path, adapter: str | Path, *, device: str = "auto
         check.same_base = True
         return check
     with open_checkpoint(teacher) as t, open_checkpoint(base) as b:
-        t_shapes = {n: t.shape(n) for n in t.names()}
-        b_shapes = {n: b.shape(n) for n in b.names()}
-        differ = sorted(set(t_shapes) ^ set(b_shapes)) or [n for n in t_shapes if t_shapes[n] != b_shapes[n]]
+        differ = architecture_differences(t, b)
         if differ:
             raise WadiInputError(
                 f"{base} is not the architecture of the training teacher {recorded}: {differ[0]} differs "
@@ -126,11 +124,11 @@ def check_transfer(base: str | Path, adapter: str | Path, *, device: str = "auto
         if all(torch.equal(t.tensor(n), b.tensor(n)) for n in t.names()):
             check.same_base = True
             return check
-        parsed = read_adapter(adapter, base_shapes=b_shapes)
+        parsed = read_adapter(adapter, base_shapes={n: b.shape(n) for n in b.names()})
         by_weight = {f"{module}.weight": module for module in parsed.factors}
         dot = total = rotated = 0.0
         for name in t.names():
-            if len(t_shapes[name]) < 2:
+            if len(t.shape(name)) < 2:
                 continue
             change = b.tensor(name).double() - t.tensor(name).double()
             energy = float((change * change).sum())

@@ -159,6 +159,15 @@ _TOP_LEVEL_ORDER = {
 _SUBBLOCK_ORDER = {"resnets": 0, "attentions": 1, "downsamplers": 2, "upsamplers": 2}
 
 
+def architecture_differences(a: Checkpoint, b: Checkpoint) -> list[str]:
+    """Tensor names that tell two checkpoints' architectures apart: present in only one (sorted), else of another
+    shape; empty when both hold the same names with the same shapes."""
+    shapes_a = {name: a.shape(name) for name in a.names()}
+    shapes_b = {name: b.shape(name) for name in b.names()}
+    only_one = sorted(set(shapes_a) ^ set(shapes_b))
+    return only_one or [name for name in shapes_a if shapes_a[name] != shapes_b[name]]
+
+
 def model_order_key(name: str) -> tuple:
     """Sort key that puts names in forward-pass order, whatever order the file stored them in.
 

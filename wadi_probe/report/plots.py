@@ -203,18 +203,23 @@ def plot_mean_vs_std(report: ReportLike, *, log: bool | None = None, direction: 
     skipped = f"; {identical} identical layers not drawn" if identical else ""
     ax.set_title(f"Per-row weight change in {len(changed)} layers: norm vs direction\n({ratio_text}{skipped})",
                  fontsize=10)
-    if use_log:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    else:
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
+    _mean_std_axes(ax, use_log)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), fontsize=8, ncol=1, frameon=False)
     return fig
 
 
 # ------------------------------------------------------------------------------------- depth profile
+
+
+def _mean_std_axes(ax: Any, use_log: bool) -> None:
+    """Both axes of a mean-vs-std scatter: log-log, or linear from zero."""
+    if use_log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0)
 
 
 def _block_spans(blocks: Sequence[str | None]) -> list[tuple[str, int, int]]:
@@ -692,12 +697,7 @@ def plot_students_mean_vs_std(reports: Sequence[ReportLike], labels: Sequence[st
                        zorder=5, label=f"{label}, {what}: {x.mean():.3g} % mean, {y.mean():.3g} % mean per-layer std")
     ax.scatter([], [], marker="o", color="grey", label="circles: direction (angle, % of row length), one per layer")
     ax.scatter([], [], marker="s", color="grey", label="squares: norm change, one per layer")
-    if use_log:
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-    else:
-        ax.set_xlim(left=0)
-        ax.set_ylim(bottom=0)
+    _mean_std_axes(ax, use_log)
     ax.set_xlabel("mean change over a layer's rows (%)")
     ax.set_ylabel("standard deviation over a layer's rows (%)")
     ax.set_title(f"Per-row weight change of {len(series)} students: direction vs norm", fontsize=10)
