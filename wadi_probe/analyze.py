@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -155,6 +155,10 @@ def _open_student(spec: Any, teacher: Checkpoint, adapter: bool | None) -> tuple
         raise
 
 
+#: A student that opened and paired with the teacher: (label, checkpoint, opened_here, pairing).
+_Opened = tuple[str, Checkpoint, bool, Pairing]
+
+
 def compare_many(
     teacher: Any,
     students: Sequence[Any],
@@ -180,39 +184,17 @@ def compare_many(
     with the teacher (another architecture) or looks unrelated is refused with a sentence in
     ``result.refused`` while the rest are compared; with ``refuse_one_by_one=False`` it raises instead.
     """
-    if not students:
-        raise WadiInputError("give at least one student to compare with the teacher.")
-    labels = list(labels) if labels else default_labels(students)
-    if len(labels) != len(students):
-        raise WadiInputError(f"{len(labels)} labels for {len(students)} students; give one --label per student.")
-    if len(set(labels)) != len(labels):
-        raise WadiInputError(f"the labels must differ, got {', '.join(labels)}.")
+    labels = _checked_labels(students, labels)
     adapters = list(adapters) if adapters is not None else [None] * len(students)
     settings = settings or AnalysisSettings(spectra=spectra, truncated_explained=explained_at_rank)
     target = resolve_device(device)
     started = time.perf_counter()
     result = ManyResult()
     teacher_ckpt, close_teacher = _open(teacher, "teacher")
-    opened: list[tuple[str, Checkpoint, bool, Pairing]] = []
+    opened: list[_Opened] = []
     try:
-        for label, spec, adapter in zip(labels, students, adapters):
-            try:
-                checkpoint, close = _open_student(spec, teacher_ckpt, adapter)
-            except WadiInputError as exc:
-                if not refuse_one_by_one:
-                    raise
-                result.refused[label] = str(exc)
-                continue
-            try:
-                pairing = pair_checkpoints(teacher_ckpt, checkpoint, include=include, exclude=exclude, partial=partial)
-            except WadiInputError as exc:
-                if close:
-                    checkpoint.close()
-                if not refuse_one_by_one:
-                    raise
-                result.refused[label] = str(exc)
-                continue
-            opened.append((label, checkpoint, close, pairing))
+        _open_and_pair(teacher_ckpt, zip(labels, students, adapters), opened, result.refused, include=include,
+                       exclude=exclude, partial=partial, refuse_one_by_one=refuse_one_by_one)
         records: dict[str, list[dict[str, Any]]] = {label: [] for label, *_ in opened}
         names = [n for n in teacher_ckpt.names() if any(n in set(p.matched) for *_, p in opened)] if opened else []
         matched = {label: set(p.matched) for label, _, _, p in opened}
@@ -222,33 +204,99 @@ def compare_many(
         student_info = {label: _describe(ckpt, spec) for (label, ckpt, _, _), spec in
                         zip(opened, [s for label, s in zip(labels, students) if label in records])}
     finally:
-        for _, checkpoint, close, _ in opened:
-            if close:
-                checkpoint.close()
-        if close_teacher:
-            teacher_ckpt.close()
+        _close_opened(opened, teacher_ckpt, close_teacher)
     report_settings = {"device": str(target), "include": include, "exclude": exclude, "partial": partial,
                        **settings.to_json()}
     elapsed = round(time.perf_counter() - started, 3)
     for label, _, _, pairing in opened:
         report = build_report(inputs={"teacher": teacher_info, "student": student_info[label]}, settings=report_settings,
                               pairing=pairing.to_dict(), layers=records[label])
+        if _kept_as_related(report, label, result.refused, partial=partial, refuse_one_by_one=refuse_one_by_one):
+            report.data["run"] = _run_record(elapsed, len(opened), target)
+            result.reports[label] = report
+    result.elapsed_s = elapsed
+    return result
+
+
+def _checked_labels(students: Sequence[Any], labels: Sequence[str] | None) -> list[str]:
+    """One distinct label per student (the given ones, or :func:`default_labels`); refuses an empty student list."""
+    if not students:
+        raise WadiInputError("give at least one student to compare with the teacher.")
+    labels = list(labels) if labels else default_labels(students)
+    if len(labels) != len(students):
+        raise WadiInputError(f"{len(labels)} labels for {len(students)} students; give one --label per student.")
+    if len(set(labels)) != len(labels):
+        raise WadiInputError(f"the labels must differ, got {', '.join(labels)}.")
+    return labels
+
+
+def _open_and_pair(
+    teacher: Checkpoint,
+    specs: Iterable[tuple[str, Any, bool | None]],
+    opened: list[_Opened],
+    refused: dict[str, str],
+    *,
+    include: str | None,
+    exclude: str | None,
+    partial: bool,
+    refuse_one_by_one: bool,
+) -> None:
+    """Open each (label, student, adapter) and pair it with the teacher, appending it to ``opened``.
+
+    A student that does not open or pair is closed again and refused with its sentence in ``refused`` (or, with
+    ``refuse_one_by_one`` off, raises). ``opened`` is the caller's list so that the caller closes whatever was
+    opened even when this raises part way.
+    """
+    for label, spec, adapter in specs:
         try:
-            check_related(report, partial=partial)
+            checkpoint, close = _open_student(spec, teacher, adapter)
         except WadiInputError as exc:
             if not refuse_one_by_one:
                 raise
-            result.refused[label] = str(exc)
+            refused[label] = str(exc)
             continue
-        report.data["run"] = {
-            "elapsed_s": elapsed,
-            "students_in_run": len(opened),
-            "torch": torch.__version__,
-            "device_name": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
-        }
-        result.reports[label] = report
-    result.elapsed_s = elapsed
-    return result
+        try:
+            pairing = pair_checkpoints(teacher, checkpoint, include=include, exclude=exclude, partial=partial)
+        except WadiInputError as exc:
+            if close:
+                checkpoint.close()
+            if not refuse_one_by_one:
+                raise
+            refused[label] = str(exc)
+            continue
+        opened.append((label, checkpoint, close, pairing))
+
+
+def _close_opened(opened: Sequence[_Opened], teacher: Checkpoint, close_teacher: bool) -> None:
+    """Close the students' and then the teacher's checkpoints that this run opened (not the caller's own)."""
+    for _, checkpoint, close, _ in opened:
+        if close:
+            checkpoint.close()
+    if close_teacher:
+        teacher.close()
+
+
+def _kept_as_related(report: Report, label: str, refused: dict[str, str], *, partial: bool, refuse_one_by_one: bool) -> bool:
+    """Whether a student's report passes :func:`check_related`; if not, its sentence goes to ``refused`` (or,
+    with ``refuse_one_by_one`` off, the refusal raises)."""
+    try:
+        check_related(report, partial=partial)
+    except WadiInputError as exc:
+        if not refuse_one_by_one:
+            raise
+        refused[label] = str(exc)
+        return False
+    return True
+
+
+def _run_record(elapsed: float, students_in_run: int, target: torch.device) -> dict[str, Any]:
+    """The report's ``run`` section: how long the run took, for how many students, with which torch and device."""
+    return {
+        "elapsed_s": elapsed,
+        "students_in_run": students_in_run,
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
+    }
 
 
 #: A mean angle between teacher and student rows above this (degrees) means the weights are unrelated: two

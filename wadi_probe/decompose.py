@@ -277,21 +277,8 @@ def analyze_pair(
     settings = settings or AnalysisSettings()
     if teacher.shape != student.shape:
         raise ValueError(f"shapes differ: {tuple(teacher.shape)} vs {tuple(student.shape)}")
-    shape = tuple(int(n) for n in teacher.shape)
-    is_matrix = len(shape) >= 2
-    out = shape[0] if is_matrix else 1
-    fan_in = math.prod(shape[1:]) if is_matrix else max(1, math.prod(shape))
-    full_rank = min(out, fan_in) if is_matrix else None
-    lorad_full_rank = min(out, fan_in // 2) if is_matrix else None
-    record: dict[str, Any] = {
-        "full_rank": full_rank,
-        "lorad_full_rank": lorad_full_rank,
-        "identical": False,
-        "rounding_level": False,
-        "rows": 0,
-        "zero_rows": 0,
-        "nonfinite": 0,
-    }
+    is_matrix, out, fan_in = _matrix_view(teacher.shape)
+    record = _base_record(is_matrix, out, fan_in)
     device = torch.device(device) if device is not None else teacher.device
     if not (teacher.dtype.is_floating_point and student.dtype.is_floating_point):
         record.update(_null_stats(), **_empty_spectra(settings, zero_ranks=False))
@@ -303,17 +290,8 @@ def analyze_pair(
     compared = compare_dtype(teacher.dtype, student.dtype)
     teacher, student = teacher.to(compared), student.to(compared)
     record["compared_dtype"] = str(compared).removeprefix("torch.")
-    rounding = rounding_angle(compared)
     identical = bit_identical(teacher, student)
-    t = as_rows(teacher.to(device)).to(torch.float32)
-    s = as_rows(student.to(device)).to(torch.float32)
-    # A row holding NaN/Inf has a non-finite norm, so the norms alone find every bad row (no extra passes).
-    t_norm = torch.linalg.vector_norm(t, dim=1).to(torch.float64)
-    s_norm = torch.linalg.vector_norm(s, dim=1).to(torch.float64)
-    finite = torch.isfinite(t_norm) & torch.isfinite(s_norm)
-    zero = finite & ((t_norm == 0) | (s_norm == 0))
-    valid = finite & ~zero
-    counts = torch.stack((valid.sum(), zero.sum(), (~finite).sum())).tolist()
+    t, s, t_norm, s_norm, valid, counts = _rows_and_norms(teacher, student, device)
     record.update(rows=counts[0], zero_rows=counts[1], nonfinite=counts[2])
 
     if identical:
@@ -326,12 +304,105 @@ def analyze_pair(
 
     if counts[0] < out:
         t, s, t_norm, s_norm = t[valid], s[valid], t_norm[valid], s_norm[valid]
+    return _measure_changed(record, t, s, t_norm, s_norm, compared, is_matrix, fan_in, settings)
+
+
+def _measure_changed(
+    record: dict[str, Any],
+    t: torch.Tensor,
+    s: torch.Tensor,
+    t_norm: torch.Tensor,
+    s_norm: torch.Tensor,
+    compared: torch.dtype,
+    is_matrix: bool,
+    fan_in: int,
+    settings: AnalysisSettings,
+) -> dict[str, Any]:
+    """Fill ``record`` for a pair that is not identical, from its valid rows ``t``/``s`` (fp32) and their norms.
+
+    Row statistics first, then the rounding flags, then (for a matrix whose direction changed) the spectra and
+    their chance baselines. ΔD lives only here, and is freed before Θ is formed.
+    """
+    t_inv, s_inv, residual, residual_row_sq = _unit_residual(t, s, t_norm, s_norm)
+    record.update(_row_statistics(t_norm, s_norm, residual_row_sq))
+
+    # No row turned by more than rounding every element by one unit in the last place of the compared precision
+    # could turn it: the direction change is rounding. It is reported, but gets no rank advice (the advice is
+    # about directions; a real rescale of the rows, rounded, is such a case).
+    record["rounding_level"] = bool(record["angle_deg_max"] <= math.degrees(rounding_angle(compared)))
+    record["norm_change_rounding"] = norm_rounding(compared, fan_in)
+    skipped = _skipped_spectra(settings, is_matrix, record["direction_change_max"] > DIRECTION_TOLERANCE)
+    if skipped is not None:
+        record.update(skipped)
+        return record
+
+    rows = int(record["rows"])
+    record.update(_residual_spectrum(residual, record["full_rank"], min(rows, fan_in), settings))
+    residual_energy = float(residual_row_sq.sum())
+    del residual
+    lorad_rank = min(rows, fan_in // 2)
+    record.update(_lorad_spectrum(t, s, t_inv, s_inv, residual_energy, record["lorad_full_rank"], lorad_rank, settings))
+    record.update(chance_fields(record, rows, fan_in, settings.rank_fraction))
+    if record["rounding_level"]:
+        record["recommended_rank"] = 0
+        record["lorad_explained_at_recommended_rank"] = None
+    return record
+
+
+def _matrix_view(shape: torch.Size) -> tuple[bool, int, int]:
+    """(is_matrix, out, fan_in) of a tensor seen as rows: 2+ dimensions are (out, rest), anything else one row."""
+    dims = tuple(int(n) for n in shape)
+    is_matrix = len(dims) >= 2
+    out = dims[0] if is_matrix else 1
+    fan_in = math.prod(dims[1:]) if is_matrix else max(1, math.prod(dims))
+    return is_matrix, out, fan_in
+
+
+def _base_record(is_matrix: bool, out: int, fan_in: int) -> dict[str, Any]:
+    """The fields every record starts with: the full ranks of ΔD and Θ (null for a vector) and zero row counts."""
+    return {
+        "full_rank": min(out, fan_in) if is_matrix else None,
+        "lorad_full_rank": min(out, fan_in // 2) if is_matrix else None,
+        "identical": False,
+        "rounding_level": False,
+        "rows": 0,
+        "zero_rows": 0,
+        "nonfinite": 0,
+    }
+
+
+def _rows_and_norms(
+    teacher: torch.Tensor, student: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """The fp32 rows on ``device``, their fp64 norms, the mask of usable rows and (valid, zero, nonfinite) counts.
+
+    A row holding NaN/Inf has a non-finite norm, so the norms alone find every bad row (no extra passes).
+    """
+    t = as_rows(teacher.to(device)).to(torch.float32)
+    s = as_rows(student.to(device)).to(torch.float32)
+    t_norm = torch.linalg.vector_norm(t, dim=1).to(torch.float64)
+    s_norm = torch.linalg.vector_norm(s, dim=1).to(torch.float64)
+    finite = torch.isfinite(t_norm) & torch.isfinite(s_norm)
+    zero = finite & ((t_norm == 0) | (s_norm == 0))
+    valid = finite & ~zero
+    counts = torch.stack((valid.sum(), zero.sum(), (~finite).sum())).tolist()
+    return t, s, t_norm, s_norm, valid, counts
+
+
+def _unit_residual(
+    t: torch.Tensor, s: torch.Tensor, t_norm: torch.Tensor, s_norm: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse row norms (out, 1) in fp32, ΔD = ŝ − t̂ (formed with one temporary) and its fp64 row energies."""
     t_inv = (1 / t_norm).to(torch.float32).unsqueeze(1)
     s_inv = (1 / s_norm).to(torch.float32).unsqueeze(1)
-    residual = s * s_inv  # ΔD = ŝ − t̂, formed with one temporary
+    residual = s * s_inv
     residual.addcmul_(t, t_inv, value=-1.0)
     residual_row_sq = torch.linalg.vector_norm(residual, dim=1).to(torch.float64).square()
+    return t_inv, s_inv, residual, residual_row_sq
 
+
+def _row_statistics(t_norm: torch.Tensor, s_norm: torch.Tensor, residual_row_sq: torch.Tensor) -> dict[str, Any]:
+    """Mean/std/max of the per-row norm change, direction change and angle, and the whole-matrix changes."""
     norm_change = (s_norm - t_norm).abs() / t_norm
     direction_change = residual_row_sq / 2
     angle_deg = torch.rad2deg(2 * torch.asin((residual_row_sq.sqrt() / 2).clamp(max=1.0)))
@@ -343,47 +414,34 @@ def analyze_pair(
     dc_mean, dc_std, dc_max = _mean_std_max(direction_change)
     angle_mean, angle_std, angle_max = _mean_std_max(angle_deg)
     matrix_nc, matrix_dc = torch.stack(((s_total - t_total).abs() / t_total, (1 - matrix_cos).clamp_min(0))).tolist()
-    record.update(
-        norm_change_mean=nc_mean,
-        norm_change_std=nc_std,
-        norm_change_max=nc_max,
-        direction_change_mean=dc_mean,
-        direction_change_std=dc_std,
-        direction_change_max=dc_max,
-        angle_deg_mean=angle_mean,
-        angle_deg_std=angle_std,
-        angle_deg_max=angle_max,
-        matrix_norm_change=matrix_nc,
-        matrix_direction_change=matrix_dc,
-    )
+    return {
+        "norm_change_mean": nc_mean,
+        "norm_change_std": nc_std,
+        "norm_change_max": nc_max,
+        "direction_change_mean": dc_mean,
+        "direction_change_std": dc_std,
+        "direction_change_max": dc_max,
+        "angle_deg_mean": angle_mean,
+        "angle_deg_std": angle_std,
+        "angle_deg_max": angle_max,
+        "matrix_norm_change": matrix_nc,
+        "matrix_direction_change": matrix_dc,
+    }
 
-    # No row turned by more than rounding every element by one unit in the last place of the compared precision
-    # could turn it: the direction change is rounding. It is reported, but gets no rank advice (the advice is
-    # about directions; a real rescale of the rows, rounded, is such a case).
-    record["rounding_level"] = bool(angle_max <= math.degrees(rounding))
-    record["norm_change_rounding"] = norm_rounding(compared, fan_in)
-    direction_changed = dc_max > DIRECTION_TOLERANCE
+
+def _skipped_spectra(settings: AnalysisSettings, is_matrix: bool, direction_changed: bool) -> dict[str, Any] | None:
+    """The spectral fields of a layer whose spectra are not computed, or None when they are to be computed.
+
+    A vector has no spectra (all null), an unturned matrix has nothing to explain (rank 0), and the fast mode
+    (``settings.spectra`` off) leaves them null.
+    """
     if not is_matrix:
-        record.update({k: None for k in _empty_spectra(settings, False)})
-        return record
+        return {k: None for k in _empty_spectra(settings, False)}
     if not direction_changed:
-        record.update(_empty_spectra(settings, zero_ranks=True))
-        return record
+        return _empty_spectra(settings, zero_ranks=True)
     if not settings.spectra:
-        record.update(_empty_spectra(settings, zero_ranks=False))
-        return record
-
-    analysed_rank = min(int(counts[0]), fan_in)
-    record.update(_residual_spectrum(residual, full_rank, analysed_rank, settings))
-    residual_energy = float(residual_row_sq.sum())
-    del residual
-    lorad_rank = min(int(counts[0]), fan_in // 2)
-    record.update(_lorad_spectrum(t, s, t_inv, s_inv, residual_energy, lorad_full_rank, lorad_rank, settings))
-    record.update(chance_fields(record, int(counts[0]), fan_in, settings.rank_fraction))
-    if record["rounding_level"]:
-        record["recommended_rank"] = 0
-        record["lorad_explained_at_recommended_rank"] = None
-    return record
+        return _empty_spectra(settings, zero_ranks=False)
+    return None
 
 
 def compare_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:

@@ -250,12 +250,34 @@ def summarize(layers: Sequence[Mapping[str, Any]], pairing: Mapping[str, Any] | 
     pairing = pairing or {}
     matrices = [r for r in layers if _is_matrix(r)]
     measured = [r for r in matrices if r.get("norm_change_mean") is not None]
+    summary = _counts(layers, matrices, pairing)
+    summary.update(_change_means(measured))
+    precision = _precision(layers, matrices)
+    precision["norm_change_rounding_mean"] = _mean(_values(measured, "norm_change_rounding")) or 0.0
+    summary.update(_first_order_ratios(summary, precision))
+    for prefix in ("norm_change", "direction_change"):
+        summary[f"{prefix}_mean_rows"], summary[f"{prefix}_std_rows"] = _pooled(measured, prefix)
+    spectral = [r for r in matrices if not r.get("rounding_level")]
+    summary.update(_chance_summary(spectral, "residual_energy_at_30pct_rank"))
+    summary.update(_chance_summary(spectral, "lorad_explained"))
+    for key in ("lorad_energy_at_30pct_rank", "lorad_explained_at_recommended_rank"):
+        summary[f"{key}_mean"] = _mean(_values(spectral, key))
+    summary.update(_rank_summary(matrices))
+    summary["precision"] = precision
+    summary["groups"] = group_by_block(layers)
+    return summary
+
+
+def _counts(
+    layers: Sequence[Mapping[str, Any]], matrices: Sequence[Mapping[str, Any]], pairing: Mapping[str, Any]
+) -> dict[str, Any]:
+    """How many layers, matrices, identical, unmatched, skipped and bad-row tensors, with the first few names."""
     unmatched_names = ([str(item[0]) for item in pairing.get("shape_mismatch", [])]
                        + [str(n) for n in pairing.get("only_in_teacher", [])]
                        + [str(n) for n in pairing.get("only_in_student", [])])
     nonfinite = [r for r in layers if r.get("nonfinite")]
     zero_rows = [r for r in layers if r.get("zero_rows")]
-    summary: dict[str, Any] = {
+    return {
         "layers": len(layers),
         "matrices": len(matrices),
         "vectors": len(layers) - len(matrices),
@@ -272,39 +294,48 @@ def summarize(layers: Sequence[Mapping[str, Any]], pairing: Mapping[str, Any] | 
         "params": sum(int(r.get("params") or 0) for r in layers),
         "matrix_params": sum(int(r.get("params") or 0) for r in matrices),
     }
+
+
+def _change_means(measured: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Norm change, direction change and angle averaged over the measured matrices (each layer once), their
+    spread across layers, the largest angle, and the mean angle in radians."""
+    fields: dict[str, Any] = {}
     for prefix in ("norm_change", "direction_change", "angle_deg"):
         means = _values(measured, f"{prefix}_mean")
-        summary[f"{prefix}_mean"] = _mean(means)
-        summary[f"{prefix}_std"] = _mean(_values(measured, f"{prefix}_std"))
-        summary[f"{prefix}_layer_std"] = _spread(means)
-    summary["angle_deg_max"] = max(_values(measured, "angle_deg_max"), default=None)
-    angle = summary["angle_deg_mean"]
-    summary["angle_rad_mean"] = math.radians(angle) if angle is not None else None
-    precision = _precision(layers, matrices)
+        fields[f"{prefix}_mean"] = _mean(means)
+        fields[f"{prefix}_std"] = _mean(_values(measured, f"{prefix}_std"))
+        fields[f"{prefix}_layer_std"] = _spread(means)
+    fields["angle_deg_max"] = max(_values(measured, "angle_deg_max"), default=None)
+    angle = fields["angle_deg_mean"]
+    fields["angle_rad_mean"] = math.radians(angle) if angle is not None else None
+    return fields
+
+
+def _first_order_ratios(summary: Mapping[str, Any], precision: Mapping[str, Any]) -> dict[str, Any]:
+    """Whether the mean norm and angle changes are at the rounding level, and the two ratios (null when the norms
+    changed only at the rounding level: a ratio against rounding says nothing)."""
     floor = precision["rounding_angle_rad"] or 0.0
-    norm_floor = _mean(_values(measured, "norm_change_rounding")) or 0.0
-    precision["norm_change_rounding_mean"] = norm_floor
+    norm_floor = precision["norm_change_rounding_mean"]
     nc, dc, rad = summary["norm_change_mean"], summary["direction_change_mean"], summary["angle_rad_mean"]
-    summary["norm_change_at_rounding_level"] = nc is not None and nc <= norm_floor
-    summary["angle_at_rounding_level"] = rad is not None and rad <= floor
     usable_norm = nc is not None and nc > norm_floor
-    summary["angle_to_norm_ratio"] = rad / nc if usable_norm and rad is not None else None
-    summary["paper_direction_to_norm_ratio"] = dc / nc if usable_norm and dc is not None else None
-    for prefix in ("norm_change", "direction_change"):
-        summary[f"{prefix}_mean_rows"], summary[f"{prefix}_std_rows"] = _pooled(measured, prefix)
-    spectral = [r for r in matrices if not r.get("rounding_level")]
-    summary.update(_chance_summary(spectral, "residual_energy_at_30pct_rank"))
-    summary.update(_chance_summary(spectral, "lorad_explained"))
-    for key in ("lorad_energy_at_30pct_rank", "lorad_explained_at_recommended_rank"):
-        summary[f"{key}_mean"] = _mean(_values(spectral, key))
+    return {
+        "norm_change_at_rounding_level": nc is not None and nc <= norm_floor,
+        "angle_at_rounding_level": rad is not None and rad <= floor,
+        "angle_to_norm_ratio": rad / nc if usable_norm and rad is not None else None,
+        "paper_direction_to_norm_ratio": dc / nc if usable_norm and dc is not None else None,
+    }
+
+
+def _rank_summary(matrices: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Median and largest recommended LoRaD rank over the matrices given one, how many, and their parameters."""
     ranks = [int(r["recommended_rank"]) for r in matrices if r.get("recommended_rank")]
-    summary["recommended_rank_median"] = statistics.median(ranks) if ranks else None
-    summary["recommended_rank_max"] = max(ranks, default=None)
-    summary["recommended_layers"] = len(ranks)
-    summary["recommended_params"] = sum(int(r["recommended_rank"]) * (int(r["shape"][0]) + _pairs(r)) for r in matrices if r.get("recommended_rank"))
-    summary["precision"] = precision
-    summary["groups"] = group_by_block(layers)
-    return summary
+    return {
+        "recommended_rank_median": statistics.median(ranks) if ranks else None,
+        "recommended_rank_max": max(ranks, default=None),
+        "recommended_layers": len(ranks),
+        "recommended_params": sum(int(r["recommended_rank"]) * (int(r["shape"][0]) + _pairs(r))
+                                  for r in matrices if r.get("recommended_rank")),
+    }
 
 
 def _pairs(record: Mapping[str, Any]) -> int:

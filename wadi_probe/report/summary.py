@@ -96,32 +96,59 @@ def headline(report: Report) -> Text:
         text.append(f": {angle_text}, {norm_text}, both within what rounding gives (ε = {eps:.3g}; for the norms "
                     f"about {percent(precision.get('norm_change_rounding_mean'))}).")
         return _append_context(text, s)
-    ratio = s.get("angle_to_norm_ratio")
-    if norm_round:
-        text.append("Only directions changed", style="bold")
-        text.append(f" over {matrices} weight matrices{partly}: {angle_text} sideways; the norms changed only at "
-                    f"the rounding level ({norm_text}; rounding alone gives about "
-                    f"{percent(precision.get('norm_change_rounding_mean'))}), so no ratio is given.")
-    elif angle_round:
-        text.append("Only norms changed", style="bold")
-        text.append(f" over {matrices} weight matrices{partly}: {norm_text}; the directions changed only at the "
-                    f"rounding level ({angle_text}, ε = {eps:.3g}).")
-    else:
-        if ratio >= 1:
-            text.append(f"Rows moved {_ratio(ratio)} farther sideways (direction) than radially (norm)", style="bold")
-        else:
-            text.append(f"Rows moved {_ratio(1 / ratio)} farther radially (norm) than sideways (direction)", style="bold")
-        text.append(f" over {matrices} weight matrices{partly}: ")
-        text.append(f"{angle_text}", style="magenta")
-        text.append(" against ")
-        text.append(f"{norm_text} (std over a layer's rows {percent(s.get('norm_change_std'))})", style="cyan")
-        text.append(".")
+    scope = f"{matrices} weight matrices{partly}"
+    _append_movement(text, s, scope, angle_text, norm_text, norm_round=norm_round, angle_round=angle_round)
     paper = s.get("paper_direction_to_norm_ratio")
     if paper is not None:
         text.append(
             f"\nThe paper's ratio, mean (1 − cos) {percent(dc)} / mean norm change: {_ratio(paper)} "
             "(1 − cos θ ≈ θ²/2 is second order in the angle, so it understates the turn).", style="dim",
         )
+    spectral = _spectral_clauses(s)
+    if spectral:
+        text.append("\nOn average " + "; ".join(spectral) + ".")
+    _append_rank_advice(text, s)
+    return _append_context(text, s)
+
+
+def _append_movement(
+    text: Text, s: dict[str, Any], scope: str, angle_text: str, norm_text: str, *, norm_round: Any, angle_round: Any
+) -> None:
+    """The first sentence of a changed pair: which of sideways and radial movement is larger, and by how much.
+
+    When one of the two is at the rounding level only the other is said to have changed, and no ratio is given
+    (a ratio against rounding noise means nothing).
+    """
+    precision = s.get("precision") or {}
+    eps = precision.get("rounding_angle_rad")
+    ratio = s.get("angle_to_norm_ratio")
+    if norm_round:
+        text.append("Only directions changed", style="bold")
+        text.append(f" over {scope}: {angle_text} sideways; the norms changed only at "
+                    f"the rounding level ({norm_text}; rounding alone gives about "
+                    f"{percent(precision.get('norm_change_rounding_mean'))}), so no ratio is given.")
+    elif angle_round:
+        text.append("Only norms changed", style="bold")
+        text.append(f" over {scope}: {norm_text}; the directions changed only at the "
+                    f"rounding level ({angle_text}, ε = {eps:.3g}).")
+    else:
+        if ratio >= 1:
+            text.append(f"Rows moved {_ratio(ratio)} farther sideways (direction) than radially (norm)", style="bold")
+        else:
+            text.append(f"Rows moved {_ratio(1 / ratio)} farther radially (norm) than sideways (direction)", style="bold")
+        text.append(f" over {scope}: ")
+        text.append(f"{angle_text}", style="magenta")
+        text.append(" against ")
+        text.append(f"{norm_text} (std over a layer's rows {percent(s.get('norm_change_std'))})", style="cyan")
+        text.append(".")
+
+
+def _spectral_clauses(s: dict[str, Any]) -> list[str]:
+    """The residual's low-rank share and the rotation's explained share, each beside its chance value.
+
+    "low-rank"/"rotational" is said only when the summary marks the mean above chance; a number without its
+    chance baseline is left out rather than printed alone.
+    """
     spectral = []
     energy, energy_chance = s.get("residual_energy_at_30pct_rank_mean"), s.get("residual_energy_at_30pct_rank_chance_mean")
     if energy is not None and energy_chance is not None:
@@ -139,8 +166,12 @@ def headline(report: Report) -> Text:
             f"a pairwise rotation explains {percent(explained)} of the direction change (structureless: "
             f"{percent(explained_chance)}; {_points(explained - explained_chance)}, {verdict})"
         )
-    if spectral:
-        text.append("\nOn average " + "; ".join(spectral) + ".")
+    return spectral
+
+
+def _append_rank_advice(text: Text, s: dict[str, Any]) -> None:
+    """The median recommended LoRaD rank and its parameter count, or why no rank is recommended."""
+    precision = s.get("precision") or {}
     if s.get("recommended_rank_median") is not None:
         text.append(
             f"\nRank advice: median LoRaD rank {_rank(s['recommended_rank_median'])} over the "
@@ -149,7 +180,6 @@ def headline(report: Report) -> Text:
         )
     elif s.get("lorad_explained_mean") is not None or precision.get("rounding_level"):
         text.append("\nRank advice: no layer changed beyond rounding, so none is recommended.")
-    return _append_context(text, s)
 
 
 def _append_context(text: Text, s: dict[str, Any]) -> Text:
