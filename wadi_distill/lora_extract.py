@@ -165,24 +165,9 @@ def _flat(module: str) -> str:
     return "lora_unet_" + module.replace(".", "_")
 
 
-def extract_lora(teacher: str | Path, student: str | Path, output: str | Path, *, rank: int | None = None,
-                 energy: float | None = None, format: str = "diffusers", dtype: str = "float16",
-                 device: str = "cpu", deltas: bool = True) -> Extraction:
-    """Write a LoRA that turns ``teacher`` into (an approximation of) ``student``, and its fidelity record.
-
-    ``rank`` (fixed per layer, capped at the layer's full rank) or ``energy`` (0 < energy ≤ 1) choose the rank.
-    ``format`` is ``diffusers`` or ``kohya``; factors are stored in ``dtype`` (``float16``, ``bfloat16`` or
-    ``float32``). The record goes to ``<output>.json``. Refused before anything is written: a student of another
-    architecture, a rank larger than every layer allows, an energy outside (0, 1]. ``deltas=False`` leaves the
-    changed biases and norms out (diffusers' kohya converter refuses ``.diff``/``.diff_b`` keys for SD UNets).
-    """
-    from safetensors.torch import save_file
-
-    from wadi_probe.decompose import AnalysisSettings, analyze_pair
-    from wadi_probe.io.checkpoints import open_checkpoint
-    from wadi_probe.io.formats.adapters import ModuleAdapter, merge_module
-
-    started = time.perf_counter()
+def _checked_options(rank: int | None, energy: float | None, format: str, dtype: str,
+                     output: str | Path) -> tuple[torch.dtype, Path]:
+    """The stored dtype and the output path, after refusing bad options before any file is opened."""
     if (rank is None) == (energy is None):
         raise WadiInputError("give exactly one of --rank and --energy.")
     if rank is not None and rank < 1:
@@ -198,6 +183,98 @@ def extract_lora(teacher: str | Path, student: str | Path, output: str | Path, *
     output = Path(output).expanduser()
     if output.suffix != ".safetensors":
         raise WadiInputError(f"{output} should end in .safetensors.")
+    return store, output
+
+
+def _check_rank_fits(t: Any, matrices: list[str], rank: int | None) -> None:
+    """Refuse a fixed rank above every layer's full rank: it would silently mean "full rank" everywhere."""
+    if rank is None:
+        return
+    largest = max(min(t.shape(n)[0], math.prod(t.shape(n)[1:])) for n in matrices)
+    if rank > largest:
+        raise WadiInputError(
+            f"--rank {rank} is larger than any layer of this model allows (the largest full rank is "
+            f"{largest}, min(out, fan_in)); choose --rank ≤ {largest} or --energy."
+        )
+
+
+def _store_factors(tensors: dict[str, torch.Tensor], module: str, down: torch.Tensor, up: torch.Tensor,
+                   shape: tuple[int, ...], format: str, store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put one layer's factors into ``tensors`` under the layout's names; returns them as stored (on the CPU).
+
+    Convolutions get a (r, in, kh, kw) down and a (out, r, 1, 1) up, the shapes both layouts' loaders expect.
+    """
+    r = down.shape[0]
+    down_stored, up_stored = down.cpu(), up.cpu()
+    if len(shape) == 4:
+        down_stored, up_stored = down_stored.reshape(r, *shape[1:]), up_stored.reshape(shape[0], r, 1, 1)
+    if format == "diffusers":
+        tensors[f"unet.{module}.lora_A.weight"] = down_stored.cpu().contiguous()
+        tensors[f"unet.{module}.lora_B.weight"] = up_stored.cpu().contiguous()
+    else:
+        tensors[f"{_flat(module)}.lora_down.weight"] = down_stored.cpu().contiguous()
+        tensors[f"{_flat(module)}.lora_up.weight"] = up_stored.cpu().contiguous()
+        tensors[f"{_flat(module)}.alpha"] = torch.tensor(float(r), dtype=store)
+    return down_stored, up_stored
+
+
+def _extract_layer(module: str, tw: torch.Tensor, sw: torch.Tensor, tensors: dict[str, torch.Tensor], *,
+                   rank: int | None, energy: float | None, format: str, store: torch.dtype,
+                   target: torch.device) -> tuple[LayerFidelity, float, float, float]:
+    """Factor one changed matrix, store its factors, and measure them: (fidelity, residual², ‖ΔW‖², rounding²).
+
+    The squared sums are returned (not added here) so the caller keeps one running total per model.
+    """
+    from wadi_probe.decompose import AnalysisSettings, analyze_pair
+    from wadi_probe.io.formats.adapters import ModuleAdapter, merge_module
+
+    shape = tuple(tw.shape)
+    delta = (sw.to(target, torch.float32) - tw.to(target, torch.float32)).reshape(shape[0], -1)
+    down, up, method = low_rank_factors(delta, rank=rank, energy=energy)
+    down, up = down.to(store), up.to(store)
+    residual = delta - up.float() @ down.float()
+    layer_residual = float(residual.double().square().sum())
+    layer_delta = float(delta.double().square().sum())
+    layer_rounding = float((delta - delta.to(store).float()).double().square().sum())
+    r = down.shape[0]
+    down_stored, up_stored = _store_factors(tensors, module, down, up, shape, format, store)
+    probe = analyze_pair(merge_module(tw, ModuleAdapter("lora", {"down": down_stored, "up": up_stored}), 1.0),
+                         sw, AnalysisSettings(spectra=False))
+    layer = LayerFidelity(module, list(shape), r, min(shape[0], delta.shape[1]),
+                          math.sqrt(layer_residual / layer_delta) if layer_delta else 0.0,
+                          math.sqrt(layer_delta), r * (shape[0] + delta.shape[1]), method,
+                          probe_direction_change=probe["matrix_direction_change"],
+                          probe_norm_change=probe["matrix_norm_change"])
+    return layer, layer_residual, layer_delta, layer_rounding
+
+
+def _write(result: Extraction, tensors: dict[str, torch.Tensor], student: str | Path, started: float) -> None:
+    """Write the LoRA file, then its JSON record (each atomically), filling in the size and the time taken."""
+    from safetensors.torch import save_file
+
+    metadata = {"format": "pt", "wadi_extracted_from": Path(student).name}
+    with atomic_path(result.path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    result.bytes = result.path.stat().st_size
+    result.seconds = round(time.perf_counter() - started, 3)
+    write_json_atomic(result.record_path, result.to_json())
+
+
+def extract_lora(teacher: str | Path, student: str | Path, output: str | Path, *, rank: int | None = None,
+                 energy: float | None = None, format: str = "diffusers", dtype: str = "float16",
+                 device: str = "cpu", deltas: bool = True) -> Extraction:
+    """Write a LoRA that turns ``teacher`` into (an approximation of) ``student``, and its fidelity record.
+
+    ``rank`` (fixed per layer, capped at the layer's full rank) or ``energy`` (0 < energy ≤ 1) choose the rank.
+    ``format`` is ``diffusers`` or ``kohya``; factors are stored in ``dtype`` (``float16``, ``bfloat16`` or
+    ``float32``). The record goes to ``<output>.json``. Refused before anything is written: a student of another
+    architecture, a rank larger than every layer allows, an energy outside (0, 1]. ``deltas=False`` leaves the
+    changed biases and norms out (diffusers' kohya converter refuses ``.diff``/``.diff_b`` keys for SD UNets).
+    """
+    from wadi_probe.io.checkpoints import open_checkpoint
+
+    started = time.perf_counter()
+    store, output = _checked_options(rank, energy, format, dtype, output)
     record_path = output.with_suffix(".json")
     target = torch.device(device)
 
@@ -206,13 +283,7 @@ def extract_lora(teacher: str | Path, student: str | Path, output: str | Path, *
         try:
             _check_architecture(t, s)
             matrices = [n for n in t.names() if n.endswith(".weight") and len(t.shape(n)) >= 2]
-            if rank is not None:
-                largest = max(min(t.shape(n)[0], math.prod(t.shape(n)[1:])) for n in matrices)
-                if rank > largest:
-                    raise WadiInputError(
-                        f"--rank {rank} is larger than any layer of this model allows (the largest full rank is "
-                        f"{largest}, min(out, fan_in)); choose --rank ≤ {largest} or --energy."
-                    )
+            _check_rank_fits(t, matrices, rank)
             tensors: dict[str, torch.Tensor] = {}
             layers: list[LayerFidelity] = []
             residual_sq = delta_sq = rounding_sq = 0.0
@@ -224,42 +295,19 @@ def extract_lora(teacher: str | Path, student: str | Path, output: str | Path, *
                 if torch.equal(tw.to(sw.dtype), sw):
                     unchanged += 1
                     continue
-                shape = tuple(tw.shape)
-                delta = (sw.to(target, torch.float32) - tw.to(target, torch.float32)).reshape(shape[0], -1)
-                down, up, method = low_rank_factors(delta, rank=rank, energy=energy)
-                down, up = down.to(store), up.to(store)
-                residual = delta - up.float() @ down.float()
-                layer_residual = float(residual.double().square().sum())
-                layer_delta = float(delta.double().square().sum())
+                layer, layer_residual, layer_delta, layer_rounding = _extract_layer(
+                    module, tw, sw, tensors, rank=rank, energy=energy, format=format, store=store, target=target)
                 residual_sq += layer_residual
                 delta_sq += layer_delta
-                rounding_sq += float((delta - delta.to(store).float()).double().square().sum())
-                r = down.shape[0]
-                down_stored, up_stored = down.cpu(), up.cpu()
-                if len(shape) == 4:
-                    down_stored, up_stored = down_stored.reshape(r, *shape[1:]), up_stored.reshape(shape[0], r, 1, 1)
-                if format == "diffusers":
-                    tensors[f"unet.{module}.lora_A.weight"] = down_stored.cpu().contiguous()
-                    tensors[f"unet.{module}.lora_B.weight"] = up_stored.cpu().contiguous()
-                else:
-                    tensors[f"{_flat(module)}.lora_down.weight"] = down_stored.cpu().contiguous()
-                    tensors[f"{_flat(module)}.lora_up.weight"] = up_stored.cpu().contiguous()
-                    tensors[f"{_flat(module)}.alpha"] = torch.tensor(float(r), dtype=store)
+                rounding_sq += layer_rounding
                 adapted.add(module)
-                probe = analyze_pair(merge_module(tw, ModuleAdapter("lora", {"down": down_stored, "up": up_stored}), 1.0),
-                                     sw, AnalysisSettings(spectra=False))
-                layers.append(LayerFidelity(module, list(shape), r, min(shape[0], delta.shape[1]),
-                                            math.sqrt(layer_residual / layer_delta) if layer_delta else 0.0,
-                                            math.sqrt(layer_delta), r * (shape[0] + delta.shape[1]), method,
-                                            probe_direction_change=probe["matrix_direction_change"],
-                                            probe_norm_change=probe["matrix_norm_change"]))
+                layers.append(layer)
             extras, dropped = _one_dimensional_deltas(t, s, adapted, format, store, tensors, layers, deltas)
             if not layers and not extras:
                 raise WadiInputError("the student's weights equal the teacher's; there is nothing to extract.")
         finally:
             s.close()
 
-    metadata = {"format": "pt", "wadi_extracted_from": Path(student).name}
     result = Extraction(
         output, record_path, format, dtype, layers,
         math.sqrt(residual_sq / delta_sq) if delta_sq else 0.0,
@@ -269,11 +317,7 @@ def extract_lora(teacher: str | Path, student: str | Path, output: str | Path, *
                   "randomized_min_numel": _RANDOMIZED_MIN_NUMEL, "randomized_max_share": _RANDOMIZED_MAX_SHARE,
                   "deltas": deltas, "torch": torch.__version__},
     )
-    with atomic_path(output) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
-    result.bytes = output.stat().st_size
-    result.seconds = round(time.perf_counter() - started, 3)
-    write_json_atomic(record_path, result.to_json())
+    _write(result, tensors, student, started)
     return result
 
 

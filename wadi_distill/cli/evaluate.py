@@ -10,7 +10,6 @@ from rich.table import Table
 
 from wadi_distill.cli import app
 from wadi_probe.console import Device, console, device_option, handle_errors
-from wadi_probe.errors import WadiInputError
 
 
 @app.command("evaluate")
@@ -36,64 +35,27 @@ def evaluate_command(
     device: Device = device_option(Device.auto, help="Where to generate and extract features; auto picks CUDA when available."),
 ) -> None:
     """Score one-step images (generated from a prompt file, or a folder) against real images or saved statistics."""
+    from wadi_distill.evaluation import inputs
     from wadi_distill.evaluation import protocol as p
-    from wadi_distill.evaluation.features import digits_extractor, inception_extractor, torchscript_extractor
 
     from wadi_probe.device import resolve_device
 
     device = str(resolve_device(device))
     settings = p.EvalSettings(batch_size=batch_size, k=k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
-    if reference is None:
-        if teacher != p.DIGITS_REFERENCE:
-            raise WadiInputError("give --reference: a folder of real images, a statistics .npz, or builtin:digits.")
-        reference = p.DIGITS_REFERENCE
-    digits = reference == p.DIGITS_REFERENCE
-    if inception is not None and features is not None:
-        raise WadiInputError("give one of --inception and --features, not both.")
-    if digits:
-        extractor = digits_extractor(device)
-    elif features is not None:
-        extractor = torchscript_extractor(features, device)
-    else:
-        extractor = inception_extractor(inception, device)
-    if not digits and not Path(reference).expanduser().exists():
-        raise WadiInputError(f"the reference {reference} does not exist.")
+    reference, digits, extractor = inputs.reference_and_extractor(reference, teacher, inception, features, device)
     if save_reference_stats is not None:
-        if digits or Path(reference).suffix == ".npz":
-            raise WadiInputError("--save-reference-stats needs a reference image folder.")
-        meta = p.save_reference_stats(reference, save_reference_stats, extractor, settings)
+        meta = inputs.save_reference_folder_stats(reference, save_reference_stats, extractor, settings, digits)
         console.print(f"wrote statistics of {meta['images']} reference images ({extractor.name}) -> {save_reference_stats}", highlight=False)
         if images is None and teacher is None:
             return
     prompt_list = p.read_prompts(prompts) if prompts is not None else None
-    scorer = None
-    if clip is not None:
-        if digits:
-            raise WadiInputError("builtin:digits has no CLIP score; its prompts are scored by class accuracy.")
-        from wadi_distill.evaluation.clip import ClipScorer
-
-        scorer = ClipScorer(clip, device)
+    scorer = inputs.clip_scorer(clip, digits, device)
     generation = None
-    if (images is None) == (teacher is None):
-        raise WadiInputError("give either --images (a folder to score) or --teacher with --adapter/--merged and --prompts.")
+    inputs.check_generation(images, teacher, prompt_list, reference, digits)
     if teacher is not None:
-        if prompt_list is None:
-            raise WadiInputError("generating images needs --prompts (one prompt per line).")
-        if not digits and Path(reference).is_dir():  # refuse a too small reference before spending time on generation
-            from wadi_distill.evaluation.images import list_images
-
-            count = len(list_images(reference, "reference folder"))
-            if count < len(prompt_list):
-                raise WadiInputError(f"the reference folder {reference} has {count} images, fewer than the "
-                                     f"{len(prompt_list)} to generate; FID against a smaller reference measures the "
-                                     "reference's own sampling noise.")
         images = save_images or output.with_name(output.stem + "-images")
-        generation = p.generate_images(teacher, prompt_list, images, adapter=adapter, merged=merged, seed=seed,
-                                       batch_size=batch_size, device=device)
-        if prompts is not None:
-            from wadi_distill.evaluation.features import file_sha256
-
-            generation["prompts"] = {"file": str(prompts), "sha256": file_sha256(prompts)}
+        generation = inputs.generate_for_evaluation(teacher, prompt_list, images, prompts_file=prompts, adapter=adapter,
+                                                    merged=merged, seed=seed, batch_size=batch_size, device=device)
         console.print(f"generated {generation['images']} one-step images in {generation['seconds']:.1f} s -> {images}", highlight=False)
     record = p.evaluate(images, reference, extractor, output=output, settings=settings, clip=scorer, prompts=prompt_list,
                         generation=generation)

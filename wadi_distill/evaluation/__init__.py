@@ -5,6 +5,9 @@ from wadi_distill.evaluation.features import (
     INCEPTION_FILE, Extractor, digits_extractor, file_sha256, inception_extractor, torchscript_extractor,
 )
 from wadi_distill.evaluation.images import list_images, protocol_image, save_pngs
+from wadi_distill.evaluation.inputs import (
+    check_generation, clip_scorer, generate_for_evaluation, reference_and_extractor, save_reference_folder_stats,
+)
 from wadi_distill.evaluation.kid import kernel_inception_distance
 from wadi_distill.evaluation.protocol import (
     DIGITS_REFERENCE, EvalSettings, evaluate, generate_images, read_prompts, save_reference_stats,
@@ -14,4 +17,5 @@ __all__ = [
     "ClipScorer", "clip_scores", "INCEPTION_FILE", "Extractor", "digits_extractor", "file_sha256", "inception_extractor",
     "torchscript_extractor", "list_images", "protocol_image", "save_pngs", "kernel_inception_distance",
     "DIGITS_REFERENCE", "EvalSettings", "evaluate", "generate_images", "read_prompts", "save_reference_stats",
+    "reference_and_extractor", "save_reference_folder_stats", "clip_scorer", "check_generation", "generate_for_evaluation",
 ]

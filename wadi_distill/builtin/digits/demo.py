@@ -260,85 +260,88 @@ def run_demo(
         torch.set_num_threads(previous_threads)
 
 
-def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress: bool, teacher: str,
-         console: Any) -> DemoResult:
+def _train_full(teacher: str, out: Path, runs: Path, settings: DemoSettings, seed: int, progress: bool,
+                console: Any, timings: dict[str, float]) -> tuple[Any, Path]:
+    """Stage 1: full fine-tuning VSD; the merged student is kept as ``full_student.safetensors``."""
+    _print(console, f"[bold]1/4[/bold] distilling {teacher} into a one-step student, full fine-tuning VSD "
+                    f"({settings.full_steps} steps, batch {settings.batch_size}, "
+                    f"{settings.full_fake_updates} fake-score updates per step)")
+    t0 = time.perf_counter()
+    full = _distill(teacher, runs / "full", settings, seed, progress, settings.full_steps, settings.full_lr,
+                    fake_updates=settings.full_fake_updates, student_adapter="full")
+    timings["train_full"] = time.perf_counter() - t0
+    full_student_path = out / "full_student.safetensors"
+    with atomic_path(full_student_path) as tmp:
+        shutil.copyfile(full.merged_path, tmp)
+    return full, full_student_path
+
+
+def _probe_full(teacher: str, out: Path, full_student_path: Path, progress: bool, console: Any,
+                timings: dict[str, float]) -> tuple[Any, Any, Path, Any]:
+    """Stage 2: the probe, teacher vs the fully fine-tuned student: (teacher bundle, report, its path, its plots)."""
     from wadi_distill.teachers.pipeline import load_teacher
-    from wadi_distill.builtin.digits.data import load_split
-    from wadi_distill.evaluate import evaluate_images
     from wadi_probe.analyze import compare
     from wadi_probe.report.plots import save_all_plots
 
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
-    out.mkdir(parents=True, exist_ok=True)
-    runs = Path(tempfile.mkdtemp(prefix=".runs-", dir=out))
-    try:
-        # 1. full fine-tuning VSD
-        _print(console, f"[bold]1/4[/bold] distilling {teacher} into a one-step student, full fine-tuning VSD "
-                        f"({settings.full_steps} steps, batch {settings.batch_size}, "
-                        f"{settings.full_fake_updates} fake-score updates per step)")
-        t0 = time.perf_counter()
-        full = _distill(teacher, runs / "full", settings, seed, progress, settings.full_steps, settings.full_lr,
-                        fake_updates=settings.full_fake_updates, student_adapter="full")
-        timings["train_full"] = time.perf_counter() - t0
-        full_student_path = out / "full_student.safetensors"
-        with atomic_path(full_student_path) as tmp:
-            shutil.copyfile(full.merged_path, tmp)
+    _print(console, "[bold]2/4[/bold] probing teacher vs the fully fine-tuned student")
+    t0 = time.perf_counter()
+    bundle = load_teacher(teacher)
+    teacher_state = {k: v.detach().float().clone() for k, v in bundle.denoiser.state_dict().items()}
+    report = compare(teacher_state, full_student_path, device="cpu", progress=progress)
+    report.data["inputs"]["teacher"]["path"] = teacher
+    report_path = report.save(out / "report.json")
+    saved = save_all_plots(report, out / "plots", formats=("png",))
+    timings["probe"] = time.perf_counter() - t0
+    if console is not None:
+        from wadi_probe.report.summary import print_summary
 
-        # 2. the probe: teacher vs the fully fine-tuned student
-        _print(console, "[bold]2/4[/bold] probing teacher vs the fully fine-tuned student")
-        t0 = time.perf_counter()
-        bundle = load_teacher(teacher)
-        teacher_state = {k: v.detach().float().clone() for k, v in bundle.denoiser.state_dict().items()}
-        report = compare(teacher_state, full_student_path, device="cpu", progress=progress)
-        report.data["inputs"]["teacher"]["path"] = teacher
-        report_path = report.save(out / "report.json")
-        saved = save_all_plots(report, out / "plots", formats=("png",))
-        timings["probe"] = time.perf_counter() - t0
-        if console is not None:
-            from wadi_probe.report.summary import print_summary
+        print_summary(report, console, top=5)
+        _print(console, f"report: {report_path}; plots: {out / 'plots'}")
+        _print(console, f"the same report from the command line: wadi-probe compare {teacher} "
+                        f"{full_student_path} -o {report_path} --plots {out / 'plots'}")
+    return bundle, report, report_path, saved
 
-            print_summary(report, console, top=5)
-            _print(console, f"report: {report_path}; plots: {out / 'plots'}")
-            _print(console, f"the same report from the command line: wadi-probe compare {teacher} "
-                            f"{full_student_path} -o {report_path} --plots {out / 'plots'}")
 
-        # 3. LoRaD from the probe
-        _print(console, f"[bold]3/4[/bold] distilling again: LoRaD student planned from the report "
-                        f"(budget {settings.budget:.0%} of the backbone, {settings.lorad_steps} steps)")
-        t0 = time.perf_counter()
-        lorad = _distill(teacher, runs / "lorad", settings, seed, progress, settings.lorad_steps,
-                         settings.lorad_lr, rank_from_probe=str(report_path), budget=settings.budget)
-        timings["train_lorad"] = time.perf_counter() - t0
-        lorad_dir = out / "lorad_student"
-        with atomic_path(lorad_dir, directory=True) as tmp:
-            for name in ("adapter.safetensors", "adapter_config.json"):
-                shutil.copyfile(lorad.final_dir / name, tmp / name)
-        plan = LoRaDConfig.load(lorad_dir)
-        lorad_params = sum(int(v.numel()) for v in lorad.student_state.values())
-        full_params = sum(int(v.numel()) for v in full.student_state.values())
-        _print(console, f"both students side by side: wadi-probe compare {teacher} {full_student_path} {lorad_dir} "
-                        f"--label full --label lorad -o {out / 'students'}")
+def _train_lorad(teacher: str, out: Path, runs: Path, report_path: Path, settings: DemoSettings, seed: int,
+                 progress: bool, console: Any, timings: dict[str, float]) -> tuple[Any, Path, LoRaDConfig]:
+    """Stage 3: VSD again with the LoRaD student the probe's report planned; the adapter is kept as ``lorad_student/``."""
+    _print(console, f"[bold]3/4[/bold] distilling again: LoRaD student planned from the report "
+                    f"(budget {settings.budget:.0%} of the backbone, {settings.lorad_steps} steps)")
+    t0 = time.perf_counter()
+    lorad = _distill(teacher, runs / "lorad", settings, seed, progress, settings.lorad_steps,
+                     settings.lorad_lr, rank_from_probe=str(report_path), budget=settings.budget)
+    timings["train_lorad"] = time.perf_counter() - t0
+    lorad_dir = out / "lorad_student"
+    with atomic_path(lorad_dir, directory=True) as tmp:
+        for name in ("adapter.safetensors", "adapter_config.json"):
+            shutil.copyfile(lorad.final_dir / name, tmp / name)
+    return lorad, lorad_dir, LoRaDConfig.load(lorad_dir)
 
-        # 4. evaluation
-        _print(console, "[bold]4/4[/bold] evaluating teacher (multi-step and one step) and both students")
-        t0 = time.perf_counter()
-        rows, grids = _evaluate(teacher, bundle, full.merged_path, lorad.merged_path, settings, seed, out, progress,
-                                evaluate_images, load_split)
-        for row in rows:
-            if row["key"] == "full_student":
-                row.update(trainable_params=full_params, train_seconds=timings["train_full"])
-            elif row["key"] == "lorad_student":
-                row.update(trainable_params=lorad_params, train_seconds=timings["train_lorad"])
-        timings["evaluate"] = time.perf_counter() - t0
-    finally:
-        shutil.rmtree(runs, ignore_errors=True)
 
-    wall = time.perf_counter() - started
-    timings["total"] = wall
-    settings_record = {**asdict(settings), "seed": seed, "teacher": teacher, "quick": quick,
-                       "torch_threads": torch.get_num_threads()}
-    notes = [
+def _evaluate_all(teacher: str, bundle: Any, full: Any, lorad: Any, settings: DemoSettings, seed: int, out: Path,
+                  progress: bool, console: Any, timings: dict[str, float], full_params: int,
+                  lorad_params: int) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """Stage 4: score every model, and add each student's trainable parameters and training time to its row."""
+    from wadi_distill.builtin.digits.data import load_split
+    from wadi_distill.evaluate import evaluate_images
+
+    _print(console, "[bold]4/4[/bold] evaluating teacher (multi-step and one step) and both students")
+    t0 = time.perf_counter()
+    rows, grids = _evaluate(teacher, bundle, full.merged_path, lorad.merged_path, settings, seed, out, progress,
+                            evaluate_images, load_split)
+    for row in rows:
+        if row["key"] == "full_student":
+            row.update(trainable_params=full_params, train_seconds=timings["train_full"])
+        elif row["key"] == "lorad_student":
+            row.update(trainable_params=lorad_params, train_seconds=timings["train_lorad"])
+    timings["evaluate"] = time.perf_counter() - t0
+    return rows, grids
+
+
+def _notes(settings: DemoSettings, rows: list[dict[str, Any]], plan: LoRaDConfig, lorad_params: int, wall: float,
+           timings: dict[str, float]) -> list[str]:
+    """The sentences under the metrics table: what was generated, how each model ran, and the time it all took."""
+    return [
         f"{settings.eval_per_class * 10} generated images per model ({settings.eval_per_class} per digit, the "
         f"prompt 'a handwritten digit k'), scored against the {rows[0]['num_reference']} held-out reference digits; "
         "the 'held-out real digits' row is the test split scored the same way (the best reachable at this size).",
@@ -352,17 +355,52 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
         f"wall time: {wall:.0f} s in total ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})"
         f", {torch.get_num_threads()} torch threads.",
     ]
-    metrics_record = {"tool": "wadi-distill demo", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "settings": settings_record, "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
-                      "probe_summary": _headline(report.summary), "plan": _plan_summary(plan, lorad_params),
-                      "rows": rows}
-    metrics_json = write_json_atomic(out / "metrics.json", metrics_record)
+
+
+def _write_metrics(out: Path, record: dict[str, Any], rows: list[dict[str, Any]],
+                   notes: list[str]) -> tuple[Path, Path]:
+    """Write ``metrics.json`` and ``metrics.md`` (each atomically); returns their paths."""
+    metrics_json = write_json_atomic(out / "metrics.json", record)
     markdown = "# wadi-distill demo: metrics\n\n" + metrics_markdown(rows, notes=notes)
     metrics_md = out / "metrics.md"
     with atomic_path(metrics_md) as tmp:
         tmp.write_text(markdown, encoding="utf-8")
+    return (Path(metrics_json) if metrics_json else out / "metrics.json"), metrics_md
+
+
+def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress: bool, teacher: str,
+         console: Any) -> DemoResult:
+    """The four stages in a scratch folder under ``out`` (removed afterwards, also on failure), then the records."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    runs = Path(tempfile.mkdtemp(prefix=".runs-", dir=out))
+    try:
+        full, full_student_path = _train_full(teacher, out, runs, settings, seed, progress, console, timings)
+        bundle, report, report_path, saved = _probe_full(teacher, out, full_student_path, progress, console, timings)
+        lorad, lorad_dir, plan = _train_lorad(teacher, out, runs, report_path, settings, seed, progress, console,
+                                              timings)
+        lorad_params = sum(int(v.numel()) for v in lorad.student_state.values())
+        full_params = sum(int(v.numel()) for v in full.student_state.values())
+        _print(console, f"both students side by side: wadi-probe compare {teacher} {full_student_path} {lorad_dir} "
+                        f"--label full --label lorad -o {out / 'students'}")
+        rows, grids = _evaluate_all(teacher, bundle, full, lorad, settings, seed, out, progress, console, timings,
+                                    full_params, lorad_params)
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)
+
+    wall = time.perf_counter() - started
+    timings["total"] = wall
+    settings_record = {**asdict(settings), "seed": seed, "teacher": teacher, "quick": quick,
+                       "torch_threads": torch.get_num_threads()}
+    notes = _notes(settings, rows, plan, lorad_params, wall, timings)
+    metrics_record = {"tool": "wadi-distill demo", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "settings": settings_record, "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
+                      "probe_summary": _headline(report.summary), "plan": _plan_summary(plan, lorad_params),
+                      "rows": rows}
+    metrics_json, metrics_md = _write_metrics(out, metrics_record, rows, notes)
     return DemoResult(output_dir=out, rows=rows, summary=report.summary, report_path=report_path,
-                      metrics_json=Path(metrics_json) if metrics_json else out / "metrics.json", metrics_md=metrics_md,
+                      metrics_json=metrics_json, metrics_md=metrics_md,
                       grids=grids, plots=list(saved.files), full_student_path=full_student_path,
                       lorad_adapter_dir=lorad_dir, plan=_plan_summary(plan, lorad_params), timings=timings,
                       settings=settings_record, wall_seconds=wall)

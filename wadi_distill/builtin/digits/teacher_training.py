@@ -62,48 +62,79 @@ def noise_images(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps:
     return (alphas.sqrt() * clean + (1.0 - alphas).sqrt() * noise).to(clean.dtype)
 
 
-def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: DigitsModel | None = None,
-                  device: torch.device | str = "cpu", progress: bool = True, log_every: int = 100,
-                  train_images: torch.Tensor | None = None,
-                  train_labels: torch.Tensor | None = None) -> TeacherTrainingResult:
-    """Train a digits teacher from scratch (or continue ``teacher``) and return its EMA copy.
-
-    The training data default to the fixed ``train`` split; tests may pass tiny ``train_images``/``train_labels``.
-    """
-    config = config or TeacherTrainingConfig()
-    config.validate()
-    device = torch.device(device)
+def _training_data(config: TeacherTrainingConfig, train_images: torch.Tensor | None,
+                   train_labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels to train on: the given ones, or the fixed ``train`` split; refuses unequal lengths."""
     if train_images is None:
         split = load_split("train", seed=config.split_seed)
         train_images, train_labels = split.images, split.labels
     if train_labels is None or len(train_labels) != len(train_images):
         raise WadiInputError("Give one label per training image.")
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    if teacher is None:
-        teacher = build_teacher(seed=config.seed)
-    teacher.to(device)
-    teacher.unet.train()
-    teacher.text_encoder.train()
-    ema = copy.deepcopy(teacher).eval().requires_grad_(False)
-    params = list(teacher.unet.parameters()) + list(teacher.text_encoder.parameters())
-    ema_params = list(ema.unet.parameters()) + list(ema.text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return train_images, train_labels
 
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer,
+                   config: TeacherTrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to zero at ``steps``."""
     def lr_factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
         progress_frac = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress_frac))
 
-    scheduler_lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    prompts_all = teacher.prompts_for_labels(train_labels.tolist())
-    num_timesteps = teacher.scheduler.config.num_train_timesteps
-    images_cpu = train_images.float()
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
+
+def _sample_batch(teacher: DigitsModel, images_cpu: torch.Tensor, prompts_all: list[str], num_timesteps: int,
+                  config: TeacherTrainingConfig, generator: torch.Generator,
+                  device: torch.device) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+    """One batch (clean images, prompts with null-prompt dropout, noise, timesteps), drawn from ``generator``.
+
+    The draws keep one order (indices, dropout, noise, timesteps) so that a seed always gives the same run.
+    """
+    idx = torch.randint(0, len(images_cpu), (config.batch_size,), generator=generator)
+    clean = images_cpu[idx].to(device)
+    prompts = [prompts_all[i] for i in idx.tolist()]
+    drop = torch.rand(config.batch_size, generator=generator) < config.null_prompt_prob
+    prompts = [teacher.null_prompt if d else p for p, d in zip(prompts, drop.tolist())]
+    noise = torch.randn(clean.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, num_timesteps, (config.batch_size,), generator=generator).to(device)
+    return clean, prompts, noise, timesteps
+
+
+def _epsilon_loss(teacher: DigitsModel, clean: torch.Tensor, prompts: list[str], noise: torch.Tensor,
+                  timesteps: torch.Tensor, step: int) -> torch.Tensor:
+    """``mean((ε_θ(x_t, t, c) − ε)²)`` for one batch; a non-finite loss stops training with advice."""
+    noisy = noise_images(teacher.scheduler, clean, noise, timesteps)
+    embeddings = teacher.encode_prompts(prompts)
+    pred = teacher.unet(noisy, timesteps, encoder_hidden_states=embeddings).sample
+    loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+    if not torch.isfinite(loss):
+        raise WadiRuntimeError(f"The teacher's loss became {loss.item()} at step {step}; lower the learning rate.")
+    return loss
+
+
+def _update(loss: torch.Tensor, params: list[torch.Tensor], ema_params: list[torch.Tensor],
+            optimizer: torch.optim.Optimizer, scheduler_lr: Any, ema_decay: float, step: int) -> None:
+    """One optimiser step (gradients clipped at norm 1), then the EMA, whose decay ramps up over the first steps."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler_lr.step()
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+
+
+def _train_steps(teacher: DigitsModel, params: list[torch.Tensor], ema_params: list[torch.Tensor],
+                 optimizer: torch.optim.Optimizer, scheduler_lr: Any, images_cpu: torch.Tensor, prompts_all: list[str],
+                 config: TeacherTrainingConfig, generator: torch.Generator, device: torch.device, *, progress: bool,
+                 log_every: int) -> list[float]:
+    """Run ``config.steps`` training steps; returns the mean loss of each ``log_every`` window (and the last one)."""
+    num_timesteps = teacher.scheduler.config.num_train_timesteps
     losses: list[float] = []
     window: list[float] = []
-    start = time.perf_counter()
     bar = None
     if progress:
         from wadi_probe.console import progress_bar
@@ -113,27 +144,10 @@ def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: Digit
         bar.start()
     try:
         for step in range(config.steps):
-            idx = torch.randint(0, len(images_cpu), (config.batch_size,), generator=generator)
-            clean = images_cpu[idx].to(device)
-            prompts = [prompts_all[i] for i in idx.tolist()]
-            drop = torch.rand(config.batch_size, generator=generator) < config.null_prompt_prob
-            prompts = [teacher.null_prompt if d else p for p, d in zip(prompts, drop.tolist())]
-            noise = torch.randn(clean.shape, generator=generator).to(device)
-            timesteps = torch.randint(0, num_timesteps, (config.batch_size,), generator=generator).to(device)
-            noisy = noise_images(teacher.scheduler, clean, noise, timesteps)
-            embeddings = teacher.encode_prompts(prompts)
-            pred = teacher.unet(noisy, timesteps, encoder_hidden_states=embeddings).sample
-            loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
-            if not torch.isfinite(loss):
-                raise WadiRuntimeError(f"The teacher's loss became {loss.item()} at step {step}; lower the learning rate.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler_lr.step()
-            decay = min(config.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1.0 - decay)
+            clean, prompts, noise, timesteps = _sample_batch(teacher, images_cpu, prompts_all, num_timesteps, config,
+                                                             generator, device)
+            loss = _epsilon_loss(teacher, clean, prompts, noise, timesteps, step)
+            _update(loss, params, ema_params, optimizer, scheduler_lr, config.ema_decay, step)
             window.append(loss.item())
             if (step + 1) % log_every == 0 or step + 1 == config.steps:
                 losses.append(sum(window) / len(window))
@@ -145,6 +159,39 @@ def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: Digit
     finally:
         if bar is not None:
             bar.stop()
+    return losses
+
+
+def train_teacher(config: TeacherTrainingConfig | None = None, *, teacher: DigitsModel | None = None,
+                  device: torch.device | str = "cpu", progress: bool = True, log_every: int = 100,
+                  train_images: torch.Tensor | None = None,
+                  train_labels: torch.Tensor | None = None) -> TeacherTrainingResult:
+    """Train a digits teacher from scratch (or continue ``teacher``) and return its EMA copy.
+
+    The training data default to the fixed ``train`` split; tests may pass tiny ``train_images``/``train_labels``.
+    """
+    config = config or TeacherTrainingConfig()
+    config.validate()
+    device = torch.device(device)
+    train_images, train_labels = _training_data(config, train_images, train_labels)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    if teacher is None:
+        teacher = build_teacher(seed=config.seed)
+    teacher.to(device)
+    teacher.unet.train()
+    teacher.text_encoder.train()
+    ema = copy.deepcopy(teacher).eval().requires_grad_(False)
+    params = list(teacher.unet.parameters()) + list(teacher.text_encoder.parameters())
+    ema_params = list(ema.unet.parameters()) + list(ema.text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler_lr = _warmup_cosine(optimizer, config)
+    prompts_all = teacher.prompts_for_labels(train_labels.tolist())
+    images_cpu = train_images.float()
+
+    start = time.perf_counter()
+    losses = _train_steps(teacher, params, ema_params, optimizer, scheduler_lr, images_cpu, prompts_all, config,
+                          generator, device, progress=progress, log_every=log_every)
     wall = time.perf_counter() - start
     return TeacherTrainingResult(teacher=ema, losses=losses, wall_seconds=wall, config=asdict(config))
 
