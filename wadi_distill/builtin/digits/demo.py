@@ -16,7 +16,6 @@ Everything lands in ``output_dir``; the trained students are kept there too (``f
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import time
