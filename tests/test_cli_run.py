@@ -50,6 +50,15 @@ def test_run_writes_checkpoints_final_and_logs(setup):
         assert (out / "final" / name).is_file(), name
     lines = (out / "logs" / "losses.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    # the adapter records the teacher it was trained on (absolute), so export can tell a fine-tune from it
+    config = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(setup["teacher"]).resolve())
+
+
+def test_an_exported_adapter_finds_its_training_teacher(setup, tmp_path):
+    from wadi_distill.transfer import training_teacher_of
+
+    assert training_teacher_of(setup["out"] / "final") == str(Path(setup["teacher"]).resolve())
 
 
 def _fails(args: list[str], message: str) -> None:

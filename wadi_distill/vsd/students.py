@@ -122,7 +122,7 @@ class AdapterStudent(Student):
     def write(self, folder, teacher):
         from wadi_distill.lorad.serialization import ADAPTER_WEIGHTS, save_adapter
 
-        save_adapter(self.module, folder, self.plan, adapter_name="student")
+        save_adapter(self.module, folder, self.plan, adapter_name="student", base_model_name_or_path=teacher.source)
         if teacher.family == "builtin":
             save_file(self.merged_state(), str(folder / "student.safetensors"))
         else:  # the teacher's own keys and dtypes, read lazily from its files
