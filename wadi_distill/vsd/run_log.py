@@ -83,11 +83,9 @@ class Console:
         """Begin the training display at step ``start`` (a resumed run starts past 0)."""
         self._start_step, self._started = start, time.perf_counter()
         if self.enabled and self.bar:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from wadi_probe.console import progress_bar
 
-            self._progress = Progress(TextColumn("[bold]VSD"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), TextColumn("{task.fields[pace]}"),
-                                      TextColumn("{task.fields[losses]}"), transient=False)
+            self._progress = progress_bar("VSD", "pace", "losses")
             self._task = self._progress.add_task("train", total=self.total, completed=start, losses="", pace="")
             self._progress.start()
 
