@@ -194,3 +194,22 @@ def test_a_single_file_ldm_student_gives_the_same_lora_as_its_diffusers_folder(p
     b = extract_lora(pair / "teacher", ldm, tmp_path / "b.safetensors", rank=3, dtype="float32")
     assert [(l.module, l.rank, l.relative_error) for l in a.layers] == [(l.module, l.rank, l.relative_error) for l in b.layers]
     assert load_file(str(tmp_path / "a.safetensors")).keys() == load_file(str(tmp_path / "b.safetensors")).keys()
+
+
+def test_the_printed_table_keeps_every_column_piped_at_80_columns(pair, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "lora.safetensors"
+    env = {**os.environ, "COLUMNS": "80"}
+    done = subprocess.run([sys.executable, "-c", "from wadi_distill.cli import main; main()", "extract-lora",
+                           "--teacher", str(pair / "teacher"), "--student", str(pair / "student"), "-o", str(out),
+                           "--rank", "4", "--top", "3"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    header = next(line for line in lines if line.lstrip().startswith("layer"))
+    assert header.split() == ["layer", "shape", "rank", "of", "error"]
+    worst = max(json.loads((tmp_path / "lora.json").read_text())["layers"], key=lambda layer: layer["relative_error"])
+    assert f"{worst['relative_error']:.4f}" in done.stdout and "…" not in done.stdout

@@ -6,7 +6,6 @@ import enum
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from wadi_distill.cli import app
 from wadi_probe.console import Device, choice_option, console, device_option, handle_errors
@@ -51,13 +50,13 @@ def extract_lora_command(
                           device=str(resolve_device(device)), deltas=deltas)
     worst = sorted(result.layers, key=lambda layer: -layer.relative_error)[: max(top, 0)]
     if worst:
-        table = Table(title=f"largest relative errors ({len(worst)} of {len(result.layers)} layers; all in the record)",
-                      title_justify="left")
-        table.add_column("layer", no_wrap=True, overflow="fold")
-        table.add_column("shape", justify="right", no_wrap=True)
-        table.add_column("rank", justify="right", no_wrap=True)
-        table.add_column("of", justify="right", no_wrap=True)
-        table.add_column("error", justify="right", no_wrap=True)
+        from wadi_probe.report.summary import compact_table
+
+        # the layer name folds; the numbers keep their width, so 80 columns or a pipe lose no column
+        table = compact_table(f"largest relative errors ({len(worst)} of {len(result.layers)} layers; all in the record)")
+        table.add_column("layer", overflow="fold", ratio=1, min_width=14)
+        for header in ("shape", "rank", "of", "error"):
+            table.add_column(header, justify="right", no_wrap=True, min_width=len(header))
         for layer in worst:
             table.add_row(layer.module, "×".join(map(str, layer.shape)), str(layer.rank), str(layer.full_rank),
                           f"{layer.relative_error:.4f}")
