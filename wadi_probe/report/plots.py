@@ -646,16 +646,21 @@ def save_all_plots(
             if name.startswith("pair_angles_"):
                 raise
             saved.skipped.append((name, str(exc)))
-    out.mkdir(parents=True, exist_ok=True)
-    for name, fig in drawn:
-        for fmt in formats:
-            saved.files.append(save_figure(fig, out / f"{name}.{fmt}"))
-    return saved
+    return _write_drawn(drawn, out, formats, saved)
 
 
 # ------------------------------------------------------------------------------ several students side by side
 
 STUDENT_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+
+
+def _write_drawn(drawn: Sequence[tuple[str, Any]], out: Path, formats: Sequence[str], saved: Any) -> Any:
+    """Write every drawn figure in every format into ``out`` (only once all were drawn), listed in ``saved``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, fig in drawn:
+        for fmt in formats:
+            saved.files.append(save_figure(fig, out / f"{name}.{fmt}"))
+    return saved
 
 
 def _student_color(index: int) -> str:
@@ -811,8 +816,4 @@ def save_comparison_plots(
             drawn.append((name, draw(reports, labels)))
         except WadiInputError as exc:
             saved.skipped.append((name, str(exc)))
-    out.mkdir(parents=True, exist_ok=True)
-    for name, fig in drawn:
-        for fmt in formats:
-            saved.files.append(save_figure(fig, out / f"{name}.{fmt}"))
-    return saved
+    return _write_drawn(drawn, out, formats, saved)
