@@ -37,6 +37,7 @@ def evaluate_command(
     """Score one-step images (generated from a prompt file, or a folder) against real images or saved statistics."""
     from wadi_distill.evaluation import inputs
     from wadi_distill.evaluation import protocol as p
+    from wadi_distill.teachers.prompts import load_prompts
 
     from wadi_probe.device import resolve_device
 
@@ -48,7 +49,7 @@ def evaluate_command(
         console.print(f"wrote statistics of {meta['images']} reference images ({extractor.name}) -> {save_reference_stats}", highlight=False)
         if images is None and teacher is None:
             return
-    prompt_list = p.read_prompts(prompts) if prompts is not None else None
+    prompt_list = load_prompts(prompts) if prompts is not None else None
     scorer = inputs.clip_scorer(clip, digits, device)
     generation = None
     inputs.check_generation(images, teacher, prompt_list, reference, digits)

@@ -10,12 +10,12 @@ from wadi_distill.evaluation.inputs import (
 )
 from wadi_distill.evaluation.kid import kernel_inception_distance
 from wadi_distill.evaluation.protocol import (
-    DIGITS_REFERENCE, EvalSettings, evaluate, generate_images, read_prompts, save_reference_stats,
+    DIGITS_REFERENCE, EvalSettings, evaluate, generate_images, save_reference_stats,
 )
 
 __all__ = [
     "ClipScorer", "clip_scores", "INCEPTION_FILE", "Extractor", "digits_extractor", "file_sha256", "inception_extractor",
     "torchscript_extractor", "list_images", "protocol_image", "save_pngs", "kernel_inception_distance",
-    "DIGITS_REFERENCE", "EvalSettings", "evaluate", "generate_images", "read_prompts", "save_reference_stats",
+    "DIGITS_REFERENCE", "EvalSettings", "evaluate", "generate_images", "save_reference_stats",
     "reference_and_extractor", "save_reference_folder_stats", "clip_scorer", "check_generation", "generate_for_evaluation",
 ]

@@ -27,7 +27,7 @@ from wadi_distill.evaluation.images import PROTOCOL_SIZE, list_images, protocol_
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 
-__all__ = ["EvalSettings", "read_prompts", "generate_images", "save_reference_stats", "evaluate", "DIGITS_REFERENCE"]
+__all__ = ["EvalSettings", "generate_images", "save_reference_stats", "evaluate", "DIGITS_REFERENCE"]
 
 DIGITS_REFERENCE = "builtin:digits"
 STATS_FORMAT = "wadi-reference-stats"
@@ -43,17 +43,6 @@ class EvalSettings:
     kid_subset_size: int = 1000
     size: int = PROTOCOL_SIZE
     seed: int = 0
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-empty line of a UTF-8 text file."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WadiInputError(f"the prompt file {path} does not exist.")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
-        raise WadiInputError(f"the prompt file {path} holds no prompts.")
-    return prompts
 
 
 def generate_images(teacher: str | Path, prompts: list[str], folder: str | Path, *, adapter: str | Path | None = None,

@@ -30,7 +30,7 @@ def load_prompts(path: str | Path, *, column: str | None = None) -> list[str]:
     ``column`` names the field holding the prompt in ``.jsonl``/``.csv`` files (default: the first of
     ``prompt``, ``text``, ``caption`` that exists). An empty result is an input error.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise WadiInputError(f"The prompt file {path} does not exist.")
     suffix = path.suffix.lower()
