@@ -79,10 +79,13 @@ def _resolve(recorded: str, adapter: Path) -> Path | None:
 
     ``builtin:digits`` (or a ``train-teacher`` folder) is its UNet weights file, which is what ``export`` reads.
     """
-    if recorded.startswith("builtin:"):
-        from wadi_distill.builtin.digits.model import BUILTIN_DIR, BUILTIN_NAMES, BUILTIN_PREFIX, UNET_FILE
+    from wadi_probe.builtins import builtin_path, is_builtin
 
-        return BUILTIN_DIR / UNET_FILE if recorded[len(BUILTIN_PREFIX):] in BUILTIN_NAMES else None
+    if is_builtin(recorded):
+        try:
+            return builtin_path(recorded)
+        except WadiInputError:  # a built-in this installation does not ship
+            return None
     candidate = Path(recorded).expanduser()
     if candidate.is_absolute():
         return candidate if candidate.exists() else None
