@@ -290,3 +290,14 @@ def test_a_real_small_norm_change_in_fp16_is_not_called_rounding():
     assert s["norm_change_at_rounding_level"] is False and s["norm_change_mean"] == pytest.approx(1e-3, rel=0.05)
     assert s["angle_to_norm_ratio"] == pytest.approx(math.radians(0.5) / 1e-3, rel=0.05)
     assert s["precision"]["norm_change_rounding_mean"] == pytest.approx(2 * 2**-10 / math.sqrt(320))
+
+
+def test_unwritable_reason_is_the_one_output_folder_check(tmp_path):
+    from wadi_probe.io.atomic import unwritable_reason
+
+    assert unwritable_reason(tmp_path / "new" / "deeper") is None  # created later, its nearest parent is writable
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    assert unwritable_reason(a_file / "sub") == f"{a_file} is a file, not a folder"
+    assert unwritable_reason("/proc/wadi-out").startswith("/proc: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]  # the check leaves nothing behind

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -193,18 +192,13 @@ def _validate_machine(config: DistillConfig) -> None:
 
 def check_output_dir(path: Path) -> None:
     """Refuse an output path whose folder is a file or cannot be created or written, before anything is written."""
+    from wadi_probe.io.atomic import unwritable_reason
+
     if path.exists() and not path.is_dir():
         raise WadiInputError(f"The output folder {path} is a file; choose a folder.")
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise WadiInputError(f"The output folder {path} cannot be created: {parent} is a file.")
-    try:  # a real write, not os.access: root, read-only mounts and ACLs all answer truthfully this way
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as exc:
-        raise WadiInputError(f"The output folder {path} cannot be written ({parent}: {exc.strerror}).") from exc
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise WadiInputError(f"The output folder {path} cannot be written ({reason}).")
 
 
 def validate_config(config: DistillConfig) -> None:

@@ -48,6 +48,25 @@ def _apply_umask_tree(path: Path) -> None:
         _apply_umask(path, False)
 
 
+def unwritable_reason(folder: str | os.PathLike[str]) -> str | None:
+    """Why nothing could be written at or below ``folder`` (checked at the nearest existing folder), or None.
+
+    A real file creation, not ``os.access``: root, read-only mounts, ``/proc`` and ACLs all answer truthfully so.
+    Commands call it before any computation, so that an output that cannot be written is refused up front.
+    """
+    probe = Path(folder)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        return f"{probe}: {exc.strerror or exc}"
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``, on failure remove it.

@@ -8,12 +8,12 @@ writes themselves are atomic (:mod:`wadi_probe.io.atomic`), so a failure later l
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from wadi_probe.builtins import is_builtin, resolve_builtin
 from wadi_probe.errors import WadiInputError
+from wadi_probe.io.atomic import unwritable_reason
 
 
 def input_files(spec: object) -> set[Path]:
@@ -26,22 +26,10 @@ def input_files(spec: object) -> set[Path]:
     return {path.resolve()} if path.exists() else set()
 
 
-def _writable_folder(folder: Path) -> Path:
-    """The nearest existing folder at or above ``folder``; refused when it is a file or cannot be written to."""
-    probe = folder
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise WadiInputError(f"cannot write into {folder}: {probe} is a file, not a folder.")
-    try:  # os.access says yes for root on read-only mounts and /proc; creating a file is the real test
-        fd, name = tempfile.mkstemp(prefix=".wadi-write-test.", dir=probe)
-        os.close(fd)
-        os.unlink(name)
-    except OSError as exc:
-        raise WadiInputError(f"cannot write into {probe} ({exc.strerror or exc}); choose another output path.") from None
-    return probe
+def _check_writable(folder: Path) -> None:
+    reason = unwritable_reason(folder)
+    if reason is not None:
+        raise WadiInputError(f"cannot write into {folder} ({reason}); choose another output path.")
 
 
 def check_outputs(outputs: Mapping[str, Path | None], inputs: Iterable[object], *, folders: Iterable[str] = ()) -> None:
@@ -70,4 +58,4 @@ def check_outputs(outputs: Mapping[str, Path | None], inputs: Iterable[object], 
         if resolved in seen:
             raise WadiInputError(f"the {what} and the {seen[resolved]} would both be written to {path}.")
         seen[resolved] = what
-        _writable_folder(path if what in folder_kinds else path.parent)
+        _check_writable(path if what in folder_kinds else path.parent)
