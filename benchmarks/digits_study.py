@@ -21,15 +21,19 @@ all there is skipped, so an interrupted study continues where it stopped. Phases
 ``main``   seeds 0, 1, 2 at 800 steps, each student at its sweep-chosen setting (a seed-0 run equal to a length
            run — same student, lr and fake updates — is that run's 800-step point: the learning rate is constant
            after warm-up, so an 800-step run is the first 800 steps of a longer one).
+``demo``   the demo's two recipes (the length runs' settings) at seeds 1 and 2, if the sweep kept another setting.
 ``rank``   LoRaD on the paper preset at ranks 4, 8, 32 and 64 (≥ full rank on every layer), seeds 0, 1, 2, at the
            sweep-chosen setting of ``lorad-uniform`` (its budget rank 14 is the ``main`` run).
 ``swap``   the swap ablation on the three ``main`` fully fine-tuned students (teacher norms into the student, and
            teacher directions), all metrics; declared verdict metric: the rise of feature FD over the student.
-``noise``  the evaluation's own spread: one student scored with five other noise seeds.
+``noise``  the evaluation's own spread: the seed-0 full and LoRaD students scored with five other noise seeds.
+``extras`` reference rows (real test digits, the teacher at one step and at DDIM 25 + CFG 2) and, for each kept
+           fully fine-tuned student, a structureless change of the same size per matrix (Gaussian, same Frobenius
+           norm), scored and probed: what the probe's ratios and spectra give by chance.
 
     python benchmarks/digits_study.py run --phases sweep,length --workers 2
-    python benchmarks/digits_study.py run --phases main,rank --workers 2   # needs the sweep's choice
-    python benchmarks/digits_study.py swap && python benchmarks/digits_study.py noise
+    python benchmarks/digits_study.py run --phases main,demo,rank --workers 2   # needs the sweep's choice
+    python benchmarks/digits_study.py swap && python benchmarks/digits_study.py noise && python benchmarks/digits_study.py extras
     python benchmarks/digits_study_report.py
 """
 
@@ -169,7 +173,7 @@ def run_job(job: Job) -> None:
                    "train_s_cumulative": round(elapsed, 1), **score_and_probe(result.merged_path)}
             row["lengths"] = list(job.lengths)
             append_run(row)
-            print(json.dumps({k: row[k] for k in ("name", "steps", "fd_pixel", "fd_features", "recall")}), flush=True)
+            print(json.dumps({k: row.get(k) for k in ("name", "steps", "fd_pixel", "fd_features", "recall")}), flush=True)
         if job.keep:
             STUDENTS.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(result.merged_path, student_path(job))
@@ -179,14 +183,16 @@ def student_path(job: Job) -> Path:
     return STUDENTS / (job.name.replace("/", "__") + ".safetensors")
 
 
-def read_runs(path: Path = RUNS) -> list[dict[str, Any]]:
+def read_runs(path: Path | None = None) -> list[dict[str, Any]]:
+    path = RUNS if path is None else path
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def append_run(row: dict[str, Any], path: Path = RUNS) -> None:
+def append_run(row: dict[str, Any], path: Path | None = None) -> None:
     """One JSON line, appended with a single write (two workers append to the same file)."""
+    path = RUNS if path is None else path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         handle.write(json.dumps(row) + "\n")
@@ -234,12 +240,19 @@ def main_jobs() -> list[Job]:
     return jobs
 
 
+def demo_jobs() -> list[Job]:
+    """The demo's two recipes (its length runs' settings) at seeds 1 and 2: the demo's seed spread. Named as main
+    runs, so where the sweep kept the demo's setting they are the main runs themselves and run once."""
+    return [Job("main", j.method, seed, j.lr, j.fake_updates, keep=j.method == "full")
+            for j in length_jobs() for seed in SEEDS if seed != 0]
+
+
 def rank_jobs() -> list[Job]:
     lr, fake = chosen_settings()["lorad-uniform"]
     return [Job("rank", "lorad-uniform", seed, lr, fake, rank=rank) for rank in RANKS for seed in SEEDS]
 
 
-PHASES = {"sweep": sweep_jobs, "length": length_jobs, "main": main_jobs, "rank": rank_jobs}
+PHASES = {"sweep": sweep_jobs, "length": length_jobs, "main": main_jobs, "demo": demo_jobs, "rank": rank_jobs}
 
 
 def pending(jobs: list[Job]) -> list[Job]:
@@ -271,6 +284,13 @@ def run_pool(jobs: list[Job], workers: int) -> None:
 # ------------------------------------------------------------------------------------------------ swap, noise
 
 
+def _full_students(lr: float, fake: int) -> list[Job]:
+    """The kept fully fine-tuned students at (lr, fake updates), one per seed."""
+    jobs = {j.seed: j for j in length_jobs() + main_jobs() + demo_jobs()
+            if j.method == "full" and j.lr == lr and j.fake_updates == fake and j.keep}
+    return [jobs[s] for s in sorted(jobs)]
+
+
 def swap_ablation() -> None:
     """Teacher norms / teacher directions swapped into each kept fully fine-tuned student, scored; → swap.jsonl."""
     import torch
@@ -279,7 +299,7 @@ def swap_ablation() -> None:
 
     torch.set_num_threads(1)
     lr, fake = chosen_settings()["full"]
-    jobs = [j for j in length_jobs() + main_jobs() if j.method == "full" and j.lr == lr and j.fake_updates == fake]
+    jobs = _full_students(lr, fake)
     teacher = "builtin:digits"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -314,6 +334,57 @@ def eval_noise() -> None:
     (OUT / "noise.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def structureless_student(teacher: dict, student: dict, seed: int) -> dict:
+    """The teacher plus, in every weight matrix, Gaussian noise of exactly the student's change's Frobenius norm;
+    every vector (bias, norm scale) as in the student. The probe's chance for a change of this size."""
+    import torch
+
+    generator, out = torch.Generator().manual_seed(seed), {}
+    for name, value in student.items():
+        base = teacher[name].float()
+        if value.ndim < 2:
+            out[name] = value.clone()
+            continue
+        delta = value.float() - base
+        noise = torch.randn(base.shape, generator=generator)
+        out[name] = base + noise * (delta.norm() / noise.norm())
+    return out
+
+
+def extras() -> None:
+    """Reference rows (real test digits, teacher one step, teacher DDIM 25 + CFG 2, all on EVAL_SEED) and a
+    structureless change of each kept fully fine-tuned student's size, scored and probed → baselines.jsonl."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from wadi_distill.builtin.digits.data import load_split
+    from wadi_distill.builtin.digits.demo import eval_labels, multistep_digits, one_step_digits
+    from wadi_distill.evaluate import evaluate_images
+    from wadi_distill.teachers.pipeline import load_teacher
+    from wadi_probe.builtins import builtin_path
+
+    torch.set_num_threads(1)
+    bundle, labels, reference = load_teacher("builtin:digits"), eval_labels(30), load_split("reference")
+    test = load_split("test")
+    real = torch.cat([test.images[test.labels == k][:30] for k in range(10)])  # 30 per digit, as generated
+    rows = [{"variant": "held-out real digits (test split)", **evaluate_images(real, labels, reference)},
+            {"variant": "teacher, one step",
+             **evaluate_images(one_step_digits(bundle, bundle.denoiser.eval(), labels, seed=EVAL_SEED), labels,
+                               reference)},
+            {"variant": "teacher, DDIM 25 + CFG 2",
+             **evaluate_images(multistep_digits(bundle, labels, EVAL_SEED, steps=25, cfg=2.0), labels, reference)}]
+    teacher = load_file(builtin_path("digits"))
+    lr, fake = chosen_settings()["full"]
+    jobs = _full_students(lr, fake)
+    with tempfile.TemporaryDirectory() as tmp:
+        for job in jobs:
+            path = Path(tmp) / f"structureless-{job.seed}.safetensors"
+            save_file(structureless_student(teacher, load_file(student_path(job)), seed=job.seed), path)
+            rows.append({"variant": "structureless change of the full student's size", "seed": job.seed,
+                         **score_and_probe(path)})
+    (OUT / "baselines.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -325,6 +396,7 @@ def main() -> None:
     job.add_argument("spec")
     sub.add_parser("swap")
     sub.add_parser("noise")
+    sub.add_parser("extras")
     args = parser.parse_args()
     if args.command == "job":
         run_job(Job(**json.loads(args.spec)))
@@ -332,6 +404,8 @@ def main() -> None:
         swap_ablation()
     elif args.command == "noise":
         eval_noise()
+    elif args.command == "extras":
+        extras()
     else:
         jobs = [job for phase in args.phases.split(",") for job in pending(PHASES[phase]())]
         print(f"{args.phases}: {len(jobs)} pending", flush=True)
