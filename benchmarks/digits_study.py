@@ -22,8 +22,12 @@ all there is skipped, so an interrupted study continues where it stopped. Phases
            run — same student, lr and fake updates — is that run's 800-step point: the learning rate is constant
            after warm-up, so an 800-step run is the first 800 steps of a longer one).
 ``demo``   the demo's two recipes (the length runs' settings) at seeds 1 and 2, if the sweep kept another setting.
-``rank``   LoRaD on the paper preset at ranks 4, 8, 32 and 64 (≥ full rank on every layer), seeds 0, 1, 2, at the
-           sweep-chosen setting of ``lorad-uniform`` (its budget rank 14 is the ``main`` run).
+``rank``   LoRaD on the paper preset at ranks 4, 8, 14 (the budget), 32 and 64 (≥ full rank on every layer), seeds
+           0, 1, 2, on the demo's LoRaD recipe (lr 1e-3, 1 fake update per step), with the probe-planned student of
+           the same recipe (``demo``) beside it. Declared after the sweep: the sweep kept 5 fake updates for
+           LoRaD-uniform, and 15 runs at 5 updates (≈7.5 min each on one core) did not fit the machine's time
+           beside the benchmark; at 1 update a run takes ≈2.5 min. The sweep's own 1-update LoRaD-uniform run shows
+           where that setting stands.
 ``swap``   the swap ablation on the three ``main`` fully fine-tuned students (teacher norms into the student, and
            teacher directions), all metrics; declared verdict metric: the rise of feature FD over the student.
 ``noise``  the evaluation's own spread: the seed-0 full and LoRaD students scored with five other noise seeds.
@@ -63,6 +67,7 @@ LR_UP = {"full": 2.5, "lora-peft": 3.0, "dora-peft": 3.0, "lorad-uniform": 3.0, 
 VALIDATION_SEED, SEEDS, EVAL_SEED = 100, (0, 1, 2), 1000
 LENGTHS = (100, 200, 400, 800, 1600, 3200)
 RANKS = (4, 8, 32, 64)
+RANK_LR, RANK_FAKE_UPDATES = 1e-3, 1  # the demo's LoRaD recipe (see ``rank`` in the module docstring)
 BUDGET = 0.10
 METRICS = ("fd_pixel", "fd_features", "precision", "recall", "class_accuracy")
 PROBE_KEYS = ("angle_rad_mean", "angle_deg_mean", "norm_change_mean", "angle_to_norm_ratio",
@@ -234,8 +239,10 @@ def main_jobs() -> list[Job]:
     for method in METHODS:
         lr, fake = chosen[method]
         for seed in SEEDS:
-            if seed == 0 and (method, lr, fake) in lengths:
+            if seed == 0 and (method, lr, fake) in lengths and method != "full":
                 continue  # the length run's 800-step point (see the module docstring)
+            # (full fine-tuning's seed 0 runs again: the swap ablation needs its 800-step student, and the two runs
+            # must agree exactly — a check of the reuse above)
             jobs.append(Job("main", method, seed, lr, fake, keep=method == "full"))
     return jobs
 
@@ -248,16 +255,22 @@ def demo_jobs() -> list[Job]:
 
 
 def rank_jobs() -> list[Job]:
-    lr, fake = chosen_settings()["lorad-uniform"]
-    return [Job("rank", "lorad-uniform", seed, lr, fake, rank=rank) for rank in RANKS for seed in SEEDS]
+    """LoRaD-uniform at each rank (None: the budget rank) on the demo's LoRaD recipe, seeds 0, 1, 2."""
+    return [Job("rank", "lorad-uniform", seed, RANK_LR, RANK_FAKE_UPDATES, rank=rank)
+            for rank in (*RANKS, None) for seed in SEEDS]
 
 
 PHASES = {"sweep": sweep_jobs, "length": length_jobs, "main": main_jobs, "demo": demo_jobs, "rank": rank_jobs}
 
 
 def pending(jobs: list[Job]) -> list[Job]:
-    runs = read_runs()
-    return [j for j in jobs if {r["steps"] for r in runs if r["name"] == j.name} != set(j.lengths)]
+    """The jobs whose lines are not all in RUNS yet, each name once (phases may list the same run)."""
+    runs, seen, out = read_runs(), set(), []
+    for job in jobs:
+        if job.name not in seen and {r["steps"] for r in runs if r["name"] == job.name} != set(job.lengths):
+            out.append(job)
+        seen.add(job.name)
+    return out
 
 
 def run_pool(jobs: list[Job], workers: int) -> None:
@@ -286,7 +299,7 @@ def run_pool(jobs: list[Job], workers: int) -> None:
 
 def _full_students(lr: float, fake: int) -> list[Job]:
     """The kept fully fine-tuned students at (lr, fake updates), one per seed."""
-    jobs = {j.seed: j for j in length_jobs() + main_jobs() + demo_jobs()
+    jobs = {j.seed: j for j in main_jobs() + demo_jobs()
             if j.method == "full" and j.lr == lr and j.fake_updates == fake and j.keep}
     return [jobs[s] for s in sorted(jobs)]
 
@@ -319,9 +332,10 @@ def swap_ablation() -> None:
 def eval_noise() -> None:
     """The evaluation's own spread: the seed-0 full and LoRaD students at five more noise seeds → noise.jsonl."""
     rows = []
+    lr, fake = chosen_settings()["full"]
     lorad = Job("length", "lorad-probe", 0, 1e-3, 1, LENGTHS)
     with tempfile.TemporaryDirectory() as tmp:
-        for job in (length_jobs()[0], lorad):
+        for job in (_full_students(lr, fake)[0], lorad):
             path = student_path(job)
             if not path.exists():
                 # the LoRaD length run keeps no student: train its first 800 steps again (bit-identical to the run)
@@ -407,7 +421,7 @@ def main() -> None:
     elif args.command == "extras":
         extras()
     else:
-        jobs = [job for phase in args.phases.split(",") for job in pending(PHASES[phase]())]
+        jobs = pending([job for phase in args.phases.split(",") for job in PHASES[phase]()])
         print(f"{args.phases}: {len(jobs)} pending", flush=True)
         for job in jobs:
             print("  ", job.name, job.lengths, flush=True)

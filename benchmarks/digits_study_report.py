@@ -122,8 +122,16 @@ def main_rows(runs: list[dict[str, Any]], chosen: dict[str, tuple[float, int]]) 
         lr, fake = chosen[method]
         rows = [r for r in runs if r["phase"] in ("main", "length") and r["method"] == method and r["steps"] == 800
                 and r["lr"] == lr and r["fake_updates"] == fake and r["seed"] in SEEDS and not r.get("rank")]
-        out[method] = sorted(rows, key=lambda r: r["seed"])
+        out[method] = _one_per_seed(rows)
     return out
+
+
+def _one_per_seed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per seed, a ``main`` run before a length run's point (full fine-tuning's seed 0 has both)."""
+    by_seed: dict[int, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: r["phase"] != "main"):
+        by_seed.setdefault(r["seed"], r)
+    return [by_seed[s] for s in sorted(by_seed)]
 
 
 def noise_spread(noise: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -135,7 +143,7 @@ def quality_markdown(runs, chosen, mains, baselines, noise) -> tuple[str, dict[s
     sweep = [r for r in runs if r["phase"] == "sweep" and r["steps"] == 800]
     lines = ["# Digits quality benchmark: five one-step students, like for like", "",
              f"Machine: {machine()}. Produced by `python benchmarks/digits_study.py run --phases sweep,length` and "
-             "`--phases main,rank`, then `python benchmarks/digits_study_report.py`; raw lines in "
+             "`--phases main,demo,rank`, then `python benchmarks/digits_study_report.py`; raw lines in "
              "`reports/digits_study/runs.jsonl`.", "",
              "Every student: VSD on `builtin:digits`, 800 steps, batch 16, VSD CFG 1.5, fake score LoRaD rank 32 at "
              "lr 1e-2; scored on 300 one-step images (30 per digit, the same noise seeds "
@@ -164,7 +172,17 @@ def quality_markdown(runs, chosen, mains, baselines, noise) -> tuple[str, dict[s
         lines.append(f"| {method} | {setting_text(*chosen[method])} | {rows[0]['trainable_params']:,} | "
                      f"{statistics.median(s_per_step(r) for r in rows):.2f} | "
                      + " | ".join(fmt(summary[method][k]) for k in METRICS) + " |")
-    lines += ["", "Mean ± standard deviation over the seeds (n = 3 each). For scale, on the same noise seeds:", "",
+    demo = demo_rows(runs)
+    lines += ["", "Mean ± standard deviation over the seeds (n = 3 each).", "",
+              "## 3. The demo's two recipes at three seeds", "",
+              "`wadi-distill demo` trains these two students at seed 0 (full fine-tuning: lr 2e-5, 5 fake updates per "
+              "step; LoRaD from the probe: lr 1e-3, 1); the same recipes at seeds 0, 1, 2 give its seed spread:", "",
+              "| demo student | seeds | " + " | ".join(TITLES.values()) + " |", "|---|---|" + "---:|" * len(TITLES)]
+    for method, rows in demo.items():
+        g = group(rows)
+        lines.append(f"| {method} | {', '.join(str(r['seed']) for r in rows)} | "
+                     + " | ".join(fmt(g[k]) for k in METRICS) + " |")
+    lines += ["", "For scale (the teacher on the same noise seeds; real digits: 30 per digit of the test split):", "",
               "| reference | " + " | ".join(TITLES.values()) + " |", "|---|" + "---:|" * len(TITLES)]
     for b in baselines:
         if "seed" not in b:
@@ -191,7 +209,20 @@ def quality_markdown(runs, chosen, mains, baselines, noise) -> tuple[str, dict[s
             verdicts[key]["versus"][method] = {"diff": diff, "se": se, "exceeds": out}
             cells.append(f"{diff:+.3g} ({'exceeds' if out else 'within'})")
         lines.append(f"| {TITLES[key]} | {best} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n", {"summary": summary, "verdicts": verdicts, "noise": spread}
+    return "\n".join(lines) + "\n", {"summary": summary, "verdicts": verdicts, "noise": spread,
+                                      "demo_recipes": {m: group(rows) for m, rows in demo.items()}}
+
+
+def demo_rows(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The demo's two recipes (the length runs' settings) at 800 steps, per seed."""
+    from digits_study import length_jobs
+
+    out = {}
+    for job in length_jobs():
+        rows = [r for r in runs if r["phase"] in ("main", "length") and r["method"] == job.method and r["steps"] == 800
+                and r["lr"] == job.lr and r["fake_updates"] == job.fake_updates and not r.get("rank")]
+        out[job.method] = _one_per_seed(rows)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ length
@@ -228,7 +259,9 @@ def length_markdown(runs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                                        for m, rs in rows.items()}
 
 
-def length_plot(runs: list[dict[str, Any]], path: Path) -> None:
+def length_plot(runs: list[dict[str, Any]], path: Path, baselines: list[dict[str, Any]]) -> None:
+    """Four panels against training length; reference lines: the teacher's feature FD (one step, DDIM 25), the
+    structureless change's angle / norm ratio (chance)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,11 +277,22 @@ def length_plot(runs: list[dict[str, Any]], path: Path) -> None:
             points = [(r["steps"], r[key] * scale) for r in rs if r.get(key) is not None]
             if points:
                 ax.plot(*zip(*points), marker="o", label=method)
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
+        ax.set_xticks(list(LENGTHS), [str(n) for n in LENGTHS], fontsize=8)
+        ax.minorticks_off()
         ax.set_xlabel("VSD steps")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for b in baselines:
+        if b["variant"].startswith("teacher"):
+            axes[0].axhline(b["fd_features"], color="grey", ls=":" if "one step" in b["variant"] else "--", lw=1,
+                            label=b["variant"])
+    chance = [b["angle_to_norm_ratio"] for b in baselines if "seed" in b and b.get("angle_to_norm_ratio")]
+    if chance:
+        axes[2].axhline(statistics.mean(chance), color="grey", ls=":", lw=1,
+                        label="structureless change, full students' size")
+        axes[2].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     axes[2].text(0.02, 0.02, "LoRaD: norms unchanged by construction", transform=axes[2].transAxes, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -286,32 +330,31 @@ def swap_markdown(swap: list[dict[str, Any]], noise: dict[str, Any]) -> tuple[st
     return "\n".join(lines) + "\n", {"by_variant": by, "fd_features_rise": rises, "eval_noise_std": noise_std}
 
 
-def rank_markdown(runs, chosen, mains) -> tuple[str, dict[str, Any]]:
-    lr, fake = chosen["lorad-uniform"]
-    table = {}
-    for rank in sorted({*RANKS, *(r["rank"] for r in runs if r["phase"] == "rank")}):
-        rows = [r for r in runs if r["phase"] == "rank" and r["rank"] == rank and r["steps"] == 800]
-        if rows:
-            table[str(rank)] = (rows, group(rows))
-    uniform = mains.get("lorad-uniform") or []
-    if uniform:
-        from digits_study import budget_ranks
+def rank_markdown(runs, demo) -> tuple[str, dict[str, Any]]:
+    from digits_study import RANK_FAKE_UPDATES, RANK_LR, budget_ranks
 
-        table[f"{budget_ranks()[1]['lorad-uniform']} (budget)"] = (uniform, group(uniform))
-    table = dict(sorted(table.items(), key=lambda kv: int(kv[0].split()[0])))
-    if mains.get("lorad-probe"):
-        table["probe plan"] = (mains["lorad-probe"], group(mains["lorad-probe"]))
+    budget_rank = budget_ranks()[1]["lorad-uniform"]
+    table = {}
+    for rank in sorted({r["rank"] or budget_rank for r in runs if r["phase"] == "rank"}):
+        rows = [r for r in runs if r["phase"] == "rank" and (r["rank"] or budget_rank) == rank and r["steps"] == 800]
+        table[f"{rank} (budget)" if rank == budget_rank else str(rank)] = (rows, group(rows))
+    if demo.get("lorad-probe"):
+        table["probe plan"] = (demo["lorad-probe"], group(demo["lorad-probe"]))
     lines = ["# LoRaD rank ablation", "",
              f"Machine: {machine()}. LoRaD on the paper preset (48 linear layers), one rank everywhere, 800 steps at "
-             f"{setting_text(lr, fake)} (the setting the sweep kept for LoRaD-uniform), seeds "
+             f"{setting_text(RANK_LR, RANK_FAKE_UPDATES)} (the demo's LoRaD recipe; the sweep kept 5 updates for "
+             "LoRaD-uniform, which at 15 runs did not fit the machine's time beside the benchmark), seeds "
              f"{', '.join(map(str, SEEDS))}; rank 64 is at or above full rank on every layer (a layer's rotation "
-             "generator has rank at most min(rows, fan_in / 2) ≤ 64). The probe-planned student (its own layers and "
-             "ranks, the budget) is the last row. `python benchmarks/digits_study.py run --phases rank`.", "",
+             "generator has rank at most min(rows, fan_in / 2) ≤ 64). Beside it, the probe-planned student (its own "
+             "47 layers and ranks, the budget) on the same recipe. `python benchmarks/digits_study.py run --phases "
+             "rank,demo`.", "",
              "| rank | trainable params | s / step | " + " | ".join(TITLES.values()) + " |",
              "|---|---:|---:|" + "---:|" * len(TITLES)]
     for label, (rows, g) in table.items():
-        lines.append(f"| {label} | {rows[0]['trainable_params']:,} | {statistics.median(s_per_step(r) for r in rows):.2f}"
-                     " | " + " | ".join(fmt(g[k]) for k in METRICS) + " |")
+        if rows:
+            lines.append(f"| {label} | {rows[0]['trainable_params']:,} | "
+                         f"{statistics.median(s_per_step(r) for r in rows):.2f} | "
+                         + " | ".join(fmt(g[k]) for k in METRICS) + " |")
     return "\n".join(lines) + "\n", {k: g for k, (_, g) in table.items()}
 
 
@@ -427,7 +470,14 @@ def finding_methods(quality: dict[str, Any]) -> str:
         head = (f"**Cannot tell at this size:** {best} has the lowest mean feature FD, but "
                 f"{', '.join(inside) or 'no other student'} {'is' if len(inside) == 1 else 'are'} within the seed "
                 "spread of it.")
-    return head + f" Feature FD (mean ± std over 3 seeds): {text}."
+    others_text = []
+    for key in METRICS:
+        v = quality["verdicts"][key]
+        within = [m for m, d in v["versus"].items() if not d["exceeds"]]
+        others_text.append(f"{TITLES[key].rstrip(' ↓↑')}: best {v['best']}"
+                           + (f", within the spread: {', '.join(within)}" if within else ", all others worse beyond it"))
+    return (head + f" Feature FD (mean ± std over 3 seeds): {text}. The feature FD was declared as the metric for "
+            "this verdict; the others, for the record — " + "; ".join(others_text) + ".")
 
 
 def finding_rank(rank: dict[str, Any]) -> str:
@@ -489,9 +539,9 @@ def main() -> None:
     mains = main_rows(runs, chosen)
     quality_md, quality = quality_markdown(runs, chosen, mains, baselines, noise_rows)
     length_md, length = length_markdown(runs)
-    length_plot(runs, REPORTS / "digits_length.png")
+    length_plot(runs, REPORTS / "digits_length.png", baselines)
     swap_md, swap = swap_markdown(read_lines("swap.jsonl"), quality["noise"])
-    rank_md, rank = rank_markdown(runs, chosen, mains)
+    rank_md, rank = rank_markdown(runs, demo_rows(runs))
     full = group(mains["full"])
     structureless = group([b for b in baselines if "seed" in b])
     analysis_md = analysis_markdown(full, structureless, swap, quality, rank, length)
