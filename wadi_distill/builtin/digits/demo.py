@@ -48,10 +48,11 @@ class DemoSettings:
     lorad_steps: int = 800  # VSD steps of the LoRaD student (from the probe)
     batch_size: int = 16
     full_lr: float = 2e-5  # student learning rate of full fine-tuning (every weight moves: keep it small)
-    # Fake-score updates per student step in full fine-tuning (DMD2's two time-scale rule). With 1, the fully
-    # fine-tuned student oscillated (feature FD 99 → 152 → 86 → 179 at 100/200/400/800 steps); with 5 it improved
-    # steadily to 51.6 (benchmarks/digits_full_ft.py). The LoRaD student swings less (pixel FD) with 1, ends better than
-    # the one-step teacher; it keeps 1 here (5 helps it too, at 2.9× the time: reports/digits_full_ft.md).
+    # Fake-score updates per student step in full fine-tuning (DMD2's two time-scale rule). On the validation seed
+    # of benchmarks/digits_study.py (800 steps) the fully fine-tuned student reached feature FD 191 with 1 and 39
+    # with 5. The LoRaD student keeps 1 here, a third of the time; with 5 its recall was 0.55 against 0.28
+    # (reports/digits_quality.md, sweep), and with 1 its feature FD swings with training length
+    # (reports/digits_length.md): the seed spread of both recipes is in reports/digits_quality.md.
     full_fake_updates: int = 5
     lorad_lr: float = 1e-3  # student learning rate of the LoRaD student (angles start at 0)
     fake_lr: float = 1e-2
