@@ -37,7 +37,8 @@ all there is skipped, so an interrupted study continues where it stopped. Phases
 
     python benchmarks/digits_study.py run --phases sweep,length --workers 2
     python benchmarks/digits_study.py run --phases main,demo,rank --workers 2   # needs the sweep's choice
-    python benchmarks/digits_study.py swap && python benchmarks/digits_study.py noise && python benchmarks/digits_study.py extras
+    python benchmarks/digits_study.py swap && python benchmarks/digits_study.py extras
+    python benchmarks/digits_study.py noise
     python benchmarks/digits_study_report.py
 """
 
