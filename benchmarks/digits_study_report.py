@@ -56,7 +56,8 @@ def machine() -> str:
     import torch
 
     return (f"{model} ({simd}), {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}, "
-            f"torch {torch.__version__}, one torch thread per run, two runs side by side")
+            f"torch {torch.__version__}, one torch thread per run, two (at times three) runs side by side, so seconds "
+            "per step compare only roughly")
 
 
 def read_lines(name: str) -> list[dict[str, Any]]:
@@ -164,16 +165,19 @@ def quality_markdown(runs, chosen, mains, baselines, noise) -> tuple[str, dict[s
                          + " | ".join(f"{r[k]:.3g}" for k in METRICS) + f" | {kept} |")
     summary = {m: group(rows) for m, rows in mains.items()}
     lines += ["", f"## 2. The benchmark: seeds {', '.join(map(str, SEEDS))} at the kept settings", "",
-              "| student | setting | trainable params | s / step | " + " | ".join(TITLES.values()) + " |",
-              "|---|---|---:|---:|" + "---:|" * len(TITLES)]
+              "| student | setting | trainable params | s / step | " + " | ".join(TITLES.values())
+              + f" | FD features on the validation seed ({VALIDATION_SEED}) |",
+              "|---|---|---:|---:|" + "---:|" * (len(TITLES) + 1)]
     for method, rows in mains.items():
         if not rows:
             continue
+        kept = next(r for r in sweep if r["method"] == method and (r["lr"], r["fake_updates"]) == chosen[method])
         lines.append(f"| {method} | {setting_text(*chosen[method])} | {rows[0]['trainable_params']:,} | "
                      f"{statistics.median(s_per_step(r) for r in rows):.2f} | "
-                     + " | ".join(fmt(summary[method][k]) for k in METRICS) + " |")
+                     + " | ".join(fmt(summary[method][k]) for k in METRICS) + f" | {kept['fd_features']:.3g} |")
     demo = demo_rows(runs)
-    lines += ["", "Mean ± standard deviation over the seeds (n = 3 each).", "",
+    lines += ["", "Mean ± standard deviation over the seeds (n = 3 each). The last column is the score the setting was "
+              "kept for: where it lies far from the three-seed mean, one validation seed chose on noise.", "",
               "## 3. The demo's two recipes at three seeds", "",
               "`wadi-distill demo` trains these two students at seed 0 (full fine-tuning: lr 2e-5, 5 fake updates per "
               "step; LoRaD from the probe: lr 1e-3, 1); the same recipes at seeds 0, 1, 2 give its seed spread:", "",
