@@ -538,6 +538,8 @@ def finding_rank(rank: dict[str, Any]) -> str:
     best = min(labels, key=lambda k: fd[k]["mean"])
     ends = [labels[0], labels[-1]]
     text = "; ".join(f"rank {k} {fmt(fd[k])}" for k in labels)
+    if "probe plan" in rank:
+        text += f"; the probe-planned student on the same recipe {fmt(rank['probe plan']['fd_features'])}"
     if best not in ends and all(_se_exceeds(fd[e], fd[best])[1] for e in ends):
         return f"**Reproduces:** rank {best} beats both the smallest and the full rank beyond the spread ({text})."
     if best in ends and all(_se_exceeds(fd[k], fd[best])[1] for k in labels if k != best):
