@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "lorad_layers",
     "adapter_names",
+    "layers_with_adapter",
     "inject_lorad",
     "set_active_adapter",
     "use_adapter",
@@ -122,11 +123,19 @@ def inject_lorad(
     return adapted
 
 
+def layers_with_adapter(model: nn.Module, name: str) -> list[nn.Module]:
+    """The LoRaD layers that hold adapter ``name``, in model order; refuses a name no layer has."""
+    layers = [layer for layer in lorad_layers(model).values() if name in layer.specs]
+    if not layers:
+        raise WadiInputError(f"the model has no adapter called {name!r} (it has: {', '.join(adapter_names(model)) or 'none'}).")
+    return layers
+
+
 def set_active_adapter(model: nn.Module, name: str | None) -> None:
     """Use adapter ``name`` on every layer that has it (the others run plain); ``None`` gives the plain base."""
     layers = lorad_layers(model)
-    if name is not None and not any(name in layer.specs for layer in layers.values()):
-        raise WadiInputError(f"the model has no adapter called {name!r} (it has: {', '.join(adapter_names(model)) or 'none'}).")
+    if name is not None:
+        layers_with_adapter(model, name)  # refuses an unknown name
     for layer in layers.values():
         layer.active_adapter = name if name is not None and name in layer.specs else None
 
@@ -154,12 +163,10 @@ def adapter_disabled(model: nn.Module) -> Iterator[nn.Module]:
 def lorad_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
     """The trainable parameters of adapter ``adapter_name`` (both factors, every layer), in model order."""
     params: list[nn.Parameter] = []
-    for layer in lorad_layers(model).values():
+    for layer in layers_with_adapter(model, adapter_name):
         for store in (layer.lorad_A, layer.lorad_B, layer.lora_A, layer.lora_B):
             if adapter_name in store:
                 params.append(store[adapter_name])
-    if not params:
-        raise WadiInputError(f"the model has no adapter called {adapter_name!r} (it has: {', '.join(adapter_names(model)) or 'none'}).")
     return params
 
 
@@ -170,10 +177,7 @@ def lorad_param_count(model: nn.Module, adapter_name: str) -> int:
 
 def merge_lorad(model: nn.Module, adapter_name: str) -> None:
     """Merge adapter ``adapter_name`` into the base weights of every layer that has it (originals are kept)."""
-    layers = [layer for layer in lorad_layers(model).values() if adapter_name in layer.specs]
-    if not layers:
-        raise WadiInputError(f"the model has no adapter called {adapter_name!r} (it has: {', '.join(adapter_names(model)) or 'none'}).")
-    for layer in layers:
+    for layer in layers_with_adapter(model, adapter_name):
         layer.merge(adapter_name)
 
 
@@ -185,10 +189,7 @@ def unmerge_lorad(model: nn.Module) -> None:
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Drop adapter ``adapter_name`` from every layer (wrappers stay, even when left without adapters)."""
-    layers = [layer for layer in lorad_layers(model).values() if adapter_name in layer.specs]
-    if not layers:
-        raise WadiInputError(f"the model has no adapter called {adapter_name!r}.")
-    for layer in layers:
+    for layer in layers_with_adapter(model, adapter_name):
         layer.delete_adapter(adapter_name)
 
 
