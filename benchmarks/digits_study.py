@@ -45,6 +45,7 @@ all there is skipped, so an interrupted study continues where it stopped. Phases
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -101,8 +102,9 @@ class Job:
 # ------------------------------------------------------------------------------------------------ one run
 
 
+@functools.lru_cache(maxsize=1)
 def budget_ranks() -> tuple[int, dict[str, int], list[str]]:
-    """The probe plan's trainable parameters, the uniform rank of each adapter kind that matches it, the modules."""
+    """(Once per process.) The probe plan's trainable parameters, the uniform rank of each adapter kind that matches it, the modules."""
     from wadi_distill.builtin.digits.model import load_builtin
     from wadi_distill.plan import plan_from_preset, plan_from_report
     from wadi_distill.vsd.peft_student import rank_for_budget
@@ -298,8 +300,9 @@ def run_pool(jobs: list[Job], workers: int) -> None:
 # ------------------------------------------------------------------------------------------------ swap, noise
 
 
-def _full_students(lr: float, fake: int) -> list[Job]:
-    """The kept fully fine-tuned students at (lr, fake updates), one per seed."""
+def _full_students() -> list[Job]:
+    """The kept fully fine-tuned students at the sweep's setting for full fine-tuning, one per seed."""
+    lr, fake = chosen_settings()["full"]
     jobs = {j.seed: j for j in main_jobs() + demo_jobs()
             if j.method == "full" and j.lr == lr and j.fake_updates == fake and j.keep}
     return [jobs[s] for s in sorted(jobs)]
@@ -312,8 +315,7 @@ def swap_ablation() -> None:
     from wadi_probe.hybrid import write_hybrid
 
     torch.set_num_threads(1)
-    lr, fake = chosen_settings()["full"]
-    jobs = _full_students(lr, fake)
+    jobs = _full_students()
     teacher = "builtin:digits"
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -333,10 +335,9 @@ def swap_ablation() -> None:
 def eval_noise() -> None:
     """The evaluation's own spread: the seed-0 full and LoRaD students at five more noise seeds → noise.jsonl."""
     rows = []
-    lr, fake = chosen_settings()["full"]
     lorad = Job("length", "lorad-probe", 0, 1e-3, 1, LENGTHS)
     with tempfile.TemporaryDirectory() as tmp:
-        for job in (_full_students(lr, fake)[0], lorad):
+        for job in (_full_students()[0], lorad):
             path = student_path(job)
             if not path.exists():
                 # the LoRaD length run keeps no student: train its first 800 steps again (bit-identical to the run)
@@ -389,8 +390,7 @@ def extras() -> None:
             {"variant": "teacher, DDIM 25 + CFG 2",
              **evaluate_images(multistep_digits(bundle, labels, EVAL_SEED, steps=25, cfg=2.0), labels, reference)}]
     teacher = load_file(builtin_path("digits"))
-    lr, fake = chosen_settings()["full"]
-    jobs = _full_students(lr, fake)
+    jobs = _full_students()
     with tempfile.TemporaryDirectory() as tmp:
         for job in jobs:
             path = Path(tmp) / f"structureless-{job.seed}.safetensors"

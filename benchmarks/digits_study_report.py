@@ -19,6 +19,7 @@ seeds a pair inside that is reported as "within the spread", never as a ranking.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,14 +46,12 @@ PAPER_RATIO = 22.0  # the paper's (1 - cos) / norm change for SD1.5 -> DMD2
 PAPER_ENERGY = 0.93
 
 
+@functools.lru_cache(maxsize=1)
 def machine() -> str:
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    simd = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "no AVX2")
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    simd = "AVX-512" if "avx512f" in cpuinfo else ("AVX2" if "avx2" in cpuinfo else "no AVX2")
     import torch
 
     return (f"{model} ({simd}), {os.cpu_count()} cores, {platform.system()}, Python {platform.python_version()}, "
@@ -116,15 +115,17 @@ def s_per_step(row: dict[str, Any]) -> float:
 # ------------------------------------------------------------------------------------------------ the benchmark
 
 
+def rows_at(runs: list[dict[str, Any]], method: str, lr: float, fake: int) -> list[dict[str, Any]]:
+    """The 800-step runs of ``method`` at (lr, fake updates) on the benchmark's seeds, one per seed (a length run's
+    800-step point included)."""
+    rows = [r for r in runs if r["phase"] in ("main", "length") and r["method"] == method and r["steps"] == 800
+            and r["lr"] == lr and r["fake_updates"] == fake and r["seed"] in SEEDS and not r.get("rank")]
+    return _one_per_seed(rows)
+
+
 def main_rows(runs: list[dict[str, Any]], chosen: dict[str, tuple[float, int]]) -> dict[str, list[dict[str, Any]]]:
-    """Per student: its three 800-step runs at the chosen setting (seed 0 from the length run where equal)."""
-    out = {}
-    for method in METHODS:
-        lr, fake = chosen[method]
-        rows = [r for r in runs if r["phase"] in ("main", "length") and r["method"] == method and r["steps"] == 800
-                and r["lr"] == lr and r["fake_updates"] == fake and r["seed"] in SEEDS and not r.get("rank")]
-        out[method] = _one_per_seed(rows)
-    return out
+    """Per student: its three 800-step runs at the chosen setting."""
+    return {method: rows_at(runs, method, *chosen[method]) for method in METHODS}
 
 
 def _one_per_seed(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -221,12 +222,7 @@ def demo_rows(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """The demo's two recipes (the length runs' settings) at 800 steps, per seed."""
     from digits_study import length_jobs
 
-    out = {}
-    for job in length_jobs():
-        rows = [r for r in runs if r["phase"] in ("main", "length") and r["method"] == job.method and r["steps"] == 800
-                and r["lr"] == job.lr and r["fake_updates"] == job.fake_updates and not r.get("rank")]
-        out[job.method] = _one_per_seed(rows)
-    return out
+    return {job.method: rows_at(runs, job.method, job.lr, job.fake_updates) for job in length_jobs()}
 
 
 # ------------------------------------------------------------------------------------------------ length
