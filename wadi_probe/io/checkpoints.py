@@ -145,6 +145,46 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, layout={self.layout!r}, tensors={len(self)})"
 
 
+class OriginalCheckpoint(Checkpoint):
+    """A Flux.1 or SD3/SD3.5 original single file under diffusers names (:mod:`wadi_probe.io.flow`).
+
+    Fused stored tensors (``qkv``, Flux's ``linear1``) are cut into their diffusers tensors when read, one tensor
+    at a time; :meth:`source_key` names the stored rows (``…img_attn.qkv.weight[0:3072]``), and
+    :meth:`stored_parts` tells :func:`write_like` how to put diffusers tensors back into the stored ones.
+    """
+
+    def __init__(self, path: Path, layout: str, entries: Mapping[str, tuple[TensorSource, str]], split: Any,
+                 **kwargs: Any) -> None:
+        super().__init__(path, layout, entries, **kwargs)
+        self.split = split
+
+    def source_key(self, name: str) -> str:
+        self._entry(name)
+        return self.split.describe(name)
+
+    def source_file(self, name: str) -> Path:
+        source, _ = self.split.stored(self.split.segments[self._entry(name)[1]][0].key)
+        return source.path
+
+    def stored_parts(self) -> dict[str, list[tuple[str, int, int, int]]]:
+        """{stored key: [(diffusers name, first row of the name, first stored row, rows), …]} in file order."""
+        parts: dict[str, list[tuple[str, int, int, int]]] = {}
+        for name in self.names():
+            offset = 0
+            for segment in self.split.segments[name]:
+                _, stored = self.split.stored(segment.key)
+                parts.setdefault(stored, []).append((name, offset, segment.start, segment.rows))
+                offset += segment.rows
+        return parts
+
+    def stored_spec(self, stored: str) -> tuple[tuple[int, ...], torch.dtype, TensorSource]:
+        """Shape, dtype and file of a stored key."""
+        name = self.stored_parts()[stored][0][0]
+        source, key = self.split.stored(next(s.key for s in self.split.segments[name]
+                                             if self.split.stored(s.key)[1] == stored))
+        return tuple(source.shape(key)), source.dtype(key), source
+
+
 # top-level modules of UNet2DConditionModel / diffusers transformers, in the order a forward pass meets them
 _TOP_LEVEL_ORDER = {
     name: rank
@@ -232,6 +272,11 @@ def _entries_from_sources(
         raise WadiInputError(f"{path} holds no tensors.")
     unwrapped, _ = _strip_common_prefix(keys, ())
     ldm_keys = [name for name in unwrapped if name.startswith(LDM_UNET_PREFIX)]
+    original = _open_original(path, sources, owner, unwrapped, ldm_keys)
+    if original is not None:
+        return original
+    if not ldm_keys:
+        _refuse_without_denoiser(path, list(unwrapped))
     if ldm_keys:
         from wadi_probe.io.ldm import ldm_to_diffusers_names
 
@@ -250,6 +295,44 @@ def _entries_from_sources(
     entries = {name: (owner[key], key) for name, key in names.items()}
     return Checkpoint(path, layout, entries, sources=sources, ignored_keys=ignored,
                       ignored_sources={key: owner[key] for key in ignored})
+
+
+# sub-models a single file or folder may hold beside (or instead of) the denoiser
+_NOT_DENOISER = re.compile(r"^(first_stage_model|vae|cond_stage_model|conditioner|text_encoders?(_\d)?|"
+                           r"te\d?)\.")
+_VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def _refuse_without_denoiser(path: Path, names: list[str]) -> None:
+    """One sentence for a file that holds only a VAE and/or text encoders (an SD3 file with the VAE only, say)."""
+    if names and all(_NOT_DENOISER.match(name) for name in names):
+        found = sorted({name.split(".", 1)[0] + ".*" for name in names})
+        raise WadiInputError(f"{path} holds no denoiser, only {', '.join(found[:4])} (VAE / text-encoder weights); "
+                             "give the file or folder with the UNet or transformer.")
+    if names and all(name.startswith(_VAE_ROOTS) for name in names) and any(n.startswith("decoder.") for n in names):
+        raise WadiInputError(f"{path} is a VAE (encoder/decoder weights), not a denoiser; give the UNet or "
+                             "transformer file or folder.")
+
+
+def _open_original(path: Path, sources: list[TensorSource], owner: Mapping[str, TensorSource],
+                   unwrapped: Mapping[str, str], ldm_keys: list[str]) -> Checkpoint | None:
+    """A Flux.1 or SD3/SD3.5 original single file (with or without ``model.diffusion_model.``), else None."""
+    from wadi_probe.io.flow import SplitSource, original_family, original_to_diffusers
+
+    prefix = LDM_UNET_PREFIX if ldm_keys else ""
+    own = {name[len(prefix):]: key for name, key in unwrapped.items() if name.startswith(prefix)}
+    family = original_family(list(own))
+    if family is None:
+        return None
+    if not prefix:  # an unprefixed original file is the transformer alone; set other sub-models aside
+        own = {name: key for name, key in own.items() if not _NOT_DENOISER.match(name)}
+    shapes = {name: tuple(owner[key].shape(key)) for name, key in own.items()}
+    segments = original_to_diffusers(shapes, family, str(path))
+    split = SplitSource(path, segments, {name: (owner[key], key) for name, key in own.items()})
+    used = {own[segment.key] for parts in segments.values() for segment in parts}
+    ignored = [key for key in owner if key not in used]
+    return OriginalCheckpoint(path, family, {name: (split, name) for name in segments}, split, sources=sources,
+                              ignored_keys=ignored, ignored_sources={key: owner[key] for key in ignored})
 
 
 def _refuse_adapter_names(path: Path, names: Mapping[str, str]) -> None:
@@ -453,7 +536,9 @@ def write_like(
     ordered = [name for name in reference.names() if name in tensors]
     fetchers: dict[str, Callable[[], torch.Tensor]] = {}
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for name in ordered:
+    if isinstance(reference, OriginalCheckpoint):
+        _fused_fetchers(reference, tensors, set(ordered), fetchers, specs)
+    for name in ordered if not isinstance(reference, OriginalCheckpoint) else ():
         key = reference.source_key(name)
         specs[key] = (reference.shape(name), reference.stored_dtype(name))
         fetchers[key] = lambda name=name: tensors[name]
@@ -483,6 +568,36 @@ def write_like(
         with open(tmp, "wb") as handle:
             write_safetensors_streaming(handle, list(fetchers), specs, lambda key: fetchers[key](), metadata)
     return path
+
+
+def _fused_fetchers(reference: OriginalCheckpoint, tensors: Mapping[str, torch.Tensor], wanted: set[str],
+                    fetchers: dict[str, Callable[[], torch.Tensor]],
+                    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Stored keys of an original Flux/SD3 file rebuilt from diffusers tensors (the rows of each part put back).
+
+    A stored key some of whose parts are not in ``tensors`` keeps the reference's rows there; one stored tensor
+    is in memory at a time.
+    """
+    for stored, parts in reference.stored_parts().items():
+        if not any(name in wanted for name, *_ in parts):
+            continue
+        shape, dtype, source = reference.stored_spec(stored)
+
+        def assemble(stored: str = stored, parts: list = parts, shape: tuple = shape, dtype: torch.dtype = dtype,
+                     source: Any = source) -> torch.Tensor:
+            whole = (source.tensor(stored).clone() if not all(name in wanted for name, *_ in parts)
+                     else torch.empty(shape, dtype=dtype))
+            for name, name_start, stored_start, rows in parts:
+                if name in wanted:
+                    value = tensors[name]
+                    if tuple(value.shape) != reference.shape(name):
+                        raise WadiInputError(f"tensor {name!r} has shape {tuple(value.shape)} but "
+                                             f"{reference.shape(name)} is required.")
+                    whole[stored_start:stored_start + rows] = value[name_start:name_start + rows].to(dtype)
+            return whole
+
+        specs[stored] = (shape, dtype)
+        fetchers[stored] = assemble
 
 
 def lazy_tensors(checkpoint: Checkpoint, names: list[str] | None = None,
