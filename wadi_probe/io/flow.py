@@ -120,8 +120,8 @@ def _check_fused(shapes: Mapping[str, tuple[int, ...]], family: str, where: str)
         if not shape:
             continue
         if re.search(r"\.qkv\.(weight|bias)$", key) and shape[0] % 3:
-            raise WadiInputError(f"{where}: the fused tensor {key} has {shape[0]} rows, which do not divide into "
-                                 "equal q, k and v parts (3 × rows/3).")
+            raise WadiInputError(f"{where}: the fused tensor {key} has {shape[0]} rows, which do not divide by 3 "
+                                 "into equal q, k and v parts.")
         if re.search(halved, key) and shape[0] % 2:
             raise WadiInputError(f"{where}: the modulation tensor {key} has {shape[0]} rows, which do not divide "
                                  "into its shift and scale halves.")

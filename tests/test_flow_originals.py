@@ -1,0 +1,186 @@
+"""Flux.1 and SD3 original single files: read under diffusers names, fused tensors cut lazily, known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from _flow_layouts import flux_original, sd3_original, tiny_flux, tiny_sd3
+from wadi_probe.analyze import compare
+from wadi_probe.cli import app
+from wadi_probe.io.checkpoints import lazy_tensors, open_checkpoint, write_like
+from wadi_probe.io.formats.safetensors_io import SafetensorsSource
+from wadi_probe.pairing import pair_checkpoints
+
+runner = CliRunner()
+FAMILIES = {"flux": (tiny_flux, flux_original), "sd3": (tiny_sd3, sd3_original)}
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    """Per family: the diffusers folder, the original file (BFL's unprefixed Flux; SD3 prefixed, with the VAE and a
+    text encoder beside it), the other prefix spelling, and the teacher's state dict."""
+    folder = tmp_path_factory.mktemp("flow")
+    out = {}
+    for family, (build, to_original) in FAMILIES.items():
+        model = build(seed=3)
+        model.save_pretrained(folder / family / "transformer")
+        state = _state(model)
+        original = to_original(state)
+        if family == "sd3":  # Stability's files carry the VAE and text encoders beside the transformer
+            original["first_stage_model.decoder.conv_in.weight"] = torch.randn(4, 4, 3, 3)
+            original["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.randn(8)
+        save_file(original, str(folder / f"{family}.safetensors"))
+        # the other spelling: Flux with ComfyUI's prefix, SD3's transformer alone without it
+        other = folder / f"{family}-other-prefix.safetensors"
+        if family == "flux":
+            save_file({"model.diffusion_model." + k: v for k, v in original.items()}, str(other))
+        else:
+            save_file(sd3_original(state, prefix=""), str(other))
+        out[family] = {"folder": folder / family, "original": folder / f"{family}.safetensors", "other": other,
+                       "state": state, "tmp": folder}
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("which", ["original", "other"])
+def test_the_same_weights_in_both_layouts_read_as_identical(layouts, family, which):
+    info = layouts[family]
+    with open_checkpoint(info["folder"]) as folder, open_checkpoint(info[which]) as original:
+        assert original.layout == family
+        assert original.names() == folder.names()
+        assert all(torch.equal(original.tensor(name), folder.tensor(name)) for name in folder.names())
+        pairing = pair_checkpoints(folder, original)
+        assert len(pairing.matched) == len(info["state"]) and pairing.unmatched == 0
+        if family == "sd3" and which == "original":
+            assert sorted(original.ignored_keys) == ["first_stage_model.decoder.conv_in.weight",
+                                                      "text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"]
+    report = compare(info["folder"], info[which], spectra=False)
+    layers = report.data["layers"]
+    assert len(layers) == len(info["state"]) and all(layer["identical"] for layer in layers)
+
+
+def test_fused_tensors_are_named_by_their_rows_and_read_alone(layouts, monkeypatch):
+    info = layouts["flux"]
+    with open_checkpoint(info["original"]) as original:
+        hidden = original.shape("x_embedder.weight")[0]
+        assert original.source_key("transformer_blocks.1.attn.to_k.weight") == \
+            f"double_blocks.1.img_attn.qkv.weight[{hidden}:{2 * hidden}]"
+        mlp = original.shape("single_transformer_blocks.0.proj_mlp.weight")[0]
+        assert original.source_key("single_transformer_blocks.0.proj_mlp.bias") == \
+            f"single_blocks.0.linear1.bias[{3 * hidden}:{3 * hidden + mlp}]"
+        assert original.source_key("norm_out.linear.weight") == (
+            f"final_layer.adaLN_modulation.1.weight[{hidden}:{2 * hidden}] + "
+            f"final_layer.adaLN_modulation.1.weight[0:{hidden}]")
+        # a part of a fused tensor is read as its own rows: the whole stored tensor is never read
+        whole_reads = []
+        real_tensor = SafetensorsSource.tensor
+        monkeypatch.setattr(SafetensorsSource, "tensor", lambda self, key: whole_reads.append(key) or real_tensor(self, key))
+        q = original.tensor("single_transformer_blocks.1.attn.to_q.weight")
+        assert whole_reads == []
+        assert torch.equal(q, info["state"]["single_transformer_blocks.1.attn.to_q.weight"])
+
+
+def _direct(t: torch.Tensor, s: torch.Tensor) -> tuple[float, float]:
+    """Mean relative row-norm change and mean row angle (degrees), straight from torch in float64."""
+    t, s = t.double().reshape(t.shape[0], -1), s.double().reshape(s.shape[0], -1)
+    tn, sn = t.norm(dim=1), s.norm(dim=1)
+    cos = ((t * s).sum(dim=1) / (tn * sn)).clamp(-1, 1)
+    return float(((sn - tn).abs() / tn).mean()), float(torch.rad2deg(torch.arccos(cos)).mean())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_perturbed_student_in_the_original_layout_gives_the_direct_numbers(layouts, family, tmp_path):
+    info = layouts[family]
+    generator = torch.Generator().manual_seed(11)
+    student = {}
+    for name, value in info["state"].items():
+        if value.ndim == 2:  # every weight matrix moves: a direction change and a row rescale
+            noise = torch.randn(value.shape, generator=generator) * 0.02
+            scale = 1 + 0.05 * torch.rand(value.shape[0], 1, generator=generator)
+            student[name] = (value + noise) * scale
+        else:
+            student[name] = value.clone()
+    path = tmp_path / "student.safetensors"
+    save_file(FAMILIES[family][1](student), str(path))
+    report = compare(info["folder"], path, spectra=False)
+    layers = {layer["name"]: layer for layer in report.data["layers"]}
+    assert set(layers) == set(info["state"])
+    for name, value in info["state"].items():
+        if value.ndim != 2:
+            assert layers[name]["identical"], name
+            continue
+        norm_change, angle = _direct(value, student[name])
+        assert math.isclose(layers[name]["norm_change_mean"], norm_change, rel_tol=1e-4), name
+        assert math.isclose(layers[name]["angle_deg_mean"], angle, rel_tol=1e-3), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_write_like_puts_diffusers_tensors_back_into_the_fused_ones(layouts, family, tmp_path):
+    info = layouts[family]
+    out = tmp_path / "rewritten.safetensors"
+    with open_checkpoint(info["folder"]) as folder, open_checkpoint(info["original"]) as original:
+        write_like(original, lazy_tensors(folder), out)
+    written, stored = SafetensorsSource(out), SafetensorsSource(info["original"])
+    assert sorted(written.keys()) == sorted(stored.keys())  # the VAE / text-encoder keys are kept too
+    assert all(torch.equal(written.tensor(key), stored.tensor(key)) for key in stored.keys())
+
+
+def _one_sentence_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    err = " ".join(result.stderr.split())
+    assert err.startswith("error:") and err.count(". ") <= 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def _compare(teacher, student, tmp_path):
+    return runner.invoke(app, ["compare", str(teacher), str(student), "-o", str(tmp_path / "r.json"), "--no-progress"])
+
+
+def test_a_flux_file_missing_half_its_blocks_is_refused(layouts, tmp_path):
+    info = layouts["flux"]
+    original = flux_original(info["state"])
+    half = {k: v for k, v in original.items() if not k.startswith(("double_blocks.0.", "single_blocks.0."))}
+    save_file(half, str(tmp_path / "half.safetensors"))
+    result = _compare(info["folder"], tmp_path / "half.safetensors", tmp_path)
+    _one_sentence_error(result, "lacks double_blocks 0 of 0–1", "incomplete or partial file")
+    assert not (tmp_path / "r.json").exists()
+    # a block with tensors missing is refused the same way
+    torn = {k: v for k, v in original.items() if not k.startswith("double_blocks.1.txt_attn.")}
+    save_file(torn, str(tmp_path / "torn.safetensors"))
+    _one_sentence_error(_compare(info["folder"], tmp_path / "torn.safetensors", tmp_path),
+                        "lacks double_blocks.1.txt_attn.")
+
+
+def test_a_fused_tensor_that_does_not_divide_is_refused(layouts, tmp_path):
+    info = layouts["flux"]
+    original = flux_original(info["state"])
+    bad_qkv = dict(original)
+    bad_qkv["double_blocks.0.img_attn.qkv.weight"] = bad_qkv["double_blocks.0.img_attn.qkv.weight"][:-1].contiguous()
+    save_file(bad_qkv, str(tmp_path / "qkv.safetensors"))
+    _one_sentence_error(_compare(info["folder"], tmp_path / "qkv.safetensors", tmp_path),
+                        "double_blocks.0.img_attn.qkv.weight has 47 rows", "do not divide")
+    bad_linear1 = dict(original)
+    bad_linear1["single_blocks.1.linear1.weight"] = bad_linear1["single_blocks.1.linear1.weight"][:-2].contiguous()
+    save_file(bad_linear1, str(tmp_path / "linear1.safetensors"))
+    _one_sentence_error(_compare(info["folder"], tmp_path / "linear1.safetensors", tmp_path),
+                        "single_blocks.1.linear1 has 110 rows", "do not split into q, k, v (3 × 16)")
+
+
+def test_an_sd3_file_with_the_vae_only_is_refused(layouts, tmp_path):
+    vae = {"first_stage_model.decoder.conv_in.weight": torch.randn(4, 4, 3, 3),
+           "first_stage_model.encoder.conv_in.weight": torch.randn(4, 3, 3, 3)}
+    save_file(vae, str(tmp_path / "vae.safetensors"))
+    _one_sentence_error(_compare(layouts["sd3"]["folder"], tmp_path / "vae.safetensors", tmp_path),
+                        "holds no denoiser, only first_stage_model.*")
+    assert not (tmp_path / "r.json").exists()
