@@ -184,3 +184,68 @@ def test_an_sd3_file_with_the_vae_only_is_refused(layouts, tmp_path):
     _one_sentence_error(_compare(layouts["sd3"]["folder"], tmp_path / "vae.safetensors", tmp_path),
                         "holds no denoiser, only first_stage_model.*")
     assert not (tmp_path / "r.json").exists()
+
+
+# ---- transformer families in the report and the plans ------------------------------------------------------
+def test_layer_types_tell_the_image_and_text_streams_apart():
+    from wadi_probe.layers import block_of, layer_type_of
+
+    cases = {
+        "transformer_blocks.3.attn.to_q.weight": ("transformer.3", "attention"),
+        "transformer_blocks.3.attn.add_q_proj.weight": ("transformer.3", "attention (text)"),
+        "transformer_blocks.3.attn.to_add_out.weight": ("transformer.3", "attention (text)"),
+        "transformer_blocks.3.ff.net.0.proj.weight": ("transformer.3", "feed-forward"),
+        "transformer_blocks.3.ff_context.net.2.weight": ("transformer.3", "feed-forward (text)"),
+        "transformer_blocks.3.norm1.linear.weight": ("transformer.3", "modulation"),
+        "transformer_blocks.3.norm1_context.linear.weight": ("transformer.3", "modulation (text)"),
+        "single_transformer_blocks.7.proj_mlp.weight": ("single.7", "feed-forward"),
+        "single_transformer_blocks.7.proj_out.weight": ("single.7", "attention + feed-forward"),
+        "single_transformer_blocks.7.attn.to_k.weight": ("single.7", "attention"),
+        "norm_out.linear.weight": ("other", "modulation"),
+        # Qwen-Image's streams, Z-Image's blocks
+        "transformer_blocks.0.img_mlp.net.0.proj.weight": ("transformer.0", "feed-forward"),
+        "transformer_blocks.0.txt_mlp.net.0.proj.weight": ("transformer.0", "feed-forward (text)"),
+        "transformer_blocks.0.txt_mod.1.weight": ("transformer.0", "modulation (text)"),
+        "layers.5.attention.to_q.weight": ("transformer.5", "attention"),
+        "context_refiner.1.feed_forward.w1.weight": ("context_refiner.1", "feed-forward"),
+        # a UNet's names keep their types
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.weight": ("down.1", "attention"),
+        "down_blocks.1.attentions.0.transformer_blocks.0.norm1.weight": ("down.1", "attention"),
+    }
+    for name, expected in cases.items():
+        assert (block_of(name), layer_type_of(name, (16, 16))) == expected, name
+
+
+def test_flux_student_in_the_original_layout_gets_block_tables_rank_advice_and_a_plan(layouts, tmp_path):
+    from torch import nn
+
+    from wadi_distill.plan.from_report import plan_from_report
+    from wadi_probe.report.schema import group_by_block
+    from wadi_probe.rotation import rotate_pairs
+
+    info = layouts["flux"]
+    planted = {"transformer_blocks.0.attn.to_q": 1, "transformer_blocks.0.attn.add_q_proj": 2,
+               "transformer_blocks.1.ff_context.net.0.proj": 3, "single_transformer_blocks.1.proj_mlp": 2}
+    generator = torch.Generator().manual_seed(5)
+    student = dict(info["state"])
+    for module, rank in planted.items():
+        w = student[f"{module}.weight"]
+        theta = 0.2 * torch.randn(w.shape[0], rank, generator=generator) @ torch.randn(rank, w.shape[1] // 2,
+                                                                                      generator=generator)
+        student[f"{module}.weight"] = rotate_pairs(w, theta).contiguous()
+    path = tmp_path / "student.safetensors"
+    save_file(flux_original(student), str(path))
+    report = compare(info["folder"], path)
+    by_module = {layer["module"]: layer for layer in report.data["layers"] if layer["kind"] == "linear"}
+    assert {m: by_module[m]["lorad_rank_90"] <= r for m, r in planted.items()} == {m: True for m in planted}
+    groups = {(g["block"], g["layer_type"]): g for g in group_by_block(report.data["layers"])}
+    assert groups[("transformer.0", "attention")]["identical"] == groups[("transformer.0", "attention")]["matrices"] - 1
+    assert groups[("transformer.0", "attention (text)")]["matrices"] == 4  # add_q/k/v_proj, to_add_out
+    assert groups[("transformer.1", "feed-forward (text)")]["identical"] == 1
+    assert groups[("single.1", "feed-forward")]["identical"] == 0
+    assert ("single.0", "attention + feed-forward") in groups
+    model = tiny_flux(seed=3)
+    plan = plan_from_report(model, report, budget=1.0, threshold=0.99, min_rank=1, multiple_of=1)
+    assert plan.ranks() == planted
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert {m for m, _ in plan.skipped} | set(plan.ranks()) == linears
