@@ -249,3 +249,76 @@ def test_flux_student_in_the_original_layout_gets_block_tables_rank_advice_and_a
     assert plan.ranks() == planted
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert {m for m, _ in plan.skipped} | set(plan.ranks()) == linears
+
+
+# ---- LoRA students in these families' naming ---------------------------------------------------------------
+def _lora(out: int, fan_in: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(rank, fan_in, generator=generator) * 0.1, torch.randn(out, rank, generator=generator) * 0.1)
+
+
+@pytest.mark.parametrize("style", ["peft-transformer-prefix", "kohya-lora-transformer", "lightning-diffusion-model"])
+def test_lora_students_in_transformer_naming_merge_onto_the_teacher(layouts, tmp_path, style):
+    info = layouts["flux"]
+    state = info["state"]
+    modules = ["transformer_blocks.1.attn.add_k_proj", "single_transformer_blocks.0.proj_mlp", "x_embedder"]
+    factors, tensors, alpha = {}, {}, 4.0
+    for i, module in enumerate(modules):
+        out, fan_in = state[f"{module}.weight"].shape
+        down, up = _lora(out, fan_in, rank=2, seed=i)
+        factors[module] = (down, up)
+        if style == "peft-transformer-prefix":
+            tensors[f"transformer.{module}.lora_A.weight"], tensors[f"transformer.{module}.lora_B.weight"] = down, up
+        elif style == "kohya-lora-transformer":
+            flat = "lora_transformer_" + module.replace(".", "_")
+            tensors[f"{flat}.lora_down.weight"], tensors[f"{flat}.lora_up.weight"] = down, up
+            tensors[f"{flat}.alpha"] = torch.tensor(alpha)
+        else:  # Qwen-Image-Lightning's files: diffusion_model. prefix, lora_down/lora_up and alpha
+            tensors[f"diffusion_model.{module}.lora_down.weight"] = down
+            tensors[f"diffusion_model.{module}.lora_up.weight"] = up
+            tensors[f"diffusion_model.{module}.alpha"] = torch.tensor(alpha)
+    path = tmp_path / "lora.safetensors"
+    save_file(tensors, str(path))
+    scale = 1.0 if style == "peft-transformer-prefix" else alpha / 2
+    for teacher_path in (info["folder"], info["original"]):
+        with open_checkpoint(teacher_path) as teacher, open_checkpoint(path, base=teacher) as merged:
+            assert merged.adapted_names() == sorted((f"{m}.weight" for m in modules), key=merged.names().index)
+            for module, (down, up) in factors.items():
+                expected = state[f"{module}.weight"] + scale * up @ down
+                assert torch.allclose(merged.tensor(f"{module}.weight"), expected, atol=1e-6), module
+    report = compare(info["original"], path, student_is_adapter=True, spectra=False)
+    changed = {layer["module"] for layer in report.data["layers"] if not layer["identical"]}
+    assert changed == set(modules)
+
+
+def test_a_kohya_lora_on_flux_fused_modules_is_split_by_rows(layouts, tmp_path):
+    info = layouts["flux"]
+    state = info["state"]
+    hidden = state["x_embedder.weight"].shape[0]
+    mlp = state["single_transformer_blocks.1.proj_mlp.weight"].shape[0]
+    qkv_down, qkv_up = _lora(3 * hidden, hidden, rank=3, seed=7)
+    l1_down, l1_up = _lora(3 * hidden + mlp, hidden, rank=2, seed=8)
+    tensors = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": qkv_down,
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": qkv_up,
+        "lora_unet_double_blocks_0_img_attn_qkv.alpha": torch.tensor(3.0),
+        "lora_unet_single_blocks_1_linear1.lora_down.weight": l1_down,
+        "lora_unet_single_blocks_1_linear1.lora_up.weight": l1_up,
+        "lora_unet_single_blocks_1_linear1.alpha": torch.tensor(1.0),
+    }
+    path = tmp_path / "kohya-flux.safetensors"
+    save_file(tensors, str(path))
+    fused_delta = {"transformer_blocks.0.attn": qkv_up @ qkv_down, "single_transformer_blocks.1": 0.5 * l1_up @ l1_down}
+    expected = {}
+    for i, x in enumerate("qkv"):
+        rows = slice(i * hidden, (i + 1) * hidden)
+        expected[f"transformer_blocks.0.attn.to_{x}.weight"] = fused_delta["transformer_blocks.0.attn"][rows]
+        expected[f"single_transformer_blocks.1.attn.to_{x}.weight"] = fused_delta["single_transformer_blocks.1"][rows]
+    expected["single_transformer_blocks.1.proj_mlp.weight"] = fused_delta["single_transformer_blocks.1"][3 * hidden:]
+    with open_checkpoint(info["original"]) as teacher, open_checkpoint(path, base=teacher) as merged:
+        assert set(merged.adapted_names()) == set(expected)
+        for name, delta in expected.items():
+            assert torch.allclose(merged.tensor(name), state[name] + delta, atol=1e-6), name
+    # against the diffusers folder the fused rows cannot be placed: one sentence, exit 2
+    result = _compare(info["folder"], path, tmp_path)
+    _one_sentence_error(result, "original single-file layout", "give the teacher as that original file")

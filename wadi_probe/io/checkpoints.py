@@ -177,6 +177,21 @@ class OriginalCheckpoint(Checkpoint):
                 offset += segment.rows
         return parts
 
+    def original_modules(self) -> dict[str, list[tuple[str, list[tuple[int, int]]]]]:
+        """{the file's module (``double_blocks.0.img_attn.qkv``): [(diffusers module, its row ranges), …]}, for
+        adapters written against the original names (a LoRA on a fused ``qkv`` is split by these rows)."""
+        modules: dict[str, list[tuple[str, list[tuple[int, int]]]]] = {}
+        for name in self.names():
+            if not name.endswith(".weight"):
+                continue
+            segments = self.split.segments[name]
+            if len({segment.key for segment in segments}) != 1 or not segments[0].key.endswith(".weight"):
+                continue
+            original = segments[0].key[: -len(".weight")]
+            modules.setdefault(original, []).append(
+                (name[: -len(".weight")], [(segment.start, segment.stop) for segment in segments]))
+        return modules
+
     def stored_spec(self, stored: str) -> tuple[tuple[int, ...], torch.dtype, TensorSource]:
         """Shape, dtype and file of a stored key."""
         name = self.stored_parts()[stored][0][0]
@@ -451,8 +466,14 @@ def open_adapter(path: Path, base: Checkpoint) -> "AdapterCheckpoint":
     from wadi_probe.io.formats.adapters import lora_scale, read_adapter, resolve_targets
 
     parsed = read_adapter(path)
-    targets, problems = resolve_targets(parsed, base.names(), base.shape)
+    original_modules = base.original_modules() if isinstance(base, OriginalCheckpoint) else None
+    targets, problems = resolve_targets(parsed, base.names(), base.shape, original_modules)
     for module, problem, target in problems:
+        if problem == "missing" and original_modules is None and re.search(r"(double|single|joint)_blocks[._]\d", module):
+            raise WadiInputError(
+                f"the adapter {parsed.path} names module {module} of Flux's/SD3's original single-file layout; give "
+                "the teacher as that original file, so the LoRA's fused rows can be split into its diffusers layers."
+            )
         if problem == "missing":
             raise WadiInputError(
                 f"the adapter {parsed.path} changes module {module}, which {base.path} does not have "
