@@ -206,7 +206,8 @@ _TOP_LEVEL_ORDER = {
     for rank, name in enumerate(
         ("conv_in", "pos_embed", "patch_embed", "x_embedder", "time_proj", "time_embedding", "time_embed",
          "time_text_embed", "adaln_single", "class_embedding", "add_time_proj", "add_embedding",
-         "encoder_hid_proj", "caption_projection", "context_embedder", "down_blocks", "transformer_blocks",
+         "encoder_hid_proj", "caption_projection", "context_embedder", "img_in", "txt_norm", "txt_in",
+         "t_embedder", "cap_embedder", "noise_refiner", "context_refiner", "down_blocks", "layers", "transformer_blocks",
          "single_transformer_blocks", "mid_block", "up_blocks", "norm_out", "conv_norm_out", "proj_out",
          "scale_shift_table", "conv_out")
     )
