@@ -322,3 +322,26 @@ def test_a_kohya_lora_on_flux_fused_modules_is_split_by_rows(layouts, tmp_path):
     # against the diffusers folder the fused rows cannot be placed: one sentence, exit 2
     result = _compare(info["folder"], path, tmp_path)
     _one_sentence_error(result, "original single-file layout", "give the teacher as that original file")
+
+
+def test_the_paper_preset_adapts_the_linear_layers_of_transformer_blocks():
+    from torch import nn
+
+    from wadi_distill.plan.presets import plan_from_preset
+
+    flux = tiny_flux(seed=0)
+    plan = plan_from_preset(flux, rank=2)
+    in_blocks = {n for n, m in flux.named_modules() if isinstance(m, nn.Linear)
+                 and n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    assert set(plan.ranks()) == in_blocks and len(in_blocks) == 2 * 14 + 2 * 6  # per double block 14 Linears, per single 6
+    # Z-Image's blocks: layers.N and the two refiners (a stand-in with its module names)
+    zimage = nn.Module()
+    for root in ("layers", "noise_refiner", "context_refiner"):
+        block = nn.Module()
+        block.attention = nn.Module()
+        block.attention.to_q = nn.Linear(8, 8)
+        setattr(zimage, root, nn.ModuleList([block]))
+    zimage.x_embedder = nn.Linear(4, 8)
+    plan = plan_from_preset(zimage, rank=2)
+    assert set(plan.ranks()) == {"layers.0.attention.to_q", "noise_refiner.0.attention.to_q",
+                                 "context_refiner.0.attention.to_q"}
