@@ -345,3 +345,19 @@ def test_the_paper_preset_adapts_the_linear_layers_of_transformer_blocks():
     plan = plan_from_preset(zimage, rank=2)
     assert set(plan.ranks()) == {"layers.0.attention.to_q", "noise_refiner.0.attention.to_q",
                                  "context_refiner.0.attention.to_q"}
+
+
+def test_a_lora_merged_onto_an_original_file_is_written_back_in_its_layout(layouts, tmp_path):
+    info = layouts["flux"]
+    down, up = _lora(16, 16, rank=2, seed=4)
+    save_file({"transformer_blocks.0.attn.to_v.lora_A.weight": down, "transformer_blocks.0.attn.to_v.lora_B.weight": up},
+              str(tmp_path / "lora.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    with open_checkpoint(info["original"]) as teacher, open_checkpoint(tmp_path / "lora.safetensors", base=teacher) as merged:
+        write_like(merged, lazy_tensors(merged), out)
+    written, stored = SafetensorsSource(out), SafetensorsSource(info["original"])
+    assert sorted(written.keys()) == sorted(stored.keys())
+    qkv = stored.tensor("double_blocks.0.img_attn.qkv.weight")
+    qkv[32:48] += up @ down
+    assert torch.allclose(written.tensor("double_blocks.0.img_attn.qkv.weight"), qkv, atol=1e-6)
+    assert all(torch.equal(written.tensor(k), stored.tensor(k)) for k in stored.keys() if k != "double_blocks.0.img_attn.qkv.weight")

@@ -558,9 +558,11 @@ def write_like(
     ordered = [name for name in reference.names() if name in tensors]
     fetchers: dict[str, Callable[[], torch.Tensor]] = {}
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    if isinstance(reference, OriginalCheckpoint):
-        _fused_fetchers(reference, tensors, set(ordered), fetchers, specs)
-    for name in ordered if not isinstance(reference, OriginalCheckpoint) else ():
+    # an original Flux/SD3 file (or an adapter merged onto one) is written back in its fused layout
+    fused = reference.base if isinstance(reference, AdapterCheckpoint) else reference
+    if isinstance(fused, OriginalCheckpoint):
+        _fused_fetchers(fused, tensors, set(ordered), fetchers, specs)
+    for name in ordered if not isinstance(fused, OriginalCheckpoint) else ():
         key = reference.source_key(name)
         specs[key] = (reference.shape(name), reference.stored_dtype(name))
         fetchers[key] = lambda name=name: tensors[name]
