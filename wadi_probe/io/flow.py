@@ -157,6 +157,8 @@ def original_to_diffusers(shapes: Mapping[str, tuple[int, ...]], family: str, wh
         if family == "flux" and re.match(r"^single_blocks\.\d+\.linear1\.(weight|bias)$", key):
             parts = _flux_linear1_parts(shapes, key.replace(".bias", ".weight"), where)
             bounds = [0, *accumulate(parts)]
+            if rows != bounds[-1]:
+                raise WadiInputError(f"{where}: {key} has {rows} rows but its weight has {bounds[-1]}.")
             virtual[key] = [(bounds[p], bounds[p + 1]) for p in range(len(parts))]
             probes[key] = torch.cat([torch.full((n,), base + p, dtype=torch.float64)
                                      for p, n in enumerate(_FLUX_CONVERTER_PARTS)])
@@ -168,11 +170,15 @@ def original_to_diffusers(shapes: Mapping[str, tuple[int, ...]], family: str, wh
         missing = str(error.args[0]) if error.args else "a tensor"
         raise WadiInputError(f"{where} lacks {missing}, which a {_LABEL[family]} transformer with these blocks has "
                              "(an incomplete or partial file).") from None
+    except (IndexError, RuntimeError, ValueError) as error:
+        raise WadiInputError(f"{where} is not a {_LABEL[family]} original layout this tool recognises "
+                             f"(diffusers' converter failed on it: {error}).") from None
     mapping: dict[str, list[Segment]] = {}
     for name, probe in converted.items():
         mapping[name] = _segments(probe, keys, virtual)
+    taken = {segment.key for segments in mapping.values() for segment in segments}
     for key in probes:  # what the converter did not take stays under its own name
-        if key not in {segment.key for segments in mapping.values() for segment in segments}:
+        if key not in taken:
             mapping.setdefault(key, [Segment(key, 0, shapes[key][0] if shapes[key] else 1)])
     return mapping
 
