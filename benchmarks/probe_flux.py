@@ -105,11 +105,13 @@ def build_pair(cache: Path, seed: int) -> tuple[Path, Path]:
 
 def run_compare(teacher: Path, student: Path, out: Path) -> tuple[str, float, float]:
     """``wadi-probe compare`` in a subprocess: (its output, wall seconds, peak RSS MiB)."""
-    command = [sys.executable, "-c", "from wadi_probe.cli import main; main()", "compare", str(teacher), str(student),
-               "-o", str(out / "report.json"), "--csv", str(out / "layers.csv"), "--top", "6", "--no-progress"]
+    # run inside the cache folder with relative names, so the output shows no machine-specific paths
+    command = [sys.executable, "-c", "from wadi_probe.cli import main; main()", "compare",
+               os.path.relpath(teacher, out), os.path.relpath(student, out), "-o", "report.json", "--csv", "layers.csv",
+               "--top", "6", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "110"}
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False, cwd=out)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"compare failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -125,12 +127,12 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     teacher, student = build_pair(args.cache, args.seed)
-    print(f"pair in {args.cache} ({time.perf_counter() - start:.0f} s): teacher {teacher}, student {student.name}")
+    print(f"pair built in {time.perf_counter() - start:.0f} s: {teacher.name}/transformer, {student.name}")
     if args.build_only:
         return
     output, wall, rss = run_compare(teacher, student, args.cache)
     print("$ wadi-probe compare teacher student-flux-original.safetensors -o report.json --csv layers.csv --top 6 "
-          "--no-progress")
+          "--no-progress    # in the cache folder, COLUMNS=110")
     print(output)
     report = json.loads((args.cache / "report.json").read_text())
     print(f"compare: {wall:.0f} s wall, peak RSS {rss:.0f} MiB ({platform.processor() or platform.machine()}, "
