@@ -173,9 +173,10 @@ def original_to_diffusers(shapes: Mapping[str, tuple[int, ...]], family: str, wh
     except (IndexError, RuntimeError, ValueError) as error:
         raise WadiInputError(f"{where} is not a {_LABEL[family]} original layout this tool recognises "
                              f"(diffusers' converter failed on it: {error}).") from None
+    is_virtual_key = torch.tensor([key in virtual for key in keys], dtype=torch.bool)
     mapping: dict[str, list[Segment]] = {}
     for name, probe in converted.items():
-        mapping[name] = _segments(probe, keys, virtual)
+        mapping[name] = _segments(probe, keys, virtual, is_virtual_key)
     taken = {segment.key for segments in mapping.values() for segment in segments}
     for key in probes:  # what the converter did not take stays under its own name
         if key not in taken:
@@ -183,27 +184,29 @@ def original_to_diffusers(shapes: Mapping[str, tuple[int, ...]], family: str, wh
     return mapping
 
 
-def _segments(probe: torch.Tensor, keys: list[str], virtual: Mapping[str, list[tuple[int, int]]]) -> list[Segment]:
-    """Decode a converted index tensor into row segments of stored keys."""
-    values = probe.reshape(-1).tolist()
+def _segments(probe: torch.Tensor, keys: list[str], virtual: Mapping[str, list[tuple[int, int]]],
+              is_virtual_key: torch.Tensor) -> list[Segment]:
+    """Decode a converted index tensor into row segments of stored keys (runs found with tensor ops: a Flux.1
+    single block's linear1 alone has 21504 rows)."""
+    values = probe.reshape(-1).to(torch.float64)
+    key_ids = torch.div(values, _ROW_BITS, rounding_mode="floor")
+    local = (values - key_ids * _ROW_BITS).long()
+    key_ids = key_ids.long()
+    is_virtual = is_virtual_key[key_ids]
+    # a new run starts where the key changes, a virtual key's part id changes, or a plain key's row is not the next
+    step = local[1:] - local[:-1]
+    breaks = (key_ids[1:] != key_ids[:-1]) | torch.where(is_virtual[1:], step != 0, step != 1)
+    starts = [0, *(torch.nonzero(breaks).reshape(-1) + 1).tolist()]
+    ends = [*starts[1:], len(values)]
     segments: list[Segment] = []
-    i = 0
-    while i < len(values):
-        key = keys[int(values[i] // _ROW_BITS)]
-        local = int(values[i] - (values[i] // _ROW_BITS) * _ROW_BITS)
-        j = i + 1
+    for start, end in zip(starts, ends):
+        key, row = keys[int(key_ids[start])], int(local[start])
         if key in virtual:  # a run of one part id
-            while j < len(values) and values[j] == values[i]:
-                j += 1
-            start, stop = virtual[key][local]
-            if j - i != _FLUX_CONVERTER_PARTS[local]:
+            if end - start != _FLUX_CONVERTER_PARTS[row]:
                 raise AssertionError(f"the converter split {key} at rows other than its parts")  # pragma: no cover
-            segments.append(Segment(key, start, stop))
+            segments.append(Segment(key, *virtual[key][row]))
         else:  # a run of consecutive rows of one key
-            while j < len(values) and values[j] == values[j - 1] + 1 and keys[int(values[j] // _ROW_BITS)] == key:
-                j += 1
-            segments.append(Segment(key, local, local + (j - i)))
-        i = j
+            segments.append(Segment(key, row, row + (end - start)))
     return segments
 
 
