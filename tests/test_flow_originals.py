@@ -364,3 +364,19 @@ def test_a_lora_merged_onto_an_original_file_is_written_back_in_its_layout(layou
     qkv[32:48] += up @ down
     assert torch.allclose(written.tensor("double_blocks.0.img_attn.qkv.weight"), qkv, atol=1e-6)
     assert all(torch.equal(written.tensor(k), stored.tensor(k)) for k in stored.keys() if k != "double_blocks.0.img_attn.qkv.weight")
+
+
+def test_a_kohya_lora_on_sd3_joint_blocks_is_split_by_rows(layouts, tmp_path):
+    info = layouts["sd3"]
+    state = info["state"]
+    hidden = state["context_embedder.weight"].shape[0]
+    down, up = _lora(3 * hidden, hidden, rank=2, seed=9)
+    flat = "lora_unet_joint_blocks_1_context_block_attn_qkv"
+    save_file({f"{flat}.lora_down.weight": down, f"{flat}.lora_up.weight": up, f"{flat}.alpha": torch.tensor(1.0)},
+              str(tmp_path / "kohya-sd3.safetensors"))
+    with open_checkpoint(info["original"]) as teacher, open_checkpoint(tmp_path / "kohya-sd3.safetensors", base=teacher) as merged:
+        for i, x in enumerate("qkv"):
+            name = f"transformer_blocks.1.attn.add_{x}_proj.weight"
+            expected = state[name] + 0.5 * (up @ down)[i * hidden:(i + 1) * hidden]
+            assert torch.allclose(merged.tensor(name), expected, atol=1e-6), name
+        assert len(merged.adapted_names()) == 3
