@@ -9,6 +9,8 @@ A :class:`Checkpoint` maps normalised diffusers-style names (``down_blocks.0.att
   ``.fp16`` variants, sharded files with their ``*.index.json``;
 - ``ldm``: an original LDM/CompVis single file, ``model.diffusion_model.*`` renamed to diffusers names
   (:mod:`wadi_probe.io.ldm`), VAE and text-encoder keys ignored;
+- ``flux`` / ``sd3``: a Flux.1 or SD3/SD3.5 original single file (:mod:`wadi_probe.io.flow`), fused ``qkv`` /
+  ``linear1`` tensors cut into their diffusers tensors as they are read (:class:`OriginalCheckpoint`);
 - ``torch``: ``.bin``/``.pt``/``.ckpt`` loaded with ``weights_only=True`` only;
 - ``adapter``: a LoRA / kohya / LoRaD file merged onto a base checkpoint on the fly.
 """
