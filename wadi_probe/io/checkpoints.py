@@ -196,10 +196,8 @@ class OriginalCheckpoint(Checkpoint):
 
     def stored_spec(self, stored: str) -> tuple[tuple[int, ...], torch.dtype, TensorSource]:
         """Shape, dtype and file of a stored key."""
-        name = self.stored_parts()[stored][0][0]
-        source, key = self.split.stored(next(s.key for s in self.split.segments[name]
-                                             if self.split.stored(s.key)[1] == stored))
-        return tuple(source.shape(key)), source.dtype(key), source
+        source = self.split.source_of(stored)
+        return tuple(source.shape(stored)), source.dtype(stored), source
 
 
 # top-level modules of UNet2DConditionModel / diffusers transformers, in the order a forward pass meets them

@@ -37,7 +37,7 @@ FAMILIES = {"flux": "double_blocks.", "sd3": "joint_blocks."}
 _LABEL = {"flux": "Flux", "sd3": "SD3"}
 # the Flux converter's fixed split of single_blocks.N.linear1: q, k, v (3072 rows each), then the MLP input
 _FLUX_CONVERTER_WIDTH = 3072
-_FLUX_CONVERTER_PARTS = (3072, 3072, 3072, 4 * 3072)
+_FLUX_CONVERTER_PARTS = (_FLUX_CONVERTER_WIDTH,) * 3 + (4 * _FLUX_CONVERTER_WIDTH,)
 _ROW_BITS = 2.0 ** 32  # an index entry is key_id · 2^32 + row (exact in float64 up to 2^21 keys)
 
 
@@ -223,6 +223,7 @@ class SplitSource:
         self.path = Path(path)
         self.segments = dict(segments)
         self._owner = dict(owner)  # original key (unprefixed) -> (TensorSource, stored key)
+        self._by_stored = {stored: source for source, stored in self._owner.values()}
 
     def keys(self) -> list[str]:
         return list(self.segments)
@@ -230,6 +231,10 @@ class SplitSource:
     def stored(self, key: str) -> tuple[object, str]:
         """(source, stored key) of an unprefixed original key."""
         return self._owner[key]
+
+    def source_of(self, stored: str) -> object:
+        """The file source holding a stored key (as stored, prefix and all)."""
+        return self._by_stored[stored]
 
     def _stored_shape(self, key: str) -> tuple[int, ...]:
         source, stored = self._owner[key]
