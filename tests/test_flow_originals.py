@@ -380,3 +380,12 @@ def test_a_kohya_lora_on_sd3_joint_blocks_is_split_by_rows(layouts, tmp_path):
             expected = state[name] + 0.5 * (up @ down)[i * hidden:(i + 1) * hidden]
             assert torch.allclose(merged.tensor(name), expected, atol=1e-6), name
         assert len(merged.adapted_names()) == 3
+
+
+def test_an_original_file_saved_by_torch_reads_the_same(layouts, tmp_path):
+    info = layouts["flux"]
+    path = tmp_path / "flux1.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model." + k: v for k, v in flux_original(info["state"]).items()}}, path)
+    with open_checkpoint(path) as original:
+        assert original.layout == "flux" and set(original.names()) == set(info["state"])
+        assert all(torch.equal(original.tensor(name), value) for name, value in info["state"].items())
