@@ -13,14 +13,16 @@ from wadi_probe.errors import WadiInputError
 __all__ = ["PRESETS", "BLOCK_ROOTS", "plan_from_preset"]
 
 PRESETS = ("paper", "paper-conv", "all-linear")
-BLOCK_ROOTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks")
+# UNet blocks; DiT blocks (Flux's double and single, SD3's joint, Qwen-Image, SANA); Z-Image's layers and refiners
+BLOCK_ROOTS = ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks",
+               "layers", "noise_refiner", "context_refiner")
 
 
 def plan_from_preset(model: nn.Module, rank: int, preset: str = "paper") -> Plan:
     """A uniform-rank plan.
 
-    ``"paper"``: every ``nn.Linear`` inside ``down_blocks``/``mid_block``/``up_blocks`` (UNet) or
-    ``transformer_blocks`` (DiT) — SD1.5 at rank 256 gives 182 layers and 83,795,968 parameters.
+    ``"paper"``: every ``nn.Linear`` inside ``down_blocks``/``mid_block``/``up_blocks`` (UNet) or the transformer
+    blocks of :data:`BLOCK_ROOTS` (DiT) — SD1.5 at rank 256 gives 182 layers and 83,795,968 parameters.
     ``"paper-conv"``: the same plus the ``nn.Conv2d`` layers inside those blocks (beyond the paper).
     ``"all-linear"``: every ``nn.Linear`` of the model.
     """

@@ -9,6 +9,8 @@ A :class:`Checkpoint` maps normalised diffusers-style names (``down_blocks.0.att
   ``.fp16`` variants, sharded files with their ``*.index.json``;
 - ``ldm``: an original LDM/CompVis single file, ``model.diffusion_model.*`` renamed to diffusers names
   (:mod:`wadi_probe.io.ldm`), VAE and text-encoder keys ignored;
+- ``flux`` / ``sd3``: a Flux.1 or SD3/SD3.5 original single file (:mod:`wadi_probe.io.flow`), fused ``qkv`` /
+  ``linear1`` tensors cut into their diffusers tensors as they are read (:class:`OriginalCheckpoint`);
 - ``torch``: ``.bin``/``.pt``/``.ckpt`` loaded with ``weights_only=True`` only;
 - ``adapter``: a LoRA / kohya / LoRaD file merged onto a base checkpoint on the fly.
 """
@@ -145,13 +147,67 @@ class Checkpoint:
         return f"Checkpoint({str(self.path)!r}, layout={self.layout!r}, tensors={len(self)})"
 
 
+class OriginalCheckpoint(Checkpoint):
+    """A Flux.1 or SD3/SD3.5 original single file under diffusers names (:mod:`wadi_probe.io.flow`).
+
+    Fused stored tensors (``qkv``, Flux's ``linear1``) are cut into their diffusers tensors when read, one tensor
+    at a time; :meth:`source_key` names the stored rows (``…img_attn.qkv.weight[0:3072]``), and
+    :meth:`stored_parts` tells :func:`write_like` how to put diffusers tensors back into the stored ones.
+    """
+
+    def __init__(self, path: Path, layout: str, entries: Mapping[str, tuple[TensorSource, str]], split: Any,
+                 **kwargs: Any) -> None:
+        super().__init__(path, layout, entries, **kwargs)
+        self.split = split
+
+    def source_key(self, name: str) -> str:
+        self._entry(name)
+        return self.split.describe(name)
+
+    def source_file(self, name: str) -> Path:
+        source, _ = self.split.stored(self.split.segments[self._entry(name)[1]][0].key)
+        return source.path
+
+    def stored_parts(self) -> dict[str, list[tuple[str, int, int, int]]]:
+        """{stored key: [(diffusers name, first row of the name, first stored row, rows), …]} in file order."""
+        parts: dict[str, list[tuple[str, int, int, int]]] = {}
+        for name in self.names():
+            offset = 0
+            for segment in self.split.segments[name]:
+                _, stored = self.split.stored(segment.key)
+                parts.setdefault(stored, []).append((name, offset, segment.start, segment.rows))
+                offset += segment.rows
+        return parts
+
+    def original_modules(self) -> dict[str, list[tuple[str, list[tuple[int, int]]]]]:
+        """{the file's module (``double_blocks.0.img_attn.qkv``): [(diffusers module, its row ranges), …]}, for
+        adapters written against the original names (a LoRA on a fused ``qkv`` is split by these rows)."""
+        modules: dict[str, list[tuple[str, list[tuple[int, int]]]]] = {}
+        for name in self.names():
+            if not name.endswith(".weight"):
+                continue
+            segments = self.split.segments[name]
+            if len({segment.key for segment in segments}) != 1 or not segments[0].key.endswith(".weight"):
+                continue
+            original = segments[0].key[: -len(".weight")]
+            modules.setdefault(original, []).append(
+                (name[: -len(".weight")], [(segment.start, segment.stop) for segment in segments]))
+        return modules
+
+    def stored_spec(self, stored: str) -> tuple[tuple[int, ...], torch.dtype, TensorSource]:
+        """Shape, dtype and file of a stored key."""
+        source = self.split.source_of(stored)
+        return tuple(source.shape(stored)), source.dtype(stored), source
+
+
 # top-level modules of UNet2DConditionModel / diffusers transformers, in the order a forward pass meets them
 _TOP_LEVEL_ORDER = {
     name: rank
     for rank, name in enumerate(
         ("conv_in", "pos_embed", "patch_embed", "x_embedder", "time_proj", "time_embedding", "time_embed",
          "time_text_embed", "adaln_single", "class_embedding", "add_time_proj", "add_embedding",
-         "encoder_hid_proj", "caption_projection", "context_embedder", "down_blocks", "transformer_blocks",
+         "encoder_hid_proj", "caption_projection", "context_embedder", "img_in", "txt_norm", "txt_in",
+         "t_embedder", "cap_embedder", "noise_refiner", "context_refiner", "down_blocks", "layers", "transformer_blocks",
          "single_transformer_blocks", "mid_block", "up_blocks", "norm_out", "conv_norm_out", "proj_out",
          "scale_shift_table", "conv_out")
     )
@@ -232,6 +288,11 @@ def _entries_from_sources(
         raise WadiInputError(f"{path} holds no tensors.")
     unwrapped, _ = _strip_common_prefix(keys, ())
     ldm_keys = [name for name in unwrapped if name.startswith(LDM_UNET_PREFIX)]
+    original = _open_original(path, sources, owner, unwrapped, ldm_keys)
+    if original is not None:
+        return original
+    if not ldm_keys:
+        _refuse_without_denoiser(path, list(unwrapped))
     if ldm_keys:
         from wadi_probe.io.ldm import ldm_to_diffusers_names
 
@@ -250,6 +311,44 @@ def _entries_from_sources(
     entries = {name: (owner[key], key) for name, key in names.items()}
     return Checkpoint(path, layout, entries, sources=sources, ignored_keys=ignored,
                       ignored_sources={key: owner[key] for key in ignored})
+
+
+# sub-models a single file or folder may hold beside (or instead of) the denoiser
+_NOT_DENOISER = re.compile(r"^(first_stage_model|vae|cond_stage_model|conditioner|text_encoders?(_\d)?|"
+                           r"te\d?)\.")
+_VAE_ROOTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def _refuse_without_denoiser(path: Path, names: list[str]) -> None:
+    """One sentence for a file that holds only a VAE and/or text encoders (an SD3 file with the VAE only, say)."""
+    if names and all(_NOT_DENOISER.match(name) for name in names):
+        found = sorted({name.split(".", 1)[0] + ".*" for name in names})
+        raise WadiInputError(f"{path} holds no denoiser, only {', '.join(found[:4])} (VAE / text-encoder weights); "
+                             "give the file or folder with the UNet or transformer.")
+    if names and all(name.startswith(_VAE_ROOTS) for name in names) and any(n.startswith("decoder.") for n in names):
+        raise WadiInputError(f"{path} is a VAE (encoder/decoder weights), not a denoiser; give the UNet or "
+                             "transformer file or folder.")
+
+
+def _open_original(path: Path, sources: list[TensorSource], owner: Mapping[str, TensorSource],
+                   unwrapped: Mapping[str, str], ldm_keys: list[str]) -> Checkpoint | None:
+    """A Flux.1 or SD3/SD3.5 original single file (with or without ``model.diffusion_model.``), else None."""
+    from wadi_probe.io.flow import SplitSource, original_family, original_to_diffusers
+
+    prefix = LDM_UNET_PREFIX if ldm_keys else ""
+    own = {name[len(prefix):]: key for name, key in unwrapped.items() if name.startswith(prefix)}
+    family = original_family(list(own))
+    if family is None:
+        return None
+    if not prefix:  # an unprefixed original file is the transformer alone; set other sub-models aside
+        own = {name: key for name, key in own.items() if not _NOT_DENOISER.match(name)}
+    shapes = {name: tuple(owner[key].shape(key)) for name, key in own.items()}
+    segments = original_to_diffusers(shapes, family, str(path))
+    split = SplitSource(path, segments, {name: (owner[key], key) for name, key in own.items()})
+    used = {own[segment.key] for parts in segments.values() for segment in parts}
+    ignored = [key for key in owner if key not in used]
+    return OriginalCheckpoint(path, family, {name: (split, name) for name in segments}, split, sources=sources,
+                              ignored_keys=ignored, ignored_sources={key: owner[key] for key in ignored})
 
 
 def _refuse_adapter_names(path: Path, names: Mapping[str, str]) -> None:
@@ -368,8 +467,14 @@ def open_adapter(path: Path, base: Checkpoint) -> "AdapterCheckpoint":
     from wadi_probe.io.formats.adapters import lora_scale, read_adapter, resolve_targets
 
     parsed = read_adapter(path)
-    targets, problems = resolve_targets(parsed, base.names(), base.shape)
+    original_modules = base.original_modules() if isinstance(base, OriginalCheckpoint) else None
+    targets, problems = resolve_targets(parsed, base.names(), base.shape, original_modules)
     for module, problem, target in problems:
+        if problem == "missing" and original_modules is None and re.search(r"(double|single|joint)_blocks[._]\d", module):
+            raise WadiInputError(
+                f"the adapter {parsed.path} names module {module} of Flux's/SD3's original single-file layout; give "
+                "the teacher as that original file, so the LoRA's fused rows can be split into its diffusers layers."
+            )
         if problem == "missing":
             raise WadiInputError(
                 f"the adapter {parsed.path} changes module {module}, which {base.path} does not have "
@@ -453,7 +558,11 @@ def write_like(
     ordered = [name for name in reference.names() if name in tensors]
     fetchers: dict[str, Callable[[], torch.Tensor]] = {}
     specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    for name in ordered:
+    # an original Flux/SD3 file (or an adapter merged onto one) is written back in its fused layout
+    fused = reference.base if isinstance(reference, AdapterCheckpoint) else reference
+    if isinstance(fused, OriginalCheckpoint):
+        _fused_fetchers(fused, tensors, set(ordered), fetchers, specs)
+    for name in ordered if not isinstance(fused, OriginalCheckpoint) else ():
         key = reference.source_key(name)
         specs[key] = (reference.shape(name), reference.stored_dtype(name))
         fetchers[key] = lambda name=name: tensors[name]
@@ -483,6 +592,36 @@ def write_like(
         with open(tmp, "wb") as handle:
             write_safetensors_streaming(handle, list(fetchers), specs, lambda key: fetchers[key](), metadata)
     return path
+
+
+def _fused_fetchers(reference: OriginalCheckpoint, tensors: Mapping[str, torch.Tensor], wanted: set[str],
+                    fetchers: dict[str, Callable[[], torch.Tensor]],
+                    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> None:
+    """Stored keys of an original Flux/SD3 file rebuilt from diffusers tensors (the rows of each part put back).
+
+    A stored key some of whose parts are not in ``tensors`` keeps the reference's rows there; one stored tensor
+    is in memory at a time.
+    """
+    for stored, parts in reference.stored_parts().items():
+        if not any(name in wanted for name, *_ in parts):
+            continue
+        shape, dtype, source = reference.stored_spec(stored)
+
+        def assemble(stored: str = stored, parts: list = parts, shape: tuple = shape, dtype: torch.dtype = dtype,
+                     source: Any = source) -> torch.Tensor:
+            whole = (source.tensor(stored).clone() if not all(name in wanted for name, *_ in parts)
+                     else torch.empty(shape, dtype=dtype))
+            for name, name_start, stored_start, rows in parts:
+                if name in wanted:
+                    value = tensors[name]
+                    if tuple(value.shape) != reference.shape(name):
+                        raise WadiInputError(f"tensor {name!r} has shape {tuple(value.shape)} but "
+                                             f"{reference.shape(name)} is required.")
+                    whole[stored_start:stored_start + rows] = value[name_start:name_start + rows].to(dtype)
+            return whole
+
+        specs[stored] = (shape, dtype)
+        fetchers[stored] = assemble
 
 
 def lazy_tensors(checkpoint: Checkpoint, names: list[str] | None = None,

@@ -15,7 +15,8 @@ __all__ = ["WRAPPER_PREFIXES", "MODEL_PREFIXES", "ADAPTER_PREFIXES", "strip_pref
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 MODEL_PREFIXES = ("unet.", "transformer.")
 # what an adapter file's module paths may carry before the denoiser's own module path
-ADAPTER_PREFIXES = WRAPPER_PREFIXES + MODEL_PREFIXES + ("model.diffusion_model.", "model.")
+# (``diffusion_model.``: the Lightning LoRAs of Qwen-Image and other ComfyUI-style files)
+ADAPTER_PREFIXES = WRAPPER_PREFIXES + MODEL_PREFIXES + ("model.diffusion_model.", "diffusion_model.", "model.")
 
 
 def strip_prefixes(name: str, prefixes: Iterable[str]) -> str:

@@ -32,12 +32,17 @@ from wadi_probe.rotation import as_matrix, pair_angles
 
 NORM_COLOR = "#1f77b4"
 DIRECTION_COLOR = "#d62728"
-LAYER_TYPE_MARKERS = {"attention": "o", "feed-forward": "s", "resnet conv": "^", "other": "D"}
+LAYER_TYPE_MARKERS = {"attention": "o", "feed-forward": "s", "resnet conv": "^", "other": "D",
+                      "attention (text)": "P", "feed-forward (text)": "X", "modulation": "v", "modulation (text)": "<",
+                      "attention + feed-forward": "*"}
 BLOCK_FAMILY_COLORS = {
     "down": "#dbe9f6",
     "mid": "#e8e8e8",
     "up": "#fde7d4",
     "transformer": "#e9e3f3",
+    "single": "#f3e3ee",
+    "noise_refiner": "#e3eef3",
+    "context_refiner": "#f3efe3",
     "embedding": "#e6f2e6",
     "other": "#f7f7f7",
 }

@@ -346,8 +346,9 @@ def _pairs(record: Mapping[str, Any]) -> int:
 
 def _block_sort_key(block: str) -> tuple:
     head, _, index = block.partition(".")
-    order = {"embedding": 0, "down": 1, "mid": 2, "up": 3, "transformer": 4, "single": 5, "other": 6}
-    return (order.get(head, 7), int(index) if index.isdigit() else -1, block)
+    order = {"embedding": 0, "down": 1, "mid": 2, "up": 3, "noise_refiner": 4, "context_refiner": 4,
+             "transformer": 5, "single": 6, "other": 7}
+    return (order.get(head, 8), int(index) if index.isdigit() else -1, block)
 
 
 def group_by_block(layers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -293,25 +293,70 @@ def _resolver(base_names: list[str]) -> dict[str, str]:
     return table
 
 
-def resolve_targets(parsed: ParsedAdapter, base_names: list[str], shape_of: Callable[[str], tuple[int, ...]]
+_KOHYA_PREFIXES = ("lora_unet_", "lora_transformer_")
+
+#: {original fused module: [(diffusers module, [(first row, end row), …]), …]}: how a Flux/SD3 original file's
+#: stored modules split into the base's modules (:meth:`wadi_probe.io.checkpoints.OriginalCheckpoint.original_modules`)
+OriginalModules = dict[str, list[tuple[str, list[tuple[int, int]]]]]
+
+
+def _split_lora(entry: ModuleAdapter, parts: list[tuple[str, list[tuple[int, int]]]]
+                ) -> list[tuple[str, ModuleAdapter]] | None:
+    """A LoRA on a fused original module (Flux ``img_attn.qkv``, ``linear1``) as one LoRA per diffusers module.
+
+    ``W_fused + s·B·A`` changes row i of the fused weight by ``s·B[i]·A``, so each part gets the rows of B that
+    make it (the same A, alpha and scale). LoRaD factors on fused modules are not split (None).
+    """
+    if entry.family != "lora":
+        return None
+    up = entry.factors["up"]
+    split = []
+    for module, ranges in parts:
+        if any(stop > up.shape[0] for _, stop in ranges):
+            return None
+        rows = torch.cat([up[start:stop] for start, stop in ranges])
+        split.append((module, ModuleAdapter("lora", {"down": entry.factors["down"], "up": rows}, entry.alpha,
+                                            list(entry.keys))))
+    return split
+
+
+def resolve_targets(parsed: ParsedAdapter, base_names: list[str], shape_of: Callable[[str], tuple[int, ...]],
+                    original_modules: OriginalModules | None = None,
                     ) -> tuple[dict[str, tuple[str, ModuleAdapter]], list[tuple[str, str, str | None]]]:
     """Match the adapter's modules to the base's and check their shapes.
 
     Returns ({base module path: (stored module name, entry with oriented factors)}, problems), each problem
-    (stored module name, ``"missing"`` or ``"shape"``, the base module path or None). Module names are taken as stored, else through the kohya (``a_b_c``) and LDM
-    spellings of the base's names.
+    (stored module name, ``"missing"`` or ``"shape"``, the base module path or None). Module names are taken as
+    stored, else through the kohya (``lora_unet_a_b_c``, ``lora_transformer_a_b_c``) and LDM spellings of the
+    base's names, else, for a base read from a Flux/SD3 original file (``original_modules``), as the file's own
+    module names (``double_blocks.0.img_attn.qkv``, kohya-flattened or not): a LoRA on a fused module is split
+    into one LoRA per diffusers module it holds.
     """
     names = set(base_names)
     table: dict[str, str] | None = None
+    originals = dict(original_modules or {})
+    originals.update({module.replace(".", "_"): parts for module, parts in list(originals.items())})
     targets: dict[str, tuple[str, ModuleAdapter]] = {}
     problems: list[tuple[str, str, str | None]] = []
     for module, entry in parsed.modules.items():
         target: str | None = module if module + ".weight" in names else None
+        flat = module
         if target is None:
             if table is None:
                 table = _resolver(base_names)
-            flat = module[len("lora_unet_"):] if module.startswith("lora_unet_") else module
+            flat = next((module[len(p):] for p in _KOHYA_PREFIXES if module.startswith(p)), module)
             target = table.get(flat)
+        if target is None and flat in originals:
+            split = _split_lora(entry, originals[flat])
+            if split is None:
+                problems.append((module, "shape", originals[flat][0][0]))
+                continue
+            for part_target, part in split:
+                if factors_fit(part, tuple(shape_of(part_target + ".weight"))):
+                    targets[part_target] = (module, part)
+                else:
+                    problems.append((module, "shape", part_target))
+            continue
         if target is None or target + ".weight" not in names:
             problems.append((module, "missing", None))
             continue

@@ -142,6 +142,22 @@ class SafetensorsSource:
                 raise WadiInputError(f"{self.path} is truncated: tensor {key!r} could not be read in full.")
         return out
 
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (dimension 0) of one tensor, read alone: a fused tensor's part costs only its bytes."""
+        if self._file is None:
+            raise WadiInputError(f"{self.path} was closed before tensor {key!r} was read.")
+        shape = self.shape(key)
+        out = torch.empty((stop - start, *shape[1:]), dtype=self.dtype(key))
+        if out.numel():
+            row_bytes = out[0].numel() * out.element_size()
+            buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+            with self._lock:
+                self._file.seek(self._data_start + self.header[key]["data_offsets"][0] + start * row_bytes)
+                read = self._file.readinto(buffer)
+            if read != (stop - start) * row_bytes:
+                raise WadiInputError(f"{self.path} is truncated: tensor {key!r} could not be read in full.")
+        return out
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
