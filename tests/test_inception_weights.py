@@ -155,14 +155,16 @@ def test_statistics_saved_with_the_other_resize_are_refused(tmp_path):
     images.mkdir()
     for i in range(4):
         Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(images / f"{i}.png")
-    meta = {"format": "wadi-reference-stats", "images": 50, "protocol": {"resize": 256},
-            "extractor_info": {"sha256": file_sha256(SHIPPED), "resize": INCEPTION_RESIZES["tf1"]}}
-    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), meta=json.dumps(meta))
     out = tmp_path / "e.json"
-    result = run("evaluate", "--images", images, "--reference", tmp_path / "ref.npz", "--inception", SHIPPED, "-o", out)
-    text = " ".join(result.output.split())
-    assert result.exit_code == 2 and "computed with another resize" in text and "TF1-compatible bilinear" in text, text
-    assert not out.exists()
+    # saved with tf1, and (the name files saved before the choice carry) with torch-fidelity's tf1: both refused
+    for saved_as in (INCEPTION_RESIZES["tf1"], "TF-compatible bilinear to 299"):
+        meta = {"format": "wadi-reference-stats", "images": 50, "protocol": {"resize": 256},
+                "extractor_info": {"sha256": file_sha256(SHIPPED), "resize": saved_as}}
+        np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), meta=json.dumps(meta))
+        result = run("evaluate", "--images", images, "--reference", tmp_path / "ref.npz", "--inception", SHIPPED, "-o", out)
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and "computed with another resize" in text, text
+        assert f"({INCEPTION_RESIZES['tf1']}); this run uses {INCEPTION_RESIZES['clean']}" in text and not out.exists()
 
 
 def _fidelity_state_dict_from(network: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:

@@ -48,6 +48,8 @@ INCEPTION_RESIZES = {
     "clean": f"clean-fid: PIL bicubic on float pixels to {INCEPTION_SIZE}, clipped to [0, 255], then (x - 128) / 128",
     "tf1": f"TF1-compatible bilinear to {INCEPTION_SIZE}, then (x - 128) / 128",
 }
+# what statistics files saved before the resize was a choice record for torch-fidelity's (the same tf1 protocol)
+EARLIER_RESIZE_NAMES = {"TF-compatible bilinear to 299": INCEPTION_RESIZES["tf1"]}
 
 
 @dataclass
@@ -263,8 +265,11 @@ def inception_extractor(path: str | Path | None, device: str | torch.device = "c
     else:
         fn = _torchscript_inception(module, kind, resize, device)
         name = f"InceptionV3 TorchScript ({'StyleGAN3 / clean-fid wrapper' if kind == 'stylegan' else 'network only'})"
-    with torch.no_grad():
-        probe = fn(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    try:
+        with torch.no_grad():
+            probe = fn(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    except (RuntimeError, AttributeError) as exc:  # TorchScript that looks like Inception but does not run as one
+        raise WadiInputError(f"{path} does not run as InceptionV3 ({str(exc).splitlines()[0]}).") from exc
     if tuple(probe.shape) != (1, 2048):
         raise WadiInputError(f"{path} gives features of shape {tuple(probe.shape)}, not InceptionV3's (1, 2048).")
     return Extractor(name, fn, 2048, "rgb",

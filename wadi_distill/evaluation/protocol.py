@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wadi_distill.evaluation.features import Extractor
+from wadi_distill.evaluation.features import EARLIER_RESIZE_NAMES, Extractor
 from wadi_distill.evaluation.images import PROTOCOL_SIZE, list_images, protocol_batches, save_pngs
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
@@ -186,6 +186,7 @@ def _load_stats(path: Path, extractor: Extractor, settings: EvalSettings) -> tup
         raise WadiInputError(f"{path} was computed with another feature extractor file (sha256 {made_with[:12]}…, "
                              f"this one {str(extractor.info.get('sha256'))[:12]}…); its numbers would not compare.")
     made_resize = (meta.get("extractor_info") or {}).get("resize")
+    made_resize = EARLIER_RESIZE_NAMES.get(made_resize, made_resize)
     if made_resize and made_resize != extractor.info.get("resize"):
         raise WadiInputError(f"{path} was computed with another resize to the extractor's input ({made_resize}); "
                              f"this run uses {extractor.info.get('resize')}.")
