@@ -128,7 +128,8 @@ class AdapterStudent(Student):
         else:  # the teacher's own keys and dtypes, read lazily from its files
             from wadi_distill.export import export_merged
 
-            export_merged(teacher.source, folder, folder / "student.safetensors")
+            # the adapter beside it, by name: ``folder`` is a temporary folder with a random name
+            export_merged(teacher.source, folder, folder / "student.safetensors", label=ADAPTER_WEIGHTS)
         return folder / ADAPTER_WEIGHTS
 
 
