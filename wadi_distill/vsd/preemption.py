@@ -5,10 +5,7 @@ before the time limit) and SIGTERM on preemption or ``scancel``, Kubernetes send
 ``terminationGracePeriodSeconds``. While the training loop runs, :class:`StopSignals` turns each of these signals
 (and Ctrl-C) into a request: the handler only sets a flag, and the loop asks :meth:`StopSignals.requested`
 between steps, so a step is never cut in half. The trainer then writes a checkpoint of the step just finished and
-raises :class:`RunStopped`, whose ``exit_code`` the command line exits with. Before the loop starts (loading the
-teacher, encoding prompts: minutes for a large model, longer than a grace period) there is no step to finish and
-nothing to save: the handler raises :class:`RunStopped` at once (Ctrl-C: ``KeyboardInterrupt``), so the run
-unwinds, its folder lock is released and the requeued job can start anywhere.
+raises :class:`RunStopped`, whose ``exit_code`` the command line exits with:
 
 - ``75`` (``EX_TEMPFAIL`` of sysexits.h, "try again later") after a scheduler's signal: the checkpoint is on disk
   and ``--resume latest`` continues the run bit for bit. Batch scripts requeue on it (``scontrol requeue``);
@@ -16,6 +13,10 @@ unwinds, its folder lock is released and the requeued job can start anywhere.
   2 (refused input) and 128 + N (killed by signal N before anything was saved).
 - ``130`` after Ctrl-C, the code shells give an interrupted command (a loop of runs stops), also with the
   checkpoint written. A second Ctrl-C stops at once, without a checkpoint.
+
+Before the loop starts (loading the teacher, encoding prompts: minutes for a large model, longer than a grace
+period) there is no step to finish and nothing to save: the handler raises :class:`RunStopped` at once (Ctrl-C:
+``KeyboardInterrupt``), so the run unwinds, its folder lock is released and the requeued job can start anywhere.
 
 In a multi-process launch each process may receive the signal at a slightly different moment; the processes agree
 on the request with one all-reduce per step, so all stop after the same step.
@@ -54,9 +55,13 @@ def parse_signals(names: Iterable[str]) -> list[signal.Signals]:
     return found
 
 
-class RunStopped(Exception):
+class RunStopped(BaseException):
     """A run stopped on a signal: after ``step`` with ``checkpoint`` written (None in processes that wrote none),
-    or before training started (``step`` None, nothing to save)."""
+    or before training started (``step`` None, nothing to save).
+
+    A ``BaseException`` like ``KeyboardInterrupt``: raised from a handler during set-up, it may surface inside a
+    library call, and no ``except Exception`` there (diffusers wraps import errors, for one) may swallow it.
+    """
 
     def __init__(self, signal_name: str, step: int | None, checkpoint: Path | None) -> None:
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
