@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -215,4 +216,57 @@ def test_a_closed_stdout_does_not_stop_training(world, tmp_path):
     assert proc.returncode == 0, stderr
     assert (out / "final" / "adapter.safetensors").is_file() and (out / "checkpoint-3").is_dir()
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr
+    assert not (out / LOCK_NAME).exists()
+
+
+MULTI_WORKER = """
+import json, os, signal, sys
+import torch
+torch.set_num_threads(1)
+from wadi_distill.vsd.preemption import RunStopped
+from wadi_distill.vsd.trainer import DistillConfig, VSDTrainer, distill
+
+rank = int(os.environ["RANK"])
+real_step = VSDTrainer.train_step
+
+def train_step(self):
+    values = real_step(self)
+    if rank == 1 and self.step == 2:  # only rank 1 is signalled, in the middle of the run
+        os.kill(os.getpid(), signal.SIGTERM)
+    return values
+
+VSDTrainer.train_step = train_step
+cfg = DistillConfig(**json.loads(sys.argv[1]))
+try:
+    distill(cfg)
+    report = {"finished": True}
+except RunStopped as stopped:
+    report = {"step": stopped.step, "checkpoint": str(stopped.checkpoint) if stopped.checkpoint else None,
+              "code": stopped.exit_code, "signal": stopped.signal_name}
+with open(os.path.join(os.path.dirname(os.path.abspath(cfg.output_dir)), f"rank{rank}.json"), "w") as handle:
+    json.dump(report, handle)
+"""
+
+
+@pytest.mark.slow
+def test_processes_of_a_launch_stop_after_the_same_step_when_one_is_signalled(world, tmp_path):
+    """Two CPU processes (gloo, torchrun): only rank 1 gets SIGTERM; both stop after step 2, rank 0 writes the
+    checkpoint, nobody hangs in an all-reduce."""
+    out = tmp_path / "runs" / "out"
+    config = dict(teacher=str(world["teacher"]), output_dir=str(out), prompts=str(world["prompts"]), rank=4,
+                  fake_rank=2, max_steps=6, batch_size=1, checkpointing_steps=100, progress=False,
+                  tensorboard=False, final_samples=1, device="cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "--no-python", sys.executable, "-c", MULTI_WORKER, json.dumps(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / "runs" / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == {"step": 2, "checkpoint": str(out / "checkpoint-2"), "code": 75,
+                  "signal": "another process's stop signal"}
+    assert r1 == {"step": 2, "checkpoint": None, "code": 75, "signal": "SIGTERM"}
+    assert (out / "checkpoint-2" / "state.json").is_file() and not (out / "final").exists()
     assert not (out / LOCK_NAME).exists()

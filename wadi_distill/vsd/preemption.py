@@ -133,7 +133,7 @@ class StopSignals:
 
     def stopped(self, step: int, checkpoint: Path | None) -> RunStopped:
         """The exception that ends the run after the checkpoint of ``step`` was written."""
-        name = self.received.name if self.received is not None else "SIGTERM"
+        name = self.received.name if self.received is not None else "another process's stop signal"
         return RunStopped(name, step, checkpoint)
 
 
