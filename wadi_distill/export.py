@@ -44,18 +44,13 @@ def _model_config(teacher: Path) -> Path | None:
     return config if config is not None and config.is_file() else None
 
 
-def export_merged(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path, *,
-                  label: str | None = None) -> Path:
+def export_merged(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path) -> Path:
     """Write the merged student (see :func:`merge_into_checkpoint`) and return the output path."""
-    return merge_into_checkpoint(teacher_dir, adapter_path, output, label=label).path
+    return merge_into_checkpoint(teacher_dir, adapter_path, output).path
 
 
-def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path, *,
-                          label: str | None = None) -> ExportResult:
+def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path) -> ExportResult:
     """Write the teacher with the adapter at ``adapter_path`` merged in, to ``output``.
-
-    The weights file's metadata names the adapter (``wadi_merged_adapter``): ``label``, or the adapter path's name
-    (a writer that merges from a temporary folder passes a stable label, so equal runs give equal bytes).
 
     ``output`` ending in ``.safetensors`` (or ``.bin``/``.pt``) is one weights file with the teacher's key names
     and dtypes; anything else is a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)
@@ -79,7 +74,8 @@ def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, out
             return merged_weight(teacher.tensor(name), a, b, kind=adapter.kind, scale=adapter.lora_scale)
 
         tensors = lazy_tensors(teacher, override=override)
-        metadata = {"format": "pt", "wadi_merged_adapter": label if label is not None else adapter.path.name}
+        # the adapter as the caller named it (a run's final/ merges from a temporary folder: its file name is stable)
+        metadata = {"format": "pt", "wadi_merged_adapter": Path(adapter_path).name}
         dtypes = sorted({str(teacher.dtype(n)).replace("torch.", "") for n in teacher.names()})
         if output.suffix == ".safetensors" or output.suffix in TORCH_SUFFIXES:
             write_like(teacher, tensors, output, metadata=metadata if output.suffix == ".safetensors" else None)

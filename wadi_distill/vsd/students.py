@@ -128,8 +128,8 @@ class AdapterStudent(Student):
         else:  # the teacher's own keys and dtypes, read lazily from its files
             from wadi_distill.export import export_merged
 
-            # the adapter beside it, by name: ``folder`` is a temporary folder with a random name
-            export_merged(teacher.source, folder, folder / "student.safetensors", label=ADAPTER_WEIGHTS)
+            # the adapter by its file: the merged student is written beside it, in the same folder
+            export_merged(teacher.source, folder / ADAPTER_WEIGHTS, folder / "student.safetensors")
         return folder / ADAPTER_WEIGHTS
 
 
