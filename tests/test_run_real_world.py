@@ -292,6 +292,7 @@ def test_mixed_precision_comes_from_accelerate_when_not_given(world, tmp_path, m
     trainer = VSDTrainer(config)
     assert trainer.mixed_precision == "bf16"
     assert next(p for p in trainer.base.parameters() if not p.requires_grad).dtype == torch.bfloat16
+    trainer.close()  # one trainer per output folder at a time
     config.mixed_precision = "no"  # the option wins over accelerate's
     assert VSDTrainer(config).mixed_precision == "no"
 

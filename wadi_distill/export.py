@@ -74,7 +74,8 @@ def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, out
             return merged_weight(teacher.tensor(name), a, b, kind=adapter.kind, scale=adapter.lora_scale)
 
         tensors = lazy_tensors(teacher, override=override)
-        metadata = {"format": "pt", "wadi_merged_adapter": adapter.path.name}
+        # the adapter as the caller named it (a run's final/ merges from a temporary folder: its file name is stable)
+        metadata = {"format": "pt", "wadi_merged_adapter": Path(adapter_path).name}
         dtypes = sorted({str(teacher.dtype(n)).replace("torch.", "") for n in teacher.names()})
         if output.suffix == ".safetensors" or output.suffix in TORCH_SUFFIXES:
             write_like(teacher, tensors, output, metadata=metadata if output.suffix == ".safetensors" else None)

@@ -250,11 +250,11 @@ def _extract_layer(module: str, tw: torch.Tensor, sw: torch.Tensor, tensors: dic
 
 def _write(result: Extraction, tensors: dict[str, torch.Tensor], student: str | Path, started: float) -> None:
     """Write the LoRA file, then its JSON record (each atomically), filling in the size and the time taken."""
-    from safetensors.torch import save_file
+    from wadi_probe.io.formats.safetensors_io import write_safetensors
 
     metadata = {"format": "pt", "wadi_extracted_from": Path(student).name}
     with atomic_path(result.path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        write_safetensors(tensors, tmp, metadata=metadata)
     result.bytes = result.path.stat().st_size
     result.seconds = round(time.perf_counter() - started, 3)
     write_json_atomic(result.record_path, result.to_json())

@@ -9,13 +9,17 @@ rich, so a command module can use it at import time without slowing ``--help`` d
   the option itself and :func:`choice_option` any other choice option made from an :class:`enum.Enum` (a bad
   value is one sentence and exit code 2, like every other input error);
 - :func:`version_option` adds ``--version`` to an app;
-- :func:`progress_bar` is the one progress display of long work (rich, on stderr), library loops included.
+- :func:`progress_bar` is the one progress display of long work (rich, on stderr), library loops included;
+- :func:`print_line` and :func:`stdout_may_close` keep a command going when its stdout's reader has gone
+  (``wadi-distill run ... | head -1``): stdout is pointed at ``/dev/null`` and what would be printed is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
+import os
 import sys
 from typing import Any, Callable, TypeVar
 
@@ -25,7 +29,7 @@ from rich.console import Console
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 
 __all__ = ["console", "err_console", "EXIT_USAGE", "EXIT_RUNTIME", "fail", "handle_errors", "Device", "choice_option",
-           "device_option", "version_option", "progress_bar"]
+           "device_option", "version_option", "progress_bar", "print_line", "stdout_may_close"]
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -121,3 +125,31 @@ def version_option(name: str, version: str) -> Any:
             raise typer.Exit(0)
 
     return typer.Option(False, "--version", help="Show the version and exit.", is_eager=True, callback=show)
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: its reader has gone, and later writes (the interpreter's last flush included)
+    must neither fail nor print "Exception ignored" on stderr."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind sys.stdout (a captured stream)
+        sys.stdout = open(os.devnull, "w")
+    finally:
+        os.close(devnull)
+
+
+@contextlib.contextmanager
+def stdout_may_close() -> Any:
+    """Inside, a write to a stdout whose reader has gone (``| head -1``) is dropped instead of ending the command."""
+    try:
+        yield
+    except BrokenPipeError:
+        _drop_stdout()
+
+
+def print_line(text: str) -> None:
+    """Print ``text`` as one flushed line on stdout (a batch job's log follows at once); dropped, never fatal, when
+    stdout's reader has gone."""
+    with stdout_may_close():
+        print(text, flush=True)

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from wadi_distill.cli import app
 from wadi_distill.cli.plan import Preset
 from wadi_distill.vsd.config import FakeKind, MixedPrecision
-from wadi_probe.console import Device, choice_option, console, device_option, handle_errors
+from wadi_probe.console import (Device, choice_option, console, device_option, err_console, handle_errors,
+                                stdout_may_close)
 from wadi_probe.errors import WadiInputError
 
 
@@ -66,8 +67,16 @@ def run_command(
     progress: Optional[bool] = typer.Option(
         None, "--progress/--no-progress", help="A progress bar, or plain log lines (default: a bar on a terminal)."),
     log_every: int = typer.Option(10, "--log-every", help="Steps between plain log lines."),
+    checkpoint_signal: Optional[list[str]] = typer.Option(
+        None, "--checkpoint-signal", help="Signal that makes the run finish its step, write a checkpoint and exit "
+        "with code 75 for a requeue (repeatable; default SIGTERM and SIGUSR1). Ctrl-C does the same, exit code 130."),
 ) -> None:
-    """Train a one-step student by Variational Score Distillation; adapters only, resumable."""
+    """Train a one-step student by Variational Score Distillation; adapters only, resumable.
+
+    One run per output folder (OUT/run.lock). SIGTERM, SIGUSR1 and Ctrl-C stop it after the current step with a
+    checkpoint; --resume latest continues it bit for bit.
+    """
+    from wadi_distill.vsd.preemption import DEFAULT_SIGNALS, RunStopped
     from wadi_distill.vsd.trainer import DistillConfig, distill
 
     if full_finetune and student_adapter != StudentAdapter.lorad:
@@ -84,8 +93,20 @@ def run_command(
         seed=seed, device=device.value, mixed_precision=mixed_precision.value if mixed_precision else None,
         gradient_checkpointing=gradient_checkpointing, use_8bit_adam=use_8bit_adam, tensorboard=not no_tensorboard,
         progress=progress, log_every=log_every,
+        checkpoint_signals=list(checkpoint_signal) if checkpoint_signal else list(DEFAULT_SIGNALS),
     )
-    result = distill(config)
+    try:
+        result = distill(config)
+    except RunStopped as stopped:  # the code tells a scheduler to requeue; a stopped loop said so in one line
+        if stopped.step is None:
+            err_console.print(stopped.message(), highlight=False, soft_wrap=True)
+        raise typer.Exit(stopped.exit_code) from None
+    with stdout_may_close():  # `run ... | head -1`: the run is done, the summary may go nowhere
+        _summary(result)
+
+
+def _summary(result: Any) -> None:
+    """The finished run's outputs, one line each."""
     if result.final_dir is not None:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items() if k.startswith("loss"))
         console.print(f"trained {result.steps} steps (last step: {losses})", highlight=False, soft_wrap=True)

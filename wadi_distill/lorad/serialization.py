@@ -127,11 +127,11 @@ def save_adapter(model: nn.Module, path: str | Path, plan: Plan | None = None, *
         a, b = _factors(layers[module], adapter_name)
         tensors[f"{module}.{prefix}_A"] = a.detach().to("cpu").contiguous()
         tensors[f"{module}.{prefix}_B"] = b.detach().to("cpu").contiguous()
-    from safetensors.torch import save_file
+    from wadi_probe.io.formats.safetensors_io import write_safetensors
 
     folder = Path(path)
     with atomic_path(folder, directory=True) as tmp:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": config.to_dict()["format"], "kind": config.kind})
+        write_safetensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": config.to_dict()["format"], "kind": config.kind})
         write_json_atomic(tmp / ADAPTER_CONFIG, config.to_dict())
     return folder
 

@@ -15,10 +15,10 @@ from typing import Callable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from wadi_distill.teachers.pipeline import Conditioning
 from wadi_probe.io.atomic import atomic_path
+from wadi_probe.io.formats.safetensors_io import write_safetensors
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.jsonfile import read_json
 
@@ -106,7 +106,7 @@ def build_embedding_cache(
         notes(f"encoding {len(prompts)} prompts into {folder}")
     with atomic_path(folder, directory=True) as tmp:
         null = encode([null_prompt])
-        save_file({k: v.contiguous() for k, v in null.tensors().items()}, str(tmp / "null.safetensors"))
+        write_safetensors(null.tensors(), tmp / "null.safetensors")
         fields_ = list(null.tensors())
         for chunk_index, start in enumerate(range(0, len(prompts), chunk_size)):
             chunk_prompts = prompts[start : start + chunk_size]
@@ -116,8 +116,7 @@ def build_embedding_cache(
                 if progress is not None:
                     progress(len(chunk_prompts[b : b + batch_size]))
             chunk = Conditioning.cat(parts)
-            save_file({k: v.contiguous() for k, v in chunk.tensors().items()},
-                      str(tmp / f"chunk-{chunk_index:05d}.safetensors"))
+            write_safetensors(chunk.tensors(), tmp / f"chunk-{chunk_index:05d}.safetensors")
             if notes is not None:
                 done, elapsed = start + len(chunk_prompts), time.perf_counter() - started
                 notes(f"encoded {done}/{len(prompts)} prompts ({done / max(elapsed, 1e-9):.1f} prompts/s)")

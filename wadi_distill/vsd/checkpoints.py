@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path
+from wadi_probe.io.formats.safetensors_io import write_safetensors
 from wadi_probe.io.jsonfile import read_json
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -82,7 +83,7 @@ def write_checkpoint(path: Path, files: dict[str, Any], state: dict[str, Any]) -
     with atomic_path(path, directory=True) as tmp:
         for name, content in files.items():
             if name.endswith(".safetensors"):
-                save_file(content, str(tmp / name))
+                write_safetensors(content, tmp / name)
             elif name.endswith(".json"):
                 (tmp / name).write_text(json.dumps(content, indent=1) + "\n")
             else:

@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from wadi_distill.vsd.preemption import DEFAULT_SIGNALS, parse_signals
 from wadi_probe.errors import WadiInputError
 
 
@@ -99,6 +100,8 @@ class DistillConfig:
     progress: bool | None = True  # None: a bar on a terminal, plain lines otherwise
     log_every: int = 10  # plain log lines every N steps when no bar is shown
     final_samples: int = 4
+    # signals that stop the run after its step with a checkpoint (exit code 75); Ctrl-C always does (exit code 130)
+    checkpoint_signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -206,4 +209,5 @@ def validate_config(config: DistillConfig) -> None:
     _validate_student(config)
     _validate_numbers(config)
     _validate_machine(config)
+    parse_signals(config.checkpoint_signals)
     check_output_dir(Path(config.output_dir))

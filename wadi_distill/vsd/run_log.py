@@ -3,7 +3,8 @@
 Only rank 0 reports. On a terminal the console shows a rich bar with the step, the losses, seconds per step and
 the time left; when stdout is not a terminal (SLURM, nohup, a pipe) it prints a plain line every ``every`` steps
 (``step 20/1000  loss_student 1.2e-05  loss_fake 0.0026  0.84 s/step  ETA 0:13:43``) and one line per event
-(prompt encoding, checkpoint, validation), flushed at once so a batch job's log follows the run.
+(prompt encoding, checkpoint, validation), flushed at once so a batch job's log follows the run. When stdout's
+reader goes away (``run ... | head -1``) the lines are dropped and the run goes on to write all its outputs.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+from wadi_probe.console import print_line
 from wadi_probe.io.atomic import atomic_path
 
 
@@ -102,7 +104,7 @@ class Console:
             self._progress.update(self._task, completed=step, pace=f"{pace:.3g} s/step", losses=(
                 f"student {values['loss_student']:.4g}  fake {values['loss_fake']:.4g}"))
         elif step % self.every == 0 or step == self.total:
-            print(progress_line(step, self.total, values, pace), flush=True)
+            print_line(progress_line(step, self.total, values, pace))
 
     def note(self, text: str) -> None:
         """An event line (prompt encoding, checkpoint, validation)."""
@@ -111,7 +113,7 @@ class Console:
         if self._progress is not None:
             self._progress.console.print(text, highlight=False)
         else:
-            print(text, flush=True)
+            print_line(text)
 
     def close(self) -> None:
         if self._progress is not None:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from wadi_probe.errors import WadiInputError
+from wadi_probe.io.formats.safetensors_io import write_safetensors
 
 
 def named_subset(model: nn.Module, params: list[nn.Parameter]) -> list[tuple[str, nn.Parameter]]:
@@ -88,7 +88,7 @@ class Student:
 
     def write(self, folder: Path, teacher: Any) -> Path | None:
         """Write the student's files (adapter, merged ``student.safetensors``) into ``folder``; the adapter path."""
-        save_file(self.merged_state(), str(folder / "student.safetensors"))
+        write_safetensors(self.merged_state(), folder / "student.safetensors")
         return None
 
 
@@ -124,11 +124,12 @@ class AdapterStudent(Student):
 
         save_adapter(self.module, folder, self.plan, adapter_name="student", base_model_name_or_path=teacher.source)
         if teacher.family == "builtin":
-            save_file(self.merged_state(), str(folder / "student.safetensors"))
+            write_safetensors(self.merged_state(), folder / "student.safetensors")
         else:  # the teacher's own keys and dtypes, read lazily from its files
             from wadi_distill.export import export_merged
 
-            export_merged(teacher.source, folder, folder / "student.safetensors")
+            # the adapter by its file: the merged student is written beside it, in the same folder
+            export_merged(teacher.source, folder / ADAPTER_WEIGHTS, folder / "student.safetensors")
         return folder / ADAPTER_WEIGHTS
 
 

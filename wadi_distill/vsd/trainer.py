@@ -23,6 +23,7 @@ import gc
 import json
 import os
 import time
+import weakref
 from datetime import timedelta
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,8 +47,11 @@ from wadi_distill.vsd.checkpoints import list_checkpoints
 from wadi_distill.vsd.config import (FAKE_KINDS, STUDENT_KINDS, TRAINING_OPTIONS, DistillConfig, on_cpu,
                                      resolve_mixed_precision, validate_config)
 from wadi_distill.vsd.identity import RunIdentity, identity_for
+from wadi_distill.vsd.preemption import RunStopped, StopSignals, any_process
+from wadi_distill.vsd.run_lock import lock_run_folder
 from wadi_distill.vsd.run_log import Console, RunLog
 from wadi_distill.vsd.students import Student, check_plan_fits, named_subset, student_for
+from wadi_probe.console import print_line
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.io.jsonfile import read_json
@@ -153,6 +157,24 @@ class VSDTrainer:
 
     def __init__(self, config: DistillConfig, teacher: Teacher | None = None, student: Student | None = None) -> None:
         validate_config(config)
+        # one run per folder: the lock (main process) is held until train() ends, close(), or a failed set-up
+        self.run_lock = lock_run_folder(config.output_dir, note=print_line)
+        weakref.finalize(self, self.run_lock.release)
+        self.stop = StopSignals(config.checkpoint_signals).install()  # a stop signal during set-up ends it at once
+        try:
+            self._set_up(config, teacher, student)
+        except BaseException:
+            self.run_lock.release()
+            raise
+        finally:
+            self.stop.restore()
+
+    def close(self) -> None:
+        """Release the output folder without training (:meth:`train` releases it itself)."""
+        self.stop.restore()
+        self.run_lock.release()
+
+    def _set_up(self, config: DistillConfig, teacher: Teacher | None, student: Student | None) -> None:
         self.config = config
         self.output_dir = Path(config.output_dir)
         if not config.resume and list_checkpoints(self.output_dir):
@@ -247,7 +269,7 @@ class VSDTrainer:
     @contextlib.contextmanager
     def _remove_new_output_on_failure(self) -> Iterator[None]:
         """Remove the output folder again when this run created it and the block fails (nothing half-written)."""
-        created = not self.output_dir.exists()
+        created = self.run_lock.created_folder or not self.output_dir.exists()
         try:
             yield
         except BaseException:
@@ -595,7 +617,24 @@ class VSDTrainer:
             if log is not None:
                 log.images(self.step, "validation", grid)
 
+    def _stopped(self, started_at: int) -> RunStopped:
+        """After a stop signal: checkpoint the step just finished (unless it has one), say so in one line."""
+        saved = (self.step == started_at and self.resume_path is not None) or (
+            self.step > started_at and self.step % self.config.checkpointing_steps == 0)
+        path = self.output_dir / f"checkpoint-{self.step}" if saved else self.save_checkpoint()
+        stopped = self.stop.stopped(self.step, path if self.is_main else None)
+        self.console.note(stopped.message())
+        return stopped
+
     def train(self) -> DistillResult:
+        """Train to ``max_steps`` and write ``final/``; a stop signal ends it early with a checkpoint
+        (:class:`~wadi_distill.vsd.preemption.RunStopped`). The folder's lock is released however it ends."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> DistillResult:
         config = self.config
         log = None
         if self.is_main:
@@ -603,8 +642,10 @@ class VSDTrainer:
             log = RunLog(self.output_dir, self.step, config.tensorboard)
             self._record_run()
         self.console.start(self.step)
+        started_at, agree = self.step, any_process(self.world, self.device)
+        self.stop.arm()
         try:
-            while self.step < config.max_steps:
+            while self.step < config.max_steps and not self.stop.requested(agree):  # between steps only
                 started = time.perf_counter()
                 values = self.train_step()
                 values["step_seconds"] = time.perf_counter() - started
@@ -613,6 +654,9 @@ class VSDTrainer:
             self.console.close()
             if log is not None:
                 log.close()
+        self.stop.restore()  # from here a signal is handled as before: final/ is written atomically or not at all
+        if self.step < config.max_steps:
+            raise self._stopped(started_at)
         final = adapter = merged = samples = None
         if self.is_main:  # the other ranks are done: nothing of theirs waits for final/
             final, adapter, merged, samples = self.write_final()

@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
+from wadi_probe.io.formats.safetensors_io import write_safetensors
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.jsonfile import read_json
 
@@ -98,7 +99,7 @@ def save_classifier(model: DigitClassifier, directory: str | Path, metadata: dic
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / CLASSIFIER_FILE) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        write_safetensors({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
     write_json_atomic(directory / CLASSIFIER_CONFIG_FILE, {"feature_dim": model.feature_dim, **(metadata or {})})
     return directory
 

@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
+from wadi_probe.io.formats.safetensors_io import write_safetensors
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.jsonfile import read_json
 
@@ -233,7 +234,7 @@ def save_teacher(teacher: DigitsModel, directory: str | Path, *, metadata: dict[
     for module, filename in ((teacher.unet, UNET_FILE), (teacher.text_encoder, TEXT_ENCODER_FILE)):
         tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in module.state_dict().items()}
         with atomic_path(directory / filename) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt"})
+            write_safetensors(tensors, tmp, metadata={"format": "pt"})
     record = {
         "name": teacher.name,
         "unet_config": {k: (list(v) if isinstance(v, tuple) else v)

@@ -4,6 +4,11 @@ The header is parsed and checked before anything else so that a text file, a tru
 header is reported in one sentence instead of a library traceback. Tensors are read through
 ``safetensors.safe_open`` one at a time; writing streams one tensor at a time, so neither direction ever holds a
 whole checkpoint in memory.
+
+Every safetensors file the project writes goes through :func:`write_safetensors_streaming` (whole dicts through
+:func:`write_safetensors`): its header lists the metadata in sorted key order. ``safetensors.torch.save_file``
+orders the metadata by a hash map seeded anew in every process, so two identical runs would write different
+bytes; here equal tensors and metadata always give equal files.
 """
 
 from __future__ import annotations
@@ -185,8 +190,8 @@ def write_safetensors_streaming(
     """
     keys = list(keys)
     header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    if metadata:  # sorted: the same metadata gives the same bytes in every process
+        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata, key=str)}
     offset = 0
     for key in keys:
         shape, dtype = specs[key]
@@ -196,7 +201,7 @@ def write_safetensors_streaming(
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
         header[key] = {"dtype": _DTYPE_TO_CODE[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes
     destination.write(struct.pack("<Q", len(raw)))
     destination.write(raw)
@@ -206,3 +211,33 @@ def write_safetensors_streaming(
         if tuple(tensor.shape) != tuple(shape):
             raise WadiInputError(f"tensor {key!r} has shape {tuple(tensor.shape)} but {tuple(shape)} is required.")
         destination.write(_tensor_bytes(tensor.to(dtype)))
+
+
+# safetensors' own data order: dtypes by this rank, highest first (wider types first keeps every tensor aligned),
+# then by name; writing in the same order makes a file byte-identical to ``save_file``'s whenever the metadata
+# holds at most one key.
+_DTYPE_RANK = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
+               "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``tensors`` to the safetensors file ``path`` (the project's ``save_file``), metadata in sorted order.
+
+    Tensors are laid out as ``safetensors.torch.save_file`` lays them out and read back by any safetensors reader;
+    peak memory beyond ``tensors`` is one tensor's bytes. Not atomic by itself: callers write into
+    :func:`~wadi_probe.io.atomic.atomic_path`.
+    """
+    path = Path(path)
+    for key, tensor in tensors.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise WadiInputError(f"{path}: safetensors stores str -> tensor, not {type(key).__name__} -> "
+                                 f"{type(tensor).__name__}.")
+        if tensor.dtype not in _DTYPE_TO_CODE:
+            raise WadiInputError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store.")
+    rank = {code: i for i, code in enumerate(_DTYPE_RANK)}
+    keys = sorted(tensors, key=lambda k: (-rank.get(_DTYPE_TO_CODE[tensors[k].dtype], -1), k))
+    specs = {k: (tuple(tensors[k].shape), tensors[k].dtype) for k in keys}
+    with open(path, "wb") as handle:
+        write_safetensors_streaming(handle, keys, specs, tensors.__getitem__, metadata)
+    return path
