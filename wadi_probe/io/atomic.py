@@ -153,9 +153,12 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Ite
 
     With ``directory=True`` the temporary path is a fresh folder and replaces any folder at ``path``. A
     destination that cannot be written (read-only, a file where a folder should be, no such place) is refused
-    with :class:`~wadi_probe.errors.WadiInputError` before anything is written.
+    with :class:`~wadi_probe.errors.WadiInputError` before anything is written; a write that fails on the way (no
+    space, a file-size limit) raises :class:`~wadi_probe.errors.WadiWriteError` naming ``path`` and the reason,
+    with the temporary entry (and any folder made for it) removed and ``path`` as it was.
     """
     final = Path(path)
+    created = [p for p in final.parents if not p.exists()]  # removed again if the write fails (nothing is left)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         if directory:
@@ -180,8 +183,12 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Ite
                 if old.exists():
                     shutil.rmtree(old)
                 os.replace(final, old)
-                os.replace(tmp, final)
-                shutil.rmtree(old)
+                try:
+                    os.replace(tmp, final)
+                except BaseException:
+                    os.replace(old, final)  # the old folder goes back: a failed replacement loses nothing
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
         else:
@@ -195,6 +202,9 @@ def atomic_path(path: str | os.PathLike[str], *, directory: bool = False) -> Ite
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+        for folder in created:  # deepest first; a folder another write filled meanwhile stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         if failure is not None and failure is not exc:
             raise failure from exc
         raise
