@@ -84,7 +84,7 @@ def unwritable_reason(folder: str | os.PathLike[str]) -> str | None:
         with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as exc:
-        return f"{probe}: {exc.strerror or exc}"
+        return f"{probe}: {WRITE_ERRORS.get(exc.errno or 0, exc.strerror or str(exc))}"
     return None
 
 
