@@ -128,7 +128,8 @@ class AdapterStudent(Student):
         else:  # the teacher's own keys and dtypes, read lazily from its files
             from wadi_distill.export import export_merged
 
-            export_merged(teacher.source, folder, folder / "student.safetensors")
+            # the adapter by its file: the merged student is written beside it, in the same folder
+            export_merged(teacher.source, folder / ADAPTER_WEIGHTS, folder / "student.safetensors")
         return folder / ADAPTER_WEIGHTS
 
 
