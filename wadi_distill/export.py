@@ -23,7 +23,7 @@ from wadi_probe.io.outputs import check_free_space, check_outputs
 from wadi_probe.errors import WadiInputError
 from wadi_probe.rotation import merged_weight
 
-__all__ = ["ExportResult", "export_merged", "merge_into_checkpoint"]
+__all__ = ["ExportResult", "check_export_output", "export_merged", "merge_into_checkpoint"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -46,6 +46,18 @@ def _model_config(teacher: Path) -> Path | None:
     return config if config is not None and config.is_file() else None
 
 
+def check_export_output(teacher: str | Path, adapter: str | Path, output: str | Path, *, into: str | Path | None = None,
+                        overwrite: bool = False) -> str:
+    """Refuse an export's output before any work (see :func:`wadi_probe.io.outputs.check_outputs`): a file
+    (``.safetensors``/``.bin``/``.pt``) or a folder written whole, which replaces a non-empty folder only with
+    ``overwrite``; returns what the output is called in sentences."""
+    output = Path(output).expanduser()
+    one_file = output.suffix == ".safetensors" or output.suffix in TORCH_SUFFIXES
+    what = "merged student" if one_file else "merged student folder"
+    check_outputs({what: output}, [teacher, adapter, into], replaced=() if one_file else (what,), overwrite=overwrite)
+    return what
+
+
 def export_merged(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path, *,
                   overwrite: bool = False) -> Path:
     """Write the merged student (see :func:`merge_into_checkpoint`) and return the output path."""
@@ -64,9 +76,8 @@ def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, out
     non-empty folder is replaced only with ``overwrite``.
     """
     teacher_dir, output = Path(teacher_dir).expanduser(), Path(output).expanduser()
-    one_file = output.suffix == ".safetensors" or output.suffix in TORCH_SUFFIXES
-    what = "merged student" if one_file else "merged student folder"
-    check_outputs({what: output}, [teacher_dir, adapter_path], replaced=() if one_file else (what,), overwrite=overwrite)
+    what = check_export_output(teacher_dir, adapter_path, output, overwrite=overwrite)
+    one_file = what == "merged student"
     with open_checkpoint(teacher_dir) as teacher:
         shapes = {name: teacher.shape(name) for name in teacher.names()}
         adapter: AdapterFile = read_adapter(adapter_path, base_shapes=shapes)

@@ -35,6 +35,9 @@ def export_command(
 
     if into is not None and format is not ExportFormat.ldm:
         raise WadiInputError("--into writes an original single-file checkpoint; use it with --format ldm.")
+    from wadi_distill.export import check_export_output
+
+    check_export_output(teacher, adapter, output, into=into, overwrite=overwrite)  # before any work
     for line in check_transfer(teacher, adapter).sentences():
         console.print(line, highlight=False)
     if format is ExportFormat.ldm:
