@@ -280,3 +280,32 @@ def test_a_full_disk_and_a_read_only_disk_are_one_sentence(tmp_path):
     """, readonly=True)
     assert readonly.stdout.strip() == (f"cannot write the record {tmp_path}/ro/r.json ({tmp_path}/ro: the file system "
                                        "is read-only); choose another place."), readonly.stderr
+
+
+@needs_tmpfs
+def test_commands_refuse_a_read_only_place_before_any_work(tmp_path):
+    """items 8 and 9 on a real read-only mount: evaluate --save-images and train-teacher -o are refused at once
+    (train-teacher used to train to the end first)."""
+    ro = tmp_path / "ro"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("zero\none\n")
+    result = _in_tmpfs(ro, f"""
+        import sys, time
+        from wadi_distill.cli import app
+        from typer.testing import CliRunner
+        runner = CliRunner()
+        for args in (["evaluate", "--teacher", "builtin:digits", "--prompts", {str(prompts)!r}, "--reference",
+                      "builtin:digits", "--save-images", {str(ro / 'images')!r}, "-o", {str(tmp_path / 'e.json')!r}],
+                     ["train-teacher", "-o", {str(ro / 'teacher')!r}, "--steps", "100000"]):
+            started = time.perf_counter()
+            out = runner.invoke(app, args)
+            print(out.exit_code, round(time.perf_counter() - started) < 60, " ".join(out.output.split()))
+    """, readonly=True)
+    lines = result.stdout.strip().splitlines()
+    assert lines == [
+        f"2 True error: cannot write the generated images folder {ro}/images ({ro}: the file system is read-only); "
+        "choose another place.",
+        f"2 True error: cannot write the teacher folder {ro}/teacher ({ro}: the file system is read-only); choose "
+        "another place.",
+    ], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt", "ro"]

@@ -104,10 +104,10 @@ def _os_error_in(exc: BaseException) -> OSError | None:
     return None
 
 
-def _sizes(tmp: Path) -> list[int]:
+def _sizes(tmp: Path) -> dict[Path, int]:
     if tmp.is_dir():
-        return [p.stat().st_size for p in tmp.rglob("*") if p.is_file()]
-    return [tmp.stat().st_size] if tmp.exists() else []
+        return {p: p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
+    return {tmp: tmp.stat().st_size} if tmp.exists() else {}
 
 
 def write_failure(exc: BaseException, final: Path, tmp: Path | None = None) -> WadiWriteError | None:
@@ -133,8 +133,9 @@ def write_failure(exc: BaseException, final: Path, tmp: Path | None = None) -> W
     import resource
 
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if limit != resource.RLIM_INFINITY and any(size >= limit for size in _sizes(tmp)):
-        return WadiWriteError(final, WRITE_ERRORS[errno.EFBIG])
+    too_big = [path for path, size in _sizes(tmp).items() if limit != resource.RLIM_INFINITY and size >= limit]
+    if too_big:
+        return WadiWriteError(_named(final, tmp, too_big[0]), WRITE_ERRORS[errno.EFBIG])
     if shutil.disk_usage(tmp if tmp.is_dir() else tmp.parent).free < _NEARLY_FULL:
         return WadiWriteError(final, WRITE_ERRORS[errno.ENOSPC])
     return None
