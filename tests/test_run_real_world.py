@@ -348,11 +348,11 @@ def test_every_writer_refuses_an_unwritable_destination_with_a_sentence(world, t
     a_file = tmp_path / "file"
     a_file.write_text("x")
     _fails(["plan", "--teacher", str(world["legacy"]), "--preset", "paper", "--rank", "4", "-o",
-            str(a_file / "plan.json")], f"Cannot write {a_file / 'plan.json'}: {a_file} is a file, not a folder.")
+            str(a_file / "plan.json")], f"cannot write the plan {a_file / 'plan.json'} ({a_file} is a file, not a folder)")
     out = tmp_path / "run"
     assert runner.invoke(app, _args(world["legacy"], out, world["prompts"], "--max-steps", "1")).exit_code == 0
     _fails(["export", "--teacher", str(world["legacy"]), "--adapter", str(out / "final"), "-o",
-            "/proc/wadi-merged.safetensors"], "Cannot write /proc/wadi-merged.safetensors")
+            "/proc/wadi-merged.safetensors"], "cannot write the merged student /proc/wadi-merged.safetensors (/proc: ")
     with pytest.raises(WadiInputError, match="is a file, not a folder"):
         write_json_atomic(a_file / "deeper" / "report.json", {})
     assert a_file.read_text() == "x"
