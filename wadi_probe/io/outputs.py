@@ -47,7 +47,10 @@ class _Inputs:
             return
         given = str(spec)
         if is_builtin(given):  # a built-in model is its whole shipped folder (weights, config, classifier)
-            path = Path(resolve_builtin(given)).parent
+            try:
+                path = Path(resolve_builtin(given)).parent
+            except WadiInputError:
+                return  # an unknown name: the command refuses it itself, with its own sentence
         else:
             path = Path(spec).expanduser()
         if not path.exists():
