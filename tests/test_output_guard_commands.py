@@ -317,3 +317,25 @@ def test_a_run_that_cannot_write_its_checkpoint_stops_in_one_sentence_and_resume
     assert done.returncode == 0, done.stderr
     assert (out / "final" / "adapter.safetensors").is_file() and (out / "checkpoint-1").is_dir()
     _no_temp_files(out)
+
+
+def test_an_export_larger_than_the_free_space_is_refused_before_writing(world, tmp_path):
+    """The merged student's size is known before the write: a disk without room for it is one sentence up front
+    (a 64 kB tmpfs in a private mount namespace; skipped where the machine does not allow one)."""
+    from test_output_guard import _in_tmpfs, _unshare_works
+
+    if not _unshare_works():
+        pytest.skip("no private mount namespace (unshare -rm) here")
+    small = tmp_path / "small"
+    result = _in_tmpfs(small, f"""
+        import os
+        from typer.testing import CliRunner
+        from wadi_distill.cli import app
+        out = CliRunner().invoke(app, ["export", "--teacher", {str(world['teacher'])!r}, "--adapter",
+                                       {str(world['adapter'])!r}, "-o", {str(small / 'm.safetensors')!r}])
+        print(out.exit_code, " ".join(out.output.split()), os.listdir({str(small)!r}))
+    """)
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith("2 ") and line.endswith(" []"), result.stderr  # exit 2, nothing written
+    assert (f"error: the merged student {small}/m.safetensors needs about 0.2 MB, but only 0.1 MB are free on the disk "
+            f"holding {small}; free some space or write it elsewhere.") in line
