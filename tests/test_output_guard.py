@@ -215,6 +215,7 @@ def test_write_failure_tells_write_errors_from_other_errors(tmp_path):
     tmp.write_text("")
     assert write_failure(PermissionError(errno.EACCES, "Permission denied", "/etc/shadow"), final, tmp) is None
     assert write_failure(ValueError("bad shape"), final, tmp) is None
+    assert write_failure(WadiInputError("tensor 'w' has shape (2,) but (3,) is required."), final, tmp) is None
     assert write_failure(KeyboardInterrupt(), final, tmp) is None
 
 

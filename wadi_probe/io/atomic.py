@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from wadi_probe.errors import WadiInputError, WadiWriteError
+from wadi_probe.errors import WadiInputError, WadiRuntimeError, WadiWriteError
 
 #: errno -> the reason told to the user; these mean the place, not the program or its input, is at fault
 WRITE_ERRORS: dict[int, str] = {
@@ -119,8 +119,8 @@ def write_failure(exc: BaseException, final: Path, tmp: Path | None = None) -> W
     """
     if isinstance(exc, WadiWriteError):
         return exc
-    if not isinstance(exc, Exception):
-        return None
+    if not isinstance(exc, Exception) or isinstance(exc, (WadiInputError, WadiRuntimeError)):
+        return None  # an interrupt, or the project's own sentence (a wrong shape aborting a write): kept as it is
     os_error = _os_error_in(exc)
     if os_error is not None and os_error.errno in WRITE_ERRORS:
         where = Path(os_error.filename) if getattr(os_error, "filename", None) else None
