@@ -310,3 +310,25 @@ def test_commands_refuse_a_read_only_place_before_any_work(tmp_path):
         "another place.",
     ], result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt", "ro"]
+
+
+def test_a_stray_write_error_at_the_command_boundary_is_one_sentence(capsys):
+    """A writer outside atomic_path (a log file, a folder) refused by the place: handle_errors, exit 2."""
+    import typer
+
+    from wadi_probe.console import handle_errors
+
+    @handle_errors
+    def full_disk() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "out/logs/events.out")
+
+    @handle_errors
+    def a_bug() -> None:
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    with pytest.raises(typer.Exit) as info:
+        full_disk()
+    assert info.value.exit_code == 2
+    assert " ".join(capsys.readouterr().err.split()) == "error: out/logs/events.out: no space left on the device."
+    with pytest.raises(OSError):  # not a write the place refused: left to surface as the bug it is
+        a_bug()
