@@ -272,34 +272,49 @@ def _no_temp_files(folder: Path) -> None:
 LIMIT = "the file would exceed the file-size limit (ulimit -f); nothing was left half-written."
 
 
-def test_failed_writes_of_the_probe_are_one_sentence(world, unchanged, tmp_path):
-    """item 8: compare -o, swap and plot under ulimit -f: exit 2, the file and the reason, nothing left (no folder)."""
-    teacher, student = world["teacher"], world["student"]
-    _one_sentence(_cli("wadi_probe", ["compare", teacher, student, "-o", tmp_path / "r.json", "--no-spectra",
-                                      "--no-progress"], fsize=4096), f"{tmp_path}/r.json: {LIMIT}")
-    _one_sentence(_cli("wadi_probe", ["swap", teacher, student, "--take", "norm", "-o", tmp_path / "h.safetensors"],
-                       fsize=4096), f"{tmp_path}/h.safetensors: {LIMIT}")
-    _one_sentence(_cli("wadi_probe", ["plot", world["report"], "-o", tmp_path / "plots"], fsize=2048), LIMIT)
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no report, no hybrid, not even an empty plots folder
+def _in_one_process(calls: list[tuple[str, list]], *, fsize: int) -> list[tuple[int, str]]:
+    """Run several commands in one subprocess under ``ulimit -f fsize`` (one torch import for all): for each, the
+    exit code and the last line on stderr (loading bars of other libraries come before)."""
+    code = ("import json, sys\nfrom typer.testing import CliRunner\nimport wadi_probe.cli, wadi_distill.cli\n"
+            "for module, args in json.loads(sys.argv[1]):\n"
+            "    app = (wadi_probe.cli if module == 'wadi_probe' else wadi_distill.cli).app\n"
+            "    result = CliRunner().invoke(app, args)\n"
+            "    print(json.dumps([result.exit_code, result.stderr]), flush=True)\n")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    payload = json.dumps([[module, [str(a) for a in args]] for module, args in calls])
+    done = subprocess.run([sys.executable, "-c", code, payload], capture_output=True, text=True, env=env, timeout=600,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize)))
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    return [(code, " ".join(stderr.strip().splitlines()[-1].split()) if stderr.strip() else "") for code, stderr in results]
 
 
-def test_failed_writes_of_the_distiller_are_one_sentence(world, unchanged, tmp_path):
-    """item 8: export (file, folder, --into), extract-lora under ulimit -f."""
-    teacher, adapter, student = world["teacher"], world["adapter"], world["student"]
-    _one_sentence(_cli("wadi_distill", ["export", "--teacher", teacher, "--adapter", adapter, "-o", tmp_path / "m"],
-                       fsize=4096), f"{tmp_path}/m/diffusion_pytorch_model.safetensors: {LIMIT}")
-    into = tmp_path.parent / f"{tmp_path.name}-original.safetensors"
+def test_failed_writes_of_every_writer_are_one_sentence(world, unchanged, tmp_path):
+    """item 8 under ulimit -f: compare -o, swap, plot, export (folder, --format ldm --into) and extract-lora each
+    exit 2 with one sentence naming the file and the reason; nothing is left, not even an empty plots folder."""
     from conftest import to_ldm_state
 
+    teacher, adapter, student = world["teacher"], world["adapter"], world["student"]
+    into = tmp_path.parent / f"{tmp_path.name}-original.safetensors"
     save_file(to_ldm_state(load_file(str(teacher / "unet" / "diffusion_pytorch_model.safetensors"))), str(into))
+    calls = [
+        ("wadi_probe", ["compare", teacher, student, "-o", tmp_path / "r.json", "--no-spectra", "--no-progress"]),
+        ("wadi_probe", ["swap", teacher, student, "--take", "norm", "-o", tmp_path / "h.safetensors"]),
+        ("wadi_probe", ["plot", world["report"], "-o", tmp_path / "plots"]),
+        ("wadi_distill", ["export", "--teacher", teacher, "--adapter", adapter, "-o", tmp_path / "m"]),
+        ("wadi_distill", ["export", "--teacher", teacher, "--adapter", adapter, "--format", "ldm", "--into", into,
+                          "-o", tmp_path / "full.safetensors"]),
+        ("wadi_distill", ["extract-lora", "--teacher", teacher, "--student", student, "--rank", 2, "-o",
+                          tmp_path / "l.safetensors"]),
+    ]
     try:
-        _one_sentence(_cli("wadi_distill", ["export", "--teacher", teacher, "--adapter", adapter, "--format", "ldm",
-                                            "--into", into, "-o", tmp_path / "full.safetensors"], fsize=4096),
-                      f"{tmp_path}/full.safetensors: {LIMIT}")
+        results = _in_one_process(calls, fsize=2048)
     finally:
         into.unlink()
-    _one_sentence(_cli("wadi_distill", ["extract-lora", "--teacher", teacher, "--student", student, "--rank", 2, "-o",
-                                        tmp_path / "l.safetensors"], fsize=4096), f"{tmp_path}/l.safetensors: {LIMIT}")
+    files = ["r.json", "h.safetensors", "plots/mean_vs_std.png", "m/diffusion_pytorch_model.safetensors",
+             "full.safetensors", "l.safetensors"]
+    for (code, line), name in zip(results, files, strict=True):
+        assert (code, line) == (2, f"error: Could not write {tmp_path}/{name}: {LIMIT}")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
