@@ -13,7 +13,6 @@ What each kind of test can show, honestly:
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import resource
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from wadi_probe.errors import WadiInputError, WadiWriteError
-from wadi_probe.io.atomic import atomic_path, write_failure, write_json_atomic
+from wadi_probe.io.atomic import atomic_path, write_failure
 from wadi_probe.io.outputs import check_file_name, check_free_space, check_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
