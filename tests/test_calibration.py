@@ -200,7 +200,7 @@ def test_an_output_onto_an_input_is_refused_and_the_input_kept(files, flag):
     before = files[1].read_bytes()
     result = runner.invoke(app, ["compare", str(files[0]), str(files[1]), flag, str(files[1]), "--no-progress"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert "is one of the inputs" in " ".join(result.stderr.split())
+    assert f"{files[1]} is the input {files[1]}" in " ".join(result.stderr.split())
     assert files[1].read_bytes() == before
     # the same file through a relative path
     rel = os.path.relpath(files[1])

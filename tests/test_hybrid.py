@@ -136,7 +136,7 @@ def test_cli_swap_writes_the_hybrid(pair, tmp_path):
         (lambda t, s, o: [t, s, "--take", "size", "-o", o], "must be 'norm' or 'direction'"),
         (lambda t, s, o: [t + ".missing", s, "--take", "norm", "-o", o], "does not exist"),
         (lambda t, s, o: [t, s, "--take", "norm", "-o", o[: -len(".safetensors")] + ".txt"], "should end in .safetensors"),
-        (lambda t, s, o: [t, s, "--take", "norm", "-o", s], "is the student checkpoint itself"),
+        (lambda t, s, o: [t, s, "--take", "norm", "-o", s], "student.safetensors is the input"),
     ],
 )
 def test_cli_swap_refuses_bad_input_and_writes_nothing(pair, tmp_path, make_args, message):

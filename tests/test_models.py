@@ -147,5 +147,5 @@ def test_train_teacher_cli_writes_a_loadable_teacher_and_refuses_a_file(tmp_path
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
     result = runner.invoke(app, ["train-teacher", "-o", str(blocker), "--steps", "1", "--no-evaluate"])
-    assert result.exit_code == 2 and "not a folder" in result.output
+    assert result.exit_code == 2 and "is a file; give a folder" in result.output
     assert blocker.read_text() == "keep me"

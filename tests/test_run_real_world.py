@@ -217,7 +217,7 @@ def test_bad_inputs_one_sentence_nothing_written(world, tmp_path):
     a_file.write_text("x")
     _fails(_args(teacher, a_file, prompts), "is a file")
     _fails(_args(teacher, a_file / "sub", prompts), "is a file")
-    _fails(_args(teacher, Path("/proc/wadi-out"), prompts), "cannot be written")
+    _fails(_args(teacher, Path("/proc/wadi-out"), prompts), "cannot write the output folder /proc/wadi-out")
     assert a_file.read_text() == "x"
 
 
@@ -249,7 +249,7 @@ def test_sample_bad_inputs(world, tmp_path):
     _fails([*common, "-n", "0", "-o", str(tmp_path / "a.png")], "at least 1")
     if not torch.cuda.is_available():
         _fails([*common, "--device", "cuda", "-o", str(tmp_path / "a.png")], "CUDA is not available")
-    _fails([*common, "-o", "/proc/wadi.png"], "cannot be written")
+    _fails([*common, "-o", "/proc/wadi.png"], "cannot write the image grid /proc/wadi.png")
     _fails([*common, "-o", str(tmp_path)], "is a folder")
     _fails([*common, "-o", str(tmp_path / "a.png")], "does not exist")
     assert not (tmp_path / "a.png").exists()
@@ -349,11 +349,11 @@ def test_every_writer_refuses_an_unwritable_destination_with_a_sentence(world, t
     a_file = tmp_path / "file"
     a_file.write_text("x")
     _fails(["plan", "--teacher", str(world["legacy"]), "--preset", "paper", "--rank", "4", "-o",
-            str(a_file / "plan.json")], f"Cannot write {a_file / 'plan.json'}: {a_file} is a file, not a folder.")
+            str(a_file / "plan.json")], f"cannot write the plan {a_file / 'plan.json'} ({a_file} is a file, not a folder)")
     out = tmp_path / "run"
     assert runner.invoke(app, _args(world["legacy"], out, world["prompts"], "--max-steps", "1")).exit_code == 0
     _fails(["export", "--teacher", str(world["legacy"]), "--adapter", str(out / "final"), "-o",
-            "/proc/wadi-merged.safetensors"], "Cannot write /proc/wadi-merged.safetensors")
+            "/proc/wadi-merged.safetensors"], "cannot write the merged student /proc/wadi-merged.safetensors (/proc: ")
     with pytest.raises(WadiInputError, match="is a file, not a folder"):
         write_json_atomic(a_file / "deeper" / "report.json", {})
     assert a_file.read_text() == "x"

@@ -17,11 +17,13 @@ import torch
 
 from wadi_distill.lorad.serialization import AdapterFile, read_adapter
 from wadi_probe.io.atomic import atomic_path
-from wadi_probe.io.checkpoints import TORCH_SUFFIXES, denoiser_folder, lazy_tensors, open_checkpoint, write_like
+from wadi_probe.io.checkpoints import (TORCH_SUFFIXES, denoiser_folder, lazy_tensors, open_checkpoint, stored_bytes,
+                                       write_like)
+from wadi_probe.io.outputs import check_free_space, check_outputs
 from wadi_probe.errors import WadiInputError
 from wadi_probe.rotation import merged_weight
 
-__all__ = ["ExportResult", "export_merged", "merge_into_checkpoint"]
+__all__ = ["ExportResult", "check_export_output", "export_merged", "merge_into_checkpoint"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -44,20 +46,38 @@ def _model_config(teacher: Path) -> Path | None:
     return config if config is not None and config.is_file() else None
 
 
-def export_merged(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path) -> Path:
+def check_export_output(teacher: str | Path, adapter: str | Path, output: str | Path, *, into: str | Path | None = None,
+                        overwrite: bool = False) -> str:
+    """Refuse an export's output before any work (see :func:`wadi_probe.io.outputs.check_outputs`): a file
+    (``.safetensors``/``.bin``/``.pt``) or a folder written whole, which replaces a non-empty folder only with
+    ``overwrite``; returns what the output is called in sentences."""
+    output = Path(output).expanduser()
+    one_file = output.suffix == ".safetensors" or output.suffix in TORCH_SUFFIXES
+    what = "merged student" if one_file else "merged student folder"
+    check_outputs({what: output}, [teacher, adapter, into], replaced=() if one_file else (what,), overwrite=overwrite)
+    return what
+
+
+def export_merged(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path, *,
+                  overwrite: bool = False) -> Path:
     """Write the merged student (see :func:`merge_into_checkpoint`) and return the output path."""
-    return merge_into_checkpoint(teacher_dir, adapter_path, output).path
+    return merge_into_checkpoint(teacher_dir, adapter_path, output, overwrite=overwrite).path
 
 
-def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path) -> ExportResult:
+def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, output: str | Path, *,
+                          overwrite: bool = False) -> ExportResult:
     """Write the teacher with the adapter at ``adapter_path`` merged in, to ``output``.
 
     ``output`` ending in ``.safetensors`` (or ``.bin``/``.pt``) is one weights file with the teacher's key names
     and dtypes; anything else is a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``)
     that ``from_pretrained`` reads. The adapter may be the project's own folder or an official theta checkpoint;
-    one made for another base is refused before anything is written.
+    one made for another base is refused before anything is written, and so is an output that is, holds, lies
+    inside or links to the teacher or the adapter (:func:`wadi_probe.io.outputs.check_outputs`); an existing
+    non-empty folder is replaced only with ``overwrite``.
     """
     teacher_dir, output = Path(teacher_dir).expanduser(), Path(output).expanduser()
+    what = check_export_output(teacher_dir, adapter_path, output, overwrite=overwrite)
+    one_file = what == "merged student"
     with open_checkpoint(teacher_dir) as teacher:
         shapes = {name: teacher.shape(name) for name in teacher.names()}
         adapter: AdapterFile = read_adapter(adapter_path, base_shapes=shapes)
@@ -77,7 +97,8 @@ def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, out
         # the adapter as the caller named it (a run's final/ merges from a temporary folder: its file name is stable)
         metadata = {"format": "pt", "wadi_merged_adapter": Path(adapter_path).name}
         dtypes = sorted({str(teacher.dtype(n)).replace("torch.", "") for n in teacher.names()})
-        if output.suffix == ".safetensors" or output.suffix in TORCH_SUFFIXES:
+        check_free_space(output, stored_bytes(teacher), what)
+        if one_file:
             write_like(teacher, tensors, output, metadata=metadata if output.suffix == ".safetensors" else None)
         else:
             config = _model_config(teacher_dir)
@@ -85,8 +106,6 @@ def merge_into_checkpoint(teacher_dir: str | Path, adapter_path: str | Path, out
                 raise WadiInputError(
                     f"{teacher_dir} has no config.json, so a diffusers folder cannot be written; name a .safetensors output."
                 )
-            if output.exists() and not output.is_dir():
-                raise WadiInputError(f"{output} exists and is not a folder.")
             with atomic_path(output, directory=True) as tmp:
                 shutil.copyfile(config, tmp / "config.json")
                 write_like(teacher, tensors, tmp / WEIGHTS_NAME, metadata=metadata)

@@ -31,6 +31,8 @@ import torch
 
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
+from wadi_probe.io.jsonfile import read_json
+from wadi_probe.io.outputs import check_outputs
 
 __all__ = ["LayerFidelity", "Extraction", "low_rank_factors", "extract_lora", "open_student"]
 
@@ -186,6 +188,20 @@ def _checked_options(rank: int | None, energy: float | None, format: str, dtype:
     return store, output
 
 
+def _check_record_replaceable(record_path: Path) -> None:
+    """The record beside the LoRA replaces only an earlier record: any other file of that name (a probe report,
+    say) is refused rather than silently overwritten."""
+    if not record_path.exists():
+        return
+    try:
+        data = read_json(record_path)
+    except WadiInputError:
+        data = None
+    if not (isinstance(data, dict) and {"record_path", "layers", "format"} <= data.keys()):
+        raise WadiInputError(f"the record {record_path} (written beside the LoRA) already exists and is not an "
+                             "extract-lora record; move it or name another output.")
+
+
 def _check_rank_fits(t: Any, matrices: list[str], rank: int | None) -> None:
     """Refuse a fixed rank above every layer's full rank: it would silently mean "full rank" everywhere."""
     if rank is None:
@@ -276,6 +292,8 @@ def extract_lora(teacher: str | Path, student: str | Path, output: str | Path, *
     started = time.perf_counter()
     store, output = _checked_options(rank, energy, format, dtype, output)
     record_path = output.with_suffix(".json")
+    check_outputs({"LoRA": output, "record": record_path}, [teacher, student])
+    _check_record_replaceable(record_path)
     target = torch.device(device)
 
     with open_checkpoint(teacher) as t:

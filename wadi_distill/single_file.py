@@ -15,6 +15,7 @@ Everything is streamed one tensor at a time and written atomically.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.io.checkpoints import LDM_UNET_PREFIX, open_checkpoint
+from wadi_probe.io.outputs import check_free_space, check_outputs
 from wadi_probe.io.formats.safetensors_io import SafetensorsSource, write_safetensors_streaming
 
 __all__ = ["SingleFileResult", "ldm_unet_keys", "export_single_file"]
@@ -100,6 +102,7 @@ def export_single_file(teacher: str | Path, adapter: str | Path | None, output: 
     teacher_path, output = Path(teacher).expanduser(), Path(output).expanduser()
     if output.suffix != ".safetensors":
         raise WadiInputError(f"{output} should end in .safetensors (the single-file format).")
+    check_outputs({"single-file student": output}, [teacher_path, adapter, into])
     with open_checkpoint(teacher_path) as source:
         shapes = {name: source.shape(name) for name in source.names()}
         keys = ldm_unet_keys(shapes)
@@ -118,6 +121,7 @@ def export_single_file(teacher: str | Path, adapter: str | Path | None, output: 
                 raise WadiInputError(f"{output} is the teacher's own weights file; write the student elsewhere.")
             order = [keys[name] for name in source.names()]
             specs = {keys[name]: (shapes[name], source.dtype(name)) for name in source.names()}
+            check_free_space(output, _spec_bytes(specs), "single-file student")
             fetch = lambda key: fetch_merged(by_key[key])  # noqa: E731
             _write(output, order, specs, fetch, metadata)
         else:
@@ -132,6 +136,7 @@ def export_single_file(teacher: str | Path, adapter: str | Path | None, output: 
                 order, specs, fetch, copied, dropped = _into_plan(target, keys, shapes, fetch_merged, by_key)
                 result.copied_tensors, result.dropped_ema = copied, dropped
                 metadata = {**target.metadata, **metadata}
+                check_free_space(output, _spec_bytes(specs), "single-file student")
                 _write(output, order, specs, fetch, metadata)
             finally:
                 target.close()
@@ -170,6 +175,11 @@ def _into_plan(target: SafetensorsSource, keys: Mapping[str, str], shapes: Mappi
 
     copied = len(order) - len(unet)
     return order, specs, fetch, copied, len(stored) - len(order)
+
+
+def _spec_bytes(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Tensor bytes of a file written from ``specs`` (for the free-space check before the write)."""
+    return sum(math.prod(shape) * dtype.itemsize for shape, dtype in specs.values())
 
 
 def _write(output: Path, order: list[str], specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],

@@ -4,7 +4,8 @@ This is a public module: ``wadi_distill``'s commands use it as ``wadi_probe``'s 
 rich, so a command module can use it at import time without slowing ``--help`` down.
 
 - :func:`handle_errors` turns :class:`~wadi_probe.errors.WadiInputError` into one sentence on stderr and exit
-  code 2 (:class:`~wadi_probe.errors.WadiRuntimeError`: exit code 1), never a traceback;
+  code 2 (:class:`~wadi_probe.errors.WadiRuntimeError`: exit code 1), never a traceback; so is an ``OSError``
+  that says the place refused a write (no space, a file-size limit, read-only, no permission);
 - :class:`Device` is the ``--device`` choice (``auto`` picks CUDA when there is one), :func:`device_option`
   the option itself and :func:`choice_option` any other choice option made from an :class:`enum.Enum` (a bad
   value is one sentence and exit code 2, like every other input error);
@@ -67,6 +68,12 @@ def handle_errors(func: F) -> F:
             fail(str(exc), EXIT_USAGE)
         except WadiRuntimeError as exc:
             fail(str(exc), EXIT_RUNTIME)
+        except OSError as exc:  # a write outside atomic_path (a log, a folder) that the place refused: no space, ...
+            from wadi_probe.io.atomic import WRITE_ERRORS
+
+            if exc.errno not in WRITE_ERRORS:
+                raise
+            fail(f"{exc.filename or 'a file'}: {WRITE_ERRORS[exc.errno]}.", EXIT_USAGE)
         except KeyboardInterrupt:
             err_console.print("interrupted")
             sys.exit(130)

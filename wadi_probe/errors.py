@@ -13,3 +13,12 @@ class WadiInputError(ValueError):
 
 class WadiRuntimeError(RuntimeError):
     """A run that cannot go on (for example NaN losses); reported in one sentence with a non-zero exit code."""
+
+
+class WadiWriteError(WadiInputError):
+    """A write that failed for a reason outside the program (no space, a file-size limit, no permission, a
+    read-only disk): one sentence naming the file and the reason, exit code 2; nothing is left half-written."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"Could not write {path}: {reason}; nothing was left half-written.")

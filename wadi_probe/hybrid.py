@@ -147,19 +147,20 @@ def write_hybrid(
     The output must be a new ``.safetensors`` (or ``.bin``/``.pt``/``.ckpt``) file, not one of the inputs; on
     any error nothing is written and an existing file at ``output`` is left as it was.
     """
-    from wadi_probe.io.checkpoints import lazy_tensors, write_like
+    from wadi_probe.io.checkpoints import lazy_tensors, stored_bytes, write_like
+    from wadi_probe.io.outputs import check_free_space, check_outputs
 
     _check_take(take)
     output = Path(output).expanduser()
     if output.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):
         raise WadiInputError(f"the output {output} should end in .safetensors (or .bin/.pt/.ckpt for a torch file).")
-    if output.is_dir():
-        raise WadiInputError(f"the output {output} is a folder; name a file such as hybrid.safetensors.")
+    check_outputs({"hybrid": output}, [teacher, student])
     with _opened(teacher, student) as (t, s):
-        for checkpoint, role in ((t, "teacher"), (s, "student")):
+        for checkpoint, role in ((t, "teacher"), (s, "student")):  # the files behind an index or a sharded model
             inputs = {checkpoint.path} | {checkpoint.source_file(n) for n in checkpoint.names()}
             if output.exists() and any(p.exists() and output.samefile(p) for p in inputs):
                 raise WadiInputError(f"the output {output} is the {role} checkpoint itself; write to a new file.")
+        check_free_space(output, stored_bytes(s), "hybrid")
         hybrid = _Hybrid(t, s, take, include, exclude)
         write_like(s, lazy_tensors(s, override=hybrid.tensor), output)
         hybrid.result.path = output

@@ -49,22 +49,29 @@ def evaluate_command(
     from wadi_distill.teachers.prompts import load_prompts
 
     from wadi_probe.device import resolve_device
+    from wadi_probe.io.outputs import check_outputs
 
+    generated = (save_images or output.with_name(output.stem + "-images")) if teacher is not None else None
+    check_outputs({"record": output, "generated images folder": generated, "reference statistics": save_reference_stats},
+                  [images, teacher, adapter, merged, prompts, reference, inception, features, clip],
+                  folders=("generated images folder",))
     device = str(resolve_device(device))
     settings = p.EvalSettings(batch_size=batch_size, k=k, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, seed=seed)
     reference, digits, extractor = inputs.reference_and_extractor(reference, teacher, inception, features, device,
                                                                   inception_resize.value)
+    prompt_list = load_prompts(prompts) if prompts is not None else None
+    scoring = images is not None or teacher is not None
+    if scoring:  # a reference too small for the scoring is refused before the statistics file is written
+        inputs.check_generation(images, teacher, prompt_list, reference, digits)
     if save_reference_stats is not None:
         meta = inputs.save_reference_folder_stats(reference, save_reference_stats, extractor, settings, digits)
         console.print(f"wrote statistics of {meta['images']} reference images ({extractor.name}) -> {save_reference_stats}", highlight=False)
-        if images is None and teacher is None:
+        if not scoring:
             return
-    prompt_list = load_prompts(prompts) if prompts is not None else None
     scorer = inputs.clip_scorer(clip, digits, device)
     generation = None
-    inputs.check_generation(images, teacher, prompt_list, reference, digits)
     if teacher is not None:
-        images = save_images or output.with_name(output.stem + "-images")
+        images = generated
         generation = inputs.generate_for_evaluation(teacher, prompt_list, images, prompts_file=prompts, adapter=adapter,
                                                     merged=merged, seed=seed, batch_size=batch_size, device=device)
         console.print(f"generated {generation['images']} one-step images in {generation['seconds']:.1f} s -> {images}", highlight=False)

@@ -28,12 +28,16 @@ def export_command(
     format: ExportFormat = choice_option(ExportFormat, ExportFormat.diffusers, "--format", what="format",
                                          help="diffusers (the teacher's key names) or ldm (original single-file names, for ComfyUI/A1111)."),
     into: Path | None = typer.Option(None, "--into", help="With --format ldm: the teacher's original .safetensors checkpoint; write it whole with the student's UNet."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty output folder (never one that holds an input)."),
 ) -> None:
     """Merge an adapter into the teacher and write the student with the teacher's key names and dtypes."""
     from wadi_distill.transfer import check_transfer
 
     if into is not None and format is not ExportFormat.ldm:
         raise WadiInputError("--into writes an original single-file checkpoint; use it with --format ldm.")
+    from wadi_distill.export import check_export_output
+
+    check_export_output(teacher, adapter, output, into=into, overwrite=overwrite)  # before any work
     for line in check_transfer(teacher, adapter).sentences():
         console.print(line, highlight=False)
     if format is ExportFormat.ldm:
@@ -47,7 +51,7 @@ def export_command(
         return
     from wadi_distill.export import merge_into_checkpoint
 
-    result = merge_into_checkpoint(teacher, adapter, output)
+    result = merge_into_checkpoint(teacher, adapter, output, overwrite=overwrite)
     source = "official theta checkpoint" if result.official else f"{result.adapter_kind} adapter"
     console.print(
         f"merged {result.merged_layers} layers ({source}) into {result.tensors} tensors, dtype {result.dtype} -> {result.path}",

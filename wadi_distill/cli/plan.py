@@ -74,6 +74,9 @@ def plan_command(
     as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON instead of a table."),
 ) -> None:
     """Plan LoRaD layers and ranks for a teacher: the paper's preset or ranks chosen from a probe report."""
+    from wadi_probe.io.outputs import check_outputs
+
+    check_outputs({"plan": output}, [teacher, rank_from_probe])
     plan = make_plan(teacher, preset=preset, rank=rank, report=rank_from_probe, budget=budget, threshold=threshold,
                      min_rank=min_rank, max_rank=max_rank, multiple_of=multiple_of, include_conv=include_conv)
     if output is not None:

@@ -9,7 +9,6 @@ import typer
 
 from wadi_distill.cli import app
 from wadi_probe.console import Device, console, device_option, handle_errors
-from wadi_probe.errors import WadiInputError
 
 
 @app.command("sample")
@@ -26,11 +25,9 @@ def sample_command(
 ) -> None:
     """Generate images in ONE denoiser evaluation per image and save them as a grid."""
     from wadi_distill.one_step import sample, save_image_grid
-    from wadi_distill.vsd.config import check_output_dir
+    from wadi_probe.io.outputs import check_outputs
 
-    if output.is_dir():
-        raise WadiInputError(f"The output {output} is a folder; name a .png file.")
-    check_output_dir(output.parent)  # refused before the teacher is loaded
+    check_outputs({"image grid": output}, [teacher, adapter, merged])  # refused before the teacher is loaded
     images = sample(teacher, list(prompt), adapter=adapter, merged=merged, n=n, seed=seed, device=device.value)
     save_image_grid(images, output, nrow=n)
     console.print(f"wrote {images.shape[0]} one-step images to {output}", highlight=False, soft_wrap=True)

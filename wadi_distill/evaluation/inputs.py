@@ -68,13 +68,19 @@ def clip_scorer(clip: str | Path | None, digits: bool, device: str) -> ClipScore
 
 def check_generation(images: str | Path | None, teacher: str | None, prompts: list[str] | None, reference: str,
                      digits: bool) -> None:
-    """Refuse, before generating: both or neither of a folder and a teacher, no prompts, a too small reference.
+    """Refuse, before generating or writing statistics: both or neither of a folder and a teacher, no prompts, a
+    reference smaller than the set to score.
 
     FID against a reference smaller than the generated set measures the reference's own sampling noise.
     """
     if (images is None) == (teacher is None):
         raise WadiInputError("give either --images (a folder to score) or --teacher with --adapter/--merged and --prompts.")
     if teacher is None:
+        if not digits and Path(reference).is_dir() and Path(images).is_dir():
+            count, scored = len(list_images(reference, "reference folder")), len(list_images(images, "image folder"))
+            if count < scored:
+                raise WadiInputError(f"the reference folder {reference} has {count} images, fewer than the {scored} "
+                                     "to score; FID against a smaller reference measures the reference's own sampling noise.")
         return
     if prompts is None:
         raise WadiInputError("generating images needs --prompts (one prompt per line).")

@@ -193,21 +193,15 @@ def _validate_machine(config: DistillConfig) -> None:
             raise WadiInputError("--use-8bit-adam needs the bitsandbytes package, which is not installed.") from exc
 
 
-def check_output_dir(path: Path) -> None:
-    """Refuse an output path whose folder is a file or cannot be created or written, before anything is written."""
-    from wadi_probe.io.atomic import unwritable_reason
-
-    if path.exists() and not path.is_dir():
-        raise WadiInputError(f"The output folder {path} is a file; choose a folder.")
-    reason = unwritable_reason(path)
-    if reason is not None:
-        raise WadiInputError(f"The output folder {path} cannot be written ({reason}).")
-
-
 def validate_config(config: DistillConfig) -> None:
     """Refuse a config that cannot run, with one sentence, before anything is loaded or written."""
     _validate_student(config)
     _validate_numbers(config)
     _validate_machine(config)
     parse_signals(config.checkpoint_signals)
-    check_output_dir(Path(config.output_dir))
+    from wadi_probe.io.outputs import check_outputs
+
+    # the run folder is the run's own (checkpoints are pruned, final/ replaced): it may not be, hold, lie inside or
+    # link to the teacher or any file the run reads
+    check_outputs({"output folder": config.output_dir},
+                  [config.teacher, config.prompts, config.plan, config.rank_from_probe], owned=("output folder",))

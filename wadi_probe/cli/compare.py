@@ -55,7 +55,7 @@ def compare_command(
     """Compare TEACHER with each STUDENT: per-layer norm and direction change, angles, spectra against chance,
     LoRaD rank advice."""
     from wadi_probe.analyze import compare_many, default_labels
-    from wadi_probe.report.outputs import check_outputs
+    from wadi_probe.io.outputs import check_file_name, check_outputs
 
     many = len(students) > 1
     names = list(labels) if labels else default_labels(students)
@@ -67,8 +67,8 @@ def compare_command(
         raise WadiInputError(f"with several students -o names a folder (LABEL.json per student), not {output}.")
     outputs: dict[str, Optional[Path]] = {"report folder" if many else "report": output, "CSV": csv, "plots folder": plots}
     if many and output is not None:
-        for label in names:
-            outputs[f"report of {label}"] = output / f"{label}.json"
+        for label in names:  # a label is a file name inside OUT: ../x or /abs would write elsewhere
+            outputs[f"report of {label}"] = output / f"{check_file_name(label, 'label')}.json"
         outputs["summary"], outputs["summary table"] = output / "summary.json", output / "summary.csv"
     check_outputs(outputs, [teacher, *students], folders=("report folder", "plots folder"))
 

@@ -35,7 +35,7 @@ def plot_command(
     """Write the norm/direction, depth-profile, spectrum and rank figures of a report as PNG and SVG; with several
     reports, the side-by-side figures (one colour per student)."""
     from wadi_probe.builtins import resolve_builtin
-    from wadi_probe.report.outputs import check_outputs
+    from wadi_probe.io.outputs import check_outputs
     from wadi_probe.report.plots import save_all_plots, save_comparison_plots
     from wadi_probe.report.schema import load_report
 

@@ -17,6 +17,7 @@ A :class:`Checkpoint` maps normalised diffusers-style names (``down_blocks.0.att
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -534,6 +535,16 @@ class AdapterCheckpoint(Checkpoint):
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
+def stored_bytes(reference: Checkpoint, *, keep_other_keys: bool = True) -> int:
+    """The tensor bytes :func:`write_like` writes for ``reference`` (every tensor in its stored dtype), so a free
+    space check can be made before the write starts."""
+    total = sum(math.prod(reference.shape(n)) * reference.stored_dtype(n).itemsize for n in reference.names())
+    if keep_other_keys:
+        total += sum(math.prod(source.shape(key)) * source.dtype(key).itemsize
+                     for key, source in reference._ignored_sources.items())
+    return total
+
+
 def write_like(
     reference: Checkpoint,
     tensors: Mapping[str, torch.Tensor],

@@ -660,8 +660,8 @@ STUDENT_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564
 
 
 def _write_drawn(drawn: Sequence[tuple[str, Any]], out: Path, formats: Sequence[str], saved: Any) -> Any:
-    """Write every drawn figure in every format into ``out`` (only once all were drawn), listed in ``saved``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write every drawn figure in every format into ``out`` (only once all were drawn), listed in ``saved``; the
+    folder is made by the first write, so a write that fails leaves no empty folder behind."""
     for name, fig in drawn:
         for fmt in formats:
             saved.files.append(save_figure(fig, out / f"{name}.{fmt}"))

@@ -27,6 +27,7 @@ import torch
 
 from wadi_distill.lorad.config import LoRaDConfig
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
+from wadi_probe.io.outputs import check_outputs
 from wadi_probe.errors import WadiInputError
 
 METRIC_KEYS = ("fd_pixel", "fd_features", "precision", "recall", "class_accuracy")
@@ -249,8 +250,7 @@ def run_demo(
     if settings.eval_per_class < 2:
         raise WadiInputError("eval-per-class must be at least 2 (the metrics need more images than k = 3).")
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise WadiInputError(f"The demo output {out} is a file; give a folder.")
+    check_outputs({"demo folder": out}, ["builtin:digits"], owned=("demo folder",))
     previous_threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(int(settings.threads))

@@ -207,12 +207,18 @@ def train_and_save_teacher(output: str | Path, config: TeacherTrainingConfig | N
     """
     from wadi_distill.builtin.digits.classifier import CLASSIFIER_FILE
     from wadi_distill.builtin.digits.data import split_description
-    from wadi_distill.builtin.digits.model import BUILTIN_DIR, load_teacher_dir, save_teacher
+    from wadi_distill.builtin.digits.model import (BUILTIN_DIR, TEACHER_CONFIG_FILE, TEXT_ENCODER_FILE, UNET_FILE,
+                                                    load_teacher_dir, save_teacher)
+    from wadi_probe.io.outputs import check_outputs
 
     config = config or TeacherTrainingConfig()
     output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise WadiInputError(f"{output} exists and is not a folder.")
+    classifier = BUILTIN_DIR / CLASSIFIER_FILE if evaluate else None
+    # before training: a folder that cannot be written (or would overwrite the classifier read for the
+    # evaluation) is refused now, not after hours of training
+    check_outputs({"teacher folder": output, **{f"teacher's {name}": output / name
+                                                 for name in (UNET_FILE, TEXT_ENCODER_FILE, TEACHER_CONFIG_FILE)}},
+                  [classifier], folders=("teacher folder",))
     device = resolve_device(device)
     device_name = str(device)
     result = train_teacher(config, device=device, progress=progress)
