@@ -229,12 +229,13 @@ def _worker(args: argparse.Namespace) -> dict:
 def compare_variants(*, device: str = "cpu", config: str = "small", batch_size: int = 1, rank: int | None = None,
                      fake_rank: int | None = None, cfg: float = 1.5, mixed_precision: str = "no",
                      gradient_checkpointing: bool = False, steps: int = 5, warmup: int = 2, threads: int = 1,
-                     timeout: float | None = None) -> dict:
+                     timeout: float | None = None, parallel: bool = False) -> dict:
     """Time the paper-style step and ours, each in its own process; their step times, peak memory and ratios.
 
     ``rank``/``fake_rank`` default to 8/4 on the small UNet and to the paper's 256/32 on SD1.5. Peak memory is
-    CUDA's max allocated on a GPU and the peak RSS above the imports on a CPU. Raises RuntimeError (with the
-    failing variant's stderr) when a variant fails.
+    CUDA's max allocated on a GPU and the peak RSS above the imports on a CPU. ``parallel`` runs both processes
+    at once (for memory only: the step times then share the machine). Raises RuntimeError (with the failing
+    variant's stderr) when a variant fails.
     """
     rank = rank if rank is not None else (256 if config == "sd15" else 8)
     fake_rank = fake_rank if fake_rank is not None else (32 if config == "sd15" else 4)
@@ -246,12 +247,34 @@ def compare_variants(*, device: str = "cpu", config: str = "small", batch_size: 
     root = str(Path(__file__).resolve().parents[1])  # the workers import this checkout's packages
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     results: dict = {}
-    for variant in ("paper", "ours"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, *flags]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"{variant} failed:\n{done.stderr[-4000:]}")
-        results[variant] = json.loads(done.stdout.strip().splitlines()[-1])
+    commands = {variant: [sys.executable, str(Path(__file__).resolve()), "--variant", variant, *flags]
+                for variant in ("paper", "ours")}
+    if parallel:  # both at once: each process's own peak is unaffected, its step time is not comparable
+        with tempfile.TemporaryDirectory() as tmp:
+            logs = {v: (open(Path(tmp) / f"{v}.out", "w+"), open(Path(tmp) / f"{v}.err", "w+")) for v in commands}
+            procs = {v: subprocess.Popen(cmd, stdout=logs[v][0], stderr=logs[v][1], text=True, env=env)
+                     for v, cmd in commands.items()}
+            try:
+                for variant, proc in procs.items():
+                    proc.wait(timeout=timeout)
+            finally:
+                for proc in procs.values():
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+            done = {}
+            for variant, (out, err) in logs.items():
+                out.seek(0), err.seek(0)
+                done[variant] = subprocess.CompletedProcess(commands[variant], procs[variant].returncode, out.read(),
+                                                            err.read())
+                out.close(), err.close()
+    else:
+        done = {variant: subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+                for variant, cmd in commands.items()}
+    for variant, finished in done.items():
+        if finished.returncode != 0:
+            raise RuntimeError(f"{variant} failed:\n{finished.stderr[-4000:]}")
+        results[variant] = json.loads(finished.stdout.strip().splitlines()[-1])
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "CPU", "config": config,
         "batch_size": batch_size, "mixed_precision": mixed_precision, "rank": rank, "fake_rank": fake_rank,

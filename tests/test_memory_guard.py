@@ -23,7 +23,8 @@ LIMIT = 0.9
 
 
 def test_vsd_step_peak_memory_stays_below_the_paper_style_loop():
-    result = vsd_step.compare_variants(config="small", batch_size=1, steps=1, warmup=1, threads=1, timeout=300)
+    result = vsd_step.compare_variants(config="small", batch_size=1, steps=1, warmup=1, threads=1, timeout=300,
+                                       parallel=True)
     ours, paper = result["ours"]["peak_bytes"], result["paper"]["peak_bytes"]
     assert paper > 10 * 2**20, f"the paper-style loop's peak ({paper / 2**20:.1f} MiB) is too small to be a real measurement"
     assert result["memory_ratio"] <= LIMIT, (
