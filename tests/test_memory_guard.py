@@ -10,6 +10,8 @@ VM), timings on a shared CPU do not. A module imported lazily inside the step (p
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -32,3 +34,14 @@ def test_vsd_step_peak_memory_stays_below_the_paper_style_loop():
         f"{paper / 2**20:.1f} MiB (limit {LIMIT}x); code pages: ours {result['ours']['code_bytes'] / 2**20:.1f}, "
         f"paper {result['paper']['code_bytes'] / 2**20:.1f} MiB")
     assert result["memory_ratio_less_code"] < result["memory_ratio"]
+
+
+def test_the_training_modules_and_the_report_reader_do_not_import_pandas():
+    """pandas (27 MiB) is imported only where a table is built, not by training or by reading a report."""
+    code = ("import sys\nimport wadi_distill.vsd.trainer, wadi_distill.vsd.students, wadi_distill.plan.from_report\n"
+            "from wadi_probe.report.schema import load_report\nprint('pandas' in sys.modules)")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
