@@ -12,7 +12,7 @@ oneDNN) the first use of each kernel faults in, 25-30 MiB for either loop on the
 as ``code_bytes`` (resident file-backed memory gained during the run) and taken out in ``memory_ratio_less_code``.
 
     python benchmarks/vsd_step.py                                   # CPU, small UNet
-    python benchmarks/vsd_step.py --config sd15 --warmup 1 --steps 2  # CPU, SD1.5 shapes (about 16 GB for paper-style)
+    python benchmarks/vsd_step.py --config sd15 --warmup 1 --steps 2  # CPU, SD1.5 shapes (paper-style: over 15 GB RAM)
     python benchmarks/vsd_step.py --device cuda --config sd15 --batch-size 2 --mixed-precision fp16
 """
 
