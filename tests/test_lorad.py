@@ -21,6 +21,7 @@ from wadi_distill.lorad.model import (
     unmerge_lorad,
     use_adapter,
 )
+import wadi_probe.rotation as rotation
 from wadi_probe.errors import WadiInputError
 
 
@@ -101,7 +102,7 @@ def test_one_forward_forms_the_weight_once_and_calls_linear_once(monkeypatch):
     layer = random_adapter(LoRaDLinear(base), dtype=torch.float32)
     base.forward = lambda *a, **k: pytest.fail("the base layer's own forward must not run")
     calls = {"linear": 0, "rotate": 0}
-    real_linear, real_rotate = F.linear, lorad_module.rotate_pairs
+    real_linear, real_rotate = F.linear, rotation.rotate_pairs
 
     def counting_linear(*a, **k):
         calls["linear"] += 1
@@ -112,7 +113,7 @@ def test_one_forward_forms_the_weight_once_and_calls_linear_once(monkeypatch):
         return real_rotate(*a, **k)
 
     monkeypatch.setattr(lorad_module.F, "linear", counting_linear)
-    monkeypatch.setattr(lorad_module, "rotate_pairs", counting_rotate)
+    monkeypatch.setattr(rotation, "rotate_pairs", counting_rotate)  # merged_weight's rotation
     layer(torch.randn(2, 5, 6)).sum().backward()
     assert calls == {"linear": 1, "rotate": 1}
     assert layer.lorad_A["default"].grad is not None and base.weight.grad is None
@@ -163,7 +164,7 @@ def test_half_precision_base_uses_fp32_angles_and_fp32_parameters(dtype):
     assert layer.theta().dtype == torch.float32
     w = layer.effective_weight()
     assert w.dtype == dtype
-    ref = lorad_module.rotate_pairs(base.weight.float(), layer.theta().detach()).to(dtype)
+    ref = rotation.rotate_pairs(base.weight.float(), layer.theta().detach()).to(dtype)
     assert torch.equal(w.detach(), ref)
     y = layer(torch.randn(3, 8).to(dtype))
     assert y.dtype == dtype

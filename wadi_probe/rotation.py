@@ -4,8 +4,12 @@ A weight is viewed as a matrix (out, fan_in); a conv kernel (out, in, kh, kw) fl
 Input columns are paired (2j, 2j+1); row i, pair j is turned by the angle θ_ij. An odd fan-in leaves its last
 column unrotated. Every row keeps its norm exactly, and Θ = 0 is the identity.
 
-The probe uses :func:`pair_angles` to recover Θ from a teacher/student pair; LoRaD layers, export and the
-adapter readers all merge an adapter through :func:`merged_weight`, the one place the merge formula is written.
+The probe uses :func:`pair_angles` to recover Θ from a teacher/student pair; LoRaD layers (training forward
+and merge), export and the adapter readers all form an adapter's weight through :func:`merged_weight`, the one
+place the merge formula is written. When Θ needs a gradient and the base weight does not (training on a frozen
+base), :func:`merged_weight` differentiates the rotation by hand (:class:`_RotateFrozenWeight`): the backward
+keeps only the rotated weight, which the layer's own matmul keeps anyway, instead of autograd's cos, sin and
+stacked copies.
 """
 
 from __future__ import annotations
@@ -48,6 +52,52 @@ def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return rotated.to(weight.dtype)
 
 
+class _RotateFrozenWeight(torch.autograd.Function):
+    """R_Θ(W) for a frozen W with a hand-written backward (the forward is :func:`rotate_pairs`).
+
+    d w'_{2j}/dθ = −w'_{2j+1} and d w'_{2j+1}/dθ = w'_{2j}, so dL/dθ = g_{2j+1}·w'_{2j} − g_{2j}·w'_{2j+1}: two
+    products on the rotated weight, instead of autograd replaying cos/sin/stack backwards and keeping their
+    intermediates. The rotated weight is kept in the compute dtype (fp32 for fp16/bf16 weights) for that.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        compute = torch.promote_types(weight.dtype, theta.dtype)
+        rotated = rotate_pairs(weight.to(compute), theta.to(compute))
+        ctx.save_for_backward(rotated)
+        ctx.theta_dtype = theta.dtype
+        return rotated.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (rotated,) = ctx.saved_tensors
+        pairs = rotated.shape[1] // 2
+        g = grad.to(rotated.dtype)
+        grad_theta = g[:, 1 : 2 * pairs : 2] * rotated[:, 0 : 2 * pairs : 2] - g[:, 0 : 2 * pairs : 2] * rotated[:, 1 : 2 * pairs : 2]
+        return None, grad_theta.to(ctx.theta_dtype)
+
+
+_FUSED_BACKWARD = True
+
+
+def set_fused_rotation_backward(enabled: bool) -> bool:
+    """Use the hand-written rotation backward in :func:`merged_weight` (default on); returns the previous setting.
+
+    Off, autograd differentiates :func:`rotate_pairs` directly (same values, more kernels and memory); the
+    benchmarks use this to separate the two effects.
+    """
+    global _FUSED_BACKWARD
+    previous, _FUSED_BACKWARD = _FUSED_BACKWARD, bool(enabled)
+    return previous
+
+
+def _rotate_for_grad(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """:func:`rotate_pairs`, through the hand-written backward when only Θ needs a gradient."""
+    if _FUSED_BACKWARD and torch.is_grad_enabled() and theta.requires_grad and not weight.requires_grad:
+        return _RotateFrozenWeight.apply(weight, theta)
+    return rotate_pairs(weight, theta)
+
+
 def lorad_theta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Θ = A·B of a LoRaD adapter (A (out, r), B (r, fan_in // 2)), in fp32 or wider whatever the factors' dtype."""
     dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
@@ -61,14 +111,14 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, kin
     ``kind="lorad"``: R_Θ(W) with Θ = A·B (:func:`lorad_theta`), A (out, r) and B (r, fan_in // 2).
     ``kind="lora"``: W + scale·B·A with A the down factor (r, fan_in) and B the up factor (out, r); conv factors
     (kohya's 4-D kernels) are flattened to matrices. Either way the arithmetic runs in fp32 or wider, so a small
-    update on an fp16 base is not rounded away before the final cast.
+    update on an fp16 base is not rounded away before the final cast. Differentiable in the factors (training).
     """
     matrix = as_matrix(weight)
     factors_dtype = torch.promote_types(a.dtype, b.dtype)
     compute = torch.promote_types(torch.promote_types(matrix.dtype, factors_dtype), torch.float32)
     if kind == "lorad":
         theta = lorad_theta(a.to(matrix.device), b.to(matrix.device))
-        adapted = rotate_pairs(matrix.to(compute), theta.to(compute))
+        adapted = _rotate_for_grad(matrix.to(compute), theta.to(compute))
     elif kind == "lora":
         down = a.to(matrix.device, compute).reshape(a.shape[0], -1)
         up = b.to(matrix.device, compute).reshape(b.shape[0], -1)

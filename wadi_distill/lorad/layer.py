@@ -4,7 +4,8 @@ A wrapped layer keeps its original ``nn.Linear`` / ``nn.Conv2d`` as ``base_layer
 named adapters; one of them (or none) is active. With adapter ``name`` active, a forward pass
 
 1. forms Θ = A·B in fp32 (A is (out, r), B is (r, ⌊fan_in/2⌋)),
-2. rotates every row's column pairs (2j, 2j+1) of the base weight by Θ once (:func:`wadi_probe.rotation.rotate_pairs`),
+2. rotates every row's column pairs (2j, 2j+1) of the base weight by Θ once (:func:`wadi_probe.rotation.merged_weight`,
+   the formula merge and export use too, with a hand-written backward for Θ),
 3. runs ONE ``F.linear`` / conv call with that weight. The base layer's own forward is never run as well.
 
 A conv kernel (out, in/groups, kh, kw) is flattened to (out, in/groups·kh·kw) for the pairing, exactly as the
@@ -35,46 +36,17 @@ from torch import nn
 
 from wadi_distill.lorad.config import ADAPTER_KINDS, INITS
 from wadi_probe.errors import WadiInputError
-from wadi_probe.rotation import lorad_theta, merged_weight, rotate_pairs
+from wadi_probe.rotation import lorad_theta, merged_weight, set_fused_rotation_backward
 
 __all__ = [
     "AdapterSpec",
     "LoRaDLayer",
     "LoRaDLinear",
     "LoRaDConv2d",
-    "rotate_weight",
     "set_fused_rotation_backward",
 ]
 
 _ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-
-
-class _RotateFrozenWeight(torch.autograd.Function):
-    """R_Θ(W) for a frozen W with a hand-written backward (the forward is :func:`rotate_pairs`).
-
-    d w'_{2j}/dθ = −w'_{2j+1} and d w'_{2j+1}/dθ = w'_{2j}, so dL/dθ = g_{2j+1}·w'_{2j} − g_{2j}·w'_{2j+1}: two
-    products on the rotated weight, instead of autograd replaying cos/sin/stack backwards and keeping their
-    intermediates. The rotated weight is kept in the compute dtype (fp32 for fp16/bf16 weights) for that.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        compute = torch.promote_types(weight.dtype, theta.dtype)
-        rotated = rotate_pairs(weight.to(compute), theta.to(compute))
-        ctx.save_for_backward(rotated)
-        ctx.theta_dtype = theta.dtype
-        return rotated.to(weight.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (rotated,) = ctx.saved_tensors
-        pairs = rotated.shape[1] // 2
-        g = grad.to(rotated.dtype)
-        grad_theta = g[:, 1 : 2 * pairs : 2] * rotated[:, 0 : 2 * pairs : 2] - g[:, 0 : 2 * pairs : 2] * rotated[:, 1 : 2 * pairs : 2]
-        return None, grad_theta.to(ctx.theta_dtype)
-
-
-_FUSED_BACKWARD = True
 
 
 def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
@@ -85,24 +57,6 @@ def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     except (TypeError, RuntimeError):  # device types without autocast (e.g. meta)
         pass
     return contextlib.nullcontext()
-
-
-def set_fused_rotation_backward(enabled: bool) -> bool:
-    """Use the hand-written rotation backward for frozen bases (default on); returns the previous setting.
-
-    Off, autograd differentiates :func:`rotate_pairs` directly (same values, more kernels and memory); the
-    benchmark uses this to separate the two effects.
-    """
-    global _FUSED_BACKWARD
-    previous, _FUSED_BACKWARD = _FUSED_BACKWARD, bool(enabled)
-    return previous
-
-
-def rotate_weight(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """R_Θ(W) for a weight matrix (out, fan_in) in W's dtype, differentiable in Θ (and in W when it needs grad)."""
-    if _FUSED_BACKWARD and not weight.requires_grad and torch.is_grad_enabled() and theta.requires_grad:
-        return _RotateFrozenWeight.apply(weight, theta)
-    return rotate_pairs(weight, theta)
 
 
 @dataclass(frozen=True)
@@ -264,9 +218,8 @@ class LoRaDLayer(nn.Module):
         spec = self.specs[name]
         if spec.kind == "lora":
             return merged_weight(source, self.lora_A[name], self.lora_B[name], kind="lora", scale=spec.scale)
-        # training goes through rotate_weight (its hand-written backward); the values are merged_weight's
-        matrix = source.reshape(source.shape[0], -1)
-        return rotate_weight(matrix, self.theta(name)).reshape(source.shape)
+        with _autocast_off(source.device.type):  # mixed precision must not turn the angles into fp16/bf16
+            return merged_weight(source, self.lorad_A[name], self.lorad_B[name])
 
     def _forward_weight(self) -> torch.Tensor:
         name = self.active_adapter
@@ -286,10 +239,8 @@ class LoRaDLayer(nn.Module):
             return
         if self.merged_adapter is not None:
             self.unmerge()
-        spec, source = self.specs[name], self._source_weight()
-        a, b = (self.lorad_A[name], self.lorad_B[name]) if spec.kind == "lorad" else (self.lora_A[name], self.lora_B[name])
-        with _autocast_off(source.device.type):
-            merged = merged_weight(source, a, b, kind=spec.kind, scale=spec.scale)
+        with _autocast_off(self.base_layer.weight.device.type):
+            merged = self.effective_weight(name)
         self._original_weight = self.base_layer.weight.detach().clone()
         self.base_layer.weight.copy_(merged)
         self.merged_adapter = name

@@ -53,11 +53,12 @@ def check_plan_fits(plan: Any, model: nn.Module) -> None:
 
 def make_plan(config: Any, model: nn.Module):
     """The student's plan from ``--plan``, ``--rank-from-probe`` or ``--rank`` with ``--preset``, checked to fit."""
-    from wadi_distill.plan import Plan, plan_from_preset, plan_from_report
+    from wadi_distill.plan import Plan, plan_from_preset
 
     if config.plan is not None:
         plan = Plan.load(config.plan)
-    elif config.rank_from_probe is not None:
+    elif config.rank_from_probe is not None:  # the report reader is imported only for this (step memory)
+        from wadi_distill.plan import plan_from_report
         from wadi_probe.report.schema import load_report
 
         plan = plan_from_report(model, load_report(config.rank_from_probe), budget=config.budget)

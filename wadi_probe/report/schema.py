@@ -14,13 +14,14 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from wadi_probe.io.atomic import atomic_path, write_text_atomic
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.jsonfile import read_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
 
 SCHEMA_VERSION = 2
 #: Versions :func:`load_report` reads (older ones are upgraded in memory).
@@ -469,6 +470,10 @@ def upgrade_report(data: dict[str, Any]) -> dict[str, Any]:
 # ---- table ---------------------------------------------------------------------------------------------------
 def report_to_dataframe(report: Report | Mapping[str, Any]) -> pd.DataFrame:
     """One row per layer with the scalar fields; ``shape`` becomes text like ``320x4x3x3``, plus out/fan_in."""
+    # pandas is imported here, not with the module: loading a report (e.g. to plan ranks before training) must
+    # not cost the ~27 MB that importing pandas adds to a process.
+    import pandas as pd
+
     records = report.layers if isinstance(report, Report) else report["layers"]
     rows = []
     for record in records:
