@@ -102,7 +102,7 @@ def test_an_absurd_sample_count_is_refused_with_its_disk_and_time(monkeypatch, t
     # a grid of 10^8 images could never be opened: refused whatever the disk
     grid = run("sample", *STUDENT, "--prompt", "3", "-n", "100000000", "-o", tmp_path / "big.png")
     assert grid.exit_code == 2
-    assert "a grid of 100,000,000 images would be 1,000,000,002×12 pixels" in said(grid)
+    assert "a grid of 100,000,000 images would be 1,000,000,002×12 pixels, more than PIL's decompression-bomb limit" in said(grid)
     # one file each on a disk with 10 GiB and 5 million inodes free: refused with the numbers
     monkeypatch.setattr(request_size, "free_space", lambda path: (10 * 2**30, 5_000_000, 4096))
     folder = run("sample", *STUDENT, "--prompt", "3", "-n", "100000000", "-o", tmp_path / "many")

@@ -140,9 +140,9 @@ def check_grid_pixels(width: int, height: int, count: int, target: str | Path) -
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and height * width > limit:
         raise WadiInputError(
-            f"a grid of {count:,} images would be {width:,}×{height:,} pixels, more than image readers open "
-            f"({limit:,}, PIL's decompression-bomb limit), so {target} would be unreadable; write one file per image "
-            "instead by giving -o a folder (a path without a suffix).")
+            f"a grid of {count:,} images would be {width:,}×{height:,} pixels, more than PIL's decompression-bomb "
+            f"limit of {limit:,} beyond which image readers warn or refuse, so {target} would be unreadable; write one "
+            "file per image instead by giving -o a folder (a path without a suffix).")
 
 
 def checked_batches(batches: Iterable[torch.Tensor], check: Callable[[torch.Tensor, float], None]) -> Iterator[torch.Tensor]:

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from wadi_distill.evaluation.features import Extractor
-from wadi_distill.evaluation.images import PROTOCOL_SIZE, list_images, protocol_batches, save_pngs
+from wadi_distill.evaluation.images import (
+    PROTOCOL_SIZE, list_images, protocol_batches, read_image, save_pngs, skipped_files,
+)
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 
@@ -90,12 +92,9 @@ def generate_images(teacher: str | Path, prompts: list[str], folder: str | Path,
 
 # ---------------------------------------------------------------------------------------------- features
 def _digits_tensor(paths: list[Path]) -> torch.Tensor:
-    from PIL import Image
-
     arrays = []
     for path in paths:
-        with Image.open(path) as image:
-            gray = np.asarray(image.convert("L"), dtype=np.float32)
+        gray = np.asarray(read_image(path, "L"), dtype=np.float32)
         if gray.shape != (8, 8):
             raise WadiInputError(f"{path} is {gray.shape[1]}×{gray.shape[0]}; builtin:digits images are 8×8.")
         arrays.append(gray)
@@ -243,6 +242,10 @@ def evaluate(images: str | Path, reference: str | Path, extractor: Extractor, *,
     if min(sizes) <= dim and extractor.input != "digits":
         record["notes"].append(f"fewer images than feature dimensions ({dim}): the covariances are rank-deficient, so FID "
                                "is biased upwards and only compares runs of the same size.")
+    for folder in (images, reference):
+        note = skipped_files(folder) if str(folder) != DIGITS_REFERENCE else None
+        if note is not None:
+            record["notes"].append(note)
     record["versions"] = _versions()
     record["seconds"] = round(time.perf_counter() - started, 3)
     if output is not None:
