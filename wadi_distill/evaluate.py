@@ -81,6 +81,12 @@ def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -
     return torch.cat(inside)
 
 
+def check_k(k: int) -> None:
+    """Refuse a neighbour count below 1 (the k-NN radius of a point needs at least one other point)."""
+    if int(k) < 1:
+        raise WadiInputError(f"k (the neighbours of precision/recall) must be at least 1, not {k}.")
+
+
 def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN manifolds, in fp64.
 
@@ -90,8 +96,10 @@ def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.nd
     fake_t = torch.from_numpy(_as_float64_matrix(fake, "The generated feature set"))
     if real_t.shape[1] != fake_t.shape[1]:
         raise WadiInputError(f"Feature sets have different widths ({real_t.shape[1]} vs {fake_t.shape[1]}).")
-    if not 1 <= k < min(len(real_t), len(fake_t)):
-        raise WadiInputError(f"k = {k} needs more than k samples in each set.")
+    check_k(k)
+    if k >= min(len(real_t), len(fake_t)):
+        raise WadiInputError(f"k = {k} needs more than {k} samples in each set (got {len(real_t)} real and "
+                             f"{len(fake_t)} generated).")
     precision = _covered(fake_t, real_t, _kth_neighbour_radii(real_t, k)).double().mean().item()
     recall = _covered(real_t, fake_t, _kth_neighbour_radii(fake_t, k)).double().mean().item()
     return float(precision), float(recall)

@@ -280,11 +280,15 @@ def load_merged_weights(denoiser: nn.Module, path: str | Path) -> None:
     """Load a merged student (``student.safetensors``) into the teacher's denoiser, refusing a mismatch."""
     from safetensors.torch import load_file
 
+    from wadi_probe.io.formats.safetensors_io import utf8_path
+
     path = Path(path)
     if not path.is_file():
         raise WadiInputError(f"The merged student file {path} does not exist.")
     try:
-        state = load_file(str(path))
+        state = load_file(utf8_path(path))
+    except WadiInputError:
+        raise
     except Exception as exc:
         raise WadiInputError(f"{path} is not a readable safetensors file.") from exc
     own = denoiser.state_dict()

@@ -55,8 +55,10 @@ def _existing(path: str | Path | None, needed: str) -> Path:
     if path is None:
         raise WadiInputError(needed)
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise WadiInputError(f"{path} is a folder, not a weights file: {needed}")
     if not path.is_file():
-        raise WadiInputError(f"{path} does not exist; {needed[0].lower()}{needed[1:]}")
+        raise WadiInputError(f"{path} does not exist: {needed}")
     return path
 
 

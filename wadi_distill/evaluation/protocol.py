@@ -46,6 +46,13 @@ class EvalSettings:
     size: int = PROTOCOL_SIZE
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from wadi_distill.evaluate import check_k
+
+        check_k(self.k)
+        if self.batch_size < 1:
+            raise WadiInputError(f"the batch size must be at least 1, not {self.batch_size}.")
+
 
 def generate_images(teacher: str | Path, prompts: list[str], folder: str | Path, *, adapter: str | Path | None = None,
                     merged: str | Path | None = None, seed: int = 0, batch_size: int = 50,
