@@ -37,7 +37,7 @@ def export_command(
     if into is not None and format is not ExportFormat.ldm:
         raise WadiInputError("--into writes an original single-file checkpoint; use it with --format ldm.")
     for line in check_transfer(teacher, adapter).sentences():
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     if format is ExportFormat.ldm:
         from wadi_distill.single_file import export_single_file
 
