@@ -123,3 +123,55 @@ def test_a_path_that_is_not_utf8_is_said_to_be_so(tmp_path):
     refused(distill("sample", "--teacher", "builtin:digits", "--merged", name, "--prompt", "3", "-o", tmp_path / "s.png"),
             sentence)
     assert not (tmp_path / "r.json").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_the_demo_table_keeps_its_headers_and_model_names_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from wadi_distill.cli.demo import results_table
+
+    rows = json.loads((DEMO / "metrics.json").read_text())["rows"]
+    buffer = io.StringIO()
+    Console(file=buffer, width=80).print(results_table(rows))
+    lines = buffer.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= 80 and "…" not in buffer.getvalue()
+    words = buffer.getvalue().split()
+    for text in ("steps/ image", "FD pixel ↓", "FD features ↓", "precision ↑", "recall ↑", "class accuracy ↑",
+                 *(row["name"] for row in rows)):
+        assert all(word in words for word in text.split()), text
+    assert "0.993" in words and "99.99" in words  # the last column and the widest number are there
+
+
+def test_an_empty_label_and_two_refusals_in_one_sentence(tmp_path):
+    full, adapter = DEMO / "full_student.safetensors", DEMO / "lorad_student"
+    refused(probe("compare", "builtin:digits", full, adapter, "--label", "", "--label", "b", "-o", tmp_path / "d"),
+            "a label must not be empty")
+    (tmp_path / "b1.safetensors").write_bytes(b"garbage")
+    (tmp_path / "b2.safetensors").write_bytes(b"garbage2")
+    result = probe("compare", "builtin:digits", tmp_path / "b1.safetensors", tmp_path / "b2.safetensors",
+                   "-o", tmp_path / "d", "--no-progress")
+    refused(result, "no student could be compared: b1: ")
+    assert ".;" not in said(result) and said(result).endswith(".")
+    assert not (tmp_path / "d").exists()
+
+
+def test_no_progress_silences_the_loading_bars_of_transformers_and_diffusers(tmp_path, capfd):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_pipelines import make_pipeline
+    from wadi_distill.teachers.pipeline import load_teacher
+
+    pipe = make_pipeline(tmp_path / "sd", "sd")
+    capfd.readouterr()
+    load_teacher(pipe, progress=True)
+    shown = capfd.readouterr().err
+    load_teacher(pipe, progress=False)
+    silent = capfd.readouterr().err
+    assert "Loading" in shown or "it/s" in shown  # the libraries' own bars, when allowed
+    assert "Loading" not in silent and "it/s" not in silent
+    from transformers.utils import logging as transformers_logging
+
+    assert transformers_logging.is_progress_bar_enabled()  # the switch is restored afterwards

@@ -232,6 +232,8 @@ def _checked_labels(students: Sequence[Any], labels: Sequence[str] | None) -> li
     labels = list(labels) if labels else default_labels(students)
     if len(labels) != len(students):
         raise WadiInputError(f"{len(labels)} labels for {len(students)} students; give one --label per student.")
+    if any(not str(label).strip() for label in labels):
+        raise WadiInputError("a label must not be empty: it names the student's report (LABEL.json) and its row.")
     if len(set(labels)) != len(labels):
         raise WadiInputError(f"the labels must differ, got {', '.join(labels)}.")
     return labels

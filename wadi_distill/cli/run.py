@@ -13,6 +13,7 @@ from wadi_distill.cli.plan import Preset
 from wadi_distill.vsd.config import FakeKind, MixedPrecision
 from wadi_probe.console import Device, choice_option, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
+from wadi_probe.text import plural
 
 
 
@@ -88,7 +89,7 @@ def run_command(
     result = distill(config)
     if result.final_dir is not None:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items() if k.startswith("loss"))
-        console.print(f"trained {result.steps} steps (last step: {losses})", highlight=False, soft_wrap=True)
+        console.print(f"trained {plural(result.steps, 'step')} (last step: {losses})", highlight=False, soft_wrap=True)
         if result.adapter_path is not None:
             console.print(f"adapter: {result.adapter_path}", highlight=False, soft_wrap=True)
         console.print(f"merged student: {result.merged_path}", highlight=False, soft_wrap=True)

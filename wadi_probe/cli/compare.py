@@ -82,7 +82,8 @@ def compare_command(
             explained_at_rank=explained_at_rank, partial=partial, refuse_one_by_one=many,
         )
     if not result.reports:
-        raise WadiInputError("no student could be compared: " + "; ".join(f"{k}: {v}" for k, v in result.refused.items()))
+        reasons = "; ".join(f"{label}: {why.rstrip('.')}" for label, why in result.refused.items())
+        raise WadiInputError(f"no student could be compared: {reasons}.")
     written = _write(result, names, teacher, output, csv, plots, many)
     try:
         _print(result, written, top, many)
