@@ -175,3 +175,23 @@ def test_no_progress_silences_the_loading_bars_of_transformers_and_diffusers(tmp
     from transformers.utils import logging as transformers_logging
 
     assert transformers_logging.is_progress_bar_enabled()  # the switch is restored afterwards
+
+
+def test_a_feature_network_that_fails_on_images_is_one_sentence(tmp_path):
+    import torch
+
+    class FloatOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(32, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x).flatten(1)
+
+    torch.jit.script(FloatOnly()).save(str(tmp_path / "net.pt"))
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    refused(distill("evaluate", "--images", folder, "--reference", folder, "--features", tmp_path / "net.pt",
+                    "-o", tmp_path / "r.json"),
+            f"{tmp_path / 'net.pt'} fails on a uint8 image batch (B, 3, H, W) (RuntimeError: ")
+    assert not (tmp_path / "r.json").exists()
