@@ -195,3 +195,16 @@ def test_a_feature_network_that_fails_on_images_is_one_sentence(tmp_path):
                     "-o", tmp_path / "r.json"),
             f"{tmp_path / 'net.pt'} fails on a uint8 image batch (B, 3, H, W) (RuntimeError: ")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_csv_header_of_a_million_characters_is_not_repeated(tmp_path):
+    from wadi_distill.teachers.prompts import load_prompts
+
+    path = tmp_path / "wide.csv"
+    path.write_text("id," + ",".join(f"column{i:07d}" for i in range(80_000)) + "\n1,a\n")
+    with pytest.raises(WadiInputError) as caught:
+        load_prompts(path, column="caption")
+    message = str(caught.value)
+    assert len(message) < 400 and "'column0000008' and 79,991 others)." in message
+    assert said(distill("sample", "--teacher", "builtin:digits", "--prompt", "1", "--device", "x" * 500)).endswith(
+        f"unknown device {'x' * 80!r}… (500 characters); use auto, cpu or cuda.")
