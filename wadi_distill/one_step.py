@@ -19,6 +19,7 @@ from wadi_distill.vsd.losses import NoiseSchedule, one_step_x0
 from wadi_probe.device import resolve_device
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
+from wadi_probe.text import plural
 
 
 @torch.no_grad()
@@ -226,7 +227,7 @@ def sample_to_files(
         found["estimate"] = check_request(
             count, first, seconds, output, one_file_each=kind is None, image_format=kind or "PNG",
             max_hours=MAX_HOURS if max_hours is None else max_hours,
-            what=f"sampling {len(prompts):,} prompt{'s' if len(prompts) != 1 else ''} × {int(n):,}")
+            what=f"sampling {plural(len(prompts), 'prompt')} × {int(n):,}")
 
     batches = checked_batches(one_step_batches(bundle, denoiser, requests, batch_size=batch_size, device=device), check)
     if kind is None:
