@@ -87,14 +87,18 @@ def test_cli_writes_one_report_per_student_and_the_combined_summary(trio, tmp_pa
     result = runner.invoke(app, ["compare", str(trio["teacher"]), str(trio["s0"]), str(trio["s1"]), str(trio["other"]),
                                  "--label", "small", "--label", "big", "--label", "wrong", "-o", str(out),
                                  "--no-progress"])
-    assert result.exit_code == 0, result.output
+    # a refused student makes the exit code 2 (a script can tell), the others are written all the same
+    assert result.exit_code == 2, result.output
     assert sorted(p.name for p in out.iterdir()) == ["big.json", "small.json", "summary.csv", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert [row["label"] for row in summary["students"]] == ["small", "big"] and "wrong" in summary["refused"]
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [row["label"] for row in rows] == ["small", "big"] and set(rows[0]) == set(SUMMARY_COLUMNS)
     text = " ".join(result.stdout.split())
-    assert "Students side by side" in text and "refused wrong" in text and "read once for 2 students" in text
+    assert "Students side by side" in text and "read once for 2 students" in text and "2 reports, summary.json" in text
+    errors = " ".join(result.stderr.split())
+    assert "refused wrong:" in errors and "refused" not in text
+    assert errors.endswith("error: 1 of 3 students was refused (wrong); the other reports are written.")
     # every line but the one naming the (long, unbroken) output path fits 80 columns
     assert max(len(line) for line in result.stdout.splitlines() if str(out) not in line) <= 80
 
@@ -104,6 +108,21 @@ def test_cli_writes_one_report_per_student_and_the_combined_summary(trio, tmp_pa
     assert shown.exit_code == 0, shown.output
     assert sorted(p.stem for p in plots.iterdir()) == ["students_depth_profile", "students_mean_vs_std",
                                                        "students_residual_energy"]
+
+
+def test_a_broken_student_file_is_refused_and_the_exit_code_says_so(trio, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    out = tmp_path / "d"
+    result = runner.invoke(app, ["compare", str(trio["teacher"]), str(trio["s0"]), str(broken), "-o", str(out),
+                                 "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["student0.json", "summary.csv", "summary.json"]
+    text = " ".join(result.stdout.split())
+    assert "read once for 1 student " in text and "1 report, summary.json" in text
+    errors = " ".join(result.stderr.split())
+    assert "refused broken:" in errors
+    assert errors.endswith("error: 1 of 2 students was refused (broken); the other reports are written.")
 
 
 def test_builtin_teacher_by_name_and_a_mixed_adapter_and_full_student(tmp_path):

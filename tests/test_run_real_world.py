@@ -250,7 +250,7 @@ def test_sample_bad_inputs(world, tmp_path):
     if not torch.cuda.is_available():
         _fails([*common, "--device", "cuda", "-o", str(tmp_path / "a.png")], "CUDA is not available")
     _fails([*common, "-o", "/proc/wadi.png"], "cannot write the image grid /proc/wadi.png")
-    _fails([*common, "-o", str(tmp_path)], "is a folder")
+    _fails([*common, "-o", str(tmp_path / "a.gif")], "has the suffix '.gif'")  # a folder is one PNG per image
     _fails([*common, "-o", str(tmp_path / "a.png")], "does not exist")
     assert not (tmp_path / "a.png").exists()
 

@@ -62,25 +62,46 @@ def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor |
     return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
+ROWS_PER_CHUNK = 1024  # distance rows computed at a time: memory ~ ROWS_PER_CHUNK × N instead of N × N
+
+
 def _kth_neighbour_radii(points: torch.Tensor, k: int) -> torch.Tensor:
-    distances = torch.cdist(points, points)
-    # column 0 of the sorted distances is the point itself (distance 0); duplicates are real neighbours.
-    return distances.sort(dim=1).values[:, k]
+    radii = []
+    for start in range(0, len(points), ROWS_PER_CHUNK):
+        distances = torch.cdist(points[start:start + ROWS_PER_CHUNK], points)
+        # the k+1-th smallest distance: the point itself is one of them (distance 0); duplicates are real neighbours.
+        radii.append(distances.kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def _covered(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """Whether each of ``points`` lies within the radius of some of ``centres`` (chunked over ``points``)."""
+    inside = [(torch.cdist(points[start:start + ROWS_PER_CHUNK], centres) <= radii[None, :]).any(dim=1)
+              for start in range(0, len(points), ROWS_PER_CHUNK)]
+    return torch.cat(inside)
+
+
+def check_k(k: int) -> None:
+    """Refuse a neighbour count below 1 (the k-NN radius of a point needs at least one other point)."""
+    if int(k) < 1:
+        raise WadiInputError(f"k (the neighbours of precision/recall) must be at least 1, not {k}.")
 
 
 def precision_recall(real: torch.Tensor | np.ndarray, fake: torch.Tensor | np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN manifolds, in fp64."""
+    """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN manifolds, in fp64.
+
+    Distances are computed ``ROWS_PER_CHUNK`` rows at a time, so memory grows with the set sizes, not their product.
+    """
     real_t = torch.from_numpy(_as_float64_matrix(real, "The real feature set"))
     fake_t = torch.from_numpy(_as_float64_matrix(fake, "The generated feature set"))
     if real_t.shape[1] != fake_t.shape[1]:
         raise WadiInputError(f"Feature sets have different widths ({real_t.shape[1]} vs {fake_t.shape[1]}).")
-    if not 1 <= k < min(len(real_t), len(fake_t)):
-        raise WadiInputError(f"k = {k} needs more than k samples in each set.")
-    real_radii = _kth_neighbour_radii(real_t, k)
-    fake_radii = _kth_neighbour_radii(fake_t, k)
-    cross = torch.cdist(fake_t, real_t)  # (fake, real)
-    precision = (cross <= real_radii[None, :]).any(dim=1).double().mean().item()
-    recall = (cross.T <= fake_radii[None, :]).any(dim=1).double().mean().item()
+    check_k(k)
+    if k >= min(len(real_t), len(fake_t)):
+        raise WadiInputError(f"k = {k} needs more than {k} samples in each set (got {len(real_t)} real and "
+                             f"{len(fake_t)} generated).")
+    precision = _covered(fake_t, real_t, _kth_neighbour_radii(real_t, k)).double().mean().item()
+    recall = _covered(real_t, fake_t, _kth_neighbour_radii(fake_t, k)).double().mean().item()
     return float(precision), float(recall)
 
 

@@ -6,8 +6,11 @@ prediction (ε, v or x0, as the teacher's scheduler says) into the sample.
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -16,6 +19,7 @@ from wadi_distill.vsd.losses import NoiseSchedule, one_step_x0
 from wadi_probe.device import resolve_device
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
+from wadi_probe.text import plural
 
 
 @torch.no_grad()
@@ -46,35 +50,91 @@ def one_step_images(teacher: Teacher, denoiser: nn.Module, cond: Conditioning, s
     return teacher.decode(latents).cpu()
 
 
+GRID_PAD = 2
+
+
+def grid_size(count: int, height: int, width: int, nrow: int | None = None) -> tuple[int, int, int]:
+    """(rows of images per line ``nrow``, grid height, grid width) of ``count`` images of ``height``×``width``."""
+    nrow = nrow or max(1, math.ceil(math.sqrt(count)))
+    ncol = math.ceil(count / nrow)
+    return nrow, ncol * (height + GRID_PAD) + GRID_PAD, nrow * (width + GRID_PAD) + GRID_PAD
+
+
+def paste_into_grid(grid: torch.Tensor, images: torch.Tensor, start: int, nrow: int) -> None:
+    """Write ``images`` (B, C, H, W) into ``grid`` (C, H', W') as cells ``start, start+1, ...`` (row-major, ``nrow``
+    per line), so that a grid can be filled one batch at a time."""
+    _, _, h, w = images.shape
+    pad = GRID_PAD
+    for i, image in enumerate(images):
+        r, k = divmod(start + i, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = image
+
+
 def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     """Tile (B, C, H, W) images in [0, 1] into one (C, H', W') grid with a 2-pixel border."""
     b, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
-    ncol = math.ceil(b / nrow)
-    pad = 2
-    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
-    for i in range(b):
-        r, k = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i]
+    nrow, height, width = grid_size(b, h, w, nrow)
+    grid = torch.ones(c, height, width)
+    paste_into_grid(grid, images, 0, nrow)
     return grid
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *, scale: int = 1) -> Path:
-    """Write ``images`` (B, C, H, W) in [0, 1] as one PNG grid, atomically; ``scale`` upscales the whole grid
-    (nearest neighbour) so that tiny images stay visible."""
+def _grid_picture(grid: torch.Tensor, scale: int = 1):
+    """A PIL picture of a (C, H, W) grid in [0, 1] (or already 8-bit)."""
     from PIL import Image
 
-    grid = image_grid(images.float().cpu(), nrow)
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if grid.dtype != torch.uint8:
+        grid = (grid.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    array = grid.permute(1, 2, 0).numpy()
     if array.shape[2] == 1:
         array = array[:, :, 0]
     picture = Image.fromarray(array)
     if scale != 1:
         picture = picture.resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
+    return picture
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *, scale: int = 1,
+                    image_format: str = "PNG") -> Path:
+    """Write ``images`` (B, C, H, W) in [0, 1] as one grid picture (PNG unless ``image_format`` says otherwise),
+    atomically; ``scale`` upscales the whole grid (nearest neighbour) so that tiny images stay visible."""
+    picture = _grid_picture(image_grid(images.float().cpu(), nrow), scale)
     path = Path(path)
     with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
+        picture.save(tmp, format=image_format)
     return path
+
+
+GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def one_step_batches(teacher: Teacher, denoiser: nn.Module, requests: Iterable[tuple[str, int]], *,
+                     batch_size: int = 16, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Decoded one-step images (B, C, H, W) in [0, 1], one batch of at most ``batch_size`` at a time, for the
+    (prompt, seed) pairs of ``requests`` in order.
+
+    ``requests`` is consumed lazily, so a count of any size holds one batch of prompts and images at a time.
+    """
+    if teacher.encode_prompts is None:
+        raise WadiInputError("the teacher has no text encoder to encode prompts with.")
+    if batch_size < 1:
+        raise WadiInputError(f"the batch size must be at least 1, not {batch_size}.")
+    requests = iter(requests)
+    while True:
+        chunk = list(itertools.islice(requests, batch_size))
+        if not chunk:
+            return
+        prompts, seeds = [p for p, _ in chunk], [s for _, s in chunk]
+        yield one_step_images(teacher, denoiser, teacher.encode_prompts(prompts), seeds, device=device)
+
+
+def _check_count(prompts: list[str], n: int, batch_size: int) -> None:
+    if batch_size < 1:
+        raise WadiInputError(f"The batch size must be at least 1, not {batch_size}.")
+    if not prompts:
+        raise WadiInputError("Give at least one prompt (--prompt).")
+    if int(n) < 1:
+        raise WadiInputError(f"The number of images per prompt must be at least 1, not {n}.")
 
 
 def sample(
@@ -86,26 +146,113 @@ def sample(
     n: int = 4,
     seed: int = 0,
     device: str = "cpu",
+    batch_size: int = 16,
 ) -> torch.Tensor:
     """One-step images of a distilled student: the teacher's folder plus either an adapter or merged weights.
 
-    Each prompt gets ``n`` images with seeds ``seed, seed+1, ...``; returns (len(prompts)·n, C, H, W) in [0, 1].
+    Each prompt gets ``n`` images with seeds ``seed, seed+1, ...``; returns (len(prompts)·n, C, H, W) in [0, 1],
+    all in memory (for many images, :func:`sample_to_files` writes them as they come).
     ``adapter`` is an adapter folder (``final/`` or, for the EMA weights, ``final/ema/``) or its
     ``adapter.safetensors``; ``merged`` a merged ``student.safetensors``. ``device`` is cpu, cuda or auto.
     """
     if (adapter is None) == (merged is None):
         raise WadiInputError("Give exactly one of an adapter file (--adapter) or merged student weights (--merged).")
-    if not prompts:
-        raise WadiInputError("Give at least one prompt (--prompt).")
-    if int(n) < 1:
-        raise WadiInputError(f"The number of images per prompt must be at least 1, not {n}.")
+    _check_count(prompts, n, batch_size)
     device = str(resolve_device(getattr(device, "value", device)))
     bundle, denoiser = load_student(teacher, adapter=adapter, merged=merged, device=device)
     if bundle.encode_prompts is None:
         raise WadiInputError(f"The teacher {teacher} has no text encoder to encode prompts with.")
-    cond = bundle.encode_prompts([p for p in prompts for _ in range(n)])
-    seeds = [seed + i for _ in prompts for i in range(n)]
-    return one_step_images(bundle, denoiser, cond, seeds, device=device)
+    requests = ((p, seed + i) for p in prompts for i in range(n))
+    return torch.cat(list(one_step_batches(bundle, denoiser, requests, batch_size=batch_size, device=device)))
+
+
+def sample_output_kind(output: str | Path) -> str | None:
+    """How ``sample`` writes ``output``: the grid format (PNG, JPEG) for a file, or None for a folder (one PNG per
+    image): an existing folder or a path without a suffix. Any other suffix is refused."""
+    output = Path(output)
+    if output.is_dir() or not output.suffix:
+        return None
+    kind = GRID_FORMATS.get(output.suffix.lower())
+    if kind is None:
+        raise WadiInputError(f"{output} has the suffix {output.suffix!r}; name a .png or .jpg grid, or a folder "
+                             "(a path without a suffix) for one PNG per image.")
+    return kind
+
+
+def sample_to_files(
+    teacher: str | Path,
+    prompts: list[str],
+    output: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    merged: str | Path | None = None,
+    n: int = 4,
+    seed: int = 0,
+    device: str = "cpu",
+    batch_size: int = 16,
+    max_hours: float | None = None,
+) -> dict:
+    """:func:`sample` written to ``output`` one batch at a time: a grid picture (``.png``/``.jpg``, one line per
+    prompt) or a folder of ``000000.png`` … in prompt order, seeds counting up per prompt.
+
+    Memory holds one batch of images (and, for a grid, the grid's 8-bit pixels, which PIL's image-size limit caps).
+    After the first batch the whole request's disk space and time are estimated and a request that cannot be met
+    is refused before anything is written (:func:`wadi_distill.request_size.check_request`). Returns
+    ``{"images", "output", "kind", "estimate"}``.
+    """
+    from wadi_distill.request_size import MAX_HOURS, check_grid_pixels, check_request, checked_batches
+
+    if (adapter is None) == (merged is None):
+        raise WadiInputError("Give exactly one of an adapter file (--adapter) or merged student weights (--merged).")
+    _check_count(prompts, n, batch_size)
+    output = Path(output)
+    kind = sample_output_kind(output)
+    if kind is None:
+        from wadi_distill.evaluation.images import list_images
+
+        if output.is_dir() and list_images(output):
+            raise WadiInputError(f"{output} already holds images; give an empty or new folder.")
+    device = str(resolve_device(getattr(device, "value", device)))
+    bundle, denoiser = load_student(teacher, adapter=adapter, merged=merged, device=device)
+    if bundle.encode_prompts is None:
+        raise WadiInputError(f"The teacher {teacher} has no text encoder to encode prompts with.")
+    count = len(prompts) * int(n)
+    requests = ((p, seed + i) for p in prompts for i in range(n))
+    found: dict = {}
+
+    def check(first: torch.Tensor, seconds: float) -> None:
+        found["geometry"] = grid_size(count, first.shape[2], first.shape[3], int(n))
+        if kind is not None:
+            check_grid_pixels(found["geometry"][2], found["geometry"][1], count, output)
+        found["estimate"] = check_request(
+            count, first, seconds, output, one_file_each=kind is None, image_format=kind or "PNG",
+            max_hours=MAX_HOURS if max_hours is None else max_hours,
+            what=f"sampling {plural(len(prompts), 'prompt')} × {int(n):,}")
+
+    batches = checked_batches(one_step_batches(bundle, denoiser, requests, batch_size=batch_size, device=device), check)
+    if kind is None:
+        from wadi_distill.evaluation.images import save_pngs
+
+        write = save_pngs
+    else:
+        grid: list[torch.Tensor] = []
+
+        def write(images: torch.Tensor, _: Path, start: int) -> None:
+            nrow, height, width = found["geometry"]
+            if not grid:
+                grid.append(torch.full((images.shape[1], height, width), 255, dtype=torch.uint8))
+            paste_into_grid(grid[0], (images.float().clamp(0, 1) * 255).round().to(torch.uint8), start, nrow)
+
+    start = 0
+    for images in batches:
+        write(images, output, start)
+        start += len(images)
+        del images  # hold no batch while the next is drawn
+    if kind is not None:
+        picture = _grid_picture(grid[0])
+        with atomic_path(output) as tmp:
+            picture.save(tmp, format=kind)
+    return {"images": count, "output": output, "kind": kind or "folder", "estimate": found["estimate"]}
 
 
 def load_student(teacher: str | Path, *, adapter: str | Path | None = None, merged: str | Path | None = None,
@@ -134,11 +281,15 @@ def load_merged_weights(denoiser: nn.Module, path: str | Path) -> None:
     """Load a merged student (``student.safetensors``) into the teacher's denoiser, refusing a mismatch."""
     from safetensors.torch import load_file
 
+    from wadi_probe.io.formats.safetensors_io import utf8_path
+
     path = Path(path)
     if not path.is_file():
         raise WadiInputError(f"The merged student file {path} does not exist.")
     try:
-        state = load_file(str(path))
+        state = load_file(utf8_path(path))
+    except WadiInputError:
+        raise
     except Exception as exc:
         raise WadiInputError(f"{path} is not a readable safetensors file.") from exc
     own = denoiser.state_dict()

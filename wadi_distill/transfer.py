@@ -35,6 +35,7 @@ class TransferCheck:
     same_base: bool
     report: Any | None = None  # wadi_probe Report of teacher vs base, when they differ and the teacher is on disk
     kept_cosine: float | None = None  # Σ⟨R(D), D⟩ / Σ‖D‖² over all matrices
+    unreadable: str | None = None  # why the recorded teacher, found on disk, could not be read
     adapted_energy_share: float | None = None  # share of ‖D‖² in the layers the adapter rotates
 
     def sentences(self) -> list[str]:
@@ -43,6 +44,8 @@ class TransferCheck:
             return []
         if self.training_teacher is None:
             return [f"the adapter does not record the teacher it was trained on, so {self.base} cannot be compared with it."]
+        if self.unreadable is not None:
+            return [self.unreadable]
         if not self.teacher_found:
             return [f"the adapter was trained on {self.training_teacher}, which is not on this machine, so how far "
                     f"{self.base} is from it cannot be measured."]
@@ -61,6 +64,12 @@ class TransferCheck:
 
 def training_teacher_of(adapter: str | Path) -> str | None:
     """The teacher an adapter folder records: PEFT's ``base_model_name_or_path`` or the run's ``training.json``."""
+    found = _training_teacher_record(adapter)
+    return found[0] if found else None
+
+
+def _training_teacher_record(adapter: str | Path) -> tuple[str, str] | None:
+    """(the recorded teacher, where it is recorded, e.g. ``adapter_config.json's base_model_name_or_path``)."""
     folder = Path(adapter).expanduser()
     if not folder.is_dir():  # a weights file speaks for its folder only when that folder is an adapter folder
         folder = folder.parent
@@ -70,7 +79,7 @@ def training_teacher_of(adapter: str | Path) -> str | None:
         if (folder / name).is_file():
             value = read_json(folder / name).get(key)
             if value:
-                return str(value)
+                return str(value), f"{folder / name}'s {key}"
     return None
 
 
@@ -109,13 +118,20 @@ def check_transfer(base: str | Path, adapter: str | Path, *, device: str = "auto
     from wadi_probe.io.checkpoints import architecture_differences, open_checkpoint
 
     base, adapter = Path(base).expanduser(), Path(adapter).expanduser()
-    recorded = training_teacher_of(adapter)
+    record = _training_teacher_record(adapter)
+    recorded = record[0] if record else None
     teacher = _resolve(recorded, adapter) if recorded else None
     check = TransferCheck(base, recorded, teacher is not None, False)
     if recorded is None or teacher is None:
         return check
     if teacher.resolve() == base.resolve():
         check.same_base = True
+        return check
+    try:
+        open_checkpoint(teacher).close()
+    except WadiInputError as exc:  # the recorded path exists but is no model: say where it came from, go on
+        check.unreadable = (f"the adapter's training teacher {recorded} (from {record[1]}) cannot be read "
+                            f"({str(exc).rstrip('.')}), so how far {base} is from it cannot be measured.")
         return check
     with open_checkpoint(teacher) as t, open_checkpoint(base) as b:
         differ = architecture_differences(t, b)

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from wadi_probe.device import resolve_device
-from wadi_probe.io.checkpoints import Checkpoint, open_checkpoint
+from wadi_probe.io.checkpoints import AdapterWithoutBase, Checkpoint, open_checkpoint
 from wadi_probe.io.names import MODEL_PREFIXES, WRAPPER_PREFIXES, strip_prefixes
 from wadi_probe.decompose import AnalysisSettings, analyze_pair
 from wadi_probe.errors import WadiInputError
@@ -45,7 +45,14 @@ def _open(spec: Any, label: str, *, base: Checkpoint | None = None) -> tuple[Che
     if isinstance(spec, (Mapping, torch.nn.Module)):
         return checkpoint_from_state_dict(spec, label), True
     if isinstance(spec, (str, Path)):
-        return open_checkpoint(resolve_builtin(spec), base=base), True
+        try:
+            return open_checkpoint(resolve_builtin(spec), base=base), True
+        except AdapterWithoutBase as exc:
+            if label != "teacher":
+                raise
+            raise WadiInputError(f"the teacher {exc.path} is an adapter (LoRA/LoRaD weights), not a full model; give the "
+                                 "teacher's full weights as TEACHER and the adapter as a STUDENT (it is merged onto "
+                                 "the teacher).") from exc
     raise WadiInputError(f"cannot read the {label} from a {type(spec).__name__}; give a path, a Checkpoint or a state dict.")
 
 
@@ -148,9 +155,9 @@ def _open_student(spec: Any, teacher: Checkpoint, adapter: bool | None) -> tuple
         return _open(spec, "student", base=teacher)
     try:
         return _open(spec, "student")
-    except WadiInputError as exc:
+    except AdapterWithoutBase:
         # The checkpoint reader refuses an adapter opened without a base; with a teacher at hand, merge it.
-        if adapter is None and isinstance(spec, (str, Path)) and "is an adapter" in str(exc):
+        if adapter is None and isinstance(spec, (str, Path)):
             return _open(spec, "student", base=teacher)
         raise
 
@@ -225,6 +232,8 @@ def _checked_labels(students: Sequence[Any], labels: Sequence[str] | None) -> li
     labels = list(labels) if labels else default_labels(students)
     if len(labels) != len(students):
         raise WadiInputError(f"{len(labels)} labels for {len(students)} students; give one --label per student.")
+    if any(not str(label).strip() for label in labels):
+        raise WadiInputError("a label must not be empty: it names the student's report (LABEL.json) and its row.")
     if len(set(labels)) != len(labels):
         raise WadiInputError(f"the labels must differ, got {', '.join(labels)}.")
     return labels

@@ -28,6 +28,7 @@ import typer
 from rich.console import Console
 
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
+from wadi_probe.text import quoted
 
 __all__ = ["console", "err_console", "EXIT_USAGE", "EXIT_RUNTIME", "fail", "handle_errors", "Device", "choice_option",
            "device_option", "version_option", "progress_bar", "print_line", "stdout_may_close"]
@@ -96,7 +97,7 @@ def choice_option(choices: type[E], default: E | None, *names: str, what: str, h
             return choices(str(text))
         except ValueError:
             listed = ", ".join(values[:-1]) + f" or {values[-1]}" if len(values) > 1 else values[0]
-            fail(f"unknown {what} {text!r}; use {listed}.")
+            fail(f"unknown {what} {quoted(str(text))}; use {listed}.")
             raise  # pragma: no cover  (fail exits)
 
     shown = f"{help} Default: {default.value}." if default is not None else help

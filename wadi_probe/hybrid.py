@@ -78,7 +78,7 @@ class HybridResult:
 @contextlib.contextmanager
 def _opened(teacher: object, student: object) -> Iterator[tuple[Checkpoint, Checkpoint]]:
     """Yield (teacher, student) as checkpoints, opening paths and closing only what was opened here."""
-    from wadi_probe.io.checkpoints import Checkpoint, open_checkpoint
+    from wadi_probe.io.checkpoints import AdapterWithoutBase, Checkpoint, open_checkpoint
 
     with contextlib.ExitStack() as stack:
         opened = []
@@ -88,7 +88,12 @@ def _opened(teacher: object, student: object) -> Iterator[tuple[Checkpoint, Chec
             elif isinstance(source, (str, os.PathLike)):
                 from wadi_probe.builtins import resolve_builtin
 
-                checkpoint = open_checkpoint(resolve_builtin(source))
+                try:
+                    checkpoint = open_checkpoint(resolve_builtin(source))
+                except AdapterWithoutBase as exc:
+                    raise WadiInputError(
+                        f"the {role} {exc.path} is an adapter (LoRA/LoRaD weights), not a full model; a hybrid takes "
+                        "the full weights of both (merge an adapter first with `wadi-distill export`).") from exc
                 stack.callback(checkpoint.close)
                 opened.append(checkpoint)
             else:

@@ -12,6 +12,26 @@ from wadi_distill.cli import app
 from wadi_probe.console import console, handle_errors
 
 
+def results_table(rows: list[dict]) -> Table:
+    """The demo's final table, narrow enough for 80 columns: header words and model names wrap at spaces and are
+    never cut off (a word longer than its column folds onto the next line instead of ending in "…")."""
+    from wadi_distill.builtin.digits.demo import METRIC_KEYS, METRIC_TITLES
+    from wadi_probe.report.summary import compact_table
+
+    table = compact_table("one-step students vs the teacher (held-out reference digits)")
+    def narrow(header: str) -> int:  # a column as wide as its longest header word or a number (0.957, 99.99)
+        return max(6, *(len(word) for word in header.split()))
+
+    table.add_column("model", overflow="fold", min_width=20)
+    table.add_column("steps/ image", justify="right", overflow="fold", max_width=narrow("steps/ image"))
+    for key in METRIC_KEYS:
+        table.add_column(METRIC_TITLES[key], justify="right", overflow="fold", max_width=narrow(METRIC_TITLES[key]))
+    for row in rows:
+        cells = [f"{row[k]:.2f}" if k.startswith("fd_") else f"{row[k]:.3f}" for k in METRIC_KEYS]
+        table.add_row(row["name"], str(row["steps_per_image"]), *cells)
+    return table
+
+
 @app.command("demo")
 @handle_errors
 def demo_command(
@@ -24,19 +44,11 @@ def demo_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Distil builtin:digits with full fine-tuning, probe it, distil LoRaD from the probe, and score everything."""
-    from wadi_distill.builtin.digits.demo import METRIC_KEYS, METRIC_TITLES, run_demo
+    from wadi_distill.builtin.digits.demo import run_demo
 
     result = run_demo(output_dir, full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size, seed=seed,
                       quick=quick, progress=progress, console=console)
-    table = Table(title="one-step students vs the teacher (held-out reference digits)")
-    table.add_column("model")
-    table.add_column("steps/image", justify="right")
-    for key in METRIC_KEYS:
-        table.add_column(METRIC_TITLES[key], justify="right")
-    for row in result.rows:
-        cells = [f"{row[k]:.2f}" if k.startswith("fd_") else f"{row[k]:.3f}" for k in METRIC_KEYS]
-        table.add_row(row["name"], str(row["steps_per_image"]), *cells)
-    console.print(table)
+    console.print(results_table(result.rows))
     console.print(f"wrote {result.metrics_md}, {result.metrics_json}, {result.report_path}, "
                   f"{len(result.grids)} sample grids and {len(result.plots)} plots into {result.output_dir} "
                   f"in {result.wall_seconds:.0f} s", highlight=False)

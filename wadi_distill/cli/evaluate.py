@@ -37,6 +37,7 @@ def evaluate_command(
     save_images: Optional[Path] = typer.Option(None, "--save-images", help="Where generated PNGs go (default: next to the record)."),
     save_reference_stats: Optional[Path] = typer.Option(None, "--save-reference-stats", help="Write the reference's features and statistics (.npz) for later runs."),
     batch_size: int = typer.Option(50, "--batch-size", help="Images per generation / feature batch."),
+    max_hours: float = typer.Option(24.0, "--max-hours", help="Refuse a generation that would take longer (estimated from the first batch)."),
     k: int = typer.Option(3, "--k", help="Neighbours for precision/recall."),
     kid_subsets: int = typer.Option(100, "--kid-subsets", help="Random subsets KID averages over."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", help="Samples per KID subset (capped at the set sizes)."),
@@ -73,7 +74,8 @@ def evaluate_command(
     if teacher is not None:
         images = generated
         generation = inputs.generate_for_evaluation(teacher, prompt_list, images, prompts_file=prompts, adapter=adapter,
-                                                    merged=merged, seed=seed, batch_size=batch_size, device=device)
+                                                    merged=merged, seed=seed, batch_size=batch_size, device=device,
+                                                    max_hours=max_hours)
         console.print(f"generated {generation['images']} one-step images in {generation['seconds']:.1f} s -> {images}", highlight=False)
     record = p.evaluate(images, reference, extractor, output=output, settings=settings, clip=scorer, prompts=prompt_list,
                         generation=generation)

@@ -22,7 +22,7 @@ class ExportFormat(str, enum.Enum):
 @app.command("export")
 @handle_errors
 def export_command(
-    teacher: Path = typer.Option(..., "--teacher", help="Teacher model folder or pipeline folder."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher model folder, pipeline folder or weights file (or builtin:digits)."),
     adapter: Path = typer.Option(..., "--adapter", help="Adapter folder (wadi-distill) or official theta_a/theta_b checkpoint."),
     output: Path = typer.Option(..., "--output", "-o", help="merged.safetensors, or a folder for a diffusers model folder."),
     format: ExportFormat = choice_option(ExportFormat, ExportFormat.diffusers, "--format", what="format",
@@ -32,14 +32,16 @@ def export_command(
 ) -> None:
     """Merge an adapter into the teacher and write the student with the teacher's key names and dtypes."""
     from wadi_distill.transfer import check_transfer
+    from wadi_probe.builtins import resolve_builtin
 
+    teacher = Path(resolve_builtin(teacher))
     if into is not None and format is not ExportFormat.ldm:
         raise WadiInputError("--into writes an original single-file checkpoint; use it with --format ldm.")
     from wadi_distill.export import check_export_output
 
     check_export_output(teacher, adapter, output, into=into, overwrite=overwrite)  # before any work
     for line in check_transfer(teacher, adapter).sentences():
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     if format is ExportFormat.ldm:
         from wadi_distill.single_file import export_single_file
 

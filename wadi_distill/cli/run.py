@@ -14,6 +14,7 @@ from wadi_distill.vsd.config import FakeKind, MixedPrecision
 from wadi_probe.console import (Device, choice_option, console, device_option, err_console, handle_errors,
                                 stdout_may_close)
 from wadi_probe.errors import WadiInputError
+from wadi_probe.text import plural
 
 
 
@@ -109,7 +110,7 @@ def _summary(result: Any) -> None:
     """The finished run's outputs, one line each."""
     if result.final_dir is not None:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items() if k.startswith("loss"))
-        console.print(f"trained {result.steps} steps (last step: {losses})", highlight=False, soft_wrap=True)
+        console.print(f"trained {plural(result.steps, 'step')} (last step: {losses})", highlight=False, soft_wrap=True)
         if result.adapter_path is not None:
             console.print(f"adapter: {result.adapter_path}", highlight=False, soft_wrap=True)
         console.print(f"merged student: {result.merged_path}", highlight=False, soft_wrap=True)

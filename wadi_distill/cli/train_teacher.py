@@ -8,6 +8,7 @@ import typer
 
 from wadi_distill.cli import app
 from wadi_probe.console import Device, console, device_option, handle_errors
+from wadi_probe.text import plural
 
 
 @app.command("train-teacher")
@@ -29,7 +30,7 @@ def train_teacher_command(
     config = TeacherTrainingConfig(steps=steps, seed=seed, batch_size=batch_size, learning_rate=learning_rate)
     metadata = train_and_save_teacher(output, config, device=device.value, evaluate=evaluate, eval_steps=eval_steps,
                                       eval_cfg=eval_cfg)
-    console.print(f"trained {steps} steps in {metadata['wall_seconds']:.0f} s; final loss {metadata['final_loss']}")
+    console.print(f"trained {plural(steps, 'step')} in {metadata['wall_seconds']:.0f} s; final loss {metadata['final_loss']}")
     metrics = metadata.get("metrics_at_training_time")
     if metrics is None:
         console.print("evaluation skipped (no shipped digit classifier, or --no-evaluate)")

@@ -80,8 +80,10 @@ def _existing(path: str | Path | None, needed: str) -> Path:
     if path is None:
         raise WadiInputError(needed)
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise WadiInputError(f"{path} is a folder, not a weights file: {needed}")
     if not path.is_file():
-        raise WadiInputError(f"{path} does not exist; {needed[0].lower()}{needed[1:]}")
+        raise WadiInputError(f"{path} does not exist: {needed}")
     return path
 
 
@@ -280,10 +282,15 @@ def torchscript_extractor(path: str | Path | None, device: str | torch.device = 
     """A TorchScript feature network (uint8 (B, 3, H, W) -> (B, D)) from a local file."""
     path = _existing(path, "The feature extractor needs a TorchScript file; pass --features PATH.")
     module = _load_torchscript(path, device, f"{path} is not a TorchScript module")
-    with torch.no_grad():
-        probe = module(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device))
-    if probe.dim() != 2:
-        raise WadiInputError(f"{path} returns features of shape {tuple(probe.shape)}; it must return (batch, features).")
+    try:
+        with torch.no_grad():
+            probe = module(torch.zeros(1, 3, 32, 32, dtype=torch.uint8, device=device))
+    except Exception as exc:  # noqa: BLE001 - whatever the network raises, it does not take the protocol's input
+        raise WadiInputError(f"{path} fails on a uint8 image batch (B, 3, H, W) ({str(exc).strip().splitlines()[-1][:160]}); "
+                             "a feature network must take uint8 images and return (batch, features).") from exc
+    if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
+        shape = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+        raise WadiInputError(f"{path} returns features of shape {shape}; it must return (batch, features).")
 
     def fn(batch: torch.Tensor) -> torch.Tensor:
         return module(batch.to(device))

@@ -9,6 +9,7 @@ compression moves FID.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,9 +19,10 @@ import torch
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path
 
-__all__ = ["IMAGE_SUFFIXES", "PROTOCOL_SIZE", "list_images", "protocol_image", "protocol_batches", "save_pngs"]
+__all__ = ["IMAGE_SUFFIXES", "PROTOCOL_SIZE", "list_images", "skipped_files", "read_image", "protocol_image",
+           "protocol_batches", "save_pngs"]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 PROTOCOL_SIZE = 256
 
 
@@ -30,6 +32,37 @@ def list_images(folder: str | Path, what: str = "image folder") -> list[Path]:
     if not folder.is_dir():
         raise WadiInputError(f"the {what} {folder} does not exist or is not a folder.")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def skipped_files(folder: str | Path) -> str | None:
+    """A note on the files of ``folder`` that :func:`list_images` leaves out (other suffixes), or None: nothing is
+    skipped silently."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        return None
+    others = Counter(p.suffix.lower() or p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES)
+    if not others:
+        return None
+    total = sum(others.values())
+    kinds = ", ".join(f"{kind}: {count}" for kind, count in sorted(others.items()))
+    return (f"skipped {total} file{'s' if total != 1 else ''} in {folder} that {'are' if total != 1 else 'is'} not "
+            f"{'images' if total != 1 else 'an image'} ({kinds}); images are {', '.join(IMAGE_SUFFIXES)}.")
+
+
+def read_image(path: str | Path, mode: str | None = None):
+    """The image file ``path`` decoded in full (converted to ``mode`` when given), or one sentence naming the file:
+    unreadable, truncated, or larger than PIL's decompression-bomb limit (a small file that would expand to gigabytes)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            image = opened.convert(mode) if mode is not None else opened.copy()
+    except Image.DecompressionBombError as exc:
+        raise WadiInputError(f"{path} declares more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, so it is refused as a "
+                             "possible decompression bomb (a small file that would expand to gigabytes).") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise WadiInputError(f"{path} is not a readable image ({exc}).") from exc
+    return image
 
 
 def protocol_image(image, size: int | None = PROTOCOL_SIZE):
@@ -49,16 +82,8 @@ def protocol_image(image, size: int | None = PROTOCOL_SIZE):
 
 def protocol_batches(paths: list[Path], batch_size: int, size: int | None = PROTOCOL_SIZE) -> Iterator[tuple[torch.Tensor, list]]:
     """(uint8 tensor (B, 3, S, S), the PIL images) per batch of ``paths``, each image through :func:`protocol_image`."""
-    from PIL import Image, UnidentifiedImageError
-
     for start in range(0, len(paths), batch_size):
-        images = []
-        for path in paths[start:start + batch_size]:
-            try:
-                with Image.open(path) as opened:
-                    images.append(protocol_image(opened, size))
-            except (UnidentifiedImageError, OSError) as exc:
-                raise WadiInputError(f"{path} is not a readable image ({exc}).") from exc
+        images = [protocol_image(read_image(path, "RGB"), size) for path in paths[start:start + batch_size]]
         shapes = {image.size for image in images}
         if len(shapes) > 1:
             raise WadiInputError(f"the images of one batch have different sizes {sorted(shapes)}; pass a resize size.")

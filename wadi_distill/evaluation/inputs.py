@@ -94,10 +94,10 @@ def check_generation(images: str | Path | None, teacher: str | None, prompts: li
 
 def generate_for_evaluation(teacher: str, prompts: list[str], folder: str | Path, *, prompts_file: str | Path | None,
                             adapter: str | Path | None, merged: str | Path | None, seed: int, batch_size: int,
-                            device: str) -> dict[str, Any]:
+                            device: str, max_hours: float | None = None) -> dict[str, Any]:
     """:func:`generate_images`' record, with the prompt file's path and SHA-256 so the record names its prompts."""
     generation = generate_images(teacher, prompts, folder, adapter=adapter, merged=merged, seed=seed,
-                                 batch_size=batch_size, device=device)
+                                 batch_size=batch_size, device=device, max_hours=max_hours)
     if prompts_file is not None:
         generation["prompts"] = {"file": str(prompts_file), "sha256": file_sha256(prompts_file)}
     return generation

@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 from wadi_distill.evaluation.features import EARLIER_RESIZE_NAMES, Extractor
-from wadi_distill.evaluation.images import PROTOCOL_SIZE, list_images, protocol_batches, save_pngs
+from wadi_distill.evaluation.images import (
+    PROTOCOL_SIZE, list_images, protocol_batches, read_image, save_pngs, skipped_files,
+)
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 
@@ -44,41 +46,62 @@ class EvalSettings:
     size: int = PROTOCOL_SIZE
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        from wadi_distill.evaluate import check_k
+
+        check_k(self.k)
+        if self.batch_size < 1:
+            raise WadiInputError(f"the batch size must be at least 1, not {self.batch_size}.")
+
 
 def generate_images(teacher: str | Path, prompts: list[str], folder: str | Path, *, adapter: str | Path | None = None,
                     merged: str | Path | None = None, seed: int = 0, batch_size: int = 50,
-                    device: str = "auto") -> dict[str, Any]:
-    """One one-step image per prompt (seed ``seed + i``), batched, written as ``folder/000000.png`` …; returns a record."""
-    from wadi_distill.one_step import load_student, one_step_images
+                    device: str = "auto", max_hours: float | None = None) -> dict[str, Any]:
+    """One one-step image per prompt (seed ``seed + i``), batched, written as ``folder/000000.png`` …; returns a record.
+
+    Each batch is written before the next is drawn (memory holds one batch). After the first batch a request that
+    would not fit on the disk or take longer than ``max_hours`` (default 24) is refused before anything is written
+    (:func:`wadi_distill.request_size.check_request`).
+    """
+    from wadi_distill.one_step import load_student, one_step_batches
+    from wadi_distill.request_size import MAX_HOURS, check_request, checked_batches
     from wadi_probe.device import resolve_device
 
     device = str(resolve_device(device))
     folder = Path(folder).expanduser()
+    if batch_size < 1:
+        raise WadiInputError(f"the batch size must be at least 1, not {batch_size}.")
     if folder.exists() and list_images(folder):
         raise WadiInputError(f"{folder} already holds images; give an empty or new folder for the generated ones.")
     bundle, denoiser = load_student(teacher, adapter=adapter, merged=merged, device=device)
     if bundle.encode_prompts is None:
         raise WadiInputError(f"the teacher {teacher} has no text encoder to encode prompts with.")
+    found: dict[str, Any] = {}
+
+    def check(first: torch.Tensor, seconds: float) -> None:
+        found["estimate"] = check_request(len(prompts), first, seconds, folder, one_file_each=True,
+                                          max_hours=MAX_HOURS if max_hours is None else max_hours,
+                                          what=f"generating one image for each of the {len(prompts):,} prompts")
+
     started = time.perf_counter()
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        images = one_step_images(bundle, denoiser, bundle.encode_prompts(chunk), [seed + start + i for i in range(len(chunk))],
-                                 device=device)
+    batches = one_step_batches(bundle, denoiser, ((p, seed + i) for i, p in enumerate(prompts)), batch_size=batch_size,
+                               device=device)
+    start = 0
+    for images in checked_batches(batches, check):
         save_pngs(images, folder, start)
+        start += len(images)
+        del images  # hold no batch while the next is drawn
     return {"teacher": str(teacher), "adapter": str(adapter) if adapter else None, "merged": str(merged) if merged else None,
             "images": len(prompts), "seeds": [seed, seed + len(prompts) - 1], "batch_size": batch_size, "device": device,
             "dtype": str(next(denoiser.parameters()).dtype).replace("torch.", ""), "format": "PNG",
-            "seconds": round(time.perf_counter() - started, 3)}
+            "estimated_bytes": found["estimate"].bytes, "seconds": round(time.perf_counter() - started, 3)}
 
 
 # ---------------------------------------------------------------------------------------------- features
 def _digits_tensor(paths: list[Path]) -> torch.Tensor:
-    from PIL import Image
-
     arrays = []
     for path in paths:
-        with Image.open(path) as image:
-            gray = np.asarray(image.convert("L"), dtype=np.float32)
+        gray = np.asarray(read_image(path, "L"), dtype=np.float32)
         if gray.shape != (8, 8):
             raise WadiInputError(f"{path} is {gray.shape[1]}×{gray.shape[0]}; builtin:digits images are 8×8.")
         arrays.append(gray)
@@ -231,6 +254,10 @@ def evaluate(images: str | Path, reference: str | Path, extractor: Extractor, *,
     if min(sizes) <= dim and extractor.input != "digits":
         record["notes"].append(f"fewer images than feature dimensions ({dim}): the covariances are rank-deficient, so FID "
                                "is biased upwards and only compares runs of the same size.")
+    for folder in (images, reference):
+        note = skipped_files(folder) if str(folder) != DIGITS_REFERENCE else None
+        if note is not None:
+            record["notes"].append(note)
     record["versions"] = _versions()
     record["seconds"] = round(time.perf_counter() - started, 3)
     if output is not None:

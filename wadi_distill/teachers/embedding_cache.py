@@ -21,6 +21,7 @@ from wadi_probe.io.atomic import atomic_path
 from wadi_probe.io.formats.safetensors_io import write_safetensors
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.jsonfile import read_json
+from wadi_probe.text import plural
 
 CACHE_VERSION = 1
 
@@ -103,7 +104,7 @@ def build_embedding_cache(
         raise WadiInputError("There are no prompts to encode.")
     started = time.perf_counter()
     if notes is not None:
-        notes(f"encoding {len(prompts)} prompts into {folder}")
+        notes(f"encoding {plural(len(prompts), 'prompt')} into {folder}")
     with atomic_path(folder, directory=True) as tmp:
         null = encode([null_prompt])
         write_safetensors(null.tensors(), tmp / "null.safetensors")

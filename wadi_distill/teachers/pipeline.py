@@ -12,10 +12,12 @@ Nothing is fetched from a hub: every component is read with ``local_files_only=T
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -392,15 +394,44 @@ def _vae_decoder(vae: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return decode
 
 
+@contextlib.contextmanager
+def _library_bars(enabled: bool) -> Iterator[None]:
+    """transformers' and diffusers' own loading bars ("Loading weights", "Loading checkpoint shards") on or off for
+    the duration, restored afterwards (they are process-wide switches of those libraries)."""
+    if enabled:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    before = [(lib, lib.is_progress_bar_enabled()) for lib in (transformers_logging, diffusers_logging)]
+    for lib, _ in before:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, was in before:
+            if was:
+                lib.enable_progress_bar()
+
+
 def load_teacher(path: str | Path, *, load_text_encoders: bool = True, load_vae: bool = True,
-                 text_encoder_dtype: torch.dtype | None = None) -> Teacher:
+                 text_encoder_dtype: torch.dtype | None = None, progress: bool = True) -> Teacher:
     """Load a local diffusers pipeline folder (or ``builtin:NAME``) as a :class:`Teacher`, without network.
 
     Supported: StableDiffusionPipeline (SD1.x, SD2.x incl. v-prediction), StableDiffusionXLPipeline,
     PixArtAlphaPipeline / PixArtSigmaPipeline. Any other pipeline class is refused with a clear message.
     ``text_encoder_dtype`` loads the text encoders in half precision (T5-XXL is 19 GB in fp32); fp16 is
-    replaced by bf16 for T5, whose activations overflow fp16.
+    replaced by bf16 for T5, whose activations overflow fp16. ``progress=False`` silences the loading bars
+    transformers and diffusers print themselves.
     """
+    with _library_bars(progress):
+        return _load_teacher(path, load_text_encoders=load_text_encoders, load_vae=load_vae,
+                             text_encoder_dtype=text_encoder_dtype)
+
+
+def _load_teacher(path: str | Path, *, load_text_encoders: bool, load_vae: bool,
+                  text_encoder_dtype: torch.dtype | None) -> Teacher:
     spec = str(path)
     if spec.startswith("builtin:"):
         return load_builtin_teacher(spec)

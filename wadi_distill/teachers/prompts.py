@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from wadi_probe.errors import WadiInputError
+from wadi_probe.text import plural, quoted
 
 PROMPT_FIELDS = ("prompt", "text", "caption")
 
@@ -14,7 +15,9 @@ PROMPT_FIELDS = ("prompt", "text", "caption")
 def _pick_field(record: dict, column: str | None, where: str) -> str:
     if column is not None:
         if column not in record:
-            raise WadiInputError(f"{where} has no column {column!r} (it has: {', '.join(map(str, record))}).")
+            names = [quoted(str(name), 40) for name in list(record)[:10]]
+            more = f" and {plural(len(record) - 10, 'other')}" if len(record) > 10 else ""
+            raise WadiInputError(f"{where} has no column {quoted(column, 40)} (it has: {', '.join(names)}{more}).")
         return str(record[column])
     for field in PROMPT_FIELDS:
         if field in record:

@@ -187,7 +187,7 @@ class VSDTrainer:
         half_text = None if self.cpu or self.weight_dtype == torch.float32 else self.weight_dtype
         # only the process that encodes the prompts loads the text encoders (T5-XXL is 19 GB in fp32)
         self.teacher = teacher if teacher is not None else load_teacher(
-            config.teacher, text_encoder_dtype=half_text, load_text_encoders=self.is_main)
+            config.teacher, text_encoder_dtype=half_text, load_text_encoders=self.is_main, progress=config.progress)
         self.schedule = self.teacher.schedule
         self.student = student if student is not None else student_for(config)
         self._prepare_models()  # first: a plan that does not fit is refused before anything is written

@@ -14,8 +14,9 @@ from typing import List, Optional
 import typer
 
 from wadi_probe.cli import app
-from wadi_probe.console import Device, console, device_option, handle_errors
+from wadi_probe.console import EXIT_USAGE, Device, console, device_option, err_console, fail, handle_errors
 from wadi_probe.errors import WadiInputError
+from wadi_probe.text import plural
 
 
 def _quiet_broken_pipe() -> None:
@@ -81,12 +82,17 @@ def compare_command(
             explained_at_rank=explained_at_rank, partial=partial, refuse_one_by_one=many,
         )
     if not result.reports:
-        raise WadiInputError("no student could be compared: " + "; ".join(f"{k}: {v}" for k, v in result.refused.items()))
+        reasons = "; ".join(f"{label}: {why.rstrip('.')}" for label, why in result.refused.items())
+        raise WadiInputError(f"no student could be compared: {reasons}.")
     written = _write(result, names, teacher, output, csv, plots, many)
     try:
         _print(result, written, top, many)
     except BrokenPipeError:
         _quiet_broken_pipe()
+    if result.refused:  # the others are written, but a script must see that not every student was compared
+        count = len(result.refused)
+        fail(f"{count} of {len(students)} students {'was' if count == 1 else 'were'} refused "
+             f"({', '.join(result.refused)}); the other reports are written.", EXIT_USAGE)
 
 
 def _write(result, names, teacher, output, csv, plots, many) -> list[str]:
@@ -112,7 +118,7 @@ def _write(result, names, teacher, output, csv, plots, many) -> list[str]:
         for label, report in result.reports.items():
             paths[label] = str(report.save(output / f"{label}.json"))
         json_path, csv_path = write_combined(result.table(), result.refused, output, teacher=str(teacher), reports=paths)
-        lines.append(f"{len(paths)} reports, {json_path.name} and {csv_path.name} written to {output}")
+        lines.append(f"{plural(len(paths), 'report')}, {json_path.name} and {csv_path.name} written to {output}")
     if plots is not None:
         from wadi_probe.report.plots import save_comparison_plots
 
@@ -138,8 +144,8 @@ def _print(result, written: list[str], top: int, many: bool) -> None:
 
         print_renderables(combined_table(result.table()), console)
         for label, why in result.refused.items():
-            console.print(f"refused {label}: {why}", highlight=False, style="yellow")
-        console.print(f"the teacher was read once for {len(result.reports)} students "
+            err_console.print(f"refused {label}: {why}", highlight=False, style="yellow", soft_wrap=True)
+        console.print(f"the teacher was read once for {plural(len(result.reports), 'student')} "
                       f"({result.teacher_reads} tensors) in {result.elapsed_s:.1f} s", highlight=False)
     else:
         print_summary(next(iter(result.reports.values())), console, top=top)

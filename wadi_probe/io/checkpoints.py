@@ -352,14 +352,20 @@ def _open_original(path: Path, sources: list[TensorSource], owner: Mapping[str, 
                               ignored_keys=ignored, ignored_sources={key: owner[key] for key in ignored})
 
 
+class AdapterWithoutBase(WadiInputError):
+    """An adapter (LoRA/LoRaD weights) was opened where a full model is needed; ``path`` says which."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(f"{path} is an adapter (LoRA/LoRaD weights), not a full model; it is read on top of the "
+                         "model it was trained from (open_checkpoint(path, base=that model)).")
+
+
 def _refuse_adapter_names(path: Path, names: Mapping[str, str]) -> None:
     from wadi_probe.io.formats.adapters import looks_like_adapter
 
     if looks_like_adapter(list(names)):
-        raise WadiInputError(
-            f"{path} is an adapter (LoRA/LoRaD weights), not a full model; open it with base=<the teacher checkpoint> "
-            "(on the command line: give the teacher as the base)."
-        )
+        raise AdapterWithoutBase(path)
 
 
 # ---- opening ------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from matplotlib.ticker import MaxNLocator
 from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 from wadi_probe.rotation import as_matrix, pair_angles
+from wadi_probe.text import plural
 
 NORM_COLOR = "#1f77b4"
 DIRECTION_COLOR = "#d62728"
@@ -710,7 +711,7 @@ def plot_students_mean_vs_std(reports: Sequence[ReportLike], labels: Sequence[st
     _mean_std_axes(ax, use_log)
     ax.set_xlabel("mean change over a layer's rows (%)")
     ax.set_ylabel("standard deviation over a layer's rows (%)")
-    ax.set_title(f"Per-row weight change of {len(series)} students: direction vs norm", fontsize=10)
+    ax.set_title(f"Per-row weight change of {plural(len(series), 'student')}: direction vs norm", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=7, ncol=1, frameon=False)
     return fig
@@ -791,7 +792,7 @@ def plot_students_depth_profile(reports: Sequence[ReportLike], labels: Sequence[
         ax.grid(True, axis="y", alpha=0.3)
     _layer_axis(ax_norm, order)
     ax_dir.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, title="student", title_fontsize=8)
-    fig.suptitle(f"Mean per-row change of each layer, {len(reports)} students, in model order")
+    fig.suptitle(f"Mean per-row change of each layer, {plural(len(reports), 'student')}, in model order")
     return fig
 
 

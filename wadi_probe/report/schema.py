@@ -419,6 +419,11 @@ def validate_report(data: Any, source: str = "the report") -> None:
     for index, record in enumerate(data["layers"]):
         if not isinstance(record, dict) or any(key not in record for key in _REQUIRED_RECORD):
             raise WadiInputError(f"{source} is malformed: layer record {index} lacks name/shape/statistics.")
+        shape = record["shape"]
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            shown = json.dumps(shape) if isinstance(shape, list) and len(shape) <= 8 else type(shape).__name__
+            raise WadiInputError(f"{source} is malformed: the shape of layer {str(record['name'])[:200]} is {shown}, "
+                                 "not a list of whole numbers.")
 
 
 def load_report(path: str | Path) -> Report:

@@ -28,7 +28,10 @@ def percent(value: float | None, digits: int = 3) -> str:
 
 
 def _short_exp(value: float) -> str:
-    """``1.6e-6`` rather than ``1.61e-06``: two significant digits, no exponent padding (tables stay narrow)."""
+    """``1.6e-6`` rather than ``1.61e-06``: two significant digits, no exponent padding (tables stay narrow);
+    ``nan``/``inf`` as such (a report may hold them where a statistic was undefined)."""
+    if not math.isfinite(value):
+        return str(value)
     mantissa, _, exponent = f"{value:.1e}".partition("e")
     return f"{mantissa}e{int(exponent)}"
 

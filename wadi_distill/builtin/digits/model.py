@@ -34,6 +34,7 @@ from torch import nn
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.io.formats.safetensors_io import write_safetensors
 from wadi_probe.errors import WadiInputError
+from wadi_probe.text import plural, quoted
 from wadi_probe.io.jsonfile import read_json
 
 BUILTIN_PREFIX = "builtin:"
@@ -115,15 +116,17 @@ class DigitPromptEncoder(nn.Module):
         ids = torch.full((len(prompts), self.max_length), self.vocabulary["<pad>"], dtype=torch.long)
         for row, prompt in enumerate(prompts):
             words = re.findall(r"[a-z0-9]+", str(prompt).lower())
-            unknown = [w for w in words if w not in self.vocabulary]
+            unknown = list(dict.fromkeys(w for w in words if w not in self.vocabulary))
             if unknown:
+                shown = ", ".join(quoted(w, 40) for w in unknown[:5])
+                more = f" and {plural(len(unknown) - 5, 'other')}" if len(unknown) > 5 else ""
                 raise WadiInputError(
-                    f"The digits prompt encoder does not know the word(s) {', '.join(map(repr, unknown))}; "
+                    f"The digits prompt encoder does not know the word(s) {shown}{more}; "
                     f"use prompts like {PROMPT_TEMPLATE.format(digit=7)!r} or the empty prompt.")
             tokens = ["<start>", *words, "<end>"]
             if len(tokens) > self.max_length:
                 raise WadiInputError(
-                    f"The prompt {prompt!r} has {len(words)} words; the digits prompt encoder takes at most "
+                    f"The prompt {quoted(prompt)} has {len(words):,} words; the digits prompt encoder takes at most "
                     f"{self.max_length - 2}.")
             ids[row, : len(tokens)] = torch.tensor([self.vocabulary[t] for t in tokens])
         return ids

@@ -108,8 +108,9 @@ def find_adapter_file(path: Path) -> Path:
 def _read_all(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read a (small) adapter file completely."""
     if path.suffix == ".safetensors":
-        from wadi_probe.io.formats.safetensors_io import SafetensorsSource
+        from wadi_probe.io.formats.safetensors_io import SafetensorsSource, utf8_path
 
+        utf8_path(path)
         try:
             source = SafetensorsSource(path)
         except WadiInputError as exc:

@@ -14,6 +14,7 @@ bytes; here equal tensors and metadata always give equal files.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import threading
 from collections.abc import Iterable, Mapping
@@ -102,6 +103,19 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str], 
     return header, dict(metadata), 8 + header_len
 
 
+def utf8_path(path: str | Path) -> str:
+    """``path`` as the text the safetensors library takes; a file name that is not valid UTF-8 (which that library
+    cannot open) is refused with one sentence showing its undecodable bytes."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(text).decode("utf-8", "backslashreplace")
+        raise WadiInputError(f"the path {shown} is not valid UTF-8, and the safetensors library opens only UTF-8 "
+                             "paths; rename the file or folder whose name holds the undecodable bytes.") from None
+    return text
+
+
 class SafetensorsSource:
     """One ``.safetensors`` file opened lazily: shapes and dtypes from the header, tensors read on demand.
 
@@ -113,6 +127,7 @@ class SafetensorsSource:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        utf8_path(self.path)
         self.header, self.metadata, self._data_start = read_header(self.path)
         try:
             with safe_open(str(self.path), framework="pt", device="cpu") as handle:
