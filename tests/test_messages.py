@@ -65,11 +65,11 @@ def test_a_huge_prompt_is_quoted_short():
 def test_inception_path_and_k_are_refused_with_true_sentences(tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
-    needed = "FID needs the Inception weights file weights-inception-2015-12-05-6726825d.pth"
+    needed = "give --inception FILE, an InceptionV3 weights file for FID"
     refused(distill("evaluate", "--images", folder, "--reference", folder, "--inception", tmp_path / "nope"),
             f"{tmp_path / 'nope'} does not exist: {needed}")
     refused(distill("evaluate", "--images", folder, "--reference", folder, "--inception", folder),
-            f"{folder} is a folder, not a weights file: {needed}")
+            f"{folder} is a folder; {needed}")
     refused(distill("evaluate", "--images", folder, "--reference", "builtin:digits", "--k", "0"),
             "k (the neighbours of precision/recall) must be at least 1, not 0.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"]

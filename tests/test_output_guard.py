@@ -151,9 +151,12 @@ def test_free_space_is_checked_where_the_size_is_known(tmp_path):
 
 def test_file_names_made_from_labels_stay_inside_their_folder():
     assert check_file_name("student-1", "label") == "student-1"
-    for bad in ("../x", "/abs", "a/b", ".", "..", "", " ", ".hidden"):
+    for bad in ("../x", "/abs", "a/b", ".", "..", ".hidden"):
         with pytest.raises(WadiInputError, match="cannot be a file name inside the output folder"):
             check_file_name(bad, "label")
+    for empty in ("", " "):
+        with pytest.raises(WadiInputError, match="a label must not be empty"):
+            check_file_name(empty, "label")
 
 
 # ----------------------------------------------------------------------------------------------- failed writes

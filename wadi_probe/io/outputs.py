@@ -119,7 +119,9 @@ def check_file_name(name: str, what: str) -> str:
     """Refuse a name that is to become one file inside an output folder but would land elsewhere or hidden
     (``../x``, ``/abs``, ``a/b``, ``.``, empty); returns the name."""
     separators = {os.sep, os.altsep or os.sep, "/"}
-    if not name.strip() or name.startswith(".") or any(sep in name for sep in separators):
+    if not name.strip():
+        raise WadiInputError(f"a {what} must not be empty: it names a file inside the output folder.")
+    if name.startswith(".") or any(sep in name for sep in separators):
         raise WadiInputError(f"the {what} {name!r} cannot be a file name inside the output folder; use a plain "
                              "name without '/' or a leading '.'.")
     return name
