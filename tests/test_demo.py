@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from wadi_distill.builtin.digits.demo import (
+from wadi_distill.digits_demo.demo import (
     METRIC_KEYS,
     eval_labels,
     eval_seeds,

@@ -24,7 +24,7 @@ def demo_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Distil builtin:digits with full fine-tuning, probe it, distil LoRaD from the probe, and score everything."""
-    from wadi_distill.builtin.digits.demo import METRIC_KEYS, METRIC_TITLES, run_demo
+    from wadi_distill.digits_demo.demo import METRIC_KEYS, METRIC_TITLES, run_demo
 
     result = run_demo(output_dir, full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size, seed=seed,
                       quick=quick, progress=progress, console=console)
