@@ -1,7 +1,6 @@
 """Plans: the paper preset's counts (meta device, from config dicts), plans from probe reports, budgets, bad input."""
 
 import json
-import math
 
 import pytest
 import torch
