@@ -16,7 +16,7 @@ import torch
 from wadi_distill.builtin.digits.classifier import classifier_training_run, load_classifier, save_classifier
 from wadi_distill.builtin.digits.model import BUILTIN_DIR, load_builtin
 from wadi_distill.sample import sample_multistep
-from wadi_distill.builtin.digits.sanity import ordering_violations, sanity_markdown, sanity_rows
+from wadi_distill.digits_demo.sanity import ordering_violations, sanity_markdown, sanity_rows
 from wadi_distill.builtin.digits.data import load_split
 from wadi_distill.evaluate import evaluate_images
 from wadi_probe.io.atomic import write_json_atomic, write_text_atomic

@@ -146,7 +146,7 @@ def _train(job: Job, workdir: Path, steps: int, resume: bool):
 def score_and_probe(merged_path: Path, eval_seed: int = EVAL_SEED) -> dict[str, Any]:
     """The digits metrics of the merged student at ``merged_path`` and the probe's summary against the teacher."""
     from wadi_distill.builtin.digits.data import load_split
-    from wadi_distill.builtin.digits.demo import eval_labels, one_step_digits
+    from wadi_distill.digits_demo.demo import eval_labels, one_step_digits
     from wadi_distill.evaluate import evaluate_images
     from wadi_distill.one_step import load_merged_weights
     from wadi_distill.teachers.pipeline import load_teacher
@@ -374,7 +374,7 @@ def extras() -> None:
     from safetensors.torch import load_file, save_file
 
     from wadi_distill.builtin.digits.data import load_split
-    from wadi_distill.builtin.digits.demo import eval_labels, multistep_digits, one_step_digits
+    from wadi_distill.digits_demo.demo import eval_labels, multistep_digits, one_step_digits
     from wadi_distill.evaluate import evaluate_images
     from wadi_distill.teachers.pipeline import load_teacher
     from wadi_probe.builtins import builtin_path

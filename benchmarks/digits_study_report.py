@@ -32,7 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits_study import (  # noqa: E402 - the study's own constants, one definition
-    BASE_LR, EVAL_SEED, LENGTHS, METHODS, OUT, RANKS, SEEDS, VALIDATION_SEED, chosen_settings, read_runs,
+    BASE_LR, EVAL_SEED, LENGTHS, METHODS, OUT, SEEDS, VALIDATION_SEED, chosen_settings, read_runs,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from torch import nn
 from conftest import make_tiny_unet
 from wadi_distill.lorad.serialization import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, load_official_thetas, read_adapter, save_adapter
 from wadi_distill.lorad import LoRaDLayer, inject_lorad, lorad_layers, use_adapter
-from wadi_distill.plan import plan_from_preset
+from wadi_distill.plan import Plan, plan_from_preset
 from wadi_probe.errors import WadiInputError
 
 
@@ -40,8 +40,8 @@ def test_save_load_round_trip_reproduces_the_student(tmp_path):
     assert config["plan"]["layers"][0]["module"] == plan.layers[0].module
 
     fresh = make_tiny_unet()
-    loaded_plan = load_adapter(fresh, folder, adapter_name="student")
-    assert loaded_plan.ranks() == plan.ranks()
+    loaded = load_adapter(fresh, folder, adapter_name="student")
+    assert loaded.ranks() == plan.ranks() and Plan.from_config(loaded).to_json() == plan.to_json()
     with torch.no_grad():
         got = fresh(sample, 5, encoder_hidden_states=ctx).sample
         assert torch.equal(got, expected)
@@ -135,9 +135,15 @@ def test_official_thetas_reproduce_the_design_rotation(tmp_path, fmt, swap):
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     raw = load_official_thetas(path)
     assert set(raw) == set(factors)
-    load_adapter(unet, path, adapter_name="student")
+    config = load_adapter(unet, path, adapter_name="student")
     layers = lorad_layers(unet)
     assert set(layers) == set(factors)
+    # an official file carries no config: the one returned is made from its factors and the base's shapes
+    assert config.ranks() == {m: a.shape[1] for m, (a, _) in factors.items()} and config.plan is None
+    assert config.trainable_params == sum(a.numel() + b.numel() for a, b in factors.values())
+    plan = Plan.from_config(config, source=f"official:{path.name}")
+    assert plan.trainable_params == config.trainable_params and plan.source == f"official:{path.name}"
+    assert {e.module: e.shape for e in plan.layers} == {m: tuple(layers[m].weight_shape) for m in factors}
     for module, (a, b) in factors.items():
         layer = layers[module]
         w = layer.base_layer.weight.detach().double()

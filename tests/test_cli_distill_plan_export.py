@@ -140,7 +140,7 @@ def test_export_safetensors_matches_in_model_merge_and_loads_strictly(folders, t
     # the same student merged in memory, then unwrapped: identical bits
     reference = make_tiny_unet()
     reference.load_state_dict({k.replace(".base_layer", ""): v for k, v in folders["adapted"].state_dict().items() if ".lorad_" not in k})
-    inject_lorad(reference, {m: l.specs["student"].rank for m, l in lorad_layers(folders["adapted"]).items()}, adapter_name="student")
+    inject_lorad(reference, {m: layer.specs["student"].rank for m, layer in lorad_layers(folders["adapted"]).items()}, adapter_name="student")
     reference.load_state_dict(folders["adapted"].state_dict(), strict=True)
     merge_lorad(reference, "student")
     remove_lorad(reference, merge=True)

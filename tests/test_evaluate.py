@@ -8,7 +8,7 @@ from wadi_distill.builtin.digits.data import load_split
 from wadi_distill.evaluate import (
     class_accuracy, evaluate_images, frechet_distance, frechet_distance_from_stats, precision_recall,
 )
-from wadi_distill.builtin.digits.sanity import class_mean_images, gaussian_blur, ordering_violations, sanity_rows
+from wadi_distill.digits_demo.sanity import class_mean_images, gaussian_blur, ordering_violations, sanity_rows
 from wadi_probe.errors import WadiInputError
 
 

@@ -1,15 +1,59 @@
-"""The module graph of both packages has no cycles, and wadi_probe never imports wadi_distill.
+"""The packages import only downward, through the layers declared below, and the module graph has no cycles.
 
 Every import counts, also those inside functions (a cycle closed by a late import is still two modules that
 need each other); imports under ``if TYPE_CHECKING:`` do not. The command lines' registration pattern (the
 ``cli`` package imports its command modules, which import ``app`` from it) is the one allowed loop.
+
+``LAYERS`` is the one place the layer order is written (docs/design.md draws it): for each package, its
+sub-packages and top-level modules from the lowest layer up. A module may import its own layer and the layers
+below it; wadi_probe as a whole sits below wadi_distill and never imports it.
 """
 
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("wadi_probe", "wadi_distill")
+
+#: package -> its layers, lowest first: (layer name, the sub-packages / top-level modules in it). "__init__" is the
+#: package's own ``__init__`` (its lazy re-exports), which sits at the top.
+LAYERS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "wadi_probe": [
+        ("foundation", ("errors", "lazy", "console", "device", "heap", "builtins")),  # shared by both packages
+        ("math", ("rotation", "chance", "decompose")),
+        ("files", ("io",)),
+        ("pairing", ("pairing", "layers")),
+        ("report", ("report",)),  # the Report data, its summary and plots
+        ("analysis", ("analyze", "hybrid")),
+        ("commands", ("cli", "__init__")),
+    ],
+    "wadi_distill": [
+        ("math", ()),  # pure formulas (the noise schedules go here)
+        ("world", ("builtin",)),  # the built-in digits world: model, data, classifier, shipped weights
+        ("method", ("lorad",)),  # LoRaD: config, layers, injection, adapter files
+        ("planning", ("plan",)),  # which layers get which rank
+        ("teachers", ("teachers",)),
+        ("training", ("vsd",)),  # the VSD loop and its student kinds
+        ("use", ("one_step", "sample", "export", "single_file", "transfer", "lora_extract", "evaluate",
+                 "evaluation")),  # sampling, export and evaluation of trained students
+        ("demo", ("digits_demo",)),  # the end-to-end demo, metric sanity checks, the digits teacher's training
+        ("commands", ("cli", "__init__")),
+    ],
+}
+
+#: Imports that break the layer order today and are removed by the other half of the same refactoring (the noise
+#: schedule moved to the math layer; the VSD loop importing nothing above it). (importer, imported) -> why. The
+#: test fails once an entry is no longer needed, so this list only shrinks; it must end empty.
+KNOWN_LAYER_VIOLATIONS: dict[tuple[str, str], str] = {
+    ("wadi_distill.teachers.pipeline", "wadi_distill.vsd.losses"):
+        "NoiseSchedule lives in the training loop's package instead of the math layer",
+    ("wadi_distill.vsd.trainer", "wadi_distill.one_step"):
+        "the trainer samples its validation images through one_step (and writes grids with save_image_grid)",
+    ("wadi_distill.vsd.students", "wadi_distill.export"):
+        "a LoRaD student writes its merged file with export_merged",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -91,6 +135,61 @@ def test_the_probe_does_not_import_the_distiller_and_the_graph_sees_real_edges()
     assert "wadi_probe.rotation" in graph["wadi_distill.lorad.layer"]
     assert "wadi_distill.lorad.layer" in graph["wadi_distill.plan.models"]
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
+
+
+def _unit(module: str) -> tuple[str, str]:
+    """(package, the sub-package or top-level module that holds ``module``, "__init__" for the package itself)."""
+    package, _, rest = module.partition(".")
+    return package, rest.split(".")[0] if rest else "__init__"
+
+
+def _layer_index() -> dict[tuple[str, str], tuple[int, str]]:
+    return {(package, unit): (depth, name) for package, layers in LAYERS.items()
+            for depth, (name, units) in enumerate(layers) for unit in units}
+
+
+def _layer_violations(graph: dict[str, set[str]]) -> list[tuple[str, str, str]]:
+    """(importer, imported, sentence) for every import of a higher layer of the same package."""
+    index = _layer_index()
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            (package, unit), (target_package, target_unit) = _unit(module), _unit(target)
+            if package != target_package or unit == target_unit:
+                continue
+            (depth, layer), (target_depth, target_layer) = index[package, unit], index[package, target_unit]
+            if target_depth > depth:
+                found.append((module, target, f"{module} (layer {layer}) imports {target} (layer {target_layer}, "
+                                              "higher): a layer may import only its own layer and those below"))
+    return found
+
+
+def test_every_package_and_top_level_module_has_a_layer():
+    index = _layer_index()
+    missing = sorted({"{}.{}".format(*_unit(m)) for m in _graph() if _unit(m) not in index})
+    assert missing == [], f"not in any layer of LAYERS in tests/test_import_graph.py: {', '.join(missing)}"
+    declared = [f"{p}.{u}" for p, u in index if u != "__init__" and not (ROOT / p / u).is_dir()
+                and not (ROOT / p / f"{u}.py").is_file()]
+    assert declared == [], f"LAYERS names what does not exist: {', '.join(declared)}"
+
+
+def test_layers_import_only_downward():
+    violations = _layer_violations(_graph())
+    unexpected = [sentence for module, target, sentence in violations if (module, target) not in KNOWN_LAYER_VIOLATIONS]
+    assert unexpected == [], "\n".join(unexpected)
+    stale = sorted(set(KNOWN_LAYER_VIOLATIONS) - {(module, target) for module, target, _ in violations})
+    assert stale == [], f"no longer violations, remove them from KNOWN_LAYER_VIOLATIONS: {stale}"
+
+
+def test_the_layer_check_names_both_modules():
+    graph = {"wadi_distill.lorad.model": {"wadi_distill.plan.plan", "wadi_distill.lorad.config"},
+             "wadi_distill.plan.plan": {"wadi_distill.lorad.config"}, "wadi_distill.lorad.config": set()}
+    assert _layer_violations(graph) == [(
+        "wadi_distill.lorad.model", "wadi_distill.plan.plan",
+        "wadi_distill.lorad.model (layer method) imports wadi_distill.plan.plan (layer planning, higher): a layer may "
+        "import only its own layer and those below")]
+    with pytest.raises(KeyError):  # a module of no layer cannot slip through
+        _layer_violations({"wadi_distill.nowhere": {"wadi_distill.plan.plan"}})
 
 
 def test_the_distiller_imports_only_public_names_of_the_probe():

@@ -45,7 +45,7 @@ def test_load_lorad_runs_the_student_and_fuse_unfuse_round_trip(trained):
     teacher_weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     teacher_out = _unet_out(pipe.unet)
     lorad = load_lorad(pipe, root / "run")  # the run folder: its final/ adapter is found
-    assert lorad.path == root / "run" / "final" and lorad.plan.ranks() == plan.ranks() and not lorad.fused
+    assert lorad.path == root / "run" / "final" and lorad.config.ranks() == plan.ranks() and not lorad.fused
     assert torch.equal(_unet_out(pipe.unet), student_out)
     assert not torch.allclose(student_out, teacher_out, atol=1e-4)
 

@@ -160,7 +160,7 @@ def test_kohya_layout_with_exact_deltas_and_without(pair, tmp_path):
     fused = pipe.unet.state_dict()
     name = conv + ".weight"
     e, d = student[name] - fused[name], student[name] - teacher[name]
-    assert float(e.norm() / d.norm()) == pytest.approx(next(l.relative_error for l in plain.layers if l.module == conv), rel=1e-3)
+    assert float(e.norm() / d.norm()) == pytest.approx(next(entry.relative_error for entry in plain.layers if entry.module == conv), rel=1e-3)
 
 
 def test_bad_input_is_one_sentence_exit_2_and_writes_nothing(pair, tmp_path):
@@ -192,7 +192,7 @@ def test_a_single_file_ldm_student_gives_the_same_lora_as_its_diffusers_folder(p
     ldm = export_single_file(pair / "student", None, tmp_path / "student-ldm.safetensors").path
     a = extract_lora(pair / "teacher", pair / "student", tmp_path / "a.safetensors", rank=3, dtype="float32")
     b = extract_lora(pair / "teacher", ldm, tmp_path / "b.safetensors", rank=3, dtype="float32")
-    assert [(l.module, l.rank, l.relative_error) for l in a.layers] == [(l.module, l.rank, l.relative_error) for l in b.layers]
+    assert [(x.module, x.rank, x.relative_error) for x in a.layers] == [(x.module, x.rank, x.relative_error) for x in b.layers]
     assert load_file(str(tmp_path / "a.safetensors")).keys() == load_file(str(tmp_path / "b.safetensors")).keys()
 
 

@@ -1,14 +1,17 @@
 """LoRaDConfig ↔ adapter_config.json: PEFT's field names, the LoRaD-specific ones, and old files still loading."""
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from conftest import make_tiny_unet
 from wadi_distill.lorad import LoRaDConfig, inject_lorad, load_adapter, lorad_layers, save_adapter
-from wadi_distill.lorad.config import ADAPTER_CONFIG
-from wadi_distill.plan import plan_from_preset
+from wadi_distill.lorad.config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_param_count
+from wadi_distill.plan import Plan, plan_from_preset
 from wadi_probe.errors import WadiInputError
 
 
@@ -81,12 +84,50 @@ def test_bad_configs_are_one_sentence(tmp_path):
 def test_a_plan_becomes_a_config_that_injects_the_same_adapter():
     unet = make_tiny_unet()
     plan = plan_from_preset(unet, 3)
-    config = LoRaDConfig.from_plan(plan, kind="lora", lora_scale=0.25, base_model_name_or_path="tiny")
-    assert config.ranks() == plan.ranks() and config.trainable_params is None  # the plan counts LoRaD numbers
-    assert LoRaDConfig.from_plan(plan).trainable_params == plan.trainable_params
+    config = plan.to_config(kind="lora", lora_scale=0.25, base_model_name_or_path="tiny")
+    assert config.ranks() == plan.ranks() and config.plan == plan.to_json() and config.model_class == plan.model_class
+    assert plan.to_config().trainable_params == plan.trainable_params  # the plan counts LoRaD numbers
+    assert config.trainable_params == sum(3 * (e.shape[0] + math.prod(e.shape[1:])) for e in plan.layers)  # LoRA's
     assert config.layer_shapes[plan.layers[0].module] == list(plan.layers[0].shape)
     adapted = inject_lorad(unet, config, adapter_name="fake")
     layers = lorad_layers(unet)
     assert adapted == list(plan.ranks())
     assert {layers[m].specs["fake"].kind for m in adapted} == {"lora"}
     assert {layers[m].specs["fake"].scale for m in adapted} == {0.25}
+    # the count without a model is the count of the factors the model got
+    assert config.trainable_params == sum(layers[m].lora_A["fake"].numel() + layers[m].lora_B["fake"].numel()
+                                          for m in adapted)
+    assert Plan.from_config(config).to_json() == plan.to_json()
+
+
+def test_one_parameter_count_for_every_kind():
+    assert adapter_param_count((1280, 5120), 256) == 256 * (1280 + 2560)
+    assert adapter_param_count((8, 3, 3, 3), 2, "lorad") == 2 * (8 + 13)  # an odd fan-in leaves a column alone
+    assert adapter_param_count((8, 3, 3, 3), 2, "lora") == 2 * (8 + 27)
+    assert adapter_param_count((8, 3, 3, 3), 2, "dora") == 2 * (8 + 27) + 8
+    with pytest.raises(WadiInputError, match="unknown adapter kind 'loha' to count"):
+        adapter_param_count((8, 8), 2, "loha")
+
+
+BASE_ADAPTERS = Path(__file__).parent / "data" / "base_adapters"
+
+
+@pytest.mark.parametrize("name, adapter_name", [("lorad_with_plan", "student"), ("lora_without_plan", "fake")])
+def test_adapter_folders_from_the_previous_release_load_and_are_written_again_byte_for_byte(tmp_path, name, adapter_name):
+    """Folders written by the release before LoRaDConfig became the one description (see data/base_adapters/README.md):
+    a LoRaD student saved with its plan, and a LoRA fake score saved without one (whose config holds a plan rebuilt
+    from its layers). They load, give their plan back, and the current code writes them again: the config byte for byte, the same tensors."""
+    folder = BASE_ADAPTERS / name
+    stored = json.loads((folder / ADAPTER_CONFIG).read_text())
+    unet = make_tiny_unet()
+    config = load_adapter(unet, folder, adapter_name=adapter_name)
+    assert config.to_dict() == stored and config.kind == stored["kind"]
+    plan = Plan.from_config(config)
+    assert plan.to_json() == stored["plan"] and plan.ranks() == config.ranks()
+    save_adapter(unet, tmp_path / name, plan, adapter_name=adapter_name,
+                 base_model_name_or_path=config.base_model_name_or_path)
+    assert (tmp_path / name / ADAPTER_CONFIG).read_bytes() == (folder / ADAPTER_CONFIG).read_bytes()
+    # the weights file: the same tensors and metadata (safetensors writes its metadata keys in no fixed order)
+    with safe_open(folder / ADAPTER_WEIGHTS, "pt") as old, safe_open(tmp_path / name / ADAPTER_WEIGHTS, "pt") as new:
+        assert old.metadata() == new.metadata() and list(old.keys()) == list(new.keys())
+        assert all(torch.equal(old.get_tensor(k), new.get_tensor(k)) for k in old.keys())

@@ -11,7 +11,7 @@ from wadi_distill.builtin.digits.model import (
     DigitsModel, build_teacher, is_builtin, load_builtin, load_digits, load_teacher_dir, save_teacher,
 )
 from wadi_distill.sample import sample_multistep
-from wadi_distill.builtin.digits.teacher_training import TeacherTrainingConfig, train_teacher
+from wadi_distill.digits_demo.teacher_training import TeacherTrainingConfig, train_teacher
 from wadi_probe.errors import WadiInputError
 
 TINY_UNET = {

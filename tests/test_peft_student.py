@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wadi_distill.vsd.peft_student import inject_peft_student, merged_peft_state, peft_param_count, rank_for_budget
-from wadi_distill.plan import lorad_params_for, plan_from_preset
+from wadi_distill.lorad.config import adapter_param_count
+from wadi_distill.vsd.peft_student import inject_peft_student, merged_peft_state, rank_for_budget
+from wadi_distill.plan import plan_from_preset
 from wadi_probe.errors import WadiInputError
 
 
@@ -29,7 +30,7 @@ def test_peft_student_counts_and_merge(kind, tiny_unet):
     shapes = [tuple(e.shape) for e in plan.layers]
     student = copy.deepcopy(tiny_unet)
     named = inject_peft_student(student, modules, 2, kind, seed=0)
-    assert sum(p.numel() for _, p in named) == peft_param_count(shapes, 2, kind)
+    assert sum(p.numel() for _, p in named) == sum(adapter_param_count(s, 2, kind) for s in shapes)
     assert all(p.requires_grad for _, p in named)
     assert not any(p.requires_grad for n, p in student.named_parameters() if "lora_" not in n)
     with torch.no_grad():  # the adapter starts as the identity (B = 0; DoRA magnitude = row norms)
@@ -53,15 +54,15 @@ def test_rank_for_budget_matches_counts():
     shapes = [(64, 64), (64, 32), (512, 64)]
     for kind in ("lora", "dora", "lorad"):
         rank = rank_for_budget(shapes, 10_000, kind)
-        count = (sum(lorad_params_for(s, rank) for s in shapes) if kind == "lorad"
-                 else peft_param_count(shapes, rank, kind))
-        worse = [sum(lorad_params_for(s, r) for s in shapes) if kind == "lorad" else peft_param_count(shapes, r, kind)
-                 for r in (rank - 1, rank + 1)]
+        count = sum(adapter_param_count(s, rank, kind) for s in shapes)
+        worse = [sum(adapter_param_count(s, r, kind) for s in shapes) for r in (rank - 1, rank + 1)]
         assert all(abs(count - 10_000) <= abs(w - 10_000) for w in worse)
-    assert peft_param_count([(4, 6)], 2, "lora") == 2 * (4 + 6)
-    assert peft_param_count([(4, 6)], 2, "dora") == 2 * (4 + 6) + 4
-    with pytest.raises(WadiInputError):
-        peft_param_count([(4, 6)], 2, "lorad")
+    assert adapter_param_count((4, 6), 2, "lora") == 2 * (4 + 6)
+    assert adapter_param_count((4, 6), 2, "dora") == 2 * (4 + 6) + 4
+    assert adapter_param_count((4, 6), 2, "lorad") == 2 * (4 + 3)
+    assert adapter_param_count((4, 3, 3, 3), 2, "lora") == 2 * (4 + 27)  # a conv kernel's fan-in is in·kh·kw
+    with pytest.raises(WadiInputError, match="unknown adapter kind 'loha'"):
+        adapter_param_count((4, 6), 2, "loha")
 
 
 def test_peft_student_trains_in_the_vsd_loop(tmp_path):

@@ -1,17 +1,16 @@
 """Plans: the paper preset's counts (meta device, from config dicts), plans from probe reports, budgets, bad input."""
 
 import json
-import math
 
 import pytest
 import torch
 from torch import nn
 
 from conftest import make_tiny_unet, tiny_unet_config
+from wadi_distill.lorad.config import adapter_param_count
 from wadi_distill.plan import (
     Plan,
     load_model_config_only,
-    lorad_params_for,
     model_from_config,
     plan_from_preset,
     plan_from_report,
@@ -56,8 +55,8 @@ def test_paper_preset_on_a_dit_takes_the_transformer_blocks():
 
 
 def test_params_formula_and_conv_preset():
-    assert lorad_params_for((1280, 5120), 256) == 256 * (1280 + 2560)
-    assert lorad_params_for((8, 3, 3, 3), 2) == 2 * (8 + 13)
+    assert adapter_param_count((1280, 5120), 256) == 256 * (1280 + 2560)
+    assert adapter_param_count((8, 3, 3, 3), 2) == 2 * (8 + 13)
     unet = make_tiny_unet()
     plan = plan_from_preset(unet, 2, "paper-conv")
     convs = [n for n, m in unet.named_modules() if isinstance(m, nn.Conv2d) and n.startswith(("down_blocks", "up_blocks", "mid_block"))]
@@ -154,7 +153,7 @@ def test_report_plan_picks_needed_ranks_and_freezes_unchanged_layers():
     assert all(skipped[m] == "identical in teacher and student" for m in others)
     assert any("Conv2d" in reason for reason in skipped.values())
     for e in plan.layers:
-        assert e.params == lorad_params_for(e.shape, e.rank) and e.energy >= 0.99
+        assert e.params == adapter_param_count(e.shape, e.rank) and e.energy >= 0.99
 
 
 def test_report_plan_respects_the_budget_and_favours_energy_per_parameter():
@@ -180,7 +179,7 @@ def test_report_plan_respects_the_budget_and_favours_energy_per_parameter():
     # one layer moved much more: with room for one, it is the one chosen
     student = planted_student(teacher, {names[0]: 1, names[1]: 1}, scale={names[0]: 0.01, names[1]: 0.5}, seed=1)
     report = report_for(teacher, student)
-    per_layer = lorad_params_for(dict(teacher.named_modules())[names[1]].weight.shape, 1)
+    per_layer = adapter_param_count(dict(teacher.named_modules())[names[1]].weight.shape, 1)
     plan = plan_from_report(teacher, report, budget=1.5 * per_layer / total, threshold=0.9, min_rank=1, multiple_of=1,
                             freeze_below=0.0)
     assert plan.ranks() == {names[1]: 1}

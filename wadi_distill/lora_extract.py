@@ -20,7 +20,6 @@ to the file.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -406,8 +405,3 @@ def summary_lines(result: Extraction) -> list[str]:
         )
     lines.append(f"wrote {result.path} ({result.bytes / 1e6:.2f} MB) and {result.record_path} in {result.seconds:.1f} s.")
     return lines
-
-
-def load_record(path: str | Path) -> dict[str, Any]:
-    """The JSON record of an extraction."""
-    return json.loads(Path(path).read_text(encoding="utf-8"))

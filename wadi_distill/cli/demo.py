@@ -15,7 +15,7 @@ from wadi_probe.console import console, handle_errors
 def results_table(rows: list[dict]) -> Table:
     """The demo's final table, narrow enough for 80 columns: header words and model names wrap at spaces and are
     never cut off (a word longer than its column folds onto the next line instead of ending in "…")."""
-    from wadi_distill.builtin.digits.demo import METRIC_KEYS, METRIC_TITLES
+    from wadi_distill.digits_demo.demo import METRIC_KEYS, METRIC_TITLES
     from wadi_probe.report.summary import compact_table
 
     table = compact_table("one-step students vs the teacher (held-out reference digits)")
@@ -44,7 +44,7 @@ def demo_command(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Distil builtin:digits with full fine-tuning, probe it, distil LoRaD from the probe, and score everything."""
-    from wadi_distill.builtin.digits.demo import run_demo
+    from wadi_distill.digits_demo.demo import run_demo
 
     result = run_demo(output_dir, full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size, seed=seed,
                       quick=quick, progress=progress, console=console)

@@ -25,7 +25,7 @@ def train_teacher_command(
     eval_cfg: float = typer.Option(2.0, "--eval-cfg", help="CFG scale for the evaluation samples."),
 ) -> None:
     """Train the class-conditional digits teacher (ε-prediction, 10 % null-prompt dropout, EMA weights)."""
-    from wadi_distill.builtin.digits.teacher_training import TeacherTrainingConfig, train_and_save_teacher
+    from wadi_distill.digits_demo.teacher_training import TeacherTrainingConfig, train_and_save_teacher
 
     config = TeacherTrainingConfig(steps=steps, seed=seed, batch_size=batch_size, learning_rate=learning_rate)
     metadata = train_and_save_teacher(output, config, device=device.value, evaluate=evaluate, eval_steps=eval_steps,

@@ -1,6 +1,7 @@
 """LoRaD: low-rank rotation of weight direction, as one method.
 
-- :mod:`~wadi_distill.lorad.config`: :class:`LoRaDConfig`, the adapter's settings ↔ ``adapter_config.json``;
+- :mod:`~wadi_distill.lorad.config`: :class:`LoRaDConfig`, the adapter's settings ↔ ``adapter_config.json``, and
+  :func:`adapter_param_count`, the one parameter count of every adapter kind;
 - :mod:`~wadi_distill.lorad.layer`: the layers (the math, forward, merge and unmerge together);
 - :mod:`~wadi_distill.lorad.model`: inject into a model, switch adapters, merge, unmerge, unload;
 - :mod:`~wadi_distill.lorad.serialization`: adapter folders and official WaDi angle checkpoints;
@@ -10,7 +11,7 @@
 from wadi_probe.lazy import lazy_exports
 
 _EXPORTS = {
-    **{name: "wadi_distill.lorad.config" for name in ("LoRaDConfig", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS")},
+    **{name: "wadi_distill.lorad.config" for name in ("LoRaDConfig", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "adapter_param_count")},
     **{name: "wadi_distill.lorad.layer" for name in ("LoRaDLayer", "LoRaDLinear", "LoRaDConv2d", "AdapterSpec")},
     **{name: "wadi_distill.lorad.model" for name in (
         "inject_lorad", "lorad_layers", "adapter_names", "set_active_adapter", "use_adapter", "adapter_disabled",

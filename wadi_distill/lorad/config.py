@@ -11,6 +11,7 @@ Files written before this config existed (``"version": 1``: ``kind``, ``layers``
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -19,7 +20,8 @@ from typing import Any, Mapping
 
 from wadi_probe.errors import WadiInputError
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_FORMAT", "ADAPTER_VERSION", "ADAPTER_WEIGHTS", "ADAPTER_KINDS", "INITS", "LoRaDConfig"]
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_FORMAT", "ADAPTER_VERSION", "ADAPTER_WEIGHTS", "ADAPTER_KINDS", "COUNTED_KINDS",
+           "INITS", "LoRaDConfig", "adapter_param_count"]
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,6 +30,25 @@ ADAPTER_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
 ADAPTER_KINDS = ("lorad", "lora")
 INITS = ("zeros_xavier", "random")
+COUNTED_KINDS = ("lorad", "lora", "dora")  # ADAPTER_KINDS and PEFT's DoRA, the baseline the quality study trains
+
+
+def adapter_param_count(shape: tuple[int, ...] | list[int], rank: int, kind: str = "lorad") -> int:
+    """Trainable numbers of one adapter of ``rank`` on a weight of ``shape`` (out, in, *kernel).
+
+    The one count the planner, the adapter files and the PEFT baselines use, with fan_in = in·∏kernel:
+
+    - ``"lorad"``: A (out, r) and B (r, ⌊fan_in/2⌋), so r·(out + ⌊fan_in/2⌋);
+    - ``"lora"``: A (r, fan_in) and B (out, r), so r·(out + fan_in);
+    - ``"dora"``: LoRA's factors plus one magnitude per output row, r·(out + fan_in) + out.
+    """
+    if kind not in COUNTED_KINDS:
+        raise WadiInputError(f"unknown adapter kind {kind!r} to count; use one of {', '.join(COUNTED_KINDS)}.")
+    out = int(shape[0])
+    fan_in = math.prod(int(s) for s in shape[1:])
+    if kind == "lorad":
+        return int(rank) * (out + fan_in // 2)
+    return int(rank) * (out + fan_in) + (out if kind == "dora" else 0)
 
 
 @dataclass
@@ -52,8 +73,10 @@ class LoRaDConfig:
     - ``base_signature``: 16 hex digits of SHA-256 over the base's weight names and shapes; ``strict_base``
       refuses a base whose signature differs even when the adapted layers fit.
     - ``model_class``: the denoiser's class name (e.g. ``UNet2DConditionModel``), for messages.
-    - ``plan``: the plan the adapter was made from (``Plan.to_json()``), kept for the record.
-    - ``trainable_params``: the number of trained numbers, Σ r·(out + ⌊fan_in/2⌋) for LoRaD.
+    - ``plan``: the record of the plan the adapter was made from (a plan's JSON form), kept as it is; the
+      planner (:mod:`wadi_distill.plan`) makes a config with ``Plan.to_config()`` and reads a plan back with
+      ``Plan.from_config()``; nothing here looks inside it.
+    - ``trainable_params``: the number of trained numbers, Σ :func:`adapter_param_count` over the layers.
     """
 
     r: int = 8
@@ -103,18 +126,6 @@ class LoRaDConfig:
         fields.pop("r", None)
         pattern = {m: k for m, k in ranks.items() if k != r}
         return cls(r=r, target_modules=list(ranks), rank_pattern=pattern, **fields)
-
-    @classmethod
-    def from_plan(cls, plan: Any, **fields: Any) -> "LoRaDConfig":
-        """The config of a :class:`~wadi_distill.plan.Plan`: its ranks, layer shapes and itself for the record.
-
-        A plan counts LoRaD parameters, so ``trainable_params`` is carried over for the ``"lorad"`` kind only.
-        """
-        lorad = fields.get("kind", "lorad") == "lorad"
-        return cls.from_ranks(plan.ranks(), layer_shapes={e.module: list(e.shape) for e in plan.layers},
-                              model_class=fields.pop("model_class", plan.model_class), plan=plan.to_json(),
-                              trainable_params=fields.pop("trainable_params", plan.trainable_params if lorad else None),
-                              **fields)
 
     # ------------------------------------------------------------------------------------------- file form
     def to_dict(self) -> dict[str, Any]:

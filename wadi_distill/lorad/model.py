@@ -2,13 +2,14 @@
 
 The layer math is in :mod:`wadi_distill.lorad.layer`; this module only finds layers by their module path and
 replaces them by wrappers (or back). What to inject comes from a :class:`~wadi_distill.lorad.config.LoRaDConfig`,
-a :class:`~wadi_distill.plan.Plan` or a plain {module: rank} mapping.
+anything else that lists its ranks with ``ranks()`` (a plan, an adapter read from disk) or a plain {module: rank}
+mapping.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Protocol, Union
 
 import torch
 from torch import nn
@@ -16,9 +17,6 @@ from torch import nn
 from wadi_distill.lorad.config import LoRaDConfig
 from wadi_distill.lorad.layer import LoRaDConv2d, LoRaDLayer, LoRaDLinear
 from wadi_probe.errors import WadiInputError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from wadi_distill.plan.plan import Plan
 
 __all__ = [
     "lorad_layers",
@@ -50,11 +48,18 @@ def adapter_names(model: nn.Module) -> list[str]:
     return list(seen)
 
 
-def _plan_ranks(plan: "LoRaDConfig | Plan | Mapping[str, int] | Iterable") -> dict[str, int]:
-    if isinstance(plan, LoRaDConfig):
-        return plan.ranks()
-    if hasattr(plan, "layers"):
-        return {e.module: int(e.rank) for e in plan.layers}
+class Ranked(Protocol):
+    """Anything that says which layers get which rank: a LoRaDConfig, a plan, an adapter read from disk."""
+
+    def ranks(self) -> Mapping[str, int]: ...
+
+
+Ranks = Union[LoRaDConfig, Ranked, Mapping[str, int], Iterable]
+
+
+def _plan_ranks(plan: Ranks) -> dict[str, int]:
+    if hasattr(plan, "ranks"):
+        return {str(k): int(v) for k, v in plan.ranks().items()}
     if isinstance(plan, Mapping):
         return {str(k): int(v) for k, v in plan.items()}
     ranks: dict[str, int] = {}
@@ -72,7 +77,7 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def inject_lorad(
     model: nn.Module,
-    plan: "LoRaDConfig | Plan | Mapping[str, int] | Iterable",
+    plan: Ranks,
     *,
     adapter_name: str = "default",
     init: str | None = None,
@@ -171,7 +176,11 @@ def lorad_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
 
 
 def lorad_param_count(model: nn.Module, adapter_name: str) -> int:
-    """Number of trainable numbers in adapter ``adapter_name``: Σ r·(out + ⌊fan_in/2⌋) for LoRaD layers."""
+    """Number of trainable numbers in adapter ``adapter_name``, counted from its factors' sizes.
+
+    The same as Σ :func:`~wadi_distill.lorad.config.adapter_param_count` over its layers, which counts without a
+    model.
+    """
     return sum(p.numel() for p in lorad_parameters(model, adapter_name))
 
 

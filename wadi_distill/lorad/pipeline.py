@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
+from wadi_distill.lorad.config import LoRaDConfig
 from wadi_distill.lorad.model import lorad_layers, merge_lorad, remove_lorad, set_active_adapter, unmerge_lorad
 from wadi_distill.lorad.serialization import load_adapter
-from wadi_distill.plan.plan import Plan
 from wadi_probe.errors import WadiInputError
 
 __all__ = ["LoadedLoRaD", "denoiser_of", "load_lorad"]
@@ -44,11 +44,15 @@ def _adapter_path(path: str | Path) -> Path:
 
 @dataclass
 class LoadedLoRaD:
-    """A LoRaD adapter sitting on a pipeline's denoiser, with its plan; fuse, unfuse or unload it."""
+    """A LoRaD adapter sitting on a pipeline's denoiser, with its config; fuse, unfuse or unload it.
+
+    ``config`` is the adapter's :class:`LoRaDConfig` (ranks, layer shapes, the plan it was made from for the
+    record; ``wadi_distill.plan.Plan.from_config(loaded.config)`` gives that plan back).
+    """
 
     denoiser: nn.Module
     adapter_name: str
-    plan: Plan
+    config: LoRaDConfig
     path: Path
 
     @property
@@ -89,6 +93,6 @@ def load_lorad(pipe: Any, path: str | Path, *, adapter_name: str = "student", fu
     """
     denoiser = denoiser_of(pipe)
     source = _adapter_path(path)
-    plan = load_adapter(denoiser, source, adapter_name=adapter_name, activate=True)
-    loaded = LoadedLoRaD(denoiser, adapter_name, plan, source)
+    config = load_adapter(denoiser, source, adapter_name=adapter_name, activate=True)
+    loaded = LoadedLoRaD(denoiser, adapter_name, config, source)
     return loaded.fuse() if fuse else loaded

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -26,7 +26,6 @@ from torch import nn
 from wadi_distill.lorad.config import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRaDConfig
 from wadi_distill.lorad.layer import LoRaDLayer
 from wadi_distill.lorad.model import inject_lorad, lorad_layers
-from wadi_distill.plan.plan import Plan, PlanEntry, lorad_params_for
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.io.formats import adapters as adapter_files
@@ -78,43 +77,50 @@ def _factors(layer: LoRaDLayer, name: str) -> tuple[nn.Parameter, nn.Parameter]:
     return (layer.lorad_A[name], layer.lorad_B[name]) if kind == "lorad" else (layer.lora_A[name], layer.lora_B[name])
 
 
-def adapter_config(model: nn.Module, adapter_name: str = "default", plan: Plan | None = None,
+def _plan_record(plan: Any) -> dict[str, Any] | None:
+    """What an adapter keeps of the plan it was made from: a config's record, a plan's JSON form, or nothing."""
+    if plan is None:
+        return None
+    if isinstance(plan, LoRaDConfig):
+        return plan.plan
+    if isinstance(plan, Mapping):
+        return dict(plan)
+    return plan.to_json()  # a wadi_distill.plan.Plan, or anything else that writes itself as JSON
+
+
+def adapter_config(model: nn.Module, adapter_name: str = "default", plan: Any = None,
                    base_model_name_or_path: str | None = None) -> LoRaDConfig:
-    """The :class:`LoRaDConfig` describing adapter ``adapter_name`` as it sits in ``model``."""
+    """The :class:`LoRaDConfig` describing adapter ``adapter_name`` as it sits in ``model``.
+
+    ``plan`` is kept in the config for the record: a :class:`~wadi_distill.plan.Plan` (its JSON form), the config
+    it made (``plan.to_config()``, whose record is taken), the JSON form itself, or None.
+    """
     layers = {name: layer for name, layer in lorad_layers(model).items() if adapter_name in layer.specs}
     if not layers:
         raise WadiInputError(f"the model has no adapter called {adapter_name!r}, so there is nothing to save.")
     kinds = {layer.specs[adapter_name].kind for layer in layers.values()}
     if len(kinds) != 1:
         raise WadiInputError(f"adapter {adapter_name!r} mixes kinds {sorted(kinds)}; save them as separate adapters.")
-    kind = kinds.pop()
-    entries = []
-    for module, layer in layers.items():
-        rank = layer.specs[adapter_name].rank
-        params = lorad_params_for(layer.weight_shape, rank) if kind == "lorad" else rank * (layer.out_features + layer.fan_in)
-        entries.append(PlanEntry(module, rank, params, layer.weight_shape))
-    if plan is None:
-        plan = Plan(entries, source=f"adapter:{adapter_name}", model_class=type(model).__name__)
     scales = {layer.specs[adapter_name].scale for layer in layers.values()}
     return LoRaDConfig.from_ranks(
-        {e.module: e.rank for e in entries},
+        {module: layer.specs[adapter_name].rank for module, layer in layers.items()},
         base_model_name_or_path=base_model_name_or_path,
-        kind=kind,
+        kind=kinds.pop(),
         lora_scale=float(scales.pop()) if len(scales) == 1 else 1.0,
-        layer_shapes={e.module: list(e.shape) for e in entries},
+        layer_shapes={module: list(layer.weight_shape) for module, layer in layers.items()},
         base_signature=base_signature(model),
         model_class=type(model).__name__,
         adapter_name=adapter_name,
-        plan=plan.to_json(),
+        plan=_plan_record(plan),
         trainable_params=sum(p.numel() for layer in layers.values() for p in _factors(layer, adapter_name)),
     )
 
 
-def save_adapter(model: nn.Module, path: str | Path, plan: Plan | None = None, *, adapter_name: str = "default",
+def save_adapter(model: nn.Module, path: str | Path, plan: Any = None, *, adapter_name: str = "default",
                  base_model_name_or_path: str | None = None) -> Path:
     """Write adapter ``adapter_name`` of ``model`` to the folder ``path`` (weights + config), atomically.
 
-    ``plan`` is stored in the config (the plan of the layers that carry the adapter is rebuilt when omitted).
+    ``plan`` (a :class:`~wadi_distill.plan.Plan` or the config it made) is kept in the config for the record.
     Returns the folder.
     """
     config = adapter_config(model, adapter_name, plan, base_model_name_or_path)
@@ -244,11 +250,13 @@ def load_official_thetas(path: str | Path) -> dict[str, tuple[torch.Tensor, torc
     return dict(adapter.factors)
 
 
-def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "default", activate: bool = True) -> Plan:
+def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "default",
+                 activate: bool = True) -> LoRaDConfig:
     """Inject the adapter stored at ``path`` (own folder or official thetas) into ``model`` as ``adapter_name``.
 
     Refuses, with a clear message and without touching the model, an adapter made for another base. Returns
-    the plan the adapter was made with (or one rebuilt from the factors' shapes).
+    the adapter's config: the one stored with it, or, for an official checkpoint (which carries none), one made
+    from the factors' ranks and the base's layer shapes (``Plan.from_config`` turns either into a plan).
     """
     shapes = model_shapes(model)
     adapter = read_adapter(path, base_shapes=shapes, model_class=type(model).__name__)
@@ -260,7 +268,10 @@ def load_adapter(model: nn.Module, path: str | Path, *, adapter_name: str = "def
             a_store, b_store = _factors(layers[module], adapter_name)
             a_store.copy_(a.to(a_store.dtype))
             b_store.copy_(b.to(b_store.dtype))
-    if adapter.config is not None and adapter.config.plan:
-        return Plan.from_json(adapter.config.plan)
-    entries = [PlanEntry(m, r, lorad_params_for(shapes[f"{m}.weight"], r), shapes[f"{m}.weight"]) for m, r in ranks.items()]
-    return Plan(entries, source=f"official:{Path(path).name}", model_class=type(model).__name__)
+    if adapter.config is not None:
+        return adapter.config
+    return LoRaDConfig.from_ranks(
+        ranks, kind=adapter.kind, layer_shapes={m: list(shapes[f"{m}.weight"]) for m in ranks},
+        model_class=type(model).__name__, adapter_name=adapter_name,
+        trainable_params=sum(a.numel() + b.numel() for a, b in adapter.factors.values()),
+    )

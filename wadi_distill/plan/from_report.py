@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from wadi_distill.lorad.config import adapter_param_count
 from wadi_distill.plan.models import backbone_param_count, weight_layers
 from wadi_distill.plan.plan import Plan, PlanEntry
 from wadi_probe.errors import WadiInputError
@@ -52,7 +53,7 @@ class _Candidate:
 
     @property
     def per_rank(self) -> int:
-        return self.shape[0] + math.prod(self.shape[1:]) // 2
+        return adapter_param_count(self.shape, 1)  # a LoRaD rank costs r·(out + ⌊fan_in/2⌋), linear in r
 
     def energy_at(self, k: int) -> float:
         return 0.0 if k <= 0 else float(self.curve[min(k, len(self.curve)) - 1])

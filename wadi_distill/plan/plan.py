@@ -2,30 +2,25 @@
 
 A plan is a list of (module name, rank) with the parameter count r·(out + ⌊fan_in/2⌋) of each entry, the notes
 that explain how it was chosen and the layers left out and why. It is plain data (JSON in, JSON out); the two
-ways of making one are :mod:`wadi_distill.plan.presets` and :mod:`wadi_distill.plan.from_report`.
+ways of making one are :mod:`wadi_distill.plan.presets` and :mod:`wadi_distill.plan.from_report`. The adapter
+itself is described by a :class:`~wadi_distill.lorad.config.LoRaDConfig`: :meth:`Plan.to_config` makes one,
+:meth:`Plan.from_config` reads the plan back out of one (an adapter folder's config, say).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from wadi_distill.lorad.config import LoRaDConfig, adapter_param_count
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.atomic import write_json_atomic
 from wadi_probe.io.jsonfile import read_json
 
-__all__ = ["PLAN_SCHEMA_VERSION", "PlanEntry", "Plan", "lorad_params_for"]
+__all__ = ["PLAN_SCHEMA_VERSION", "PlanEntry", "Plan"]
 
 PLAN_SCHEMA_VERSION = 1
-
-
-def lorad_params_for(shape: tuple[int, ...] | list[int], rank: int) -> int:
-    """Trainable numbers of a LoRaD adapter of ``rank`` on a weight of ``shape``: r·(out + ⌊fan_in/2⌋)."""
-    out = int(shape[0])
-    fan_in = math.prod(int(s) for s in shape[1:])
-    return int(rank) * (out + fan_in // 2)
 
 
 @dataclass
@@ -100,7 +95,7 @@ class Plan:
                 PlanEntry(
                     module=str(e["module"]),
                     rank=int(e["rank"]),
-                    params=int(e.get("params") if e.get("params") is not None else lorad_params_for(e["shape"], e["rank"])),
+                    params=int(e.get("params") if e.get("params") is not None else adapter_param_count(e["shape"], e["rank"])),
                     shape=tuple(int(s) for s in e.get("shape", ())),
                     needed_rank=e.get("needed_rank"),
                     energy=e.get("energy"),
@@ -118,6 +113,34 @@ class Plan:
             model_class=data.get("model_class"),
             backbone_params=data.get("backbone_params"),
         )
+
+    def to_config(self, **fields: Any) -> LoRaDConfig:
+        """The :class:`LoRaDConfig` of an adapter made from this plan: its ranks, layer shapes and itself for the record.
+
+        ``fields`` sets the config's other fields (``kind``, ``init``, ``lora_scale``, ``base_model_name_or_path``,
+        ...). ``trainable_params`` is counted for the config's kind when every entry knows its shape.
+        """
+        kind = fields.get("kind", "lorad")
+        if "trainable_params" not in fields:
+            known = all(e.shape for e in self.layers)
+            fields["trainable_params"] = (self.trainable_params if kind == "lorad" else
+                                          sum(adapter_param_count(e.shape, e.rank, kind) for e in self.layers)
+                                          if known else None)
+        fields.setdefault("model_class", self.model_class)
+        return LoRaDConfig.from_ranks(self.ranks(), layer_shapes={e.module: list(e.shape) for e in self.layers},
+                                      plan=self.to_json(), **fields)
+
+    @classmethod
+    def from_config(cls, config: LoRaDConfig, *, source: str = "adapter") -> "Plan":
+        """The plan an adapter was made from: the record its config keeps, else one rebuilt from its ranks and shapes.
+
+        A rebuilt plan counts each layer for the config's kind (official WaDi checkpoints carry no plan).
+        """
+        if config.plan:
+            return cls.from_json(config.plan)
+        entries = [PlanEntry(module, rank, adapter_param_count(config.layer_shapes[module], rank, config.kind),
+                             tuple(config.layer_shapes[module])) for module, rank in config.ranks().items()]
+        return cls(entries, source=source, model_class=config.model_class)
 
     def save(self, path: str | Path) -> Path:
         """Write the plan as JSON, atomically."""

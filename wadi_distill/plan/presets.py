@@ -7,7 +7,8 @@ import math
 from torch import nn
 
 from wadi_distill.plan.models import backbone_param_count, weight_layers
-from wadi_distill.plan.plan import Plan, PlanEntry, lorad_params_for
+from wadi_distill.lorad.config import adapter_param_count
+from wadi_distill.plan.plan import Plan, PlanEntry
 from wadi_probe.errors import WadiInputError
 
 __all__ = ["PRESETS", "BLOCK_ROOTS", "plan_from_preset"]
@@ -40,7 +41,7 @@ def plan_from_preset(model: nn.Module, rank: int, preset: str = "paper") -> Plan
         if wanted and math.prod(shape[1:]) >= 2:
             # The paper keeps one rank everywhere, even above a layer's full rank min(out, ⌊fan_in/2⌋)
             # (e.g. r=256 on 320×320): the counts it reports include those factors, so do we.
-            entries.append(PlanEntry(name, int(rank), lorad_params_for(shape, int(rank)), shape))
+            entries.append(PlanEntry(name, int(rank), adapter_param_count(shape, int(rank)), shape))
         elif isinstance(layer, nn.Linear):
             skipped.append((name, "outside the down/mid/up or transformer blocks"))
     if not entries:

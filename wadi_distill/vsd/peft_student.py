@@ -11,7 +11,6 @@ adapter trains); this module holds the PEFT-side functions it uses.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -23,22 +22,12 @@ from wadi_probe.errors import WadiInputError
 PEFT_KINDS = ("lora", "dora")
 
 
-def peft_param_count(shapes: list[tuple[int, ...]], rank: int, kind: str) -> int:
-    """Trainable parameters of a PEFT LoRA (r·(out + fan_in)) or DoRA (plus one magnitude per output) adapter."""
-    if kind not in PEFT_KINDS:
-        raise WadiInputError(f"PEFT student kind must be lora or dora, not {kind!r}.")
-    total = sum(rank * (s[0] + math.prod(s[1:])) for s in shapes)
-    return total + (sum(s[0] for s in shapes) if kind == "dora" else 0)
-
-
 def rank_for_budget(shapes: list[tuple[int, ...]], budget: int, kind: str) -> int:
     """The uniform rank whose parameter count (``kind`` in lora, dora, lorad) comes closest to ``budget``."""
-    from wadi_distill.plan import lorad_params_for
+    from wadi_distill.lorad.config import adapter_param_count
 
     def count(rank: int) -> int:
-        if kind == "lorad":
-            return sum(lorad_params_for(s, rank) for s in shapes)
-        return peft_param_count(shapes, rank, kind)
+        return sum(adapter_param_count(s, rank, kind) for s in shapes)
 
     return min(range(1, 1025), key=lambda r: (abs(count(r) - budget), r))
 

@@ -352,11 +352,6 @@ def groups_tables(report: Report) -> list[RenderableType]:
     return [changes, spectra, legend]
 
 
-def groups_table(report: Report) -> Table:
-    """The first of :func:`groups_tables` (how far each block × layer type moved)."""
-    return groups_tables(report)[0]
-
-
 def summary_renderables(report: Report, *, top: int = 10) -> list[RenderableType]:
     """Everything ``wadi-probe show`` prints, as rich renderables."""
     inputs = report.inputs

@@ -238,7 +238,7 @@ def train_and_save_teacher(output: str | Path, config: TeacherTrainingConfig | N
     # Save first, so the evaluation measures the weights exactly as stored (fp16 round trip).
     save_teacher(result.teacher, output, metadata=metadata)
     if evaluate and (BUILTIN_DIR / CLASSIFIER_FILE).is_file():
-        from wadi_distill.builtin.digits.sanity import sanity_rows
+        from wadi_distill.digits_demo.sanity import sanity_rows
 
         stored = load_teacher_dir(output, device=device)
         rows = sanity_rows(stored, steps=eval_steps, cfg=eval_cfg, seed=config.seed, device=device)
