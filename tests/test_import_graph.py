@@ -21,7 +21,7 @@ PACKAGES = ("wadi_probe", "wadi_distill")
 #: package's own ``__init__`` (its lazy re-exports), which sits at the top.
 LAYERS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "wadi_probe": [
-        ("foundation", ("errors", "lazy", "console", "device", "heap", "builtins")),  # shared by both packages
+        ("foundation", ("errors", "lazy", "console", "device", "heap", "builtins", "text")),  # shared by both packages
         ("math", ("rotation", "chance", "decompose")),
         ("files", ("io",)),
         ("pairing", ("pairing", "layers")),
@@ -36,7 +36,7 @@ LAYERS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
         ("planning", ("plan",)),  # which layers get which rank
         ("teachers", ("teachers",)),
         ("training", ("vsd",)),  # the VSD loop and its student kinds
-        ("use", ("one_step", "sample", "export", "single_file", "transfer", "lora_extract", "evaluate",
+        ("use", ("request_size", "one_step", "sample", "export", "single_file", "transfer", "lora_extract", "evaluate",
                  "evaluation")),  # sampling, export and evaluation of trained students
         ("demo", ("digits_demo",)),  # the end-to-end demo, metric sanity checks, the digits teacher's training
         ("commands", ("cli", "__init__")),

@@ -70,7 +70,7 @@ def handle_errors(func: F) -> F:
         except WadiRuntimeError as exc:
             fail(str(exc), EXIT_RUNTIME)
         except OSError as exc:  # a write outside atomic_path (a log, a folder) that the place refused: no space, ...
-            from wadi_probe.io.atomic import WRITE_ERRORS
+            from wadi_probe.errors import WRITE_ERRORS
 
             if exc.errno not in WRITE_ERRORS:
                 raise

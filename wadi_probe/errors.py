@@ -6,6 +6,18 @@ that sentence on stderr and exit code 2, with no traceback.
 
 from __future__ import annotations
 
+import errno
+
+#: errno -> the reason told to the user; these mean the place, not the program or its input, is at fault
+WRITE_ERRORS: dict[int, str] = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file would exceed the file-size limit (ulimit -f)",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
 
 class WadiInputError(ValueError):
     """A usage or input error a person can fix: a missing file, a corrupt checkpoint, a mismatched model."""

@@ -25,17 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from wadi_probe.errors import WadiInputError, WadiRuntimeError, WadiWriteError
+from wadi_probe.errors import WRITE_ERRORS, WadiInputError, WadiRuntimeError, WadiWriteError
 
-#: errno -> the reason told to the user; these mean the place, not the program or its input, is at fault
-WRITE_ERRORS: dict[int, str] = {
-    errno.ENOSPC: "no space left on the device",
-    errno.EDQUOT: "the disk quota is used up",
-    errno.EFBIG: "the file would exceed the file-size limit (ulimit -f)",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-}
 #: errnos that only a write can cause (EACCES/EPERM may also come from reading an input)
 _WRITE_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 #: free space below which a writer's failure without an errno (torch.save's RuntimeError) is put down to a full disk
