@@ -188,6 +188,23 @@ def _file_backed_rss() -> int:
     return 0
 
 
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes.
+
+    /proc's VmHWM belongs to the process's own address space, which exec starts afresh; ``ru_maxrss`` is kept
+    across fork and exec, so a worker started by a large parent (a long pytest session) would report the parent's
+    peak and hide its own. ``ru_maxrss`` is the fallback where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _worker(args: argparse.Namespace) -> dict:
     from diffusers import UNet2DConditionModel  # noqa: F401  (imports before the memory baseline)
 
@@ -195,7 +212,7 @@ def _worker(args: argparse.Namespace) -> dict:
     from wadi_distill.plan import plan_from_preset
 
     torch.set_num_threads(args.threads)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = _peak_rss()
     file0 = _file_backed_rss()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     teacher = _teacher(args.config, args.device)
@@ -221,7 +238,7 @@ def _worker(args: argparse.Namespace) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if cuda else
-            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
+            _peak_rss() - rss0)
     return {"variant": args.variant, "median_step_s": statistics.median(times), "step_s": times,
             "peak_bytes": int(peak), "code_bytes": 0 if cuda else _file_backed_rss() - file0, "adapted_layers": len(ranks)}
 

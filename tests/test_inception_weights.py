@@ -100,12 +100,13 @@ def test_anything_but_an_inception_file_is_one_sentence_exit_2(tmp_path):
     out = tmp_path / "e.json"
     images = tmp_path / "images"
     images.mkdir()
+    (tmp_path / "weights").mkdir()  # a folder given as the weights (outside the output's folder)
     (tmp_path / "notes.txt").write_text("not weights\n")
     torch.save({"conv.weight": torch.zeros(2, 3)}, tmp_path / "other.pth")
     torch.jit.script(torch.nn.Conv2d(3, 4, 3)).save(str(tmp_path / "conv.pt"))
     torch.save({"Mixed_7c.branch_pool.conv.weight": torch.zeros(1)}, tmp_path / INCEPTION_FILE)
     cases = [(tmp_path / INCEPTION_FILE, "pass --inception-resize tf1"),  # clean-fid's resize needs float input
-             (tmp_path, "is a folder; give --inception FILE"),
+             (tmp_path / "weights", "is a folder; give --inception FILE"),
              (tmp_path / "notes.txt", "is not an InceptionV3 weights file"),
              (tmp_path / "other.pth", "without torch-fidelity's InceptionV3 layers"),
              (tmp_path / "conv.pt", "give other feature networks with --features")]

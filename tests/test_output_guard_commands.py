@@ -148,7 +148,7 @@ def test_sample_evaluate_and_plan_never_write_over_what_they_read(world, unchang
     # item 4: sample's grid onto the adapter
     weights = adapter / "adapter.safetensors"
     _refused(world, _distill("sample", "--teacher", world["teacher"], "--adapter", adapter, "--prompt", "a cat",
-                             "-o", weights), f"the image grid {weights} is inside the input {adapter}")
+                             "-o", weights), f"{weights} has the suffix '.safetensors'; name a .png or .jpg grid")
     # item 5: evaluate's record onto the prompt file, onto the reference statistics
     _refused(world, _distill("evaluate", "--teacher", world["teacher"], "--adapter", adapter, "--prompts", prompts,
                              "--reference", tmp_path, "-o", prompts), f"the record {prompts} is the input {prompts}")

@@ -51,6 +51,11 @@ def to_model_range(raw: np.ndarray | torch.Tensor) -> torch.Tensor:
     return x / (PIXEL_MAX / 2.0) - 1.0
 
 
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """Map model-range images [-1, 1] to [0, 1] (for display and image files), clamping what a sampler overshoots."""
+    return ((images + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
 def split_indices(seed: int = SPLIT_SEED, reference_per_class: int = REFERENCE_PER_CLASS,
                   test_per_class: int = TEST_PER_CLASS) -> dict[str, np.ndarray]:
     """Return the row indices of each part, stratified by class and reproducible from ``seed``."""
