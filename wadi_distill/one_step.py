@@ -1,80 +1,25 @@
-"""One-step generation with a distilled student, and image grids.
+"""One-step generation with a distilled student read from files: the teacher plus an adapter or merged weights.
 
-The student evaluates once at t = T−1 on pure noise; :func:`wadi_distill.vsd.losses.one_step_x0` turns its raw
-prediction (ε, v or x0, as the teacher's scheduler says) into the sample.
+The sampling itself (:func:`~wadi_distill.teachers.sampling.one_step_images`) and the image grids
+(:mod:`wadi_distill.image_grid`) live lower down, where the VSD loop uses them too; they are importable from here
+as well.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
+
 import torch
 from torch import nn
 
-from wadi_distill.teachers.pipeline import Conditioning, DenoiserCall, Teacher, load_teacher
-from wadi_distill.vsd.losses import NoiseSchedule, one_step_x0
+from wadi_distill.image_grid import image_grid, save_image_grid
+from wadi_distill.teachers.pipeline import Teacher, load_teacher
+from wadi_distill.teachers.sampling import one_step_generate, one_step_images, seeded_noise
 from wadi_probe.device import resolve_device
-from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
 
-
-@torch.no_grad()
-def one_step_generate(denoiser: nn.Module, call: DenoiserCall, schedule: NoiseSchedule, cond: Conditioning,
-                      noise: torch.Tensor) -> torch.Tensor:
-    """x̂0 (latents or pixels) from ``noise`` (B, C, H, W) in one denoiser evaluation at t = T−1."""
-    t = torch.full((noise.shape[0],), schedule.last_timestep, device=noise.device, dtype=torch.long)
-    out = call(denoiser, noise, t, cond)
-    return one_step_x0(out.float(), noise.float(), schedule)
-
-
-def seeded_noise(shape: tuple[int, int, int], seeds: list[int]) -> torch.Tensor:
-    """One (C, H, W) Gaussian per seed, drawn on the CPU so that every device gets the same images."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
-def one_step_images(teacher: Teacher, denoiser: nn.Module, cond: Conditioning, seeds: list[int], *,
-                    device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Decoded one-step images (B, 3|C, H, W) in [0, 1] for conditioning ``cond`` (B rows) and ``seeds``."""
-    noise = seeded_noise(teacher.latent_shape, seeds).to(device)
-    param_dtype = dtype or next(denoiser.parameters()).dtype
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=param_dtype,
-                              enabled=param_dtype in (torch.float16, torch.bfloat16))
-    with autocast:
-        latents = one_step_generate(denoiser, teacher.call, teacher.schedule, cond.to(device), noise)
-    if teacher.decode is None:
-        return ((latents.float() + 1) / 2).clamp(0, 1).cpu()
-    return teacher.decode(latents).cpu()
-
-
-def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """Tile (B, C, H, W) images in [0, 1] into one (C, H', W') grid with a 2-pixel border."""
-    b, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
-    ncol = math.ceil(b / nrow)
-    pad = 2
-    grid = torch.ones(c, ncol * (h + pad) + pad, nrow * (w + pad) + pad)
-    for i in range(b):
-        r, k = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = images[i]
-    return grid
-
-
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *, scale: int = 1) -> Path:
-    """Write ``images`` (B, C, H, W) in [0, 1] as one PNG grid, atomically; ``scale`` upscales the whole grid
-    (nearest neighbour) so that tiny images stay visible."""
-    from PIL import Image
-
-    grid = image_grid(images.float().cpu(), nrow)
-    array = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    if array.shape[2] == 1:
-        array = array[:, :, 0]
-    picture = Image.fromarray(array)
-    if scale != 1:
-        picture = picture.resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
-    return path
+__all__ = ["sample", "load_student", "load_merged_weights", "one_step_images", "one_step_generate", "seeded_noise",
+           "image_grid", "save_image_grid"]
 
 
 def sample(
