@@ -75,7 +75,7 @@ def test_peft_student_trains_in_the_vsd_loop(tmp_path):
     from tiny_pipelines import make_pipeline
 
     from wadi_distill.teachers.pipeline import load_teacher
-    from wadi_distill.vsd.peft_student import distill_peft
+    from wadi_distill.vsd.trainer import distill_peft
     from wadi_distill.vsd.trainer import DistillConfig
 
     teacher = make_pipeline(tmp_path / "sd", "sd")
