@@ -170,8 +170,8 @@ class BuiltinDigits(StableDiffusion):
         return Teacher(
             denoiser=unet, family=cls(size, channels), schedule=cls.schedule(builtin.scheduler),
             latent_shape=(channels, size, size), source=spec, encode_prompts=encode, decode=decode,
-            null_prompt=getattr(builtin, "null_prompt", ""), default_prompts=list(getattr(builtin, "class_prompts", [])) or None,
-            builtin=builtin,
+            null_prompt=getattr(builtin, "null_prompt", ""),
+            default_prompts=list(getattr(builtin, "class_prompts", [])) or None, builtin=builtin,
         )
 
     def encode(self, text: TextEncoders, prompts, device):
