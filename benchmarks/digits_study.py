@@ -133,7 +133,7 @@ def _config(job: Job, workdir: Path, steps: int, resume: bool):
 
 
 def _train(job: Job, workdir: Path, steps: int, resume: bool):
-    from wadi_distill.vsd.peft_student import distill_peft
+    from wadi_distill.vsd.trainer import distill_peft
     from wadi_distill.vsd.trainer import distill
 
     config = _config(job, workdir, steps, resume)

@@ -4,7 +4,7 @@
   (the teacher is the base with no adapter); each adapted layer forms its rotated weight once and runs one matmul.
 - paper-style: THREE full copies of the UNet (teacher, student, fake score), the adapters attached with forward
   hooks that discard the layer's own output and run the layer again with the rotated weight (each adapted
-  layer runs twice). Same VSD math (:mod:`wadi_distill.vsd.losses`), plan, batch, CFG, optimizers and precision.
+  layer runs twice). Same VSD step (:class:`wadi_distill.vsd.step.VSDStep`), plan, batch, CFG, optimizers and precision.
 
 Each variant runs in its own subprocess so that peak memory is measured separately (CUDA: max allocated;
 CPU: peak RSS above the RSS after imports). On a CPU that peak also holds the library code pages (libtorch,
@@ -52,13 +52,14 @@ TEXT_LEN = 77
 def _teacher(config_name: str, device: str):
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from wadi_distill.teachers.pipeline import Conditioning, Teacher, UNetCall
-    from wadi_distill.vsd.losses import NoiseSchedule
+    from wadi_distill.schedules import schedule_from_scheduler
+    from wadi_distill.teachers.families import StableDiffusion
+    from wadi_distill.teachers.pipeline import Conditioning, Teacher
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**CONFIGS[config_name])
     unet.requires_grad_(False)
-    schedule = NoiseSchedule.from_scheduler(
+    schedule = schedule_from_scheduler(
         DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
     dim = unet.config.cross_attention_dim
 
@@ -69,8 +70,8 @@ def _teacher(config_name: str, device: str):
         return Conditioning(states)
 
     size = int(unet.config.sample_size)
-    return Teacher(denoiser=unet, call=UNetCall(size * 8, 4), schedule=schedule, latent_shape=(4, size, size),
-                   source=f"random:{config_name}", family="sd", encode_prompts=encode)
+    return Teacher(denoiser=unet, family=StableDiffusion(size * 8, 4), schedule=schedule,
+                   latent_shape=(4, size, size), source=f"random:{config_name}", encode_prompts=encode)
 
 
 # ------------------------------------------------------------------------------------------ paper-style loop
@@ -104,7 +105,7 @@ def _attach(model: nn.Module, ranks: dict[str, int]) -> nn.ModuleList:
 def _paper_step_fn(teacher, ranks: dict[str, int], fake_ranks: dict[str, int], batch: int, cfg: float,
                    device: str, dtype: torch.dtype):
     from wadi_distill.vsd import losses as vsd
-    from wadi_distill.teachers.pipeline import Conditioning
+    from wadi_distill.vsd.step import VSDStep
 
     base = teacher.denoiser.to(device, dtype)
     teacher_unet, student_unet, fake_unet = base, copy.deepcopy(base), copy.deepcopy(base)
@@ -115,33 +116,24 @@ def _paper_step_fn(teacher, ranks: dict[str, int], fake_ranks: dict[str, int], b
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     schedule, call = teacher.schedule, teacher.call
     cond = teacher.encode_prompts(["x"] * batch).to(device)
-    null = teacher.encode_prompts([""]).to(device).expand(batch)
+    null = teacher.encode_prompts([""]).to(device)
     gen = torch.Generator().manual_seed(0)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    models = {"teacher": teacher_unet, "student": student_unet, "fake": fake_unet}
 
-    def eps_of(model, x, t, c, alpha, sigma):
+    def predict(role, x, t, c):
         with autocast:
-            out = call(model, x, t, c).float()
-        return vsd.to_epsilon(out, x, alpha, sigma, schedule.prediction_type)
+            return call(models[role], x, t, c).float()
 
-    def guided(model, x, t, alpha, sigma):
-        both = eps_of(model, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat([cond, null]),
-                      torch.cat([alpha, alpha]), torch.cat([sigma, sigma]))
-        return vsd.classifier_free_guidance(both[:batch], both[batch:], cfg)
+    vsd_step = VSDStep(schedule, predict, null, cfg)  # the same step as the trainer's, on three separate models
+    keep_prompt = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def step() -> None:
         z = torch.randn(batch, *teacher.latent_shape, generator=gen).to(device)
-        last = torch.full((batch,), schedule.last_timestep, device=device)
-        with autocast:
-            x0 = vsd.one_step_x0(call(student_unet, z, last, cond).float(), z, schedule)
         t = vsd.student_timesteps(batch, schedule, gen).to(device)
         noise = torch.randn(batch, *teacher.latent_shape, generator=gen).to(device)
-        alpha, sigma = schedule.alpha_sigma(t, x0)
-        with torch.no_grad():
-            x_t = vsd.add_noise(x0.detach(), noise, alpha, sigma)
-            g = vsd.vsd_gradient(guided(teacher_unet, x_t, t, alpha, sigma), guided(fake_unet, x_t, t, alpha, sigma),
-                                 alpha * alpha)
-        scaler.scale(vsd.student_loss(x0, g)).backward()
+        loss, x0 = vsd_step.student_loss(z, cond, t, noise)
+        scaler.scale(loss).backward()
         scaler.unscale_(opt_s)
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         scaler.step(opt_s)
@@ -149,9 +141,7 @@ def _paper_step_fn(teacher, ranks: dict[str, int], fake_ranks: dict[str, int], b
         opt_s.zero_grad(set_to_none=True)
         t2 = vsd.fake_timesteps(batch, schedule, gen).to(device)
         noise2 = torch.randn(batch, *teacher.latent_shape, generator=gen).to(device)
-        alpha2, sigma2 = schedule.alpha_sigma(t2, x0)
-        x_t2 = vsd.add_noise(x0.detach(), noise2, alpha2, sigma2)
-        loss = vsd.fake_score_loss(eps_of(fake_unet, x_t2, t2, cond, alpha2, sigma2), noise2, alpha2 * alpha2)
+        loss = vsd_step.fake_loss(x0.detach(), cond, t2, noise2, keep_prompt)
         scaler.scale(loss).backward()
         scaler.unscale_(opt_f)
         torch.nn.utils.clip_grad_norm_(fake.parameters(), 1.0)

@@ -76,7 +76,7 @@ def test_peft_student_trains_in_the_vsd_loop(tmp_path):
     from tiny_pipelines import make_pipeline
 
     from wadi_distill.teachers.pipeline import load_teacher
-    from wadi_distill.vsd.peft_student import distill_peft
+    from wadi_distill.vsd.trainer import distill_peft
     from wadi_distill.vsd.trainer import DistillConfig
 
     teacher = make_pipeline(tmp_path / "sd", "sd")
@@ -97,3 +97,31 @@ def test_peft_student_trains_in_the_vsd_loop(tmp_path):
     with pytest.raises(WadiInputError, match="separate-student"):
         distill_peft(DistillConfig(teacher=str(teacher), output_dir=str(tmp_path / "o2"), prompts=str(prompts),
                                    rank=2), kind="lora", rank=2, modules=modules)
+
+
+def test_peft_kinds_are_registered_student_kinds(tiny_unet, tmp_path):
+    """student_adapter="peft-dora" builds the PEFT student from the config: the preset's layers at --rank."""
+    from wadi_distill.vsd.config import DistillConfig, validate_config
+    from wadi_distill.vsd.students import STUDENT_KINDS, AdapterStudent, FullStudent, PeftStudent, student_for
+
+    assert {k: v.__name__ for k, v in STUDENT_KINDS.items()} == {
+        "lorad": "AdapterStudent", "lora": "AdapterStudent", "full": "FullStudent", "peft-lora": "PeftStudent",
+        "peft-dora": "PeftStudent"}
+    config = DistillConfig(teacher="builtin:digits", output_dir=str(tmp_path / "out"), student_adapter="peft-dora",
+                           rank=2)
+    validate_config(config)
+    student = student_for(config)
+    assert isinstance(student, PeftStudent) and (student.kind, student.rank, student.modules) == ("dora", 2, None)
+    base = tiny_unet(seed=0)
+    student.attach(base, config, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert student.modules == [e.module for e in plan_from_preset(base, 2).layers]
+    shapes = [tuple(e.shape) for e in plan_from_preset(base, 2).layers]
+    assert sum(p.numel() for _, p in student.trainable(base)) == sum(adapter_param_count(s, 2, "dora") for s in shapes)
+    assert isinstance(student_for(DistillConfig(teacher="x", output_dir="y", rank=1)), AdapterStudent)
+    assert type(student_for(DistillConfig(teacher="x", output_dir="y", student_adapter="full"))) is FullStudent
+    with pytest.raises(WadiInputError, match="give --rank"):
+        validate_config(DistillConfig(teacher="builtin:digits", output_dir=str(tmp_path / "o2"),
+                                      student_adapter="peft-lora", plan=__file__))
+    with pytest.raises(WadiInputError, match="student_adapter must be one of lorad, lora, full, peft-lora, peft-dora"):
+        validate_config(DistillConfig(teacher="builtin:digits", output_dir=str(tmp_path / "o3"),
+                                      student_adapter="qlora", rank=2))

@@ -73,10 +73,8 @@ def test_vsd_steps_change_adapters_not_the_teacher(kind, pipelines, prompt_file,
         expected = (z - math.sqrt(1 - a_bar) * raw) / math.sqrt(a_bar)
     else:  # v-prediction
         expected = math.sqrt(a_bar) * z - math.sqrt(1 - a_bar) * raw
-    from wadi_distill.vsd.losses import one_step_x0
-
     with torch.no_grad():
-        got = one_step_x0(trainer.predict("student", z, t_last, cond), z, trainer.schedule)
+        got = trainer.schedule.one_step_x0(trainer.predict("student", z, t_last, cond), z)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
     for _ in range(2):

@@ -1,108 +1,30 @@
-"""One-step generation with a distilled student, and image grids.
+"""One-step generation with a distilled student read from files: the teacher plus an adapter or merged weights.
 
-The student evaluates once at t = T−1 on pure noise; :func:`wadi_distill.vsd.losses.one_step_x0` turns its raw
-prediction (ε, v or x0, as the teacher's scheduler says) into the sample.
+The sampling itself (:func:`~wadi_distill.teachers.sampling.one_step_images`) and the image grids
+(:mod:`wadi_distill.image_grid`) live lower down, where the VSD loop uses them too; they are importable from here
+as well.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from wadi_distill.teachers.pipeline import Conditioning, DenoiserCall, Teacher, load_teacher
-from wadi_distill.vsd.losses import NoiseSchedule, one_step_x0
+from wadi_distill.image_grid import grid_picture, grid_size, image_grid, paste_into_grid, save_image_grid
+from wadi_distill.teachers.pipeline import Teacher, load_teacher
+from wadi_distill.teachers.sampling import one_step_generate, one_step_images, seeded_noise
 from wadi_probe.device import resolve_device
-from wadi_probe.io.atomic import atomic_path
 from wadi_probe.errors import WadiInputError
+from wadi_probe.io.atomic import atomic_path
 from wadi_probe.text import plural
 
-
-@torch.no_grad()
-def one_step_generate(denoiser: nn.Module, call: DenoiserCall, schedule: NoiseSchedule, cond: Conditioning,
-                      noise: torch.Tensor) -> torch.Tensor:
-    """x̂0 (latents or pixels) from ``noise`` (B, C, H, W) in one denoiser evaluation at t = T−1."""
-    t = torch.full((noise.shape[0],), schedule.last_timestep, device=noise.device, dtype=torch.long)
-    out = call(denoiser, noise, t, cond)
-    return one_step_x0(out.float(), noise.float(), schedule)
-
-
-def seeded_noise(shape: tuple[int, int, int], seeds: list[int]) -> torch.Tensor:
-    """One (C, H, W) Gaussian per seed, drawn on the CPU so that every device gets the same images."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
-def one_step_images(teacher: Teacher, denoiser: nn.Module, cond: Conditioning, seeds: list[int], *,
-                    device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Decoded one-step images (B, 3|C, H, W) in [0, 1] for conditioning ``cond`` (B rows) and ``seeds``."""
-    noise = seeded_noise(teacher.latent_shape, seeds).to(device)
-    param_dtype = dtype or next(denoiser.parameters()).dtype
-    autocast = torch.autocast(device_type=torch.device(device).type, dtype=param_dtype,
-                              enabled=param_dtype in (torch.float16, torch.bfloat16))
-    with autocast:
-        latents = one_step_generate(denoiser, teacher.call, teacher.schedule, cond.to(device), noise)
-    if teacher.decode is None:
-        return ((latents.float() + 1) / 2).clamp(0, 1).cpu()
-    return teacher.decode(latents).cpu()
-
-
-GRID_PAD = 2
-
-
-def grid_size(count: int, height: int, width: int, nrow: int | None = None) -> tuple[int, int, int]:
-    """(rows of images per line ``nrow``, grid height, grid width) of ``count`` images of ``height``×``width``."""
-    nrow = nrow or max(1, math.ceil(math.sqrt(count)))
-    ncol = math.ceil(count / nrow)
-    return nrow, ncol * (height + GRID_PAD) + GRID_PAD, nrow * (width + GRID_PAD) + GRID_PAD
-
-
-def paste_into_grid(grid: torch.Tensor, images: torch.Tensor, start: int, nrow: int) -> None:
-    """Write ``images`` (B, C, H, W) into ``grid`` (C, H', W') as cells ``start, start+1, ...`` (row-major, ``nrow``
-    per line), so that a grid can be filled one batch at a time."""
-    _, _, h, w = images.shape
-    pad = GRID_PAD
-    for i, image in enumerate(images):
-        r, k = divmod(start + i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = image
-
-
-def image_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
-    """Tile (B, C, H, W) images in [0, 1] into one (C, H', W') grid with a 2-pixel border."""
-    b, c, h, w = images.shape
-    nrow, height, width = grid_size(b, h, w, nrow)
-    grid = torch.ones(c, height, width)
-    paste_into_grid(grid, images, 0, nrow)
-    return grid
-
-
-def _grid_picture(grid: torch.Tensor, scale: int = 1):
-    """A PIL picture of a (C, H, W) grid in [0, 1] (or already 8-bit)."""
-    from PIL import Image
-
-    if grid.dtype != torch.uint8:
-        grid = (grid.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    array = grid.permute(1, 2, 0).numpy()
-    if array.shape[2] == 1:
-        array = array[:, :, 0]
-    picture = Image.fromarray(array)
-    if scale != 1:
-        picture = picture.resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
-    return picture
-
-
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *, scale: int = 1,
-                    image_format: str = "PNG") -> Path:
-    """Write ``images`` (B, C, H, W) in [0, 1] as one grid picture (PNG unless ``image_format`` says otherwise),
-    atomically; ``scale`` upscales the whole grid (nearest neighbour) so that tiny images stay visible."""
-    picture = _grid_picture(image_grid(images.float().cpu(), nrow), scale)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format=image_format)
-    return path
+__all__ = ["sample", "sample_to_files", "sample_output_kind", "one_step_batches", "load_student",
+           "load_merged_weights", "one_step_images", "one_step_generate", "seeded_noise", "image_grid",
+           "save_image_grid"]
 
 
 GRID_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -249,7 +171,7 @@ def sample_to_files(
         start += len(images)
         del images  # hold no batch while the next is drawn
     if kind is not None:
-        picture = _grid_picture(grid[0])
+        picture = grid_picture(grid[0])
         with atomic_path(output) as tmp:
             picture.save(tmp, format=kind)
     return {"images": count, "output": output, "kind": kind or "folder", "estimate": found["estimate"]}

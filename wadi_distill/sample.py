@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMScheduler
 
+from wadi_distill.schedules import classifier_free_guidance
 from wadi_probe.errors import WadiInputError
 
 
@@ -64,7 +65,7 @@ def sample_multistep(teacher, prompts: list[str], steps: int = 50, cfg: float = 
             eps = teacher.unet(model_in, t, encoder_hidden_states=embeddings).sample
             if guided:
                 eps_null, eps_cond = eps.chunk(2)
-                eps = eps_null + cfg * (eps_cond - eps_null)
+                eps = classifier_free_guidance(eps_cond, eps_null, cfg)
             x = scheduler.step(eps, t, x, eta=0.0).prev_sample
         chunks.append(x.float())
     images = torch.cat(chunks)

@@ -127,7 +127,7 @@ def one_step_digits(teacher: Any, unet: torch.nn.Module, labels: torch.Tensor, s
     """
     from wadi_distill.one_step import one_step_images
 
-    builtin = teacher.extra["builtin"]
+    builtin = teacher.builtin
     cond = teacher.encode_prompts(builtin.prompts_for_labels(labels.tolist()))
     images = one_step_images(teacher, unet, cond, eval_seeds(len(labels), seed), device=device)
     return images * 2.0 - 1.0
@@ -139,7 +139,7 @@ def multistep_digits(teacher: Any, labels: torch.Tensor, seed: int, *, steps: in
     """The teacher's own samples: DDIM with ``steps`` steps and CFG ``cfg``, (N, 1, 8, 8) in [-1, 1]."""
     from wadi_distill.sample import sample_multistep
 
-    builtin = teacher.extra["builtin"]
+    builtin = teacher.builtin
     generator = torch.Generator(device=torch.device(device)).manual_seed(int(seed))
     return sample_multistep(builtin, builtin.prompts_for_labels(labels.tolist()), steps=steps, cfg=cfg,
                             generator=generator, progress=progress).cpu()

@@ -20,6 +20,7 @@ import torch
 
 from wadi_distill.builtin.digits.data import load_split
 from wadi_distill.builtin.digits.model import DigitsModel, build_teacher
+from wadi_distill.schedules import add_noise, schedule_from_scheduler
 from wadi_probe.device import resolve_device
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 
@@ -56,10 +57,9 @@ class TeacherTrainingResult:
 
 
 def noise_images(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """``x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε`` with ᾱ read from the scheduler."""
-    alphas = scheduler.alphas_cumprod.to(device=clean.device, dtype=torch.float32)[timesteps]
-    alphas = alphas.view(-1, *([1] * (clean.dim() - 1)))
-    return (alphas.sqrt() * clean + (1.0 - alphas).sqrt() * noise).to(clean.dtype)
+    """``x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε`` with ᾱ read from the scheduler (the schedule's forward process)."""
+    alpha, sigma = schedule_from_scheduler(scheduler).alpha_sigma(timesteps, clean)
+    return add_noise(clean, noise, alpha, sigma).to(clean.dtype)
 
 
 def _training_data(config: TeacherTrainingConfig, train_images: torch.Tensor | None,

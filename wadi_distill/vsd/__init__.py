@@ -1,1 +1,1 @@
-"""Variational Score Distillation: the losses, the training loop and the student kinds."""
+"""Variational Score Distillation: the losses, one step apart from the loop, the student kinds and the training loop."""

@@ -25,14 +25,6 @@ class MixedPrecision(str, Enum):
     bf16 = "bf16"
 
 
-class StudentKind(str, Enum):
-    """The student's trainable weights (see :mod:`wadi_distill.vsd.students`)."""
-
-    lorad = "lorad"
-    lora = "lora"
-    full = "full"
-
-
 class FakeKind(str, Enum):
     """The fake score's adapter on the shared base."""
 
@@ -40,7 +32,6 @@ class FakeKind(str, Enum):
     lora = "lora"
 
 
-STUDENT_KINDS = tuple(k.value for k in StudentKind)
 DEVICES = ("auto", "cpu", "cuda")  # wadi_probe.console.Device on the command line
 FAKE_KINDS = tuple(k.value for k in FakeKind)
 
@@ -60,7 +51,7 @@ class DistillConfig:
     prompts: str | None = None
     prompt_column: str | None = None
     # student
-    student_adapter: str = "lorad"  # lorad | lora | full
+    student_adapter: str = "lorad"  # a kind of wadi_distill.vsd.students.STUDENT_KINDS: lorad | lora | full | ...
     preset: str = "paper"
     rank: int | None = None
     rank_from_probe: str | None = None
@@ -156,18 +147,11 @@ def _validate_numbers(config: DistillConfig) -> None:
 
 
 def _validate_student(config: DistillConfig) -> None:
-    config.student_adapter = _choice(config.student_adapter, STUDENT_KINDS, "student_adapter")
+    from wadi_distill.vsd.students import STUDENT_KINDS
+
+    config.student_adapter = _choice(config.student_adapter, tuple(STUDENT_KINDS), "student_adapter")
     config.fake_adapter = _choice(config.fake_adapter, FAKE_KINDS, "fake_adapter")
-    if config.student_adapter != "full":
-        given = [config.rank is not None, config.rank_from_probe is not None, config.plan is not None]
-        if sum(given) != 1:
-            raise WadiInputError("Choose the student's layers and ranks with exactly one of --rank (with --preset), "
-                                 "--rank-from-probe or --plan (or train the full student with --full-finetune).")
-        if config.rank is not None and int(config.rank) < 1:
-            raise WadiInputError("rank must be at least 1.")
-    elif any([config.rank is not None, config.rank_from_probe, config.plan]):
-        raise WadiInputError("--full-finetune trains every weight; it cannot be combined with --rank, "
-                             "--rank-from-probe or --plan.")
+    STUDENT_KINDS[config.student_adapter].check_config(config)
     builtin = str(config.teacher).startswith("builtin:") or (Path(config.teacher) / "digits_teacher.json").is_file()
     if config.prompts is None and not builtin:
         raise WadiInputError("A prompt file (--prompts) is needed for this teacher (only builtin teachers bring "

@@ -3,7 +3,7 @@
 The distiller's own student kinds are LoRaD, the project's LoRA and full fine-tuning. For an outside baseline the
 quality benchmark also trains students whose adapters come from the ``peft`` library itself
 (``LoraConfig(use_dora=False|True)``), so that "LoRA" and "DoRA" mean exactly what their reference implementation
-computes. :class:`PeftStudent` is that student kind in the VSD loop (teacher and fake
+computes. :class:`~wadi_distill.vsd.students.PeftStudent` is that student kind in the VSD loop (teacher and fake
 score share the frozen base; the student is its own copy, frozen, with the PEFT adapter injected, so only the
 adapter trains); this module holds the PEFT-side functions it uses.
 """
@@ -11,12 +11,10 @@ adapter trains); this module holds the PEFT-side functions it uses.
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
 
-from wadi_distill.vsd.students import FullStudent
 from wadi_probe.errors import WadiInputError
 
 PEFT_KINDS = ("lora", "dora")
@@ -73,33 +71,3 @@ def merged_peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
             parent = merged.get_submodule(parent_name) if parent_name else merged
             setattr(parent, child, module.get_base_layer())
     return {k: v.detach().cpu().contiguous() for k, v in merged.state_dict().items()}
-
-
-class PeftStudent(FullStudent):
-    """A frozen copy of the base with a ``peft`` LoRA (``kind="lora"``) or DoRA (``"dora"``) adapter on ``modules``."""
-
-    def __init__(self, kind: str, rank: int, modules: list[str]) -> None:
-        if kind not in PEFT_KINDS:
-            raise WadiInputError(f"PEFT student kind must be lora or dora, not {kind!r}.")
-        self.kind, self.rank, self.modules = kind, int(rank), list(modules)
-
-    def attach(self, base, config, generator, device):
-        super().attach(base, config, generator, device)
-        self._named = inject_peft_student(self.module, self.modules, self.rank, self.kind, seed=int(config.seed))
-        self.module.to(device)
-
-    def trainable(self, base):
-        return self._named
-
-    def merged_state(self):
-        return merged_peft_state(self.module)
-
-
-def distill_peft(config: Any, *, kind: str, rank: int, modules: list[str], teacher: Any = None):
-    """Run VSD (``wadi_distill.vsd.trainer``'s loop, ``config`` with ``student_adapter="full"``) with a PEFT LoRA or
-    DoRA student of ``rank`` on ``modules``; the result's ``merged_path`` holds the merged plain student."""
-    from wadi_distill.vsd.trainer import distill
-
-    if config.student_adapter != "full":
-        raise WadiInputError("A PEFT student runs on the separate-student mode: set student_adapter='full'.")
-    return distill(config, teacher=teacher, student=PeftStudent(kind, rank, modules))

@@ -13,6 +13,7 @@ identical weights. All randomness comes from one CPU ``torch.Generator`` that ev
 (each takes its slice of the global batch), which is what makes checkpoints resume bit-for-bit. The rooms this
 loop uses: :mod:`~wadi_distill.vsd.config` (options, validation), :mod:`~wadi_distill.vsd.identity` (run id),
 :mod:`~wadi_distill.vsd.students`, :mod:`~wadi_distill.vsd.checkpoints`, :mod:`~wadi_distill.vsd.run_log`,
+:mod:`~wadi_distill.vsd.step` (one step's losses from the roles' predictions) and
 :mod:`~wadi_distill.vsd.losses` (the math).
 """
 
@@ -36,28 +37,31 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
 
+from wadi_distill.image_grid import save_image_grid
 from wadi_distill.lorad.model import inject_lorad, lorad_layers, lorad_parameters
-from wadi_distill.one_step import one_step_images, save_image_grid
 from wadi_distill.teachers.embedding_cache import EmbeddingCache, build_embedding_cache, cache_key, wait_for_cache
 from wadi_distill.teachers.pipeline import Conditioning, Teacher, load_teacher
 from wadi_distill.teachers.prompts import load_prompts
+from wadi_distill.teachers.sampling import one_step_images
 from wadi_distill.vsd import checkpoints as ckpt
 from wadi_distill.vsd import losses as vsd
 from wadi_distill.vsd.checkpoints import list_checkpoints
-from wadi_distill.vsd.config import (FAKE_KINDS, STUDENT_KINDS, TRAINING_OPTIONS, DistillConfig, on_cpu,
+from wadi_distill.vsd.config import (FAKE_KINDS, TRAINING_OPTIONS, DistillConfig, on_cpu,
                                      resolve_mixed_precision, validate_config)
 from wadi_distill.vsd.identity import RunIdentity, identity_for
 from wadi_distill.vsd.preemption import RunStopped, StopSignals, any_process
 from wadi_distill.vsd.run_lock import lock_run_folder
 from wadi_distill.vsd.run_log import Console, RunLog
-from wadi_distill.vsd.students import Student, check_plan_fits, named_subset, student_for
+from wadi_distill.vsd.step import VSDStep
+from wadi_distill.vsd.students import (STUDENT_KINDS, PeftStudent, Student, check_plan_fits, named_subset,
+                                       student_for)
 from wadi_probe.console import print_line
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.io.jsonfile import read_json
 
-__all__ = ["DistillConfig", "DistillResult", "VSDTrainer", "distill", "list_checkpoints", "check_plan_fits",
-           "STUDENT_KINDS", "FAKE_KINDS"]
+__all__ = ["DistillConfig", "DistillResult", "VSDTrainer", "distill", "distill_peft", "list_checkpoints",
+           "check_plan_fits", "STUDENT_KINDS", "FAKE_KINDS"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
@@ -83,9 +87,8 @@ class DistillResult:
 
 
 def _default_prompts(teacher: Teacher) -> list[str]:
-    builtin = teacher.extra.get("builtin")
-    if builtin is not None and hasattr(builtin, "class_prompts"):
-        return list(builtin.class_prompts)
+    if teacher.default_prompts:
+        return list(teacher.default_prompts)
     raise WadiInputError("A prompt file (--prompts) is needed for this teacher.")
 
 
@@ -151,8 +154,8 @@ def _flag(name: str, value: Any) -> str:
 class VSDTrainer:
     """Holds the models, optimizers and RNG of one run; :meth:`train` runs it. Use :func:`distill` normally.
 
-    ``student`` picks another student kind (e.g. :class:`~wadi_distill.vsd.peft_student.PeftStudent`); by default
-    ``config.student_adapter`` decides.
+    ``student`` gives the student object itself (e.g. a :class:`~wadi_distill.vsd.students.PeftStudent` on chosen
+    layers); by default ``config.student_adapter`` names its kind.
     """
 
     def __init__(self, config: DistillConfig, teacher: Teacher | None = None, student: Student | None = None) -> None:
@@ -206,6 +209,7 @@ class VSDTrainer:
         if self.resume_path is not None:  # every checkpoint file is checked before the cache is written
             self.load_checkpoint(self.resume_path)
         self._prepare_conditioning()
+        self.vsd_step = VSDStep(self.schedule, self.predict, self.cache.null.to(self.device), float(config.cfg))
 
     # ---------------------------------------------------------------- set-up
     def _start_accelerator(self) -> None:
@@ -241,9 +245,8 @@ class VSDTrainer:
         if self.is_main:
             if teacher.encode_prompts is None:
                 raise WadiInputError("The teacher has no text encoder to encode the prompts with.")
-            text = teacher.extra.get("text_encoders")
-            if text is not None:
-                text.to(self.device)
+            if teacher.text_encoders is not None:
+                teacher.text_encoders.to(self.device)
             if self.config.validation_prompts:  # only rank 0 draws validation images
                 self.validation_cond = teacher.encode_prompts(self.validation_prompts)
             with self._remove_new_output_on_failure():
@@ -255,7 +258,6 @@ class VSDTrainer:
         if self.cache.key != self.prompt_key:
             raise WadiInputError(f"The embedding cache in {folder} belongs to other prompts or another teacher.")
         teacher.free_text_encoders()
-        teacher.extra.pop("text_encoders", None)
         gc.collect()
 
     def _build_cache(self, folder: Path) -> EmbeddingCache:
@@ -352,19 +354,6 @@ class VSDTrainer:
             out = self.teacher.call(model, x, t, cond)
         return out.float()
 
-    def _eps(self, role: str, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, alpha, sigma) -> torch.Tensor:
-        return vsd.to_epsilon(self.predict(role, x_t, t, cond), x_t, alpha, sigma, self.schedule.prediction_type)
-
-    def _guided_eps(self, role: str, x_t, t, cond: Conditioning, alpha, sigma) -> torch.Tensor:
-        """ε with classifier-free guidance at the run's CFG scale (cond and null in one batch)."""
-        b = x_t.shape[0]
-        if self.config.cfg == 1.0:
-            return self._eps(role, x_t, t, cond, alpha, sigma)
-        null = self.cache.null.to(self.device).expand(b)
-        both = self._eps(role, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, null]),
-                         torch.cat([alpha, alpha]), torch.cat([sigma, sigma]))
-        return vsd.classifier_free_guidance(both[:b], both[b:], self.config.cfg)
-
     # ---------------------------------------------------------------- randomness (global batch, sliced)
     def _draw_noise(self, shape: tuple[int, ...]) -> torch.Tensor:
         b = self.config.batch_size
@@ -403,18 +392,9 @@ class VSDTrainer:
 
     def _student_update(self, z: torch.Tensor, cond: Conditioning) -> tuple[float, torch.Tensor]:
         """VSD gradient from the teacher and the fake score (same CFG scale) on the student's one-step sample."""
-        schedule = self.schedule
-        last = torch.full((z.shape[0],), schedule.last_timestep, device=self.device, dtype=torch.long)
-        x0 = vsd.one_step_x0(self.predict("student", z, last, cond), z, schedule)
-        t = self._draw_ints(lambda n: vsd.student_timesteps(n, schedule, self.generator)).to(self.device)
-        eps = self._draw_noise(self.teacher.latent_shape)
-        alpha, sigma = schedule.alpha_sigma(t, x0)
-        with torch.no_grad():
-            x_t = vsd.add_noise(x0.detach(), eps, alpha, sigma)
-            eps_real = self._guided_eps("teacher", x_t, t, cond, alpha, sigma)
-            eps_fake = self._guided_eps("fake", x_t, t, cond, alpha, sigma)
-            grad = vsd.vsd_gradient(eps_real, eps_fake, alpha * alpha)
-        loss = vsd.student_loss(x0, grad)
+        t = self._draw_ints(lambda n: vsd.student_timesteps(n, self.schedule, self.generator)).to(self.device)
+        noise = self._draw_noise(self.teacher.latent_shape)
+        loss, x0 = self.vsd_step.student_loss(z, cond, t, noise)
         value = self._apply(loss, self.student_params, self.opt_student, self.sched_student, "student")
         if self.ema is not None:
             self.ema.step(self.student_params)
@@ -422,15 +402,10 @@ class VSDTrainer:
 
     def _fake_update(self, sample: torch.Tensor, cond: Conditioning) -> float:
         """Denoising loss of the fake score on the (detached) student samples, 10 % null prompts."""
-        schedule = self.schedule
-        t2 = self._draw_ints(lambda n: vsd.fake_timesteps(n, schedule, self.generator)).to(self.device)
-        eps2 = self._draw_noise(self.teacher.latent_shape)
-        drop = self._draw_ints(lambda n: vsd.null_prompt_mask(n, self.generator))
-        alpha2, sigma2 = schedule.alpha_sigma(t2, sample)
-        x_t2 = vsd.add_noise(sample, eps2, alpha2, sigma2)
-        cond2 = cond.where(drop.to(self.device), self.cache.null.to(self.device))
-        eps_pred = self._eps("fake", x_t2, t2, cond2, alpha2, sigma2)
-        loss = vsd.fake_score_loss(eps_pred, eps2, alpha2 * alpha2)
+        t = self._draw_ints(lambda n: vsd.fake_timesteps(n, self.schedule, self.generator)).to(self.device)
+        noise = self._draw_noise(self.teacher.latent_shape)
+        use_null = self._draw_ints(lambda n: vsd.null_prompt_mask(n, self.generator)).to(self.device)
+        loss = self.vsd_step.fake_loss(sample, cond, t, noise, use_null)
         return self._apply(loss, self.fake_params, self.opt_fake, self.sched_fake, "fake")
 
     def train_step(self) -> dict[str, float]:
@@ -441,9 +416,8 @@ class VSDTrainer:
         for k in range(self.config.fake_updates_per_step):
             if k > 0:
                 z, cond = self._draw_batch()
-                last = torch.full((z.shape[0],), self.schedule.last_timestep, device=self.device, dtype=torch.long)
                 with torch.no_grad():
-                    x0 = vsd.one_step_x0(self.predict("student", z, last, cond), z, self.schedule)
+                    x0 = self.vsd_step.sample(z, cond)
             fake_losses.append(self._fake_update(x0.detach(), cond))
         values = {"loss_student": loss_student, "loss_fake": sum(fake_losses) / len(fake_losses),
                   "lr_student": self.sched_student.get_last_lr()[0]}
@@ -668,3 +642,12 @@ class VSDTrainer:
 def distill(config: DistillConfig, *, teacher: Teacher | None = None, student: Student | None = None) -> DistillResult:
     """Run VSD distillation as ``config`` says (a notebook-friendly entry point; the CLI calls this)."""
     return VSDTrainer(config, teacher=teacher, student=student).train()
+
+
+def distill_peft(config: DistillConfig, *, kind: str, rank: int, modules: list[str],
+                 teacher: Teacher | None = None) -> DistillResult:
+    """Run VSD (``config`` with ``student_adapter="full"``) with a PEFT LoRA or DoRA student of ``rank`` on exactly
+    ``modules``; the result's ``merged_path`` holds the merged plain student."""
+    if config.student_adapter != "full":
+        raise WadiInputError("A PEFT student runs on the separate-student mode: set student_adapter='full'.")
+    return distill(config, teacher=teacher, student=PeftStudent(kind, rank, modules))

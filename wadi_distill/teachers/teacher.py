@@ -1,0 +1,283 @@
+"""What the distiller needs from a teacher (:class:`Teacher`), and the interface every teacher family implements.
+
+A :class:`TeacherFamily` subclass says, for one kind of pipeline, how its folder is recognised and loaded, how
+prompts become :class:`~wadi_distill.teachers.conditioning.Conditioning`, how its denoiser is called on
+``(x_t, t, cond)``, and which noise schedule it runs on. Families are registered by name in
+:data:`TEACHER_FAMILIES` with :func:`register_family`; :func:`wadi_distill.teachers.pipeline.load_teacher` asks
+them. The families themselves are in :mod:`wadi_distill.teachers.families`: a new one is one class there.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from wadi_distill.schedules import NoiseSchedule, schedule_from_scheduler
+from wadi_distill.teachers.components import load_component, vae_decoder
+from wadi_distill.teachers.conditioning import Conditioning
+from wadi_probe.errors import WadiInputError
+
+if TYPE_CHECKING:
+    from wadi_distill.builtin.digits.model import DigitsModel
+
+__all__ = ["Teacher", "TeacherFamily", "TextEncoders", "TEACHER_FAMILIES", "register_family", "family_for_pipeline",
+           "canonical_config"]
+
+
+# --------------------------------------------------------------------------------------------- text encoders
+
+
+class TextEncoders:
+    """The pipeline's tokenizer(s) and text encoder(s); :meth:`encode` turns prompts into :class:`Conditioning`
+    the way the teacher's family does (:meth:`TeacherFamily.encode`).
+
+    The embeddings equal diffusers' ``encode_prompt`` (tests/test_conditioning.py: SD and SDXL bit for bit,
+    PixArt's T5 within float rounding). Ours is kept because ``encode_prompt`` needs a whole pipeline object
+    (every component loaded, while only the encoding process should hold the text encoders), and because the
+    embedding cache runs the null prompt through the same call as every other prompt.
+    """
+
+    def __init__(self, family: "TeacherFamily", tokenizers: list[Any], encoders: list[nn.Module], *,
+                 max_length: int | None = None, zeros_for_empty_prompt: bool = False) -> None:
+        self.family = family
+        self.tokenizers = tokenizers
+        self.encoders = encoders
+        self.max_length = max_length
+        self.zeros_for_empty_prompt = zeros_for_empty_prompt
+
+    def to(self, device: torch.device | str) -> "TextEncoders":
+        for enc in self.encoders:
+            enc.to(device)
+        return self
+
+    def tokenize(self, tokenizer: Any, prompts: list[str], max_length: int | None):
+        """Tokens padded and truncated to ``max_length`` (default: the tokenizer's own limit, else 77)."""
+        length = max_length or getattr(tokenizer, "model_max_length", 77)
+        if length is None or length > 100_000:  # tokenizers without a limit report a huge sentinel
+            length = 77
+        return tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Encode ``prompts`` (an empty string is the null prompt) on the encoders' device, as fp32 on CPU."""
+        device = next(self.encoders[0].parameters()).device
+        return self.family.encode(self, prompts, device).to("cpu", torch.float32)
+
+    def free(self) -> None:
+        """Drop the encoders (and their memory) once the embedding cache is written."""
+        self.encoders.clear()
+        self.tokenizers.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------- teachers
+
+
+@dataclass
+class Teacher:
+    """Everything the distiller needs from a teacher, with the text encoders separable (freed after caching)."""
+
+    denoiser: nn.Module
+    family: "TeacherFamily"  # calls the denoiser: ``teacher.call(model, x_t, t, cond)``
+    schedule: NoiseSchedule
+    latent_shape: tuple[int, int, int]
+    source: str
+    encode_prompts: Callable[[list[str]], Conditioning] | None = None
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None  # latents -> images in [0, 1]
+    null_prompt: str = ""
+    #: the pipeline class of a diffusers folder (``model_index.json``'s ``_class_name``); None for the built-in world
+    pipeline_class: str | None = None
+    #: the text encoders behind ``encode_prompts`` while they are loaded (moved to the device, freed after caching)
+    text_encoders: TextEncoders | None = None
+    #: the prompts a run trains on when given none (the built-in world's class prompts); None: a prompt file is needed
+    default_prompts: list[str] | None = None
+    #: the built-in digits model itself (its sampler and label prompts), for ``builtin:`` teachers only
+    builtin: "DigitsModel | None" = None
+
+    @property
+    def call(self) -> "TeacherFamily":
+        """The calling convention of the denoiser: ``teacher.call(model, x_t, t, cond)`` → raw prediction."""
+        return self.family
+
+    @property
+    def image_size(self) -> int:
+        """Side of the decoded images in pixels."""
+        return self.family.image_size
+
+    def free_text_encoders(self) -> None:
+        """Drop the text encoders once the prompts are encoded (``encode_prompts`` no longer works then)."""
+        if self.text_encoders is not None:
+            self.text_encoders.free()
+            self.text_encoders = None
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the denoiser's class and canonical config: checkpoints, caches and plans refuse other
+        teachers by it; the same in every process (see :func:`canonical_config`)."""
+        text = json.dumps({"class": type(self.denoiser).__name__, "config": canonical_config(self.denoiser)},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def weights_digest(self) -> str:
+        """A hash of a few of the denoiser's weight tensors (first, middle, last): tells apart two teachers
+        with the same architecture, cheaply (SD-sized models are not read in full)."""
+        params = [p for _, p in sorted(self.denoiser.named_parameters())]
+        digest = hashlib.sha256()
+        for p in (params[0], params[len(params) // 2], params[-1]) if params else ():
+            digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def canonical_config(model: nn.Module) -> dict[str, Any]:
+    """The model's config as it decides the architecture: private keys dropped, defaults filled, lists not tuples.
+
+    diffusers fills every init argument the ``config.json`` lacks with its default when it loads a model, and
+    records the bookkeeping keys ``_use_default_values`` (a list whose order follows Python's hash seed),
+    ``_name_or_path`` (where it was read from), ``_diffusers_version`` and ``_class_name``. Those say nothing
+    about the weights' meaning, so they are dropped: an original SD1.5 ``config.json`` that lacks newer keys gives
+    the same canonical config in every process and from every path.
+    """
+    config = getattr(model, "config", None) or {}
+    canonical = json.loads(json.dumps({k: v for k, v in dict(config).items() if not str(k).startswith("_")},
+                                      default=str))
+    return dict(sorted(canonical.items()))
+
+
+# --------------------------------------------------------------------------------------------- families
+
+
+class TeacherFamily:
+    """One family of teachers: how to recognise and load it, condition it, call its denoiser, which schedule.
+
+    An instance is the denoiser's calling convention for one teacher (its image size and latent channels):
+    ``family(model, x_t, t, cond)`` returns the raw prediction with the latent's channel count. The defaults load
+    a diffusers pipeline folder whose ``model_index.json`` names one of :attr:`pipeline_classes`.
+    """
+
+    #: the registry key and what ``training.json`` and messages call the family
+    name: ClassVar[str] = "base"
+    #: diffusers pipeline classes (``model_index.json``'s ``_class_name``) this family loads
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    #: the pipeline component that is the denoiser, and the denoiser classes the family can call
+    denoiser_component: ClassVar[str] = "unet"
+    denoiser_classes: ClassVar[tuple[str, ...]] = ("UNet2DConditionModel",)
+    #: the text-encoder components, in the order :meth:`encode` uses them (tokenizers are named alike)
+    text_components: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    #: whether the teacher's weights are files a merged student can be exported from (with their keys and dtypes)
+    weights_on_disk: ClassVar[bool] = True
+
+    def __init__(self, image_size: int, in_channels: int) -> None:
+        self.image_size = int(image_size)
+        self.in_channels = int(in_channels)
+
+    # ---------------------------------------------------------------- call
+    def __call__(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The denoiser's raw prediction (ε, v or x0 as the schedule says) at ``(x_t, t)`` under ``cond``."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_denoiser(cls, model: nn.Module) -> None:
+        """Refuse a denoiser this family cannot call, in one sentence."""
+        name = type(model).__name__
+        if name not in cls.denoiser_classes:
+            raise WadiInputError(f"The denoiser class {name} is not supported for {cls.name} teachers; expected "
+                                 f"{' or '.join(cls.denoiser_classes)}.")
+
+    # ---------------------------------------------------------------- condition
+    def encode(self, text: TextEncoders, prompts: list[str], device: torch.device) -> Conditioning:
+        """Encode ``prompts`` with ``text``'s tokenizers and encoders (on ``device``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def text_max_length(cls, pipeline_class: str) -> int | None:
+        """The prompt length in tokens (None: the tokenizer's own limit)."""
+        return None
+
+    @classmethod
+    def text_encoder_dtype(cls, dtype: torch.dtype | None) -> torch.dtype | None:
+        """The dtype to load the text encoders in, given the one asked for."""
+        return dtype
+
+    # ---------------------------------------------------------------- schedule
+    @classmethod
+    def schedule(cls, scheduler: Any) -> NoiseSchedule:
+        """The noise schedule the teacher runs on, read from its scheduler."""
+        return schedule_from_scheduler(scheduler)
+
+    # ---------------------------------------------------------------- load
+    @classmethod
+    def claims_source(cls, spec: str) -> bool:
+        """Whether ``spec`` (a path or ``name:...``) is a teacher of this family without a ``model_index.json``."""
+        return False
+
+    @classmethod
+    def load(cls, spec: str, index: dict | None = None, *, load_text_encoders: bool = True, load_vae: bool = True,
+             text_encoder_dtype: torch.dtype | None = None) -> Teacher:
+        """Load the teacher at ``spec``: by default a diffusers pipeline folder whose ``model_index.json`` is
+        ``index``, one component at a time (a process that does not encode prompts skips the text encoders)."""
+        root = Path(spec)
+        index = index or {}
+        pipeline_class = index.get("_class_name", "")
+        denoiser = load_component(root, index, cls.denoiser_component)
+        cls.check_denoiser(denoiser)
+        denoiser.requires_grad_(False)
+        schedule = cls.schedule(load_component(root, index, "scheduler"))
+
+        vae = load_component(root, index, "vae", required=False) if load_vae else None
+        vae_scale = 8
+        if vae is not None:
+            vae.requires_grad_(False)
+            vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        latent_size = int(denoiser.config.sample_size)
+        in_channels = int(denoiser.config.in_channels)
+        family = cls(latent_size * vae_scale, in_channels)
+        teacher = Teacher(
+            denoiser=denoiser, family=family, schedule=schedule, latent_shape=(in_channels, latent_size, latent_size),
+            source=str(root.resolve()), decode=vae_decoder(vae) if vae is not None else None,
+            pipeline_class=pipeline_class,
+        )
+        if load_text_encoders:
+            names = list(cls.text_components)
+            tokenizers = [load_component(root, index, n.replace("text_encoder", "tokenizer")) for n in names]
+            dtype = cls.text_encoder_dtype(text_encoder_dtype)
+            encoders = [load_component(root, index, n, dtype=dtype) for n in names]
+            for enc in encoders:
+                enc.requires_grad_(False).eval()
+            text = TextEncoders(family, tokenizers, encoders, max_length=cls.text_max_length(pipeline_class),
+                                zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", False)))
+            teacher.encode_prompts = text.encode
+            teacher.text_encoders = text
+        return teacher
+
+
+#: Every teacher family by name, in registration order (the order refusals list them in).
+TEACHER_FAMILIES: dict[str, type[TeacherFamily]] = {}
+
+F = TypeVar("F", bound=type[TeacherFamily])
+
+
+def register_family(cls: F) -> F:
+    """Class decorator: add a :class:`TeacherFamily` to :data:`TEACHER_FAMILIES` (names are unique)."""
+    if cls.name in TEACHER_FAMILIES:
+        raise ValueError(f"A teacher family named {cls.name!r} is registered already.")
+    TEACHER_FAMILIES[cls.name] = cls
+    return cls
+
+
+def family_for_pipeline(pipeline_class: str, where: str | Path) -> type[TeacherFamily]:
+    """The family that loads ``pipeline_class``; any other class is refused, naming the supported ones."""
+    for family in TEACHER_FAMILIES.values():
+        if pipeline_class in family.pipeline_classes:
+            return family
+    supported = [name for family in TEACHER_FAMILIES.values() for name in family.pipeline_classes]
+    raise WadiInputError(f"The pipeline class {pipeline_class or '(none)'} in {where} is not supported; "
+                         f"wadi-distill supports {', '.join(supported)}.")
