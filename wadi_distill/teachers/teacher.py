@@ -38,7 +38,7 @@ class TextEncoders:
     """The pipeline's tokenizer(s) and text encoder(s); :meth:`encode` turns prompts into :class:`Conditioning`
     the way the teacher's family does (:meth:`TeacherFamily.encode`).
 
-    The embeddings equal diffusers' ``encode_prompt`` (tests/test_conditioning.py: SD and SDXL bit for bit,
+    The embeddings equal diffusers' ``encode_prompt`` (tests/wadi_distill/teachers/test_conditioning.py: SD and SDXL bit for bit,
     PixArt's T5 within float rounding). Ours is kept because ``encode_prompt`` needs a whole pipeline object
     (every component loaded, while only the encoding process should hold the text encoders), and because the
     embedding cache runs the null prompt through the same call as every other prompt.

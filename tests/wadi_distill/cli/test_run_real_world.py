@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tiny_pipelines import make_pipeline  # noqa: E402
 
 from wadi_distill.cli import app  # noqa: E402

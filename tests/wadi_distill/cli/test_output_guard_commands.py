@@ -2,7 +2,7 @@
 
 Each refusal is checked the same way: exit code 2, one sentence on stderr naming the problem, and the bytes of
 every input file unchanged (SHA-256 of the whole fixture folder before and after). Failed writes on the way are
-made real with ``ulimit -f`` in a subprocess (see tests/test_output_guard.py for what that can and cannot show).
+made real with ``ulimit -f`` in a subprocess (see tests/wadi_probe/io/test_output_guard.py for what that can and cannot show).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from tiny_pipelines import make_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from wadi_distill.cli import app
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ADAPTER = ROOT / "reports" / "demo" / "lorad_student"
 STUDENT = ["--teacher", "builtin:digits", "--adapter", str(ADAPTER)]
 

@@ -21,7 +21,7 @@ from wadi_probe.cli import app
 from wadi_probe.decompose import analyze_pair
 from wadi_probe.report.summary import headline
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 runner = CliRunner()
 
 

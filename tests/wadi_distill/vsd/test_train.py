@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tiny_pipelines import make_pipeline  # noqa: E402
 
 from wadi_distill.lorad.model import use_adapter  # noqa: E402

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from wadi_distill.cli import app as distill_app
 from wadi_probe.cli import app as probe_app
 
-DEMO_REPORT = Path(__file__).resolve().parents[1] / "reports" / "demo" / "report.json"
+DEMO_REPORT = Path(__file__).resolve().parents[3] / "reports" / "demo" / "report.json"
 
 
 def said(result) -> str:

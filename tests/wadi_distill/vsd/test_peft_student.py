@@ -72,7 +72,7 @@ def test_peft_student_trains_in_the_vsd_loop(tmp_path):
 
     from safetensors.torch import load_file
 
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tiny_pipelines import make_pipeline
 
     from wadi_distill.teachers.pipeline import load_teacher

@@ -109,7 +109,7 @@ def test_one_parameter_count_for_every_kind():
         adapter_param_count((8, 8), 2, "loha")
 
 
-BASE_ADAPTERS = Path(__file__).parent / "data" / "base_adapters"
+BASE_ADAPTERS = Path(__file__).resolve().parents[2] / "data" / "base_adapters"
 
 
 @pytest.mark.parametrize("name, adapter_name", [("lorad_with_plan", "student"), ("lora_without_plan", "fake")])

@@ -19,7 +19,7 @@ from wadi_distill.digits_demo.demo import (
     run_demo,
 )
 
-BUILTIN = Path(__file__).resolve().parents[1] / "wadi_distill" / "builtin" / "digits"
+BUILTIN = Path(__file__).resolve().parents[3] / "wadi_distill" / "builtin" / "digits"
 needs_shipped = pytest.mark.skipif(
     not (BUILTIN / "digits_unet.safetensors").is_file() or not (BUILTIN / "digits_classifier.safetensors").is_file(),
     reason="the shipped digits teacher/classifier are not in wadi_distill/builtin/digits/",

@@ -1,5 +1,5 @@
 """VSD math: the update direction, loss values and timestep ranges on known inputs (the schedule's math:
-tests/test_schedules.py; one whole step: tests/test_vsd_step.py)."""
+tests/wadi_distill/test_schedules.py; one whole step: tests/wadi_distill/vsd/test_vsd_step.py)."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from wadi_distill.evaluation.features import (
     INCEPTION_FILE, INCEPTION_RESIZES, inception_extractor, inception_file_kind, shipped_inception_file,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 import fid_agreement  # noqa: E402
 
 runner = CliRunner()

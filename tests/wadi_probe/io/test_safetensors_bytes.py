@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.formats.safetensors_io import write_safetensors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 METADATA = {"format": "pt", "kind": "lorad", "zeta": "1", "alpha": "2", "base": "x", "rank": "4", "note": "n"}
 
 WRITE = """

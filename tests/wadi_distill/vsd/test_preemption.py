@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tiny_pipelines import make_pipeline  # noqa: E402
 
 from wadi_distill.cli import app  # noqa: E402
@@ -28,7 +28,7 @@ from wadi_distill.vsd.preemption import (EXIT_INTERRUPTED, EXIT_REQUEUE, RunStop
 from wadi_distill.vsd.run_lock import LOCK_NAME  # noqa: E402
 from wadi_probe.errors import WadiInputError  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 runner = CliRunner()
 
 

@@ -19,7 +19,7 @@ from wadi_probe.builtins import builtin_path
 from wadi_probe.cli import app
 from wadi_probe.io.checkpoints import Checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "reports" / "demo"
 runner = CliRunner()
 

@@ -27,7 +27,7 @@ from wadi_probe.errors import WadiInputError, WadiWriteError
 from wadi_probe.io.atomic import atomic_path, write_failure
 from wadi_probe.io.outputs import check_file_name, check_free_space, check_outputs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _env() -> dict[str, str]:

@@ -16,7 +16,7 @@ from wadi_probe import compare, load_report
 from wadi_probe.errors import WadiInputError
 from wadi_probe.report import plots
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
