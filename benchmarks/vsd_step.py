@@ -166,16 +166,21 @@ def _ours_step_fn(teacher, rank: int, fake_rank: int, batch: int, cfg: float, de
     return trainer.train_step
 
 
-def _file_backed_rss() -> int:
-    """Resident file-backed memory of this process in bytes (library code pages; 0 where /proc is missing)."""
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (``RssFile``, ``VmHWM``, ...) in bytes; None where /proc is missing."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("RssFile:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 0
+    return None
+
+
+def _file_backed_rss() -> int:
+    """Resident file-backed memory of this process in bytes (library code pages; 0 where /proc is missing)."""
+    return _proc_status_bytes("RssFile") or 0
 
 
 def _peak_rss() -> int:
@@ -185,14 +190,8 @@ def _peak_rss() -> int:
     across fork and exec, so a worker started by a large parent (a long pytest session) would report the parent's
     peak and hide its own. ``ru_maxrss`` is the fallback where /proc is missing.
     """
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _worker(args: argparse.Namespace) -> dict:
