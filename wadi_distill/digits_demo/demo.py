@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from wadi_distill.lorad.config import LoRaDConfig
+from wadi_probe.text import plural
 from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.io.outputs import check_outputs
 from wadi_probe.errors import WadiInputError
@@ -353,7 +354,7 @@ def _notes(settings: DemoSettings, rows: list[dict[str, Any]], plan: LoRaDConfig
         f"LoRaD: {settings.lorad_steps} steps at lr {settings.lorad_lr:g}, "
         f"{len(plan.target_modules)} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters).",
         f"wall time: {wall:.0f} s in total ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})"
-        f", {torch.get_num_threads()} torch threads.",
+        f", {plural(torch.get_num_threads(), 'torch thread')}.",
     ]
 
 
