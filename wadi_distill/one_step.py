@@ -50,13 +50,28 @@ def one_step_batches(teacher: Teacher, denoiser: nn.Module, requests: Iterable[t
         yield one_step_images(teacher, denoiser, teacher.encode_prompts(prompts), seeds, device=device)
 
 
-def _check_count(prompts: list[str], n: int, batch_size: int) -> None:
+def _check_request(prompts: list[str], n: int, batch_size: int, adapter: str | Path | None,
+                   merged: str | Path | None) -> None:
+    """The checks :func:`sample` and :func:`sample_to_files` make before anything is loaded."""
+    if (adapter is None) == (merged is None):
+        raise WadiInputError("Give exactly one of an adapter file (--adapter) or merged student weights (--merged).")
     if batch_size < 1:
         raise WadiInputError(f"The batch size must be at least 1, not {batch_size}.")
     if not prompts:
         raise WadiInputError("Give at least one prompt (--prompt).")
     if int(n) < 1:
         raise WadiInputError(f"The number of images per prompt must be at least 1, not {n}.")
+
+
+def _student_batches(teacher: str | Path, prompts: list[str], adapter: str | Path | None,
+                     merged: str | Path | None, n: int, seed: int, device: str, batch_size: int) -> Iterator[torch.Tensor]:
+    """The student's one-step images for ``n`` seeds (``seed``, ``seed+1``, ...) per prompt, one batch at a time."""
+    device = str(resolve_device(getattr(device, "value", device)))
+    bundle, denoiser = load_student(teacher, adapter=adapter, merged=merged, device=device)
+    if bundle.encode_prompts is None:
+        raise WadiInputError(f"The teacher {teacher} has no text encoder to encode prompts with.")
+    requests = ((p, seed + i) for p in prompts for i in range(n))
+    return one_step_batches(bundle, denoiser, requests, batch_size=batch_size, device=device)
 
 
 def sample(
@@ -77,15 +92,8 @@ def sample(
     ``adapter`` is an adapter folder (``final/`` or, for the EMA weights, ``final/ema/``) or its
     ``adapter.safetensors``; ``merged`` a merged ``student.safetensors``. ``device`` is cpu, cuda or auto.
     """
-    if (adapter is None) == (merged is None):
-        raise WadiInputError("Give exactly one of an adapter file (--adapter) or merged student weights (--merged).")
-    _check_count(prompts, n, batch_size)
-    device = str(resolve_device(getattr(device, "value", device)))
-    bundle, denoiser = load_student(teacher, adapter=adapter, merged=merged, device=device)
-    if bundle.encode_prompts is None:
-        raise WadiInputError(f"The teacher {teacher} has no text encoder to encode prompts with.")
-    requests = ((p, seed + i) for p in prompts for i in range(n))
-    return torch.cat(list(one_step_batches(bundle, denoiser, requests, batch_size=batch_size, device=device)))
+    _check_request(prompts, n, batch_size, adapter, merged)
+    return torch.cat(list(_student_batches(teacher, prompts, adapter, merged, n, seed, device, batch_size)))
 
 
 def sample_output_kind(output: str | Path) -> str | None:
@@ -124,9 +132,7 @@ def sample_to_files(
     """
     from wadi_distill.request_size import MAX_HOURS, check_grid_pixels, check_request, checked_batches
 
-    if (adapter is None) == (merged is None):
-        raise WadiInputError("Give exactly one of an adapter file (--adapter) or merged student weights (--merged).")
-    _check_count(prompts, n, batch_size)
+    _check_request(prompts, n, batch_size, adapter, merged)
     output = Path(output)
     kind = sample_output_kind(output)
     if kind is None:
@@ -134,12 +140,7 @@ def sample_to_files(
 
         if output.is_dir() and list_images(output):
             raise WadiInputError(f"{output} already holds images; give an empty or new folder.")
-    device = str(resolve_device(getattr(device, "value", device)))
-    bundle, denoiser = load_student(teacher, adapter=adapter, merged=merged, device=device)
-    if bundle.encode_prompts is None:
-        raise WadiInputError(f"The teacher {teacher} has no text encoder to encode prompts with.")
     count = len(prompts) * int(n)
-    requests = ((p, seed + i) for p in prompts for i in range(n))
     found: dict = {}
 
     def check(first: torch.Tensor, seconds: float) -> None:
@@ -151,7 +152,7 @@ def sample_to_files(
             max_hours=MAX_HOURS if max_hours is None else max_hours,
             what=f"sampling {plural(len(prompts), 'prompt')} × {int(n):,}")
 
-    batches = checked_batches(one_step_batches(bundle, denoiser, requests, batch_size=batch_size, device=device), check)
+    batches = checked_batches(_student_batches(teacher, prompts, adapter, merged, n, seed, device, batch_size), check)
     if kind is None:
         from wadi_distill.evaluation.images import save_pngs
 
