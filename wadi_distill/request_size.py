@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from wadi_probe.errors import WadiInputError
+from wadi_probe.io.outputs import nearest_existing
 
 __all__ = ["MAX_HOURS", "RequestEstimate", "encoded_sizes", "free_space", "check_request", "check_grid_pixels",
            "checked_batches", "format_bytes", "format_seconds"]
@@ -80,17 +81,10 @@ def encoded_sizes(images: torch.Tensor, image_format: str = "PNG") -> list[int]:
     return sizes
 
 
-def _existing_ancestor(path: Path) -> Path:
-    path = Path(path).expanduser().absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def free_space(path: str | Path) -> tuple[int, int | None, int]:
     """(free bytes, free inodes or None where the file system does not count them, block size) where ``path``
     is or would be created."""
-    where = _existing_ancestor(Path(path))
+    where = nearest_existing(path)
     free = shutil.disk_usage(where).free
     try:
         stats = os.statvfs(where)

@@ -94,7 +94,10 @@ def input_paths(inputs: Iterable[object]) -> dict[Path, str]:
     return found.paths
 
 
-def _nearest_existing(path: Path) -> Path:
+def nearest_existing(path: PathLike) -> Path:
+    """``path`` (made absolute) or its closest ancestor that exists: where a file that is yet to be written would
+    land, for asking its file system about space."""
+    path = Path(path).expanduser().absolute()
     while not path.exists() and path.parent != path:
         path = path.parent
     return path
@@ -106,7 +109,7 @@ def _mb(size: float) -> str:
 
 def check_free_space(path: PathLike, size: int, what: str = "output") -> None:
     """Refuse to start writing ``size`` bytes at ``path`` when its file system has less space free."""
-    where = _nearest_existing(Path(path).expanduser().absolute())
+    where = nearest_existing(path)
     if not where.is_dir():
         where = where.parent
     free = shutil.disk_usage(where).free
