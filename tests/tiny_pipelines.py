@@ -193,3 +193,21 @@ def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
         raise ValueError(kind)
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
+
+
+def random_lorad_adapter(unet, folder, seed=1):
+    """A LoRaD adapter folder on ``unet`` (preset rank 2) with clearly non-zero random angles, seeded."""
+    from wadi_distill.lorad.model import inject_lorad, lorad_layers
+    from wadi_distill.lorad.serialization import save_adapter
+    from wadi_distill.plan import plan_from_preset
+
+    torch.manual_seed(seed)
+    adapted = type(unet).from_config(unet.config)
+    adapted.load_state_dict(unet.state_dict())
+    plan = plan_from_preset(adapted, 2)
+    inject_lorad(adapted, plan, adapter_name="student", init="random", generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for layer in lorad_layers(adapted).values():
+            layer.lorad_A["student"].normal_(0, 0.3)
+    save_adapter(adapted, folder, plan, adapter_name="student")
+    return folder

@@ -9,11 +9,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from tiny_pipelines import tiny_unet
+from tiny_pipelines import random_lorad_adapter as _adapter, tiny_unet
 from wadi_distill.cli import app
-from wadi_distill.lorad.model import inject_lorad, lorad_layers
-from wadi_distill.lorad.serialization import save_adapter
-from wadi_distill.plan import plan_from_preset
 from wadi_probe.io.ldm import diffusers_to_ldm_names
 from wadi_probe.rotation import rotate_pairs
 
@@ -22,19 +19,6 @@ runner = CliRunner()
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _adapter(unet, folder, seed=1):
-    torch.manual_seed(seed)
-    adapted = type(unet).from_config(unet.config)
-    adapted.load_state_dict(unet.state_dict())
-    plan = plan_from_preset(adapted, 2)
-    inject_lorad(adapted, plan, adapter_name="student", init="random", generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        for layer in lorad_layers(adapted).values():
-            layer.lorad_A["student"].normal_(0, 0.3)
-    save_adapter(adapted, folder, plan, adapter_name="student")
-    return folder
 
 
 def _sd15_layout():

@@ -337,12 +337,12 @@ def test_a_run_that_cannot_write_its_checkpoint_stops_in_one_sentence_and_resume
 def test_an_export_larger_than_the_free_space_is_refused_before_writing(world, tmp_path):
     """The merged student's size is known before the write: a disk without room for it is one sentence up front
     (a 64 kB tmpfs in a private mount namespace; skipped where the machine does not allow one)."""
-    from test_output_guard import _in_tmpfs, _unshare_works
+    from _tmpfs import in_tmpfs, unshare_works
 
-    if not _unshare_works():
+    if not unshare_works():
         pytest.skip("no private mount namespace (unshare -rm) here")
     small = tmp_path / "small"
-    result = _in_tmpfs(small, f"""
+    result = in_tmpfs(small, f"""
         import os
         from typer.testing import CliRunner
         from wadi_distill.cli import app

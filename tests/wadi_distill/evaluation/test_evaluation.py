@@ -234,13 +234,12 @@ def test_clip_score_from_a_local_folder_matches_transformers(data, tmp_path):
 
 
 def test_a_student_generated_from_a_prompt_file_is_scored_from_its_pngs(data, tmp_path):
-    from test_single_file import _adapter
-    from tiny_pipelines import make_pipeline
+    from tiny_pipelines import make_pipeline, random_lorad_adapter
 
     pipe = make_pipeline(tmp_path / "pipe", "sd")
     from diffusers import UNet2DConditionModel
 
-    adapter = _adapter(UNet2DConditionModel.from_pretrained(pipe / "unet"), tmp_path / "adapter")
+    adapter = random_lorad_adapter(UNet2DConditionModel.from_pretrained(pipe / "unet"), tmp_path / "adapter")
     (tmp_path / "prompts.txt").write_text("a red cat\na blue dog\n\na green tree\na big house\n")
     out = tmp_path / "student.json"
     result = run("evaluate", "--teacher", pipe, "--adapter", adapter, "--prompts", tmp_path / "prompts.txt",

@@ -23,15 +23,12 @@ from pathlib import Path
 
 import pytest
 
+from _tmpfs import in_tmpfs, subprocess_env, unshare_works
+
 from wadi_probe.errors import WadiInputError, WadiWriteError
 from wadi_probe.io.atomic import atomic_path, write_failure
 from wadi_probe.io.outputs import check_file_name, check_free_space, check_outputs
 
-ROOT = Path(__file__).resolve().parents[3]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
 
 
 def _limit_file_size(size: int):
@@ -42,7 +39,7 @@ def _limit_file_size(size: int):
 
 
 def _python(code: str, *, fsize: int | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=_env(),
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=subprocess_env(),
                           cwd=cwd, preexec_fn=_limit_file_size(fsize) if fsize else None, timeout=300)
 
 
@@ -240,29 +237,12 @@ def test_a_failed_folder_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["student"]
 
 
-def _unshare_works() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d"],
-                           capture_output=True)
-    return probe.returncode == 0
-
-
-needs_tmpfs = pytest.mark.skipif(not _unshare_works(), reason="no private mount namespace (unshare -rm) here")
-
-
-def _in_tmpfs(mount: Path, code: str, *, size: str = "64k", readonly: bool = False) -> subprocess.CompletedProcess:
-    """Run Python with ``mount`` a fresh tmpfs of ``size`` (read-only when asked), in a private mount namespace."""
-    mount.mkdir(exist_ok=True)
-    remount = f" && mount -o remount,ro {mount}" if readonly else ""
-    script = f"mount -t tmpfs -o size={size} tmpfs {mount}{remount} && exec \"$0\" -c \"$1\""
-    return subprocess.run(["unshare", "-rm", "sh", "-c", script, sys.executable, textwrap.dedent(code)],
-                          capture_output=True, text=True, env=_env(), timeout=300)
+needs_tmpfs = pytest.mark.skipif(not unshare_works(), reason="no private mount namespace (unshare -rm) here")
 
 
 @needs_tmpfs
 def test_a_full_disk_and_a_read_only_disk_are_one_sentence(tmp_path):
-    full = _in_tmpfs(tmp_path / "small", f"""
+    full = in_tmpfs(tmp_path / "small", f"""
         from wadi_probe.errors import WadiWriteError
         from wadi_probe.io.atomic import write_json_atomic
         import os
@@ -273,7 +253,7 @@ def test_a_full_disk_and_a_read_only_disk_are_one_sentence(tmp_path):
     """)
     assert full.stdout.strip() == (f"Could not write {tmp_path}/small/r.json: no space left on the device; nothing "
                                    "was left half-written. []"), full.stderr
-    readonly = _in_tmpfs(tmp_path / "ro", f"""
+    readonly = in_tmpfs(tmp_path / "ro", f"""
         from wadi_probe.errors import WadiInputError
         from wadi_probe.io.outputs import check_outputs
         try:
@@ -292,7 +272,7 @@ def test_commands_refuse_a_read_only_place_before_any_work(tmp_path):
     ro = tmp_path / "ro"
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("zero\none\n")
-    result = _in_tmpfs(ro, f"""
+    result = in_tmpfs(ro, f"""
         import sys, time
         from wadi_distill.cli import app
         from typer.testing import CliRunner
