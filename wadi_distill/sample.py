@@ -36,8 +36,8 @@ def multistep_scheduler(scheduler, steps: int, device: torch.device | str, image
 
     VP: DDIM (η = 0) from its config. Flow: ``FlowMatchEulerDiscreteScheduler`` with the teacher's shift (a
     multistep flow scheduler's ``flow_shift``; a dynamic shift resolved for ``image_tokens`` latent tokens) over
-    ``u = 1, 1 − 1/steps, …, 1/steps`` shifted, then σ = 0, as Flux's pipeline sets it (SD3's default grid differs
-    only in its last step); its timesteps, which the denoiser gets, are σ·num_train_timesteps.
+    ``u = 1, 1 − 1/steps, …, 1/steps`` shifted, then σ = 0, as Flux's pipeline sets it (the scheduler's default grid
+    ends its u at the shifted 1/1000 instead); its timesteps, which the denoiser gets, are σ·num_train_timesteps.
     """
     schedule = schedule_from_scheduler(scheduler)
     if not isinstance(schedule, FlowMatchSchedule):
