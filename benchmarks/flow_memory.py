@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_map_only
 from torch.utils.weak import WeakIdKeyDictionary
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # the sibling benchmark scripts (vsd_step's RSS reader)
 CONFIG_DIR = HERE / "configs"
 BLOCK_BYTES = 512  # CUDA's caching allocator hands out multiples of 512 bytes
 H100_BF16_DENSE_FLOPS = 989e12  # H100/H200 SXM, dense bf16 tensor cores
@@ -98,6 +99,35 @@ FAMILIES: dict[str, FamilySpec] = {
     # SANA: Gemma2-2B states, 300 positions with their mask; AutoencoderDC f32c32
     "sana": FamilySpec("sana", "sana-1600m-1024px.json", 1024, 32, 300, "caption_channels", attention_mask=True),
 }
+
+
+#: tiny configs of the four families (seconds on a CPU) with the image side that gives them a few latent tokens:
+#: the tests and ``gpu_check.py --size tiny`` run the step on them
+TINY_CONFIGS: dict[str, tuple[dict[str, Any], int]] = {
+    "sd15": ({"_class_name": "UNet2DConditionModel", "sample_size": 8, "in_channels": 4, "out_channels": 4,
+              "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "layers_per_block": 1,
+              "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 16}, 64),
+    "sd3": ({"_class_name": "SD3Transformer2DModel", "sample_size": 8, "patch_size": 2, "in_channels": 4,
+             "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 32,
+             "caption_projection_dim": 16, "pooled_projection_dim": 24, "out_channels": 4, "pos_embed_max_size": 16,
+             "qk_norm": "rms_norm", "dual_attention_layers": [0]}, 64),
+    "flux": ({"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 16, "num_layers": 1,
+              "num_single_layers": 1, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+              "pooled_projection_dim": 24, "guidance_embeds": True, "axes_dims_rope": [4, 6, 6]}, 64),
+    "sana": ({"_class_name": "SanaTransformer2DModel", "in_channels": 4, "out_channels": 4, "num_attention_heads": 2,
+              "attention_head_dim": 8, "num_layers": 2, "num_cross_attention_heads": 2, "cross_attention_head_dim": 8,
+              "cross_attention_dim": 16, "caption_channels": 24, "mlp_ratio": 2.5, "sample_size": 8, "patch_size": 1,
+              "norm_elementwise_affine": False}, 256),
+}
+
+
+def write_tiny_config(family: str, folder: Path) -> tuple[Path, int]:
+    """``family``'s tiny config written as ``folder/tiny-FAMILY.json``; the path and the image side to run it at."""
+    config, image_size = TINY_CONFIGS[family]
+    path = Path(folder) / f"tiny-{family}.json"
+    path.write_text(json.dumps(config, indent=1) + "\n")
+    return path, image_size
 
 
 def schedule_for(family: str, latent_shape: tuple[int, int, int]):
@@ -385,6 +415,50 @@ def estimate(family: str, config: str | Path | None = None, *, batch: int = 1, r
     }
 
 
+def measure(family: str, config: str | Path | None = None, *, batch: int = 1, rank: int = 256, fake_rank: int = 32,
+            precision: str = "bf16", checkpointing: bool = True, image_size: int | None = None, steps: int = 3,
+            warmup: int = 1, device: str = "cuda") -> dict[str, Any]:
+    """The same VSD step on a real device (random weights built there): step times after ``warmup`` steps, and on
+    CUDA the peak memory allocated and reserved by torch over the timed steps (weights included)."""
+    spec = FAMILIES[family]
+    path = Path(config) if config else CONFIG_DIR / spec.config
+    cls, kwargs = read_config(path)
+    shapes = spec.shapes(kwargs, image_size)
+    size = int(image_size or spec.image_size)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+    cuda = device == "cuda"
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):  # random initialisation on the device (seconds for 12B parameters on a GPU)
+        base = cls(**kwargs)
+    setup = prepare(base, rank, fake_rank, dtype, checkpointing, torch.Generator(device).manual_seed(7919))
+    build_s = time.perf_counter() - started
+    call = family_call(family, spec, size, shapes["latent_shape"][0])
+    schedule = schedule_for(family, shapes["latent_shape"])
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    times, losses = [], {}
+    for i in range(warmup + steps):
+        if cuda and i == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        begun = time.perf_counter()
+        losses = vsd_step(setup, call, schedule, spec, shapes, batch, dtype, device, seed=i)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - begun)
+    result = {"family": family, "config": path.name, "class": cls.__name__, "device": device, "batch": batch,
+              "rank": rank, "fake_rank": fake_rank, "precision": precision, "checkpointing": checkpointing,
+              "image_size": size, "latent_shape": list(shapes["latent_shape"]), "text_tokens": shapes["text_tokens"],
+              "cfg": spec.cfg, **setup.counts, "build_s": round(build_s, 1), "step_s": times, "losses": losses}
+    if cuda:
+        result.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                      peak_reserved_bytes=torch.cuda.max_memory_reserved(), gpu=torch.cuda.get_device_name())
+    return result
+
+
 def card_fit(peak_bytes: int) -> tuple[int, str] | None:
     """The smallest card of :data:`CARDS` that holds ``peak_bytes`` with the context and the allocator's slack."""
     need = peak_bytes * (1 + ALLOCATOR_SLACK) + CONTEXT_BYTES
@@ -417,19 +491,36 @@ def render(result: dict[str, Any], utilisation: float = DEFAULT_UTILISATION) -> 
         ("", f"{result['precision']}, gradient checkpointing {'on' if result['checkpointing'] else 'off'}"),
         ("weights + adapters", gib(result["static_bytes"])),
         ("Adam states", gib(result["optimizer_bytes"])),
-        ("estimated peak", f"{gib(result['peak_bytes'])} (in: {result['peak_phase']})"),
+        ("estimated peak" if result["fake"] else "metered peak",
+         f"{gib(result['peak_bytes'])} (in: {result['peak_phase']})"),
         ("  above the weights", gib(result["peak_bytes"] - result["static_bytes"])),
         ("smallest card", fit[1] if fit else "none of 24/48/80/141 GB"),
         ("step FLOPs", f"{result['flops'] / 1e12:,.1f} TFLOP"),
         ("est. step time", f"{step_seconds(result['flops'], utilisation):.2f} s on an H100/H200 at "
                            f"{utilisation:.0%} of 989 TFLOP/s"),
     ]
+    if "peak_rss_above_imports" in result:
+        rows.insert(11, ("peak RSS - imports", gib(result["peak_rss_above_imports"])))
     width = max(len(k) for k, _ in rows)
-    lines = [f"VSD step of {result['family']}: ESTIMATE (fake tensors, no allocation)", "-" * 72]
+    kind = "ESTIMATE (fake tensors, no allocation)" if result["fake"] else "real CPU tensors, metered"
+    lines = [f"VSD step of {result['family']}: {kind}", "-" * 72]
     lines += [f"{k:<{width}}  {v}"[:80] for k, v in rows]
     lines.append(f"card rule: peak x {1 + ALLOCATOR_SLACK:.2f} + {CONTEXT_BYTES / GIB:.0f} GiB (CUDA context) "
                  "<= card")
     return "\n".join(lines)
+
+
+def render_measured(result: dict[str, Any]) -> str:
+    """A GPU measurement as a few lines of at most 80 columns."""
+    times = sorted(result["step_s"])
+    lines = [f"VSD step of {result['family']} on {result.get('gpu', result['device'])}: MEASURED",
+             f"  {result['class']} ({result['config']}), batch {result['batch']}, {result['precision']}, "
+             f"checkpointing {'on' if result['checkpointing'] else 'off'}",
+             f"  step {times[len(times) // 2]:.3f} s (median of {len(times)}; min {times[0]:.3f}, max {times[-1]:.3f})"]
+    if "peak_allocated_bytes" in result:
+        lines.append(f"  peak allocated {result['peak_allocated_bytes'] / GIB:.2f} GiB, reserved "
+                     f"{result['peak_reserved_bytes'] / GIB:.2f} GiB")
+    return "\n".join(line[:80] for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,6 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--utilisation", type=float, default=DEFAULT_UTILISATION,
                         help="Fraction of the GPU's dense bf16 peak the step time estimate assumes (default 0.4).")
+    parser.add_argument("--real", action="store_true",
+                        help="Run the step on real CPU tensors instead (tiny or SD1.5-sized configs): the meter's peak "
+                             "and the process's peak RSS above the imports, to check the estimate against.")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: run the step on the GPU (random weights) and measure it instead of estimating.")
+    parser.add_argument("--steps", type=int, default=3, help="Timed steps on the GPU (after one warm-up step).")
     parser.add_argument("--json", type=Path, help="Also write the numbers to this JSON file.")
     args = parser.parse_args(argv)
     if args.config and not Path(args.config).is_file():
@@ -454,13 +551,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.rank < 1 or args.fake_rank < 1 or not 0 < args.utilisation <= 1:
         parser.error("--batch-size, --rank and --fake-rank must be at least 1 and --utilisation in (0, 1]")
     torch.set_num_threads(1)
+    from vsd_step import _peak_rss
+
+    import diffusers  # noqa: F401  (imported before the RSS baseline)
+
+    rss0 = _peak_rss()
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            parser.error("--device cuda was asked for but torch sees no CUDA GPU")
+        result = measure(args.family, args.config, batch=args.batch_size, rank=args.rank, fake_rank=args.fake_rank,
+                         precision=args.precision, checkpointing=not args.no_checkpointing,
+                         image_size=args.image_size, steps=args.steps)
+        print(render_measured(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     try:
         result = estimate(args.family, args.config, batch=args.batch_size, rank=args.rank, fake_rank=args.fake_rank,
                           precision=args.precision, checkpointing=not args.no_checkpointing,
-                          image_size=args.image_size)
+                          image_size=args.image_size, fake=not args.real)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.real:
+        result["peak_rss_above_imports"] = _peak_rss() - rss0
     print(render(result, args.utilisation))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
