@@ -111,17 +111,19 @@ def tiny_sana():
 
 
 def _sana_components(folder: Path, index: dict) -> None:
-    """The SANA pipeline's transformer, Gemma2 text encoder and tokenizer, ``AutoencoderDC`` (×2) and scheduler."""
+    """The SANA pipeline's transformer, Gemma2 text encoder and tokenizer, ``AutoencoderDC`` (×4: 32-pixel images,
+    the pipeline's least) and scheduler."""
     from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler
     from transformers import Gemma2Config, Gemma2Model
 
     index["_class_name"] = "SanaPipeline"
     tiny_sana().save_pretrained(folder / "transformer")
     AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
-                  encoder_block_types=("ResBlock", "EfficientViTBlock"),
-                  decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 8),
-                  decoder_block_out_channels=(8, 8), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-                  encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)),
+                  encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                  decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8,) * 3,
+                  decoder_block_out_channels=(8,) * 3, encoder_layers_per_block=(1,) * 3,
+                  decoder_layers_per_block=(1,) * 3, encoder_qkv_multiscales=((), (), (5,)),
+                  decoder_qkv_multiscales=((), (), (5,)),
                   scaling_factor=0.41407).save_pretrained(folder / "vae")
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
     Gemma2Model(Gemma2Config(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1,

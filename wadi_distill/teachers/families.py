@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from wadi_distill.schedules import FlowMatchSchedule, schedule_from_scheduler
 from wadi_distill.teachers.conditioning import Conditioning
 from wadi_distill.teachers.teacher import Teacher, TeacherFamily, TextEncoders, register_family
 from wadi_probe.errors import WadiInputError
@@ -214,6 +215,16 @@ class Sana(TeacherFamily):
         out = model(x_t, encoder_hidden_states=cond.encoder_hidden_states, timestep=timestep,
                     encoder_attention_mask=cond.attention_mask, return_dict=False)[0]
         return out[:, : self.in_channels]  # learned-variance channels, if any, dropped
+
+    @classmethod
+    def schedule(cls, scheduler):
+        """The flow-matching schedule of a ``FlowMatchEulerDiscreteScheduler`` or of SANA's released
+        ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas`` (its ``flow_shift``); any other scheduler refused."""
+        schedule = schedule_from_scheduler(scheduler)
+        if not isinstance(schedule, FlowMatchSchedule):
+            raise WadiInputError(f"A sana teacher runs on a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, "
+                                 f"or a multistep one with use_flow_sigmas), not {type(scheduler).__name__}.")
+        return schedule
 
     @staticmethod
     def complex_human_instruction() -> list[str]:
