@@ -201,6 +201,29 @@ def test_export_is_loaded_by_the_stock_transformer_class(trained, sana, tmp_path
     assert changed and all(".attn" in k and k.endswith(".weight") for k in changed)
 
 
+def test_a_plan_from_a_probe_report_of_the_trained_student(trained, sana, tmp_path):
+    """The probe compares the teacher and the exported student; the plan from its report adapts the layers the run
+    changed (the attention linears), with ranks within the budget, and refuses nothing."""
+    from wadi_probe.analyze import compare
+
+    folder = tmp_path / "student"
+    assert runner.invoke(app, ["export", "--teacher", str(sana), "--adapter", str(trained["out"] / "final"),
+                               "-o", str(folder)]).exit_code == 0
+    report = tmp_path / "report.json"
+    compare(sana / "transformer", folder, device="cpu").save(report)
+    result = runner.invoke(app, ["plan", "--teacher", str(sana), "--rank-from-probe", str(report), "--budget", "0.5",
+                                 "--min-rank", "1", "--multiple-of", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    adapted = sorted(e["module"] for e in plan["layers"])
+    assert adapted == sorted(f"transformer_blocks.0.{a}.{p}" for a in ("attn1", "attn2")
+                             for p in ("to_q", "to_k", "to_v", "to_out.0"))
+    assert all(1 <= e["rank"] <= 4 for e in plan["layers"])  # the run's rank 4
+    reasons = {s["module"]: s["reason"] for s in plan["skipped"]}
+    assert reasons["transformer_blocks.0.ff.conv_inverted"].startswith("Conv2d layer")
+    assert reasons["proj_out"] == "identical in teacher and student"
+
+
 def test_sample_from_the_adapter_and_the_merged_student_agree(trained, sana, tmp_path):
     grids = []
     for flag, path in (("--adapter", trained["out"] / "final"),
@@ -243,8 +266,7 @@ def test_evaluate_generates_and_scores_the_student(trained, sana, tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     assert record["generation"]["images"] == 4 and record["metrics"]["fid"] > 0
-    images = sorted((tmp_path / "eval-images").iterdir()) if (tmp_path / "eval-images").exists() else \
-        sorted(p for p in tmp_path.rglob("00000*.png"))
+    images = sorted((tmp_path / "eval-images").iterdir())
     assert len(images) == 4 and all(Image.open(p).size == (32, 32) for p in images)
 
 
