@@ -224,6 +224,31 @@ def test_a_plan_from_a_probe_report_of_the_trained_student(trained, sana, tmp_pa
     assert reasons["proj_out"] == "identical in teacher and student"
 
 
+def test_paper_conv_trains_glumbconv_and_the_probe_plans_it_with_include_conv(trained, sana, tmp_path):
+    """``--preset paper-conv`` adapts the feed-forward's three convolutions (the depthwise one too): the exported
+    student, loaded by the stock class, differs there, and the probe's plan with --include-conv adapts them."""
+    from diffusers import SanaTransformer2DModel
+    from wadi_probe.analyze import compare
+
+    out = tmp_path / "run"
+    result = runner.invoke(app, _run_args(sana, out, trained["prompts"], "--preset", "paper-conv"))
+    assert result.exit_code == 0, result.output
+    convs = [f"transformer_blocks.0.ff.{c}" for c in ("conv_inverted", "conv_depth", "conv_point")]
+    assert set(convs) <= set(json.loads((out / "final" / "adapter_config.json").read_text())["target_modules"])
+    folder = tmp_path / "student"
+    assert runner.invoke(app, ["export", "--teacher", str(sana), "--adapter", str(out / "final"),
+                               "-o", str(folder)]).exit_code == 0
+    exported = SanaTransformer2DModel.from_pretrained(folder).state_dict()
+    teacher = load_file(str(sana / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(not torch.equal(exported[f"{c}.weight"], teacher[f"{c}.weight"]) for c in convs)
+    report = tmp_path / "report.json"
+    compare(sana / "transformer", folder, device="cpu").save(report)
+    result = runner.invoke(app, ["plan", "--teacher", str(sana), "--rank-from-probe", str(report), "--budget", "0.5",
+                                 "--min-rank", "1", "--multiple-of", "1", "--include-conv", "--json"])
+    assert result.exit_code == 0, result.output
+    assert set(convs) <= {e["module"] for e in json.loads(result.output)["layers"]}
+
+
 def test_sample_from_the_adapter_and_the_merged_student_agree(trained, sana, tmp_path):
     grids = []
     for flag, path in (("--adapter", trained["out"] / "final"),
@@ -233,7 +258,7 @@ def test_sample_from_the_adapter_and_the_merged_student_agree(trained, sana, tmp
                                      "--prompt", "a dog", "-n", "2", "-o", str(grid)])
         assert result.exit_code == 0, result.output
         grids.append(Image.open(grid).convert("RGB"))
-    assert grids[0].size == grids[1].size
+    assert grids[0].size == grids[1].size == (70, 70)  # two prompts × two 32-pixel images, with the grid's margins
     diff = torch.tensor(list(grids[0].getdata())) - torch.tensor(list(grids[1].getdata()))
     assert diff.abs().max() <= 1  # the merged weights round the same sums differently at most by one level
 
