@@ -224,6 +224,9 @@ class Sana(TeacherFamily):
         if not isinstance(schedule, FlowMatchSchedule):
             raise WadiInputError(f"A sana teacher runs on a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, "
                                  f"or a multistep one with use_flow_sigmas), not {type(scheduler).__name__}.")
+        if schedule.num_train_timesteps != cls.train_timesteps:
+            raise WadiInputError(f"A sana teacher's scheduler has num_train_timesteps={cls.train_timesteps}, not "
+                                 f"{schedule.num_train_timesteps}.")
         return schedule
 
     @staticmethod

@@ -128,6 +128,10 @@ def test_released_dpm_solver_scheduler_and_refusals(sana, tmp_path):
     (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "DDPMScheduler"]}))
     with pytest.raises(WadiInputError, match="A sana teacher runs on a flow-matching scheduler .* not DDPMScheduler"):
         load_teacher(folder, load_text_encoders=False, load_vae=False)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    with pytest.raises(WadiInputError, match="num_train_timesteps=1000, not 500"):
+        Sana.schedule(FlowMatchEulerDiscreteScheduler(num_train_timesteps=500))
     config = SanaTransformer2DModel.load_config(sana / "transformer")
     with pytest.raises(WadiInputError, match="guidance_embeds=True"):
         Sana.check_denoiser(SanaTransformer2DModel.from_config({**config, "guidance_embeds": True}))
