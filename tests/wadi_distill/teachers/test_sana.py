@@ -299,6 +299,7 @@ def test_evaluate_generates_and_scores_the_student(trained, sana, tmp_path):
     assert len(images) == 4 and all(Image.open(p).size == (32, 32) for p in images)
 
 
+@pytest.mark.slow
 def test_resume_in_a_new_process_is_bit_identical(trained, sana, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(trained["out"], out)
