@@ -1,4 +1,4 @@
-"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-like) with random weights, no downloads.
+"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-, SANA-like) with random weights, no downloads.
 
 The real-world variants the suite uses (``make_pipeline(..., legacy_config=True, variant="fp16")``):
 
@@ -84,6 +84,57 @@ def tiny_pixart():
                                     caption_channels=16, norm_num_groups=4, use_additional_conditions=True)
 
 
+def make_gemma_tokenizer(folder: Path, max_length: int = 2048) -> None:
+    """A tiny ``GemmaTokenizerFast`` (BPE over single characters plus a few merges, Gemma's special tokens
+    ``<pad> <eos> <bos> <unk> <mask>``, a ``<bos>`` in front), saved with save_pretrained."""
+    import string
+
+    from transformers import GemmaTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for char in "\u2581\n" + string.ascii_letters + string.digits + ".,:;'-<>()!?\"":
+        vocab[char] = len(vocab)
+    merges = [("\u2581", "a"), ("c", "a"), ("ca", "t"), ("\u2581", "cat"), ("t", "h"), ("th", "e"), ("\u2581", "the")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    GemmaTokenizerFast(vocab=vocab, merges=merges, model_max_length=max_length, add_bos_token=True,
+                       add_eos_token=False).save_pretrained(folder)
+
+
+def tiny_sana():
+    """A one-block ``SanaTransformer2DModel`` on 4×8×8 latents, 16-wide Gemma states."""
+    from diffusers import SanaTransformer2DModel
+
+    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
+                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                  cross_attention_dim=8, caption_channels=16, sample_size=8, patch_size=1)
+
+
+def _sana_components(folder: Path, index: dict) -> None:
+    """The SANA pipeline's transformer, Gemma2 text encoder and tokenizer, ``AutoencoderDC`` (×4: 32-pixel images,
+    the pipeline's least) and scheduler."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler
+    from transformers import Gemma2Config, Gemma2Model
+
+    index["_class_name"] = "SanaPipeline"
+    tiny_sana().save_pretrained(folder / "transformer")
+    AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                  encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                  decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8,) * 3,
+                  decoder_block_out_channels=(8,) * 3, encoder_layers_per_block=(1,) * 3,
+                  decoder_layers_per_block=(1,) * 3, encoder_qkv_multiscales=((), (), (5,)),
+                  decoder_qkv_multiscales=((), (), (5,)),
+                  scaling_factor=0.41407).save_pretrained(folder / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+    Gemma2Model(Gemma2Config(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                             pad_token_id=0, eos_token_id=1, bos_token_id=2)).save_pretrained(folder / "text_encoder")
+    make_gemma_tokenizer(folder / "tokenizer")
+    index.update(transformer=["diffusers", "SanaTransformer2DModel"], vae=["diffusers", "AutoencoderDC"],
+                 scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 text_encoder=["transformers", "Gemma2Model"], tokenizer=["transformers", "GemmaTokenizerFast"])
+
+
 # the keys of the original SD1.5 unet/config.json and scheduler/scheduler_config.json (diffusers 0.6 era)
 SD15_UNET_KEYS = ("_class_name", "_diffusers_version", "act_fn", "attention_head_dim", "block_out_channels",
                   "center_input_sample", "cross_attention_dim", "down_block_types", "downsample_padding",
@@ -101,7 +152,7 @@ def _keep_only(config_path: Path, keys: tuple[str, ...]) -> None:
 
 def make_pipeline(folder: Path, kind: str = "sd", seed: int = 0, *, legacy_config: bool = False,
                   variant: str | None = None, hub_snapshot: bool = False) -> Path:
-    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart; see the module docstring
+    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart, sana; see the module docstring
     for ``legacy_config`` (SD-like kinds), ``variant`` and ``hub_snapshot``."""
     if hub_snapshot:
         return _to_hub_snapshot(make_pipeline(Path(folder) / "plain", kind, seed, legacy_config=legacy_config,
@@ -153,6 +204,10 @@ def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index: dict = {"_diffusers_version": "0.30.0"}
+    if kind == "sana":
+        _sana_components(folder, index)
+        (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+        return folder
     vae = _vae()
     vae.save_pretrained(folder / "vae")
     index["vae"] = ["diffusers", "AutoencoderKL"]

@@ -6,6 +6,8 @@
   text embeds + time ids);
 - :class:`PixArt`: ``PixArtTransformer2DModel`` (T5 attention mask, resolution / aspect-ratio conditioning,
   learned-variance channels dropped);
+- :class:`Sana`: ``SanaTransformer2DModel`` on the flow-matching schedule (Gemma2 states with their mask, the
+  pipeline's complex human instruction, ``AutoencoderDC`` latents);
 - :class:`BuiltinDigits`: the project's small demo world (``builtin:digits`` or a ``train-teacher`` folder).
 
 A new family (e.g. another transformer) is one subclass of :class:`~wadi_distill.teachers.teacher.TeacherFamily`
@@ -19,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from wadi_distill.schedules import FlowMatchSchedule, schedule_from_scheduler
 from wadi_distill.teachers.conditioning import Conditioning
 from wadi_distill.teachers.teacher import Teacher, TeacherFamily, TextEncoders, register_family
 from wadi_probe.errors import WadiInputError
 
-__all__ = ["StableDiffusion", "StableDiffusionXL", "PixArt", "BuiltinDigits"]
+__all__ = ["StableDiffusion", "StableDiffusionXL", "PixArt", "BuiltinDigits", "Sana"]
 
 
 @register_family
@@ -176,3 +179,102 @@ class BuiltinDigits(StableDiffusion):
 
     def encode(self, text: TextEncoders, prompts, device):
         raise WadiInputError("The built-in teacher encodes its prompts with its own model, not with text encoders.")
+
+
+@register_family
+class Sana(TeacherFamily):
+    """SANA ``SanaTransformer2DModel``: a flow-matching DiT on ``AutoencoderDC`` latents, cross-attention on Gemma2
+    states with their attention mask.
+
+    Prompts are encoded as ``SanaPipeline`` does by default: lower-cased and stripped, the pipeline's complex human
+    instruction put in front of every prompt (its tokens are encoded too, then all but the first and the last
+    ``max_sequence_length − 1`` positions dropped), 300 positions, padding on the right. The null prompt ``""`` is
+    encoded as the pipeline encodes its negative prompt: without the instruction. The denoiser's timestep is
+    σ·1000·``timestep_scale`` (σ in [0, 1], as ``SanaPipeline`` feeds the scheduler's timesteps).
+    """
+
+    name = "sana"
+    pipeline_classes = ("SanaPipeline",)
+    denoiser_component = "transformer"
+    denoiser_classes = ("SanaTransformer2DModel",)
+    #: the timestep the transformer takes at σ = 1 (before its own ``timestep_scale``)
+    train_timesteps = 1000
+
+    @classmethod
+    def check_denoiser(cls, model):
+        super().check_denoiser(model)
+        if getattr(model.config, "guidance_embeds", False):
+            raise WadiInputError("A SANA transformer with guidance_embeds=True (guidance-distilled) is not supported "
+                                 "in a sana teacher.")
+
+    def __call__(self, model, x_t, t, cond):
+        batch = x_t.shape[0]
+        sigma = t.expand(batch) if t.ndim == 0 else t
+        scale = float(getattr(model.config, "timestep_scale", 1.0) or 1.0)
+        timestep = sigma.float() * (self.train_timesteps * scale)
+        out = model(x_t, encoder_hidden_states=cond.encoder_hidden_states, timestep=timestep,
+                    encoder_attention_mask=cond.attention_mask, return_dict=False)[0]
+        return out[:, : self.in_channels]  # learned-variance channels, if any, dropped
+
+    @classmethod
+    def schedule(cls, scheduler):
+        """The flow-matching schedule of a ``FlowMatchEulerDiscreteScheduler`` or of SANA's released
+        ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas`` (its ``flow_shift``); any other scheduler refused."""
+        schedule = schedule_from_scheduler(scheduler)
+        if not isinstance(schedule, FlowMatchSchedule):
+            raise WadiInputError(f"A sana teacher runs on a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, "
+                                 f"or a multistep one with use_flow_sigmas), not {type(scheduler).__name__}.")
+        if schedule.num_train_timesteps != cls.train_timesteps:
+            raise WadiInputError(f"A sana teacher's scheduler has num_train_timesteps={cls.train_timesteps}, not "
+                                 f"{schedule.num_train_timesteps}.")
+        return schedule
+
+    @staticmethod
+    def complex_human_instruction() -> list[str]:
+        """The instruction ``SanaPipeline.__call__`` puts in front of every prompt by default (read from the
+        installed diffusers, so the two stay the same)."""
+        import inspect
+
+        from diffusers import SanaPipeline
+
+        return list(inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default)
+
+    def encode(self, text, prompts, device):
+        tokenizer, encoder = text.tokenizers[0], text.encoders[0]
+        tokenizer.padding_side = "right"  # as SanaPipeline sets it; the select below assumes it
+        length = int(text.max_length or self.text_max_length("SanaPipeline"))
+        instruction = "\n".join(self.complex_human_instruction())
+        hidden = mask = None
+        for null in (False, True):
+            rows = [i for i, p in enumerate(prompts) if (p == "") == null]
+            if not rows:
+                continue
+            texts = [prompts[i].lower().strip() for i in rows]
+            total = length
+            if not null:
+                texts = [instruction + t for t in texts]
+                total = len(tokenizer.encode(instruction)) + length - 2
+            tokens = tokenizer(texts, padding="max_length", max_length=total, truncation=True,
+                               add_special_tokens=True, return_tensors="pt")
+            keep = [0, *range(total - length + 1, total)]  # the first token and the last length − 1
+            part_mask = tokens.attention_mask.to(device)
+            part = encoder(tokens.input_ids.to(device), attention_mask=part_mask, return_dict=True).last_hidden_state
+            part, part_mask = part[:, keep], part_mask[:, keep]
+            if hidden is None:
+                hidden = part.new_zeros(len(prompts), *part.shape[1:])
+                mask = part_mask.new_zeros(len(prompts), *part_mask.shape[1:])
+            hidden[rows], mask[rows] = part, part_mask
+        return Conditioning(hidden, attention_mask=mask)
+
+    @classmethod
+    def text_max_length(cls, pipeline_class):
+        return 300  # SanaPipeline's max_sequence_length
+
+    @classmethod
+    def text_encoder_dtype(cls, dtype):
+        return torch.bfloat16 if dtype == torch.float16 else dtype  # Gemma2's activations overflow fp16
+
+    @classmethod
+    def vae_scale_factor(cls, vae):
+        """``AutoencoderDC`` halves the side once per encoder stage after the first (32 for SANA's DC-AE f32)."""
+        return 2 ** (len(vae.config.encoder_block_out_channels) - 1)

@@ -217,6 +217,11 @@ class TeacherFamily:
 
     # ---------------------------------------------------------------- load
     @classmethod
+    def vae_scale_factor(cls, vae: nn.Module) -> int:
+        """Pixels per latent cell along a side: 2^(downsampling blocks) for an ``AutoencoderKL``."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
     def claims_source(cls, spec: str) -> bool:
         """Whether ``spec`` (a path or ``name:...``) is a teacher of this family without a ``model_index.json``."""
         return False
@@ -238,7 +243,7 @@ class TeacherFamily:
         vae_scale = 8
         if vae is not None:
             vae.requires_grad_(False)
-            vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+            vae_scale = cls.vae_scale_factor(vae)
         latent_size = int(denoiser.config.sample_size)
         in_channels = int(denoiser.config.in_channels)
         family = cls(latent_size * vae_scale, in_channels)
