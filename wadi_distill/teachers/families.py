@@ -6,7 +6,9 @@
   text embeds + time ids);
 - :class:`PixArt`: ``PixArtTransformer2DModel`` (T5 attention mask, resolution / aspect-ratio conditioning,
   learned-variance channels dropped);
-- :class:`BuiltinDigits`: the project's small demo world (``builtin:digits`` or a ``train-teacher`` folder).
+- :class:`BuiltinDigits`: the project's small demo world (``builtin:digits`` or a ``train-teacher`` folder);
+- :class:`Flux`: Flux.1 ``FluxTransformer2DModel`` (CLIP pooled + T5 states, latents packed 2×2 into tokens, the
+  embedded guidance of FLUX.1-dev, a flow-matching schedule with the dynamic shift of its token count).
 
 A new family (e.g. another transformer) is one subclass of :class:`~wadi_distill.teachers.teacher.TeacherFamily`
 here with ``@register_family``: its pipeline classes, denoiser component, ``__call__`` and ``encode`` (and, if it
@@ -15,6 +17,7 @@ runs on another noise schedule, that schedule's class in :mod:`wadi_distill.sche
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -22,8 +25,9 @@ import torch
 from wadi_distill.teachers.conditioning import Conditioning
 from wadi_distill.teachers.teacher import Teacher, TeacherFamily, TextEncoders, register_family
 from wadi_probe.errors import WadiInputError
+from wadi_probe.io.jsonfile import read_json
 
-__all__ = ["StableDiffusion", "StableDiffusionXL", "PixArt", "BuiltinDigits"]
+__all__ = ["StableDiffusion", "StableDiffusionXL", "PixArt", "BuiltinDigits", "Flux"]
 
 
 @register_family
@@ -176,3 +180,102 @@ class BuiltinDigits(StableDiffusion):
 
     def encode(self, text: TextEncoders, prompts, device):
         raise WadiInputError("The built-in teacher encodes its prompts with its own model, not with text encoders.")
+
+
+@register_family
+class Flux(TeacherFamily):
+    """Flux.1 ``FluxTransformer2DModel`` (dev: a guidance embedding; schnell: none) as ``FluxPipeline`` runs it.
+
+    Latents stay (B, C, H, W) everywhere else; the call packs them 2×2 into tokens with the pipeline's own
+    ``_pack_latents`` / ``_prepare_latent_image_ids`` and unpacks the prediction with ``_unpack_latents``; the text
+    tokens' positions are zeros (as ``encode_prompt`` gives them) and the timestep is σ (the pipeline passes
+    t/1000). The conditioning is T5's last hidden states (512 tokens, the pipeline's default
+    ``max_sequence_length``) and CLIP's pooled output.
+
+    Guidance: FLUX.1-dev is guidance-distilled; its embedded guidance is the real score's guidance
+    (``--guidance``, default 3.5 as the pipeline's). The fake score gets the same value, so that its prediction
+    is compared with the teacher's at the same inputs (at the start the two are the same model); the student
+    always runs at :attr:`student_guidance` (3.5, the pipeline's default ``guidance_scale``), so the exported
+    student samples in the stock ``FluxPipeline`` with one step and its default guidance. Classifier-free
+    guidance on top of the embedding is refused for dev (the run's ``--cfg`` must be 1, its default here).
+    """
+
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    denoiser_component = "transformer"
+    denoiser_classes = ("FluxTransformer2DModel",)
+    text_components = ("text_encoder", "text_encoder_2")
+    default_cfg = 1.0
+    #: the real score's embedded guidance when none is given, and the student's always (FluxPipeline's default)
+    default_guidance = 3.5
+    student_guidance = 3.5
+    #: T5 prompt length in tokens (FluxPipeline's default ``max_sequence_length``)
+    t5_length = 512
+
+    def __call__(self, model, x_t, t, cond):
+        from diffusers import FluxPipeline
+
+        if cond.pooled is None:
+            raise WadiInputError("A Flux teacher needs pooled CLIP embeddings; the embedding cache has none.")
+        batch, channels, height, width = x_t.shape
+        tokens = FluxPipeline._pack_latents(x_t, batch, channels, height, width)
+        img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x_t.device, x_t.dtype)
+        states = cond.encoder_hidden_states
+        txt_ids = torch.zeros(states.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+        timestep = (t.expand(batch) if t.ndim == 0 else t).to(x_t.dtype)
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((batch,), self.guidance, device=x_t.device, dtype=torch.float32)
+        out = model(hidden_states=tokens, encoder_hidden_states=states, pooled_projections=cond.pooled,
+                    timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+        return FluxPipeline._unpack_latents(out, height, width, 1)
+
+    def for_role(self, role):
+        if role != "student" or self.guidance is None or self.guidance == self.student_guidance:
+            return self
+        student = copy.copy(self)
+        student.guidance = self.student_guidance
+        return student
+
+    def encode(self, text, prompts, device):
+        (clip_tokenizer, t5_tokenizer), (clip, t5) = text.tokenizers, text.encoders
+        ids = text.tokenize(clip_tokenizer, prompts, None).input_ids  # the CLIP tokenizer's own limit (77)
+        pooled = clip(ids.to(device), output_hidden_states=False).pooler_output
+        ids = text.tokenize(t5_tokenizer, prompts, text.max_length).input_ids
+        hidden = t5(ids.to(device), output_hidden_states=False)[0]
+        return Conditioning(hidden, pooled=pooled)
+
+    @classmethod
+    def text_max_length(cls, pipeline_class):
+        return cls.t5_length
+
+    @classmethod
+    def text_encoder_dtype(cls, dtype):
+        return PixArt.text_encoder_dtype(dtype)  # the same T5 as PixArt's
+
+    @classmethod
+    def latent_geometry(cls, root, denoiser, vae):
+        """16 latent channels (the transformer's ``in_channels`` / 4, packed 2×2) and the side of the VAE's
+        ``sample_size`` (1024 pixels for the releases: the pipeline's default 128·8), read from ``vae/config.json``
+        when the VAE itself is not loaded."""
+        path = Path(root) / "vae" / "config.json"
+        config = dict(vae.config) if vae is not None else read_json(path) if path.is_file() else {}
+        scale = 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
+        side = int(config.get("sample_size", 1024)) // scale
+        channels = int(denoiser.config.in_channels) // 4
+        if int(config.get("latent_channels", channels)) != channels:
+            raise WadiInputError(f"The Flux transformer in {root} takes {channels} latent channels (in_channels / 4) "
+                                 f"but its VAE makes {config['latent_channels']}.")
+        if side % 2:
+            raise WadiInputError(f"The Flux latents of {root} are {side} wide, which 2×2 packing cannot split.")
+        return channels, side, scale
+
+    @classmethod
+    def load(cls, spec, index=None, *, load_text_encoders=True, load_vae=True, text_encoder_dtype=None):
+        teacher = super().load(spec, index, load_text_encoders=load_text_encoders, load_vae=load_vae,
+                               text_encoder_dtype=text_encoder_dtype)
+        if teacher.denoiser.config.guidance_embeds:
+            teacher.family.guidance = cls.default_guidance
+        side = teacher.latent_shape[1]
+        teacher.schedule = teacher.schedule.with_image_tokens((side // 2) * (side // 2))  # Flux's dynamic shift
+        return teacher
