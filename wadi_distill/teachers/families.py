@@ -186,9 +186,10 @@ class BuiltinDigits(StableDiffusion):
 class Flux(TeacherFamily):
     """Flux.1 ``FluxTransformer2DModel`` (dev: a guidance embedding; schnell: none) as ``FluxPipeline`` runs it.
 
-    Latents stay (B, C, H, W) everywhere else; the call packs them 2×2 into tokens with the pipeline's own
-    ``_pack_latents`` / ``_prepare_latent_image_ids`` and unpacks the prediction with ``_unpack_latents``; the text
-    tokens' positions are zeros (as ``encode_prompt`` gives them) and the timestep is σ (the pipeline passes
+    Latents stay (B, C, H, W) everywhere else; the call packs them 2×2 into tokens (:meth:`pack`, the math of the
+    pipeline's ``_pack_latents``, with its ``_prepare_latent_image_ids`` positions) and unpacks the prediction
+    (:meth:`unpack`, its ``_unpack_latents``); the pipeline module itself is not imported for three reshapes. The
+    text tokens' positions are zeros (as ``encode_prompt`` gives them) and the timestep is σ (the pipeline passes
     t/1000). The conditioning is T5's last hidden states (512 tokens, the pipeline's default
     ``max_sequence_length``) and CLIP's pooled output.
 
@@ -212,14 +213,33 @@ class Flux(TeacherFamily):
     #: T5 prompt length in tokens (FluxPipeline's default ``max_sequence_length``)
     t5_length = 512
 
-    def __call__(self, model, x_t, t, cond):
-        from diffusers import FluxPipeline
+    @staticmethod
+    def pack(latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, H/2·W/2, 4C): each 2×2 patch one token, channels outermost (``_pack_latents``)."""
+        b, c, h, w = latents.shape
+        patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return patches.reshape(b, (h // 2) * (w // 2), c * 4)
 
+    @staticmethod
+    def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The inverse of :meth:`pack` for latents of ``height`` × ``width`` (``_unpack_latents``)."""
+        b, _, channels = tokens.shape
+        patches = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return patches.reshape(b, channels // 4, height, width)
+
+    @staticmethod
+    def image_ids(height: int, width: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """(H/2·W/2, 3) positions of the packed tokens: (0, row, column) (``_prepare_latent_image_ids``)."""
+        rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+        ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+        return ids.to(device=device, dtype=dtype)
+
+    def __call__(self, model, x_t, t, cond):
         if cond.pooled is None:
             raise WadiInputError("A Flux teacher needs pooled CLIP embeddings; the embedding cache has none.")
-        batch, channels, height, width = x_t.shape
-        tokens = FluxPipeline._pack_latents(x_t, batch, channels, height, width)
-        img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x_t.device, x_t.dtype)
+        batch, _, height, width = x_t.shape
+        tokens = self.pack(x_t)
+        img_ids = self.image_ids(height, width, x_t.device, x_t.dtype)
         states = cond.encoder_hidden_states
         txt_ids = torch.zeros(states.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
         timestep = (t.expand(batch) if t.ndim == 0 else t).to(x_t.dtype)
@@ -228,7 +248,7 @@ class Flux(TeacherFamily):
             guidance = torch.full((batch,), self.guidance, device=x_t.device, dtype=torch.float32)
         out = model(hidden_states=tokens, encoder_hidden_states=states, pooled_projections=cond.pooled,
                     timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
-        return FluxPipeline._unpack_latents(out, height, width, 1)
+        return self.unpack(out, height, width)
 
     def for_role(self, role):
         if role != "student" or self.guidance is None or self.guidance == self.student_guidance:
