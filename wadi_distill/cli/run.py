@@ -48,7 +48,7 @@ def run_command(
     lr: float = typer.Option(1e-4, "--lr", help="Student learning rate (AdamW)."),
     fake_lr: float = typer.Option(1e-2, "--fake-lr", help="Fake-score learning rate (AdamW)."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale, the same for real and fake scores (default 1.5; 1 for Flux.1)."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help="The real score's embedded guidance, for guidance-distilled teachers (FLUX.1-dev; default 3.5)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "--teacher-guidance", help="The real score's embedded guidance, for guidance-distilled teachers (FLUX.1-dev; default 3.5)."),
     fake_updates: int = typer.Option(1, "--fake-updates-per-step", help="Fake-score updates per student update."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm."),
     lr_warmup_steps: int = typer.Option(0, "--lr-warmup-steps", help="Linear learning-rate warm-up from 0."),
