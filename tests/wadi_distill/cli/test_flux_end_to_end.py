@@ -156,6 +156,18 @@ def test_sample_adapter_and_merged_agree_and_evaluate_scores_them(world, trained
     assert len(generated) == 4 and Image.open(generated[0]).size == (16, 16)
 
 
+def test_a_bf16_only_schnell_folder_runs_in_bf16_and_exports_in_its_dtype(world, tmp_path):
+    """FLUX.1-schnell (no guidance embedding, no dynamic shift) shipped as bf16 variant files only."""
+    teacher = make_pipeline(tmp_path / "schnell-bf16", "flux-schnell", variant="bf16")
+    out = tmp_path / "out"
+    _ok(_run_args(teacher, out, world["prompts"], "--max-steps", 1, "--checkpointing-steps", 1,
+                  "--mixed-precision", "bf16"))
+    config = json.loads((out / "run.json").read_text())["config"]
+    assert (config["cfg"], config["teacher_guidance"]) == (1.0, None)
+    merged = load_file(str(out / "final" / "student.safetensors"))
+    assert {v.dtype for v in merged.values()} == {torch.bfloat16}  # the teacher's own dtype, as export writes it
+
+
 def test_guidance_and_cfg_refusals_write_nothing(world, tmp_path):
     out = tmp_path / "o"
     for teacher in ("sd", "schnell"):
