@@ -194,3 +194,20 @@ def test_a_plan_from_a_probe_report_of_a_flux_fine_tune(flux, tmp_path):
     plan = plan_from_report(teacher, json.loads((tmp_path / "report.json").read_text()), budget=1.0,
                             min_rank=1, multiple_of=1)
     assert sorted(e.module for e in plan.layers) == sorted(rotated) and all(e.rank == 1 for e in plan.layers)
+
+
+def test_paper_preset_at_flux_dev_size_on_the_meta_device():
+    """FLUX.1-dev's shapes (diffusers' defaults): 19 × 14 + 38 × 6 layers, r·(out + ⌊in/2⌋) each, by hand."""
+    from diffusers import FluxTransformer2DModel
+
+    from wadi_distill.plan import plan_from_preset
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(guidance_embeds=True)
+    plan = plan_from_preset(model, 256, "paper")
+    d, mlp = 3072, 4 * 3072
+    double = 2 * (6 * d + d // 2) + 8 * (d + d // 2) + 2 * (mlp + d // 2) + 2 * (d + mlp // 2)
+    single = (3 * d + d // 2) + (mlp + d // 2) + (d + (d + mlp) // 2) + 3 * (d + d // 2)
+    assert len(plan.layers) == 19 * 14 + 38 * 6 == 494
+    assert plan.trainable_params == 256 * (19 * double + 38 * single) == 1_075_838_976
+    assert plan.backbone_params == 11_901_408_320 and round(100 * plan.fraction, 2) == 9.04
