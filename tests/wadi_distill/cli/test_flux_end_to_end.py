@@ -168,6 +168,17 @@ def test_a_bf16_only_schnell_folder_runs_in_bf16_and_exports_in_its_dtype(world,
     assert {v.dtype for v in merged.values()} == {torch.bfloat16}  # the teacher's own dtype, as export writes it
 
 
+def test_gradient_checkpointing_trains_the_same_adapters(world, tmp_path):
+    """The recomputed forward passes of the double- and single-stream blocks keep each role's adapter switched on."""
+    for name, extra in (("plain", []), ("checkpointed", ["--gradient-checkpointing"])):
+        _ok(_run_args(world["dev"], tmp_path / name, world["prompts"], "--max-steps", 2, *extra))
+    for part in ("student.safetensors", "fake.safetensors"):
+        a = load_file(str(tmp_path / "plain" / "checkpoint-2" / part))
+        b = load_file(str(tmp_path / "checkpointed" / "checkpoint-2" / part))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+        assert any(v.abs().sum() > 0 for k, v in a.items() if "lorad_A" in k)  # both really trained
+
+
 def test_guidance_and_cfg_refusals_write_nothing(world, tmp_path):
     out = tmp_path / "o"
     for teacher in ("sd", "schnell"):
