@@ -1,4 +1,4 @@
-"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-, SANA-like) with random weights, no downloads.
+"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-, SANA-, Flux.1-like) with random weights, no downloads.
 
 The real-world variants the suite uses (``make_pipeline(..., legacy_config=True, variant="fp16")``):
 
@@ -135,6 +135,16 @@ def _sana_components(folder: Path, index: dict) -> None:
                  text_encoder=["transformers", "Gemma2Model"], tokenizer=["transformers", "GemmaTokenizerFast"])
 
 
+def tiny_flux(guidance_embeds: bool = True):
+    """A Flux.1-like transformer (one double-stream and one single-stream block) on 4-channel latents packed 2×2
+    into 16-channel tokens; ``guidance_embeds`` as FLUX.1-dev (True) or schnell (False)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
+
+
 # the keys of the original SD1.5 unet/config.json and scheduler/scheduler_config.json (diffusers 0.6 era)
 SD15_UNET_KEYS = ("_class_name", "_diffusers_version", "act_fn", "attention_head_dim", "block_out_channels",
                   "center_input_sample", "cross_attention_dim", "down_block_types", "downsample_padding",
@@ -152,7 +162,8 @@ def _keep_only(config_path: Path, keys: tuple[str, ...]) -> None:
 
 def make_pipeline(folder: Path, kind: str = "sd", seed: int = 0, *, legacy_config: bool = False,
                   variant: str | None = None, hub_snapshot: bool = False) -> Path:
-    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart, sana; see the module docstring
+    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart, sana, flux (FLUX.1-dev-like: a
+    guidance embedding, dynamic shift) or flux-schnell (no guidance embedding, no shift); see the module docstring
     for ``legacy_config`` (SD-like kinds), ``variant`` and ``hub_snapshot``."""
     if hub_snapshot:
         return _to_hub_snapshot(make_pipeline(Path(folder) / "plain", kind, seed, legacy_config=legacy_config,
@@ -188,11 +199,13 @@ def _to_hub_snapshot(plain: Path, repo: Path) -> Path:
 
 
 def _to_variant(folder: Path, variant: str) -> None:
-    """Rewrite every weight file of ``folder`` as ``NAME.VARIANT.safetensors`` in fp16, the plain files removed."""
+    """Rewrite every weight file of ``folder`` as ``NAME.VARIANT.safetensors`` in fp16 (bf16 for the variant
+    ``bf16``), the plain files removed."""
     from safetensors.torch import load_file, save_file
 
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float16
     for path in sorted(folder.glob("*/*.safetensors")):
-        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
         save_file(tensors, str(path.with_name(f"{path.stem}.{variant}.safetensors")), metadata={"format": "pt"})
         path.unlink()
 
@@ -208,6 +221,8 @@ def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
         _sana_components(folder, index)
         (folder / "model_index.json").write_text(json.dumps(index, indent=1))
         return folder
+    if kind in ("flux", "flux-schnell"):
+        return _make_flux(folder, index, kind)
     vae = _vae()
     vae.save_pretrained(folder / "vae")
     index["vae"] = ["diffusers", "AutoencoderKL"]
@@ -246,6 +261,37 @@ def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
                      tokenizer=["transformers", "PreTrainedTokenizerFast"])
     else:
         raise ValueError(kind)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return folder
+
+
+def _make_flux(folder: Path, index: dict, kind: str) -> Path:
+    """FluxPipeline's layout: CLIP (pooled) + T5, a 16-channel-token transformer, a VAE with a shift factor and
+    the release's flow-matching scheduler (dev: dynamic shift; schnell: none)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    dev = kind == "flux"
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159,
+                  use_quant_conv=False, use_post_quant_conv=False).save_pretrained(folder / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0 if dev else 1.0, use_dynamic_shifting=dev, base_shift=0.5,
+                                    max_shift=1.15, base_image_seq_len=256,
+                                    max_image_seq_len=4096).save_pretrained(folder / "scheduler")
+    tiny_flux(guidance_embeds=dev).save_pretrained(folder / "transformer")
+    _clip(False).save_pretrained(folder / "text_encoder")
+    T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                            decoder_start_token_id=0)).save_pretrained(folder / "text_encoder_2")
+    make_tokenizer(folder / "tokenizer")
+    make_tokenizer(folder / "tokenizer_2", max_length=12)
+    index.update(_class_name="FluxPipeline", vae=["diffusers", "AutoencoderKL"],
+                 scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 transformer=["diffusers", "FluxTransformer2DModel"],
+                 text_encoder=["transformers", "CLIPTextModel"], text_encoder_2=["transformers", "T5EncoderModel"],
+                 tokenizer=["transformers", "PreTrainedTokenizerFast"],
+                 tokenizer_2=["transformers", "PreTrainedTokenizerFast"],
+                 image_encoder=[None, None], feature_extractor=[None, None])
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
 

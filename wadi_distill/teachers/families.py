@@ -8,7 +8,9 @@
   learned-variance channels dropped);
 - :class:`Sana`: ``SanaTransformer2DModel`` on the flow-matching schedule (Gemma2 states with their mask, the
   pipeline's complex human instruction, ``AutoencoderDC`` latents);
-- :class:`BuiltinDigits`: the project's small demo world (``builtin:digits`` or a ``train-teacher`` folder).
+- :class:`BuiltinDigits`: the project's small demo world (``builtin:digits`` or a ``train-teacher`` folder);
+- :class:`Flux`: Flux.1 ``FluxTransformer2DModel`` (CLIP pooled + T5 states, latents packed 2×2 into tokens, the
+  embedded guidance of FLUX.1-dev, a flow-matching schedule with the dynamic shift of its token count).
 
 A new family (e.g. another transformer) is one subclass of :class:`~wadi_distill.teachers.teacher.TeacherFamily`
 here with ``@register_family``: its pipeline classes, denoiser component, ``__call__`` and ``encode`` (and, if it
@@ -17,6 +19,7 @@ runs on another noise schedule, that schedule's class in :mod:`wadi_distill.sche
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -25,8 +28,9 @@ from wadi_distill.schedules import FlowMatchSchedule, schedule_from_scheduler
 from wadi_distill.teachers.conditioning import Conditioning
 from wadi_distill.teachers.teacher import Teacher, TeacherFamily, TextEncoders, register_family
 from wadi_probe.errors import WadiInputError
+from wadi_probe.io.jsonfile import read_json
 
-__all__ = ["StableDiffusion", "StableDiffusionXL", "PixArt", "BuiltinDigits", "Sana"]
+__all__ = ["StableDiffusion", "StableDiffusionXL", "PixArt", "BuiltinDigits", "Sana", "Flux"]
 
 
 @register_family
@@ -278,3 +282,122 @@ class Sana(TeacherFamily):
     def vae_scale_factor(cls, vae):
         """``AutoencoderDC`` halves the side once per encoder stage after the first (32 for SANA's DC-AE f32)."""
         return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
+
+
+@register_family
+class Flux(TeacherFamily):
+    """Flux.1 ``FluxTransformer2DModel`` (dev: a guidance embedding; schnell: none) as ``FluxPipeline`` runs it.
+
+    Latents stay (B, C, H, W) everywhere else; the call packs them 2×2 into tokens (:meth:`pack`, the math of the
+    pipeline's ``_pack_latents``, with its ``_prepare_latent_image_ids`` positions) and unpacks the prediction
+    (:meth:`unpack`, its ``_unpack_latents``); the pipeline module itself is not imported for three reshapes. The
+    text tokens' positions are zeros (as ``encode_prompt`` gives them) and the timestep is σ (the pipeline passes
+    t/1000). The conditioning is T5's last hidden states (512 tokens, the pipeline's default
+    ``max_sequence_length``) and CLIP's pooled output.
+
+    Guidance: FLUX.1-dev is guidance-distilled; its embedded guidance is the real score's guidance
+    (``--guidance``, default 3.5 as the pipeline's). The fake score gets the same value, so that its prediction
+    is compared with the teacher's at the same inputs (at the start the two are the same model); the student
+    always runs at :attr:`student_guidance` (3.5, the pipeline's default ``guidance_scale``), so the exported
+    student samples in the stock ``FluxPipeline`` with one step and its default guidance. Classifier-free
+    guidance on top of the embedding is refused for dev (the run's ``--cfg`` must be 1, its default here).
+    """
+
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    denoiser_component = "transformer"
+    denoiser_classes = ("FluxTransformer2DModel",)
+    text_components = ("text_encoder", "text_encoder_2")
+    default_cfg = 1.0
+    #: the real score's embedded guidance when none is given, and the student's always (FluxPipeline's default)
+    default_guidance = 3.5
+    student_guidance = 3.5
+    #: T5 prompt length in tokens (FluxPipeline's default ``max_sequence_length``)
+    t5_length = 512
+
+    @staticmethod
+    def pack(latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, H/2·W/2, 4C): each 2×2 patch one token, channels outermost (``_pack_latents``)."""
+        b, c, h, w = latents.shape
+        patches = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        return patches.reshape(b, (h // 2) * (w // 2), c * 4)
+
+    @staticmethod
+    def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """The inverse of :meth:`pack` for latents of ``height`` × ``width`` (``_unpack_latents``)."""
+        b, _, channels = tokens.shape
+        patches = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return patches.reshape(b, channels // 4, height, width)
+
+    @staticmethod
+    def image_ids(height: int, width: int, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """(H/2·W/2, 3) positions of the packed tokens: (0, row, column) (``_prepare_latent_image_ids``)."""
+        rows, cols = torch.meshgrid(torch.arange(height // 2), torch.arange(width // 2), indexing="ij")
+        ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+        return ids.to(device=device, dtype=dtype)
+
+    def __call__(self, model, x_t, t, cond):
+        if cond.pooled is None:
+            raise WadiInputError("A Flux teacher needs pooled CLIP embeddings; the embedding cache has none.")
+        batch, _, height, width = x_t.shape
+        tokens = self.pack(x_t)
+        img_ids = self.image_ids(height, width, x_t.device, x_t.dtype)
+        states = cond.encoder_hidden_states
+        txt_ids = torch.zeros(states.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
+        timestep = (t.expand(batch) if t.ndim == 0 else t).to(x_t.dtype)
+        guidance = None
+        if self.guidance is not None:
+            guidance = torch.full((batch,), self.guidance, device=x_t.device, dtype=torch.float32)
+        out = model(hidden_states=tokens, encoder_hidden_states=states, pooled_projections=cond.pooled,
+                    timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+        return self.unpack(out, height, width)
+
+    def for_role(self, role):
+        if role != "student" or self.guidance is None or self.guidance == self.student_guidance:
+            return self
+        student = copy.copy(self)
+        student.guidance = self.student_guidance
+        return student
+
+    def encode(self, text, prompts, device):
+        (clip_tokenizer, t5_tokenizer), (clip, t5) = text.tokenizers, text.encoders
+        ids = text.tokenize(clip_tokenizer, prompts, None).input_ids  # the CLIP tokenizer's own limit (77)
+        pooled = clip(ids.to(device), output_hidden_states=False).pooler_output
+        ids = text.tokenize(t5_tokenizer, prompts, text.max_length).input_ids
+        hidden = t5(ids.to(device), output_hidden_states=False)[0]
+        return Conditioning(hidden, pooled=pooled)
+
+    @classmethod
+    def text_max_length(cls, pipeline_class):
+        return cls.t5_length
+
+    @classmethod
+    def text_encoder_dtype(cls, dtype):
+        return PixArt.text_encoder_dtype(dtype)  # the same T5 as PixArt's
+
+    @classmethod
+    def latent_geometry(cls, root, denoiser, vae):
+        """16 latent channels (the transformer's ``in_channels`` / 4, packed 2×2) and the side of the VAE's
+        ``sample_size`` (1024 pixels for the releases: the pipeline's default 128·8), read from ``vae/config.json``
+        when the VAE itself is not loaded."""
+        path = Path(root) / "vae" / "config.json"
+        config = dict(vae.config) if vae is not None else read_json(path) if path.is_file() else {}
+        scale = 2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1)
+        side = int(config.get("sample_size", 1024)) // scale
+        channels = int(denoiser.config.in_channels) // 4
+        if int(config.get("latent_channels", channels)) != channels:
+            raise WadiInputError(f"The Flux transformer in {root} takes {channels} latent channels (in_channels / 4) "
+                                 f"but its VAE makes {config['latent_channels']}.")
+        if side % 2:
+            raise WadiInputError(f"The Flux latents of {root} are {side} wide, which 2×2 packing cannot split.")
+        return channels, side, scale
+
+    @classmethod
+    def load(cls, spec, index=None, *, load_text_encoders=True, load_vae=True, text_encoder_dtype=None):
+        teacher = super().load(spec, index, load_text_encoders=load_text_encoders, load_vae=load_vae,
+                               text_encoder_dtype=text_encoder_dtype)
+        if teacher.denoiser.config.guidance_embeds:
+            teacher.family.guidance = cls.default_guidance
+        side = teacher.latent_shape[1]
+        teacher.schedule = teacher.schedule.with_image_tokens((side // 2) * (side // 2))  # Flux's dynamic shift
+        return teacher

@@ -39,7 +39,9 @@ FAKE_KINDS = tuple(k.value for k in FakeKind)
 # and scheduler carry the old ones); everything else (max_steps, checkpointing, validation, logging) may change.
 TRAINING_OPTIONS = ("lr", "fake_lr", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                     "lr_warmup_steps", "max_grad_norm", "fake_updates_per_step", "cfg", "use_8bit_adam",
-                    "ema_decay", "seed", "mixed_precision", "gradient_checkpointing")
+                    "ema_decay", "seed", "mixed_precision", "gradient_checkpointing", "teacher_guidance")
+#: The VSD guidance scale of the real and fake scores when a run gives none and the teacher family names none.
+DEFAULT_CFG = 1.5
 
 
 @dataclass
@@ -72,7 +74,9 @@ class DistillConfig:
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
     fake_updates_per_step: int = 1
-    cfg: float = 1.5
+    cfg: float | None = None  # None: the teacher family's default (1 for Flux.1), else DEFAULT_CFG
+    # the real score's embedded guidance (guidance-distilled teachers: FLUX.1-dev); None: the family's default
+    teacher_guidance: float | None = None
     use_8bit_adam: bool = False
     ema_decay: float | None = None
     # runtime
@@ -133,7 +137,7 @@ def _validate_numbers(config: DistillConfig) -> None:
         value = float(getattr(config, name))
         if not math.isfinite(value) or value <= 0:
             raise WadiInputError(f"{name.replace('_', '-')} must be a positive number, not {value:g}.")
-    if not math.isfinite(float(config.cfg)) or config.cfg < 0:
+    if config.cfg is not None and (not math.isfinite(float(config.cfg)) or config.cfg < 0):
         raise WadiInputError(f"cfg must be a non-negative number (1 turns guidance off), not {config.cfg:g}.")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= float(getattr(config, name)) < 1.0:
@@ -175,6 +179,20 @@ def _validate_machine(config: DistillConfig) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
             raise WadiInputError("--use-8bit-adam needs the bitsandbytes package, which is not installed.") from exc
+
+
+def resolve_teacher_options(config: DistillConfig, family: Any) -> None:
+    """Settle, in ``config``, the options that depend on the loaded teacher's family (before anything is written):
+    the real score's embedded guidance (refused for a denoiser without a guidance input) and the CFG scale (the
+    family's default when none is given; a guidance-distilled teacher takes none on top of its embedding)."""
+    family.set_guidance(config.teacher_guidance)
+    config.teacher_guidance = family.guidance
+    if config.cfg is None:
+        config.cfg = family.default_cfg if family.default_cfg is not None else DEFAULT_CFG
+    if family.guidance is not None and float(config.cfg) != 1.0:
+        raise WadiInputError(f"This {family.name} teacher is guidance-distilled (its guidance is the embedded "
+                             f"--guidance, {family.guidance:g}), so classifier-free guidance on top does not apply: "
+                             f"use --cfg 1, not {config.cfg:g}.")
 
 
 def validate_config(config: DistillConfig) -> None:

@@ -47,7 +47,7 @@ from wadi_distill.vsd import checkpoints as ckpt
 from wadi_distill.vsd import losses as vsd
 from wadi_distill.vsd.checkpoints import list_checkpoints
 from wadi_distill.vsd.config import (FAKE_KINDS, TRAINING_OPTIONS, DistillConfig, on_cpu,
-                                     resolve_mixed_precision, validate_config)
+                                     resolve_mixed_precision, resolve_teacher_options, validate_config)
 from wadi_distill.vsd.identity import RunIdentity, identity_for
 from wadi_distill.vsd.preemption import RunStopped, StopSignals, any_process
 from wadi_distill.vsd.run_lock import lock_run_folder
@@ -191,6 +191,7 @@ class VSDTrainer:
         # only the process that encodes the prompts loads the text encoders (T5-XXL is 19 GB in fp32)
         self.teacher = teacher if teacher is not None else load_teacher(
             config.teacher, text_encoder_dtype=half_text, load_text_encoders=self.is_main, progress=config.progress)
+        resolve_teacher_options(config, self.teacher.family)  # before the run's identity and options
         self.schedule = self.teacher.schedule
         self.student = student if student is not None else student_for(config)
         self._prepare_models()  # first: a plan that does not fit is refused before anything is written
@@ -351,7 +352,7 @@ class VSDTrainer:
         """Raw prediction of ``role`` in {"teacher", "student", "fake"} (fp32)."""
         model, switch = self._role(role)
         with self.accelerator.autocast(), switch:
-            out = self.teacher.call(model, x, t, cond)
+            out = self.teacher.family.for_role(role)(model, x, t, cond)
         return out.float()
 
     # ---------------------------------------------------------------- randomness (global batch, sliced)
