@@ -1,4 +1,4 @@
-"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-like) with random weights, no downloads.
+"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-, SD3/SD3.5-like) with random weights, no downloads.
 
 The real-world variants the suite uses (``make_pipeline(..., legacy_config=True, variant="fp16")``):
 
@@ -76,6 +76,16 @@ def tiny_unet(kind: str = "sd"):
     return UNet2DConditionModel(**kwargs)
 
 
+def tiny_sd3(kind: str = "sd3"):
+    """SD3-like joint-attention transformer; ``sd35`` adds SD3.5's dual attention (block 0) and RMS q/k norms."""
+    from diffusers import SD3Transformer2DModel
+
+    extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if kind == "sd35" else {}
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=40,
+                                 caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8, **extra)
+
+
 def tiny_pixart():
     from diffusers import PixArtTransformer2DModel
 
@@ -101,7 +111,7 @@ def _keep_only(config_path: Path, keys: tuple[str, ...]) -> None:
 
 def make_pipeline(folder: Path, kind: str = "sd", seed: int = 0, *, legacy_config: bool = False,
                   variant: str | None = None, hub_snapshot: bool = False) -> Path:
-    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart; see the module docstring
+    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart, sd3, sd35 (flow); see the module docstring
     for ``legacy_config`` (SD-like kinds), ``variant`` and ``hub_snapshot``."""
     if hub_snapshot:
         return _to_hub_snapshot(make_pipeline(Path(folder) / "plain", kind, seed, legacy_config=legacy_config,
@@ -154,10 +164,18 @@ def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     index: dict = {"_diffusers_version": "0.30.0"}
     vae = _vae()
+    if kind in ("sd3", "sd35"):  # SD3's VAE factors (its latents are shifted, then scaled)
+        vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)
     vae.save_pretrained(folder / "vae")
     index["vae"] = ["diffusers", "AutoencoderKL"]
-    _scheduler("v_prediction" if kind == "sd2" else "epsilon").save_pretrained(folder / "scheduler")
-    index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    if kind in ("sd3", "sd35"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    else:
+        _scheduler("v_prediction" if kind == "sd2" else "epsilon").save_pretrained(folder / "scheduler")
+        index["scheduler"] = ["diffusers", "DDPMScheduler"]
     if kind in ("sd", "sd2"):
         index["_class_name"] = "StableDiffusionPipeline"
         tiny_unet(kind).save_pretrained(folder / "unet")
@@ -189,6 +207,21 @@ def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
         make_tokenizer(folder / "tokenizer", max_length=12)
         index.update(text_encoder=["transformers", "T5EncoderModel"],
                      tokenizer=["transformers", "PreTrainedTokenizerFast"])
+    elif kind in ("sd3", "sd35"):
+        index["_class_name"] = "StableDiffusion3Pipeline"
+        tiny_sd3(kind).save_pretrained(folder / "transformer")
+        index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+        for n in ("", "_2"):
+            _clip(True).save_pretrained(folder / f"text_encoder{n}")
+            make_tokenizer(folder / f"tokenizer{n}")
+            index.update({f"text_encoder{n}": ["transformers", "CLIPTextModelWithProjection"],
+                          f"tokenizer{n}": ["transformers", "PreTrainedTokenizerFast"]})
+        T5EncoderModel(T5Config(vocab_size=64, d_model=40, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                decoder_start_token_id=0)).save_pretrained(folder / "text_encoder_3")
+        make_tokenizer(folder / "tokenizer_3", max_length=12)
+        index.update(text_encoder_3=["transformers", "T5EncoderModel"],
+                     tokenizer_3=["transformers", "PreTrainedTokenizerFast"],
+                     image_encoder=[None, None], feature_extractor=[None, None])
     else:
         raise ValueError(kind)
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
