@@ -7,8 +7,10 @@ losses, the digits teacher), sampling and evaluation all go through these functi
 
 - :class:`VPSchedule`: variance-preserving (DDPM-style) schedules, ``α_t² = ᾱ_t`` and ``σ_t² = 1 − ᾱ_t`` with ᾱ
   read from a diffusers scheduler's ``alphas_cumprod``; ε, v or x0 prediction.
+- :class:`FlowMatchSchedule`: rectified flow (SD3, Flux, SANA), ``x_t = (1 − σ)·x0 + σ·ε`` with continuous
+  σ ∈ [0, 1] and velocity prediction ``v = ε − x0``; shifted σ, optionally logit-normal draws (docs/flow.md).
 
-A new family (e.g. rectified flow, ``x_t = (1 − t)·x0 + t·ε`` with velocity prediction) is one subclass that
+A new family is one subclass that
 implements :meth:`NoiseSchedule.alpha_sigma`, the two conversions, :meth:`NoiseSchedule.draw_timesteps` and
 :meth:`NoiseSchedule.from_scheduler`, plus its name in :data:`SCHEDULE_FAMILIES`. A scheduler no family claims
 is refused with one sentence (:func:`schedule_from_scheduler`).
@@ -16,14 +18,15 @@ is refused with one sentence (:func:`schedule_from_scheduler`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Callable, ClassVar
 
 import torch
 
 from wadi_probe.errors import WadiInputError
 
-__all__ = ["NoiseSchedule", "VPSchedule", "SCHEDULE_FAMILIES", "schedule_from_scheduler", "add_noise",
+__all__ = ["NoiseSchedule", "VPSchedule", "FlowMatchSchedule", "SCHEDULE_FAMILIES", "schedule_from_scheduler", "add_noise",
            "classifier_free_guidance", "one_step_sample", "PREDICTION_TYPES"]
 
 #: The prediction types of variance-preserving teachers (diffusers' ``prediction_type`` values).
@@ -57,7 +60,7 @@ class NoiseSchedule:
         raise NotImplementedError
 
     @property
-    def last_timestep(self) -> int:
+    def last_timestep(self) -> int | float:
         """The timestep of pure noise, where a one-step student is evaluated (T − 1 for DDPM-style tables)."""
         return self.num_train_timesteps - 1
 
@@ -174,8 +177,157 @@ class VPSchedule(NoiseSchedule):
         return self.to_x0(model_output, z, alpha, sigma)
 
 
-#: Every schedule family, asked in order by :func:`schedule_from_scheduler`; a new family is one entry here.
-SCHEDULE_FAMILIES: list[type[NoiseSchedule]] = [VPSchedule]
+#: The scheduler options :class:`FlowMatchSchedule` refuses: each changes the σ grid away from the shifted linear one
+#: (or, ``invert_sigmas``, what σ means), so the draws, the one-step student and the sampler would not match.
+_FLOW_UNSUPPORTED_OPTIONS = ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                             "use_beta_sigmas", "use_lu_lambdas", "stochastic_sampling")
+_TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+@dataclass(frozen=True)
+class FlowMatchSchedule(NoiseSchedule):
+    """Rectified flow: ``x_t = (1 − σ)·x0 + σ·ε``, the denoiser predicting the velocity ``v = ε − x0``.
+
+    Timesteps are continuous σ ∈ [0, 1] (float32 tensors (B,)); σ = 1 is pure noise, where the one-step student
+    is evaluated: ``x̂0 = z − v(z, 1)``. Training σ are shifted, ``σ = s·u / (1 + (s − 1)·u)`` with u uniform or
+    (``logit_normal = (mean, std)``, SD3's training) logit-normal; ``s`` is :attr:`shift`, or, with
+    :attr:`use_dynamic_shifting` (Flux), resolved from the image's token count by :meth:`with_image_tokens`.
+
+    The σ here is the schedule's timestep everywhere in wadi (``predict(role, x, t, cond)`` gets it); each teacher
+    family converts it to its denoiser's own convention in its ``__call__``: SD3 and SANA take ``σ·1000``
+    (:attr:`num_train_timesteps`), Flux takes σ itself, as their diffusers pipelines do.
+    """
+
+    shift: float = 1.0
+    logit_normal: tuple[float, float] | None = None
+    num_train_timesteps: int = 1000
+    use_dynamic_shifting: bool = False
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+    prediction_type: str = "flow"
+
+    family: ClassVar[str] = "rectified flow (FlowMatchEulerDiscreteScheduler, or use_flow_sigmas)"
+
+    def __post_init__(self) -> None:
+        if not self.shift > 0:
+            raise WadiInputError(f"The scheduler's shift must be positive, got {self.shift}.")
+        if self.time_shift_type not in _TIME_SHIFT_TYPES:
+            raise WadiInputError(f"The scheduler's time_shift_type {self.time_shift_type!r} is not supported; "
+                                 f"expected one of {', '.join(_TIME_SHIFT_TYPES)}.")
+        if self.logit_normal is not None and not self.logit_normal[1] > 0:
+            raise WadiInputError(f"The logit-normal timestep draw needs a positive std, got {self.logit_normal[1]}.")
+
+    @classmethod
+    def from_scheduler(cls, scheduler: Any) -> "FlowMatchSchedule | None":
+        """The schedule of a ``FlowMatch*`` scheduler (``shift``, dynamic shifting) or of a multistep scheduler with
+        ``use_flow_sigmas`` and ``prediction_type="flow_prediction"`` (SANA's DPM-Solver, ``flow_shift``); None
+        for any other. Options that change the σ grid are refused in one sentence."""
+        config = getattr(scheduler, "config", None) or {}
+        flow_sigmas = bool(config.get("use_flow_sigmas", False))
+        if not (type(scheduler).__name__.startswith("FlowMatch") or flow_sigmas):
+            return None
+        if flow_sigmas and config.get("prediction_type") != "flow_prediction":
+            raise WadiInputError(f"The scheduler {type(scheduler).__name__} uses flow sigmas with prediction_type "
+                                 f"{config.get('prediction_type')!r}; only 'flow_prediction' is supported.")
+        used = [name for name in _FLOW_UNSUPPORTED_OPTIONS if config.get(name)]
+        if used:
+            raise WadiInputError(f"The scheduler option(s) {', '.join(used)} of {type(scheduler).__name__} are not "
+                                 "supported: wadi's flow schedule uses the shifted linear σ grid only.")
+        defaults = cls()
+
+        def read(name: str, default: Any) -> Any:  # a missing or null option is diffusers' default
+            value = config.get(name)
+            return default if value is None else value
+
+        return cls(
+            shift=float(read("flow_shift" if flow_sigmas else "shift", 1.0)),
+            num_train_timesteps=int(read("num_train_timesteps", 1000)),
+            use_dynamic_shifting=bool(read("use_dynamic_shifting", False)),
+            base_shift=float(read("base_shift", defaults.base_shift)),
+            max_shift=float(read("max_shift", defaults.max_shift)),
+            base_image_seq_len=int(read("base_image_seq_len", defaults.base_image_seq_len)),
+            max_image_seq_len=int(read("max_image_seq_len", defaults.max_image_seq_len)),
+            time_shift_type=str(read("time_shift_type", defaults.time_shift_type)),
+        )
+
+    @property
+    def weighting(self) -> str:
+        """How u is drawn before the shift: "logit_normal" (with :attr:`logit_normal`'s mean, std) or "uniform"."""
+        return "uniform" if self.logit_normal is None else "logit_normal"
+
+    def with_logit_normal(self, mean: float = 0.0, std: float = 1.0) -> "FlowMatchSchedule":
+        """This schedule with u drawn logit-normal(mean, std), as SD3 was trained (mean 0, std 1)."""
+        return replace(self, logit_normal=(float(mean), float(std)))
+
+    def image_token_shift(self, image_seq_len: int) -> float:
+        """The σ-shift for ``image_seq_len`` tokens: μ linear in the length between (base_image_seq_len, base_shift)
+        and (max_image_seq_len, max_shift) as Flux's pipeline computes it; the shift is e^μ ("exponential") or μ
+        ("linear" time_shift_type)."""
+        slope = (self.max_shift - self.base_shift) / (self.max_image_seq_len - self.base_image_seq_len)
+        mu = image_seq_len * slope + (self.base_shift - slope * self.base_image_seq_len)
+        return math.exp(mu) if self.time_shift_type == "exponential" else mu
+
+    def with_image_tokens(self, image_seq_len: int) -> "FlowMatchSchedule":
+        """The schedule with the dynamic shift resolved for ``image_seq_len`` latent tokens; itself without
+        dynamic shifting (its fixed shift does not depend on the image size)."""
+        if not self.use_dynamic_shifting:
+            return self
+        return replace(self, shift=self.image_token_shift(image_seq_len), use_dynamic_shifting=False)
+
+    def shift_sigmas(self, u: torch.Tensor) -> torch.Tensor:
+        """σ = s·u / (1 + (s − 1)·u): the scheduler's shift of the unshifted u ∈ [0, 1]."""
+        if self.use_dynamic_shifting:
+            raise ValueError("This flow schedule shifts with the image size: call with_image_tokens(n) first.")
+        return self.shift * u / (1 + (self.shift - 1) * u)
+
+    @property
+    def last_timestep(self) -> float:  # type: ignore[override]
+        """σ = 1: pure noise."""
+        return 1.0
+
+    def terminal_timesteps(self, batch: int, device: torch.device | str) -> torch.Tensor:
+        """(batch,) σ = 1.0, float32."""
+        return torch.full((batch,), self.last_timestep, device=device, dtype=torch.float32)
+
+    def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1 − σ, σ) for σ = ``t``, broadcastable against ``like``; fp32 (fp64 when ``t`` is fp64)."""
+        sigma = t.to(torch.promote_types(t.dtype, torch.float32)).view(-1, *([1] * (like.ndim - 1))).to(like.device)
+        return 1.0 - sigma, sigma
+
+    def to_epsilon(self, model_output, x_t, alpha, sigma):
+        """ε = x_t + (1 − σ)·v."""
+        return x_t + alpha * model_output
+
+    def to_x0(self, model_output, x_t, alpha, sigma):
+        """x̂0 = x_t − σ·v."""
+        return x_t - sigma * model_output
+
+    def draw_timesteps(self, batch, generator, per_mille=(0, 1000)):
+        """σ = shift(u), u drawn uniform or logit-normal restricted to [per_mille[0]/1000, per_mille[1]/1000]
+        (by the inverse CDF, so the draw is the distribution conditioned on that range); float32 (B,)."""
+        low, high = per_mille[0] / 1000.0, per_mille[1] / 1000.0
+        p = torch.rand((batch,), generator=generator, dtype=torch.float64, device=generator.device)
+        if self.logit_normal is None:
+            u = low + (high - low) * p
+        else:
+            mean, std = self.logit_normal
+
+            def cdf(x: float) -> float:  # Φ((logit x − mean)/std), 0 and 1 at the ends
+                if x <= 0.0 or x >= 1.0:
+                    return float(x >= 1.0)
+                return 0.5 * (1.0 + math.erf((math.log(x / (1.0 - x)) - mean) / (std * math.sqrt(2.0))))
+
+            q = cdf(low) + (cdf(high) - cdf(low)) * p
+            u = torch.sigmoid(mean + std * math.sqrt(2.0) * torch.erfinv(2.0 * q - 1.0))
+        return self.shift_sigmas(u).to(torch.float32)
+
+
+#: Every schedule family, asked in order by :func:`schedule_from_scheduler`; a new family is one entry here. Flow
+#: comes first: SANA's DPM-Solver with ``use_flow_sigmas`` also carries an (unused) ``alphas_cumprod`` table.
+SCHEDULE_FAMILIES: list[type[NoiseSchedule]] = [FlowMatchSchedule, VPSchedule]
 
 
 def schedule_from_scheduler(scheduler: Any) -> NoiseSchedule:
