@@ -22,6 +22,7 @@ from typing import ClassVar
 
 import torch
 
+from wadi_distill.schedules import FlowMatchSchedule
 from wadi_distill.teachers.conditioning import Conditioning
 from wadi_distill.teachers.teacher import Teacher, TeacherFamily, TextEncoders, register_family
 from wadi_probe.errors import WadiInputError
@@ -183,6 +184,14 @@ class StableDiffusion3(TeacherFamily):
     @classmethod
     def text_encoder_dtype(cls, dtype):
         return PixArt.text_encoder_dtype(dtype)  # the same T5
+
+    @classmethod
+    def schedule(cls, scheduler):
+        """The scheduler's shifted flow schedule with u drawn logit-normal(0, 1), as SD3 was trained."""
+        schedule = super().schedule(scheduler)
+        if not isinstance(schedule, FlowMatchSchedule):
+            raise WadiInputError(f"An SD3 teacher needs a flow-matching scheduler, not {type(scheduler).__name__}.")
+        return schedule.with_logit_normal()
 
     @classmethod
     def load(cls, spec, index=None, *, load_text_encoders=True, load_vae=True, text_encoder_dtype=None) -> Teacher:
