@@ -13,14 +13,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tiny_pipelines import make_pipeline  # noqa: E402
 
 from wadi_distill.teachers import teacher as teacher_module  # noqa: E402
-from wadi_distill.teachers.families import BuiltinDigits, PixArt, StableDiffusion, StableDiffusionXL  # noqa: E402
+from wadi_distill.teachers.families import (BuiltinDigits, PixArt, StableDiffusion, StableDiffusion3,  # noqa: E402
+                                            StableDiffusionXL)
 from wadi_distill.teachers.pipeline import TEACHER_FAMILIES, load_teacher  # noqa: E402
 from wadi_distill.teachers.teacher import TextEncoders, register_family  # noqa: E402
 from wadi_probe.errors import WadiInputError  # noqa: E402
 
 
 def test_every_family_is_registered_once_by_name():
-    assert TEACHER_FAMILIES == {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "pixart": PixArt,
+    assert TEACHER_FAMILIES == {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "pixart": PixArt, "sd3": StableDiffusion3,
                                 "builtin": BuiltinDigits}
     with pytest.raises(ValueError, match="registered already"):
         register_family(StableDiffusion)
