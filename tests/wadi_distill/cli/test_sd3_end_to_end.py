@@ -149,3 +149,39 @@ def test_resume_in_new_processes_is_bit_identical(trained, tmp_path):
     for name, tensors in reference.items():
         resumed = load_file(str(tmp_path / "B" / "checkpoint-4" / name))
         assert tensors.keys() == resumed.keys() and all(torch.equal(tensors[k], resumed[k]) for k in tensors)
+
+
+def test_a_plan_from_a_probe_report_adapts_the_rotated_layers_and_trains(trained, tmp_path):
+    """The probe compares the SD3 transformer with a copy whose image-stream q/k/v were rotated (rank 2); the plan
+    keeps those layers only, and `run --plan` trains it."""
+    from diffusers import SD3Transformer2DModel
+
+    from wadi_probe.analyze import compare
+    from wadi_probe.rotation import rotate_pairs
+
+    student = SD3Transformer2DModel.from_pretrained(trained["teacher"] / "transformer", local_files_only=True)
+    g = torch.Generator().manual_seed(0)
+    rotated = {f"transformer_blocks.{b}.attn.{p}" for b in (0, 1) for p in ("to_q", "to_k", "to_v")}
+    with torch.no_grad():
+        for name in sorted(rotated):
+            layer = student.get_submodule(name)
+            theta = 0.2 * torch.randn(layer.weight.shape[0], 2, generator=g) @ torch.randn(
+                2, layer.weight.shape[1] // 2, generator=g)
+            layer.weight.copy_(rotate_pairs(layer.weight, theta))
+    student.save_pretrained(tmp_path / "student")
+    report = tmp_path / "report.json"
+    compare(trained["teacher"], tmp_path / "student", device="cpu").save(report)
+    plan_path = tmp_path / "plan.json"
+    done = runner.invoke(app, ["plan", "--teacher", str(trained["teacher"]), "--rank-from-probe", str(report),
+                               "--budget", "0.5", "--min-rank", "1", "--multiple-of", "1", "-o", str(plan_path),
+                               "--json"])
+    assert done.exit_code == 0, done.output
+    plan = json.loads(plan_path.read_text())
+    assert {e["module"] for e in plan["layers"]} == rotated and all(e["rank"] <= 2 for e in plan["layers"])
+    out = tmp_path / "out"
+    done = runner.invoke(app, ["run", "--teacher", str(trained["teacher"]), "--prompts", str(trained["prompts"]),
+                               "--output-dir", str(out), "--plan", str(plan_path), "--fake-rank", "2",
+                               "--batch-size", "1", "--max-steps", "1", "--no-tensorboard"])
+    assert done.exit_code == 0, done.output
+    adapter = load_file(str(out / "final" / "adapter.safetensors"))
+    assert {k.split(".lorad_")[0] for k in adapter if ".lorad_" in k} == rotated
