@@ -82,6 +82,17 @@ class NoiseSchedule:
         """The denoiser's raw output at (x_t, α, σ) as a clean-sample prediction x̂0."""
         raise NotImplementedError
 
+    def vsd_weight(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The weight w of the student's VSD direction ``g = w·(ε_real − ε_fake)`` at (α, σ) (docs/design.md)."""
+        raise NotImplementedError
+
+    def denoising_terms(self, model_output: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                        alpha: torch.Tensor,
+                        sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]:
+        """(prediction, target, weight) of the fake score's denoising loss ``mean(weight·(prediction − target)²)``
+        for its raw output at ``x_t = α·x0 + σ·noise``: the loss this family's denoisers are trained with."""
+        raise NotImplementedError
+
     def draw_timesteps(self, batch: int, generator: torch.Generator,
                        per_mille: tuple[int, int] = (0, 1000)) -> torch.Tensor:
         """Timesteps uniform over the part of the schedule between ``per_mille[0]/1000`` and ``per_mille[1]/1000``
@@ -160,6 +171,14 @@ class VPSchedule(NoiseSchedule):
         if self.prediction_type == "v_prediction":
             return alpha * x_t - sigma * model_output
         return model_output  # "sample"
+
+    def vsd_weight(self, alpha, sigma):
+        """1 − ᾱ_t with ᾱ_t = α_t·α_t (= σ_t²): g = (1 − ᾱ_t)·(ε_real − ε_fake) = α_t·σ_t·(x̂0_fake − x̂0_real)."""
+        return 1.0 - alpha * alpha
+
+    def denoising_terms(self, model_output, x_t, x0, noise, alpha, sigma):
+        """ε-matching weighted by ᾱ_t: (ε_fake, ε, α_t·α_t)."""
+        return self.to_epsilon(model_output, x_t, alpha, sigma), noise, alpha * alpha
 
     def draw_timesteps(self, batch, generator, per_mille=(0, 1000)):
         """Integers uniform on the closed range [round(lo·T/1000), min(round(hi·T/1000), T − 1)]."""
@@ -304,6 +323,15 @@ class FlowMatchSchedule(NoiseSchedule):
     def to_x0(self, model_output, x_t, alpha, sigma):
         """x̂0 = x_t − σ·v."""
         return x_t - sigma * model_output
+
+    def vsd_weight(self, alpha, sigma):
+        """σ²/(α² + σ²): VP's 1 − ᾱ at the same signal-to-noise ratio α²/σ², so that
+        ``g = α·σ/(α² + σ²)·(x̂0_fake − x̂0_real)`` weighs each noise level as a VP teacher's step does (docs/flow.md)."""
+        return sigma * sigma / (alpha * alpha + sigma * sigma)
+
+    def denoising_terms(self, model_output, x_t, x0, noise, alpha, sigma):
+        """The flow-matching loss, as SD3, Flux and SANA were trained: (v_fake, ε − x0, 1), unweighted."""
+        return model_output, noise - x0, 1.0
 
     def draw_timesteps(self, batch, generator, per_mille=(0, 1000)):
         """σ = shift(u), u drawn uniform or logit-normal restricted to [per_mille[0]/1000, per_mille[1]/1000]

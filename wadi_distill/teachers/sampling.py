@@ -21,7 +21,8 @@ __all__ = ["one_step_generate", "one_step_images", "seeded_noise"]
 @torch.no_grad()
 def one_step_generate(denoiser: nn.Module, call: TeacherFamily, schedule: NoiseSchedule, cond: Conditioning,
                       noise: torch.Tensor) -> torch.Tensor:
-    """x̂0 (latents or pixels) from ``noise`` (B, C, H, W) in one denoiser evaluation at t = T−1."""
+    """x̂0 (latents or pixels) from ``noise`` (B, C, H, W) in one denoiser evaluation at the terminal timestep
+    (T − 1 on a VP schedule, σ = 1 on a flow one)."""
     return one_step_sample(lambda x, t: call(denoiser, x, t, cond).float(), noise.float(), schedule)
 
 

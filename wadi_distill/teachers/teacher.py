@@ -181,7 +181,9 @@ class TeacherFamily:
 
     # ---------------------------------------------------------------- call
     def __call__(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """The denoiser's raw prediction (ε, v or x0 as the schedule says) at ``(x_t, t)`` under ``cond``."""
+        """The denoiser's raw prediction (ε, v or x0 as the schedule says) at ``(x_t, t)`` under ``cond``; ``t`` is
+        the schedule's timestep (VP: integers; flow: σ ∈ [0, 1] in float32, converted here to the denoiser's own
+        convention)."""
         raise NotImplementedError
 
     @classmethod

@@ -5,7 +5,9 @@ scheduler through a :class:`~wadi_distill.schedules.NoiseSchedule` (the forward 
 or x0 predictions to ε, guidance and the one-step sample live there); :mod:`wadi_distill.vsd.step` puts these
 pieces together into one VSD step.
 
-Notation: ``x_t = α_t·x0 + σ_t·ε`` with ``α_t² = ᾱ_t`` and ``σ_t² = 1 − ᾱ_t``.
+Notation: ``x_t = α_t·x0 + σ_t·ε``; on a VP schedule ``α_t² = ᾱ_t`` and ``σ_t² = 1 − ᾱ_t``, on a flow schedule
+``α = 1 − σ``. The weights are the schedule's (:meth:`~wadi_distill.schedules.NoiseSchedule.vsd_weight`,
+:meth:`~wadi_distill.schedules.NoiseSchedule.denoising_terms`); docs/design.md and docs/flow.md give them.
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ STUDENT_T_RANGE = (20, 980)
 FAKE_NULL_PROMPT_PROB = 0.1
 
 
-def vsd_gradient(eps_real: torch.Tensor, eps_fake: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """The VSD update direction on x̂0: g = (1 − ᾱ_t)·(ε_real − ε_fake)."""
-    return (1.0 - alpha_bar) * (eps_real - eps_fake)
+def vsd_gradient(eps_real: torch.Tensor, eps_fake: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The VSD update direction on x̂0: g = w·(ε_real − ε_fake), w from the schedule (VP: 1 − ᾱ_t)."""
+    return weight * (eps_real - eps_fake)
 
 
 def student_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -32,18 +34,19 @@ def student_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * torch.mean((x0.float() - target.float()) ** 2)
 
 
-def fake_score_loss(eps_fake: torch.Tensor, eps_target: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
-    """Denoising loss of the fake score on student samples: mean(ᾱ_t′·(ε_fake − ε′)²)."""
-    return torch.mean(alpha_bar * (eps_fake.float() - eps_target.float()) ** 2)
+def fake_score_loss(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    """Denoising loss of the fake score on student samples: mean(w·(prediction − target)²) with the schedule's
+    terms (VP: ε_fake, ε′ and ᾱ_t′; flow: v_fake, ε′ − x̂0 and 1)."""
+    return torch.mean(weight * (prediction.float() - target.float()) ** 2)
 
 
 def student_timesteps(batch: int, schedule: NoiseSchedule, generator: torch.Generator) -> torch.Tensor:
-    """The student step's timesteps: :data:`STUDENT_T_RANGE` of the schedule."""
+    """The student step's timesteps: :data:`STUDENT_T_RANGE` of the schedule (flow: of u, before the shift)."""
     return schedule.draw_timesteps(batch, generator, STUDENT_T_RANGE)
 
 
 def fake_timesteps(batch: int, schedule: NoiseSchedule, generator: torch.Generator) -> torch.Tensor:
-    """The fake-score step's timesteps: the whole schedule (t′ ~ U{0..T−1})."""
+    """The fake-score step's timesteps: the whole schedule (VP: t′ ~ U{0..T−1}; flow: the family's training draw)."""
     return schedule.draw_timesteps(batch, generator)
 
 

@@ -9,8 +9,10 @@ step with an analytic ``predict`` and no trainer.
 
 Student step: ``x̂0 = G(z)`` at the terminal timestep, ``x_t = α_t·sg(x̂0) + σ_t·ε`` with ``t`` from the
 student range, ε of the teacher and of the fake score with the same guidance scale,
-``g = (1 − ᾱ_t)·(ε_real − ε_fake)`` and the loss ``½·mean((x̂0 − sg(x̂0 − g))²)``. Fake step: ``x_t′`` from the
-detached sample, the prompt replaced by the null prompt where the mask says, loss ``mean(ᾱ_t′·(ε_fake − ε′)²)``.
+``g = w_t·(ε_real − ε_fake)`` with the schedule's weight (VP: ``1 − ᾱ_t``; flow: ``σ²/(α² + σ²)``) and the loss
+``½·mean((x̂0 − sg(x̂0 − g))²)``. Fake step: ``x_t′`` from the detached sample, the prompt replaced by the null
+prompt where the mask says, the schedule's denoising loss (VP: ``mean(ᾱ_t′·(ε_fake − ε′)²)``; flow: the
+flow-matching loss ``mean((v_fake − (ε′ − x̂0))²)``).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class VSDStep:
             x_t = add_noise(x0.detach(), noise, alpha, sigma)
             eps_real = self.guided_eps("teacher", x_t, t, cond, alpha, sigma)
             eps_fake = self.guided_eps("fake", x_t, t, cond, alpha, sigma)
-            grad = losses.vsd_gradient(eps_real, eps_fake, alpha * alpha)
+            grad = losses.vsd_gradient(eps_real, eps_fake, self.schedule.vsd_weight(alpha, sigma))
         return losses.student_loss(x0, grad), x0
 
     def fake_loss(self, sample: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor,
@@ -78,4 +80,5 @@ class VSDStep:
         alpha, sigma = self.schedule.alpha_sigma(t, sample)
         x_t = add_noise(sample, noise, alpha, sigma)
         cond = cond.where(use_null, self.null)
-        return losses.fake_score_loss(self.eps("fake", x_t, t, cond, alpha, sigma), noise, alpha * alpha)
+        terms = self.schedule.denoising_terms(self.predict("fake", x_t, t, cond), x_t, sample, noise, alpha, sigma)
+        return losses.fake_score_loss(*terms)

@@ -19,7 +19,11 @@ def _schedule(prediction_type: str = "epsilon", **kwargs) -> VPSchedule:
 
 
 def test_vsd_gradient_on_known_values():
-    g = vsd.vsd_gradient(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.75, 0.5]))
+    schedule = _schedule()
+    alpha = torch.tensor([0.75, 0.5]).sqrt()
+    weight = schedule.vsd_weight(alpha, (1 - alpha * alpha).sqrt())  # VP: 1 − ᾱ
+    torch.testing.assert_close(weight, torch.tensor([0.25, 0.5]))
+    g = vsd.vsd_gradient(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]), weight)
     torch.testing.assert_close(g, torch.tensor([0.25, -0.5]))
 
 
