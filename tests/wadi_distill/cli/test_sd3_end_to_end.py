@@ -93,6 +93,21 @@ def test_export_is_a_folder_the_stock_sd3_transformer_loads(trained, tmp_path):
     changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, state[k])]
     assert changed and all(k.startswith("transformer_blocks.") for k in changed)
 
+    # the stock pipeline's one Euler step with the student (σ 1 → 0: x0 = z − v) gives the project's one-step image
+    from diffusers import StableDiffusion3Pipeline
+
+    from wadi_distill.teachers.pipeline import load_teacher
+    from wadi_distill.teachers.sampling import one_step_images, seeded_noise
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(trained["teacher"], transformer=student, local_files_only=True)
+    noise = seeded_noise((4, 8, 8), [3])
+    with torch.no_grad():
+        theirs = pipe("a cat", num_inference_steps=1, guidance_scale=1.0, latents=noise, output_type="pt",
+                      height=16, width=16).images
+    ours_teacher = load_teacher(trained["teacher"], progress=False)
+    ours = one_step_images(ours_teacher, student, ours_teacher.encode_prompts(["a cat"]), [3])
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
 
 def test_evaluate_generates_with_the_student_and_scores(trained, tmp_path):
     class Features(torch.nn.Module):
