@@ -244,3 +244,23 @@ def random_lorad_adapter(unet, folder, seed=1):
             layer.lorad_A["student"].normal_(0, 0.3)
     save_adapter(adapted, folder, plan, adapter_name="student")
     return folder
+
+
+def reshard(component: Path, variant: str = "bf16", dtype: torch.dtype = torch.bfloat16,
+            max_shard_size: str = "20KB") -> Path:
+    """Rewrite a diffusers model folder as ``variant`` shards in ``dtype`` (diffusers' own naming,
+    ``NAME.VARIANT-0000k-of-n.safetensors`` plus ``NAME.safetensors.index.VARIANT.json``), the old files removed."""
+    import diffusers
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    config = json.loads((component / "config.json").read_text())
+    files = sorted(component.glob("*.safetensors"))
+    model = getattr(diffusers, config["_class_name"]).from_config(config)
+    state: dict = {}
+    for path in files:
+        state.update(load_state_dict(str(path)))
+    model.load_state_dict(state)
+    for path in files + sorted(component.glob("*.index*.json")):
+        path.unlink()
+    model.to(dtype).save_pretrained(component, variant=variant, max_shard_size=max_shard_size)
+    return component

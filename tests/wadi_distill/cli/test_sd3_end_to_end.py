@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tiny_pipelines import make_pipeline  # noqa: E402
+from tiny_pipelines import make_pipeline, reshard  # noqa: E402
 
 from wadi_distill.cli import app  # noqa: E402
 
@@ -107,6 +107,27 @@ def test_export_is_a_folder_the_stock_sd3_transformer_loads(trained, tmp_path):
     ours_teacher = load_teacher(trained["teacher"], progress=False)
     ours = one_step_images(ours_teacher, student, ours_teacher.encode_prompts(["a cat"]), [3])
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_a_bf16_sharded_teacher_trains_and_exports_in_bf16(trained, tmp_path):
+    """A folder as SD3.5 Large ships its transformer (sharded; here bf16 shards) with fp16-only text encoders."""
+    from diffusers import SD3Transformer2DModel
+
+    folder = make_pipeline(tmp_path / "sd3", "sd3", variant="fp16")
+    reshard(folder / "transformer")
+    teacher_keys = set(json.loads((folder / "transformer" / "diffusion_pytorch_model.safetensors.index.bf16.json")
+                                  .read_text())["weight_map"])
+    out = tmp_path / "out"
+    done = runner.invoke(app, _args(folder, out, trained["prompts"], "--max-steps", "1"))
+    assert done.exit_code == 0, done.output
+    merged = load_file(str(out / "final" / "student.safetensors"))
+    assert set(merged) == teacher_keys and {v.dtype for v in merged.values()} == {torch.bfloat16}
+    done = runner.invoke(app, ["export", "--teacher", str(folder), "--adapter", str(out / "final"), "-o",
+                               str(tmp_path / "student")])
+    assert done.exit_code == 0, done.output
+    student = SD3Transformer2DModel.from_pretrained(tmp_path / "student", local_files_only=True,
+                                                    torch_dtype=torch.bfloat16)
+    assert all(torch.equal(v, merged[k]) for k, v in student.state_dict().items())
 
 
 def test_evaluate_generates_with_the_student_and_scores(trained, tmp_path):

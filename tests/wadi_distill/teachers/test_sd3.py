@@ -11,7 +11,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tiny_pipelines import make_pipeline  # noqa: E402
+from tiny_pipelines import make_pipeline, reshard  # noqa: E402
 
 from wadi_distill.plan import plan_from_preset  # noqa: E402
 from wadi_distill.schedules import FlowMatchSchedule  # noqa: E402
@@ -113,9 +113,7 @@ def test_bf16_variant_and_sharded_transformer_load_as_the_pipeline_does(tmp_path
 
     folder = make_pipeline(tmp_path / "sd3", "sd3", variant="fp16")
     model = SD3Transformer2DModel.from_pretrained(folder / "transformer", variant="fp16").to(torch.bfloat16)
-    for path in (folder / "transformer").glob("*.safetensors"):
-        path.unlink()
-    model.save_pretrained(folder / "transformer", variant="bf16", max_shard_size="20KB")
+    reshard(folder / "transformer")
     shards = list((folder / "transformer").glob("diffusion_pytorch_model.bf16-*-of-*.safetensors"))
     assert len(shards) > 2 and (folder / "transformer" / "diffusion_pytorch_model.safetensors.index.bf16.json").is_file()
     assert weights_variant(folder / "transformer") == "bf16"  # diffusers' newer NAME.VARIANT-0000k-of-n shards
