@@ -10,9 +10,10 @@ losses, the digits teacher), sampling and evaluation all go through these functi
 - :class:`FlowMatchSchedule`: rectified flow (SD3, Flux, SANA), ``x_t = (1 − σ)·x0 + σ·ε`` with continuous
   σ ∈ [0, 1] and velocity prediction ``v = ε − x0``; shifted σ, optionally logit-normal draws (docs/flow.md).
 
-A new family is one subclass that
-implements :meth:`NoiseSchedule.alpha_sigma`, the two conversions, :meth:`NoiseSchedule.draw_timesteps` and
-:meth:`NoiseSchedule.from_scheduler`, plus its name in :data:`SCHEDULE_FAMILIES`. A scheduler no family claims
+A new family is one subclass that implements :meth:`NoiseSchedule.alpha_sigma`, the two conversions,
+:meth:`NoiseSchedule.draw_timesteps`, the VSD weighting (:meth:`NoiseSchedule.vsd_weight`,
+:meth:`NoiseSchedule.denoising_terms`) and :meth:`NoiseSchedule.from_scheduler`, plus its name in
+:data:`SCHEDULE_FAMILIES`. A scheduler no family claims
 is refused with one sentence (:func:`schedule_from_scheduler`).
 """
 
@@ -236,6 +237,9 @@ class FlowMatchSchedule(NoiseSchedule):
         if self.time_shift_type not in _TIME_SHIFT_TYPES:
             raise WadiInputError(f"The scheduler's time_shift_type {self.time_shift_type!r} is not supported; "
                                  f"expected one of {', '.join(_TIME_SHIFT_TYPES)}.")
+        if self.use_dynamic_shifting and self.max_image_seq_len == self.base_image_seq_len:
+            raise WadiInputError("The scheduler's dynamic shifting needs max_image_seq_len different from "
+                                 "base_image_seq_len.")
         if self.logit_normal is not None and not self.logit_normal[1] > 0:
             raise WadiInputError(f"The logit-normal timestep draw needs a positive std, got {self.logit_normal[1]}.")
 

@@ -259,3 +259,7 @@ def test_flow_bad_fields_are_refused():
         FlowMatchSchedule(shift=0.0)
     with pytest.raises(WadiInputError, match="std"):
         FlowMatchSchedule(logit_normal=(0.0, 0.0))
+    with pytest.raises(WadiInputError, match="max_image_seq_len"):
+        FlowMatchSchedule(use_dynamic_shifting=True, base_image_seq_len=256, max_image_seq_len=256)
+    with pytest.raises(WadiInputError, match="time_shift_type"):
+        FlowMatchSchedule(time_shift_type="cosine")
