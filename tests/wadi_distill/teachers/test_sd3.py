@@ -20,7 +20,7 @@ from wadi_distill.teachers.families import StableDiffusion3  # noqa: E402
 from wadi_distill.teachers.pipeline import load_teacher  # noqa: E402
 from wadi_probe.errors import WadiInputError  # noqa: E402
 
-PROMPTS = ["a cat", "", "a red house on the big tree in the sky", "the dog"]
+PROMPTS = ["a cat", "", "a red house on the big tree in the sky", " ".join(["the small dog"] * 7)]  # 21 words: CLIP truncates
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
