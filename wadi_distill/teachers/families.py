@@ -195,6 +195,8 @@ class StableDiffusion3(TeacherFamily):
 
     @classmethod
     def load(cls, spec, index=None, *, load_text_encoders=True, load_vae=True, text_encoder_dtype=None) -> Teacher:
+        """The common loading; a ``text_encoder_3`` listed as null loads the two CLIP encoders only, and the family
+        keeps the transformer's ``joint_attention_dim`` for the zeros in T5's place."""
         index = dict(index or {})
         entry = index.get("text_encoder_3")
         without_t5 = isinstance(entry, list) and len(entry) == 2 and entry[0] is None and entry[1] is None
