@@ -1,4 +1,5 @@
-"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-, SANA-, Flux.1-like) with random weights, no downloads.
+"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-, SD3/SD3.5-, SANA-, Flux.1-like) with random
+weights, no downloads.
 
 The real-world variants the suite uses (``make_pipeline(..., legacy_config=True, variant="fp16")``):
 
@@ -74,6 +75,16 @@ def tiny_unet(kind: str = "sd"):
         kwargs.update(use_linear_projection=True, cross_attention_dim=32, addition_embed_type="text_time",
                       addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
     return UNet2DConditionModel(**kwargs)
+
+
+def tiny_sd3(kind: str = "sd3"):
+    """SD3-like joint-attention transformer; ``sd35`` adds SD3.5's dual attention (block 0) and RMS q/k norms."""
+    from diffusers import SD3Transformer2DModel
+
+    extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if kind == "sd35" else {}
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=40,
+                                 caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8, **extra)
 
 
 def tiny_pixart():
@@ -162,9 +173,9 @@ def _keep_only(config_path: Path, keys: tuple[str, ...]) -> None:
 
 def make_pipeline(folder: Path, kind: str = "sd", seed: int = 0, *, legacy_config: bool = False,
                   variant: str | None = None, hub_snapshot: bool = False) -> Path:
-    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart, sana, flux (FLUX.1-dev-like: a
-    guidance embedding, dynamic shift) or flux-schnell (no guidance embedding, no shift); see the module docstring
-    for ``legacy_config`` (SD-like kinds), ``variant`` and ``hub_snapshot``."""
+    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart, sd3, sd35 (flow), sana, flux
+    (FLUX.1-dev-like: a guidance embedding, dynamic shift) or flux-schnell (no guidance embedding, no shift); see
+    the module docstring for ``legacy_config`` (SD-like kinds), ``variant`` and ``hub_snapshot``."""
     if hub_snapshot:
         return _to_hub_snapshot(make_pipeline(Path(folder) / "plain", kind, seed, legacy_config=legacy_config,
                                               variant=variant), Path(folder) / f"models--tiny--{kind}")
@@ -224,10 +235,18 @@ def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
     if kind in ("flux", "flux-schnell"):
         return _make_flux(folder, index, kind)
     vae = _vae()
+    if kind in ("sd3", "sd35"):  # SD3's VAE factors (its latents are shifted, then scaled)
+        vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)
     vae.save_pretrained(folder / "vae")
     index["vae"] = ["diffusers", "AutoencoderKL"]
-    _scheduler("v_prediction" if kind == "sd2" else "epsilon").save_pretrained(folder / "scheduler")
-    index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    if kind in ("sd3", "sd35"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    else:
+        _scheduler("v_prediction" if kind == "sd2" else "epsilon").save_pretrained(folder / "scheduler")
+        index["scheduler"] = ["diffusers", "DDPMScheduler"]
     if kind in ("sd", "sd2"):
         index["_class_name"] = "StableDiffusionPipeline"
         tiny_unet(kind).save_pretrained(folder / "unet")
@@ -259,6 +278,21 @@ def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
         make_tokenizer(folder / "tokenizer", max_length=12)
         index.update(text_encoder=["transformers", "T5EncoderModel"],
                      tokenizer=["transformers", "PreTrainedTokenizerFast"])
+    elif kind in ("sd3", "sd35"):
+        index["_class_name"] = "StableDiffusion3Pipeline"
+        tiny_sd3(kind).save_pretrained(folder / "transformer")
+        index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+        for n in ("", "_2"):
+            _clip(True).save_pretrained(folder / f"text_encoder{n}")
+            make_tokenizer(folder / f"tokenizer{n}")
+            index.update({f"text_encoder{n}": ["transformers", "CLIPTextModelWithProjection"],
+                          f"tokenizer{n}": ["transformers", "PreTrainedTokenizerFast"]})
+        T5EncoderModel(T5Config(vocab_size=64, d_model=40, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                decoder_start_token_id=0)).save_pretrained(folder / "text_encoder_3")
+        make_tokenizer(folder / "tokenizer_3", max_length=12)
+        index.update(text_encoder_3=["transformers", "T5EncoderModel"],
+                     tokenizer_3=["transformers", "PreTrainedTokenizerFast"],
+                     image_encoder=[None, None], feature_extractor=[None, None])
     else:
         raise ValueError(kind)
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
@@ -312,3 +346,23 @@ def random_lorad_adapter(unet, folder, seed=1):
             layer.lorad_A["student"].normal_(0, 0.3)
     save_adapter(adapted, folder, plan, adapter_name="student")
     return folder
+
+
+def reshard(component: Path, variant: str = "bf16", dtype: torch.dtype = torch.bfloat16,
+            max_shard_size: str = "20KB") -> Path:
+    """Rewrite a diffusers model folder as ``variant`` shards in ``dtype`` (diffusers' own naming,
+    ``NAME.VARIANT-0000k-of-n.safetensors`` plus ``NAME.safetensors.index.VARIANT.json``), the old files removed."""
+    import diffusers
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    config = json.loads((component / "config.json").read_text())
+    files = sorted(component.glob("*.safetensors"))
+    model = getattr(diffusers, config["_class_name"]).from_config(config)
+    state: dict = {}
+    for path in files:
+        state.update(load_state_dict(str(path)))
+    model.load_state_dict(state)
+    for path in files + sorted(component.glob("*.index*.json")):
+        path.unlink()
+    model.to(dtype).save_pretrained(component, variant=variant, max_shard_size=max_shard_size)
+    return component

@@ -6,6 +6,8 @@
   text embeds + time ids);
 - :class:`PixArt`: ``PixArtTransformer2DModel`` (T5 attention mask, resolution / aspect-ratio conditioning,
   learned-variance channels dropped);
+- :class:`StableDiffusion3`: SD3/SD3.5 ``SD3Transformer2DModel`` (flow matching; two CLIP encoders and T5, pooled
+  projections, σ·1000 as the timestep);
 - :class:`Sana`: ``SanaTransformer2DModel`` on the flow-matching schedule (Gemma2 states with their mask, the
   pipeline's complex human instruction, ``AutoencoderDC`` latents);
 - :class:`BuiltinDigits`: the project's small demo world (``builtin:digits`` or a ``train-teacher`` folder);
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -30,7 +33,7 @@ from wadi_distill.teachers.teacher import Teacher, TeacherFamily, TextEncoders, 
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.jsonfile import read_json
 
-__all__ = ["StableDiffusion", "StableDiffusionXL", "PixArt", "BuiltinDigits", "Sana", "Flux"]
+__all__ = ["StableDiffusion", "StableDiffusionXL", "PixArt", "StableDiffusion3", "BuiltinDigits", "Sana", "Flux"]
 
 
 @register_family
@@ -137,6 +140,83 @@ class PixArt(TeacherFamily):
     @classmethod
     def text_encoder_dtype(cls, dtype):
         return torch.bfloat16 if dtype == torch.float16 else dtype  # T5's activations overflow fp16
+
+
+@register_family
+class StableDiffusion3(TeacherFamily):
+    """SD3/SD3.5 ``SD3Transformer2DModel`` on a flow-matching schedule, conditioned as ``StableDiffusion3Pipeline``
+    does: the two CLIP encoders' penultimate states (concatenated, zero-padded to T5's width) followed by T5's
+    last states, and the CLIP pooled embeddings concatenated as ``pooled_projections``.
+
+    A folder whose ``model_index.json`` lists ``text_encoder_3`` as null (allowed by the pipeline, e.g. to save
+    T5's memory) is conditioned with zeros in T5's place, as the pipeline does; a folder that does not list it at
+    all is refused like any missing component. The timestep the model takes is σ·1000 (σ ∈ [0, 1]).
+    """
+
+    name = "sd3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    denoiser_component = "transformer"
+    denoiser_classes = ("SD3Transformer2DModel",)
+    text_components = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    #: the T5 token count of ``StableDiffusion3Pipeline``'s ``max_sequence_length`` default
+    t5_max_length: ClassVar[int] = 256
+    #: T5's width (the transformer's ``joint_attention_dim``): the zeros in its place when ``text_encoder_3`` is null
+    joint_attention_dim: int | None = None
+
+    def __call__(self, model, x_t, t, cond):
+        if cond.pooled is None:
+            raise WadiInputError("An SD3 teacher needs pooled text embeddings; the embedding cache has none.")
+        timestep = (t.expand(x_t.shape[0]) if t.ndim == 0 else t) * 1000.0
+        return model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond.encoder_hidden_states,
+                     pooled_projections=cond.pooled, return_dict=False)[0]
+
+    def encode(self, text, prompts, device):
+        clip_length = getattr(text.tokenizers[0], "model_max_length", 77)  # the pipeline's, for both CLIPs
+        states, pooled = [], []
+        for tokenizer, encoder in zip(text.tokenizers[:2], text.encoders[:2]):
+            tokens = text.tokenize(tokenizer, prompts, clip_length)
+            out = encoder(tokens.input_ids.to(device), output_hidden_states=True, return_dict=True)
+            states.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        clip = torch.cat(states, dim=-1)
+        if len(text.encoders) > 2:
+            tokens = text.tokenize(text.tokenizers[2], prompts, self.t5_max_length)
+            t5 = text.encoders[2](tokens.input_ids.to(device), return_dict=True).last_hidden_state
+        else:
+            t5 = clip.new_zeros(len(prompts), self.t5_max_length, int(self.joint_attention_dim or 0))
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return Conditioning(torch.cat([clip.to(t5.dtype), t5], dim=-2), pooled=torch.cat(pooled, dim=-1))
+
+    @classmethod
+    def text_encoder_dtype(cls, dtype):
+        return PixArt.text_encoder_dtype(dtype)  # the same T5
+
+    @classmethod
+    def schedule(cls, scheduler):
+        """The scheduler's shifted flow schedule with u drawn logit-normal(0, 1), as SD3 was trained."""
+        schedule = super().schedule(scheduler)
+        if not isinstance(schedule, FlowMatchSchedule):
+            raise WadiInputError(f"An SD3 teacher needs a flow-matching scheduler, not {type(scheduler).__name__}.")
+        return schedule.with_logit_normal()
+
+    @classmethod
+    def load(cls, spec, index=None, *, load_text_encoders=True, load_vae=True, text_encoder_dtype=None) -> Teacher:
+        """The common loading; a ``text_encoder_3`` listed as null loads the two CLIP encoders only, and the family
+        keeps the transformer's ``joint_attention_dim`` for the zeros in T5's place."""
+        index = dict(index or {})
+        entry = index.get("text_encoder_3")
+        without_t5 = isinstance(entry, list) and len(entry) == 2 and entry[0] is None and entry[1] is None
+        family = _StableDiffusion3WithoutT5 if without_t5 else cls
+        teacher = super(StableDiffusion3, family).load(spec, index, load_text_encoders=load_text_encoders,
+                                                       load_vae=load_vae, text_encoder_dtype=text_encoder_dtype)
+        teacher.family.joint_attention_dim = int(teacher.denoiser.config.joint_attention_dim)
+        return teacher
+
+
+class _StableDiffusion3WithoutT5(StableDiffusion3):
+    """An SD3 folder whose ``text_encoder_3`` is null: the two CLIP encoders only, zeros in T5's place."""
+
+    text_components = ("text_encoder", "text_encoder_2")
 
 
 @register_family

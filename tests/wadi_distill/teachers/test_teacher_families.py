@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tiny_pipelines import make_pipeline  # noqa: E402
 
 from wadi_distill.teachers import teacher as teacher_module  # noqa: E402
-from wadi_distill.teachers.families import (BuiltinDigits, Flux, PixArt, Sana, StableDiffusion,  # noqa: E402
+from wadi_distill.teachers.families import (BuiltinDigits, Flux, PixArt, Sana, StableDiffusion, StableDiffusion3,  # noqa: E402
                                             StableDiffusionXL)
 from wadi_distill.teachers.pipeline import TEACHER_FAMILIES, load_teacher  # noqa: E402
 from wadi_distill.teachers.teacher import TextEncoders, register_family  # noqa: E402
@@ -22,7 +22,7 @@ from wadi_probe.errors import WadiInputError  # noqa: E402
 
 def test_every_family_is_registered_once_by_name():
     assert TEACHER_FAMILIES == {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "pixart": PixArt,
-                                "builtin": BuiltinDigits, "sana": Sana, "flux": Flux}
+                                "sd3": StableDiffusion3, "builtin": BuiltinDigits, "sana": Sana, "flux": Flux}
     with pytest.raises(ValueError, match="registered already"):
         register_family(StableDiffusion)
 
