@@ -514,6 +514,9 @@ class VSDTrainer:
                 raise WadiInputError(f"The EMA in {path} does not match this run's layers; it was written by "
                                      "another run.")
             self.ema.load_state_dict(ema)
+            if not self.ema.use_ema_warmup:  # written before the ramp was the rule: a fixed decay
+                self.ema_note = (f"the weight average in {path} used a fixed decay {self.ema.decay:g}; it continues "
+                                 f"with decay min({self.config.ema_decay:g}, 1 - (1 + step)^-{self.config.ema_power:.3g})")
             self._set_ema_rule()
         elif self.ema is not None:  # a checkpoint of a run without an average: it starts here, its ramp from 0
             step = int(state["step"])

@@ -199,6 +199,15 @@ def test_checkpoint_without_average_resumes_with_the_average_started_there(pipel
     assert torch.load(out / "checkpoint-3" / "ema.pt", weights_only=True)["update_after_step"] == 2
     average = json.loads((out / "final" / "training.json").read_text())["weights"]["average"]
     assert average["started_at_step"] == 2 and average["steps_averaged"] == 2
+    # an average of the earlier fixed-decay rule continues on the ramp, with a note
+    old = torch.load(out / "checkpoint-4" / "ema.pt", weights_only=True)
+    old.update(decay=0.9, min_decay=0.9, update_after_step=-1, use_ema_warmup=False)
+    torch.save(old, out / "checkpoint-4" / "ema.pt")
+    capsys.readouterr()
+    distill(_config(pipelines["sd"], out, prompt_file, max_steps=5, checkpointing_steps=1, resume="latest"))
+    assert "used a fixed decay 0.9; it continues with decay min(0.999, 1 - (1 + step)^-0.667)" in capsys.readouterr().out
+    ema = torch.load(out / "checkpoint-5" / "ema.pt", weights_only=True)
+    assert ema["use_ema_warmup"] and (ema["decay"], ema["min_decay"], ema["optimization_step"]) == (EMA_MAX_DECAY, 0.0, 5)
 
 
 KILL_SCRIPT = textwrap.dedent("""
