@@ -352,10 +352,26 @@ def _notes(settings: DemoSettings, rows: list[dict[str, Any]], plan: LoRaDConfig
         f"{settings.fake_rank} at lr {settings.fake_lr:g}); full: {settings.full_steps} steps at lr "
         f"{settings.full_lr:g}, every weight, {settings.full_fake_updates} fake-score updates per step; "
         f"LoRaD: {settings.lorad_steps} steps at lr {settings.lorad_lr:g}, "
-        f"{len(plan.target_modules)} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters).",
+        f"{len(plan.target_modules)} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters); "
+        f"each student is scored from its final/, the average of its weights ({_weights_note()}).",
         f"wall time: {wall:.0f} s in total ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})"
         f", {plural(torch.get_num_threads(), 'torch thread')}.",
     ]
+
+
+def _student_weights() -> dict[str, Any]:
+    """Which weights the students' rows score: ``wadi-distill run``'s defaults, its ``final/``."""
+    from wadi_distill.vsd.config import DistillConfig
+
+    config = DistillConfig(teacher="", output_dir="")
+    return {"weights": "final/ (the weight average)", "ema_decay": config.ema_decay, "ema_power": config.ema_power,
+            "adam_weight_decay": config.adam_weight_decay}
+
+
+def _weights_note() -> str:
+    weights = _student_weights()
+    return (f"EMA, decay min({weights['ema_decay']:g}, 1 - (1 + step)^-{weights['ema_power']:.3g}); "
+            f"weight decay {weights['adam_weight_decay']:g}")
 
 
 def _write_metrics(out: Path, record: dict[str, Any], rows: list[dict[str, Any]],
@@ -393,7 +409,7 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
     wall = time.perf_counter() - started
     timings["total"] = wall
     settings_record = {**asdict(settings), "seed": seed, "teacher": teacher, "quick": quick,
-                       "torch_threads": torch.get_num_threads()}
+                       "torch_threads": torch.get_num_threads(), "students": _student_weights()}
     notes = _notes(settings, rows, plan, lorad_params, wall, timings)
     metrics_record = {"tool": "wadi-distill demo", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "settings": settings_record, "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
