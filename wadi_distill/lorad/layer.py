@@ -8,6 +8,12 @@ named adapters; one of them (or none) is active. With adapter ``name`` active, a
    the formula merge and export use too, with a hand-written backward for Θ),
 3. runs ONE ``F.linear`` / conv call with that weight. The base layer's own forward is never run as well.
 
+When that forward records a graph, it runs as one autograd function (``_AdaptedMatmul``) that keeps the input,
+the two factors and a reference to the frozen base weight, not the adapted weight: backward forms the weight
+again (step 1-2, the same call) and takes every gradient with the kernels autograd would run, so the values are
+the same bit for bit and each adapted layer keeps one weight-sized tensor less (two under autocast) between
+forward and backward. Passes under ``torch.no_grad`` (teacher and fake score's guided passes) are plain.
+
 A conv kernel (out, in/groups, kh, kw) is flattened to (out, in/groups·kh·kw) for the pairing, exactly as the
 probe measures it. With an odd fan-in the last column is left unrotated. Each row keeps its norm, Θ = 0 is the
 identity, and A starts at zeros, so a fresh adapter reproduces the teacher exactly.
