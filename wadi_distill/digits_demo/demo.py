@@ -503,7 +503,7 @@ def _evaluate(teacher_spec, bundle, full_path, lorad_path, settings, seed, out, 
     reference = load_split("reference")
     rows: list[dict[str, Any]] = []
     grids: dict[str, Path] = {}
-    per_row = min(settings.grid_per_class, settings.eval_per_class)  # one grid row per digit
+    per_row = min(settings.grid_per_class, settings.eval_per_class, settings.multistep_per_class)  # a row per digit
     grid_labels = eval_labels(per_row)
 
     test = load_split("test")
@@ -523,15 +523,17 @@ def _evaluate(teacher_spec, bundle, full_path, lorad_path, settings, seed, out, 
                                                                  classifier=classifier), 1, len(real_images))
             grid = grid_subset(real_images, real_labels, per_row)
         elif source == "multistep":
-            labels = eval_labels(settings.multistep_per_class)
+            labels, first = eval_labels(settings.multistep_per_class), []
 
-            def multistep(offset: int, labels: torch.Tensor = labels) -> dict[str, Any]:
+            def multistep(offset: int, labels: torch.Tensor = labels, first: list = first) -> dict[str, Any]:
                 images = multistep_digits(bundle, labels, seed + offset, steps=settings.ddim_steps,
                                           cfg=settings.teacher_cfg, progress=progress)
+                if not first:  # the grid shows the first set's images
+                    first.append(images)
                 return evaluate_images(images, labels, reference, classifier=classifier)
 
             summary = score_noise_sets(multistep, settings.eval_noise_sets, len(labels))
-            grid = multistep_digits(bundle, grid_labels, seed, steps=settings.ddim_steps, cfg=settings.teacher_cfg)
+            grid = grid_subset(first[0], labels, per_row)
         else:
             unet = source if isinstance(source, torch.nn.Module) else _student_unet(teacher_spec, Path(source))
             summary = score_one_step_digits(unet, noise_sets=settings.eval_noise_sets,
