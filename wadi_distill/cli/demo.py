@@ -44,8 +44,9 @@ def noise_footnote(rows: list[dict]) -> str | None:
     sizes = sorted({(r["noise_sets"], r["num_images"]) for r in noisy})
     sets = " and ".join(f"{k} noise sets of {n} images" for k, n in sizes)
     fixed = [r["name"] for r in rows if r.get("noise_sets", 1) == 1]
-    return (f"each score is the mean over {sets}; ± is the evaluation noise, the sd over the sets"
-            + (f" ({'; '.join(fixed)}: one fixed set, no ±)." if fixed else "."))
+    means = " and ".join(sorted({f"± / √{k}" for k, _ in sizes}))
+    return (f"each score is the mean over {sets}; ± is the evaluation noise, the sd over the sets (the mean moves "
+            f"about {means})" + (f"; {'; '.join(fixed)}: one fixed set, no ±." if fixed else "."))
 
 
 @app.command("demo")

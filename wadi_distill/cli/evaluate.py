@@ -145,7 +145,8 @@ def _print(record: dict[str, Any]) -> None:
         first = noise["first_seeds"]
         console.print(f"mean over {noise['noise_sets']} noise sets of {noise['images_per_set']} images each (first "
                       f"seeds {', '.join(map(str, first))}); ± is the evaluation noise, the sd over the sets: how far "
-                      "scoring the same model on new noise moves a number.", highlight=False)
+                      f"scoring the same model on a new set of {noise['images_per_set']} images moves a number (their "
+                      f"mean moves about ± / √{noise['noise_sets']}).", highlight=False)
         fd_key, fd_name = ("fd_features", "feature FD") if "fd_features" in metrics else ("fid", "FID")
         entry = noise["metrics"].get(fd_key)
         if entry is not None:

@@ -151,8 +151,8 @@ def test_the_demo_table_shows_the_noise_beside_each_score_within_80_columns():
     assert max(len(line) for line in text.splitlines()) <= 80 and "…" not in text
     assert "64.25" in text and "±0.75" in text and "±1.12" in text and text.count("±") == 2 * len(METRIC_KEYS)
     assert noise_footnote(rows) == ("each score is the mean over 5 noise sets of 1000 images; ± is the evaluation "
-                                    "noise, the sd over the sets (held-out real digits (test split): one fixed set, "
-                                    "no ±).")
+                                    "noise, the sd over the sets (the mean moves about ± / √5); held-out real digits "
+                                    "(test split): one fixed set, no ±.")
     assert noise_footnote(rows[:1]) is None
     markdown = metrics_markdown(rows)
     assert "**45.50** ± 1.12" in markdown and "| 64.25 ± 0.75 |" in markdown and "| 0.50 |" in markdown
