@@ -70,7 +70,7 @@ def main() -> None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")  # after each row: a partial run counts
 
-    for size in [int(s) for s in args.sizes.split(",")]:
+    for size in [int(s) for s in args.sizes.split(",") if s]:
         for model, generator in models:
             record(model, size, lambda: score_one_step_digits(generator, noise_sets=args.sets, per_class=size // 10,
                                                               seed=args.seed))

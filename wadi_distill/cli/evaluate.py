@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -109,7 +110,11 @@ def _value(metrics: dict[str, Any], noise: dict[str, Any] | None, key: str) -> s
     """The value of one metric, with ``± sd`` over the noise sets when there are several."""
     entry = (noise or {}).get("metrics", {}).get(key)
     if entry is not None and entry.get("sd") is not None:
-        return f"{entry['mean']:.4g} ± {entry['sd']:.2g}"
+        sd = entry["sd"]
+        if sd <= 0:
+            return f"{entry['mean']:.4g} ± 0"
+        decimals = max(0, 1 - math.floor(math.log10(sd)))  # the mean to the last digit of the sd's two
+        return f"{entry['mean']:.{decimals}f} ± {sd:.{decimals}f}"
     return _fmt(metrics.get(key))
 
 
