@@ -18,8 +18,7 @@ import numpy as np
 
 from wadi_probe.errors import WadiInputError
 
-__all__ = ["check_noise_sets", "noise_set_starts", "summarize_noise_sets", "score_noise_sets", "mean_with_noise",
-           "evaluate_noise_sets"]
+__all__ = ["check_noise_sets", "noise_set_starts", "summarize_noise_sets", "score_noise_sets", "evaluate_noise_sets"]
 
 #: per-set record keys that are counts or settings, not metrics
 NOT_METRICS = ("num_images", "num_reference", "kid_subset_size", "kid_std", "clip_score_std")
@@ -71,14 +70,6 @@ def score_noise_sets(score_set: Callable[[int], dict[str, Any]], noise_sets: int
     """
     starts = noise_set_starts(noise_sets, images_per_set, first)
     return summarize_noise_sets([score_set(start) for start in starts], images_per_set, starts)
-
-
-def mean_with_noise(entry: dict[str, Any] | None, digits: int = 2) -> str:
-    """``"45.21 ± 1.10"`` for a summarised metric (``"45.21"`` with one set, ``"–"`` for none)."""
-    if entry is None:
-        return "–"
-    text = f"{entry['mean']:.{digits}f}"
-    return text if entry.get("sd") is None else f"{text} ± {entry['sd']:.{digits}f}"
 
 
 def evaluate_noise_sets(teacher: str, prompts: list[str], folder: str | Path, reference: str, extractor: Any, *,
