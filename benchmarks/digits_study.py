@@ -3,9 +3,10 @@
 Every run is one VSD student on the built-in digits teacher (batch 16, VSD CFG 1.5, fake score LoRaD rank 32 at
 lr 1e-2, one torch thread), trained continuously and, at each of its lengths, scored and probed:
 
-- scores: :func:`wadi_distill.evaluate.evaluate_images` on 300 one-step images (30 per digit, noise seeds of
-  ``EVAL_SEED`` — the same noise for every run, so runs are compared on paired samples) against the 300 held-out
-  reference digits;
+- scores: :func:`wadi_distill.digits_demo.demo.score_one_step_digits`, the demo's scorer, on its noise sets
+  (``EVAL_NOISE_SETS`` sets of ``10·EVAL_PER_CLASS`` one-step images, noise seeds from ``EVAL_SEED`` — the same
+  noise for every run, so runs are compared on paired samples) against the 300 held-out reference digits: the
+  mean over the sets and, as ``<metric>_sd``, the evaluation noise (reports/digits_eval_noise.md);
 - probe: :func:`wadi_probe.analyze.compare` of the teacher against the merged student — mean angle (rad), mean
   relative norm change, both ratios (first-order angle / norm and the paper's (1 − cos) / norm), residual energy
   at 30 % rank with its chance value and excess.
@@ -144,22 +145,20 @@ def _train(job: Job, workdir: Path, steps: int, resume: bool):
 
 
 def score_and_probe(merged_path: Path, eval_seed: int = EVAL_SEED) -> dict[str, Any]:
-    """The digits metrics of the merged student at ``merged_path`` and the probe's summary against the teacher."""
-    from wadi_distill.builtin.digits.data import load_split
-    from wadi_distill.digits_demo.demo import eval_labels, one_step_digits
-    from wadi_distill.evaluate import evaluate_images
-    from wadi_distill.one_step import load_merged_weights
-    from wadi_distill.teachers.pipeline import load_teacher
+    """The digits metrics of the merged student at ``merged_path`` (means over the demo's noise sets, with each
+    metric's sd over them as ``<metric>_sd``) and the probe's summary against the teacher."""
+    from wadi_distill.digits_demo.demo import EVAL_NOISE_SETS, EVAL_PER_CLASS, score_one_step_digits
     from wadi_probe.analyze import compare
+    from wadi_probe.builtins import builtin_path
+    from safetensors.torch import load_file
 
-    bundle = load_teacher("builtin:digits")
-    teacher_state = {k: v.detach().float().clone() for k, v in bundle.denoiser.state_dict().items()}
-    load_merged_weights(bundle.denoiser, merged_path)
-    labels = eval_labels(30)
-    metrics = evaluate_images(one_step_digits(bundle, bundle.denoiser.eval(), labels, seed=eval_seed), labels,
-                              load_split("reference"))
+    scores = score_one_step_digits(merged_path, noise_sets=EVAL_NOISE_SETS, per_class=EVAL_PER_CLASS, seed=eval_seed)
+    teacher_state = {k: v.float() for k, v in load_file(builtin_path("digits")).items()}
     summary = compare(teacher_state, merged_path, device="cpu").summary
-    return {**{k: float(metrics[k]) for k in METRICS}, **{k: summary.get(k) for k in PROBE_KEYS}}
+    metrics = scores["metrics"]
+    return {**{k: float(metrics[k]["mean"]) for k in METRICS}, **{f"{k}_sd": metrics[k]["sd"] for k in METRICS},
+            "noise_sets": scores["noise_sets"], "images_per_set": scores["images_per_set"],
+            **{k: summary.get(k) for k in PROBE_KEYS}}
 
 
 def run_job(job: Job) -> None:

@@ -2,7 +2,8 @@
 
 The forward-hook way (how the paper's released code adapts a layer): the original ``nn.Linear`` forward runs and
 its output is thrown away; a forward hook rebuilds the rotated weight R_Θ(W) and returns ``F.linear(x, R_Θ(W))``.
-:class:`wadi_distill.lorad.layer.LoRaDLinear` forms R_Θ(W) once and makes one ``F.linear`` call. Both run the forward
+:class:`wadi_distill.lorad.layer.LoRaDLinear` forms R_Θ(W) once and makes one ``F.linear`` call (and, training, forms
+R_Θ(W) again in backward instead of keeping it for backward). Both run the forward
 rotation with :func:`wadi_probe.rotation.rotate_pairs`, at the same rank with the same factors, and their outputs
 and gradients are checked to agree before anything is timed. The LoRaD layer differentiates the rotation with its
 hand-written backward (frozen base); the column "autograd rotation" times the same layer with that switched off,

@@ -1,4 +1,5 @@
-"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-like) with random weights, no downloads.
+"""Tiny local diffusers pipeline folders (SD1-, SD2-v-, SDXL-, PixArt-, SD3/SD3.5-, SANA-, Flux.1-like) with random
+weights, no downloads.
 
 The real-world variants the suite uses (``make_pipeline(..., legacy_config=True, variant="fp16")``):
 
@@ -76,12 +77,83 @@ def tiny_unet(kind: str = "sd"):
     return UNet2DConditionModel(**kwargs)
 
 
+def tiny_sd3(kind: str = "sd3"):
+    """SD3-like joint-attention transformer; ``sd35`` adds SD3.5's dual attention (block 0) and RMS q/k norms."""
+    from diffusers import SD3Transformer2DModel
+
+    extra = dict(dual_attention_layers=(0,), qk_norm="rms_norm") if kind == "sd35" else {}
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=40,
+                                 caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8, **extra)
+
+
 def tiny_pixart():
     from diffusers import PixArtTransformer2DModel
 
     return PixArtTransformer2DModel(num_attention_heads=3, attention_head_dim=8, in_channels=4, out_channels=8,
                                     num_layers=1, sample_size=8, patch_size=2, cross_attention_dim=24,
                                     caption_channels=16, norm_num_groups=4, use_additional_conditions=True)
+
+
+def make_gemma_tokenizer(folder: Path, max_length: int = 2048) -> None:
+    """A tiny ``GemmaTokenizerFast`` (BPE over single characters plus a few merges, Gemma's special tokens
+    ``<pad> <eos> <bos> <unk> <mask>``, a ``<bos>`` in front), saved with save_pretrained."""
+    import string
+
+    from transformers import GemmaTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "<mask>": 4}
+    for char in "\u2581\n" + string.ascii_letters + string.digits + ".,:;'-<>()!?\"":
+        vocab[char] = len(vocab)
+    merges = [("\u2581", "a"), ("c", "a"), ("ca", "t"), ("\u2581", "cat"), ("t", "h"), ("th", "e"), ("\u2581", "the")]
+    for left, right in merges:
+        vocab[left + right] = len(vocab)
+    GemmaTokenizerFast(vocab=vocab, merges=merges, model_max_length=max_length, add_bos_token=True,
+                       add_eos_token=False).save_pretrained(folder)
+
+
+def tiny_sana():
+    """A one-block ``SanaTransformer2DModel`` on 4×8×8 latents, 16-wide Gemma states."""
+    from diffusers import SanaTransformer2DModel
+
+    return SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=4,
+                                  num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=4,
+                                  cross_attention_dim=8, caption_channels=16, sample_size=8, patch_size=1)
+
+
+def _sana_components(folder: Path, index: dict) -> None:
+    """The SANA pipeline's transformer, Gemma2 text encoder and tokenizer, ``AutoencoderDC`` (×4: 32-pixel images,
+    the pipeline's least) and scheduler."""
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler
+    from transformers import Gemma2Config, Gemma2Model
+
+    index["_class_name"] = "SanaPipeline"
+    tiny_sana().save_pretrained(folder / "transformer")
+    AutoencoderDC(in_channels=3, latent_channels=4, attention_head_dim=2,
+                  encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+                  decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8,) * 3,
+                  decoder_block_out_channels=(8,) * 3, encoder_layers_per_block=(1,) * 3,
+                  decoder_layers_per_block=(1,) * 3, encoder_qkv_multiscales=((), (), (5,)),
+                  decoder_qkv_multiscales=((), (), (5,)),
+                  scaling_factor=0.41407).save_pretrained(folder / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+    Gemma2Model(Gemma2Config(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=2048,
+                             pad_token_id=0, eos_token_id=1, bos_token_id=2)).save_pretrained(folder / "text_encoder")
+    make_gemma_tokenizer(folder / "tokenizer")
+    index.update(transformer=["diffusers", "SanaTransformer2DModel"], vae=["diffusers", "AutoencoderDC"],
+                 scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 text_encoder=["transformers", "Gemma2Model"], tokenizer=["transformers", "GemmaTokenizerFast"])
+
+
+def tiny_flux(guidance_embeds: bool = True):
+    """A Flux.1-like transformer (one double-stream and one single-stream block) on 4-channel latents packed 2×2
+    into 16-channel tokens; ``guidance_embeds`` as FLUX.1-dev (True) or schnell (False)."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4))
 
 
 # the keys of the original SD1.5 unet/config.json and scheduler/scheduler_config.json (diffusers 0.6 era)
@@ -101,8 +173,9 @@ def _keep_only(config_path: Path, keys: tuple[str, ...]) -> None:
 
 def make_pipeline(folder: Path, kind: str = "sd", seed: int = 0, *, legacy_config: bool = False,
                   variant: str | None = None, hub_snapshot: bool = False) -> Path:
-    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart; see the module docstring
-    for ``legacy_config`` (SD-like kinds), ``variant`` and ``hub_snapshot``."""
+    """Write a tiny pipeline folder: kind in sd (ε), sd2 (v-prediction), sdxl, pixart, sd3, sd35 (flow), sana, flux
+    (FLUX.1-dev-like: a guidance embedding, dynamic shift) or flux-schnell (no guidance embedding, no shift); see
+    the module docstring for ``legacy_config`` (SD-like kinds), ``variant`` and ``hub_snapshot``."""
     if hub_snapshot:
         return _to_hub_snapshot(make_pipeline(Path(folder) / "plain", kind, seed, legacy_config=legacy_config,
                                               variant=variant), Path(folder) / f"models--tiny--{kind}")
@@ -137,11 +210,13 @@ def _to_hub_snapshot(plain: Path, repo: Path) -> Path:
 
 
 def _to_variant(folder: Path, variant: str) -> None:
-    """Rewrite every weight file of ``folder`` as ``NAME.VARIANT.safetensors`` in fp16, the plain files removed."""
+    """Rewrite every weight file of ``folder`` as ``NAME.VARIANT.safetensors`` in fp16 (bf16 for the variant
+    ``bf16``), the plain files removed."""
     from safetensors.torch import load_file, save_file
 
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float16
     for path in sorted(folder.glob("*/*.safetensors")):
-        tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in load_file(str(path)).items()}
         save_file(tensors, str(path.with_name(f"{path.stem}.{variant}.safetensors")), metadata={"format": "pt"})
         path.unlink()
 
@@ -153,11 +228,25 @@ def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index: dict = {"_diffusers_version": "0.30.0"}
+    if kind == "sana":
+        _sana_components(folder, index)
+        (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+        return folder
+    if kind in ("flux", "flux-schnell"):
+        return _make_flux(folder, index, kind)
     vae = _vae()
+    if kind in ("sd3", "sd35"):  # SD3's VAE factors (its latents are shifted, then scaled)
+        vae.register_to_config(scaling_factor=1.5305, shift_factor=0.0609)
     vae.save_pretrained(folder / "vae")
     index["vae"] = ["diffusers", "AutoencoderKL"]
-    _scheduler("v_prediction" if kind == "sd2" else "epsilon").save_pretrained(folder / "scheduler")
-    index["scheduler"] = ["diffusers", "DDPMScheduler"]
+    if kind in ("sd3", "sd35"):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+        index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    else:
+        _scheduler("v_prediction" if kind == "sd2" else "epsilon").save_pretrained(folder / "scheduler")
+        index["scheduler"] = ["diffusers", "DDPMScheduler"]
     if kind in ("sd", "sd2"):
         index["_class_name"] = "StableDiffusionPipeline"
         tiny_unet(kind).save_pretrained(folder / "unet")
@@ -189,8 +278,54 @@ def _make_pipeline(folder: Path, kind: str, seed: int) -> Path:
         make_tokenizer(folder / "tokenizer", max_length=12)
         index.update(text_encoder=["transformers", "T5EncoderModel"],
                      tokenizer=["transformers", "PreTrainedTokenizerFast"])
+    elif kind in ("sd3", "sd35"):
+        index["_class_name"] = "StableDiffusion3Pipeline"
+        tiny_sd3(kind).save_pretrained(folder / "transformer")
+        index["transformer"] = ["diffusers", "SD3Transformer2DModel"]
+        for n in ("", "_2"):
+            _clip(True).save_pretrained(folder / f"text_encoder{n}")
+            make_tokenizer(folder / f"tokenizer{n}")
+            index.update({f"text_encoder{n}": ["transformers", "CLIPTextModelWithProjection"],
+                          f"tokenizer{n}": ["transformers", "PreTrainedTokenizerFast"]})
+        T5EncoderModel(T5Config(vocab_size=64, d_model=40, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                decoder_start_token_id=0)).save_pretrained(folder / "text_encoder_3")
+        make_tokenizer(folder / "tokenizer_3", max_length=12)
+        index.update(text_encoder_3=["transformers", "T5EncoderModel"],
+                     tokenizer_3=["transformers", "PreTrainedTokenizerFast"],
+                     image_encoder=[None, None], feature_extractor=[None, None])
     else:
         raise ValueError(kind)
+    (folder / "model_index.json").write_text(json.dumps(index, indent=1))
+    return folder
+
+
+def _make_flux(folder: Path, index: dict, kind: str) -> Path:
+    """FluxPipeline's layout: CLIP (pooled) + T5, a 16-channel-token transformer, a VAE with a shift factor and
+    the release's flow-matching scheduler (dev: dynamic shift; schnell: none)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import T5Config, T5EncoderModel
+
+    dev = kind == "flux"
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159,
+                  use_quant_conv=False, use_post_quant_conv=False).save_pretrained(folder / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0 if dev else 1.0, use_dynamic_shifting=dev, base_shift=0.5,
+                                    max_shift=1.15, base_image_seq_len=256,
+                                    max_image_seq_len=4096).save_pretrained(folder / "scheduler")
+    tiny_flux(guidance_embeds=dev).save_pretrained(folder / "transformer")
+    _clip(False).save_pretrained(folder / "text_encoder")
+    T5EncoderModel(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                            decoder_start_token_id=0)).save_pretrained(folder / "text_encoder_2")
+    make_tokenizer(folder / "tokenizer")
+    make_tokenizer(folder / "tokenizer_2", max_length=12)
+    index.update(_class_name="FluxPipeline", vae=["diffusers", "AutoencoderKL"],
+                 scheduler=["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 transformer=["diffusers", "FluxTransformer2DModel"],
+                 text_encoder=["transformers", "CLIPTextModel"], text_encoder_2=["transformers", "T5EncoderModel"],
+                 tokenizer=["transformers", "PreTrainedTokenizerFast"],
+                 tokenizer_2=["transformers", "PreTrainedTokenizerFast"],
+                 image_encoder=[None, None], feature_extractor=[None, None])
     (folder / "model_index.json").write_text(json.dumps(index, indent=1))
     return folder
 
@@ -211,3 +346,23 @@ def random_lorad_adapter(unet, folder, seed=1):
             layer.lorad_A["student"].normal_(0, 0.3)
     save_adapter(adapted, folder, plan, adapter_name="student")
     return folder
+
+
+def reshard(component: Path, variant: str = "bf16", dtype: torch.dtype = torch.bfloat16,
+            max_shard_size: str = "20KB") -> Path:
+    """Rewrite a diffusers model folder as ``variant`` shards in ``dtype`` (diffusers' own naming,
+    ``NAME.VARIANT-0000k-of-n.safetensors`` plus ``NAME.safetensors.index.VARIANT.json``), the old files removed."""
+    import diffusers
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    config = json.loads((component / "config.json").read_text())
+    files = sorted(component.glob("*.safetensors"))
+    model = getattr(diffusers, config["_class_name"]).from_config(config)
+    state: dict = {}
+    for path in files:
+        state.update(load_state_dict(str(path)))
+    model.load_state_dict(state)
+    for path in files + sorted(component.glob("*.index*.json")):
+        path.unlink()
+    model.to(dtype).save_pretrained(component, variant=variant, max_shard_size=max_shard_size)
+    return component

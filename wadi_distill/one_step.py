@@ -89,7 +89,7 @@ def sample(
 
     Each prompt gets ``n`` images with seeds ``seed, seed+1, ...``; returns (len(prompts)·n, C, H, W) in [0, 1],
     all in memory (for many images, :func:`sample_to_files` writes them as they come).
-    ``adapter`` is an adapter folder (``final/`` or, for the EMA weights, ``final/ema/``) or its
+    ``adapter`` is an adapter folder (``final/``, the weight average, or ``final/last-step/``) or its
     ``adapter.safetensors``; ``merged`` a merged ``student.safetensors``. ``device`` is cpu, cuda or auto.
     """
     _check_request(prompts, n, batch_size, adapter, merged)

@@ -8,8 +8,8 @@ The probe uses :func:`pair_angles` to recover Θ from a teacher/student pair; Lo
 and merge), export and the adapter readers all form an adapter's weight through :func:`merged_weight`, the one
 place the merge formula is written. When Θ needs a gradient and the base weight does not (training on a frozen
 base), :func:`merged_weight` differentiates the rotation by hand (:class:`_RotateFrozenWeight`): the backward
-keeps only the rotated weight, which the layer's own matmul keeps anyway, instead of autograd's cos, sin and
-stacked copies.
+keeps only the rotated weight instead of autograd's cos, sin and stacked copies. (The LoRaD layers' training
+forward keeps not even that: it forms the weight again in its backward and runs this backward there.)
 """
 
 from __future__ import annotations

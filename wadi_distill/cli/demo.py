@@ -15,7 +15,7 @@ from wadi_probe.console import console, handle_errors
 def results_table(rows: list[dict]) -> Table:
     """The demo's final table, narrow enough for 80 columns: header words and model names wrap at spaces and are
     never cut off (a word longer than its column folds onto the next line instead of ending in "…")."""
-    from wadi_distill.digits_demo.demo import METRIC_KEYS, METRIC_TITLES
+    from wadi_distill.digits_demo.demo import METRIC_KEYS, METRIC_TITLES, metric_noise
     from wadi_probe.report.summary import compact_table
 
     table = compact_table("one-step students vs the teacher (held-out reference digits)")
@@ -27,9 +27,26 @@ def results_table(rows: list[dict]) -> Table:
     for key in METRIC_KEYS:
         table.add_column(METRIC_TITLES[key], justify="right", overflow="fold", max_width=narrow(METRIC_TITLES[key]))
     for row in rows:
-        cells = [f"{row[k]:.2f}" if k.startswith("fd_") else f"{row[k]:.3f}" for k in METRIC_KEYS]
+        cells = []
+        for key in METRIC_KEYS:
+            value = f"{row[key]:.2f}" if key.startswith("fd_") else f"{row[key]:.3f}"
+            noise = metric_noise(row, key)
+            cells.append(value if noise is None else f"{value}\n±{noise}")
         table.add_row(row["name"], str(row["steps_per_image"]), *cells)
     return table
+
+
+def noise_footnote(rows: list[dict]) -> str | None:
+    """The sentence under the table saying what ± is, from the rows' own set counts and sizes."""
+    noisy = [r for r in rows if r.get("noise_sets", 1) > 1]
+    if not noisy:
+        return None
+    sizes = sorted({(r["noise_sets"], r["num_images"]) for r in noisy})
+    sets = " and ".join(f"{k} noise sets of {n} images" for k, n in sizes)
+    fixed = [r["name"] for r in rows if r.get("noise_sets", 1) == 1]
+    means = " and ".join(sorted({f"± / √{k}" for k, _ in sizes}))
+    return (f"each score is the mean over {sets}; ± is the evaluation noise, the sd over the sets (the mean moves "
+            f"about {means})" + (f"; {'; '.join(fixed)}: one fixed set, no ±." if fixed else "."))
 
 
 @app.command("demo")
@@ -49,6 +66,9 @@ def demo_command(
     result = run_demo(output_dir, full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size, seed=seed,
                       quick=quick, progress=progress, console=console)
     console.print(results_table(result.rows))
+    footnote = noise_footnote(result.rows)
+    if footnote:
+        console.print(footnote, highlight=False)
     console.print(f"wrote {result.metrics_md}, {result.metrics_json}, {result.report_path}, "
                   f"{len(result.grids)} sample grids and {len(result.plots)} plots into {result.output_dir} "
                   f"in {result.wall_seconds:.0f} s", highlight=False)

@@ -10,7 +10,7 @@ import typer
 
 from wadi_distill.cli import app
 from wadi_distill.cli.plan import Preset
-from wadi_distill.vsd.config import FakeKind, MixedPrecision
+from wadi_distill.vsd.config import EMA_MAX_DECAY, EMA_POWER, FakeKind, MixedPrecision
 from wadi_probe.console import (Device, choice_option, console, device_option, err_console, handle_errors,
                                 stdout_may_close)
 from wadi_probe.errors import WadiInputError
@@ -47,11 +47,17 @@ def run_command(
     batch_size: int = typer.Option(1, "--batch-size", help="Prompts per process and step."),
     lr: float = typer.Option(1e-4, "--lr", help="Student learning rate (AdamW)."),
     fake_lr: float = typer.Option(1e-2, "--fake-lr", help="Fake-score learning rate (AdamW)."),
-    cfg: float = typer.Option(1.5, "--cfg", help="Classifier-free guidance scale, the same for real and fake scores."),
+    cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale, the same for real and fake scores (default 1.5; 1 for Flux.1)."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", "--teacher-guidance", help="The real score's embedded guidance, for guidance-distilled teachers (FLUX.1-dev; default 3.5)."),
     fake_updates: int = typer.Option(1, "--fake-updates-per-step", help="Fake-score updates per student update."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm."),
     lr_warmup_steps: int = typer.Option(0, "--lr-warmup-steps", help="Linear learning-rate warm-up from 0."),
-    ema_decay: Optional[float] = typer.Option(None, "--ema-decay", help="Also keep an EMA of the student (e.g. 0.999); final/ema/."),
+    adam_weight_decay: float = typer.Option(0.0, "--adam-weight-decay", help="AdamW weight decay of both optimizers."),
+    ema_decay: Optional[float] = typer.Option(
+        None, "--ema-decay", help=f"Largest decay of the student's weight average, which final/ holds (default {EMA_MAX_DECAY:g})."),
+    ema_power: Optional[float] = typer.Option(
+        None, "--ema-power", help=f"Ramp of the average's decay: min(ema-decay, 1 - (1 + step)^-power) (default {EMA_POWER:.4g})."),
+    no_ema: bool = typer.Option(False, "--no-ema", help="No weight average: final/ holds the last step's raw weights."),
     checkpointing_steps: int = typer.Option(500, "--checkpointing-steps", help="Write checkpoint-STEP every K steps."),
     checkpoints_total_limit: Optional[int] = typer.Option(None, "--checkpoints-total-limit", help="Keep only the newest M checkpoints."),
     resume: Optional[str] = typer.Option(None, "--resume", help="latest, or a checkpoint folder to continue from."),
@@ -82,13 +88,18 @@ def run_command(
 
     if full_finetune and student_adapter != StudentAdapter.lorad:
         raise WadiInputError("--full-finetune and --student-adapter cannot be combined.")
+    if no_ema and (ema_decay is not None or ema_power is not None):
+        raise WadiInputError("--no-ema and --ema-decay / --ema-power cannot be combined.")
     config = DistillConfig(
         teacher=teacher, output_dir=str(output_dir), prompts=str(prompts) if prompts else None,
         prompt_column=prompt_column, student_adapter="full" if full_finetune else student_adapter.value,
         preset=preset.value, rank=rank, rank_from_probe=str(rank_from_probe) if rank_from_probe else None,
         budget=budget, plan=str(plan) if plan else None, fake_adapter=fake_adapter.value, fake_rank=fake_rank,
-        max_steps=max_steps, batch_size=batch_size, lr=lr, fake_lr=fake_lr, cfg=cfg, fake_updates_per_step=fake_updates,
-        max_grad_norm=max_grad_norm, lr_warmup_steps=lr_warmup_steps, ema_decay=ema_decay,
+        max_steps=max_steps, batch_size=batch_size, lr=lr, fake_lr=fake_lr, cfg=cfg, teacher_guidance=guidance,
+        fake_updates_per_step=fake_updates, max_grad_norm=max_grad_norm, lr_warmup_steps=lr_warmup_steps,
+        adam_weight_decay=adam_weight_decay,
+        ema_decay=None if no_ema else (EMA_MAX_DECAY if ema_decay is None else ema_decay),
+        ema_power=EMA_POWER if ema_power is None else ema_power,
         checkpointing_steps=checkpointing_steps, checkpoints_total_limit=checkpoints_total_limit, resume=resume,
         validation_steps=validation_steps, validation_prompts=list(validation_prompt) if validation_prompt else None,
         seed=seed, device=device.value, mixed_precision=mixed_precision.value if mixed_precision else None,
@@ -111,9 +122,11 @@ def _summary(result: Any) -> None:
     if result.final_dir is not None:
         losses = ", ".join(f"{k} {v:.4g}" for k, v in result.losses.items() if k.startswith("loss"))
         console.print(f"trained {plural(result.steps, 'step')} (last step: {losses})", highlight=False, soft_wrap=True)
+        weights = "weight average" if result.last_step_dir is not None else "last step's weights"
         if result.adapter_path is not None:
-            console.print(f"adapter: {result.adapter_path}", highlight=False, soft_wrap=True)
-        console.print(f"merged student: {result.merged_path}", highlight=False, soft_wrap=True)
-        if result.ema_dir is not None:
-            console.print(f"EMA student: {result.ema_dir} (adapter and merged weights)", highlight=False, soft_wrap=True)
+            console.print(f"adapter ({weights}): {result.adapter_path}", highlight=False, soft_wrap=True)
+        console.print(f"merged student ({weights}): {result.merged_path}", highlight=False, soft_wrap=True)
+        if result.last_step_dir is not None:
+            console.print(f"last step's raw weights: {result.last_step_dir} (adapter and merged weights)",
+                          highlight=False, soft_wrap=True)
         console.print(f"samples: {result.samples_path}", highlight=False, soft_wrap=True)

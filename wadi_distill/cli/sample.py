@@ -16,7 +16,7 @@ from wadi_probe.console import Device, console, device_option, handle_errors
 def sample_command(
     teacher: str = typer.Option(..., "--teacher", help="The teacher's pipeline folder (or builtin:digits)."),
     prompt: list[str] = typer.Option(..., "--prompt", help="Prompt (repeatable)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Student adapter folder (final/, or final/ema/ for the EMA) or adapter.safetensors."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Student adapter folder (final/: the weight average; final/last-step/: the raw weights) or adapter.safetensors."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="Merged student weights (student.safetensors)."),
     n: int = typer.Option(4, "-n", "--num-images", help="Images per prompt (at least 1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the first image; the others count up."),

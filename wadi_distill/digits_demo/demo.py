@@ -31,6 +31,13 @@ from wadi_probe.io.atomic import atomic_path, write_json_atomic
 from wadi_probe.io.outputs import check_outputs
 from wadi_probe.errors import WadiInputError
 
+#: The demo's and the study's evaluation (reports/digits_eval_noise.md): each one-step model on 5 noise sets of 5000
+#: images (500 per digit). Per set the feature FD moved by an sd of 0.7-2.0 points (1000 images: 1.7-4.0; 300:
+#: 1.0-6.9), so the mean of the 5 sets moves by 0.3-0.9; one set costs about 6 s of one CPU core. The multi-step
+#: teacher (50 UNet calls an image) is scored on 5 sets of 1000 (per set sd 1.03 at 1000, 2.49 at 300).
+EVAL_NOISE_SETS = 5
+EVAL_PER_CLASS = 500
+EVAL_MULTISTEP_PER_CLASS = 100
 METRIC_KEYS = ("fd_pixel", "fd_features", "precision", "recall", "class_accuracy")
 METRIC_TITLES = {
     "fd_pixel": "FD pixel ↓",
@@ -64,7 +71,12 @@ class DemoSettings:
     threshold: float = 0.9  # angle-field energy each planned layer should reach
     ddim_steps: int = 25  # the teacher's multi-step sampler
     teacher_cfg: float = 2.0  # CFG scale of the teacher's multi-step samples
-    eval_per_class: int = 30  # generated images per digit class for the metrics (30 → 300, the held-out size)
+    # The metrics: each one-step model on eval_noise_sets noise sets of 10·eval_per_class images, the multi-step
+    # teacher on as many sets of 10·multistep_per_class (it costs 2·ddim_steps UNet calls an image); each score is
+    # the mean over the sets, its evaluation noise the sd over them (reports/digits_eval_noise.md).
+    eval_per_class: int = EVAL_PER_CLASS
+    eval_noise_sets: int = EVAL_NOISE_SETS
+    multistep_per_class: int = EVAL_MULTISTEP_PER_CLASS
     grid_per_class: int = 10  # images per class in each sample grid
     threads: int | None = 1  # torch CPU threads while the demo runs (None: torch's default). The model is tiny:
     # one thread per process is fastest, and on shared or busy cores two threads were measured 10× slower.
@@ -72,7 +84,7 @@ class DemoSettings:
 
 FULL_SETTINGS = DemoSettings()
 QUICK_SETTINGS = DemoSettings(full_steps=20, lorad_steps=20, batch_size=8, ddim_steps=10, eval_per_class=10,
-                              full_fake_updates=2)
+                              eval_noise_sets=2, multistep_per_class=10, full_fake_updates=2)
 
 
 @dataclass
@@ -113,14 +125,16 @@ def eval_labels(per_class: int) -> torch.Tensor:
     return torch.arange(10).repeat_interleave(per_class)
 
 
-def eval_seeds(count: int, seed: int) -> list[int]:
-    """Noise seeds of the one-step samples: the same for every model, so the grids compare like with like."""
-    return [seed * 1_000_003 + i for i in range(count)]
+def eval_seeds(count: int, seed: int, offset: int = 0) -> list[int]:
+    """Noise seeds of the one-step samples: the same for every model, so the grids compare like with like.
+
+    ``offset`` shifts them for further noise sets (set j of N images: ``offset = j·N``)."""
+    return [seed * 1_000_003 + offset + i for i in range(count)]
 
 
 @torch.no_grad()
 def one_step_digits(teacher: Any, unet: torch.nn.Module, labels: torch.Tensor, seed: int,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+                    device: torch.device | str = "cpu", offset: int = 0) -> torch.Tensor:
     """One-step digit images (N, 1, 8, 8) in [-1, 1] of ``unet`` (a student, or the teacher itself) for ``labels``.
 
     ``teacher`` is the :class:`wadi_distill.teachers.pipeline.Teacher` of ``builtin:digits`` (schedule, calling convention,
@@ -130,8 +144,54 @@ def one_step_digits(teacher: Any, unet: torch.nn.Module, labels: torch.Tensor, s
 
     builtin = teacher.builtin
     cond = teacher.encode_prompts(builtin.prompts_for_labels(labels.tolist()))
-    images = one_step_images(teacher, unet, cond, eval_seeds(len(labels), seed), device=device)
+    images = one_step_images(teacher, unet, cond, eval_seeds(len(labels), seed, offset), device=device)
     return images * 2.0 - 1.0
+
+
+def score_one_step_digits(generator: str | Path | torch.nn.Module | None = None, *, noise_sets: int = EVAL_NOISE_SETS,
+                          per_class: int = EVAL_PER_CLASS, seed: int = 0, teacher: str = "builtin:digits",
+                          bundle: Any = None, classifier: Any = None) -> dict[str, Any]:
+    """The digit metrics of a one-step generator on ``noise_sets`` sets of ``10·per_class`` images, with their noise.
+
+    ``generator``: None (the teacher's own one-step sample), a student adapter (folder or ``adapter.safetensors``), a
+    merged ``student.safetensors``, or a denoiser module. Set j uses the seeds of :func:`eval_seeds` shifted by
+    ``j·10·per_class``; every set is scored against the held-out ``reference`` split. Returns
+    :func:`wadi_distill.evaluation.noise.score_noise_sets`' summary: per metric the mean, the sd over the noise sets
+    (the evaluation noise, None for one set) and the per-set values, with ``noise_sets`` and ``images_per_set``.
+    """
+    from wadi_distill.builtin.digits.classifier import shipped_classifier
+    from wadi_distill.builtin.digits.data import load_split
+    from wadi_distill.evaluate import evaluate_images
+    from wadi_distill.evaluation.noise import check_noise_sets, score_noise_sets
+
+    check_noise_sets(noise_sets)
+    labels = eval_labels(per_class)
+    unet, bundle = _generator_unet(generator, teacher, bundle)
+    classifier = classifier if classifier is not None else shipped_classifier()
+    reference = load_split("reference")
+
+    def score_set(offset: int) -> dict[str, Any]:
+        images = one_step_digits(bundle, unet, labels, seed, offset=offset)
+        return evaluate_images(images, labels, reference, classifier=classifier)
+
+    return score_noise_sets(score_set, noise_sets, len(labels))
+
+
+def _generator_unet(generator: str | Path | torch.nn.Module | None, teacher: str, bundle: Any) -> tuple[Any, Any]:
+    """(denoiser, teacher bundle) of a generator given as None, a module, an adapter or merged weights."""
+    from wadi_distill.teachers.pipeline import load_teacher
+
+    if isinstance(generator, torch.nn.Module):
+        return generator.eval(), bundle if bundle is not None else load_teacher(teacher)
+    if generator is None:
+        bundle = bundle if bundle is not None else load_teacher(teacher)
+        return bundle.denoiser.eval(), bundle
+    from wadi_distill.one_step import load_student
+
+    path = Path(generator)
+    merged = path.is_file() and path.name != "adapter.safetensors" and path.suffix == ".safetensors"
+    student_bundle, unet = load_student(teacher, adapter=None if merged else path, merged=path if merged else None)
+    return unet, bundle if bundle is not None else student_bundle
 
 
 @torch.no_grad()
@@ -159,8 +219,15 @@ def grid_subset(images: torch.Tensor, labels: torch.Tensor, per_class: int) -> t
     return torch.cat(picks)
 
 
+def metric_noise(row: dict[str, Any], key: str) -> str | None:
+    """The evaluation noise of one metric of a table row (its sd over the noise sets) as text, None without one."""
+    sd = row.get(f"{key}_sd")
+    return None if sd is None else f"{sd:.2f}" if key.startswith("fd_") else f"{sd:.3f}"
+
+
 def metrics_markdown(rows: list[dict[str, Any]], *, notes: list[str] | None = None) -> str:
-    """The metrics table as Markdown (one row per model; best generated value per column in bold)."""
+    """The metrics table as Markdown (one row per model; best generated value per column in bold; ``± sd`` over the
+    noise sets where a row has them)."""
     header = ["model", "steps/image", *(METRIC_TITLES[k] for k in METRIC_KEYS), "trainable params", "train s"]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     generated = [r for r in rows if r["key"] != "real"]
@@ -177,7 +244,9 @@ def metrics_markdown(rows: list[dict[str, Any]], *, notes: list[str] | None = No
                 cells.append("–")
                 continue
             text = f"{value:.2f}" if key.startswith("fd_") else f"{value:.3f}"
-            cells.append(f"**{text}**" if row["key"] != "real" and value == best.get(key) else text)
+            text = f"**{text}**" if row["key"] != "real" and value == best.get(key) else text
+            noise = metric_noise(row, key)
+            cells.append(f"{text} ± {noise}" if noise else text)
         params = row.get("trainable_params")
         cells.append(f"{params:,}" if params else "–")
         seconds = row.get("train_seconds")
@@ -237,19 +306,24 @@ def run_demo(
     """Run the whole demo (distil → probe → distil from the probe → evaluate) and write it into ``output_dir``.
 
     ``quick`` starts from :data:`QUICK_SETTINGS` instead of :data:`FULL_SETTINGS`; the keyword arguments override
-    single settings. ``teacher`` is ``builtin:digits`` or a folder written by ``wadi-distill train-teacher``.
+    single settings (``eval_per_class`` caps the multi-step teacher's images per class too). ``teacher`` is
+    ``builtin:digits`` or a folder written by ``wadi-distill train-teacher``.
     ``console`` (a rich Console) receives the stage headers and the probe summary; None prints nothing but the
     progress bars (``progress=False`` silences those too).
     """
     base = settings if settings is not None else (QUICK_SETTINGS if quick else FULL_SETTINGS)
     overrides = {k: v for k, v in dict(full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size,
                                          ddim_steps=ddim_steps, eval_per_class=eval_per_class).items() if v is not None}
+    if eval_per_class is not None:  # fewer images asked for: the multi-step teacher's sets shrink with them
+        overrides["multistep_per_class"] = min(base.multistep_per_class, eval_per_class)
     settings = replace(base, **overrides)
     for name in ("full_steps", "lorad_steps", "batch_size", "ddim_steps"):
         if getattr(settings, name) < 1:
             raise WadiInputError(f"{name.replace('_', '-')} must be at least 1.")
-    if settings.eval_per_class < 2:
+    if min(settings.eval_per_class, settings.multistep_per_class) < 2:
         raise WadiInputError("eval-per-class must be at least 2 (the metrics need more images than k = 3).")
+    if settings.eval_noise_sets < 1:
+        raise WadiInputError("eval-noise-sets must be at least 1.")
     out = Path(output_dir)
     check_outputs({"demo folder": out}, ["builtin:digits"], owned=("demo folder",))
     previous_threads = torch.get_num_threads()
@@ -343,19 +417,39 @@ def _notes(settings: DemoSettings, rows: list[dict[str, Any]], plan: LoRaDConfig
            timings: dict[str, float]) -> list[str]:
     """The sentences under the metrics table: what was generated, how each model ran, and the time it all took."""
     return [
-        f"{settings.eval_per_class * 10} generated images per model ({settings.eval_per_class} per digit, the "
-        f"prompt 'a handwritten digit k'), scored against the {rows[0]['num_reference']} held-out reference digits; "
-        "the 'held-out real digits' row is the test split scored the same way (the best reachable at this size).",
+        f"each generated model scored on {plural(settings.eval_noise_sets, 'noise set')} of "
+        f"{settings.eval_per_class * 10} one-step images ({settings.eval_per_class} per digit, the prompt 'a "
+        f"handwritten digit k'; the multi-step teacher {settings.multistep_per_class * 10}) against the "
+        f"{rows[0]['num_reference']} held-out reference digits: the mean over the sets ± their sd, the evaluation "
+        f"noise (how far a new set moves a score; the mean of {settings.eval_noise_sets} moves about ± / "
+        f"√{settings.eval_noise_sets}). The 'held-out real digits' row is the test split's "
+        f"{rows[0]['num_images']} images scored the same way, one fixed set.",
         f"teacher multi-step: DDIM {settings.ddim_steps} steps with CFG {settings.teacher_cfg:g} "
         f"(2 UNet evaluations per step); one-step rows: one UNet evaluation at t = T−1 on the same noise seeds.",
         f"students: VSD (CFG {settings.vsd_cfg:g}, batch {settings.batch_size}, fake score LoRaD rank "
         f"{settings.fake_rank} at lr {settings.fake_lr:g}); full: {settings.full_steps} steps at lr "
         f"{settings.full_lr:g}, every weight, {settings.full_fake_updates} fake-score updates per step; "
         f"LoRaD: {settings.lorad_steps} steps at lr {settings.lorad_lr:g}, "
-        f"{len(plan.target_modules)} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters).",
+        f"{len(plan.target_modules)} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters); "
+        f"each student is scored from its final/, the average of its weights ({_weights_note()}).",
         f"wall time: {wall:.0f} s in total ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})"
         f", {plural(torch.get_num_threads(), 'torch thread')}.",
     ]
+
+
+def _student_weights() -> dict[str, Any]:
+    """Which weights the students' rows score: ``wadi-distill run``'s defaults, its ``final/``."""
+    from wadi_distill.vsd.config import DistillConfig
+
+    config = DistillConfig(teacher="", output_dir="")
+    return {"weights": "final/ (the weight average)", "ema_decay": config.ema_decay, "ema_power": config.ema_power,
+            "adam_weight_decay": config.adam_weight_decay}
+
+
+def _weights_note() -> str:
+    weights = _student_weights()
+    return (f"EMA, decay min({weights['ema_decay']:g}, 1 - (1 + step)^-{weights['ema_power']:.3g}); "
+            f"weight decay {weights['adam_weight_decay']:g}")
 
 
 def _write_metrics(out: Path, record: dict[str, Any], rows: list[dict[str, Any]],
@@ -393,7 +487,7 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
     wall = time.perf_counter() - started
     timings["total"] = wall
     settings_record = {**asdict(settings), "seed": seed, "teacher": teacher, "quick": quick,
-                       "torch_threads": torch.get_num_threads()}
+                       "torch_threads": torch.get_num_threads(), "students": _student_weights()}
     notes = _notes(settings, rows, plan, lorad_params, wall, timings)
     metrics_record = {"tool": "wadi-distill demo", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "settings": settings_record, "timings_seconds": {k: round(v, 1) for k, v in timings.items()},
@@ -421,15 +515,19 @@ def _plan_summary(adapter_config: LoRaDConfig, params: int) -> dict[str, Any]:
 
 
 def _evaluate(teacher_spec, bundle, full_path, lorad_path, settings, seed, out, progress, evaluate_images, load_split):
+    """Score each model on ``settings.eval_noise_sets`` noise sets (the held-out real digits: their one fixed set)."""
     from wadi_distill.builtin.digits.classifier import shipped_classifier
+    from wadi_distill.evaluation.noise import score_noise_sets
 
     classifier = shipped_classifier()
     reference = load_split("reference")
-    labels = eval_labels(settings.eval_per_class)
     rows: list[dict[str, Any]] = []
     grids: dict[str, Path] = {}
+    per_row = min(settings.grid_per_class, settings.eval_per_class, settings.multistep_per_class)  # a row per digit
+    grid_labels = eval_labels(per_row)
 
     test = load_split("test")
+    real_labels = torch.cat([test.labels[test.labels == k][: settings.eval_per_class] for k in range(10)])
     real_images = torch.cat([test.images[test.labels == k][: settings.eval_per_class] for k in range(10)])
     candidates: list[tuple[str, str, Any, int]] = [("real", "held-out real digits (test split)", None, 0)]
     candidates.append(("teacher_multistep",
@@ -441,21 +539,34 @@ def _evaluate(teacher_spec, bundle, full_path, lorad_path, settings, seed, out, 
     for key, name, source, nfe in candidates:
         t0 = time.perf_counter()
         if key == "real":
-            images, image_labels = real_images, torch.cat([test.labels[test.labels == k][: settings.eval_per_class]
-                                                           for k in range(10)])
+            summary = score_noise_sets(lambda _: evaluate_images(real_images, real_labels, reference,
+                                                                 classifier=classifier), 1, len(real_images))
+            grid = grid_subset(real_images, real_labels, per_row)
         elif source == "multistep":
-            images, image_labels = multistep_digits(bundle, labels, seed, steps=settings.ddim_steps,
-                                                    cfg=settings.teacher_cfg, progress=progress), labels
+            labels, first = eval_labels(settings.multistep_per_class), []
+
+            def multistep(offset: int, labels: torch.Tensor = labels, first: list = first) -> dict[str, Any]:
+                images = multistep_digits(bundle, labels, seed + offset, steps=settings.ddim_steps,
+                                          cfg=settings.teacher_cfg, progress=progress)
+                if not first:  # the grid shows the first set's images
+                    first.append(images)
+                return evaluate_images(images, labels, reference, classifier=classifier)
+
+            summary = score_noise_sets(multistep, settings.eval_noise_sets, len(labels))
+            grid = grid_subset(first[0], labels, per_row)
         else:
             unet = source if isinstance(source, torch.nn.Module) else _student_unet(teacher_spec, Path(source))
-            images, image_labels = one_step_digits(bundle, unet, labels, seed), labels
+            summary = score_one_step_digits(unet, noise_sets=settings.eval_noise_sets,
+                                            per_class=settings.eval_per_class, seed=seed, bundle=bundle,
+                                            classifier=classifier)
+            grid = one_step_digits(bundle, unet, grid_labels, seed)
         seconds = time.perf_counter() - t0
-        metrics = evaluate_images(images, image_labels, reference, classifier=classifier)
+        noise = summary["metrics"]
         rows.append({"key": key, "name": name, "steps_per_image": nfe or "–",
-                     "sample_seconds": round(seconds, 2) if key != "real" else None,
-                     **{k: metrics[k] for k in METRIC_KEYS}, "num_images": metrics["num_images"],
-                     "num_reference": metrics["num_reference"]})
-        per_row = min(settings.grid_per_class, settings.eval_per_class)  # one grid row per digit
-        grids[key] = save_digit_grid(grid_subset(images, image_labels, per_row), out / f"samples_{key}.png",
-                                     per_row=per_row)
+                     "score_seconds": round(seconds, 2) if key != "real" else None,
+                     **{k: noise[k]["mean"] if noise[k] else None for k in METRIC_KEYS},
+                     **{f"{k}_sd": noise[k]["sd"] if noise[k] else None for k in METRIC_KEYS},
+                     "noise_sets": summary["noise_sets"], "num_images": summary["images_per_set"],
+                     "num_reference": int(len(reference))})
+        grids[key] = save_digit_grid(grid, out / f"samples_{key}.png", per_row=per_row)
     return rows, grids

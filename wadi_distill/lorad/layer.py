@@ -8,6 +8,12 @@ named adapters; one of them (or none) is active. With adapter ``name`` active, a
    the formula merge and export use too, with a hand-written backward for Θ),
 3. runs ONE ``F.linear`` / conv call with that weight. The base layer's own forward is never run as well.
 
+When that forward records a graph, it runs as one autograd function (``_AdaptedMatmul``) that keeps the input,
+the two factors and a reference to the frozen base weight, not the adapted weight: backward forms the weight
+again (step 1-2, the same call) and takes every gradient with the kernels autograd would run, so the values are
+the same bit for bit and each adapted layer keeps one weight-sized tensor less (two under autocast) between
+forward and backward. Passes under ``torch.no_grad`` (teacher and fake score's guided passes) are plain.
+
 A conv kernel (out, in/groups, kh, kw) is flattened to (out, in/groups·kh·kw) for the pairing, exactly as the
 probe measures it. With an odd fan-in the last column is left unrotated. Each row keeps its norm, Θ = 0 is the
 identity, and A starts at zeros, so a fresh adapter reproduces the teacher exactly.
@@ -66,6 +72,75 @@ class AdapterSpec:
     kind: str
     rank: int
     scale: float = 1.0
+
+
+def _adapted_weight(spec: AdapterSpec, source: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The weight adapter ``spec`` with factors ``a``, ``b`` gives on ``source`` (:func:`merged_weight`)."""
+    if spec.kind == "lora":
+        return merged_weight(source, a, b, kind="lora", scale=spec.scale)
+    with _autocast_off(source.device.type):  # mixed precision must not turn the angles into fp16/bf16
+        return merged_weight(source, a, b)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts matmul operands to on ``device_type``, or None when it is off."""
+    try:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    except (TypeError, RuntimeError):  # device types without autocast (e.g. meta)
+        return None
+
+
+def _autocast_cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t`` as autocast hands it to a matmul: cast to ``dtype`` unless autocast is off or ``t`` is fp64."""
+    if dtype is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+class _AdaptedMatmul(torch.autograd.Function):
+    """One adapted layer's forward that keeps nothing weight-sized for backward.
+
+    Forward forms the adapter's weight (:func:`merged_weight`), runs the layer's matmul with it and drops it;
+    it keeps the matmul's input (as autocast hands it over), the two factors and a reference to the frozen base
+    weight. Backward forms the weight again, takes dL/dx and dL/dW with the kernels autograd would run for the
+    matmul, and passes dL/dW back through :func:`merged_weight`'s own graph (with its hand-written rotation
+    backward) to the factors. Gradients equal those of the plain graph bit for bit; the memory saved is the
+    adapted weight, and under autocast its fp16/bf16 cast, per layer, for the price of forming it twice.
+    """
+
+    @staticmethod
+    def forward(ctx, layer: LoRaDLayer, spec: AdapterSpec, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                source: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer, ctx.spec, ctx.device_type = layer, spec, x.device.type
+        ctx.autocast = _autocast_dtype(x.device.type)
+        weight = _adapted_weight(spec, source, a, b)
+        x_cast = _autocast_cast(x, ctx.autocast)
+        out = layer._matmul(x_cast, _autocast_cast(weight, ctx.autocast))  # the bias is cast by autocast itself
+        ctx.save_for_backward(x_cast, a, b, source)
+        ctx.x_dtype = x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x_cast, a, b, source = ctx.saved_tensors
+        need_x, need_a, need_b = ctx.needs_input_grad[2:5]
+        # the forward's autocast state again (a LoRA update's matmul follows autocast; LoRaD angles never do)
+        autocast = torch.autocast(ctx.device_type, dtype=ctx.autocast) if ctx.autocast else _autocast_off(ctx.device_type)
+        with torch.enable_grad(), autocast:
+            factors = (a.detach().requires_grad_(need_a), b.detach().requires_grad_(need_b))
+            weight = _adapted_weight(ctx.spec, source, *factors)
+        with _autocast_off(ctx.device_type):
+            grad_x, grad_w = ctx.layer._matmul_backward(grad, x_cast, _autocast_cast(weight.detach(), ctx.autocast),
+                                                        need_x)
+        grad_a = grad_b = None
+        wanted = [f for f, need in zip(factors, (need_a, need_b)) if need]
+        if wanted:
+            grads = iter(torch.autograd.grad(weight, wanted, grad_w.to(weight.dtype)))
+            grad_a = next(grads) if need_a else None
+            grad_b = next(grads) if need_b else None
+        if grad_x is not None:
+            grad_x = grad_x.to(ctx.x_dtype)
+        return None, None, grad_x, grad_a, grad_b, None
 
 
 class LoRaDLayer(nn.Module):
@@ -215,17 +290,48 @@ class LoRaDLayer(nn.Module):
         if name is None:
             return source
         self._require(name)
-        spec = self.specs[name]
-        if spec.kind == "lora":
-            return merged_weight(source, self.lora_A[name], self.lora_B[name], kind="lora", scale=spec.scale)
-        with _autocast_off(source.device.type):  # mixed precision must not turn the angles into fp16/bf16
-            return merged_weight(source, self.lorad_A[name], self.lorad_B[name])
+        return _adapted_weight(self.specs[name], source, *self._factors(name))
+
+    def _factors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """Adapter ``name``'s two factors in :func:`merged_weight`'s order: (A, B) for LoRaD, (down, up) for LoRA."""
+        if self.specs[name].kind == "lora":
+            return self.lora_A[name], self.lora_B[name]
+        return self.lorad_A[name], self.lorad_B[name]
 
     def _forward_weight(self) -> torch.Tensor:
         name = self.active_adapter
         if self.merged_adapter is not None and name == self.merged_adapter:
             return self.base_layer.weight  # the merged weight is already in place
         return self.effective_weight(name)
+
+    def _records(self, x: torch.Tensor) -> bool:
+        """Whether this forward records a graph through an unmerged adapter that :class:`_AdaptedMatmul` handles."""
+        name = self.active_adapter
+        if name is None or name == self.merged_adapter or not torch.is_grad_enabled() or not self._recomputes(x):
+            return False
+        return x.requires_grad or any(f.requires_grad for f in self._factors(name))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's output: through :class:`_AdaptedMatmul` when a graph is recorded through an unmerged adapter
+        (nothing weight-sized kept for backward), else the matmul with :meth:`_forward_weight` (no-grad passes,
+        the plain base, a merged adapter, a base that itself trains: nothing added to those)."""
+        if self._records(x):
+            name = self.active_adapter
+            return _AdaptedMatmul.apply(self, self.specs[name], x, *self._factors(name), self._source_weight())
+        return self._matmul(x, self._forward_weight())
+
+    def _recomputes(self, x: torch.Tensor) -> bool:
+        """Whether :class:`_AdaptedMatmul` handles this input (and a frozen base: no weight or bias gradient)."""
+        return not any(p.requires_grad for p in self.base_layer.parameters())
+
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's operation with ``weight`` in place of its own (and its own bias)."""
+        raise NotImplementedError
+
+    def _matmul_backward(self, grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                         need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(dL/dx or None, dL/dweight) of :meth:`_matmul`, with the same kernels autograd would run."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------------ merge
     @torch.no_grad()
@@ -274,7 +380,19 @@ class LoRaDLinear(LoRaDLayer):
         super().__init__(base_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._forward_weight(), self.base_layer.bias)
+        if x.ndim > 2 and self._records(x):  # tokens as rows, as F.linear folds them itself: the same kernels
+            rows = self._forward(x.reshape(-1, x.shape[-1]))
+            return rows.view(*x.shape[:-1], rows.shape[-1])
+        return self._forward(x)
+
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, self.base_layer.bias)
+
+    def _recomputes(self, x: torch.Tensor) -> bool:
+        return x.ndim >= 2 and super()._recomputes(x)
+
+    def _matmul_backward(self, grad, x, weight, need_x):  # autograd's mm backward of x·Wᵀ (x as rows)
+        return (grad.mm(weight) if need_x else None), grad.t().mm(x)
 
 
 class LoRaDConv2d(LoRaDLayer):
@@ -286,5 +404,21 @@ class LoRaDConv2d(LoRaDLayer):
         super().__init__(base_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)
+
+    def _matmul(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # _conv_forward honours stride, padding (including non-zero padding modes), dilation and groups.
-        return self.base_layer._conv_forward(x, self._forward_weight(), self.base_layer.bias)
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+    def _recomputes(self, x: torch.Tensor) -> bool:
+        # the backward below is aten's convolution backward, so the forward must be one plain convolution call
+        conv = self.base_layer
+        return x.ndim == 4 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str) and super()._recomputes(x)
+
+    def _matmul_backward(self, grad, x, weight, need_x):  # the backward autograd runs for aten.convolution
+        conv = self.base_layer
+        bias_sizes = None if conv.bias is None else list(conv.bias.shape)
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, bias_sizes, list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0],
+            conv.groups, [need_x, True, False])
+        return grad_x, grad_w

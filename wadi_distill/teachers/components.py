@@ -23,7 +23,8 @@ __all__ = ["read_model_index", "load_component", "weights_variant", "vae_decoder
 _STEM = r"(?:diffusion_pytorch_model|model|pytorch_model)"
 _PLAIN_WEIGHTS = re.compile(rf"^{_STEM}(?:-\d+-of-\d+)?\.(?:safetensors|bin)$"
                             rf"|^{_STEM}\.(?:safetensors|bin)\.index\.json$")
-_VARIANT_WEIGHTS = re.compile(rf"^{_STEM}(?:-\d+-of-\d+)?\.(?P<a>[^.]+)\.(?:safetensors|bin)$"
+# shards are named NAME-00001-of-00002.VARIANT.safetensors (older) or NAME.VARIANT-00001-of-00002.safetensors (newer)
+_VARIANT_WEIGHTS = re.compile(rf"^{_STEM}(?:-\d+-of-\d+)?\.(?P<a>[^.-]+)(?:-\d+-of-\d+)?\.(?:safetensors|bin)$"
                               rf"|^{_STEM}\.(?:safetensors|bin)\.index\.(?P<b>[^.]+)\.json$")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
@@ -105,8 +106,10 @@ class Teacher:
 
     @property
     def call(self) -> "TeacherFamily":
-        """The calling convention of the denoiser: ``teacher.call(model, x_t, t, cond)`` → raw prediction."""
-        return self.family
+        """The calling convention of the denoiser as the one-step student runs it: ``teacher.call(model, x_t, t,
+        cond)`` → raw prediction (the family itself unless the student's inputs differ, see
+        :meth:`TeacherFamily.for_role`)."""
+        return self.family.for_role("student")
 
     @property
     def image_size(self) -> int:
@@ -174,10 +177,32 @@ class TeacherFamily:
     text_components: ClassVar[tuple[str, ...]] = ("text_encoder",)
     #: whether the teacher's weights are files a merged student can be exported from (with their keys and dtypes)
     weights_on_disk: ClassVar[bool] = True
+    #: the VSD guidance scale a run uses when given none (None: the distiller's default)
+    default_cfg: ClassVar[float | None] = None
 
     def __init__(self, image_size: int, in_channels: int) -> None:
         self.image_size = int(image_size)
         self.in_channels = int(in_channels)
+        #: the embedded guidance this convention passes (a guidance-distilled denoiser's input, FLUX.1-dev's);
+        #: None: the denoiser has no guidance input
+        self.guidance: float | None = None
+
+    def set_guidance(self, value: float | None) -> None:
+        """Make ``value`` the real score's embedded guidance; refused, in one sentence, for a denoiser without a
+        guidance input (``None`` keeps the family's default)."""
+        if value is None:
+            return
+        if self.guidance is None:
+            raise WadiInputError(f"This {self.name} teacher has no guidance embedding, so a guidance value "
+                                 f"({value:g}) does not apply to it; leave --guidance out.")
+        if not math.isfinite(float(value)) or value < 0:
+            raise WadiInputError(f"The guidance must be a non-negative number, not {value:g}.")
+        self.guidance = float(value)
+
+    def for_role(self, role: str) -> "TeacherFamily":
+        """The calling convention for a VSD role (``teacher``, ``fake`` or ``student``): the family itself unless
+        the roles' inputs differ (Flux's student runs at a fixed embedded guidance)."""
+        return self
 
     # ---------------------------------------------------------------- call
     def __call__(self, model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -217,6 +242,18 @@ class TeacherFamily:
 
     # ---------------------------------------------------------------- load
     @classmethod
+    def vae_scale_factor(cls, vae: nn.Module) -> int:
+        """Pixels per latent cell along a side: 2^(downsampling blocks) for an ``AutoencoderKL``."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def latent_geometry(cls, root: Path, denoiser: nn.Module, vae: nn.Module | None) -> tuple[int, int, int]:
+        """(channels, side, VAE scale) of the latents: the denoiser config's ``in_channels`` and ``sample_size``,
+        the VAE's downsampling (8 when the VAE is not loaded)."""
+        scale = cls.vae_scale_factor(vae) if vae is not None else 8
+        return int(denoiser.config.in_channels), int(denoiser.config.sample_size), scale
+
+    @classmethod
     def claims_source(cls, spec: str) -> bool:
         """Whether ``spec`` (a path or ``name:...``) is a teacher of this family without a ``model_index.json``."""
         return False
@@ -235,12 +272,9 @@ class TeacherFamily:
         schedule = cls.schedule(load_component(root, index, "scheduler"))
 
         vae = load_component(root, index, "vae", required=False) if load_vae else None
-        vae_scale = 8
         if vae is not None:
             vae.requires_grad_(False)
-            vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        latent_size = int(denoiser.config.sample_size)
-        in_channels = int(denoiser.config.in_channels)
+        in_channels, latent_size, vae_scale = cls.latent_geometry(root, denoiser, vae)
         family = cls(latent_size * vae_scale, in_channels)
         teacher = Teacher(
             denoiser=denoiser, family=family, schedule=schedule, latent_shape=(in_channels, latent_size, latent_size),

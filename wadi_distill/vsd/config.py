@@ -32,6 +32,13 @@ class FakeKind(str, Enum):
     lora = "lora"
 
 
+# The student's weight average, on by default: an EMA whose decay ramps up from 0,
+#   decay(k) = min(EMA_MAX_DECAY, 1 - (1 + k) ** -EMA_POWER),  k = updates since the average started,
+# so a short run averages its last few dozen steps and a long one its last ~1 / (1 - EMA_MAX_DECAY). The raw
+# weights of the last step jitter from step to step; final/ holds this average, final/last-step/ the raw weights.
+EMA_MAX_DECAY = 0.999
+EMA_POWER = 2 / 3
+
 DEVICES = ("auto", "cpu", "cuda")  # wadi_probe.console.Device on the command line
 FAKE_KINDS = tuple(k.value for k in FakeKind)
 
@@ -39,7 +46,11 @@ FAKE_KINDS = tuple(k.value for k in FakeKind)
 # and scheduler carry the old ones); everything else (max_steps, checkpointing, validation, logging) may change.
 TRAINING_OPTIONS = ("lr", "fake_lr", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                     "lr_warmup_steps", "max_grad_norm", "fake_updates_per_step", "cfg", "use_8bit_adam",
-                    "ema_decay", "seed", "mixed_precision", "gradient_checkpointing")
+                    "seed", "mixed_precision", "gradient_checkpointing", "teacher_guidance")
+# The weight average (ema_decay, ema_power) only reads the weights: another value on resume is applied from the
+# resumed step and recorded in run.json's history.
+#: The VSD guidance scale of the real and fake scores when a run gives none and the teacher family names none.
+DEFAULT_CFG = 1.5
 
 
 @dataclass
@@ -67,14 +78,19 @@ class DistillConfig:
     fake_lr: float = 1e-2
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
+    # no weight decay: it shrinks every fully fine-tuned weight towards 0 and so biases the probe's finding on
+    # norm vs direction changes; WaDi's reference code and SwiftBrush use none
+    adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
     fake_updates_per_step: int = 1
-    cfg: float = 1.5
+    cfg: float | None = None  # None: the teacher family's default (1 for Flux.1), else DEFAULT_CFG
+    # the real score's embedded guidance (guidance-distilled teachers: FLUX.1-dev); None: the family's default
+    teacher_guidance: float | None = None
     use_8bit_adam: bool = False
-    ema_decay: float | None = None
+    ema_decay: float | None = EMA_MAX_DECAY  # the average's largest decay; None: no average (--no-ema)
+    ema_power: float = EMA_POWER  # how fast the decay ramps up: decay(k) = min(ema_decay, 1 - (1 + k) ** -power)
     # runtime
     seed: int = 0
     device: str = "auto"
@@ -94,6 +110,11 @@ class DistillConfig:
     # signals that stop the run after its step with a checkpoint (exit code 75); Ctrl-C always does (exit code 130)
     checkpoint_signals: list[str] = field(default_factory=lambda: list(DEFAULT_SIGNALS))
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ema_decay_at(step: int, max_decay: float, power: float) -> float:
+    """The weight average's decay at its ``step``-th update (0 for the first: the average starts at the weights)."""
+    return min(float(max_decay), 1.0 - (1.0 + int(step)) ** -float(power))
 
 
 def resolve_mixed_precision(config: DistillConfig) -> str:
@@ -133,7 +154,7 @@ def _validate_numbers(config: DistillConfig) -> None:
         value = float(getattr(config, name))
         if not math.isfinite(value) or value <= 0:
             raise WadiInputError(f"{name.replace('_', '-')} must be a positive number, not {value:g}.")
-    if not math.isfinite(float(config.cfg)) or config.cfg < 0:
+    if config.cfg is not None and (not math.isfinite(float(config.cfg)) or config.cfg < 0):
         raise WadiInputError(f"cfg must be a non-negative number (1 turns guidance off), not {config.cfg:g}.")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= float(getattr(config, name)) < 1.0:
@@ -142,8 +163,10 @@ def _validate_numbers(config: DistillConfig) -> None:
         raise WadiInputError("adam-weight-decay must not be negative.")
     if not 0.0 < config.budget <= 1.0:
         raise WadiInputError(f"budget must be a fraction in (0, 1], not {config.budget:g}.")
-    if config.ema_decay is not None and not 0.0 < config.ema_decay < 1.0:
-        raise WadiInputError("ema-decay must be between 0 and 1.")
+    if config.ema_decay is not None and not 0.0 < float(config.ema_decay) < 1.0:
+        raise WadiInputError(f"ema-decay must lie strictly between 0 and 1, not {float(config.ema_decay):g}.")
+    if not math.isfinite(float(config.ema_power)) or config.ema_power <= 0:
+        raise WadiInputError(f"ema-power must be a positive number, not {float(config.ema_power):g}.")
 
 
 def _validate_student(config: DistillConfig) -> None:
@@ -175,6 +198,20 @@ def _validate_machine(config: DistillConfig) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
             raise WadiInputError("--use-8bit-adam needs the bitsandbytes package, which is not installed.") from exc
+
+
+def resolve_teacher_options(config: DistillConfig, family: Any) -> None:
+    """Settle, in ``config``, the options that depend on the loaded teacher's family (before anything is written):
+    the real score's embedded guidance (refused for a denoiser without a guidance input) and the CFG scale (the
+    family's default when none is given; a guidance-distilled teacher takes none on top of its embedding)."""
+    family.set_guidance(config.teacher_guidance)
+    config.teacher_guidance = family.guidance
+    if config.cfg is None:
+        config.cfg = family.default_cfg if family.default_cfg is not None else DEFAULT_CFG
+    if family.guidance is not None and float(config.cfg) != 1.0:
+        raise WadiInputError(f"This {family.name} teacher is guidance-distilled (its guidance is the embedded "
+                             f"--guidance, {family.guidance:g}), so classifier-free guidance on top does not apply: "
+                             f"use --cfg 1, not {config.cfg:g}.")
 
 
 def validate_config(config: DistillConfig) -> None:

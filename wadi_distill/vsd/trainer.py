@@ -47,7 +47,7 @@ from wadi_distill.vsd import checkpoints as ckpt
 from wadi_distill.vsd import losses as vsd
 from wadi_distill.vsd.checkpoints import list_checkpoints
 from wadi_distill.vsd.config import (FAKE_KINDS, TRAINING_OPTIONS, DistillConfig, on_cpu,
-                                     resolve_mixed_precision, validate_config)
+                                     resolve_mixed_precision, resolve_teacher_options, validate_config)
 from wadi_distill.vsd.identity import RunIdentity, identity_for
 from wadi_distill.vsd.preemption import RunStopped, StopSignals, any_process
 from wadi_distill.vsd.run_lock import lock_run_folder
@@ -65,11 +65,17 @@ __all__ = ["DistillConfig", "DistillResult", "VSDTrainer", "distill", "distill_p
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
+LAST_STEP = "last-step"  # final/last-step/: the raw weights of the last step beside final/'s average
 
 
 @dataclass
 class DistillResult:
-    """What a finished run left behind (paths are None on ranks other than 0)."""
+    """What a finished run left behind (paths are None on ranks other than 0).
+
+    ``final_dir``, ``adapter_path``, ``merged_path`` and ``student_state`` are the student ``final/`` holds: the
+    weight average (or the last step's weights with ``ema_decay=None``); ``last_step_dir`` (``final/last-step/``)
+    and ``last_step_state`` the raw weights of the last step.
+    """
 
     output_dir: Path
     steps: int
@@ -80,7 +86,8 @@ class DistillResult:
     samples_path: Path | None
     student_state: dict[str, torch.Tensor]
     fake_state: dict[str, torch.Tensor]
-    ema_dir: Path | None = None
+    last_step_dir: Path | None = None
+    last_step_state: dict[str, torch.Tensor] | None = None
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -191,6 +198,7 @@ class VSDTrainer:
         # only the process that encodes the prompts loads the text encoders (T5-XXL is 19 GB in fp32)
         self.teacher = teacher if teacher is not None else load_teacher(
             config.teacher, text_encoder_dtype=half_text, load_text_encoders=self.is_main, progress=config.progress)
+        resolve_teacher_options(config, self.teacher.family)  # before the run's identity and options
         self.schedule = self.teacher.schedule
         self.student = student if student is not None else student_for(config)
         self._prepare_models()  # first: a plan that does not fit is refused before anything is written
@@ -322,10 +330,21 @@ class VSDTrainer:
             get_scheduler("constant_with_warmup", optimizer=o, num_warmup_steps=config.lr_warmup_steps)
             for o in (opt_s, opt_f))
         self.ema: EMAModel | None = None
+        self.ema_note: str | None = None  # said once and recorded in run.json when a resume starts the average
         if config.ema_decay is not None:
-            # a fixed decay from the first step (diffusers' (1+k)/(10+k) ramp off: min_decay = decay, no delay)
-            self.ema = EMAModel(self.student_params, decay=float(config.ema_decay), min_decay=float(config.ema_decay),
-                                update_after_step=-1, use_ema_warmup=False)
+            # decay(k) = min(ema_decay, 1 - (1 + k)^-ema_power) at the k-th update (vsd.config.ema_decay_at)
+            self.ema = EMAModel(self.student_params, decay=float(config.ema_decay), min_decay=0.0,
+                                update_after_step=0, use_ema_warmup=True, inv_gamma=1.0,
+                                power=float(config.ema_power))
+
+    def _set_ema_rule(self) -> None:
+        """This run's --ema-decay and --ema-power on the average (a resume may change them from its step on)."""
+        self.ema.decay, self.ema.power = float(self.config.ema_decay), float(self.config.ema_power)
+        self.ema.use_ema_warmup, self.ema.inv_gamma, self.ema.min_decay = True, 1.0, 0.0
+
+    def ema_started_at(self) -> int:
+        """The step at which the average started (0, or the step a checkpoint without an average resumed from)."""
+        return max(0, int(self.ema.update_after_step))
 
     # ---------------------------------------------------------------- model roles
     @contextlib.contextmanager
@@ -351,7 +370,7 @@ class VSDTrainer:
         """Raw prediction of ``role`` in {"teacher", "student", "fake"} (fp32)."""
         model, switch = self._role(role)
         with self.accelerator.autocast(), switch:
-            out = self.teacher.call(model, x, t, cond)
+            out = self.teacher.family.for_role(role)(model, x, t, cond)
         return out.float()
 
     # ---------------------------------------------------------------- randomness (global batch, sliced)
@@ -496,6 +515,16 @@ class VSDTrainer:
                 raise WadiInputError(f"The EMA in {path} does not match this run's layers; it was written by "
                                      "another run.")
             self.ema.load_state_dict(ema)
+            if not self.ema.use_ema_warmup:  # written before the ramp was the rule: a fixed decay
+                self.ema_note = (f"the weight average in {path} used a fixed decay {self.ema.decay:g}; it continues "
+                                 f"with decay min({self.config.ema_decay:g}, 1 - (1 + step)^-{self.config.ema_power:.3g})")
+            self._set_ema_rule()
+        elif self.ema is not None:  # a checkpoint of a run without an average: it starts here, its ramp from 0
+            step = int(state["step"])
+            self.ema.shadow_params = [p.detach().clone() for p in self.student_params]
+            self.ema.optimization_step = self.ema.update_after_step = step
+            self.ema_note = (f"the checkpoint {path} holds no weight average: the average starts from its weights "
+                             f"at step {step}, its decay ramping up from there")
         if self.accelerator.scaler is not None and reader.has("scaler.pt"):
             self.accelerator.scaler.load_state_dict(reader.obj("scaler.pt"))
         rng = reader.tensors("rng.safetensors")
@@ -533,22 +562,36 @@ class VSDTrainer:
         finally:
             self.ema.restore(self.student_params)
 
+    def final_weights_record(self) -> dict[str, Any]:
+        """What ``final/training.json`` says about which weights lie where (and how the average was taken)."""
+        if self.ema is None:
+            return {"final": "the raw weights of the last step (no weight average: --no-ema)"}
+        start = self.ema_started_at()
+        return {"final": "the weight average (EMA)", LAST_STEP: "the raw weights of the last step",
+                "average": {"rule": "decay(k) = min(max_decay, 1 - (1 + k) ** -power), k = updates since start",
+                            "max_decay": self.ema.decay, "power": self.ema.power, "started_at_step": start,
+                            "steps_averaged": self.step - start,
+                            "last_decay": float(getattr(self.ema, "cur_decay_value", None) or 0.0)}}
+
     def write_final(self) -> tuple[Path, Path | None, Path, Path | None]:
         """``OUT/final/``: the student's files (adapter folder files for LoRaD/LoRA, the merged
-        ``student.safetensors``), ``ema/`` (the same files for the EMA weights, with ``--ema-decay``), samples."""
+        ``student.safetensors``) holding the weight average, ``last-step/`` (the same files for the raw weights of
+        the last step; none with ``--no-ema``), ``training.json`` and the average's samples."""
         final = self.output_dir / "final"
+        averaged = self.ema_weights() if self.ema is not None else contextlib.nullcontext()
         with atomic_path(final, directory=True) as tmp:
-            adapter_path = self.student.write(tmp, self.teacher)
+            with averaged:  # first: an adapter student's write replaces the folder it writes
+                adapter_path = self.student.write(tmp, self.teacher)
+                images = self.validation_images(self.config.final_samples) if self.config.final_samples else None
             adapter_path = final / adapter_path.name if adapter_path is not None else None
             meta = {"teacher": self.config.teacher, "teacher_fingerprint": self.teacher.fingerprint,
                     "steps": self.step, "run_id": self.run_id, "identity": self.identity.parts,
-                    "ema": self.ema is not None, "config": asdict(self.config)}
+                    "ema": self.ema is not None, "weights": self.final_weights_record(),
+                    "config": asdict(self.config)}
             (tmp / "training.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
             if self.ema is not None:
-                (tmp / "ema").mkdir()
-                with self.ema_weights():
-                    self.student.write(tmp / "ema", self.teacher)
-            images = self.validation_images(self.config.final_samples) if self.config.final_samples else None
+                (tmp / LAST_STEP).mkdir()
+                self.student.write(tmp / LAST_STEP, self.teacher)
             (tmp / "samples").mkdir()
             if images is not None:
                 save_image_grid(images, tmp / "samples" / "grid.png")
@@ -566,14 +609,19 @@ class VSDTrainer:
         changed = {k: [before[k], now[k]] for k in now
                    if k in before and before[k] != now[k] and k not in ("resume", "extra")}
         history = list(previous.get("history", []))
-        history.append({"step": self.step, "processes": self.world, "mixed_precision": self.mixed_precision,
-                        "resumed_from": str(self.resume_path) if self.resume_path else None, "changed": changed})
+        entry = {"step": self.step, "processes": self.world, "mixed_precision": self.mixed_precision,
+                 "resumed_from": str(self.resume_path) if self.resume_path else None, "changed": changed}
+        if self.ema_note is not None:
+            entry["note"] = self.ema_note
+        history.append(entry)
         write_json_atomic(path, {"run_id": self.run_id, "identity": self.identity.parts, "config": now,
                                  "mixed_precision": self.mixed_precision, "processes": self.world,
                                  "teacher_fingerprint": self.teacher.fingerprint, "history": history})
         if self.resume_path is not None:
             note = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "no options changed"
             self.console.note(f"resumed at step {self.step} from {self.resume_path} ({note})")
+            if self.ema_note is not None:
+                self.console.note(self.ema_note)
         elif self.config.resume:
             self.console.note(f"no checkpoint in {self.output_dir} yet: starting at step 0")
 
@@ -634,9 +682,15 @@ class VSDTrainer:
         final = adapter = merged = samples = None
         if self.is_main:  # the other ranks are done: nothing of theirs waits for final/
             final, adapter, merged, samples = self.write_final()
-        ema_dir = final / "ema" if final is not None and self.ema is not None else None
+        last_step_dir = final / LAST_STEP if final is not None and self.ema is not None else None
+        last_step = ckpt.tensors_state(self.student_named)
+        if self.ema is not None:
+            with self.ema_weights():
+                student = ckpt.tensors_state(self.student_named)
+        else:
+            student = last_step
         return DistillResult(self.output_dir, self.step, dict(self.losses), final, adapter, merged, samples,
-                             ckpt.tensors_state(self.student_named), ckpt.tensors_state(self.fake_named), ema_dir)
+                             student, ckpt.tensors_state(self.fake_named), last_step_dir, last_step)
 
 
 def distill(config: DistillConfig, *, teacher: Teacher | None = None, student: Student | None = None) -> DistillResult:

@@ -76,11 +76,11 @@ def test_missing_teacher(setup, tmp_path):
 
 
 def test_unsupported_pipeline(setup, tmp_path):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "video"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "CogVideoXPipeline"}))
     _fails(["run", "--teacher", str(folder), "--prompts", str(setup["prompts"]), "--output-dir",
-            str(tmp_path / "o"), "--rank", "4"], "FluxPipeline")
+            str(tmp_path / "o"), "--rank", "4"], "CogVideoXPipeline")
     assert not (tmp_path / "o").exists()
 
 

@@ -4,6 +4,7 @@ batch-job logs, bad inputs, and the umask."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -86,6 +87,10 @@ def test_digits_resume_in_new_processes_after_final_is_deleted(tmp_path):
     first = _cli(args, tmp_path, hash_seed=1)
     assert first.returncode == 0, first.stderr[-3000:]
     reference = load_file(str(tmp_path / "B" / "checkpoint-6" / "student.safetensors"))
+    weights = ("adapter.safetensors", "adapter_config.json", "student.safetensors", "last-step/adapter.safetensors",
+               "last-step/adapter_config.json", "last-step/student.safetensors", "samples/grid.png")
+    digests = {name: hashlib.sha256((tmp_path / "B" / "final" / name).read_bytes()).hexdigest() for name in weights}
+    assert (tmp_path / "B" / "checkpoint-3" / "ema.pt").is_file()  # the weight average is checkpointed
     shutil.rmtree(tmp_path / "B" / "final")
     shutil.rmtree(tmp_path / "B" / "checkpoint-6")
     again = _cli([*args[:-3], "--output-dir", str(tmp_path / "B"), "--no-tensorboard", "--resume", "latest"],
@@ -94,6 +99,9 @@ def test_digits_resume_in_new_processes_after_final_is_deleted(tmp_path):
     assert "resumed at step 3" in again.stdout and "trained 6 steps" in again.stdout
     resumed = load_file(str(tmp_path / "B" / "checkpoint-6" / "student.safetensors"))
     assert reference.keys() == resumed.keys() and all(torch.equal(reference[k], resumed[k]) for k in reference)
+    # final/ (the weight average) and final/last-step/ are the uninterrupted run's, byte for byte
+    assert {name: hashlib.sha256((tmp_path / "B" / "final" / name).read_bytes()).hexdigest()
+            for name in weights} == digests
 
 
 def test_resume_refuses_changed_training_options_and_records_others(world, tmp_path):
@@ -102,12 +110,12 @@ def test_resume_refuses_changed_training_options_and_records_others(world, tmp_p
                                      "--checkpointing-steps", "1", "--ema-decay", "0.9"))
     assert first.exit_code == 0, first.output
     before = {p.name: p.read_bytes() for p in (out / "checkpoint-2").iterdir()}
-    resume = _args(world["legacy"], out, world["prompts"], "--checkpointing-steps", "1", "--ema-decay", "0.9",
-                   "--resume", "latest")
+    resume = _args(world["legacy"], out, world["prompts"], "--checkpointing-steps", "1", "--resume", "latest")
     _fails([*resume, "--max-steps", "3", "--lr", "0.001"], "trained with --lr 0.0001", "asks for --lr 0.001")
     _fails([*resume, "--max-steps", "3", "--cfg", "2"], "--cfg 1.5", "--cfg 2.0")
-    _fails([*resume[:-2], "--resume", str(out / "checkpoint-1"), "--max-steps", "3", "--ema-decay", "0.5"],
-           "--ema-decay 0.9")
+    # a run started with the old default weight decay says how to resume it
+    _fails([*resume, "--max-steps", "3", "--adam-weight-decay", "0.01"], "trained with --adam-weight-decay 0.0",
+           "asks for --adam-weight-decay 0.01")
     # another plan or other weights: the sentence says which part of the run differs
     _fails([*_args(world["legacy"], tmp_path / "o", world["prompts"], "--resume", out / "checkpoint-1"),
             "--rank", "2"], "another run", "plan")
@@ -116,49 +124,143 @@ def test_resume_refuses_changed_training_options_and_records_others(world, tmp_p
            "another run", "the teacher's weights differ")
     assert {p.name: p.read_bytes() for p in (out / "checkpoint-2").iterdir()} == before
     assert not (tmp_path / "o").exists()
-    # an option that does not change a step's math is applied and recorded
-    longer = runner.invoke(app, [*resume, "--max-steps", "3"])
+    # options that do not change a step's math are applied and recorded: the length, the weight average's rule
+    longer = runner.invoke(app, [*resume, "--max-steps", "3", "--ema-decay", "0.5", "--ema-power", "0.75"])
     assert longer.exit_code == 0, longer.output
     assert "resumed at step 2" in longer.output and "max_steps 2 -> 3" in longer.output
+    said = " ".join(longer.output.split())
+    assert "ema_decay 0.9 -> 0.5" in said and f"ema_power {2 / 3} -> 0.75" in said
     history = json.loads((out / "run.json").read_text())["history"]
-    assert [h["step"] for h in history] == [0, 2] and history[1]["changed"] == {"max_steps": [2, 3]}
+    assert [h["step"] for h in history] == [0, 2]
+    assert history[1]["changed"] == {"max_steps": [2, 3], "ema_decay": [0.9, 0.5], "ema_power": [2 / 3, 0.75]}
+    ema = torch.load(out / "checkpoint-3" / "ema.pt", weights_only=True)
+    assert (ema["decay"], ema["power"], ema["optimization_step"]) == (0.5, 0.75, 3)
 
 
-def test_ema_in_final_is_an_adapter_like_the_student_and_every_tool_takes_it(world, tmp_path):
-    out = tmp_path / "out"
-    result = runner.invoke(app, _args(world["legacy"], out, world["prompts"], "--max-steps", "2",
-                                      "--checkpointing-steps", "1", "--ema-decay", "0.9"))
-    assert result.exit_code == 0, result.output
-    final, ema = out / "final", out / "final" / "ema"
-    assert "EMA student" in result.output
-    assert json.loads((ema / "adapter_config.json").read_text()) == json.loads(
-        (final / "adapter_config.json").read_text())
-    # the EMA with a fixed decay: e2 = 0.9·e1 + 0.1·p2 (e1 from checkpoint-1, p2 the trained weights)
-    e1 = torch.load(out / "checkpoint-1" / "ema.pt", weights_only=True)
-    p2 = load_file(str(out / "checkpoint-2" / "student.safetensors"))
-    got = load_file(str(ema / "adapter.safetensors"))
-    trained = load_file(str(final / "adapter.safetensors"))
-    assert sorted(e1["names"]) == sorted(p2)
-    for e, name in zip(e1["shadow_params"], e1["names"]):
-        key = name.replace(".lorad_A.student", ".lorad_A").replace(".lorad_B.student", ".lorad_B")
-        torch.testing.assert_close(got[key], 0.9 * e + 0.1 * p2[name])
-    assert any(not torch.equal(got[k], trained[k]) for k in got)
-    exported = tmp_path / "exported.safetensors"
-    done = runner.invoke(app, ["export", "--teacher", str(world["legacy"]), "--adapter", str(ema), "-o", str(exported)])
+class _TinyFeatures(torch.nn.Module):
+    """uint8 (B, 3, H, W) -> (B, 4): a fixed random conv, pooled (a stand-in feature network for evaluate)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.conv(x.float() / 255.0)).mean(dim=(2, 3))
+
+
+def _adapter_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.replace(".lorad_A.student", ".lorad_A").replace(".lorad_B.student", ".lorad_B"): v
+            for k, v in state.items()}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _tools_take(adapter: Path, merged: Path, world: dict, tmp_path: Path, name: str) -> None:
+    """export, sample, evaluate and wadi-probe compare all take the adapter folder ``adapter``."""
+    teacher = world["legacy"]
+    exported = tmp_path / f"{name}.safetensors"
+    done = runner.invoke(app, ["export", "--teacher", str(teacher), "--adapter", str(adapter), "-o", str(exported)])
     assert done.exit_code == 0, done.output
-    a, b = load_file(str(exported)), load_file(str(ema / "student.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    grid = tmp_path / "ema.png"
-    done = runner.invoke(app, ["sample", "--teacher", str(world["legacy"]), "--adapter", str(ema), "--prompt",
-                               "a cat", "-n", "1", "-o", str(grid)])
+    assert _same_file(exported, merged)
+    grid = tmp_path / f"{name}.png"
+    done = runner.invoke(app, ["sample", "--teacher", str(teacher), "--adapter", str(adapter), "--prompt", "a cat",
+                               "-n", "1", "-o", str(grid)])
     assert done.exit_code == 0 and grid.is_file(), done.output
+    reference = tmp_path / "reference"
+    if not reference.is_dir():
+        from PIL import Image
+
+        reference.mkdir()
+        g = torch.Generator().manual_seed(0)
+        for i in range(6):
+            pixels = torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(reference / f"{i}.png")
+        torch.jit.script(_TinyFeatures().eval()).save(str(tmp_path / "features.pt"))
+        (tmp_path / "six.txt").write_text("a cat\na dog\na red house\na blue car\na tree\na cat in the sky\n")
+    record = tmp_path / f"{name}.json"
+    done = runner.invoke(app, ["evaluate", "--teacher", str(teacher), "--adapter", str(adapter), "--prompts",
+                               str(tmp_path / "six.txt"), "--reference", str(reference), "--features",
+                               str(tmp_path / "features.pt"), "--kid-subsets", "2", "-o", str(record)])
+    assert done.exit_code == 0 and record.is_file(), done.output
     from wadi_probe.cli import app as probe
 
-    report = tmp_path / "r.json"
-    done = runner.invoke(probe, ["compare", str(world["legacy"] / "unet"), str(ema / "adapter.safetensors"),
-                                 "--adapter", "--no-spectra", "--no-progress", "-o", str(report)])
-    assert done.exit_code == 0, done.output
-    assert report.is_file()
+    report = tmp_path / f"{name}-report.json"
+    done = runner.invoke(probe, ["compare", str(teacher / "unet"), str(adapter / "adapter.safetensors"), "--adapter",
+                                 "--no-spectra", "--no-progress", "-o", str(report)])
+    assert done.exit_code == 0 and report.is_file(), done.output
+
+
+def test_final_holds_the_weight_average_last_step_the_raw_weights_and_every_tool_takes_them(world, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, _args(world["legacy"], out, world["prompts"], "--max-steps", "3",
+                                      "--checkpointing-steps", "1"))
+    assert result.exit_code == 0, result.output
+    final, last = out / "final", out / "final" / "last-step"
+    said = " ".join(result.output.split())
+    assert f"adapter (weight average): {final / 'adapter.safetensors'}" in said
+    assert f"last step's raw weights: {last}" in said
+    assert sorted(p.name for p in last.iterdir()) == ["adapter.safetensors", "adapter_config.json",
+                                                      "student.safetensors"]
+    assert not (final / "ema").exists()
+    assert (last / "adapter_config.json").read_text() == (final / "adapter_config.json").read_text()
+    # final/ is the EMA of the raw weights of steps 1-3 (decay 0, then the ramp's values at 1 and 2)
+    from wadi_distill.vsd.config import EMA_MAX_DECAY, EMA_POWER, ema_decay_at
+
+    raw = [load_file(str(out / f"checkpoint-{s}" / "student.safetensors")) for s in (1, 2, 3)]
+    average = dict(raw[0])
+    for k in (1, 2):
+        d = ema_decay_at(k, EMA_MAX_DECAY, EMA_POWER)
+        average = {n: d * average[n] + (1 - d) * raw[k][n] for n in average}
+    got, trained = load_file(str(final / "adapter.safetensors")), load_file(str(last / "adapter.safetensors"))
+    for n, value in _adapter_names(average).items():
+        torch.testing.assert_close(got[n], value)
+    assert all(torch.equal(trained[n], v) for n, v in _adapter_names(raw[2]).items())
+    assert any(not torch.equal(got[k], trained[k]) for k in got)
+    record = json.loads((final / "training.json").read_text())["weights"]
+    assert record["average"]["steps_averaged"] == 3 and record["average"]["max_decay"] == EMA_MAX_DECAY
+    # the tools take final/ (the average) by default; the run folder itself means its final/
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from wadi_distill.lorad import load_lorad
+
+    pipe = StableDiffusionPipeline.from_pretrained(world["legacy"], local_files_only=True)
+    assert load_lorad(pipe, out).path == final
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, pipe.unet.config.in_channels, 8, 8, generator=g)
+    context = torch.randn(1, 5, pipe.unet.config.cross_attention_dim, generator=g)
+    outputs = {}
+    for name, merged in (("loaded", None), ("average", final), ("last", last)):
+        unet = pipe.unet
+        if merged is not None:
+            unet = UNet2DConditionModel.from_pretrained(world["legacy"] / "unet")
+            unet.load_state_dict(load_file(str(merged / "student.safetensors")), strict=True)
+        with torch.no_grad():
+            outputs[name] = unet(x, 500, encoder_hidden_states=context).sample
+    torch.testing.assert_close(outputs["loaded"], outputs["average"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(outputs["loaded"], outputs["last"], rtol=1e-4, atol=1e-5)
+    _tools_take(final, final / "student.safetensors", world, tmp_path, "final")
+    _tools_take(last, last / "student.safetensors", world, tmp_path, "last")
+    # a run folder of the earlier layout (final/ the raw weights, final/ema/ the average) stays readable
+    old = tmp_path / "old-run" / "final"
+    shutil.copytree(final, old)
+    (old / "last-step").rename(old / "ema")
+    _tools_take(old / "ema", old / "ema" / "student.safetensors", world, tmp_path, "old-ema")
+
+
+def test_no_ema_writes_the_raw_weights_to_final(world, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, _args(world["legacy"], out, world["prompts"], "--max-steps", "2",
+                                      "--checkpointing-steps", "1", "--no-ema"))
+    assert result.exit_code == 0, result.output
+    assert "adapter (last step's weights)" in " ".join(result.output.split())
+    assert not (out / "final" / "last-step").exists() and not (out / "checkpoint-2" / "ema.pt").exists()
+    raw = load_file(str(out / "checkpoint-2" / "student.safetensors"))
+    saved = load_file(str(out / "final" / "adapter.safetensors"))
+    assert all(torch.equal(saved[n], v) for n, v in _adapter_names(raw).items())
+    assert json.loads((out / "final" / "training.json").read_text())["ema"] is False
 
 
 @pytest.mark.parametrize("name", ["sdxl-fp16-hub", "sd2-fp16"])
@@ -199,6 +301,13 @@ def test_bad_inputs_one_sentence_nothing_written(world, tmp_path):
     out = tmp_path / "o"
     _fails(_args(teacher, out, prompts, "--lr", "-1"), "lr must be a positive number")
     _fails(_args(teacher, out, prompts, "--fake-lr", "nan"), "fake-lr must be a positive number")
+    _fails(_args(teacher, out, prompts, "--ema-decay", "1"), "ema-decay must lie strictly between 0 and 1, not 1.")
+    _fails(_args(teacher, out, prompts, "--ema-decay", "0"), "ema-decay must lie strictly between 0 and 1, not 0.")
+    _fails(_args(teacher, out, prompts, "--ema-power", "0"), "ema-power must be a positive number, not 0.")
+    _fails(_args(teacher, out, prompts, "--ema-power", "nan"), "ema-power must be a positive number, not nan.")
+    _fails(_args(teacher, out, prompts, "--no-ema", "--ema-decay", "0.99"), "--no-ema and --ema-decay / --ema-power "
+           "cannot be combined.")
+    _fails(_args(teacher, out, prompts, "--adam-weight-decay", "-1"), "adam-weight-decay must not be negative.")
     _fails(_args(teacher, out, prompts, "--device", "gpu"), "unknown device 'gpu'; use auto, cpu or cuda.")
     _fails(_args(teacher, out, prompts, "--mixed-precision", "fp8"), "unknown mixed precision 'fp8'; use no, fp16 or bf16.")
     _fails(_args(teacher, out, prompts, "--prompts", tmp_path / "missing.txt"), "does not exist")

@@ -114,8 +114,10 @@ def test_one_forward_forms_the_weight_once_and_calls_linear_once(monkeypatch):
 
     monkeypatch.setattr(lorad_module.F, "linear", counting_linear)
     monkeypatch.setattr(rotation, "rotate_pairs", counting_rotate)  # merged_weight's rotation
-    layer(torch.randn(2, 5, 6)).sum().backward()
+    y = layer(torch.randn(2, 5, 6))
     assert calls == {"linear": 1, "rotate": 1}
+    y.sum().backward()  # the backward forms the weight again instead of keeping it; no matmul is run again
+    assert calls == {"linear": 1, "rotate": 2}
     assert layer.lorad_A["default"].grad is not None and base.weight.grad is None
 
 

@@ -13,7 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tiny_pipelines import make_pipeline  # noqa: E402
 
 from wadi_distill.teachers import teacher as teacher_module  # noqa: E402
-from wadi_distill.teachers.families import BuiltinDigits, PixArt, StableDiffusion, StableDiffusionXL  # noqa: E402
+from wadi_distill.teachers.families import (BuiltinDigits, Flux, PixArt, Sana, StableDiffusion, StableDiffusion3,  # noqa: E402
+                                            StableDiffusionXL)
 from wadi_distill.teachers.pipeline import TEACHER_FAMILIES, load_teacher  # noqa: E402
 from wadi_distill.teachers.teacher import TextEncoders, register_family  # noqa: E402
 from wadi_probe.errors import WadiInputError  # noqa: E402
@@ -21,7 +22,7 @@ from wadi_probe.errors import WadiInputError  # noqa: E402
 
 def test_every_family_is_registered_once_by_name():
     assert TEACHER_FAMILIES == {"sd": StableDiffusion, "sdxl": StableDiffusionXL, "pixart": PixArt,
-                                "builtin": BuiltinDigits}
+                                "sd3": StableDiffusion3, "builtin": BuiltinDigits, "sana": Sana, "flux": Flux}
     with pytest.raises(ValueError, match="registered already"):
         register_family(StableDiffusion)
 
@@ -43,8 +44,8 @@ def test_typed_fields_of_loaded_teachers(tmp_path):
 def test_a_pipeline_of_no_family_and_a_denoiser_a_family_cannot_call_are_refused(tmp_path):
     folder = make_pipeline(tmp_path / "sd", "sd")
     index = json.loads((folder / "model_index.json").read_text())
-    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(WadiInputError, match="FluxPipeline in .* is not supported; wadi-distill supports "
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "CogVideoXPipeline"}))
+    with pytest.raises(WadiInputError, match="CogVideoXPipeline in .* is not supported; wadi-distill supports "
                                              "StableDiffusionPipeline, StableDiffusionXLPipeline, PixArtAlphaPipeline"):
         load_teacher(folder)
     (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))

@@ -77,10 +77,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_identical_adapters_rank0_writes(tmp_path):
+@pytest.mark.parametrize("kind", ["sd", "flux", "sd3"])
+def test_two_processes_identical_adapters_rank0_writes(tmp_path, kind):
     # an SD1.5-era config (diffusers fills missing keys in hash-seed order) and no fixed PYTHONHASHSEED: each rank
-    # must still find the same run id and embedding-cache key
-    teacher = make_pipeline(tmp_path / "sd", "sd", legacy_config=True)
+    # must still find the same run id and embedding-cache key; flux: a Flux.1-dev-like teacher on the flow schedule;
+    # sd3: a flow-matching teacher with three encoders
+    teacher = make_pipeline(tmp_path / kind, kind, legacy_config=kind == "sd")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\na dog\na red house\na blue car\n")
     out = tmp_path / "runs" / "out"

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tiny_pipelines import make_pipeline  # noqa: E402
 
 from wadi_distill.lorad.model import use_adapter  # noqa: E402
+from wadi_distill.vsd.config import EMA_MAX_DECAY, EMA_POWER, ema_decay_at  # noqa: E402
 from wadi_distill.vsd.trainer import DistillConfig, VSDTrainer, distill, list_checkpoints  # noqa: E402
 from wadi_probe.errors import WadiRuntimeError  # noqa: E402
 
@@ -92,7 +93,8 @@ def test_full_finetune_trains_a_copy(pipelines, prompt_file, tmp_path):
     trainer = VSDTrainer(_config(pipelines["sd"], tmp_path / "out", prompt_file, rank=None, student_adapter="full"))
     base0 = {n: p.detach().clone() for n, p in trainer.base.named_parameters() if not p.requires_grad}
     student0 = _snapshot(trainer.student_named)
-    trainer.train_step()
+    for _ in range(2):  # the first step's gradient is 0 (the fake score starts as the teacher), no weight decay
+        trainer.train_step()
     changed = sum(not torch.equal(student0[n], p) for n, p in trainer.student_named)
     assert changed > len(student0) // 2
     assert all(torch.equal(base0[n], p) for n, p in trainer.base.named_parameters() if n in base0)
@@ -115,10 +117,97 @@ def test_lora_adapters_and_bf16_after_fp32_in_one_process(pipelines, prompt_file
     assert all(".lora_" in n for n, _ in trainer.student_named + trainer.fake_named)
     assert next(p for p in trainer.base.parameters() if not p.requires_grad).dtype == torch.bfloat16
     student0 = _snapshot(trainer.student_named)
-    losses = trainer.train_step()
+    for _ in range(2):  # the first step's gradient is 0 (the fake score starts as the teacher), no weight decay
+        losses = trainer.train_step()
     assert math.isfinite(losses["loss_fake"])
     assert any(not torch.equal(student0[n], p) for n, p in trainer.student_named)
     assert any(not torch.equal(e, p) for e, (_, p) in zip(trainer.ema.shadow_params, trainer.student_named))
+
+
+def _adapter_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trainer's student tensors under the names adapter.safetensors gives them."""
+    return {k.replace(".lorad_A.student", ".lorad_A").replace(".lorad_B.student", ".lorad_B"): v
+            for k, v in state.items()}
+
+
+def test_weight_average_by_default_final_holds_it_last_step_the_raw_weights(pipelines, prompt_file, tmp_path):
+    config = _config(pipelines["sd"], tmp_path / "out", prompt_file, max_steps=3)
+    assert (config.ema_decay, config.ema_power, config.adam_weight_decay) == (EMA_MAX_DECAY, EMA_POWER, 0.0)
+    trainer = VSDTrainer(config)
+    for k in (0, 10, 1000):  # diffusers' update number k + 1 is the trainer's step k
+        expected = min(EMA_MAX_DECAY, 1 - (1 + k) ** -EMA_POWER)
+        assert ema_decay_at(k, EMA_MAX_DECAY, EMA_POWER) == pytest.approx(expected, rel=1e-12)
+        assert trainer.ema.get_decay(k + 1) == pytest.approx(expected, rel=1e-12)
+    assert ema_decay_at(0, 0.999, 2 / 3) == 0.0 and ema_decay_at(10**6, 0.999, 2 / 3) == 0.999
+    raw = []
+    for _ in range(3):
+        trainer.train_step()
+        raw.append(_snapshot(trainer.student_named))
+    average = dict(raw[0])  # decay 0 at the first update: the average starts at the weights
+    for k in (1, 2):
+        d = ema_decay_at(k, EMA_MAX_DECAY, EMA_POWER)
+        average = {n: d * average[n] + (1 - d) * raw[k][n] for n in average}
+    assert any(not torch.allclose(average[n], raw[2][n]) for n in average)
+    result = trainer.train()  # the 3 steps are done: it writes final/
+    assert result.last_step_dir == result.final_dir / "last-step"
+    for n in average:
+        torch.testing.assert_close(result.student_state[n], average[n])
+        assert torch.equal(result.last_step_state[n], raw[2][n])
+    averaged_file = load_file(str(result.final_dir / "adapter.safetensors"))
+    raw_file = load_file(str(result.last_step_dir / "adapter.safetensors"))
+    for n, value in _adapter_names(average).items():
+        torch.testing.assert_close(averaged_file[n], value)
+    assert raw_file.keys() == averaged_file.keys()
+    assert all(torch.equal(raw_file[n], v) for n, v in _adapter_names(raw[2]).items())
+    assert (result.last_step_dir / "student.safetensors").is_file()
+    assert (result.last_step_dir / "adapter_config.json").read_text() == (
+        result.final_dir / "adapter_config.json").read_text()
+    weights = json.loads((result.final_dir / "training.json").read_text())["weights"]
+    assert weights["average"]["max_decay"] == EMA_MAX_DECAY and weights["average"]["power"] == EMA_POWER
+    assert weights["average"]["started_at_step"] == 0 and weights["average"]["steps_averaged"] == 3
+    assert weights["last-step"] == "the raw weights of the last step"
+
+
+def test_no_average_final_holds_the_raw_weights(pipelines, prompt_file, tmp_path):
+    result = distill(_config(pipelines["sd"], tmp_path / "out", prompt_file, max_steps=2, ema_decay=None))
+    assert result.last_step_dir is None and not (result.final_dir / "last-step").exists()
+    assert all(torch.equal(result.student_state[n], v) for n, v in result.last_step_state.items())
+    saved = load_file(str(result.final_dir / "adapter.safetensors"))
+    assert all(torch.equal(saved[n], v) for n, v in _adapter_names(result.student_state).items())
+    record = json.loads((result.final_dir / "training.json").read_text())
+    assert record["ema"] is False and "average" not in record["weights"]
+
+
+def test_checkpoint_without_average_resumes_with_the_average_started_there(pipelines, prompt_file, capsys,
+                                                                             tmp_path):
+    out = tmp_path / "out"
+    distill(_config(pipelines["sd"], out, prompt_file, max_steps=2, checkpointing_steps=2, ema_decay=None))
+    assert not (out / "checkpoint-2" / "ema.pt").exists()  # as a run of the code before the default average
+    capsys.readouterr()
+    result = distill(_config(pipelines["sd"], out, prompt_file, max_steps=4, checkpointing_steps=1,
+                             resume="latest"))
+    said = capsys.readouterr().out
+    assert said.count("holds no weight average: the average starts from its weights at step 2") == 1
+    history = json.loads((out / "run.json").read_text())["history"]
+    assert "holds no weight average" in history[-1]["note"] and "note" not in history[0]
+    assert history[-1]["changed"]["ema_decay"] == [None, EMA_MAX_DECAY]
+    # the ramp counts from the resumed step: decay 0 at step 3's update, then decay(1) at step 4's
+    p3, p4 = (load_file(str(out / f"checkpoint-{s}" / "student.safetensors")) for s in (3, 4))
+    d = ema_decay_at(1, EMA_MAX_DECAY, EMA_POWER)
+    for n in p4:
+        torch.testing.assert_close(result.student_state[n], d * p3[n] + (1 - d) * p4[n])
+    assert torch.load(out / "checkpoint-3" / "ema.pt", weights_only=True)["update_after_step"] == 2
+    average = json.loads((out / "final" / "training.json").read_text())["weights"]["average"]
+    assert average["started_at_step"] == 2 and average["steps_averaged"] == 2
+    # an average of the earlier fixed-decay rule continues on the ramp, with a note
+    old = torch.load(out / "checkpoint-4" / "ema.pt", weights_only=True)
+    old.update(decay=0.9, min_decay=0.9, update_after_step=-1, use_ema_warmup=False)
+    torch.save(old, out / "checkpoint-4" / "ema.pt")
+    capsys.readouterr()
+    distill(_config(pipelines["sd"], out, prompt_file, max_steps=5, checkpointing_steps=1, resume="latest"))
+    assert "used a fixed decay 0.9; it continues with decay min(0.999, 1 - (1 + step)^-0.667)" in capsys.readouterr().out
+    ema = torch.load(out / "checkpoint-5" / "ema.pt", weights_only=True)
+    assert ema["use_ema_warmup"] and (ema["decay"], ema["min_decay"], ema["optimization_step"]) == (EMA_MAX_DECAY, 0.0, 5)
 
 
 KILL_SCRIPT = textwrap.dedent("""
@@ -143,7 +232,7 @@ def test_sigkilled_run_resumes_bit_identical_and_limit_prunes(pipelines, prompt_
     teacher's config lacks newer keys, as the original SD1.5 one does."""
     steps = 6
     teacher = pipelines["legacy"]
-    kw = dict(checkpointing_steps=2, batch_size=1, max_steps=steps, ema_decay=0.9)
+    kw = dict(checkpointing_steps=2, batch_size=1, max_steps=steps)  # the weight average on, as by default
     # uninterrupted reference, with pruning down to the 2 newest checkpoints
     ref = distill(_config(teacher, tmp_path / "ref", prompt_file, checkpoints_total_limit=2, **kw))
     assert [s for s, _ in list_checkpoints(tmp_path / "ref")] == [4, 6]
@@ -178,7 +267,9 @@ def test_sigkilled_run_resumes_bit_identical_and_limit_prunes(pipelines, prompt_
     stale.mkdir()
     resumed = distill(_config(teacher.resolve(), killed, prompt_file, resume="latest", **kw))
     assert resumed.steps == steps and not stale.exists()
-    for name in ("adapter.safetensors", "student.safetensors", "ema/adapter.safetensors", "ema/student.safetensors"):
+    assert (ref.final_dir / "last-step").is_dir() and not (ref.final_dir / "ema").exists()
+    for name in ("adapter.safetensors", "student.safetensors", "last-step/adapter.safetensors",
+                 "last-step/student.safetensors"):
         a, b = load_file(str(ref.final_dir / name)), load_file(str(resumed.final_dir / name))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
