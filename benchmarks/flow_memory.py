@@ -36,7 +36,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -130,61 +130,37 @@ def write_tiny_config(family: str, folder: Path) -> tuple[Path, int]:
     return path, image_size
 
 
-def schedule_for(family: str, latent_shape: tuple[int, int, int]):
-    """The family's noise schedule as its scheduler config gives it (the step's shapes do not depend on it)."""
-    from wadi_distill.schedules import FlowMatchSchedule, VPSchedule, schedule_from_scheduler
-
-    if family == "sd15":
-        from diffusers import DDPMScheduler
-
-        schedule = schedule_from_scheduler(
-            DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
-        assert isinstance(schedule, VPSchedule)
-        return schedule
-    if family == "sd3":  # SD3/SD3.5 scheduler: shift 3, logit-normal training draws
-        return FlowMatchSchedule(shift=3.0, logit_normal=(0.0, 1.0))
-    if family == "flux":  # FLUX.1-dev scheduler: dynamic shift from the image's token count
-        side = latent_shape[1] // 2
-        return FlowMatchSchedule(use_dynamic_shifting=True, shift=3.0).with_image_tokens(side * side)
-    return FlowMatchSchedule(shift=3.0)  # SANA 1024 px: flow_shift 3
-
-
-def family_call(family: str, spec: FamilySpec, image_size: int, channels: int) -> Callable[[nn.Module, torch.Tensor, torch.Tensor, Any], torch.Tensor]:
-    """``call(model, x_t, t, cond)``: the registered teacher family's own call when it is registered in
-    :data:`wadi_distill.teachers.teacher.TEACHER_FAMILIES`, else the same convention written here (SD3: σ·1000 and
-    pooled projections; Flux: latents packed 2×2, positions, σ, embedded guidance; SANA: σ·1000, Gemma mask)."""
+def _family_class(family: str):
     import wadi_distill.teachers.families  # noqa: F401  (registers the families)
     from wadi_distill.teachers.teacher import TEACHER_FAMILIES
 
-    registered = TEACHER_FAMILIES.get("sd" if family == "sd15" else family)
-    if registered is not None:
-        call = registered(image_size, channels)
-        if spec.guidance is not None and hasattr(call, "guidance"):
-            call.guidance = spec.guidance
-        return call
-    if family == "sd3":
-        def call(model, x_t, t, cond):
-            return model(hidden_states=x_t, timestep=t * 1000.0, encoder_hidden_states=cond.encoder_hidden_states,
-                         pooled_projections=cond.pooled, return_dict=False)[0]
-        return call
-    if family == "flux":
-        def call(model, x_t, t, cond):
-            b, c, h, w = x_t.shape
-            tokens = x_t.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
-            rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
-            img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).to(x_t.device, x_t.dtype)
-            txt_ids = torch.zeros(cond.encoder_hidden_states.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
-            guidance = torch.full((b,), spec.guidance, device=x_t.device) if spec.guidance is not None else None
-            out = model(hidden_states=tokens, encoder_hidden_states=cond.encoder_hidden_states,
-                        pooled_projections=cond.pooled, timestep=t.to(x_t.dtype), img_ids=img_ids, txt_ids=txt_ids,
-                        guidance=guidance, return_dict=False)[0]
-            return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
-        return call
+    return TEACHER_FAMILIES["sd" if family == "sd15" else family]
 
-    def call(model, x_t, t, cond):  # sana
-        out = model(x_t, encoder_hidden_states=cond.encoder_hidden_states, timestep=t.float() * 1000.0,
-                    encoder_attention_mask=cond.attention_mask, return_dict=False)[0]
-        return out[:, :channels]
+
+def schedule_for(family: str, latent_shape: tuple[int, int, int]):
+    """The family's noise schedule from its released scheduler config, through the family's own ``schedule``
+    (SD3's logit-normal draws; Flux's dynamic shift resolved from the image's token count)."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if family == "sd15":
+        scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    elif family == "flux":
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    else:  # SD3/SD3.5 and SANA 1024 px: shift 3
+        scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    schedule = _family_class(family).schedule(scheduler)
+    if family == "flux":
+        schedule = schedule.with_image_tokens((latent_shape[1] // 2) * (latent_shape[2] // 2))
+    return schedule
+
+
+def family_call(family: str, spec: FamilySpec, image_size: int, channels: int):
+    """The registered teacher family's call convention (``family(model, x_t, t, cond)``, and ``for_role``), with the
+    embedded guidance a guidance-distilled release runs at."""
+    call = _family_class(family)(image_size, channels)
+    if spec.guidance is not None:
+        call.guidance = spec.guidance
     return call
 
 
@@ -265,12 +241,14 @@ class VSDSetup:
     opt_fake: torch.optim.Optimizer
     counts: dict[str, int]
     layers: list[nn.Module]
+    ema: Any = None  # the student's weight average (diffusers' EMAModel), the trainer's default
 
 
 def prepare(base: nn.Module, rank: int, fake_rank: int, dtype: torch.dtype, checkpointing: bool,
-            generator: torch.Generator) -> VSDSetup:
+            generator: torch.Generator, ema: bool = True) -> VSDSetup:
     """Adapters and optimizers as ``VSDTrainer._prepare_models`` / ``_prepare_optimizers`` make them: the paper preset
-    at ``rank`` (student) and ``fake_rank``, the frozen base in ``dtype``, the adapters fp32, AdamW."""
+    at ``rank`` (student) and ``fake_rank``, the frozen base in ``dtype``, the adapters fp32, AdamW, and (``ema``,
+    the run's default) the student's weight average, an fp32 copy of its adapter on the same device."""
     from wadi_distill.lorad.model import inject_lorad, lorad_layers, lorad_parameters
     from wadi_distill.plan import plan_from_preset
 
@@ -295,7 +273,12 @@ def prepare(base: nn.Module, rank: int, fake_rank: int, dtype: torch.dtype, chec
         base.enable_gradient_checkpointing()
     opt_s = torch.optim.AdamW(student, lr=1e-6, foreach=False)
     opt_f = torch.optim.AdamW(fake, lr=1e-6, foreach=False)
-    return VSDSetup(base, student, fake, opt_s, opt_f, counts, list(lorad_layers(base).values()))
+    average = None
+    if ema:
+        from diffusers.training_utils import EMAModel
+
+        average = EMAModel(student, decay=0.9999, min_decay=0.0, update_after_step=0, use_ema_warmup=True)
+    return VSDSetup(base, student, fake, opt_s, opt_f, counts, list(lorad_layers(base).values()), average)
 
 
 def vsd_step(setup: VSDSetup, call, schedule, spec: FamilySpec, shapes: dict[str, Any], batch: int,
@@ -330,7 +313,7 @@ def vsd_step(setup: VSDSetup, call, schedule, spec: FamilySpec, shapes: dict[str
     def predict(role, x, t, cond):
         phase(f"{role} forward" + (" (graph)" if torch.is_grad_enabled() else ""))
         with autocast, active(role):
-            return call(setup.base, x, t, cond).float()
+            return call.for_role(role)(setup.base, x, t, cond).float()
 
     def conditioning(n: int, null: bool = False) -> Conditioning:
         size = (n, shapes["text_tokens"], shapes["text_width"])
@@ -358,6 +341,8 @@ def vsd_step(setup: VSDSetup, call, schedule, spec: FamilySpec, shapes: dict[str
     t = losses.student_timesteps(batch, schedule, gen).to(device)
     loss_s, x0 = step.student_loss(z, cond, t, noise())
     apply(loss_s, setup.student_params, setup.opt_student, "student")
+    if setup.ema is not None:
+        setup.ema.step(setup.student_params)
     t2 = losses.fake_timesteps(batch, schedule, gen).to(device)
     use_null = losses.null_prompt_mask(batch, gen).to(device)
     loss_f = step.fake_loss(x0.detach(), cond, t2, noise(), use_null)
@@ -372,7 +357,8 @@ def vsd_step(setup: VSDSetup, call, schedule, spec: FamilySpec, shapes: dict[str
 # ------------------------------------------------------------------------------------------ the estimate
 def estimate(family: str, config: str | Path | None = None, *, batch: int = 1, rank: int = 256, fake_rank: int = 32,
              precision: str = "bf16", checkpointing: bool = True, image_size: int | None = None,
-             text_tokens: int | None = None, fake: bool = True, block: int = BLOCK_BYTES) -> dict[str, Any]:
+             text_tokens: int | None = None, ema: bool = True, fake: bool = True,
+             block: int = BLOCK_BYTES) -> dict[str, Any]:
     """Peak memory and FLOPs of one VSD step of ``family`` built from ``config`` (default: the family's), at the
     family's image size and prompt length unless given.
 
@@ -391,7 +377,7 @@ def estimate(family: str, config: str | Path | None = None, *, batch: int = 1, r
     torch.manual_seed(0)
     with mode:
         base = cls(**kwargs)
-        setup = prepare(base, rank, fake_rank, dtype, checkpointing, torch.Generator().manual_seed(7919))
+        setup = prepare(base, rank, fake_rank, dtype, checkpointing, torch.Generator().manual_seed(7919), ema)
     meter = StepMeter(block)
     for tensor in [*base.parameters(), *base.buffers()]:
         meter.track(tensor)
@@ -405,19 +391,20 @@ def estimate(family: str, config: str | Path | None = None, *, batch: int = 1, r
     adapter_bytes = 4 * (setup.counts["student_params"] + setup.counts["fake_params"])
     return {
         "family": family, "config": path.name, "class": cls.__name__, "batch": batch, "rank": rank,
-        "fake_rank": fake_rank, "precision": precision, "checkpointing": checkpointing, "fake": fake,
+        "fake_rank": fake_rank, "precision": precision, "checkpointing": checkpointing, "ema": ema, "fake": fake,
         "image_size": size, "latent_shape": list(shapes["latent_shape"]), "text_tokens": shapes["text_tokens"],
         "cfg": spec.cfg, **setup.counts,
         "adapter_bytes": adapter_bytes, "static_bytes": static, "peak_bytes": meter.peak,
         "peak_phase": meter.peak_phase, "end_bytes": meter.current, "phase_peaks": meter.phase_peaks,
-        "optimizer_bytes": 2 * adapter_bytes, "flops": meter.flops, "losses": losses,
+        "optimizer_bytes": 2 * adapter_bytes, "ema_bytes": 4 * setup.counts["student_params"] if ema else 0,
+        "flops": meter.flops, "losses": losses,
         "seconds": round(time.perf_counter() - started, 1),
     }
 
 
 def measure(family: str, config: str | Path | None = None, *, batch: int = 1, rank: int = 256, fake_rank: int = 32,
-            precision: str = "bf16", checkpointing: bool = True, image_size: int | None = None, steps: int = 3,
-            warmup: int = 1, device: str = "cuda") -> dict[str, Any]:
+            precision: str = "bf16", checkpointing: bool = True, image_size: int | None = None, ema: bool = True,
+            steps: int = 3, warmup: int = 1, device: str = "cuda") -> dict[str, Any]:
     """The same VSD step on a real device (random weights built there): step times after ``warmup`` steps, and on
     CUDA the peak memory allocated and reserved by torch over the timed steps (weights included)."""
     spec = FAMILIES[family]
@@ -431,7 +418,7 @@ def measure(family: str, config: str | Path | None = None, *, batch: int = 1, ra
     torch.manual_seed(0)
     with torch.device(device):  # random initialisation on the device (seconds for 12B parameters on a GPU)
         base = cls(**kwargs)
-    setup = prepare(base, rank, fake_rank, dtype, checkpointing, torch.Generator(device).manual_seed(7919))
+    setup = prepare(base, rank, fake_rank, dtype, checkpointing, torch.Generator(device).manual_seed(7919), ema)
     build_s = time.perf_counter() - started
     call = family_call(family, spec, size, shapes["latent_shape"][0])
     schedule = schedule_for(family, shapes["latent_shape"])
@@ -491,6 +478,7 @@ def render(result: dict[str, Any], utilisation: float = DEFAULT_UTILISATION) -> 
         ("", f"{result['precision']}, gradient checkpointing {'on' if result['checkpointing'] else 'off'}"),
         ("weights + adapters", gib(result["static_bytes"])),
         ("Adam states", gib(result["optimizer_bytes"])),
+        ("student average", gib(result["ema_bytes"]) + ("" if result["ema"] else " (--no-ema)")),
         ("estimated peak" if result["fake"] else "metered peak",
          f"{gib(result['peak_bytes'])} (in: {result['peak_phase']})"),
         ("  above the weights", gib(result["peak_bytes"] - result["static_bytes"])),
@@ -500,7 +488,7 @@ def render(result: dict[str, Any], utilisation: float = DEFAULT_UTILISATION) -> 
                            f"{utilisation:.0%} of 989 TFLOP/s"),
     ]
     if "peak_rss_above_imports" in result:
-        rows.insert(11, ("peak RSS - imports", gib(result["peak_rss_above_imports"])))
+        rows.insert(12, ("peak RSS - imports", gib(result["peak_rss_above_imports"])))
     width = max(len(k) for k, _ in rows)
     kind = "ESTIMATE (fake tensors, no allocation)" if result["fake"] else "real CPU tensors, metered"
     lines = [f"VSD step of {result['family']}: {kind}", "-" * 72]
@@ -533,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, help="Image side in pixels (default: the family's, 512 or 1024).")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--no-ema", action="store_true", help="No weight average of the student (the run's --no-ema).")
     parser.add_argument("--utilisation", type=float, default=DEFAULT_UTILISATION,
                         help="Fraction of the GPU's dense bf16 peak the step time estimate assumes (default 0.4).")
     parser.add_argument("--real", action="store_true",
@@ -561,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--device cuda was asked for but torch sees no CUDA GPU")
         result = measure(args.family, args.config, batch=args.batch_size, rank=args.rank, fake_rank=args.fake_rank,
                          precision=args.precision, checkpointing=not args.no_checkpointing,
-                         image_size=args.image_size, steps=args.steps)
+                         image_size=args.image_size, ema=not args.no_ema, steps=args.steps)
         print(render_measured(result))
         if args.json:
             args.json.write_text(json.dumps(result, indent=1) + "\n")
@@ -569,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = estimate(args.family, args.config, batch=args.batch_size, rank=args.rank, fake_rank=args.fake_rank,
                           precision=args.precision, checkpointing=not args.no_checkpointing,
-                          image_size=args.image_size, fake=not args.real)
+                          image_size=args.image_size, ema=not args.no_ema, fake=not args.real)
     except (ValueError, TypeError, json.JSONDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

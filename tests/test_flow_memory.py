@@ -42,13 +42,13 @@ def test_fake_estimate_equals_the_real_step(tmp_path, family, precision, checkpo
         assert fake[key] == real[key], key
     assert all(math.isnan(v) for v in fake["losses"].values())
     assert all(math.isfinite(v) for v in real["losses"].values())
-    # what stays after the step: weights, adapters and both Adam states (exp_avg, exp_avg_sq; the step counts are
-    # 4-byte scalars, one per parameter tensor)
+    # what stays after the step: weights, adapters, both Adam states (exp_avg, exp_avg_sq; the step counts are
+    # 4-byte scalars, one per parameter tensor) and the student's weight average (an fp32 copy)
     element = 2 if precision == "bf16" else 4
     adapters = 4 * (real["student_params"] + real["fake_params"])
     assert real["static_bytes"] == element * real["base_params"] + adapters + real["base_buffer_bytes"]
     tensors = 2 * 2 * real["adapted_layers"]  # A and B of two adapters on every layer
-    assert real["end_bytes"] == real["static_bytes"] + 2 * adapters + 4 * tensors
+    assert real["end_bytes"] == real["static_bytes"] + 2 * adapters + 4 * tensors + 4 * real["student_params"]
     assert real["peak_bytes"] > real["end_bytes"] and real["flops"] > 0
 
 
