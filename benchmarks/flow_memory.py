@@ -418,6 +418,7 @@ def measure(family: str, config: str | Path | None = None, *, batch: int = 1, ra
     torch.manual_seed(0)
     with torch.device(device):  # random initialisation on the device (seconds for 12B parameters on a GPU)
         base = cls(**kwargs)
+    base.to(device)  # buffers a config builds from numpy (SD3's position table) are made on the CPU
     setup = prepare(base, rank, fake_rank, dtype, checkpointing, torch.Generator(device).manual_seed(7919), ema)
     build_s = time.perf_counter() - started
     call = family_call(family, spec, size, shapes["latent_shape"][0])
