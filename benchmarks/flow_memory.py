@@ -4,9 +4,10 @@ The denoiser is built from its published config (``benchmarks/configs/*.json``) 
 every parameter and activation is a meta-backed fake tensor (shapes, dtypes, no storage), so Flux.1-dev's 12B
 parameters cost nothing. On it runs one real VSD step of the trainer's kind — the student and fake-score LoRaD
 adapters (``plan_from_preset(..., "paper")``, student rank 256, fake rank 32) injected into the one frozen base, the
-base cast to bf16 and the adapters kept fp32, autocast, diffusers' gradient checkpointing, :class:`VSDStep`'s
-student loss (student forward with graph, teacher and fake forwards with CFG) and backward, clipping and AdamW
-(``foreach=False``), then the fake score's flow-matching loss, backward and AdamW — with the real autograd,
+base cast to bf16 and the adapters kept fp32, the registered teacher family's call and schedule, autocast,
+diffusers' gradient checkpointing, :class:`VSDStep`'s student loss (student forward with graph, teacher and fake
+forwards with CFG) and backward, clipping and AdamW (``foreach=False``), the student's weight average, then the
+fake score's loss, backward and AdamW — with the real autograd,
 checkpointing and attention kernels choosing what each op keeps. A dispatch mode adds up the bytes of every
 tensor storage alive (each rounded up to 512 bytes, as CUDA's caching allocator rounds) and keeps the peak; it
 also adds up the FLOPs of every op torch's FLOP counter knows (and of the CPU flash-attention kernel).
@@ -24,6 +25,8 @@ H100/H200's dense bf16 peak (989 TFLOP/s).
     python benchmarks/flow_memory.py --family flux
     python benchmarks/flow_memory.py --family sd3 --config benchmarks/configs/sd3.5-large.json
     python benchmarks/flow_memory.py --family sd15 --precision fp32 --no-checkpointing   # the CPU-measured case
+    python benchmarks/flow_memory.py --family sd15 --no-checkpointing --real   # the same step on real tensors
+    python benchmarks/flow_memory.py --family flux --device cuda --steps 2     # measured on a GPU
 """
 
 from __future__ import annotations
@@ -538,8 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.image_size is not None and (args.image_size < 1 or args.image_size % (2 * FAMILIES[args.family].vae_scale)):
         parser.error(f"--image-size must be a positive multiple of {2 * FAMILIES[args.family].vae_scale} for "
                      f"{args.family}")
-    if args.batch_size < 1 or args.rank < 1 or args.fake_rank < 1 or not 0 < args.utilisation <= 1:
-        parser.error("--batch-size, --rank and --fake-rank must be at least 1 and --utilisation in (0, 1]")
+    if min(args.batch_size, args.rank, args.fake_rank, args.steps) < 1 or not 0 < args.utilisation <= 1:
+        parser.error("--batch-size, --rank, --fake-rank and --steps must be at least 1 and --utilisation in (0, 1]")
     torch.set_num_threads(1)
     from vsd_step import _peak_rss
 
