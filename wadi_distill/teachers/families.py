@@ -16,7 +16,9 @@
 
 A new family (e.g. another transformer) is one subclass of :class:`~wadi_distill.teachers.teacher.TeacherFamily`
 here with ``@register_family``: its pipeline classes, denoiser component, ``__call__`` and ``encode`` (and, if it
-runs on another noise schedule, that schedule's class in :mod:`wadi_distill.schedules`).
+runs on another noise schedule, that schedule's class in :mod:`wadi_distill.schedules`). A flow-matching family
+sets ``flow_timestep_scale`` (its scheduler is then checked, and ``flow_timesteps`` converts σ for its denoiser);
+one whose text encoders include T5 or Gemma sets ``text_encoders_overflow_fp16``.
 """
 
 from __future__ import annotations
