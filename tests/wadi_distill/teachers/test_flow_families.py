@@ -136,3 +136,22 @@ def test_the_sd3_timestep_reaches_the_transformer_as_sigma_times_1000(folders):
     finally:
         handle.remove()
     assert torch.allclose(seen[0], torch.tensor([300.0]))
+
+
+def test_export_in_the_ldm_layout_is_refused_for_a_flow_transformer(folders, tmp_path):
+    """--format ldm writes SD UNets only; a flow teacher's export says so and names the working format, exit 2,
+    nothing written (it used to say the single-file layout exists for UNets only, which Flux and SD3 files belie)."""
+    from diffusers import FluxTransformer2DModel
+    from tiny_pipelines import random_lorad_adapter
+
+    transformer = FluxTransformer2DModel.from_pretrained(folders["flux"] / "transformer", local_files_only=True)
+    adapter = random_lorad_adapter(transformer, tmp_path / "adapter")
+    out = tmp_path / "student.safetensors"
+    result = runner.invoke(app, ["export", "--teacher", str(folders["flux"]), "--adapter", str(adapter), "-o", str(out),
+                                 "--format", "ldm"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert text.count("error:") == 1 and text.endswith(
+        "error: --format ldm writes the original single-file layout of SD1.x/2.x/XL UNets only; these weights are not "
+        "a UNet2DConditionModel (use --format diffusers)."), text
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
