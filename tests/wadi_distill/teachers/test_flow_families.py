@@ -155,3 +155,35 @@ def test_export_in_the_ldm_layout_is_refused_for_a_flow_transformer(folders, tmp
         "error: --format ldm writes the original single-file layout of SD1.x/2.x/XL UNets only; these weights are not "
         "a UNet2DConditionModel (use --format diffusers)."), text
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+class MeanColour(torch.nn.Module):
+    """uint8 (B, 3, H, W) -> (B, 3): each channel's mean, a feature network for evaluate."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().mean(dim=(2, 3))
+
+
+def test_evaluate_with_fewer_prompts_than_the_metrics_need_writes_nothing(folders, tmp_path):
+    """Two prompts, k = 3: refused before generating (the images used to be written, then refused)."""
+    from tiny_pipelines import random_lorad_adapter
+    from diffusers import SanaTransformer2DModel
+
+    transformer = SanaTransformer2DModel.from_pretrained(folders["sana"] / "transformer", local_files_only=True)
+    adapter = random_lorad_adapter(transformer, tmp_path / "adapter")
+    from PIL import Image
+
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(reference / f"{i}.png")
+    features = tmp_path / "features.pt"
+    torch.jit.script(MeanColour()).save(str(features))
+    out = tmp_path / "out" / "evaluation.json"
+    result = runner.invoke(app, ["evaluate", "--teacher", str(folders["sana"]), "--adapter", str(adapter),
+                                 "--prompts", str(folders["root"] / "prompts.txt"), "--reference", str(reference),
+                                 "--features", str(features), "-o", str(out), "--device", "cpu"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert text.endswith("error: the prompt file gives 2 images; the metrics need at least 4 (k = 3)."), text
+    assert not (tmp_path / "out").exists()
