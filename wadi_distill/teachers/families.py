@@ -367,7 +367,7 @@ class Flux(TeacherFamily):
     default_guidance = 3.5
     student_guidance = 3.5
     #: T5 prompt length in tokens (FluxPipeline's default ``max_sequence_length``)
-    t5_length = 512
+    t5_max_length: ClassVar[int] = 512
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -422,7 +422,7 @@ class Flux(TeacherFamily):
 
     @classmethod
     def text_max_length(cls, pipeline_class):
-        return cls.t5_length
+        return cls.t5_max_length
 
     @classmethod
     def latent_geometry(cls, root, denoiser, vae):
