@@ -187,3 +187,17 @@ def test_evaluate_with_fewer_prompts_than_the_metrics_need_writes_nothing(folder
     assert result.exit_code == 2, result.output
     assert text.endswith("error: the prompt file gives 2 images; the metrics need at least 4 (k = 3)."), text
     assert not (tmp_path / "out").exists()
+
+
+def test_sample_of_one_image_says_image(folders, tmp_path):
+    """One prompt, -n 1: "wrote 1 one-step image" (it said "1 one-step images")."""
+    from tiny_pipelines import random_lorad_adapter
+    from diffusers import SanaTransformer2DModel
+
+    transformer = SanaTransformer2DModel.from_pretrained(folders["sana"] / "transformer", local_files_only=True)
+    adapter = random_lorad_adapter(transformer, tmp_path / "adapter")
+    out = tmp_path / "one.png"
+    result = runner.invoke(app, ["sample", "--teacher", str(folders["sana"]), "--adapter", str(adapter), "--prompt",
+                                 "a cat", "-n", "1", "-o", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote 1 one-step image to {out}" in " ".join(result.output.split()) and out.is_file()
