@@ -268,9 +268,13 @@ class TeacherFamily:
     @classmethod
     def schedule(cls, scheduler: Any) -> NoiseSchedule:
         """The noise schedule the teacher runs on, read from its scheduler; a flow family (:attr:`flow_timestep_scale`
-        set) refuses any other scheduler, and one with another ``num_train_timesteps``, in one sentence."""
+        set) refuses any other scheduler, and one with another ``num_train_timesteps``, a VP family a flow-matching
+        scheduler, in one sentence."""
         schedule = schedule_from_scheduler(scheduler)
         if cls.flow_timestep_scale is None:
+            if isinstance(schedule, FlowMatchSchedule):  # its σ ∈ [0, 1] would reach the denoiser as the timestep
+                raise WadiInputError(f"This {cls.name} teacher runs on a DDPM-style scheduler (alphas_cumprod), not "
+                                     f"on the flow-matching {type(scheduler).__name__}.")
             return schedule
         if not isinstance(schedule, FlowMatchSchedule):
             raise WadiInputError(f"This {cls.name} teacher runs on a flow-matching scheduler "

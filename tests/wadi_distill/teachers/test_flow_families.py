@@ -82,6 +82,20 @@ def test_a_denoiser_class_outside_the_family_is_refused_before_its_weights_are_r
              f"supported for {name} teachers; expected {expected[name]}.")
 
 
+def test_a_flow_scheduler_in_an_sd_folder_is_refused(folders, tmp_path):
+    """The other way round: an SD UNet with a FlowMatchEulerDiscreteScheduler (it used to train, the UNet given σ in
+    [0, 1] as its timestep)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    folder = make_pipeline(tmp_path / "sd", "sd")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(folder / "scheduler")
+    _refused(folders, folder, tmp_path / "out", "error: This sd teacher runs on a DDPM-style scheduler "
+             "(alphas_cumprod), not on the flow-matching FlowMatchEulerDiscreteScheduler.")
+
+
 @pytest.mark.parametrize("family", [StableDiffusion3, Flux, Sana])
 def test_a_flow_scheduler_with_other_train_timesteps_is_refused(family):
     """Every flow family's σ → timestep conversion assumes the 1000-step scheduler its pipeline ships (SD3 and Flux
