@@ -59,7 +59,8 @@ def ldm_unet_keys(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
     from wadi_probe.io.ldm import diffusers_to_ldm_names, ldm_to_diffusers_names
 
     if "conv_in.weight" not in shapes or not any(name.startswith("down_blocks.") for name in shapes):
-        raise WadiInputError("the LDM single-file layout exists for UNets (SD1.x/2.x/XL); these weights are not a UNet2DConditionModel.")
+        raise WadiInputError("--format ldm writes the original single-file layout of SD1.x/2.x/XL UNets only; these "
+                             "weights are not a UNet2DConditionModel (use --format diffusers).")
     candidate = diffusers_to_ldm_names(list(shapes))
     back = ldm_to_diffusers_names(list(candidate.values()))
     wrong = [name for name in shapes if back.get(candidate[name]) != name]

@@ -147,7 +147,7 @@ def test_ldm_export_refusals_exit_2_and_write_nothing(tmp_path):
     from wadi_distill.single_file import ldm_unet_keys
     from wadi_probe.errors import WadiInputError
 
-    with pytest.raises(WadiInputError, match="exists for UNets"):
+    with pytest.raises(WadiInputError, match="layout of SD1.x/2.x/XL UNets only"):
         ldm_unet_keys({k: tuple(v.shape) for k, v in tiny_pixart().state_dict().items()})
 
 

@@ -72,7 +72,7 @@ def evaluate_command(
     prompt_list = load_prompts(prompts) if prompts is not None else None
     scoring = images is not None or teacher is not None
     if scoring:  # a reference too small for the scoring is refused before the statistics file is written
-        inputs.check_generation(images, teacher, prompt_list, reference, digits)
+        inputs.check_generation(images, teacher, prompt_list, reference, digits, k)
     if save_reference_stats is not None:
         meta = inputs.save_reference_folder_stats(reference, save_reference_stats, extractor, settings, digits)
         console.print(f"wrote statistics of {meta['images']} reference images ({extractor.name}) -> {save_reference_stats}", highlight=False)

@@ -39,4 +39,5 @@ def sample_command(
     written = sample_to_files(teacher, list(prompt), output, adapter=adapter, merged=merged, n=n, seed=seed,
                               device=device.value, batch_size=batch_size, max_hours=max_hours)
     where = f"the folder {output}" if kind is None else output
-    console.print(f"wrote {written['images']} one-step images to {where}", highlight=False, soft_wrap=True)
+    count = written["images"]
+    console.print(f"wrote {count} one-step image{'' if count == 1 else 's'} to {where}", highlight=False, soft_wrap=True)

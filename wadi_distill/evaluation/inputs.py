@@ -67,9 +67,9 @@ def clip_scorer(clip: str | Path | None, digits: bool, device: str) -> ClipScore
 
 
 def check_generation(images: str | Path | None, teacher: str | None, prompts: list[str] | None, reference: str,
-                     digits: bool) -> None:
-    """Refuse, before generating or writing statistics: both or neither of a folder and a teacher, no prompts, a
-    reference smaller than the set to score.
+                     digits: bool, k: int | None = None) -> None:
+    """Refuse, before generating or writing statistics: both or neither of a folder and a teacher, no prompts, fewer
+    prompts than the metrics' k + 1 images, a reference smaller than the set to score.
 
     FID against a reference smaller than the generated set measures the reference's own sampling noise.
     """
@@ -84,6 +84,9 @@ def check_generation(images: str | Path | None, teacher: str | None, prompts: li
         return
     if prompts is None:
         raise WadiInputError("generating images needs --prompts (one prompt per line).")
+    if k is not None and len(prompts) < k + 1:
+        raise WadiInputError(f"the prompt file gives {len(prompts)} images; the metrics need at least {k + 1} "
+                             f"(k = {k}).")
     if not digits and Path(reference).is_dir():
         count = len(list_images(reference, "reference folder"))
         if count < len(prompts):

@@ -252,8 +252,9 @@ def evaluate(images: str | Path, reference: str | Path, extractor: Extractor, *,
                                "its sample size is unknown.")
     sizes = [n for n in record["counts"].values() if n is not None]
     if min(sizes) <= dim and extractor.input != "digits":
-        record["notes"].append(f"fewer images than feature dimensions ({dim}): the covariances are rank-deficient, so FID "
-                               "is biased upwards and only compares runs of the same size.")
+        record["notes"].append(f"{min(sizes)} images for {dim} feature dimensions: the covariances are rank-deficient "
+                               "(rank at most images − 1), so FID is biased upwards and only compares runs of the same "
+                               "size.")
     for folder in (images, reference):
         note = skipped_files(folder) if str(folder) != DIGITS_REFERENCE else None
         if note is not None:

@@ -16,7 +16,9 @@
 
 A new family (e.g. another transformer) is one subclass of :class:`~wadi_distill.teachers.teacher.TeacherFamily`
 here with ``@register_family``: its pipeline classes, denoiser component, ``__call__`` and ``encode`` (and, if it
-runs on another noise schedule, that schedule's class in :mod:`wadi_distill.schedules`).
+runs on another noise schedule, that schedule's class in :mod:`wadi_distill.schedules`). A flow-matching family
+sets ``flow_timestep_scale`` (its scheduler is then checked, and ``flow_timesteps`` converts σ for its denoiser);
+one whose text encoders include T5 or Gemma sets ``text_encoders_overflow_fp16``.
 """
 
 from __future__ import annotations
@@ -27,9 +29,8 @@ from typing import ClassVar
 
 import torch
 
-from wadi_distill.schedules import FlowMatchSchedule, schedule_from_scheduler
 from wadi_distill.teachers.conditioning import Conditioning
-from wadi_distill.teachers.teacher import Teacher, TeacherFamily, TextEncoders, register_family
+from wadi_distill.teachers.teacher import Teacher, TeacherFamily, TextEncoders, batch_timesteps, register_family
 from wadi_probe.errors import WadiInputError
 from wadi_probe.io.jsonfile import read_json
 
@@ -82,8 +83,7 @@ class StableDiffusionXL(TeacherFamily):
         return ids.unsqueeze(0).expand(batch, -1)
 
     def __call__(self, model, x_t, t, cond):
-        if cond.pooled is None:
-            raise WadiInputError("An SDXL-like teacher needs pooled text embeddings; the embedding cache has none.")
+        self.check_conditioning(cond)
         added = {"text_embeds": cond.pooled, "time_ids": self.time_ids(x_t.shape[0], x_t.device, cond.pooled.dtype)}
         return model(x_t, t, encoder_hidden_states=cond.encoder_hidden_states, added_cond_kwargs=added,
                      return_dict=False)[0]
@@ -113,6 +113,7 @@ class PixArt(TeacherFamily):
     pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
     denoiser_component = "transformer"
     denoiser_classes = ("PixArtTransformer2DModel",)
+    text_encoders_overflow_fp16 = True  # T5
 
     def __call__(self, model, x_t, t, cond):
         batch = x_t.shape[0]
@@ -122,8 +123,7 @@ class PixArt(TeacherFamily):
             "resolution": torch.tensor([[size, size]], device=x_t.device, dtype=dtype).expand(batch, -1),
             "aspect_ratio": torch.tensor([[1.0]], device=x_t.device, dtype=dtype).expand(batch, -1),
         }
-        timestep = t.expand(batch) if t.ndim == 0 else t
-        out = model(x_t, encoder_hidden_states=cond.encoder_hidden_states, timestep=timestep,
+        out = model(x_t, encoder_hidden_states=cond.encoder_hidden_states, timestep=batch_timesteps(t, batch),
                     added_cond_kwargs=added, encoder_attention_mask=cond.attention_mask, return_dict=False)[0]
         return out[:, : self.in_channels]  # learned-variance channels dropped
 
@@ -136,10 +136,6 @@ class PixArt(TeacherFamily):
     @classmethod
     def text_max_length(cls, pipeline_class):
         return 300 if pipeline_class == "PixArtSigmaPipeline" else 120
-
-    @classmethod
-    def text_encoder_dtype(cls, dtype):
-        return torch.bfloat16 if dtype == torch.float16 else dtype  # T5's activations overflow fp16
 
 
 @register_family
@@ -158,15 +154,16 @@ class StableDiffusion3(TeacherFamily):
     denoiser_component = "transformer"
     denoiser_classes = ("SD3Transformer2DModel",)
     text_components = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    text_encoders_overflow_fp16 = True  # T5
+    flow_timestep_scale = 1000.0  # the pipeline feeds the scheduler's timesteps, σ·1000
     #: the T5 token count of ``StableDiffusion3Pipeline``'s ``max_sequence_length`` default
     t5_max_length: ClassVar[int] = 256
     #: T5's width (the transformer's ``joint_attention_dim``): the zeros in its place when ``text_encoder_3`` is null
     joint_attention_dim: int | None = None
 
     def __call__(self, model, x_t, t, cond):
-        if cond.pooled is None:
-            raise WadiInputError("An SD3 teacher needs pooled text embeddings; the embedding cache has none.")
-        timestep = (t.expand(x_t.shape[0]) if t.ndim == 0 else t) * 1000.0
+        self.check_conditioning(cond)
+        timestep = self.flow_timesteps(t, x_t.shape[0])
         return model(hidden_states=x_t, timestep=timestep, encoder_hidden_states=cond.encoder_hidden_states,
                      pooled_projections=cond.pooled, return_dict=False)[0]
 
@@ -188,16 +185,9 @@ class StableDiffusion3(TeacherFamily):
         return Conditioning(torch.cat([clip.to(t5.dtype), t5], dim=-2), pooled=torch.cat(pooled, dim=-1))
 
     @classmethod
-    def text_encoder_dtype(cls, dtype):
-        return PixArt.text_encoder_dtype(dtype)  # the same T5
-
-    @classmethod
     def schedule(cls, scheduler):
         """The scheduler's shifted flow schedule with u drawn logit-normal(0, 1), as SD3 was trained."""
-        schedule = super().schedule(scheduler)
-        if not isinstance(schedule, FlowMatchSchedule):
-            raise WadiInputError(f"An SD3 teacher needs a flow-matching scheduler, not {type(scheduler).__name__}.")
-        return schedule.with_logit_normal()
+        return super().schedule(scheduler).with_logit_normal()
 
     @classmethod
     def load(cls, spec, index=None, *, load_text_encoders=True, load_vae=True, text_encoder_dtype=None) -> Teacher:
@@ -281,8 +271,9 @@ class Sana(TeacherFamily):
     pipeline_classes = ("SanaPipeline",)
     denoiser_component = "transformer"
     denoiser_classes = ("SanaTransformer2DModel",)
+    text_encoders_overflow_fp16 = True  # Gemma2
     #: the timestep the transformer takes at σ = 1 (before its own ``timestep_scale``)
-    train_timesteps = 1000
+    flow_timestep_scale = 1000.0
 
     @classmethod
     def check_denoiser(cls, model):
@@ -292,26 +283,11 @@ class Sana(TeacherFamily):
                                  "in a sana teacher.")
 
     def __call__(self, model, x_t, t, cond):
-        batch = x_t.shape[0]
-        sigma = t.expand(batch) if t.ndim == 0 else t
         scale = float(getattr(model.config, "timestep_scale", 1.0) or 1.0)
-        timestep = sigma.float() * (self.train_timesteps * scale)
+        timestep = self.flow_timesteps(t, x_t.shape[0], scale)
         out = model(x_t, encoder_hidden_states=cond.encoder_hidden_states, timestep=timestep,
                     encoder_attention_mask=cond.attention_mask, return_dict=False)[0]
         return out[:, : self.in_channels]  # learned-variance channels, if any, dropped
-
-    @classmethod
-    def schedule(cls, scheduler):
-        """The flow-matching schedule of a ``FlowMatchEulerDiscreteScheduler`` or of SANA's released
-        ``DPMSolverMultistepScheduler`` with ``use_flow_sigmas`` (its ``flow_shift``); any other scheduler refused."""
-        schedule = schedule_from_scheduler(scheduler)
-        if not isinstance(schedule, FlowMatchSchedule):
-            raise WadiInputError(f"A sana teacher runs on a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, "
-                                 f"or a multistep one with use_flow_sigmas), not {type(scheduler).__name__}.")
-        if schedule.num_train_timesteps != cls.train_timesteps:
-            raise WadiInputError(f"A sana teacher's scheduler has num_train_timesteps={cls.train_timesteps}, not "
-                                 f"{schedule.num_train_timesteps}.")
-        return schedule
 
     @staticmethod
     def complex_human_instruction() -> list[str]:
@@ -355,10 +331,6 @@ class Sana(TeacherFamily):
         return 300  # SanaPipeline's max_sequence_length
 
     @classmethod
-    def text_encoder_dtype(cls, dtype):
-        return torch.bfloat16 if dtype == torch.float16 else dtype  # Gemma2's activations overflow fp16
-
-    @classmethod
     def vae_scale_factor(cls, vae):
         """``AutoencoderDC`` halves the side once per encoder stage after the first (32 for SANA's DC-AE f32)."""
         return 2 ** (len(vae.config.encoder_block_out_channels) - 1)
@@ -388,12 +360,14 @@ class Flux(TeacherFamily):
     denoiser_component = "transformer"
     denoiser_classes = ("FluxTransformer2DModel",)
     text_components = ("text_encoder", "text_encoder_2")
+    text_encoders_overflow_fp16 = True  # T5
+    flow_timestep_scale = 1.0  # the pipeline passes t/1000 = σ
     default_cfg = 1.0
     #: the real score's embedded guidance when none is given, and the student's always (FluxPipeline's default)
     default_guidance = 3.5
     student_guidance = 3.5
     #: T5 prompt length in tokens (FluxPipeline's default ``max_sequence_length``)
-    t5_length = 512
+    t5_max_length: ClassVar[int] = 512
 
     @staticmethod
     def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -417,14 +391,13 @@ class Flux(TeacherFamily):
         return ids.to(device=device, dtype=dtype)
 
     def __call__(self, model, x_t, t, cond):
-        if cond.pooled is None:
-            raise WadiInputError("A Flux teacher needs pooled CLIP embeddings; the embedding cache has none.")
+        self.check_conditioning(cond)
         batch, _, height, width = x_t.shape
         tokens = self.pack(x_t)
         img_ids = self.image_ids(height, width, x_t.device, x_t.dtype)
         states = cond.encoder_hidden_states
         txt_ids = torch.zeros(states.shape[1], 3, device=x_t.device, dtype=x_t.dtype)
-        timestep = (t.expand(batch) if t.ndim == 0 else t).to(x_t.dtype)
+        timestep = self.flow_timesteps(t, batch).to(x_t.dtype)
         guidance = None
         if self.guidance is not None:
             guidance = torch.full((batch,), self.guidance, device=x_t.device, dtype=torch.float32)
@@ -449,11 +422,7 @@ class Flux(TeacherFamily):
 
     @classmethod
     def text_max_length(cls, pipeline_class):
-        return cls.t5_length
-
-    @classmethod
-    def text_encoder_dtype(cls, dtype):
-        return PixArt.text_encoder_dtype(dtype)  # the same T5 as PixArt's
+        return cls.t5_max_length
 
     @classmethod
     def latent_geometry(cls, root, denoiser, vae):

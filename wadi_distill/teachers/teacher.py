@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from wadi_distill.schedules import NoiseSchedule, schedule_from_scheduler
+from wadi_distill.schedules import FlowMatchSchedule, NoiseSchedule, schedule_from_scheduler
 from wadi_distill.teachers.components import load_component, vae_decoder
 from wadi_distill.teachers.conditioning import Conditioning
 from wadi_probe.errors import WadiInputError
@@ -29,7 +29,12 @@ if TYPE_CHECKING:
     from wadi_distill.builtin.digits.model import DigitsModel
 
 __all__ = ["Teacher", "TeacherFamily", "TextEncoders", "TEACHER_FAMILIES", "register_family", "family_for_pipeline",
-           "canonical_config"]
+           "canonical_config", "batch_timesteps"]
+
+
+def batch_timesteps(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """One timestep per sample: a scalar ``t`` expanded to (batch,), a (B,) tensor as it is."""
+    return t.expand(batch) if t.ndim == 0 else t
 
 
 # --------------------------------------------------------------------------------------------- text encoders
@@ -179,6 +184,13 @@ class TeacherFamily:
     weights_on_disk: ClassVar[bool] = True
     #: the VSD guidance scale a run uses when given none (None: the distiller's default)
     default_cfg: ClassVar[float | None] = None
+    #: whether the text encoders' activations overflow fp16 (T5, Gemma2): an fp16 request loads them in bf16
+    text_encoders_overflow_fp16: ClassVar[bool] = False
+    #: flow-matching families: the denoiser's timestep at σ = 1 as the family's pipeline feeds it (SD3, SANA: 1000;
+    #: Flux: 1); None for a family on a VP schedule
+    flow_timestep_scale: ClassVar[float | None] = None
+    #: the ``num_train_timesteps`` a flow family's scheduler must have (its pipeline's timesteps assume it)
+    flow_train_timesteps: ClassVar[int] = 1000
 
     def __init__(self, image_size: int, in_channels: int) -> None:
         self.image_size = int(image_size)
@@ -211,13 +223,28 @@ class TeacherFamily:
         convention)."""
         raise NotImplementedError
 
+    def flow_timesteps(self, t: torch.Tensor, batch: int, scale: float = 1.0) -> torch.Tensor:
+        """The denoiser's timesteps (B,) for the flow schedule's σ ``t``: σ·:attr:`flow_timestep_scale`·``scale``
+        in float32 (``scale``: a denoiser's own factor on top, e.g. SANA's ``timestep_scale``)."""
+        return batch_timesteps(t, batch).float() * (float(self.flow_timestep_scale) * scale)
+
     @classmethod
-    def check_denoiser(cls, model: nn.Module) -> None:
-        """Refuse a denoiser this family cannot call, in one sentence."""
-        name = type(model).__name__
+    def check_denoiser_class(cls, name: str) -> None:
+        """Refuse a denoiser class this family cannot call, in one sentence (asked before its weights are read)."""
         if name not in cls.denoiser_classes:
             raise WadiInputError(f"The denoiser class {name} is not supported for {cls.name} teachers; expected "
                                  f"{' or '.join(cls.denoiser_classes)}.")
+
+    @classmethod
+    def check_denoiser(cls, model: nn.Module) -> None:
+        """Refuse a denoiser this family cannot call, in one sentence."""
+        cls.check_denoiser_class(type(model).__name__)
+
+    @classmethod
+    def check_conditioning(cls, cond: Conditioning) -> None:
+        """Refuse a conditioning without the pooled embeddings a family with pooled inputs needs, in one sentence."""
+        if cond.pooled is None:
+            raise WadiInputError(f"This {cls.name} teacher needs pooled text embeddings; the embedding cache has none.")
 
     # ---------------------------------------------------------------- condition
     def encode(self, text: TextEncoders, prompts: list[str], device: torch.device) -> Conditioning:
@@ -231,14 +258,32 @@ class TeacherFamily:
 
     @classmethod
     def text_encoder_dtype(cls, dtype: torch.dtype | None) -> torch.dtype | None:
-        """The dtype to load the text encoders in, given the one asked for."""
+        """The dtype to load the text encoders in, given the one asked for (bf16 for fp16 when
+        :attr:`text_encoders_overflow_fp16`)."""
+        if cls.text_encoders_overflow_fp16 and dtype == torch.float16:
+            return torch.bfloat16
         return dtype
 
     # ---------------------------------------------------------------- schedule
     @classmethod
     def schedule(cls, scheduler: Any) -> NoiseSchedule:
-        """The noise schedule the teacher runs on, read from its scheduler."""
-        return schedule_from_scheduler(scheduler)
+        """The noise schedule the teacher runs on, read from its scheduler; a flow family (:attr:`flow_timestep_scale`
+        set) refuses any other scheduler, and one with another ``num_train_timesteps``, a VP family a flow-matching
+        scheduler, in one sentence."""
+        schedule = schedule_from_scheduler(scheduler)
+        if cls.flow_timestep_scale is None:
+            if isinstance(schedule, FlowMatchSchedule):  # its σ ∈ [0, 1] would reach the denoiser as the timestep
+                raise WadiInputError(f"This {cls.name} teacher runs on a DDPM-style scheduler (alphas_cumprod), not "
+                                     f"on the flow-matching {type(scheduler).__name__}.")
+            return schedule
+        if not isinstance(schedule, FlowMatchSchedule):
+            raise WadiInputError(f"This {cls.name} teacher runs on a flow-matching scheduler "
+                                 "(FlowMatchEulerDiscreteScheduler, or a multistep one with use_flow_sigmas), not "
+                                 f"{type(scheduler).__name__}.")
+        if schedule.num_train_timesteps != cls.flow_train_timesteps:
+            raise WadiInputError(f"This {cls.name} teacher needs a scheduler with num_train_timesteps="
+                                 f"{cls.flow_train_timesteps}, not {schedule.num_train_timesteps}.")
+        return schedule
 
     # ---------------------------------------------------------------- load
     @classmethod
@@ -266,6 +311,9 @@ class TeacherFamily:
         root = Path(spec)
         index = index or {}
         pipeline_class = index.get("_class_name", "")
+        entry = index.get(cls.denoiser_component)
+        if entry and entry[0] is not None and entry[1] is not None:
+            cls.check_denoiser_class(str(entry[1]))  # before reading weights of a class the family cannot call
         denoiser = load_component(root, index, cls.denoiser_component)
         cls.check_denoiser(denoiser)
         denoiser.requires_grad_(False)

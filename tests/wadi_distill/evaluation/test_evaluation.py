@@ -192,6 +192,18 @@ def test_inception_from_a_local_file_matches_torch_fidelity_directly(data, tmp_p
     assert "rank-deficient" in " ".join(result.output.split())  # 4 images, 2048 dimensions: said so
 
 
+def test_as_many_images_as_feature_dimensions_is_called_rank_deficient_with_the_counts(data, tmp_path):
+    """6 images, 6 feature dimensions: the covariances have rank at most 5, and the note states the counts (it used
+    to say "fewer images than feature dimensions (6)" of 6 images)."""
+    real, fake = _folder(tmp_path / "r", 6, 0), _folder(tmp_path / "f", 6, 1, shift=0.3)
+    result = run("evaluate", "--images", fake, "--reference", real, "--features", data["features"],
+                 "-o", tmp_path / "e.json", "--kid-subsets", 2, "--k", 2)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "6 images for 6 feature dimensions: the covariances are rank-deficient (rank at most images − 1)" in text
+    assert "fewer images" not in text
+
+
 def test_clip_score_from_a_local_folder_matches_transformers(data, tmp_path):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 

@@ -126,7 +126,7 @@ def test_released_dpm_solver_scheduler_and_refusals(sana, tmp_path):
     shutil.rmtree(folder / "scheduler")
     DDPMScheduler().save_pretrained(folder / "scheduler")
     (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "DDPMScheduler"]}))
-    with pytest.raises(WadiInputError, match="A sana teacher runs on a flow-matching scheduler .* not DDPMScheduler"):
+    with pytest.raises(WadiInputError, match="This sana teacher runs on a flow-matching scheduler .* not DDPMScheduler"):
         load_teacher(folder, load_text_encoders=False, load_vae=False)
     from diffusers import FlowMatchEulerDiscreteScheduler
 
