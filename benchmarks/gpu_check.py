@@ -1,4 +1,4 @@
-"""One prepared check of every CUDA path, at SD1.5 size, in under eight minutes; writes one JSON and one Markdown.
+"""One prepared check of every CUDA path, at SD1.5 size, in about ten minutes; writes one JSON and one Markdown.
 
 Nothing is downloaded: every model has random weights built from a config written here (the SD1.5 UNet config
 of ``probe_sd15.py``, an SD VAE, a CLIP text encoder with a real ``CLIPTokenizer`` whose vocab/merges are
@@ -18,7 +18,12 @@ in the JSON and the next section still runs):
   gradient checkpointing, 15 without: s/step, peak memory; the last steps resumed twice from a checkpoint in
   other folders (bit-identical to the straight run; the two resumes against each other measure the device's own
   nondeterminism), the merged export loaded back and compared with base + adapter;
-* ``pixart``: ``wadi-distill run`` on a PixArt-α-sized pipeline folder in bf16, a few steps: s/step, peak memory.
+* ``pixart``: ``wadi-distill run`` on a PixArt-α-sized pipeline folder in bf16, a few steps: s/step, peak memory;
+* ``flow_families``: one VSD step of SANA 1.6B, SD3.5 Large and FLUX.1-dev at 1024 px (random weights built on the
+  GPU from ``benchmarks/configs``, bf16, gradient checkpointing, student rank 256, fake rank 32, batch 1) with
+  ``flow_memory.py --device cuda``: step time, peak memory allocated and reserved, against the fake-tensor estimate
+  of ``flow_memory.py`` computed on the CPU at the same time. On a CPU (``--size tiny``) the families' tiny
+  configs: the metered real step against the estimate (equal to the byte).
 
 Usage (on a GPU machine without network; ``--wheels`` installs the wheels in that folder first, ``--install``
 installs the project from this working tree, both into a folder under the scratch folder, nothing system-wide)::
@@ -55,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # the sibling benchmark scripts (probe_sd15, vsd_step) are imported as modules
 
-SECTIONS = ("environment", "cuda_tests", "probe", "vsd_step", "real_run", "pixart")
+SECTIONS = ("environment", "cuda_tests", "probe", "vsd_step", "real_run", "pixart", "flow_families")
 FP32_EPS = 2.0**-23  # the rounding unit of the fp32 numbers the CPU and the GPU compute
 
 # What each section runs, per size. "sd15" is SD1.5's size (PixArt-α 512 px for pixart); "tiny" the same
@@ -68,8 +73,10 @@ PLANS: dict[str, dict[str, Any]] = {
         "real_run": {"model": "tiny", "batch_size": 2, "steps": 4, "resume_from": 2, "steps_no_checkpointing": 3,
                      "rank": 8, "fake_rank": 4},
         "pixart": {"model": "tiny", "batch_size": 2, "steps": 3, "rank": 8, "fake_rank": 4},
+        "flow_families": {"families": ["sd3", "flux", "sana"], "tiny": True, "batch_size": 1, "rank": 4,
+                          "fake_rank": 2, "steps": 2},
         "budgets": {"environment": 30, "cuda_tests": 90, "probe": 90, "vsd_step": 120, "real_run": 240,
-                    "pixart": 90},
+                    "pixart": 90, "flow_families": 90},
         "time_limit": 900,
     },
     "sd15": {
@@ -78,9 +85,12 @@ PLANS: dict[str, dict[str, Any]] = {
         "real_run": {"model": "sd15", "batch_size": 8, "steps": 50, "resume_from": 47, "steps_no_checkpointing": 15,
                      "rank": 256, "fake_rank": 32},
         "pixart": {"model": "alpha-512", "batch_size": 4, "steps": 6, "rank": 256, "fake_rank": 32},
+        # the published configs of benchmarks/configs (SD3.5 Large, FLUX.1-dev, SANA 1.6B 1024 px), 1024 px
+        "flow_families": {"families": ["sana", "sd3", "flux"], "tiny": False, "batch_size": 1, "rank": 256,
+                          "fake_rank": 32, "steps": 2},
         "budgets": {"environment": 20, "cuda_tests": 45, "probe": 90, "vsd_step": 100, "real_run": 190,
-                    "pixart": 60},
-        "time_limit": 470,
+                    "pixart": 60, "flow_families": 150},
+        "time_limit": 620,
     },
 }
 PROMPT_WORDS = ["a", "photo", "of", "the", "red", "blue", "green", "cat", "dog", "house", "tree", "car", "on",
@@ -752,9 +762,97 @@ def section_pixart(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def section_flow_families(ctx: Context) -> dict[str, Any]:
+    """The VSD step of each flow-matching family at its real size on the device, against the CPU estimate."""
+    import flow_memory
+
+    plan = ctx.plan["flow_families"]
+    folder = ctx.folder("flow_families")
+    script = str(HERE / "flow_memory.py")
+    common = ["--batch-size", str(plan["batch_size"]), "--rank", str(plan["rank"]), "--fake-rank",
+              str(plan["fake_rank"]), "--precision", "bf16"]
+    args: dict[str, list[str]] = {}
+    tiny: dict[str, dict[str, Any]] = {}
+    for family in plan["families"]:
+        if plan["tiny"]:
+            config, size = flow_memory.write_tiny_config(family, folder)
+            tiny[family] = {"config": config, "image_size": size}
+            args[family] = ["--family", family, "--config", str(config), "--image-size", str(size), *common]
+        else:
+            args[family] = ["--family", family, *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # at real size the estimates run on the CPU while the device measures (each in its own process, one thread
+    # each); the tiny ones take seconds, in this process after the measurements
+    estimates = {family: subprocess.Popen([sys.executable, script, *a, "--json", str(folder / f"{family}-estimate.json")],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                 for family, a in args.items() if not plan["tiny"]}
+    result: dict[str, Any] = {"batch_size": plan["batch_size"], "rank": plan["rank"], "fake_rank": plan["fake_rank"],
+                              "precision": "bf16", "checkpointing": True, "families": {}}
+    problems = []
+    try:
+        for family, a in args.items():
+            entry: dict[str, Any] = {}
+            try:
+                if ctx.device == "cuda":  # each family in its own process: its own peak, its memory handed back
+                    out = folder / f"{family}-measured.json"
+                    _run([sys.executable, script, *a, "--device", "cuda", "--steps", str(plan["steps"]), "--json",
+                          str(out)], ctx, what=f"the {family} step")
+                    measured = json.loads(out.read_text())
+                else:  # the tiny configs: the same step on real CPU tensors, metered, in this process
+                    measured = flow_memory.estimate(family, tiny[family]["config"], batch=plan["batch_size"],
+                                                    rank=plan["rank"], fake_rank=plan["fake_rank"], precision="bf16",
+                                                    image_size=tiny[family]["image_size"], fake=False)
+                entry = {"config": measured["config"], "class": measured["class"],
+                         "base_params": measured["base_params"], "student_params": measured["student_params"]}
+                if ctx.device == "cuda":
+                    entry.update(build_s=measured["build_s"], gpu=measured["gpu"],
+                                 step_s={k: round(v, 4) for k, v in _spread(measured["step_s"]).items()},
+                                 peak_allocated_mb=round(measured["peak_allocated_bytes"] / 2**20, 1),
+                                 peak_reserved_mb=round(measured["peak_reserved_bytes"] / 2**20, 1))
+                else:
+                    entry["peak_metered_mb"] = round(measured["peak_bytes"] / 2**20, 3)
+            except SectionProblem as exc:
+                entry = {"error": str(exc)[-800:]}
+                problems.append(f"{family}: {exc}"[:300])
+            result["families"][family] = entry
+            ctx.save(result)
+        for family in args:
+            entry = result["families"][family]
+            if plan["tiny"]:
+                estimate = flow_memory.estimate(family, tiny[family]["config"], batch=plan["batch_size"],
+                                                rank=plan["rank"], fake_rank=plan["fake_rank"], precision="bf16",
+                                                image_size=tiny[family]["image_size"])
+            else:
+                proc = estimates[family]
+                try:
+                    proc.wait(timeout=ctx.left())
+                except subprocess.TimeoutExpired:
+                    entry["estimate_error"] = "the estimate did not finish within the section's time budget"
+                    continue
+                if proc.returncode != 0:
+                    entry["estimate_error"] = proc.stderr.read()[-800:]
+                    continue
+                estimate = json.loads((folder / f"{family}-estimate.json").read_text())
+            entry["estimate_peak_mb"] = round(estimate["peak_bytes"] / 2**20, 1 if ctx.device == "cuda" else 3)
+            entry["estimate_step_s_at_40pct"] = round(flow_memory.step_seconds(estimate["flops"]), 3)
+            measured_mb = entry.get("peak_allocated_mb", entry.get("peak_metered_mb"))
+            if measured_mb:
+                entry["measured_over_estimate"] = round(measured_mb / entry["estimate_peak_mb"], 3)
+            ctx.save(result)
+    finally:
+        for proc in estimates.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    result["problems"] = problems
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
 SECTION_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
     "environment": section_environment, "cuda_tests": section_cuda_tests, "probe": section_probe,
     "vsd_step": section_vsd_step, "real_run": section_real_run, "pixart": section_pixart,
+    "flow_families": section_flow_families,
 }
 
 
@@ -953,6 +1051,23 @@ def render_markdown(report: dict[str, Any]) -> str:
                 if "targets" in sec:
                     lines.append("Batch 8, fp16, checkpointing on, within a 24 GB card (reserved < 23 GiB): "
                                  + ("met" if sec["targets"]["batch8_fp16_checkpointing_fits_24_gb"] else "not met") + ".")
+        elif name == "flow_families":
+            cuda = report["device"] == "cuda"
+            lines += [f"One VSD step, batch {sec['batch_size']}, student rank {sec['rank']}, fake rank "
+                      f"{sec['fake_rank']}, bf16, gradient checkpointing; the estimate is `flow_memory.py`'s "
+                      "fake-tensor count.", "",
+                      "| family | denoiser | step | peak allocated MB | peak reserved MB | estimated peak MB | "
+                      "measured / estimate | estimated step (40 % of 989 TFLOP/s) |", "|---|---|---|---|---|---|---|---|"]
+            for family, e in sec["families"].items():
+                if "error" in e:
+                    lines.append(f"| {family} | failed: {e['error'][-200:]} | | | | | | |")
+                    continue
+                peak = e.get("peak_allocated_mb", e.get("peak_metered_mb"))
+                lines.append(f"| {family} | {e['class']} ({e['config']}) | {_steps(e.get('step_s'))} | {_fmt(peak, 6)} | "
+                             f"{_fmt(e.get('peak_reserved_mb'), 6)} | {_fmt(e.get('estimate_peak_mb'), 6)} | "
+                             f"{_fmt(e.get('measured_over_estimate'))} | {_fmt(e.get('estimate_step_s_at_40pct'))} s |")
+            if not cuda:
+                lines += ["", "On a CPU the peak is the metered real step's (tensor bytes), which must equal the estimate."]
         elif name == "environment":
             lines.append(", ".join(f"{k} {v}" for k, v in (sec.get("packages") or {}).items()))
             lines.append(f"wadi imported from {sec.get('wadi_imported_from')}; wadi-distill: {sec.get('wadi_distill_command')}")

@@ -44,7 +44,7 @@ def tiny_check(tmp_path_factory):
 def test_every_section_runs_and_reports_real_numbers(tiny_check):
     report, markdown, out = tiny_check
     sections = report["sections"]
-    assert list(sections) == ["environment", "cuda_tests", "probe", "vsd_step", "real_run", "pixart"]
+    assert list(sections) == ["environment", "cuda_tests", "probe", "vsd_step", "real_run", "pixart", "flow_families"]
     assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(sections, "ok")
     assert 0 < report["total_s"] < report["time_limit_s"]
     assert all(0 < s["seconds"] <= s["budget_s"] + 10 for s in sections.values())
@@ -101,6 +101,13 @@ def test_every_section_runs_and_reports_real_numbers(tiny_check):
     pixart = sections["pixart"]["run"]
     assert pixart["steps_logged"] == report["plan"]["pixart"]["steps"]
     assert pixart["s_per_step"]["median"] > 0 and pixart["peak_rss_mb"] > 100
+
+    flow = sections["flow_families"]
+    assert list(flow["families"]) == report["plan"]["flow_families"]["families"] and flow["problems"] == []
+    for family, entry in flow["families"].items():
+        # on the CPU the metered real step and the fake-tensor estimate count the same tensors
+        assert entry["peak_metered_mb"] > 0 and entry["estimate_peak_mb"] == entry["peak_metered_mb"], family
+        assert entry["measured_over_estimate"] == 1.0 and entry["estimate_step_s_at_40pct"] >= 0
 
     # the Markdown says what the JSON holds
     assert "| real_run | ok |" in markdown and "## pixart: ok" in markdown
@@ -180,7 +187,12 @@ def test_markdown_of_a_gpu_run_states_the_gpu_numbers_and_targets(tiny_check):
         run[key].update(peak_gpu_allocated_mb=allocated, peak_gpu_reserved_mb=reserved)
     run.update(checkpointing_memory_ratio=0.3, targets={"batch8_fp16_checkpointing_fits_24_gb": True})
     sections["pixart"]["run"].update(peak_gpu_allocated_mb=20000.0, peak_gpu_reserved_mb=22000.0)
+    flux = sections["flow_families"]["families"]["flux"]
+    flux.update(peak_allocated_mb=41234.5, peak_reserved_mb=43210.0, step_s={"median": 2.5, "min": 2.4, "max": 2.6, "n": 2},
+                measured_over_estimate=1.04)
+    flux.pop("peak_metered_mb")
     markdown = gpu_check.render_markdown(report)
+    assert "| 41234.5 | 43210 |" in markdown and "2.5 s (min 2.4, max 2.6, n=2)" in markdown and "| 1.04 |" in markdown
     assert "- machine: Some GPU," in markdown
     assert "| 1234.5 |" in markdown  # probe peak GPU MB
     assert "| fp16 |" in markdown and "| bf16 |" in markdown and "| 0.64× |" in markdown
