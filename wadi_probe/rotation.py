@@ -62,7 +62,7 @@ def _check_angles(weight: torch.Tensor, theta: torch.Tensor) -> None:
                          f"got {tuple(theta.shape)}")
 
 
-def _rotated_into(weight: torch.Tensor, theta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _rotated_into(weight: torch.Tensor, theta: torch.Tensor, dtype: torch.dtype, *, scratch: bool = False) -> torch.Tensor:
     """R_Θ(W) in ``dtype`` (no graph), each half written straight into one (out, fan_in) result.
 
     The same operations as :func:`rotate_pairs`' formula, element for element (cos·w_2j − sin·w_2j+1 and
@@ -70,13 +70,15 @@ def _rotated_into(weight: torch.Tensor, theta: torch.Tensor, dtype: torch.dtype)
     is the stack, the interleaving copy, the concatenation of an odd fan-in's last column, the four products'
     own tensors (the last two are taken in place in cos and sin): one weight-sized result besides cos and sin
     (and a narrower weight's even and odd columns in ``dtype``), where most of the time went to allocating and
-    first touching fresh tensors. ``theta`` has the shape :func:`rotate_pairs` asks for.
+    first touching fresh tensors. ``theta`` has the shape :func:`rotate_pairs` asks for; ``scratch=True`` says the
+    caller no longer needs it, and sin is then taken in its place.
     """
     _check_angles(weight, theta)
     out, fan_in = weight.shape
     pairs = num_pairs(fan_in)
     t = theta.to(dtype)
-    cos, sin = torch.cos(t), torch.sin(t)
+    cos = torch.cos(t)
+    sin = t.sin_() if scratch or t is not theta else torch.sin(t)  # in place where the angles are not the caller's
     # a narrower weight's columns widened once each (exactly): mixed-dtype products would widen them per product
     even = weight[:, 0 : 2 * pairs : 2].to(dtype)
     odd = weight[:, 1 : 2 * pairs : 2].to(dtype)
@@ -135,9 +137,10 @@ def set_fused_rotation_backward(enabled: bool) -> bool:
 
 def _rotate_for_grad(weight: torch.Tensor, theta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """:func:`rotate_pairs` in ``dtype`` (at least ``theta``'s), through the hand-written backward when only Θ needs
-    a gradient; without a graph to record, a narrower weight is not copied in ``dtype`` first."""
+    a gradient; without a graph to record, a narrower weight is not copied in ``dtype`` first and ``theta`` (the
+    caller's own Θ = A·B, used for nothing else) is overwritten."""
     if not (torch.is_grad_enabled() and (weight.requires_grad or theta.requires_grad)):
-        return _rotated_into(weight, theta, dtype)
+        return _rotated_into(weight, theta, dtype, scratch=True)
     if _FUSED_BACKWARD and theta.requires_grad and not weight.requires_grad:
         return _RotateFrozenWeight.apply(weight, theta)
     return rotate_pairs(weight.to(dtype), theta)
