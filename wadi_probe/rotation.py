@@ -34,13 +34,15 @@ def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
 
     ``weight`` is (out, fan_in); ``theta`` is (out, fan_in // 2). The arithmetic runs in the wider of the two
     dtypes (so fp16/bf16 weights are rotated by fp32 angles) and the result has the weight's dtype. The
-    function is differentiable in both arguments.
+    function is differentiable in both arguments; without a graph to record it writes into one preallocated
+    tensor (:func:`_rotated_into`), with the same per-element arithmetic and so the same bits.
     """
     out, fan_in = weight.shape
     pairs = num_pairs(fan_in)
-    if theta.shape != (out, pairs):
-        raise ValueError(f"theta must have shape {(out, pairs)} for a weight of shape {(out, fan_in)}, got {tuple(theta.shape)}")
+    _check_angles(weight, theta)
     compute_dtype = torch.promote_types(weight.dtype, theta.dtype)
+    if not (torch.is_grad_enabled() and (weight.requires_grad or theta.requires_grad)):
+        return _rotated_into(weight, theta, compute_dtype).to(weight.dtype)
     w = weight.to(compute_dtype)
     t = theta.to(compute_dtype)
     even = w[:, 0 : 2 * pairs : 2]
@@ -52,28 +54,70 @@ def rotate_pairs(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return rotated.to(weight.dtype)
 
 
+def _check_angles(weight: torch.Tensor, theta: torch.Tensor) -> None:
+    """Refuse angles whose shape is not (out, fan_in // 2) for an (out, fan_in) weight."""
+    out, fan_in = weight.shape
+    if theta.shape != (out, num_pairs(fan_in)):
+        raise ValueError(f"theta must have shape {(out, num_pairs(fan_in))} for a weight of shape {(out, fan_in)}, "
+                         f"got {tuple(theta.shape)}")
+
+
+def _rotated_into(weight: torch.Tensor, theta: torch.Tensor, dtype: torch.dtype, *, scratch: bool = False) -> torch.Tensor:
+    """R_Θ(W) in ``dtype`` (no graph), each half written straight into one (out, fan_in) result.
+
+    The same operations as :func:`rotate_pairs`' formula, element for element (cos·w_2j − sin·w_2j+1 and
+    sin·w_2j + cos·w_2j+1, each product rounded, then the difference or sum), so the bits are the same; what goes
+    is the stack, the interleaving copy, the concatenation of an odd fan-in's last column, the four products'
+    own tensors (the last two are taken in place in cos and sin): one weight-sized result besides cos and sin
+    (and a narrower weight's even and odd columns in ``dtype``), where most of the time went to allocating and
+    first touching fresh tensors. ``theta`` has the shape :func:`rotate_pairs` asks for; ``scratch=True`` says the
+    caller no longer needs it, and sin is then taken in its place.
+    """
+    _check_angles(weight, theta)
+    out, fan_in = weight.shape
+    pairs = num_pairs(fan_in)
+    t = theta.to(dtype)
+    cos = torch.cos(t)
+    sin = t.sin_() if scratch or t is not theta else torch.sin(t)  # in place where the angles are not the caller's
+    # a narrower weight's columns widened once each (exactly): mixed-dtype products would widen them per product
+    even = weight[:, 0 : 2 * pairs : 2].to(dtype)
+    odd = weight[:, 1 : 2 * pairs : 2].to(dtype)
+    rotated = torch.empty((out, fan_in), dtype=dtype, device=weight.device)
+    halves = rotated[:, : 2 * pairs].unflatten(1, (pairs, 2))
+    first, second = halves[..., 0], halves[..., 1]
+    torch.mul(cos, even, out=first)
+    torch.mul(sin, even, out=second)
+    first.sub_(sin.mul_(odd))  # cos and sin are used up in place by their last products
+    second.add_(cos.mul_(odd))
+    if fan_in > 2 * pairs:
+        rotated[:, 2 * pairs :] = weight[:, 2 * pairs :]
+    return rotated
+
+
 class _RotateFrozenWeight(torch.autograd.Function):
     """R_Θ(W) for a frozen W with a hand-written backward (the forward is :func:`rotate_pairs`).
 
     d w'_{2j}/dθ = −w'_{2j+1} and d w'_{2j+1}/dθ = w'_{2j}, so dL/dθ = g_{2j+1}·w'_{2j} − g_{2j}·w'_{2j+1}: two
     products on the rotated weight, instead of autograd replaying cos/sin/stack backwards and keeping their
-    intermediates. The rotated weight is kept in the compute dtype (fp32 for fp16/bf16 weights) for that.
+    intermediates. The rotated weight, the result, is in the compute dtype (fp32 for fp16/bf16 weights) and kept
+    for that.
     """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         compute = torch.promote_types(weight.dtype, theta.dtype)
-        rotated = rotate_pairs(weight.to(compute), theta.to(compute))
+        rotated = _rotated_into(weight, theta, compute)  # a narrower weight is not copied in fp32 first
         ctx.save_for_backward(rotated)
         ctx.theta_dtype = theta.dtype
-        return rotated.to(weight.dtype)
+        return rotated
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (rotated,) = ctx.saved_tensors
         pairs = rotated.shape[1] // 2
         g = grad.to(rotated.dtype)
-        grad_theta = g[:, 1 : 2 * pairs : 2] * rotated[:, 0 : 2 * pairs : 2] - g[:, 0 : 2 * pairs : 2] * rotated[:, 1 : 2 * pairs : 2]
+        grad_theta = g[:, 1 : 2 * pairs : 2] * rotated[:, 0 : 2 * pairs : 2]
+        grad_theta.sub_(g[:, 0 : 2 * pairs : 2] * rotated[:, 1 : 2 * pairs : 2])  # the difference in place
         return None, grad_theta.to(ctx.theta_dtype)
 
 
@@ -91,11 +135,15 @@ def set_fused_rotation_backward(enabled: bool) -> bool:
     return previous
 
 
-def _rotate_for_grad(weight: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """:func:`rotate_pairs`, through the hand-written backward when only Θ needs a gradient."""
-    if _FUSED_BACKWARD and torch.is_grad_enabled() and theta.requires_grad and not weight.requires_grad:
+def _rotate_for_grad(weight: torch.Tensor, theta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`rotate_pairs` in ``dtype`` (at least ``theta``'s), through the hand-written backward when only Θ needs
+    a gradient; without a graph to record, a narrower weight is not copied in ``dtype`` first and ``theta`` (the
+    caller's own Θ = A·B, used for nothing else) is overwritten."""
+    if not (torch.is_grad_enabled() and (weight.requires_grad or theta.requires_grad)):
+        return _rotated_into(weight, theta, dtype, scratch=True)
+    if _FUSED_BACKWARD and theta.requires_grad and not weight.requires_grad:
         return _RotateFrozenWeight.apply(weight, theta)
-    return rotate_pairs(weight, theta)
+    return rotate_pairs(weight.to(dtype), theta)
 
 
 def lorad_theta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -118,7 +166,7 @@ def merged_weight(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, kin
     compute = torch.promote_types(torch.promote_types(matrix.dtype, factors_dtype), torch.float32)
     if kind == "lorad":
         theta = lorad_theta(a.to(matrix.device), b.to(matrix.device))
-        adapted = _rotate_for_grad(matrix.to(compute), theta.to(compute))
+        adapted = _rotate_for_grad(matrix, theta.to(compute), compute)
     elif kind == "lora":
         down = a.to(matrix.device, compute).reshape(a.shape[0], -1)
         up = b.to(matrix.device, compute).reshape(b.shape[0], -1)

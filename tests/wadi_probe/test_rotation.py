@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from wadi_probe.rotation import as_matrix, pair_angles, rotate_pairs
+from wadi_probe.rotation import as_matrix, merged_weight, pair_angles, rotate_pairs
 
 
 def test_rotation_keeps_every_row_norm_exactly():
@@ -103,3 +103,26 @@ def test_merged_weight_is_the_one_merge_the_layer_export_and_probe_share():
         merged_weight(weight, down[:, :2], up, kind="lora")
     with pytest.raises(ValueError, match="unknown adapter kind"):
         merged_weight(weight, a, b, kind="dora")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("fan_in", [6, 9])
+def test_rotation_without_a_graph_gives_the_graph_formulas_bits(dtype, fan_in):
+    """The preallocated no-graph rotation (used by merge, the guided passes and the layers' forward) and the
+    autograd formula (used when Θ or W needs a gradient) round each product and sum alike."""
+    gen = torch.Generator().manual_seed(3)
+    weight = (torch.randn(fan_in, 5, generator=gen) * 3).to(dtype).t()  # a strided (transposed) weight
+    theta = torch.randn(5, fan_in // 2, generator=gen) * 2
+    with torch.no_grad():
+        fast = rotate_pairs(weight, theta)
+    graph = rotate_pairs(weight, theta.clone().requires_grad_(True))
+    assert fast.dtype == graph.dtype == dtype
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[fast.element_size()]
+    assert torch.equal(fast.view(as_int), graph.detach().view(as_int))  # the bits, zeros' signs included
+    if fan_in % 2:
+        assert torch.equal(fast[:, -1], weight[:, -1])  # an odd fan-in's last column untouched
+
+
+def test_merged_weight_refuses_angles_that_would_broadcast():
+    with pytest.raises(ValueError, match="theta must have shape"):
+        merged_weight(torch.randn(4, 6), torch.zeros(4, 1), torch.zeros(1, 1))  # Θ (4, 1) for 3 pairs

@@ -102,7 +102,7 @@ def test_one_forward_forms_the_weight_once_and_calls_linear_once(monkeypatch):
     layer = random_adapter(LoRaDLinear(base), dtype=torch.float32)
     base.forward = lambda *a, **k: pytest.fail("the base layer's own forward must not run")
     calls = {"linear": 0, "rotate": 0}
-    real_linear, real_rotate = F.linear, rotation.rotate_pairs
+    real_linear, real_rotate = F.linear, rotation._rotated_into
 
     def counting_linear(*a, **k):
         calls["linear"] += 1
@@ -113,7 +113,7 @@ def test_one_forward_forms_the_weight_once_and_calls_linear_once(monkeypatch):
         return real_rotate(*a, **k)
 
     monkeypatch.setattr(lorad_module.F, "linear", counting_linear)
-    monkeypatch.setattr(rotation, "rotate_pairs", counting_rotate)  # merged_weight's rotation
+    monkeypatch.setattr(rotation, "_rotated_into", counting_rotate)  # merged_weight's rotation (no graph recorded)
     y = layer(torch.randn(2, 5, 6))
     assert calls == {"linear": 1, "rotate": 1}
     y.sum().backward()  # the backward forms the weight again instead of keeping it; no matmul is run again
