@@ -42,7 +42,14 @@ def noise_footnote(rows: list[dict]) -> str | None:
     if not noisy:
         return None
     sizes = sorted({(r["noise_sets"], r["num_images"]) for r in noisy})
-    sets = " and ".join(f"{k} noise sets of {n} images" for k, n in sizes)
+    if len(sizes) == 1:
+        sets = f"{sizes[0][0]} noise sets of {sizes[0][1]} images"
+    else:  # the multi-step teacher and the one-step models are scored on sets of different sizes: say which
+        def group(k: int, n: int) -> str:
+            steps = {r.get("steps_per_image", 1) for r in noisy if (r["noise_sets"], r["num_images"]) == (k, n)}
+            who = "the one-step models" if steps == {1} else "the multi-step teacher" if 1 not in steps else "the rest"
+            return f"{k} noise sets of {n} images for {who}"
+        sets = " and ".join(group(k, n) for k, n in sizes)
     fixed = [r["name"] for r in rows if r.get("noise_sets", 1) == 1]
     means = " and ".join(sorted({f"± / √{k}" for k, _ in sizes}))
     return (f"each score is the mean over {sets}; ± is the evaluation noise, the sd over the sets (the mean moves "

@@ -155,3 +155,17 @@ def test_the_demo_table_shows_the_noise_beside_each_score_within_80_columns():
     assert noise_footnote(rows[:1]) is None
     markdown = metrics_markdown(rows)
     assert "**45.50** ± 1.12" in markdown and "| 64.25 ± 0.75 |" in markdown and "| 0.50 |" in markdown
+
+
+def test_the_demo_footnote_says_which_rows_have_which_set_size():
+    from wadi_distill.cli.demo import noise_footnote
+
+    rows = [{"name": "held-out real digits (test split)", "steps_per_image": "–", "noise_sets": 1, "num_images": 300},
+            {"name": "teacher, DDIM 25 steps + CFG 2", "steps_per_image": 50, "noise_sets": 5, "num_images": 1000},
+            {"name": "teacher, one step", "steps_per_image": 1, "noise_sets": 5, "num_images": 5000},
+            {"name": "LoRaD-from-probe VSD student, one step", "steps_per_image": 1, "noise_sets": 5,
+             "num_images": 5000}]
+    assert noise_footnote(rows) == (
+        "each score is the mean over 5 noise sets of 1000 images for the multi-step teacher and 5 noise sets of "
+        "5000 images for the one-step models; ± is the evaluation noise, the sd over the sets (the mean moves about "
+        "± / √5); held-out real digits (test split): one fixed set, no ±.")
