@@ -83,7 +83,11 @@ def test_a_sample_grid_is_filled_batch_by_batch_and_written_as_the_suffix_says(s
 
     expected = image_grid(sample("builtin:digits", ["1", "2"], adapter=ADAPTER, n=5), nrow=5)
     grid = np.asarray(Image.open(png))
-    np.testing.assert_array_equal(grid, (expected[0] * 255).round().to(torch.uint8).numpy())
+    # the grid was computed in batches of 4, 4 and 2, the expected images in one batch of 5: the matmuls' blocking
+    # differs with the batch, so a pixel may round to the neighbouring level, never further
+    reference = (expected[0] * 255).round().to(torch.uint8).numpy()
+    difference = np.abs(grid.astype(int) - reference.astype(int))
+    assert difference.max() <= 1 and (difference > 0).mean() < 0.01
     result = run("sample", *STUDENT, "--prompt", "1", "-n", "3", "-o", jpg)
     assert result.exit_code == 0, result.output
     assert jpg.read_bytes()[:3] == b"\xff\xd8\xff" and Image.open(jpg).format == "JPEG"
