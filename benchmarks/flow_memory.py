@@ -214,8 +214,36 @@ class StepMeter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.flops += _op_flops(func, args, kwargs, out)
-        tree_map_only(torch.Tensor, self.track, out)
+        tree_map_only(torch.Tensor, self.track, _physical_outputs(func, args, kwargs, out))
         return out
+
+
+def _physical_outputs(func, args, kwargs, out) -> list[Any]:
+    """``out`` with each result that aliases an argument (an in-place op's ``self``, an ``out=`` tensor, a view's
+    base, as the op's schema says) replaced by that argument: its storage is the argument's.
+
+    The step runs outside the fake mode, so a factory op (``torch.empty``) makes a real CPU tensor even where the
+    parameters are fake; an in-place or ``out=`` op writing into it with fake operands returns a fake copy of it,
+    with a storage of its own, while the program goes on holding the real tensor, the only storage that exists.
+    Counting the argument counts that one storage in both modes.
+    """
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return [out]
+    by_alias: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if arg.alias_info is None:
+            continue
+        value = kwargs.get(arg.name) if arg.kwarg_only or i >= len(args) else args[i]
+        for name in arg.alias_info.before_set:
+            by_alias[name] = value
+    outs = list(out) if isinstance(out, (tuple, list)) and len(schema.returns) > 1 else [out]
+    for i, ret in enumerate(schema.returns[: len(outs)]):
+        names = ret.alias_info.before_set if ret.alias_info is not None else ()
+        source = next((by_alias[n] for n in names if by_alias.get(n) is not None), None)
+        if source is not None:
+            outs[i] = source
+    return outs
 
 
 def _op_flops(func, args, kwargs, out) -> int:

@@ -7,6 +7,7 @@ weights' bytes and the FLOPs must be equal to the byte, and the parameter counts
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -50,6 +51,31 @@ def test_fake_estimate_equals_the_real_step(tmp_path, family, precision, checkpo
     tensors = 2 * 2 * real["adapted_layers"]  # A and B of two adapters on every layer
     assert real["end_bytes"] == real["static_bytes"] + 2 * adapters + 4 * tensors + 4 * real["student_params"]
     assert real["peak_bytes"] > real["end_bytes"] and real["flops"] > 0
+
+
+@pytest.mark.parametrize("fake", [False, True])
+def test_meter_counts_a_tensor_written_in_place_or_with_out_once(fake):
+    """A factory op in the step makes a real tensor even next to fake parameters; ``out=`` and in-place ops that
+    write into it with fake operands hand back a fake copy with a storage of its own. The meter counts the one
+    storage the program holds, as on real operands: 4x6 fp32 = 96 bytes of result, 48 for each operand."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext():
+        a, b = torch.ones(4, 3), torch.ones(4, 3)
+    meter = flow_memory.StepMeter(block=1)
+    meter.track(a)
+    meter.track(b)
+    with meter:
+        result = torch.empty(4, 6)
+        first = result[:, 0::2]
+        torch.mul(a, b, out=first)
+        assert (meter.current, meter.peak) == (192, 192)
+        first.sub_(a)
+        b.mul_(a)
+        result[:, 1::2].add_(b)
+        assert (meter.current, meter.peak) == (192, 192)
+        del result, first
+    assert meter.current == 96
 
 
 @pytest.mark.parametrize("name, params, layers, adapter", [
