@@ -1,0 +1,376 @@
+"""The stability study's report, from the lines ``benchmarks/digits_stability.py`` wrote (no training here).
+
+Reads ``reports/digits_stability/curves.jsonl`` and writes ``reports/digits_stability.md`` (the declaration made
+before the runs is kept as it stands, everything after the results marker is rewritten), the plot
+``reports/digits_stability.png`` (curves of raw and averaged weights, each method) and
+``reports/digits_stability/summary.json`` (every aggregated number in the report).
+
+    python benchmarks/digits_stability_report.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits_stability import (  # noqa: E402 - the driver's own constants, one definition
+    A_STEPS, AVERAGES, B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, OUT, PHASE_A, ROOT, WEIGHTS, plateau_step,
+    read_curves, within_run,
+)
+
+REPORT = ROOT / "reports" / "digits_stability.md"
+PLOT = ROOT / "reports" / "digits_stability.png"
+MARKER = "<!-- results: everything below is written by benchmarks/digits_stability_report.py -->"
+DECISION = ("fd_features", "fd_pixel", "recall")
+METRICS = ("fd_features", "fd_pixel", "recall", "precision", "class_accuracy")
+LOWER = {"fd_features", "fd_pixel"}
+FLOOR = {"fd_features": 3.0, "fd_pixel": 0.05, "recall": 0.03}
+TITLE = {"fd_features": "feature FD ↓", "fd_pixel": "pixel FD ↓", "recall": "recall ↑", "precision": "precision ↑",
+         "class_accuracy": "class acc. ↑"}
+DIGITS = {"fd_features": 1, "fd_pixel": 3, "recall": 3, "precision": 3, "class_accuracy": 3}
+METHOD_TITLE = {"lorad-probe": "LoRaD from the probe", "full": "full fine-tuning"}
+
+
+def fmt(value: float | None, metric: str, extra: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{DIGITS[metric] + extra}f}"
+
+
+def sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------ the data
+
+
+class Curves:
+    """The rows of curves.jsonl, indexed by run name."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = rows
+        self.runs: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            self.runs.setdefault(r["name"], {k: r[k] for k in ("method", "seed", "lr", "fake_updates")})
+
+    def curve(self, name: str, weights: str, metric: str, upto: int | None = None) -> tuple[list[int], list[float]]:
+        """(steps, values) on the shared noise seed, up to ``upto`` steps."""
+        points = sorted({r["step"]: r[metric] for r in self.rows
+                         if r["name"] == name and r["weights"] == weights and r["eval_seed"] == EVAL_SEED
+                         and (upto is None or r["step"] <= upto)}.items())
+        return [s for s, _ in points], [v for _, v in points]
+
+    def last_step(self, name: str) -> int:
+        return max(r["step"] for r in self.rows if r["name"] == name)
+
+    def noise_steps(self, name: str) -> list[int]:
+        """The steps at which ``name`` has all its noise-set lines (its finished lengths)."""
+        return sorted({r["step"] for r in self.rows if r["name"] == name and r["eval_seed"] == NOISE_SEEDS[-1]})
+
+    def noise_sd(self, name: str, step: int, weights: str, metric: str) -> float:
+        values = [r[metric] for r in self.rows if r["name"] == name and r["step"] == step and r["weights"] == weights]
+        return sd(values) if len(values) == 1 + len(NOISE_SEEDS) else float("nan")
+
+    def value(self, name: str, step: int, weights: str, metric: str) -> float | None:
+        for r in self.rows:
+            if (r["name"] == name and r["step"] == step and r["weights"] == weights
+                    and r["eval_seed"] == EVAL_SEED):
+                return r[metric]
+        return None
+
+
+def recipe(run: dict[str, Any]) -> tuple[float, int]:
+    return (run["lr"], run["fake_updates"])
+
+
+def recipe_name(lr: float, fake: int) -> str:
+    return f"lr {lr:g}, {fake} fake update{'s' if fake > 1 else ''}"
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+
+def eval_noise(c: Curves) -> dict[str, dict[str, float]]:
+    """σ_eval per method (and "all") per metric: RMS over runs × weights of the sd over the noise sets at each
+    finished length."""
+    out: dict[str, dict[str, float]] = {}
+    for method in (*METHOD_TITLE, "all"):
+        out[method] = {}
+        for metric in METRICS:
+            sds = [c.noise_sd(n, step, w, metric) for n, run in c.runs.items()
+                   if method in ("all", run["method"]) for step in c.noise_steps(n) for w in WEIGHTS]
+            sds = [s for s in sds if not math.isnan(s)]
+            out[method][metric] = math.sqrt(sum(s * s for s in sds) / len(sds)) if sds else float("nan")
+        out[method]["sets"] = len([1 for n, run in c.runs.items() if method in ("all", run["method"])
+                                   for _ in c.noise_steps(n)])
+    return out
+
+
+def effect(noise: dict[str, float], metric: str) -> float:
+    sigma = noise.get(metric, float("nan"))
+    return max(FLOOR[metric], 2 * sigma) if not math.isnan(sigma) else FLOOR[metric]
+
+
+def run_stats(c: Curves, name: str, upto: int) -> dict[str, dict[str, Any]]:
+    """Per weights: the scores at ``upto``, and the within-run sd / neighbour change over its last 40 %."""
+    out = {}
+    for w in WEIGHTS:
+        row: dict[str, Any] = {}
+        for metric in METRICS:
+            steps, values = c.curve(name, w, metric, upto)
+            if not steps or steps[-1] != upto:
+                continue
+            row[metric] = values[-1]
+            if metric in DECISION:
+                stats = within_run(steps, values)
+                row[f"{metric}_sd"], row[f"{metric}_change"] = stats["sd"], stats["step_change"]
+        out[w] = row
+    return out
+
+
+def phase_a(c: Curves) -> dict[str, list[dict[str, Any]]]:
+    """Per method, per recipe: the Phase A runs that reached 1600 steps, their stats at 1600."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for method, recipes in PHASE_A.items():
+        out[method] = []
+        for lr, fake in recipes:
+            names = [n for n, r in c.runs.items() if r["method"] == method and recipe(r) == (lr, fake)
+                     and r["seed"] in (0, 1) and A_STEPS in c.noise_steps(n)]
+            if names:
+                out[method].append({"lr": lr, "fake_updates": fake, "runs": sorted(names),
+                                    "stats": {n: run_stats(c, n, A_STEPS) for n in sorted(names)}})
+    return out
+
+
+def mean_over(stats: list[dict[str, dict[str, Any]]], weights: str, key: str) -> float:
+    values = [s[weights][key] for s in stats if key in s.get(weights, {})]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    return a < b if metric in LOWER else a > b
+
+
+def choose_average(a: dict[str, list[dict[str, Any]]], noise: dict[str, float]) -> dict[str, Any]:
+    """The declared averaging rule on every Phase A run's scores at 1600 steps."""
+    stats = [s for recipes in a.values() for rec in recipes for s in rec["stats"].values()]
+    means = {w: {m: mean_over(stats, w, m) for m in (*DECISION, "fd_features_sd", "fd_features_change")}
+             for w in WEIGHTS}
+    best = {m: (min if m in LOWER else max)(means[w][m] for w in AVERAGES) for m in DECISION}
+    eligible = {w: {m: abs(means[w][m] - best[m]) <= effect(noise, m) for m in DECISION} for w in AVERAGES}
+    full = [w for w in AVERAGES if all(eligible[w].values())]
+    pool = full or [w for w in AVERAGES if eligible[w]["fd_features"] and eligible[w]["recall"]] or list(AVERAGES)
+    chosen = min(pool, key=lambda w: means[w]["fd_features_sd"])
+    return {"runs": len(stats), "means": means, "best": best, "eligible": eligible, "all_three": bool(full),
+            "chosen": chosen}
+
+
+def choose_recipe(method: str, recs: list[dict[str, Any]], weights: str, noise: dict[str, float]) -> dict[str, Any]:
+    """The declared recipe rule for ``method`` on the chosen average's scores at 1600 steps."""
+    table = []
+    for rec in recs:
+        stats = list(rec["stats"].values())
+        table.append({"lr": rec["lr"], "fake_updates": rec["fake_updates"], "seeds": len(stats),
+                      **{m: mean_over(stats, weights, m) for m in DECISION}})
+    if not table:
+        return {"table": [], "chosen": None, "why": "no Phase A run finished"}
+    demo = table[0]
+    best = min(table, key=lambda r: r["fd_features"])
+    worse = [m for m in ("fd_pixel", "recall") if better(m, demo[m], best[m])
+             and abs(best[m] - demo[m]) > effect(noise, m)]
+    if worse:
+        best = demo
+        why = f"the lowest feature FD is worse than the demo's recipe on {', '.join(worse)} by more than the effect"
+    else:
+        why = "the lowest feature FD"
+    within = [m for m in DECISION if abs(best[m] - demo[m]) > effect(noise, m)]
+    if best is not demo and not within:
+        cheaper = best if best["fake_updates"] < demo["fake_updates"] else demo
+        why = ("best and demo recipe within the smallest effect on all three metrics: the cheaper one"
+               if cheaper["fake_updates"] != demo["fake_updates"]
+               else "best and demo recipe within the smallest effect on all three metrics at equal cost: the demo's")
+        best = cheaper
+    return {"table": table, "chosen": (best["lr"], best["fake_updates"]), "why": why}
+
+
+def phase_b(c: Curves, method: str, lr: float, fake: int, weights: str, sigma: float) -> dict[str, Any]:
+    """The seeds of ``method``'s chosen recipe at its Phase B length: per run stats, seed mean ± sd, plateau."""
+    length = B_STEPS[method]
+    names = sorted(n for n, r in c.runs.items() if r["method"] == method and recipe(r) == (lr, fake)
+                   and r["seed"] in B_SEEDS and length in c.noise_steps(n))
+    stats = {n: run_stats(c, n, length) for n in names}
+    seeds = {}
+    for w in WEIGHTS:
+        seeds[w] = {}
+        for m in METRICS:
+            values = [s[w][m] for s in stats.values() if m in s[w]]
+            seeds[w][m] = (statistics.fmean(values) if values else float("nan"), sd(values))
+        for key in ("fd_features_sd", "fd_features_change"):
+            seeds[w][key] = mean_over(list(stats.values()), w, key)
+    mean_curve: tuple[list[int], list[float]] = ([], [])
+    if names:
+        curves = [c.curve(n, weights, "fd_features", length) for n in names]
+        steps = curves[0][0]
+        mean_curve = (steps, [statistics.fmean(v[i] for _, v in curves) for i in range(len(steps))])
+    plateau = plateau_step(*mean_curve, sigma) if len(mean_curve[0]) > 2 and not math.isnan(sigma) else None
+    return {"length": length, "runs": names, "stats": stats, "seeds": seeds, "plateau": plateau,
+            "mean_curve": mean_curve}
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def plot(c: Curves, chosen: dict[str, tuple[float, int] | None], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(METHOD_TITLE)
+    fig, axes = plt.subplots(len(DECISION), len(methods), figsize=(6 * len(methods), 3.2 * len(DECISION)),
+                             squeeze=False)
+    colours = dict(zip(WEIGHTS, ("tab:grey", "tab:blue", "tab:orange", "tab:green")))
+    for j, method in enumerate(methods):
+        rec = chosen.get(method)
+        names = sorted(n for n, r in c.runs.items() if r["method"] == method and rec and recipe(r) == rec)
+        for i, metric in enumerate(DECISION):
+            ax = axes[i][j]
+            for w in WEIGHTS:
+                for k, n in enumerate(names):
+                    steps, values = c.curve(n, w, metric)
+                    ax.plot(steps, values, color=colours[w], lw=1.0 if w != "raw" else 0.8,
+                            alpha=0.9 if w != "raw" else 0.6, label=w if k == 0 else None)
+            ax.set_title(f"{METHOD_TITLE[method]} ({recipe_name(*rec) if rec else 'no runs'}), "
+                         f"{len(names)} seeds: {TITLE[metric]}", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(c: Curves) -> dict[str, Any]:
+    noise = eval_noise(c)
+    a = phase_a(c)
+    average = choose_average(a, noise["all"])
+    weights = average["chosen"]
+    recipes = {m: choose_recipe(m, a[m], weights, noise[m]) for m in METHOD_TITLE}
+    b = {m: phase_b(c, m, *recipes[m]["chosen"], weights, noise[m]["fd_features"]) if recipes[m]["chosen"] else None
+         for m in METHOD_TITLE}
+    lines = [MARKER, "", "## Results", ""]
+    lines += [f"Written from `{CURVES.relative_to(ROOT)}` ({len(c.rows)} lines, {len(c.runs)} runs). Scores on the "
+              f"shared noise seed base {EVAL_SEED}, 2000 one-step images each; σ_eval from the 6 noise sets "
+              "(bases 1000, 3001–3005) at each finished length.", ""]
+    lines += ["### Evaluation noise (σ_eval, 2000 images)", "",
+              "| runs of | finished lengths | " + " | ".join(TITLE[m] for m in METRICS) + " |",
+              "|---|---|" + "---|" * len(METRICS)]
+    for method, row in noise.items():
+        lines.append(f"| {METHOD_TITLE.get(method, 'both methods')} | {row['sets']} | "
+                     + " | ".join(fmt(row[m], m, 1) for m in METRICS) + " |")
+    lines += ["", "Smallest effect that matters (max of 2 σ_eval over both methods and the declared floor): "
+              + ", ".join(f"{TITLE[m]} {fmt(effect(noise['all'], m), m, 1)}" for m in DECISION) + ".", ""]
+    lines += ["### Phase A: the recipes at 1600 steps", "",
+              "Per run and weights set: the scores at 1600 steps; sd and mean neighbour change (|Δ| between points "
+              "100 steps apart) of each decision metric over steps 1000–1600.", ""]
+    for method, recs in a.items():
+        lines += [f"**{METHOD_TITLE[method]}**", "",
+                  "| recipe | seed | weights | FD feat. | sd | |Δ| | FD pixel | sd | |Δ| | recall | sd | |Δ| | "
+                  "precision | class acc. |", "|---|---|---|" + "---|" * 11]
+        for rec in recs:
+            for n, stats in rec["stats"].items():
+                for w in WEIGHTS:
+                    s = stats[w]
+                    cells = []
+                    for m in DECISION:
+                        cells += [fmt(s.get(m), m), fmt(s.get(f"{m}_sd"), m), fmt(s.get(f"{m}_change"), m)]
+                    cells += [fmt(s.get("precision"), "precision"), fmt(s.get("class_accuracy"), "class_accuracy")]
+                    lines.append(f"| {recipe_name(rec['lr'], rec['fake_updates'])} | {c.runs[n]['seed']} | {w} | "
+                                 + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### The averaging (declared rule, on the Phase A runs at 1600 steps)", "",
+              f"Means over {average['runs']} Phase A runs:", "",
+              "| weights | FD feat. | FD pixel | recall | within-run sd of FD feat. | mean |Δ| of FD feat. | "
+              "eligible (feat., pixel, recall) |", "|---|---|---|---|---|---|---|"]
+    for w in WEIGHTS:
+        mm = average["means"][w]
+        elig = average["eligible"].get(w)
+        lines.append(f"| {w} | {fmt(mm['fd_features'], 'fd_features')} | {fmt(mm['fd_pixel'], 'fd_pixel')} | "
+                     f"{fmt(mm['recall'], 'recall')} | {fmt(mm['fd_features_sd'], 'fd_features')} | "
+                     f"{fmt(mm['fd_features_change'], 'fd_features')} | "
+                     + (", ".join("yes" if elig[m] else "no" for m in DECISION) if elig else "(not a candidate)")
+                     + " |")
+    kw = AVERAGES[weights]
+    lines += ["", f"Chosen: **{weights}** (diffusers `EMAModel` with {', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in kw.items())})"
+              + ("" if average["all_three"] else "; no average was within the effect on all three metrics, so "
+                 "the fallback of the declared rule applied") + ".", ""]
+    lines += ["### The recipe per method (declared rule, chosen average at 1600 steps)", ""]
+    for method, r in recipes.items():
+        lines += [f"**{METHOD_TITLE[method]}**: " + (f"chosen **{recipe_name(*r['chosen'])}** ({r['why']})."
+                                                     if r["chosen"] else r["why"] + "."), "",
+                  "| recipe | seeds | FD feat. | FD pixel | recall |", "|---|---|---|---|---|"]
+        for row in r["table"]:
+            lines.append(f"| {recipe_name(row['lr'], row['fake_updates'])} | {row['seeds']} | "
+                         + " | ".join(fmt(row[m], m) for m in DECISION) + " |")
+        lines.append("")
+    lines += ["### Phase B: seeds 0–4 on the chosen recipe", ""]
+    for method, r in b.items():
+        if r is None:
+            continue
+        lines += [f"**{METHOD_TITLE[method]}**, {recipe_name(*recipes[method]['chosen'])}, "
+                  f"{len(r['runs'])} seeds at {r['length']} steps.", ""]
+        if not r["runs"]:
+            lines += ["No run of this recipe reached its Phase B length.", ""]
+            continue
+        pl = r["plateau"]
+        lines += [("Plateau rule (seed-mean curve of the chosen average's feature FD, σ_eval "
+                   f"{fmt(noise[method]['fd_features'], 'fd_features', 1)}): " +
+                   (f"met first at step {pl}." if pl else f"not met by {r['length']} steps (the maximum length).")),
+                  "", "Seed mean ± sd at the final length; within-run sd and mean neighbour change of feature FD "
+                  "over the last 40 % (mean over seeds):", "",
+                  "| weights | " + " | ".join(TITLE[m] for m in METRICS) + " | within-run sd | |Δ| |",
+                  "|---|" + "---|" * (len(METRICS) + 2)]
+        for w in WEIGHTS:
+            s = r["seeds"][w]
+            lines.append(f"| {w} | " + " | ".join(f"{fmt(s[m][0], m)} ± {fmt(s[m][1], m)}" for m in METRICS)
+                         + f" | {fmt(s['fd_features_sd'], 'fd_features')} | "
+                           f"{fmt(s['fd_features_change'], 'fd_features')} |")
+        lines += ["", "| seed | weights | FD feat. | sd | |Δ| | FD pixel | sd | |Δ| | recall | sd | |Δ| |",
+                  "|---|---|" + "---|" * 9]
+        for n, stats in r["stats"].items():
+            for w in WEIGHTS:
+                s = stats[w]
+                cells = []
+                for m in DECISION:
+                    cells += [fmt(s.get(m), m), fmt(s.get(f"{m}_sd"), m), fmt(s.get(f"{m}_change"), m)]
+                lines.append(f"| {c.runs[n]['seed']} | {w} | " + " | ".join(cells) + " |")
+        lines.append("")
+    plot(c, {m: r["chosen"] for m, r in recipes.items()}, PLOT)
+    lines += [f"![curves]({PLOT.name})", "",
+              "The plot: every seed of each method's chosen recipe, raw weights (grey) and the three averages.", ""]
+    head = REPORT.read_text().split(MARKER)[0].rstrip() + "\n\n" if REPORT.exists() else ""
+    REPORT.write_text(head + "\n".join(lines) + "\n")
+    summary = {"noise": noise, "average": average, "recipes": recipes,
+               "phase_b": {m: {k: v for k, v in r.items() if k != "stats"} if r else None for m, r in b.items()}}
+    (OUT / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def main() -> None:
+    rows = read_curves()
+    if not rows:
+        raise SystemExit(f"{CURVES} holds no lines yet: run benchmarks/digits_stability.py first")
+    summary = write(Curves(rows))
+    print(f"wrote {REPORT} and {PLOT}; averaging {summary['average']['chosen']}, recipes "
+          + ", ".join(f"{m}: {r['chosen']}" for m, r in summary["recipes"].items()))
+
+
+if __name__ == "__main__":
+    main()
