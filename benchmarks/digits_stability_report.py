@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -24,8 +25,9 @@ from digits_stability import (  # noqa: E402 - the driver's own constants, one d
     read_curves, within_run,
 )
 
-REPORT = ROOT / "reports" / "digits_stability.md"
-PLOT = ROOT / "reports" / "digits_stability.png"
+REPORTS = Path(os.environ.get("WADI_STABILITY_REPORTS", ROOT / "reports"))
+REPORT = REPORTS / "digits_stability.md"
+PLOT = REPORTS / "digits_stability.png"
 MARKER = "<!-- results: everything below is written by benchmarks/digits_stability_report.py -->"
 DECISION = ("fd_features", "fd_pixel", "recall")
 METRICS = ("fd_features", "fd_pixel", "recall", "precision", "class_accuracy")
@@ -141,7 +143,7 @@ def phase_a(c: Curves) -> dict[str, list[dict[str, Any]]]:
         out[method] = []
         for lr, fake in recipes:
             names = [n for n, r in c.runs.items() if r["method"] == method and recipe(r) == (lr, fake)
-                     and r["seed"] in (0, 1) and A_STEPS in c.noise_steps(n)]
+                     and A_STEPS in c.noise_steps(n)]
             if names:
                 out[method].append({"lr": lr, "fake_updates": fake, "runs": sorted(names),
                                     "stats": {n: run_stats(c, n, A_STEPS) for n in sorted(names)}})
@@ -157,11 +159,13 @@ def better(metric: str, a: float, b: float) -> bool:
     return a < b if metric in LOWER else a > b
 
 
-def choose_average(a: dict[str, list[dict[str, Any]]], noise: dict[str, float]) -> dict[str, Any]:
-    """The declared averaging rule on every Phase A run's scores at 1600 steps."""
-    stats = [s for recipes in a.values() for rec in recipes for s in rec["stats"].values()]
+def choose_average(c: Curves, noise: dict[str, float]) -> dict[str, Any]:
+    """The declared averaging rule on every run's scores at 1600 steps (every run that reached it)."""
+    stats = [run_stats(c, n, A_STEPS) for n in sorted(c.runs) if A_STEPS in c.noise_steps(n)]
     means = {w: {m: mean_over(stats, w, m) for m in (*DECISION, "fd_features_sd", "fd_features_change")}
              for w in WEIGHTS}
+    if not stats:
+        return {"runs": 0, "means": means, "best": {}, "eligible": {}, "all_three": False, "chosen": None}
     best = {m: (min if m in LOWER else max)(means[w][m] for w in AVERAGES) for m in DECISION}
     eligible = {w: {m: abs(means[w][m] - best[m]) <= effect(noise, m) for m in DECISION} for w in AVERAGES}
     full = [w for w in AVERAGES if all(eligible[w].values())]
@@ -226,6 +230,26 @@ def phase_b(c: Curves, method: str, lr: float, fake: int, weights: str, sigma: f
 # ------------------------------------------------------------------------------------------------ writing
 
 
+def runs_table(c: Curves) -> list[str]:
+    """Every run: how far it got, and its measured seconds per step (the machine's load shows here)."""
+    lines = ["### The runs", "",
+             "| run | seed | last scored step | lengths with noise sets | training s / step | scoring s / point |",
+             "|---|---|---|---|---|---|"]
+    for name in sorted(c.runs, key=lambda n: (c.runs[n]["method"], c.runs[n]["lr"], c.runs[n]["fake_updates"],
+                                               c.runs[n]["seed"])):
+        last = c.last_step(name)
+        rows = [r for r in c.rows if r["name"] == name and r["eval_seed"] == EVAL_SEED and r["weights"] == "raw"]
+        row = max(rows, key=lambda r: r["step"])
+        scoring = statistics.fmean(r["score_s"] for r in rows)
+        lines.append(f"| {name} | {c.runs[name]['seed']} | {last} | "
+                     f"{', '.join(map(str, c.noise_steps(name))) or '–'} | {row['train_s'] / row['step']:.2f} | "
+                     f"{scoring:.0f} |")
+    lines += ["", "Training seconds per step are cumulative over the run (a resumed run counts from its resume); "
+              "scoring seconds per point: the four weights sets on 2000 images each (six noise sets at the last "
+              "step). Both depend on the other jobs on the shared machine.", ""]
+    return lines
+
+
 def plot(c: Curves, chosen: dict[str, tuple[float, int] | None], path: Path) -> None:
     import matplotlib
 
@@ -260,13 +284,13 @@ def plot(c: Curves, chosen: dict[str, tuple[float, int] | None], path: Path) -> 
 def write(c: Curves) -> dict[str, Any]:
     noise = eval_noise(c)
     a = phase_a(c)
-    average = choose_average(a, noise["all"])
-    weights = average["chosen"]
+    average = choose_average(c, noise["all"])
+    weights = average["chosen"] or "ema-p2/3"
     recipes = {m: choose_recipe(m, a[m], weights, noise[m]) for m in METHOD_TITLE}
     b = {m: phase_b(c, m, *recipes[m]["chosen"], weights, noise[m]["fd_features"]) if recipes[m]["chosen"] else None
          for m in METHOD_TITLE}
     lines = [MARKER, "", "## Results", ""]
-    lines += [f"Written from `{CURVES.relative_to(ROOT)}` ({len(c.rows)} lines, {len(c.runs)} runs). Scores on the "
+    lines += [f"Written from `reports/digits_stability/curves.jsonl` ({len(c.rows)} lines, {len(c.runs)} runs). Scores on the "
               f"shared noise seed base {EVAL_SEED}, 2000 one-step images each; σ_eval from the 6 noise sets "
               "(bases 1000, 3001–3005) at each finished length.", ""]
     lines += ["### Evaluation noise (σ_eval, 2000 images)", "",
@@ -277,13 +301,15 @@ def write(c: Curves) -> dict[str, Any]:
                      + " | ".join(fmt(row[m], m, 1) for m in METRICS) + " |")
     lines += ["", "Smallest effect that matters (max of 2 σ_eval over both methods and the declared floor): "
               + ", ".join(f"{TITLE[m]} {fmt(effect(noise['all'], m), m, 1)}" for m in DECISION) + ".", ""]
-    lines += ["### Phase A: the recipes at 1600 steps", "",
+    lines += runs_table(c)
+    lines += ["### Every run at 1600 steps", "",
               "Per run and weights set: the scores at 1600 steps; sd and mean neighbour change (|Δ| between points "
-              "100 steps apart) of each decision metric over steps 1000–1600.", ""]
+              "100 steps apart) of each decision metric over steps 1000–1600. Phase A recipes other than the demo's "
+              "appear only where they were run.", ""]
     for method, recs in a.items():
         lines += [f"**{METHOD_TITLE[method]}**", "",
-                  "| recipe | seed | weights | FD feat. | sd | |Δ| | FD pixel | sd | |Δ| | recall | sd | |Δ| | "
-                  "precision | class acc. |", "|---|---|---|" + "---|" * 11]
+                  "| recipe | seed | weights | FD feat. | sd | \\|Δ\\| | FD pixel | sd | \\|Δ\\| | recall | sd | "
+                  "\\|Δ\\| | precision | class acc. |", "|---|---|---|" + "---|" * 11]
         for rec in recs:
             for n, stats in rec["stats"].items():
                 for w in WEIGHTS:
@@ -295,9 +321,9 @@ def write(c: Curves) -> dict[str, Any]:
                     lines.append(f"| {recipe_name(rec['lr'], rec['fake_updates'])} | {c.runs[n]['seed']} | {w} | "
                                  + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["### The averaging (declared rule, on the Phase A runs at 1600 steps)", "",
-              f"Means over {average['runs']} Phase A runs:", "",
-              "| weights | FD feat. | FD pixel | recall | within-run sd of FD feat. | mean |Δ| of FD feat. | "
+    lines += ["### The averaging (declared rule, every run at 1600 steps)", "",
+              f"Means over the {average['runs']} runs that reached 1600 steps (both methods):", "",
+              "| weights | FD feat. | FD pixel | recall | within-run sd of FD feat. | mean \\|Δ\\| of FD feat. | "
               "eligible (feat., pixel, recall) |", "|---|---|---|---|---|---|---|"]
     for w in WEIGHTS:
         mm = average["means"][w]
@@ -308,6 +334,7 @@ def write(c: Curves) -> dict[str, Any]:
                      + (", ".join("yes" if elig[m] else "no" for m in DECISION) if elig else "(not a candidate)")
                      + " |")
     kw = AVERAGES[weights]
+    lines += [""] if average["chosen"] else ["", "No run reached 1600 steps: no averaging chosen yet.", ""]
     lines += ["", f"Chosen: **{weights}** (diffusers `EMAModel` with {', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in kw.items())})"
               + ("" if average["all_three"] else "; no average was within the effect on all three metrics, so "
                  "the fallback of the declared rule applied") + ".", ""]
@@ -335,22 +362,13 @@ def write(c: Curves) -> dict[str, Any]:
                    (f"met first at step {pl}." if pl else f"not met by {r['length']} steps (the maximum length).")),
                   "", "Seed mean ± sd at the final length; within-run sd and mean neighbour change of feature FD "
                   "over the last 40 % (mean over seeds):", "",
-                  "| weights | " + " | ".join(TITLE[m] for m in METRICS) + " | within-run sd | |Δ| |",
+                  "| weights | " + " | ".join(TITLE[m] for m in METRICS) + " | within-run sd | \\|Δ\\| |",
                   "|---|" + "---|" * (len(METRICS) + 2)]
         for w in WEIGHTS:
             s = r["seeds"][w]
             lines.append(f"| {w} | " + " | ".join(f"{fmt(s[m][0], m)} ± {fmt(s[m][1], m)}" for m in METRICS)
                          + f" | {fmt(s['fd_features_sd'], 'fd_features')} | "
                            f"{fmt(s['fd_features_change'], 'fd_features')} |")
-        lines += ["", "| seed | weights | FD feat. | sd | |Δ| | FD pixel | sd | |Δ| | recall | sd | |Δ| |",
-                  "|---|---|" + "---|" * 9]
-        for n, stats in r["stats"].items():
-            for w in WEIGHTS:
-                s = stats[w]
-                cells = []
-                for m in DECISION:
-                    cells += [fmt(s.get(m), m), fmt(s.get(f"{m}_sd"), m), fmt(s.get(f"{m}_change"), m)]
-                lines.append(f"| {c.runs[n]['seed']} | {w} | " + " | ".join(cells) + " |")
         lines.append("")
     plot(c, {m: r["chosen"] for m, r in recipes.items()}, PLOT)
     lines += [f"![curves]({PLOT.name})", "",
