@@ -21,7 +21,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits_stability import (  # noqa: E402 - the driver's own constants, one definition
-    A_STEPS, AVERAGES, B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, OUT, PHASE_A, ROOT, WEIGHTS, plateau_step,
+    AVERAGES, B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, OUT, PHASE_A, ROOT, WEIGHTS, plateau_step,
     read_curves, within_run,
 )
 
@@ -36,6 +36,7 @@ FLOOR = {"fd_features": 3.0, "fd_pixel": 0.05, "recall": 0.03}
 TITLE = {"fd_features": "feature FD ↓", "fd_pixel": "pixel FD ↓", "recall": "recall ↑", "precision": "precision ↑",
          "class_accuracy": "class acc. ↑"}
 DIGITS = {"fd_features": 1, "fd_pixel": 3, "recall": 3, "precision": 3, "class_accuracy": 3}
+LENGTH = min(B_STEPS.values())  # the common length every decision is made at (amended: see the report)
 METHOD_TITLE = {"lorad-probe": "LoRaD from the probe", "full": "full fine-tuning"}
 
 
@@ -137,16 +138,16 @@ def run_stats(c: Curves, name: str, upto: int) -> dict[str, dict[str, Any]]:
 
 
 def phase_a(c: Curves) -> dict[str, list[dict[str, Any]]]:
-    """Per method, per recipe: the Phase A runs that reached 1600 steps, their stats at 1600."""
+    """Per method, per recipe: the runs that reached LENGTH steps, their stats there."""
     out: dict[str, list[dict[str, Any]]] = {}
     for method, recipes in PHASE_A.items():
         out[method] = []
         for lr, fake in recipes:
             names = [n for n, r in c.runs.items() if r["method"] == method and recipe(r) == (lr, fake)
-                     and A_STEPS in c.noise_steps(n)]
+                     and c.value(n, LENGTH, "raw", "fd_features") is not None]
             if names:
                 out[method].append({"lr": lr, "fake_updates": fake, "runs": sorted(names),
-                                    "stats": {n: run_stats(c, n, A_STEPS) for n in sorted(names)}})
+                                    "stats": {n: run_stats(c, n, LENGTH) for n in sorted(names)}})
     return out
 
 
@@ -160,8 +161,8 @@ def better(metric: str, a: float, b: float) -> bool:
 
 
 def choose_average(c: Curves, noise: dict[str, float]) -> dict[str, Any]:
-    """The declared averaging rule on every run's scores at 1600 steps (every run that reached it)."""
-    stats = [run_stats(c, n, A_STEPS) for n in sorted(c.runs) if A_STEPS in c.noise_steps(n)]
+    """The declared averaging rule on every run's scores at LENGTH steps (every run that reached it)."""
+    stats = [run_stats(c, n, LENGTH) for n in sorted(c.runs) if c.value(n, LENGTH, "raw", "fd_features") is not None]
     means = {w: {m: mean_over(stats, w, m) for m in (*DECISION, "fd_features_sd", "fd_features_change")}
              for w in WEIGHTS}
     if not stats:
@@ -176,7 +177,7 @@ def choose_average(c: Curves, noise: dict[str, float]) -> dict[str, Any]:
 
 
 def choose_recipe(method: str, recs: list[dict[str, Any]], weights: str, noise: dict[str, float]) -> dict[str, Any]:
-    """The declared recipe rule for ``method`` on the chosen average's scores at 1600 steps."""
+    """The declared recipe rule for ``method`` on the chosen average's scores at LENGTH steps."""
     table = []
     for rec in recs:
         stats = list(rec["stats"].values())
@@ -302,10 +303,10 @@ def write(c: Curves) -> dict[str, Any]:
     lines += ["", "Smallest effect that matters (max of 2 σ_eval over both methods and the declared floor): "
               + ", ".join(f"{TITLE[m]} {fmt(effect(noise['all'], m), m, 1)}" for m in DECISION) + ".", ""]
     lines += runs_table(c)
-    lines += ["### Every run at 1600 steps", "",
-              "Per run and weights set: the scores at 1600 steps; sd and mean neighbour change (|Δ| between points "
-              "100 steps apart) of each decision metric over steps 1000–1600. Phase A recipes other than the demo's "
-              "appear only where they were run.", ""]
+    lines += [f"### Every run at {LENGTH} steps", "",
+              f"Per run and weights set: the scores at {LENGTH} steps; sd and mean neighbour change (|Δ| between "
+              f"points 100 steps apart) of each decision metric over steps {math.ceil(0.6 * LENGTH / 100) * 100}–"
+              f"{LENGTH}. Phase A recipes other than the demo's appear only where they were run.", ""]
     for method, recs in a.items():
         lines += [f"**{METHOD_TITLE[method]}**", "",
                   "| recipe | seed | weights | FD feat. | sd | \\|Δ\\| | FD pixel | sd | \\|Δ\\| | recall | sd | "
@@ -321,8 +322,8 @@ def write(c: Curves) -> dict[str, Any]:
                     lines.append(f"| {recipe_name(rec['lr'], rec['fake_updates'])} | {c.runs[n]['seed']} | {w} | "
                                  + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["### The averaging (declared rule, every run at 1600 steps)", "",
-              f"Means over the {average['runs']} runs that reached 1600 steps (both methods):", "",
+    lines += [f"### The averaging (declared rule, every run at {LENGTH} steps)", "",
+              f"Means over the {average['runs']} runs that reached {LENGTH} steps (both methods):", "",
               "| weights | FD feat. | FD pixel | recall | within-run sd of FD feat. | mean \\|Δ\\| of FD feat. | "
               "eligible (feat., pixel, recall) |", "|---|---|---|---|---|---|---|"]
     for w in WEIGHTS:
@@ -334,11 +335,11 @@ def write(c: Curves) -> dict[str, Any]:
                      + (", ".join("yes" if elig[m] else "no" for m in DECISION) if elig else "(not a candidate)")
                      + " |")
     kw = AVERAGES[weights]
-    lines += [""] if average["chosen"] else ["", "No run reached 1600 steps: no averaging chosen yet.", ""]
+    lines += [""] if average["chosen"] else ["", f"No run reached {LENGTH} steps: no averaging chosen yet.", ""]
     lines += ["", f"Chosen: **{weights}** (diffusers `EMAModel` with {', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in kw.items())})"
               + ("" if average["all_three"] else "; no average was within the effect on all three metrics, so "
                  "the fallback of the declared rule applied") + ".", ""]
-    lines += ["### The recipe per method (declared rule, chosen average at 1600 steps)", ""]
+    lines += [f"### The recipe per method (declared rule, chosen average at {LENGTH} steps)", ""]
     for method, r in recipes.items():
         lines += [f"**{METHOD_TITLE[method]}**: " + (f"chosen **{recipe_name(*r['chosen'])}** ({r['why']})."
                                                      if r["chosen"] else r["why"] + "."), "",
