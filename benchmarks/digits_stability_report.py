@@ -170,8 +170,8 @@ def choose_average(c: Curves, noise: dict[str, float]) -> dict[str, Any]:
     best = {m: (min if m in LOWER else max)(means[w][m] for w in AVERAGES) for m in DECISION}
     eligible = {w: {m: abs(means[w][m] - best[m]) <= effect(noise, m) for m in DECISION} for w in AVERAGES}
     full = [w for w in AVERAGES if all(eligible[w].values())]
-    pool = full or [w for w in AVERAGES if eligible[w]["fd_features"] and eligible[w]["recall"]] or list(AVERAGES)
-    chosen = min(pool, key=lambda w: means[w]["fd_features_sd"])
+    pool = full or [w for w in AVERAGES if eligible[w]["fd_features"] and eligible[w]["recall"]]
+    chosen = min(pool, key=lambda w: means[w]["fd_features_sd"]) if pool else None  # None: the rule picks none
     return {"runs": len(stats), "means": means, "best": best, "eligible": eligible, "all_three": bool(full),
             "chosen": chosen}
 
@@ -204,8 +204,9 @@ def choose_recipe(method: str, recs: list[dict[str, Any]], weights: str, noise: 
     return {"table": table, "chosen": (best["lr"], best["fake_updates"]), "why": why}
 
 
-def phase_b(c: Curves, method: str, lr: float, fake: int, weights: str, sigma: float) -> dict[str, Any]:
-    """The seeds of ``method``'s chosen recipe at its Phase B length: per run stats, seed mean ± sd, plateau."""
+def phase_b(c: Curves, method: str, lr: float, fake: int, sigma: float) -> dict[str, Any]:
+    """The seeds of ``method``'s recipe at its Phase B length: per run stats, seed mean ± sd, and per weights set
+    the plateau step of the seed-mean feature-FD curve."""
     length = B_STEPS[method]
     names = sorted(n for n, r in c.runs.items() if r["method"] == method and recipe(r) == (lr, fake)
                    and r["seed"] in B_SEEDS and length in c.noise_steps(n))
@@ -218,14 +219,16 @@ def phase_b(c: Curves, method: str, lr: float, fake: int, weights: str, sigma: f
             seeds[w][m] = (statistics.fmean(values) if values else float("nan"), sd(values))
         for key in ("fd_features_sd", "fd_features_change"):
             seeds[w][key] = mean_over(list(stats.values()), w, key)
-    mean_curve: tuple[list[int], list[float]] = ([], [])
-    if names:
-        curves = [c.curve(n, weights, "fd_features", length) for n in names]
+    plateau: dict[str, int | None] = {}
+    for w in WEIGHTS:
+        curves = [c.curve(n, w, "fd_features", length) for n in names]
+        if not curves or len(curves[0][0]) < 3 or math.isnan(sigma):
+            plateau[w] = None
+            continue
         steps = curves[0][0]
-        mean_curve = (steps, [statistics.fmean(v[i] for _, v in curves) for i in range(len(steps))])
-    plateau = plateau_step(*mean_curve, sigma) if len(mean_curve[0]) > 2 and not math.isnan(sigma) else None
-    return {"length": length, "runs": names, "stats": stats, "seeds": seeds, "plateau": plateau,
-            "mean_curve": mean_curve}
+        mean = [statistics.fmean(v[i] for _, v in curves) for i in range(len(steps))]
+        plateau[w] = plateau_step(steps, mean, sigma)
+    return {"length": length, "runs": names, "stats": stats, "seeds": seeds, "plateau": plateau}
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -275,7 +278,7 @@ def plot(c: Curves, chosen: dict[str, tuple[float, int] | None], path: Path) -> 
                          f"{len(names)} seeds: {TITLE[metric]}", fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-            if i == 0:
+            if i == 0 and names:
                 ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -286,10 +289,11 @@ def write(c: Curves) -> dict[str, Any]:
     noise = eval_noise(c)
     a = phase_a(c)
     average = choose_average(c, noise["all"])
-    weights = average["chosen"] or "ema-p2/3"
-    recipes = {m: choose_recipe(m, a[m], weights, noise[m]) for m in METHOD_TITLE}
-    b = {m: phase_b(c, m, *recipes[m]["chosen"], weights, noise[m]["fd_features"]) if recipes[m]["chosen"] else None
-         for m in METHOD_TITLE}
+    # the recipe rule needs one average: the chosen one, else (the rule chose none) each average in turn
+    recipes = {m: {w: choose_recipe(m, a[m], w, noise[m]) for w in ([average["chosen"]] if average["chosen"]
+                                                                   else list(AVERAGES))} for m in METHOD_TITLE}
+    # Phase B ran the demo's recipe of each method (amended: see the declaration)
+    b = {m: phase_b(c, m, *PHASE_A[m][0], noise[m]["fd_features"]) for m in METHOD_TITLE}
     lines = [MARKER, "", "## Results", ""]
     lines += [f"Written from `reports/digits_stability/curves.jsonl` ({len(c.rows)} lines, {len(c.runs)} runs). Scores on the "
               f"shared noise seed base {EVAL_SEED}, 2000 one-step images each; σ_eval from the 6 noise sets "
@@ -334,50 +338,57 @@ def write(c: Curves) -> dict[str, Any]:
                      f"{fmt(mm['fd_features_change'], 'fd_features')} | "
                      + (", ".join("yes" if elig[m] else "no" for m in DECISION) if elig else "(not a candidate)")
                      + " |")
-    kw = AVERAGES[weights]
-    lines += [""] if average["chosen"] else ["", f"No run reached {LENGTH} steps: no averaging chosen yet.", ""]
-    lines += ["", f"Chosen: **{weights}** (diffusers `EMAModel` with {', '.join(f'{k}={v:g}' if isinstance(v, float) else f'{k}={v}' for k, v in kw.items())})"
-              + ("" if average["all_three"] else "; no average was within the effect on all three metrics, so "
-                 "the fallback of the declared rule applied") + ".", ""]
-    lines += [f"### The recipe per method (declared rule, chosen average at {LENGTH} steps)", ""]
-    for method, r in recipes.items():
-        lines += [f"**{METHOD_TITLE[method]}**: " + (f"chosen **{recipe_name(*r['chosen'])}** ({r['why']})."
-                                                     if r["chosen"] else r["why"] + "."), "",
-                  "| recipe | seeds | FD feat. | FD pixel | recall |", "|---|---|---|---|---|"]
-        for row in r["table"]:
-            lines.append(f"| {recipe_name(row['lr'], row['fake_updates'])} | {row['seeds']} | "
-                         + " | ".join(fmt(row[m], m) for m in DECISION) + " |")
-        lines.append("")
-    lines += ["### Phase B: seeds 0–4 on the chosen recipe", ""]
+    chosen = average["chosen"]
+    if average["runs"] == 0:
+        lines += ["", f"No run reached {LENGTH} steps: no averaging chosen yet.", ""]
+    elif chosen is None:
+        lines += ["", "**The declared rule chooses none**: no average is within the smallest effect of the best "
+                  "average on all three metrics, and none is within it on both feature FD and recall.", ""]
+    else:
+        kw = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in AVERAGES[chosen].items())
+        lines += ["", f"Chosen by the declared rule: **{chosen}** (diffusers `EMAModel` with {kw})"
+                  + ("" if average["all_three"] else "; no average was within the effect on all three metrics, "
+                     "so the declared fallback (feature FD and recall) applied") + ".", ""]
+    lines += [f"### The recipe per method (declared rule at {LENGTH} steps)", ""]
+    for method, per_average in recipes.items():
+        for w, r in per_average.items():
+            lines += [f"**{METHOD_TITLE[method]}**, scored on {w}: "
+                      + (f"the rule keeps **{recipe_name(*r['chosen'])}** ({r['why']})." if r["chosen"]
+                         else r["why"] + ".")
+                      + (" Only the demo's recipe was run: nothing to choose between." if len(r["table"]) == 1
+                         else ""), "",
+                      "| recipe | seeds | FD feat. | FD pixel | recall |", "|---|---|---|---|---|"]
+            for row in r["table"]:
+                lines.append(f"| {recipe_name(row['lr'], row['fake_updates'])} | {row['seeds']} | "
+                             + " | ".join(fmt(row[m], m) for m in DECISION) + " |")
+            lines.append("")
+    lines += ["### Phase B: seeds on the demo's recipe", ""]
     for method, r in b.items():
-        if r is None:
-            continue
-        lines += [f"**{METHOD_TITLE[method]}**, {recipe_name(*recipes[method]['chosen'])}, "
-                  f"{len(r['runs'])} seeds at {r['length']} steps.", ""]
+        lines += [f"**{METHOD_TITLE[method]}**, {recipe_name(*PHASE_A[method][0])}: {len(r['runs'])} of "
+                  f"{len(B_SEEDS)} seeds reached {r['length']} steps"
+                  + (f" (seeds {', '.join(str(c.runs[n]['seed']) for n in r['runs'])})." if r["runs"] else "."), ""]
         if not r["runs"]:
-            lines += ["No run of this recipe reached its Phase B length.", ""]
             continue
-        pl = r["plateau"]
-        lines += [("Plateau rule (seed-mean curve of the chosen average's feature FD, σ_eval "
-                   f"{fmt(noise[method]['fd_features'], 'fd_features', 1)}): " +
-                   (f"met first at step {pl}." if pl else f"not met by {r['length']} steps (the maximum length).")),
-                  "", "Seed mean ± sd at the final length; within-run sd and mean neighbour change of feature FD "
-                  "over the last 40 % (mean over seeds):", "",
-                  "| weights | " + " | ".join(TITLE[m] for m in METRICS) + " | within-run sd | \\|Δ\\| |",
-                  "|---|" + "---|" * (len(METRICS) + 2)]
+        lines += ["Seed mean ± sd at the final length; within-run sd and mean neighbour change of feature FD over "
+                  "the last 40 % (mean over seeds); plateau: the first step at which the seed-mean feature-FD "
+                  f"curve's change over its last 20 % is at most σ_eval ({fmt(noise[method]['fd_features'], 'fd_features', 1)}):", "",
+                  "| weights | " + " | ".join(TITLE[m] for m in METRICS) + " | within-run sd | \\|Δ\\| | plateau |",
+                  "|---|" + "---|" * (len(METRICS) + 3)]
         for w in WEIGHTS:
-            s = r["seeds"][w]
-            lines.append(f"| {w} | " + " | ".join(f"{fmt(s[m][0], m)} ± {fmt(s[m][1], m)}" for m in METRICS)
-                         + f" | {fmt(s['fd_features_sd'], 'fd_features')} | "
-                           f"{fmt(s['fd_features_change'], 'fd_features')} |")
+            sw = r["seeds"][w]
+            pl = r["plateau"][w]
+            lines.append(f"| {w} | " + " | ".join(f"{fmt(sw[m][0], m)} ± {fmt(sw[m][1], m)}" for m in METRICS)
+                         + f" | {fmt(sw['fd_features_sd'], 'fd_features')} | "
+                           f"{fmt(sw['fd_features_change'], 'fd_features')} | "
+                           f"{pl if pl else 'not met by ' + str(r['length'])} |")
         lines.append("")
-    plot(c, {m: r["chosen"] for m, r in recipes.items()}, PLOT)
+    plot(c, {m: PHASE_A[m][0] for m in METHOD_TITLE}, PLOT)
     lines += [f"![curves]({PLOT.name})", "",
-              "The plot: every seed of each method's chosen recipe, raw weights (grey) and the three averages.", ""]
+              "The plot: every seed of each method's demo recipe, raw weights (grey) and the three averages.", ""]
     head = REPORT.read_text().split(MARKER)[0].rstrip() + "\n\n" if REPORT.exists() else ""
     REPORT.write_text(head + "\n".join(lines) + "\n")
     summary = {"noise": noise, "average": average, "recipes": recipes,
-               "phase_b": {m: {k: v for k, v in r.items() if k != "stats"} if r else None for m, r in b.items()}}
+               "phase_b": {m: {k: v for k, v in r.items() if k != "stats"} for m, r in b.items()}}
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
@@ -388,7 +399,7 @@ def main() -> None:
         raise SystemExit(f"{CURVES} holds no lines yet: run benchmarks/digits_stability.py first")
     summary = write(Curves(rows))
     print(f"wrote {REPORT} and {PLOT}; averaging {summary['average']['chosen']}, recipes "
-          + ", ".join(f"{m}: {r['chosen']}" for m, r in summary["recipes"].items()))
+          + ", ".join(f"{m}: {[r['chosen'] for r in per.values()]}" for m, per in summary["recipes"].items()))
 
 
 if __name__ == "__main__":

@@ -79,10 +79,10 @@ def test_within_run_sd_and_neighbour_change_over_the_last_40_percent():
 
 def test_queues_name_the_declared_runs_and_refuse_unknown_ones():
     a = stability.queue("A:full")
-    assert [(r.lr, r.fake_updates, r.steps, r.seed) for r in a] == [(2e-5, 5, 1600, 0), (5e-5, 5, 1600, 0),
-                                                                      (2e-5, 1, 1600, 0)]
+    assert [(r.lr, r.fake_updates, r.steps, r.seed) for r in a] == [(2e-5, 5, 1200, 0), (5e-5, 5, 1200, 0),
+                                                                      (2e-5, 1, 1200, 0)]
     b = stability.queue("B:lorad-probe:0.001:1")
-    assert [r.seed for r in b] == [0, 1, 2, 3, 4] and {r.steps for r in b} == {2400}
+    assert [r.seed for r in b] == [0, 1, 2, 3, 4] and {r.steps for r in b} == {1200}
     assert b[0].name == "lorad-probe-lr0.001-f1-s0"
     with pytest.raises(SystemExit):
         stability.queue("C")
