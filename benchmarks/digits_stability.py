@@ -124,14 +124,22 @@ def plateau_step(steps: list[int], values: list[float], noise: float, fraction: 
 
 
 def within_run(steps: list[int], values: list[float], fraction: float = 0.4) -> dict[str, float]:
-    """Over the points in the last ``fraction`` of the run: the sd (n − 1), and the mean absolute change between
+    """Over the points in the last ``fraction`` of the run: the sd (n − 1), the sd about the least-squares line
+    (n − 2; the jitter without the trend of a curve still improving), and the mean absolute change between
     neighbouring scored points."""
     last = steps[-1]
-    tail = [v for s, v in zip(steps, values) if s >= (1.0 - fraction) * last]
+    pts = [(s, v) for s, v in zip(steps, values) if s >= (1.0 - fraction) * last]
+    tail = [v for _, v in pts]
     mean = sum(tail) / len(tail)
     sd = math.sqrt(sum((v - mean) ** 2 for v in tail) / (len(tail) - 1)) if len(tail) > 1 else float("nan")
+    detrended = float("nan")
+    if len(pts) > 2:
+        b = slope([s for s, _ in pts], tail)
+        ms = sum(s for s, _ in pts) / len(pts)
+        detrended = math.sqrt(sum((v - mean - b * (s - ms)) ** 2 for s, v in pts) / (len(pts) - 2))
     change = [abs(b - a) for a, b in zip(tail, tail[1:])]
-    return {"sd": sd, "step_change": sum(change) / len(change) if change else float("nan"), "points": len(tail)}
+    return {"sd": sd, "detrended_sd": detrended, "step_change": sum(change) / len(change) if change else float("nan"),
+            "points": len(tail)}
 
 
 # ------------------------------------------------------------------------------------------------ I/O

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from digits_stability import (  # noqa: E402 - the driver's own constants, one definition
-    AVERAGES, B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, OUT, PHASE_A, ROOT, WEIGHTS, plateau_step,
+    AVERAGES, B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, OUT, PHASE_A, ROOT, WEIGHTS, plateau_step, queue,
     read_curves, within_run,
 )
 
@@ -133,6 +134,7 @@ def run_stats(c: Curves, name: str, upto: int) -> dict[str, dict[str, Any]]:
             if metric in DECISION:
                 stats = within_run(steps, values)
                 row[f"{metric}_sd"], row[f"{metric}_change"] = stats["sd"], stats["step_change"]
+                row[f"{metric}_detrended"] = stats["detrended_sd"]
         out[w] = row
     return out
 
@@ -163,7 +165,8 @@ def better(metric: str, a: float, b: float) -> bool:
 def choose_average(c: Curves, noise: dict[str, float]) -> dict[str, Any]:
     """The declared averaging rule on every run's scores at LENGTH steps (every run that reached it)."""
     stats = [run_stats(c, n, LENGTH) for n in sorted(c.runs) if c.value(n, LENGTH, "raw", "fd_features") is not None]
-    means = {w: {m: mean_over(stats, w, m) for m in (*DECISION, "fd_features_sd", "fd_features_change")}
+    means = {w: {m: mean_over(stats, w, m) for m in (*DECISION, "fd_features_sd", "fd_features_detrended",
+                                                      "fd_features_change")}
              for w in WEIGHTS}
     if not stats:
         return {"runs": 0, "means": means, "best": {}, "eligible": {}, "all_three": False, "chosen": None}
@@ -217,7 +220,7 @@ def phase_b(c: Curves, method: str, lr: float, fake: int, sigma: float) -> dict[
         for m in METRICS:
             values = [s[w][m] for s in stats.values() if m in s[w]]
             seeds[w][m] = (statistics.fmean(values) if values else float("nan"), sd(values))
-        for key in ("fd_features_sd", "fd_features_change"):
+        for key in ("fd_features_sd", "fd_features_detrended", "fd_features_change"):
             seeds[w][key] = mean_over(list(stats.values()), w, key)
     plateau: dict[str, int | None] = {}
     for w in WEIGHTS:
@@ -232,6 +235,51 @@ def phase_b(c: Curves, method: str, lr: float, fake: int, sigma: float) -> dict[
 
 
 # ------------------------------------------------------------------------------------------------ writing
+
+
+def machine() -> str:
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    import torch
+
+    return (f"{model}, {os.cpu_count()} cores (a VM shared with other jobs: load average 5–11 during the runs), "
+            f"Python {platform.python_version()}, torch {torch.__version__}, one torch thread per run, two runs at "
+            "a time")
+
+
+def how_lines(c: Curves) -> list[str]:
+    """Machine, commands, seeds, and what of the declared plan did not run."""
+    declared = [r for m in PHASE_A for r in queue(f"A:{m}")] + [
+        r for m in PHASE_A for r in queue(f"B:{m}:{PHASE_A[m][0][0]:g}:{PHASE_A[m][0][1]}")]
+    seen, missing = set(), []
+    for r in declared:
+        if r.name in seen:
+            continue
+        seen.add(r.name)
+        if r.name not in c.runs or r.steps not in c.noise_steps(r.name):
+            got = c.last_step(r.name) if r.name in c.runs else 0
+            missing.append(f"{r.name} ({'not started' if not got else f'stopped at step {got}'})")
+    return ["### How it was run", "",
+            f"Machine: {machine()}.", "",
+            "Commands (each lane one run at a time; the queue order is in the amendments above):", "",
+            "```",
+            "python benchmarks/digits_stability.py run --queue B:lorad-probe:0.001:1 --queue A:lorad-probe --workers 1",
+            "python benchmarks/digits_stability.py run --queue B:full:2e-05:5 --queue A:full --workers 1",
+            "python benchmarks/digits_stability_report.py",
+            "```", "",
+            "The whole declared plan (Phase A: both seeds, every recipe; Phase B: 5 seeds; the declared lengths: "
+            "set `A_STEPS = 1600` and `B_STEPS = {\"lorad-probe\": 2400, \"full\": 2000}` in the driver; finished "
+            "runs continue from their last checkpoint in `$WADI_STABILITY_WORK`):", "",
+            "```",
+            "python benchmarks/digits_stability.py run --queue A:lorad-probe --queue A1:lorad-probe --queue A:full "
+            "--queue A1:full --queue B:lorad-probe:0.001:1 --queue B:full:2e-05:5 --workers 2",
+            "```", "",
+            f"Training seeds {', '.join(map(str, B_SEEDS))} (Phase B) and 0 (Phase A); evaluation noise seed base "
+            f"{EVAL_SEED} for every score, {', '.join(map(str, NOISE_SEEDS))} for the noise sets.", "",
+            "Not run or not finished at the common length (cut for time): "
+            + ("; ".join(missing) if missing else "nothing") + ". Phase A at seed 1 (declared: only if time was left) "
+            "was not run.", ""]
 
 
 def runs_table(c: Curves) -> list[str]:
@@ -306,7 +354,7 @@ def write(c: Curves) -> dict[str, Any]:
                      + " | ".join(fmt(row[m], m, 1) for m in METRICS) + " |")
     lines += ["", "Smallest effect that matters (max of 2 σ_eval over both methods and the declared floor): "
               + ", ".join(f"{TITLE[m]} {fmt(effect(noise['all'], m), m, 1)}" for m in DECISION) + ".", ""]
-    lines += runs_table(c)
+    lines += how_lines(c) + runs_table(c)
     lines += [f"### Every run at {LENGTH} steps", "",
               f"Per run and weights set: the scores at {LENGTH} steps; sd and mean neighbour change (|Δ| between "
               f"points 100 steps apart) of each decision metric over steps {math.ceil(0.6 * LENGTH / 100) * 100}–"
@@ -328,13 +376,14 @@ def write(c: Curves) -> dict[str, Any]:
         lines.append("")
     lines += [f"### The averaging (declared rule, every run at {LENGTH} steps)", "",
               f"Means over the {average['runs']} runs that reached {LENGTH} steps (both methods):", "",
-              "| weights | FD feat. | FD pixel | recall | within-run sd of FD feat. | mean \\|Δ\\| of FD feat. | "
-              "eligible (feat., pixel, recall) |", "|---|---|---|---|---|---|---|"]
+              "| weights | FD feat. | FD pixel | recall | within-run sd of FD feat. | sd about trend | "
+              "mean \\|Δ\\| of FD feat. | eligible (feat., pixel, recall) |", "|---|---|---|---|---|---|---|---|"]
     for w in WEIGHTS:
         mm = average["means"][w]
         elig = average["eligible"].get(w)
         lines.append(f"| {w} | {fmt(mm['fd_features'], 'fd_features')} | {fmt(mm['fd_pixel'], 'fd_pixel')} | "
                      f"{fmt(mm['recall'], 'recall')} | {fmt(mm['fd_features_sd'], 'fd_features')} | "
+                     f"{fmt(mm['fd_features_detrended'], 'fd_features')} | "
                      f"{fmt(mm['fd_features_change'], 'fd_features')} | "
                      + (", ".join("yes" if elig[m] else "no" for m in DECISION) if elig else "(not a candidate)")
                      + " |")
@@ -372,13 +421,14 @@ def write(c: Curves) -> dict[str, Any]:
         lines += ["Seed mean ± sd at the final length; within-run sd and mean neighbour change of feature FD over "
                   "the last 40 % (mean over seeds); plateau: the first step at which the seed-mean feature-FD "
                   f"curve's change over its last 20 % is at most σ_eval ({fmt(noise[method]['fd_features'], 'fd_features', 1)}):", "",
-                  "| weights | " + " | ".join(TITLE[m] for m in METRICS) + " | within-run sd | \\|Δ\\| | plateau |",
-                  "|---|" + "---|" * (len(METRICS) + 3)]
+                  "| weights | " + " | ".join(TITLE[m] for m in METRICS) + " | within-run sd | sd about trend | "
+                  "\\|Δ\\| | plateau |", "|---|" + "---|" * (len(METRICS) + 4)]
         for w in WEIGHTS:
             sw = r["seeds"][w]
             pl = r["plateau"][w]
             lines.append(f"| {w} | " + " | ".join(f"{fmt(sw[m][0], m)} ± {fmt(sw[m][1], m)}" for m in METRICS)
                          + f" | {fmt(sw['fd_features_sd'], 'fd_features')} | "
+                           f"{fmt(sw['fd_features_detrended'], 'fd_features')} | "
                            f"{fmt(sw['fd_features_change'], 'fd_features')} | "
                            f"{pl if pl else 'not met by ' + str(r['length'])} |")
         lines.append("")

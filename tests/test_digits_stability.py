@@ -75,6 +75,8 @@ def test_within_run_sd_and_neighbour_change_over_the_last_40_percent():
     assert stats["points"] == 5
     assert stats["sd"] == pytest.approx(math.sqrt(sum((v - 1.8) ** 2 for v in (1, 3, 1, 3, 1)) / 4))
     assert stats["step_change"] == pytest.approx(2.0)
+    line = stability.within_run(steps, [3.0 * s for s in steps])
+    assert line["sd"] > 100 and line["detrended_sd"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_queues_name_the_declared_runs_and_refuse_unknown_ones():
