@@ -333,6 +333,28 @@ def plot(c: Curves, chosen: dict[str, tuple[float, int] | None], path: Path) -> 
     plt.close(fig)
 
 
+def comparison_lines(average: dict[str, Any], noise: dict[str, float]) -> list[str]:
+    """Pairwise, from the table above: which averages differ by more than the smallest effect, on which metric,
+    and each average's within-run sd against the raw weights'. Sentences follow from the numbers only."""
+    if not average["runs"]:
+        return []
+    means, names = average["means"], list(AVERAGES)
+    out = ["Pairwise differences of the means (more than the smallest effect marked **beyond**; else within):", ""]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            parts = []
+            for m in DECISION:
+                d = means[a][m] - means[b][m]
+                tag = "**beyond**" if abs(d) > effect(noise, m) else "within"
+                parts.append(f"{TITLE[m]} {d:+.{DIGITS[m]}f} ({tag})")
+            out.append(f"- {a} − {b}: " + ", ".join(parts))
+    raw_sd = means["raw"]["fd_features_sd"]
+    out += ["", "Within-run sd of feature FD relative to the raw weights' "
+            f"({fmt(raw_sd, 'fd_features')}): "
+            + ", ".join(f"{w} {means[w]['fd_features_sd'] / raw_sd:.2f}×" for w in names) + ".", ""]
+    return out
+
+
 def write(c: Curves) -> dict[str, Any]:
     noise = eval_noise(c)
     a = phase_a(c)
@@ -398,6 +420,7 @@ def write(c: Curves) -> dict[str, Any]:
         lines += ["", f"Chosen by the declared rule: **{chosen}** (diffusers `EMAModel` with {kw})"
                   + ("" if average["all_three"] else "; no average was within the effect on all three metrics, "
                      "so the declared fallback (feature FD and recall) applied") + ".", ""]
+    lines += comparison_lines(average, noise["all"])
     lines += [f"### The recipe per method (declared rule at {LENGTH} steps)", ""]
     for method, per_average in recipes.items():
         for w, r in per_average.items():
