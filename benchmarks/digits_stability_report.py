@@ -333,6 +333,38 @@ def plot(c: Curves, chosen: dict[str, tuple[float, int] | None], path: Path) -> 
     plt.close(fig)
 
 
+def summary_lines(c: Curves, average: dict[str, Any], b: dict[str, Any], noise: dict[str, Any]) -> list[str]:
+    """The findings in a few sentences, each computed from the tables below."""
+    out = ["### Summary (computed from the tables below)", ""]
+    for method, r in b.items():
+        if not r["runs"]:
+            out.append(f"- {METHOD_TITLE[method]}: no seed reached {LENGTH} steps.")
+            continue
+        sw = r["seeds"]
+        sds = ", ".join(f"{w} {fmt(sw[w]['fd_features_sd'], 'fd_features')}" for w in WEIGHTS)
+        seed_sd = ", ".join(f"{w} {fmt(sw[w]['fd_features'][1], 'fd_features')}" for w in WEIGHTS)
+        met = [w for w in WEIGHTS if not math.isnan(sw[w]["fd_features"][1]) and sw[w]["fd_features"][1] <= 3.0]
+        out.append(f"- {METHOD_TITLE[method]} ({len(r['runs'])} seeds, {LENGTH} steps): within-run sd of feature FD "
+                   f"over steps {math.ceil(0.6 * LENGTH / 100) * 100}–{LENGTH} (mean over seeds): {sds}. "
+                   + (f"Seed sd of feature FD at {LENGTH}: {seed_sd}; at most 3 points (the target) for: "
+                      f"{', '.join(met) or 'none'}." if len(r["runs"]) > 1 else "One seed: no seed sd."))
+    if average["runs"]:
+        per_run = [run_stats(c, n, LENGTH) for n in sorted(c.runs)
+                   if c.value(n, LENGTH, "raw", "fd_features") is not None]
+        for w in AVERAGES:
+            others = [o for o in AVERAGES if o != w]
+            lower_fd = sum(1 for s in per_run if all(s[w]["fd_features"] < s[o]["fd_features"] for o in others))
+            worse = sum(1 for s in per_run if all(
+                s[w]["fd_pixel"] - s[o]["fd_pixel"] > effect(noise, "fd_pixel")
+                and s[o]["recall"] - s[w]["recall"] > effect(noise, "recall") for o in others))
+            if lower_fd or worse:
+                out.append(f"- {w}: the lowest feature FD of the three averages in {lower_fd} of {len(per_run)} "
+                           f"runs at {LENGTH} steps; worse than both other averages on pixel FD and on recall by "
+                           f"more than the smallest effect in {worse} of {len(per_run)}.")
+    out.append("")
+    return out
+
+
 def comparison_lines(average: dict[str, Any], noise: dict[str, float]) -> list[str]:
     """Pairwise, from the table above: which averages differ by more than the smallest effect, on which metric,
     and each average's within-run sd against the raw weights'. Sentences follow from the numbers only."""
@@ -376,7 +408,7 @@ def write(c: Curves) -> dict[str, Any]:
                      + " | ".join(fmt(row[m], m, 1) for m in METRICS) + " |")
     lines += ["", "Smallest effect that matters (max of 2 σ_eval over both methods and the declared floor): "
               + ", ".join(f"{TITLE[m]} {fmt(effect(noise['all'], m), m, 1)}" for m in DECISION) + ".", ""]
-    lines += how_lines(c) + runs_table(c)
+    lines += summary_lines(c, average, b, noise["all"]) + how_lines(c) + runs_table(c)
     lines += [f"### Every run at {LENGTH} steps", "",
               f"Per run and weights set: the scores at {LENGTH} steps; sd and mean neighbour change (|Δ| between "
               f"points 100 steps apart) of each decision metric over steps {math.ceil(0.6 * LENGTH / 100) * 100}–"
