@@ -202,7 +202,8 @@ def choose_recipe(method: str, recs: list[dict[str, Any]], weights: str, noise: 
              and abs(best[m] - demo[m]) > effect(noise, m)]
     if worse:
         best = demo
-        why = f"the lowest feature FD is worse than the demo's recipe on {', '.join(worse)} by more than the effect"
+        why = (f"the recipe with the lowest feature FD is worse than the demo's on "
+               f"{' and '.join(TITLE[m] for m in worse)} by more than the smallest effect")
     else:
         why = "the lowest feature FD"
     within = [m for m in DECISION if abs(best[m] - demo[m]) > effect(noise, m)]
