@@ -252,7 +252,7 @@ def machine() -> str:
                  "unknown CPU")
     import torch
 
-    return (f"{model}, {os.cpu_count()} cores (a VM shared with other jobs: load average 5–11 during the runs), "
+    return (f"{model}, {os.cpu_count()} cores (a VM shared with other jobs: load average 3–11 during the runs), "
             f"Python {platform.python_version()}, torch {torch.__version__}, one torch thread per run, two runs at "
             "a time")
 
