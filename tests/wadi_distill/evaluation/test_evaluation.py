@@ -10,6 +10,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from _tiny_features import TinyFeatures, save_tiny_features
+from _tiny_features import image_folder as _folder
 from wadi_distill.cli import app
 
 runner = CliRunner()
@@ -17,28 +19,6 @@ runner = CliRunner()
 
 def run(*args):
     return runner.invoke(app, [str(a) for a in args])
-
-
-class TinyFeatures(torch.nn.Module):
-    """uint8 (B, 3, H, W) -> (B, 6): a random conv, pooled (resizes to 32 itself, like a real extractor)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 5, stride=2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(x.float() / 255.0, size=(32, 32), mode="bilinear", align_corners=False)
-        return torch.tanh(self.conv(x)).mean(dim=(2, 3)) * 10
-
-
-def _folder(path, count, seed, shift=0.0, size=(40, 30), suffix=".png"):
-    rng = np.random.default_rng(seed)
-    path.mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        base = rng.uniform(0, 1, size=3) * 255 * (1 - shift) + shift * 255
-        pixels = np.clip(base[None, None] + rng.normal(0, 40, size=(size[1], size[0], 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(path / f"{i:03d}{suffix}")
-    return path
 
 
 def _protocol_tensor(folder):
@@ -83,9 +63,7 @@ def _pr(real, fake, k=3):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    torch.manual_seed(0)
-    scripted = torch.jit.script(TinyFeatures().eval())
-    scripted.save(str(root / "features.pt"))
+    scripted = save_tiny_features(root / "features.pt")
     return {"root": root, "features": root / "features.pt", "real": _folder(root / "real", 12, 0),
             "fake": _folder(root / "fake", 12, 1, shift=0.3, size=(30, 44)), "module": scripted}
 

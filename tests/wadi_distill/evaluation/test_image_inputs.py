@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from test_evaluation import TinyFeatures, _folder
+from _tiny_features import image_folder as _folder
+from _tiny_features import save_tiny_features
 from wadi_distill.cli import app
 
 
@@ -47,10 +48,7 @@ def _digits_folder(path, count=6):
 @pytest.fixture(scope="module")
 def features(tmp_path_factory):
     root = tmp_path_factory.mktemp("feat")
-    torch.manual_seed(0)
-    scripted = torch.jit.script(TinyFeatures().eval())
-    scripted.save(str(root / "features.pt"))
-    return root / "features.pt", scripted
+    return root / "features.pt", save_tiny_features(root / "features.pt")
 
 
 def test_a_truncated_png_against_the_builtin_digits_is_named(tmp_path):

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from _tiny_features import save_tiny_features  # noqa: E402
 from tiny_pipelines import make_pipeline  # noqa: E402
 
 from wadi_distill.cli import app  # noqa: E402
@@ -270,17 +271,7 @@ def test_sample_from_the_adapter_and_the_merged_student_agree(trained, sana, tmp
 def test_evaluate_generates_and_scores_the_student(trained, sana, tmp_path):
     import numpy as np
 
-    class Features(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 6, 5, stride=2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = torch.nn.functional.interpolate(x.float() / 255.0, size=(32, 32), mode="bilinear", align_corners=False)
-            return torch.tanh(self.conv(x)).mean(dim=(2, 3)) * 10
-
-    torch.manual_seed(0)
-    torch.jit.script(Features().eval()).save(str(tmp_path / "features.pt"))
+    save_tiny_features(tmp_path / "features.pt")
     reference = tmp_path / "real"
     reference.mkdir()
     rng = np.random.default_rng(0)
