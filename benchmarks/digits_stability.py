@@ -87,8 +87,10 @@ def ramp_decay(step: int, power: float, max_decay: float) -> float:
     """The ramped EMA's decay after ``step`` optimisation steps (1-based, as diffusers counts): 0 at the first step
     (a copy), then min(max_decay, 1 - step^(-power)) — diffusers' ``EMAModel`` with ``use_ema_warmup=True``,
     ``inv_gamma=1``, ``update_after_step=0``."""
+    from wadi_distill.vsd.config import ema_decay_at  # the trainer's formula: the study measures what it runs
+
     k = step - 1
-    return 0.0 if k <= 0 else min(max_decay, 1.0 - (1.0 + k) ** (-power))
+    return 0.0 if k <= 0 else ema_decay_at(k, max_decay, power)
 
 
 def slope(steps: list[int], values: list[float]) -> float:
