@@ -27,15 +27,11 @@ import torch
 
 def _multistep(per_class: int, sets: int, seed: int, ddim_steps: int, cfg: float) -> dict:
     """The teacher's DDIM sample scored the same way (set j: generator seed ``seed + j·N``, as the demo does)."""
-    from wadi_distill.builtin.digits.data import load_split
-    from wadi_distill.digits_demo.demo import eval_labels, multistep_digits
-    from wadi_distill.evaluate import evaluate_images
-    from wadi_distill.evaluation.noise import score_noise_sets
+    from wadi_distill.digits_demo.demo import eval_labels, score_multistep_digits
     from wadi_distill.teachers.pipeline import load_teacher
 
-    bundle, labels, reference = load_teacher("builtin:digits"), eval_labels(per_class), load_split("reference")
-    return score_noise_sets(lambda start: evaluate_images(
-        multistep_digits(bundle, labels, start, steps=ddim_steps, cfg=cfg), labels, reference), sets, len(labels), seed)
+    return score_multistep_digits(load_teacher("builtin:digits"), eval_labels(per_class), noise_sets=sets, seed=seed,
+                                  steps=ddim_steps, cfg=cfg)[0]
 
 
 def main() -> None:

@@ -148,6 +148,30 @@ def one_step_digits(teacher: Any, unet: torch.nn.Module, labels: torch.Tensor, s
     return images * 2.0 - 1.0
 
 
+def score_multistep_digits(bundle: Any, labels: torch.Tensor, *, noise_sets: int = EVAL_NOISE_SETS, seed: int = 0,
+                           steps: int, cfg: float, classifier: Any = None,
+                           progress: bool = False) -> tuple[dict[str, Any], torch.Tensor]:
+    """The teacher's multi-step (DDIM) sample scored on ``noise_sets`` sets of ``len(labels)`` images, and the first
+    set's images. Set j draws from the generator seed ``seed + j·len(labels)``; the summary is
+    :func:`wadi_distill.evaluation.noise.score_noise_sets`' (per metric mean, sd over the sets, values)."""
+    from wadi_distill.builtin.digits.classifier import shipped_classifier
+    from wadi_distill.builtin.digits.data import load_split
+    from wadi_distill.evaluate import evaluate_images
+    from wadi_distill.evaluation.noise import score_noise_sets
+
+    classifier = classifier if classifier is not None else shipped_classifier()
+    reference = load_split("reference")
+    first: list[torch.Tensor] = []
+
+    def score_set(start: int) -> dict[str, Any]:
+        images = multistep_digits(bundle, labels, start, steps=steps, cfg=cfg, progress=progress)
+        if not first:
+            first.append(images)
+        return evaluate_images(images, labels, reference, classifier=classifier)
+
+    return score_noise_sets(score_set, noise_sets, len(labels), seed), first[0]
+
+
 def score_one_step_digits(generator: str | Path | torch.nn.Module | None = None, *, noise_sets: int = EVAL_NOISE_SETS,
                           per_class: int = EVAL_PER_CLASS, seed: int = 0, teacher: str = "builtin:digits",
                           bundle: Any = None, classifier: Any = None) -> dict[str, Any]:
@@ -543,17 +567,11 @@ def _evaluate(teacher_spec, bundle, full_path, lorad_path, settings, seed, out, 
                                                                  classifier=classifier), 1, len(real_images))
             grid = grid_subset(real_images, real_labels, per_row)
         elif source == "multistep":
-            labels, first = eval_labels(settings.multistep_per_class), []
-
-            def multistep(offset: int, labels: torch.Tensor = labels, first: list = first) -> dict[str, Any]:
-                images = multistep_digits(bundle, labels, seed + offset, steps=settings.ddim_steps,
-                                          cfg=settings.teacher_cfg, progress=progress)
-                if not first:  # the grid shows the first set's images
-                    first.append(images)
-                return evaluate_images(images, labels, reference, classifier=classifier)
-
-            summary = score_noise_sets(multistep, settings.eval_noise_sets, len(labels))
-            grid = grid_subset(first[0], labels, per_row)
+            labels = eval_labels(settings.multistep_per_class)
+            summary, first = score_multistep_digits(bundle, labels, noise_sets=settings.eval_noise_sets, seed=seed,
+                                                    steps=settings.ddim_steps, cfg=settings.teacher_cfg,
+                                                    classifier=classifier, progress=progress)
+            grid = grid_subset(first, labels, per_row)  # the grid shows the first set's images
         else:
             unet = source if isinstance(source, torch.nn.Module) else _student_unet(teacher_spec, Path(source))
             summary = score_one_step_digits(unet, noise_sets=settings.eval_noise_sets,
