@@ -74,10 +74,12 @@ class Run:
     fake_updates: int
     steps: int
     name: str = field(default="")
+    extra: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields changed from the study's set-up
 
     def __post_init__(self) -> None:
         if not self.name:
-            self.name = f"{self.method}-lr{self.lr:g}-f{self.fake_updates}-s{self.seed}"
+            changed = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in sorted(self.extra.items()))
+            self.name = f"{self.method}-lr{self.lr:g}-f{self.fake_updates}{changed}-s{self.seed}"
 
 
 # ------------------------------------------------------------------------------------------------ pure parts
@@ -184,6 +186,10 @@ def _config(run: Run, workdir: Path, resume: bool):
         config.student_adapter, config.rank_from_probe, config.budget = "lorad", str(REPORT), BUDGET
     elif run.method != "full":
         raise SystemExit(f"unknown method {run.method!r}: this study runs lorad-probe and full")
+    for key, value in run.extra.items():
+        if not hasattr(config, key):
+            raise SystemExit(f"{run.name}: DistillConfig has no field {key!r}")
+        setattr(config, key, value)
     return config
 
 
@@ -315,6 +321,8 @@ def queue(name: str) -> list[Run]:
     ``A1:<method>`` the same at seed 1.
     ``B:<method>:<lr>:<fake>``  Phase B, seeds 0-4 of that recipe at the method's Phase B length (a Phase A run of
                     the same recipe and seed continues from its 1600-step checkpoint).
+    ``L:<method>:<lr>:<fake>:<seed>[:<steps>][:field=value,...]``  one run with DistillConfig fields changed
+                    (the levers study, reports/digits_levers.md), e.g. ``L:lorad-probe:0.001:1:0:cfg=2.0``.
     """
     kind, _, rest = name.partition(":")
     if kind in ("A", "A1") and rest in PHASE_A:
@@ -323,7 +331,22 @@ def queue(name: str) -> list[Run]:
         method, lr, fake = rest.split(":")
         if method in B_STEPS:
             return [Run(method, seed, float(lr), int(fake), B_STEPS[method]) for seed in B_SEEDS]
-    raise SystemExit(f"unknown queue {name!r}: A:<method>, A1:<method> or B:<method>:<lr>:<fake updates>")
+    if kind == "L" and rest.count(":") >= 4:  # one lever run: L:<method>:<lr>:<fake>:<seed>[:<steps>][:key=value,...]
+        method, lr, fake, seed, *tail = rest.split(":")
+        steps = int(tail.pop(0)) if tail and "=" not in tail[0] else A_STEPS
+        extra = dict(_parse_field(item) for item in (tail[0].split(",") if tail else []) if item)
+        return [Run(method, int(seed), float(lr), int(fake), steps, extra=extra)]
+    raise SystemExit(f"unknown queue {name!r}: A:<method>, A1:<method>, B:<method>:<lr>:<fake updates> or "
+                     "L:<method>:<lr>:<fake updates>:<seed>[:<steps>][:field=value,...]")
+
+
+def _parse_field(item: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as JSON when it parses (numbers, true/false), else as a string."""
+    key, _, value = item.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
 
 
 def run_pool(runs: list[Run], workers: int) -> None:
