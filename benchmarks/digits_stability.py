@@ -331,7 +331,7 @@ def queue(name: str) -> list[Run]:
         method, lr, fake = rest.split(":")
         if method in B_STEPS:
             return [Run(method, seed, float(lr), int(fake), B_STEPS[method]) for seed in B_SEEDS]
-    if kind == "L" and rest.count(":") >= 4:  # one lever run: L:<method>:<lr>:<fake>:<seed>[:<steps>][:key=value,...]
+    if kind == "L" and rest.count(":") >= 3:  # one lever run: L:<method>:<lr>:<fake>:<seed>[:<steps>][:key=value,...]
         method, lr, fake, seed, *tail = rest.split(":")
         steps = int(tail.pop(0)) if tail and "=" not in tail[0] else A_STEPS
         extra = dict(_parse_field(item) for item in (tail[0].split(",") if tail else []) if item)
