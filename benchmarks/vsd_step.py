@@ -103,7 +103,7 @@ def _attach(model: nn.Module, ranks: dict[str, int]) -> nn.ModuleList:
 
 
 def _paper_step_fn(teacher, ranks: dict[str, int], fake_ranks: dict[str, int], batch: int, cfg: float,
-                   device: str, dtype: torch.dtype):
+                   device: str, dtype: torch.dtype, sequential_cfg: bool = False):
     from wadi_distill.vsd import losses as vsd
     from wadi_distill.vsd.step import VSDStep
 
@@ -125,7 +125,8 @@ def _paper_step_fn(teacher, ranks: dict[str, int], fake_ranks: dict[str, int], b
         with autocast:
             return call(models[role], x, t, c).float()
 
-    vsd_step = VSDStep(schedule, predict, null, cfg)  # the same step as the trainer's, on three separate models
+    # the same step as the trainer's, on three separate models
+    vsd_step = VSDStep(schedule, predict, null, cfg, sequential_cfg=sequential_cfg)
     keep_prompt = torch.zeros(batch, dtype=torch.bool, device=device)
 
     def step() -> None:
@@ -154,14 +155,15 @@ def _paper_step_fn(teacher, ranks: dict[str, int], fake_ranks: dict[str, int], b
 
 # ------------------------------------------------------------------------------------------ our loop
 def _ours_step_fn(teacher, rank: int, fake_rank: int, batch: int, cfg: float, device: str, precision: str,
-                  workdir: Path, checkpointing: bool):
+                  workdir: Path, checkpointing: bool, sequential_cfg: bool = False):
     from wadi_distill.vsd.trainer import DistillConfig, VSDTrainer
 
     prompts = workdir / "prompts.txt"
     prompts.write_text("x\n" * 8)
     config = DistillConfig(teacher=teacher.source, output_dir=str(workdir / "out"), prompts=str(prompts), rank=rank,
                            fake_rank=fake_rank, batch_size=batch, cfg=cfg, device=device, mixed_precision=precision,
-                           progress=False, tensorboard=False, gradient_checkpointing=checkpointing)
+                           progress=False, tensorboard=False, gradient_checkpointing=checkpointing,
+                           sequential_cfg=sequential_cfg)
     trainer = VSDTrainer(config, teacher=teacher)
     return trainer.train_step
 
@@ -210,9 +212,10 @@ def _worker(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if args.variant == "ours":
             step = _ours_step_fn(teacher, args.rank, args.fake_rank, args.batch_size, args.cfg, args.device,
-                                 args.mixed_precision, Path(tmp), args.gradient_checkpointing)
+                                 args.mixed_precision, Path(tmp), args.gradient_checkpointing, args.sequential_cfg)
         else:
-            step = _paper_step_fn(teacher, ranks, fake_ranks, args.batch_size, args.cfg, args.device, dtype)
+            step = _paper_step_fn(teacher, ranks, fake_ranks, args.batch_size, args.cfg, args.device, dtype,
+                                  args.sequential_cfg)
         cuda = args.device == "cuda"
         for _ in range(args.warmup):
             step()
@@ -234,7 +237,8 @@ def _worker(args: argparse.Namespace) -> dict:
 
 def compare_variants(*, device: str = "cpu", config: str = "small", batch_size: int = 1, rank: int | None = None,
                      fake_rank: int | None = None, cfg: float = 1.5, mixed_precision: str = "no",
-                     gradient_checkpointing: bool = False, steps: int = 5, warmup: int = 2, threads: int = 1,
+                     gradient_checkpointing: bool = False, sequential_cfg: bool = False, steps: int = 5,
+                     warmup: int = 2, threads: int = 1,
                      timeout: float | None = None, parallel: bool = False) -> dict:
     """Time the paper-style step and ours, each in its own process; their step times, peak memory and ratios.
 
@@ -250,6 +254,8 @@ def compare_variants(*, device: str = "cpu", config: str = "small", batch_size: 
              "--steps", str(steps), "--warmup", str(warmup), "--threads", str(threads)]
     if gradient_checkpointing:
         flags.append("--gradient-checkpointing")
+    if sequential_cfg:  # both loops: the guided passes' two halves one after the other
+        flags.append("--sequential-cfg")
     root = str(Path(__file__).resolve().parents[1])  # the workers import this checkout's packages
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     results: dict = {}
@@ -284,7 +290,8 @@ def compare_variants(*, device: str = "cpu", config: str = "small", batch_size: 
     return {
         "device": torch.cuda.get_device_name() if device == "cuda" else "CPU", "config": config,
         "batch_size": batch_size, "mixed_precision": mixed_precision, "rank": rank, "fake_rank": fake_rank,
-        "gradient_checkpointing": gradient_checkpointing, "steps": steps, "warmup": warmup,
+        "gradient_checkpointing": gradient_checkpointing, "sequential_cfg": sequential_cfg, "steps": steps,
+        "warmup": warmup,
         "peak_memory": "CUDA max allocated" if device == "cuda" else "peak RSS above the imports",
         **results,
         "time_ratio": results["ours"]["median_step_s"] / results["paper"]["median_step_s"],
@@ -308,6 +315,8 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=1.5)
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--sequential-cfg", action="store_true",
+                        help="both loops: the guided passes' conditional and null halves one after the other")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
@@ -323,13 +332,14 @@ def main() -> None:
     try:
         results = compare_variants(device=args.device, config=args.config, batch_size=args.batch_size, rank=args.rank,
                                    fake_rank=args.fake_rank, cfg=args.cfg, mixed_precision=args.mixed_precision,
-                                   gradient_checkpointing=args.gradient_checkpointing, steps=args.steps,
+                                   gradient_checkpointing=args.gradient_checkpointing,
+                                   sequential_cfg=args.sequential_cfg, steps=args.steps,
                                    warmup=args.warmup, threads=args.threads)
     except RuntimeError as exc:
         sys.exit(str(exc))
     print(f"device {results['device']}, config {args.config}, batch {args.batch_size}, precision {args.mixed_precision}, "
           f"student rank {args.rank}, fake rank {args.fake_rank}, {results['ours']['adapted_layers']} adapted layers, "
-          f"median of {args.steps} steps")
+          f"median of {args.steps} steps" + (", guided passes sequential" if args.sequential_cfg else ""))
     for variant in ("paper", "ours"):
         r = results[variant]
         print(f"  {variant:6s} step {r['median_step_s'] * 1000:9.1f} ms   peak memory {r['peak_bytes'] / 2**20:9.1f} MiB"

@@ -46,7 +46,7 @@ FAKE_KINDS = tuple(k.value for k in FakeKind)
 # and scheduler carry the old ones); everything else (max_steps, checkpointing, validation, logging) may change.
 TRAINING_OPTIONS = ("lr", "fake_lr", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                     "lr_warmup_steps", "max_grad_norm", "fake_updates_per_step", "cfg", "use_8bit_adam",
-                    "seed", "mixed_precision", "gradient_checkpointing", "teacher_guidance")
+                    "seed", "mixed_precision", "gradient_checkpointing", "sequential_cfg", "teacher_guidance")
 # The weight average (ema_decay, ema_power) only reads the weights: another value on resume is applied from the
 # resumed step and recorded in run.json's history.
 #: The VSD guidance scale of the real and fake scores when a run gives none and the teacher family names none.
@@ -96,6 +96,9 @@ class DistillConfig:
     device: str = "auto"
     mixed_precision: str | None = None  # None: what `accelerate launch` / its config says, else "no"
     gradient_checkpointing: bool = False
+    # The guided passes' conditional and null-prompt halves one after the other instead of in one doubled batch:
+    # a lower peak (benchmarks/RESULTS.md: 0.82x -> 0.78-0.80x of the paper-style loop's at batch 4), more kernel calls.
+    sequential_cfg: bool = False
     # checkpoints and logs
     checkpointing_steps: int = 500
     checkpoints_total_limit: int | None = None

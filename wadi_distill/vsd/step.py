@@ -40,6 +40,9 @@ class VSDStep:
     predict: Predict
     null: Conditioning  # the null prompt's conditioning (batch 1) on the compute device
     cfg: float = 1.0
+    # Guided passes: the conditional and the null-prompt halves in one doubled batch (False: fewer, larger kernel
+    # calls) or one after the other (True: the pass's activations are half as large at the step's peak).
+    sequential_cfg: bool = False
 
     def sample(self, z: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The student's one-step sample x̂0 from noise ``z`` (with the graph, for the student's loss)."""
@@ -52,11 +55,15 @@ class VSDStep:
 
     def guided_eps(self, role: str, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, alpha: torch.Tensor,
                    sigma: torch.Tensor) -> torch.Tensor:
-        """ε with classifier-free guidance at :attr:`cfg` (conditional and null prompt in one batch)."""
+        """ε with classifier-free guidance at :attr:`cfg`: conditional and null prompt in one batch, or one after
+        the other with :attr:`sequential_cfg` (the same values up to the kernels' batch-size rounding)."""
         b = x_t.shape[0]
         if self.cfg == 1.0:
             return self.eps(role, x_t, t, cond, alpha, sigma)
         null = self.null.expand(b)
+        if self.sequential_cfg:
+            conditional = self.eps(role, x_t, t, cond, alpha, sigma)
+            return classifier_free_guidance(conditional, self.eps(role, x_t, t, null, alpha, sigma), self.cfg)
         both = self.eps(role, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, null]),
                         torch.cat([alpha, alpha]), torch.cat([sigma, sigma]))
         return classifier_free_guidance(both[:b], both[b:], self.cfg)

@@ -217,7 +217,8 @@ class VSDTrainer:
         if self.resume_path is not None:  # every checkpoint file is checked before the cache is written
             self.load_checkpoint(self.resume_path)
         self._prepare_conditioning()
-        self.vsd_step = VSDStep(self.schedule, self.predict, self.cache.null.to(self.device), float(config.cfg))
+        self.vsd_step = VSDStep(self.schedule, self.predict, self.cache.null.to(self.device), float(config.cfg),
+                               sequential_cfg=bool(config.sequential_cfg))
 
     # ---------------------------------------------------------------- set-up
     def _start_accelerator(self) -> None:

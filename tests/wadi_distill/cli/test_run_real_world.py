@@ -113,6 +113,8 @@ def test_resume_refuses_changed_training_options_and_records_others(world, tmp_p
     resume = _args(world["legacy"], out, world["prompts"], "--checkpointing-steps", "1", "--resume", "latest")
     _fails([*resume, "--max-steps", "3", "--lr", "0.001"], "trained with --lr 0.0001", "asks for --lr 0.001")
     _fails([*resume, "--max-steps", "3", "--cfg", "2"], "--cfg 1.5", "--cfg 2.0")
+    _fails([*resume, "--max-steps", "3", "--sequential-cfg"], "trained with --sequential-cfg False",
+           "asks for --sequential-cfg True")
     # a run started with the old default weight decay says how to resume it
     _fails([*resume, "--max-steps", "3", "--adam-weight-decay", "0.01"], "trained with --adam-weight-decay 0.0",
            "asks for --adam-weight-decay 0.01")
