@@ -48,6 +48,9 @@ def run_command(
     lr: float = typer.Option(1e-4, "--lr", help="Student learning rate (AdamW)."),
     fake_lr: float = typer.Option(1e-2, "--fake-lr", help="Fake-score learning rate (AdamW)."),
     cfg: Optional[float] = typer.Option(None, "--cfg", help="Classifier-free guidance scale, the same for real and fake scores (default 1.5; 1 for Flux.1)."),
+    fake_cfg: Optional[float] = typer.Option(
+        None, "--fake-cfg", help="The fake score's own guidance scale (default: --cfg's, as in the paper; 1: the "
+        "fake score unguided, as in DMD2 and SwiftBrush)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", "--teacher-guidance", help="The real score's embedded guidance, for guidance-distilled teachers (FLUX.1-dev; default 3.5)."),
     fake_updates: int = typer.Option(1, "--fake-updates-per-step", help="Fake-score updates per student update."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm."),
@@ -98,7 +101,8 @@ def run_command(
         prompt_column=prompt_column, student_adapter="full" if full_finetune else student_adapter.value,
         preset=preset.value, rank=rank, rank_from_probe=str(rank_from_probe) if rank_from_probe else None,
         budget=budget, plan=str(plan) if plan else None, fake_adapter=fake_adapter.value, fake_rank=fake_rank,
-        max_steps=max_steps, batch_size=batch_size, lr=lr, fake_lr=fake_lr, cfg=cfg, teacher_guidance=guidance,
+        max_steps=max_steps, batch_size=batch_size, lr=lr, fake_lr=fake_lr, cfg=cfg, fake_cfg=fake_cfg,
+        teacher_guidance=guidance,
         fake_updates_per_step=fake_updates, max_grad_norm=max_grad_norm, lr_warmup_steps=lr_warmup_steps,
         adam_weight_decay=adam_weight_decay,
         ema_decay=None if no_ema else (EMA_MAX_DECAY if ema_decay is None else ema_decay),

@@ -45,7 +45,7 @@ FAKE_KINDS = tuple(k.value for k in FakeKind)
 # Options that change what a step computes. Resuming with another value is refused (the checkpoint's optimizer
 # and scheduler carry the old ones); everything else (max_steps, checkpointing, validation, logging) may change.
 TRAINING_OPTIONS = ("lr", "fake_lr", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-                    "lr_warmup_steps", "max_grad_norm", "fake_updates_per_step", "cfg", "use_8bit_adam",
+                    "lr_warmup_steps", "max_grad_norm", "fake_updates_per_step", "cfg", "fake_cfg", "use_8bit_adam",
                     "seed", "mixed_precision", "gradient_checkpointing", "sequential_cfg", "teacher_guidance")
 # The weight average (ema_decay, ema_power) only reads the weights: another value on resume is applied from the
 # resumed step and recorded in run.json's history.
@@ -86,6 +86,10 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     fake_updates_per_step: int = 1
     cfg: float | None = None  # None: the teacher family's default (1 for Flux.1), else DEFAULT_CFG
+    # The fake score's guidance scale in the student step. None: cfg, the real score's (the paper's VSD, whose
+    # target is then close to the unguided teacher's); 1: the fake score unguided (DMD2, SwiftBrush), whose target
+    # is the real score's guided distribution.
+    fake_cfg: float | None = None
     # the real score's embedded guidance (guidance-distilled teachers: FLUX.1-dev); None: the family's default
     teacher_guidance: float | None = None
     use_8bit_adam: bool = False
@@ -157,8 +161,11 @@ def _validate_numbers(config: DistillConfig) -> None:
         value = float(getattr(config, name))
         if not math.isfinite(value) or value <= 0:
             raise WadiInputError(f"{name.replace('_', '-')} must be a positive number, not {value:g}.")
-    if config.cfg is not None and (not math.isfinite(float(config.cfg)) or config.cfg < 0):
-        raise WadiInputError(f"cfg must be a non-negative number (1 turns guidance off), not {config.cfg:g}.")
+    for name in ("cfg", "fake_cfg"):
+        value = getattr(config, name)
+        if value is not None and (not math.isfinite(float(value)) or value < 0):
+            raise WadiInputError(f"{name.replace('_', '-')} must be a non-negative number (1 turns guidance off), "
+                                 f"not {value:g}.")
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= float(getattr(config, name)) < 1.0:
             raise WadiInputError(f"{name.replace('_', '-')} must be in [0, 1).")
@@ -211,6 +218,10 @@ def resolve_teacher_options(config: DistillConfig, family: Any) -> None:
     config.teacher_guidance = family.guidance
     if config.cfg is None:
         config.cfg = family.default_cfg if family.default_cfg is not None else DEFAULT_CFG
+    if family.guidance is not None and config.fake_cfg is not None and float(config.fake_cfg) != 1.0:
+        raise WadiInputError(f"This {family.name} teacher is guidance-distilled (its guidance is the embedded "
+                             f"--guidance, {family.guidance:g}), so classifier-free guidance on top does not apply: "
+                             f"use --fake-cfg 1 or leave it out, not {config.fake_cfg:g}.")
     if family.guidance is not None and float(config.cfg) != 1.0:
         raise WadiInputError(f"This {family.name} teacher is guidance-distilled (its guidance is the embedded "
                              f"--guidance, {family.guidance:g}), so classifier-free guidance on top does not apply: "

@@ -40,6 +40,7 @@ class VSDStep:
     predict: Predict
     null: Conditioning  # the null prompt's conditioning (batch 1) on the compute device
     cfg: float = 1.0
+    fake_cfg: float | None = None  # the fake score's guidance scale; None: ``cfg``, the same as the real score's
     # Guided passes: the conditional and the null-prompt halves in one doubled batch (False: fewer, larger kernel
     # calls) or one after the other (True: the pass's activations are half as large at the step's peak).
     sequential_cfg: bool = False
@@ -58,15 +59,16 @@ class VSDStep:
         """ε with classifier-free guidance at :attr:`cfg`: conditional and null prompt in one batch, or one after
         the other with :attr:`sequential_cfg` (the same values up to the kernels' batch-size rounding)."""
         b = x_t.shape[0]
-        if self.cfg == 1.0:
+        scale = self.fake_cfg if role == "fake" and self.fake_cfg is not None else self.cfg
+        if scale == 1.0:
             return self.eps(role, x_t, t, cond, alpha, sigma)
         null = self.null.expand(b)
         if self.sequential_cfg:
             conditional = self.eps(role, x_t, t, cond, alpha, sigma)
-            return classifier_free_guidance(conditional, self.eps(role, x_t, t, null, alpha, sigma), self.cfg)
+            return classifier_free_guidance(conditional, self.eps(role, x_t, t, null, alpha, sigma), scale)
         both = self.eps(role, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([cond, null]),
                         torch.cat([alpha, alpha]), torch.cat([sigma, sigma]))
-        return classifier_free_guidance(both[:b], both[b:], self.cfg)
+        return classifier_free_guidance(both[:b], both[b:], scale)
 
     def student_loss(self, z: torch.Tensor, cond: Conditioning, t: torch.Tensor,
                      noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -218,6 +218,7 @@ class VSDTrainer:
             self.load_checkpoint(self.resume_path)
         self._prepare_conditioning()
         self.vsd_step = VSDStep(self.schedule, self.predict, self.cache.null.to(self.device), float(config.cfg),
+                               fake_cfg=None if config.fake_cfg is None else float(config.fake_cfg),
                                sequential_cfg=bool(config.sequential_cfg))
 
     # ---------------------------------------------------------------- set-up

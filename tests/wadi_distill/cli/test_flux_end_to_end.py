@@ -189,4 +189,8 @@ def test_guidance_and_cfg_refusals_write_nothing(world, tmp_path):
            "is guidance-distilled", "use --cfg 1, not 2.")
     _fails(_run_args(world["dev"], out, world["prompts"], "--max-steps", 1, "--guidance", -1),
            "guidance must be a non-negative number")
+    _fails(_run_args(world["dev"], out, world["prompts"], "--max-steps", 1, "--fake-cfg", 2),
+           "is guidance-distilled", "use --fake-cfg 1 or leave it out, not 2.")
+    _fails(_run_args(world["sd"], out, world["prompts"], "--max-steps", 1, "--fake-cfg", -1),
+           "fake-cfg must be a non-negative number (1 turns guidance off), not -1.")
     assert not out.exists()

@@ -99,6 +99,28 @@ def test_vsd_direction_on_gaussian_fields_equals_the_closed_form(cfg):
     torch.testing.assert_close(roles.calls[1][1], t if cfg == 1.0 else torch.cat([t, t]))
 
 
+@pytest.mark.parametrize("sequential", [False, True])
+def test_an_unguided_fake_score_aims_at_the_guided_teacher(sequential):
+    """fake_cfg = 1 (DMD2's way): the real score guided at 3 is the velocity of N(3c, s²) (affine in μ, null
+    prompt μ = 0), the fake score's conditional one that of N(c + δ, s²); the closed form of the test above holds
+    with δ replaced by δ − 2c, per sample. The fake score is called once, at the batch size."""
+    schedule = FlowMatchSchedule(shift=3.0)
+    roles = GaussianRoles(std=0.7, fake_shift=0.4)
+    step = VSDStep(schedule, roles, null=_cond([0.0]), cfg=3.0, fake_cfg=1.0, sequential_cfg=sequential)
+    gen = torch.Generator().manual_seed(1)
+    z, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    t, c = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([1.0, -2.0, 0.5])
+    loss, _ = step.student_loss(z, _cond(c.tolist()), t, noise)
+    a, s = 1 - _column(t, z), _column(t, z)
+    delta = 0.4 - 2.0 * _column(c, z)
+    g = (delta * a * s ** 3 / ((a * a + s * s) * (a * a * 0.49 + s * s))).expand(SHAPE)
+    assert loss.item() == pytest.approx(0.5 * float((g ** 2).mean()), rel=1e-5)
+    fake_calls = [t_seen for role, t_seen in roles.calls if role == "fake"]
+    assert len(fake_calls) == 1 and fake_calls[0].shape == (B,)
+    teacher_calls = [t_seen.shape[0] for role, t_seen in roles.calls if role == "teacher"]
+    assert teacher_calls == ([B, B] if sequential else [2 * B])
+
+
 def test_vsd_direction_with_different_spreads_is_the_x0_space_form():
     """Teacher N(c, 0.7²), fake N(c + 0.4, 1.1²): g is α·σ/(α² + σ²) times the difference of the two posterior
     means of x0, computed here from the Gaussians directly (not through velocities)."""
