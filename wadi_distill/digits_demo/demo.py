@@ -64,9 +64,11 @@ class DemoSettings:
     # (reports/digits_length.md): the seed spread of both recipes is in reports/digits_quality.md.
     full_fake_updates: int = 5
     lorad_lr: float = 1e-3  # student learning rate of the LoRaD student (angles start at 0)
+    lorad_fake_updates: int = 1  # fake-score updates per student step of the LoRaD student
     fake_lr: float = 1e-2
     fake_rank: int = 32
-    vsd_cfg: float = 1.5  # CFG scale inside VSD (real and fake score)
+    vsd_cfg: float = 1.5  # CFG scale inside VSD (the real score, and the fake score unless vsd_fake_cfg is set)
+    vsd_fake_cfg: float | None = None  # the fake score's own CFG scale (wadi-distill run --fake-cfg); None: vsd_cfg
     budget: float = 0.10  # trainable fraction of the backbone for the probe's plan
     threshold: float = 0.9  # angle-field energy each planned layer should reach
     ddim_steps: int = 25  # the teacher's multi-step sampler
@@ -287,16 +289,27 @@ def _print(console: Any, message: str) -> None:
         console.print(message, highlight=False)
 
 
-def _distill(teacher_spec: str, output: Path, settings: DemoSettings, seed: int, progress: bool, steps: int,
-             lr: float, fake_updates: int = 1, **student: Any):
-    from wadi_distill.vsd.trainer import DistillConfig, distill
+def _student_config(teacher_spec: str, output: Path, settings: DemoSettings, seed: int, progress: bool, steps: int,
+                    lr: float, fake_updates: int = 1, **student: Any):
+    """The :class:`DistillConfig` of one demo student (``student``: its kind and layers)."""
+    from wadi_distill.vsd.config import DistillConfig
 
-    config = DistillConfig(
+    return DistillConfig(
         teacher=teacher_spec, output_dir=str(output), max_steps=steps, batch_size=settings.batch_size,
-        lr=lr, fake_lr=settings.fake_lr, fake_rank=settings.fake_rank, cfg=settings.vsd_cfg, seed=seed,
-        device="auto", checkpointing_steps=steps, tensorboard=False, fake_updates_per_step=fake_updates,
-        progress=progress, final_samples=4, **student)
-    return distill(config)
+        lr=lr, fake_lr=settings.fake_lr, fake_rank=settings.fake_rank, cfg=settings.vsd_cfg,
+        fake_cfg=settings.vsd_fake_cfg, seed=seed, device="auto", checkpointing_steps=steps, tensorboard=False,
+        fake_updates_per_step=fake_updates, progress=progress, final_samples=4, **student)
+
+
+def _distill(config: Any, record: dict[str, Any], name: str):
+    """Train ``config``'s student; ``record[name]`` gets the ``wadi-distill run`` options that train it again."""
+    from wadi_distill.vsd.config import run_command, run_options
+    from wadi_distill.vsd.trainer import distill
+
+    result = distill(config)  # the config now holds the resolved values (the CFG default, the precision)
+    options = run_options(config)
+    record[name] = {"run_options": options, "command": run_command(options)}
+    return result
 
 
 def _student_unet(teacher_spec: str, state_path: Path):
@@ -360,14 +373,15 @@ def run_demo(
 
 
 def _train_full(teacher: str, out: Path, runs: Path, settings: DemoSettings, seed: int, progress: bool,
-                console: Any, timings: dict[str, float]) -> tuple[Any, Path]:
+                console: Any, timings: dict[str, float], record: dict[str, Any]) -> tuple[Any, Path]:
     """Stage 1: full fine-tuning VSD; the merged student is kept as ``full_student.safetensors``."""
     _print(console, f"[bold]1/4[/bold] distilling {teacher} into a one-step student, full fine-tuning VSD "
                     f"({settings.full_steps} steps, batch {settings.batch_size}, "
                     f"{settings.full_fake_updates} fake-score updates per step)")
     t0 = time.perf_counter()
-    full = _distill(teacher, runs / "full", settings, seed, progress, settings.full_steps, settings.full_lr,
-                    fake_updates=settings.full_fake_updates, student_adapter="full")
+    config = _student_config(teacher, runs / "full", settings, seed, progress, settings.full_steps, settings.full_lr,
+                             fake_updates=settings.full_fake_updates, student_adapter="full")
+    full = _distill(config, record, "full_student")
     timings["train_full"] = time.perf_counter() - t0
     full_student_path = out / "full_student.safetensors"
     with atomic_path(full_student_path) as tmp:
@@ -402,13 +416,16 @@ def _probe_full(teacher: str, out: Path, full_student_path: Path, progress: bool
 
 
 def _train_lorad(teacher: str, out: Path, runs: Path, report_path: Path, settings: DemoSettings, seed: int,
-                 progress: bool, console: Any, timings: dict[str, float]) -> tuple[Any, Path, LoRaDConfig]:
+                 progress: bool, console: Any, timings: dict[str, float],
+                 record: dict[str, Any]) -> tuple[Any, Path, LoRaDConfig]:
     """Stage 3: VSD again with the LoRaD student the probe's report planned; the adapter is kept as ``lorad_student/``."""
     _print(console, f"[bold]3/4[/bold] distilling again: LoRaD student planned from the report "
                     f"(budget {settings.budget:.0%} of the backbone, {settings.lorad_steps} steps)")
     t0 = time.perf_counter()
-    lorad = _distill(teacher, runs / "lorad", settings, seed, progress, settings.lorad_steps,
-                     settings.lorad_lr, rank_from_probe=str(report_path), budget=settings.budget)
+    config = _student_config(teacher, runs / "lorad", settings, seed, progress, settings.lorad_steps,
+                             settings.lorad_lr, fake_updates=settings.lorad_fake_updates,
+                             rank_from_probe=str(report_path), budget=settings.budget)
+    lorad = _distill(config, record, "lorad_student")
     timings["train_lorad"] = time.perf_counter() - t0
     lorad_dir = out / "lorad_student"
     with atomic_path(lorad_dir, directory=True) as tmp:
@@ -450,12 +467,16 @@ def _notes(settings: DemoSettings, rows: list[dict[str, Any]], plan: LoRaDConfig
         f"{rows[0]['num_images']} images scored the same way, one fixed set.",
         f"teacher multi-step: DDIM {settings.ddim_steps} steps with CFG {settings.teacher_cfg:g} "
         f"(2 UNet evaluations per step); one-step rows: one UNet evaluation at t = T−1 on the same noise seeds.",
-        f"students: VSD (CFG {settings.vsd_cfg:g}, batch {settings.batch_size}, fake score LoRaD rank "
+        f"students: VSD (CFG {settings.vsd_cfg:g}"
+        + ("" if settings.vsd_fake_cfg is None else f" on the real score, {settings.vsd_fake_cfg:g} on the fake score")
+        + f", batch {settings.batch_size}, fake score LoRaD rank "
         f"{settings.fake_rank} at lr {settings.fake_lr:g}); full: {settings.full_steps} steps at lr "
-        f"{settings.full_lr:g}, every weight, {settings.full_fake_updates} fake-score updates per step; "
+        f"{settings.full_lr:g}, every weight, {plural(settings.full_fake_updates, 'fake-score update')} per step; "
         f"LoRaD: {settings.lorad_steps} steps at lr {settings.lorad_lr:g}, "
+        f"{plural(settings.lorad_fake_updates, 'fake-score update')} per step, "
         f"{len(plan.target_modules)} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters); "
-        f"each student is scored from its final/, the average of its weights ({_weights_note()}).",
+        f"each student is scored from its final/, the average of its weights ({_weights_note()}); metrics.json "
+        f"(settings.trained_with) has the wadi-distill run command that trains each one again.",
         f"wall time: {wall:.0f} s in total ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})"
         f", {plural(torch.get_num_threads(), 'torch thread')}.",
     ]
@@ -495,10 +516,12 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(tempfile.mkdtemp(prefix=".runs-", dir=out))
     try:
-        full, full_student_path = _train_full(teacher, out, runs, settings, seed, progress, console, timings)
+        trained: dict[str, Any] = {}  # per student: the run options that train it again
+        full, full_student_path = _train_full(teacher, out, runs, settings, seed, progress, console, timings,
+                                              trained)
         bundle, report, report_path, saved = _probe_full(teacher, out, full_student_path, progress, console, timings)
         lorad, lorad_dir, plan = _train_lorad(teacher, out, runs, report_path, settings, seed, progress, console,
-                                              timings)
+                                              timings, trained)
         lorad_params = sum(int(v.numel()) for v in lorad.student_state.values())
         full_params = sum(int(v.numel()) for v in full.student_state.values())
         _print(console, f"both students side by side: wadi-probe compare {teacher} {full_student_path} {lorad_dir} "
@@ -511,7 +534,8 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
     wall = time.perf_counter() - started
     timings["total"] = wall
     settings_record = {**asdict(settings), "seed": seed, "teacher": teacher, "quick": quick,
-                       "torch_threads": torch.get_num_threads(), "students": _student_weights()}
+                       "torch_threads": torch.get_num_threads(), "students": _student_weights(),
+                       "trained_with": trained}
     notes = _notes(settings, rows, plan, lorad_params, wall, timings)
     metrics_record = {"tool": "wadi-distill demo", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "settings": settings_record, "timings_seconds": {k: round(v, 1) for k, v in timings.items()},

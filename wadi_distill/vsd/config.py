@@ -240,3 +240,64 @@ def validate_config(config: DistillConfig) -> None:
     # link to the teacher or any file the run reads
     check_outputs({"output folder": config.output_dir},
                   [config.teacher, config.prompts, config.plan, config.rank_from_probe], owned=("output folder",))
+
+
+#: DistillConfig fields written by :func:`run_options`, each with its ``wadi-distill run`` option, in the order the
+#: options are printed. The student's kind and layers are written separately (``--full-finetune``,
+#: ``--rank-from-probe``/``--budget``, ``--plan``, ``--preset``/``--rank``, ``--student-adapter``).
+RUN_OPTION_FIELDS = ("prompts", "prompt_column", "fake_adapter", "fake_rank", "max_steps", "batch_size",
+                     "lr", "fake_lr", "cfg", "fake_cfg", "teacher_guidance", "fake_updates_per_step",
+                     "max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "ema_decay", "ema_power", "seed",
+                     "mixed_precision", "gradient_checkpointing", "sequential_cfg", "use_8bit_adam")
+
+
+def run_options(config: DistillConfig) -> dict[str, Any]:
+    """The ``wadi-distill run`` options (``{"--lr": 0.001, ...}``) that train ``config``'s student again: every
+    training setting with its value, so a record holding them needs no knowledge of the defaults of its day.
+    Flags are ``True``; unset values (no prompt file, the family's own guidance) are left out. Settings without an
+    option (Adam's betas and epsilon) appear only where they differ from the defaults, under their field names."""
+    options: dict[str, Any] = {"--teacher": config.teacher}
+    kind = config.student_adapter
+    if kind == "full":
+        options["--full-finetune"] = True
+    else:
+        if kind != "lorad":
+            options["--student-adapter"] = kind
+        if config.plan:
+            options["--plan"] = config.plan
+        elif config.rank_from_probe:
+            options.update({"--rank-from-probe": config.rank_from_probe, "--budget": config.budget})
+        else:
+            options.update({"--preset": config.preset, "--rank": config.rank})
+    for name in RUN_OPTION_FIELDS:
+        value = getattr(config, name)
+        if name == "ema_decay" and value is None:
+            options["--no-ema"] = True
+            continue
+        if name == "ema_power" and config.ema_decay is None:
+            continue
+        if value is None or value is False:
+            continue
+        options["--" + name.replace("_", "-")] = value
+    defaults = DistillConfig(teacher="", output_dir="")
+    for name in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+        if getattr(config, name) != getattr(defaults, name):
+            options[name] = getattr(config, name)
+    return options
+
+
+def run_command(options: dict[str, Any], output_dir: str = "OUT") -> str:
+    """``wadi-distill run ...`` for :func:`run_options`' dict (flags bare; fields without an option left out)."""
+    import shlex
+
+    words = ["wadi-distill", "run"]
+    for key, value in options.items():
+        if not key.startswith("--"):
+            continue
+        if key == "--teacher":
+            words += [key, str(value), "--output-dir", output_dir]
+        elif value is True:
+            words.append(key)
+        else:
+            words += [key, repr(value) if isinstance(value, float) else str(value)]  # repr: the shortest exact form
+    return shlex.join(words)

@@ -147,3 +147,30 @@ def test_cli_refuses_bad_input_without_writing(tmp_path):
     assert result.exit_code == 2
     assert "full-steps must be at least 1" in result.output
     assert not fresh.exists()
+
+
+@needs_shipped
+def test_each_student_trains_again_from_its_recorded_run_command(demo, tmp_path, single_thread):
+    """metrics.json names every setting a student was trained with as `wadi-distill run` options; the recorded
+    command, run as it is, trains the same LoRaD adapter bit for bit."""
+    import shlex
+
+    from safetensors.torch import load_file
+
+    from wadi_distill.cli import app
+
+    trained = json.loads((demo.output_dir / "metrics.json").read_text())["settings"]["trained_with"]
+    full, lorad = trained["full_student"]["run_options"], trained["lorad_student"]["run_options"]
+    assert full["--full-finetune"] is True and full["--fake-updates-per-step"] == 5
+    assert full["--lr"] == 2e-5 and full["--max-steps"] == TINY["full_steps"] and full["--cfg"] == 1.5
+    assert lorad["--rank-from-probe"] == str(demo.output_dir / "report.json") and lorad["--budget"] == 0.1
+    assert lorad["--fake-updates-per-step"] == 1 and lorad["--batch-size"] == TINY["batch_size"]
+    assert lorad["--ema-decay"] == 0.999 and lorad["--adam-weight-decay"] == 0.0 and "--fake-cfg" not in lorad
+    words = shlex.split(trained["lorad_student"]["command"])
+    assert words[:2] == ["wadi-distill", "run"]
+    words[words.index("--output-dir") + 1] = str(tmp_path / "again")
+    result = CliRunner().invoke(app, ["run", *words[2:], "--no-progress", "--no-tensorboard"])
+    assert result.exit_code == 0, result.output
+    again = load_file(str(tmp_path / "again" / "final" / "adapter.safetensors"))
+    shipped = load_file(str(demo.lorad_adapter_dir / "adapter.safetensors"))
+    assert again.keys() == shipped.keys() and all(torch.equal(again[k], shipped[k]) for k in shipped)
