@@ -1,0 +1,150 @@
+"""The demo at several training seeds: its table as seed mean ± seed sd, beside the evaluation noise.
+
+``run`` starts ``wadi-distill demo --seed S`` for each seed (its own process, one torch thread, ``--workers`` at a
+time; seed 0 writes the README's ``reports/demo``, the others ``reports/demo_seeds/seed-S``, of which only the
+metrics are committed). ``report`` reads each seed's ``metrics.json`` and writes ``reports/demo_seeds.md``:
+
+- per model and metric, the mean over the seeds ± their sd (the training-seed spread, which includes the
+  evaluation noise) and the evaluation noise alone (the mean over seeds of each run's sd over its noise sets);
+- per seed, whether each student beats the teacher's own one-step sample on every metric, and the LoRaD
+  student's feature FD as a multiple of the 25-step teacher's.
+
+    python benchmarks/demo_seeds.py run --seeds 0,1,2 --workers 2
+    python benchmarks/demo_seeds.py report --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORT = ROOT / "reports" / "demo_seeds.md"
+KEYS = ("fd_pixel", "fd_features", "precision", "recall", "class_accuracy")
+TITLES = {"fd_pixel": "FD pixel ↓", "fd_features": "FD features ↓", "precision": "precision ↑",
+          "recall": "recall ↑", "class_accuracy": "class acc. ↑"}
+STUDENTS = ("full_student", "lorad_student")
+
+
+def seed_folder(seed: int) -> Path:
+    """Where the demo of training seed ``seed`` writes: the README's folder for seed 0."""
+    return ROOT / "reports" / ("demo" if seed == 0 else f"demo_seeds/seed-{seed}")
+
+
+def better(key: str, a: float, b: float) -> bool:
+    """Whether ``a`` is better than ``b`` on metric ``key`` (lower FD, higher otherwise)."""
+    return a < b if key.startswith("fd_") else a > b
+
+
+def fmt(key: str, value: float) -> str:
+    return f"{value:.2f}" if key.startswith("fd_") else f"{value:.3f}"
+
+
+def load_rows(seeds: list[int]) -> dict[int, dict[str, dict[str, Any]]]:
+    """Per seed, the demo's metrics rows by model key."""
+    found = {}
+    for seed in seeds:
+        record = json.loads((seed_folder(seed) / "metrics.json").read_text())
+        found[seed] = {row["key"]: row for row in record["rows"]}
+        found[seed]["_record"] = record
+    return found
+
+
+def report(seeds: list[int]) -> str:
+    """The Markdown of ``reports/demo_seeds.md`` from the seeds' metrics files."""
+    runs = load_rows(seeds)
+    first = runs[seeds[0]]
+    models = [k for k in first if not k.startswith("_")]
+    settings = first["_record"]["settings"]
+    lines = [
+        "# The demo at several training seeds",
+        "",
+        f"`wadi-distill demo --seed S` for training seeds {', '.join(map(str, seeds))} (written by "
+        "`python benchmarks/demo_seeds.py report`; seed 0 is the README's `reports/demo/`, the others "
+        "`reports/demo_seeds/seed-S/`). Each cell: the mean over the seeds ± their sd (the training-seed spread, "
+        "evaluation noise included), then in brackets the evaluation noise alone (each run's sd over its "
+        f"{settings['eval_noise_sets']} noise sets, averaged over the seeds). The real digits row is one fixed set.",
+        "",
+        "| model | " + " | ".join(TITLES[k] for k in KEYS) + " |",
+        "|---|" + "---:|" * len(KEYS),
+    ]
+    for model in models:
+        cells = [first[model]["name"]]
+        for key in KEYS:
+            values = [runs[s][model][key] for s in seeds]
+            noise = [runs[s][model].get(f"{key}_sd") for s in seeds]
+            mean = statistics.fmean(values)
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cell = f"{fmt(key, mean)} ± {fmt(key, sd)}"
+            if all(n is not None for n in noise) and model != "real":
+                cell += f" ({fmt(key, statistics.fmean(noise))})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Per seed: the students against the teacher", "",
+              "| seed | student | " + " | ".join(TITLES[k] for k in KEYS) + " | beats the one-step teacher on "
+              "every metric | feature FD / 25-step teacher's |",
+              "|---|---|" + "---:|" * len(KEYS) + "---|---:|"]
+    for seed in seeds:
+        rows = runs[seed]
+        teacher, multistep = rows["teacher_one_step"], rows["teacher_multistep"]
+        for student in STUDENTS:
+            row = rows[student]
+            wins = [better(k, row[k], teacher[k]) for k in KEYS]
+            cells = [str(seed), row["name"].split(" VSD")[0]]
+            cells += [fmt(k, row[k]) + ("" if win else " ✗") for k, win in zip(KEYS, wins)]
+            cells.append("yes" if all(wins) else "no: " + ", ".join(TITLES[k] for k, w in zip(KEYS, wins) if not w))
+            cells.append(f"{row['fd_features'] / multistep['fd_features']:.2f}×")
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "✗: not better than the teacher's one-step sample of the same seed (its value in the rows above).",
+              "", "## Settings", "", "```", json.dumps(settings, indent=1, default=str), "```", ""]
+    timings = [runs[s]["_record"]["timings_seconds"]["total"] for s in seeds]
+    lines.insert(4, f"\nWall time of each demo by its own clock: {', '.join(f'{t:.0f} s' for t in timings)}.")
+    return "\n".join(lines)
+
+
+def run(seeds: list[int], workers: int) -> None:
+    """Each seed's demo in its own process (one torch thread), ``workers`` at a time; logs beside the report."""
+    logs = ROOT / "reports" / "demo_seeds" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def one(seed: int) -> int:
+        out = seed_folder(seed)
+        print(f"{time.strftime('%H:%M:%S')} start seed {seed} -> {out}", flush=True)
+        command = [sys.executable, "-c", "from wadi_distill.cli import main; main()", "demo", "--seed", str(seed),
+                   "--output-dir", str(out), "--no-progress"]
+        with open(logs / f"seed-{seed}.log", "w") as handle:
+            code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"})
+        print(f"{time.strftime('%H:%M:%S')} done seed {seed} (exit {code})", flush=True)
+        return code
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        codes = list(pool.map(one, seeds))
+    if any(codes):
+        raise SystemExit(f"{sum(1 for c in codes if c)} of {len(codes)} demos failed; see {logs}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "report"])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    if args.command == "run":
+        run(seeds, args.workers)
+    else:
+        REPORT.write_text(report(seeds), encoding="utf-8")
+        print(f"wrote {REPORT}")
+
+
+if __name__ == "__main__":
+    main()
