@@ -162,10 +162,11 @@ def test_each_student_trains_again_from_its_recorded_run_command(demo, tmp_path,
     trained = json.loads((demo.output_dir / "metrics.json").read_text())["settings"]["trained_with"]
     full, lorad = trained["full_student"]["run_options"], trained["lorad_student"]["run_options"]
     assert full["--full-finetune"] is True and full["--fake-updates-per-step"] == 5
-    assert full["--lr"] == 2e-5 and full["--max-steps"] == TINY["full_steps"] and full["--cfg"] == 1.5
+    assert full["--lr"] == 2e-5 and full["--max-steps"] == TINY["full_steps"]
+    assert full["--cfg"] == 2.0 and full["--fake-cfg"] == 1.0
     assert lorad["--rank-from-probe"] == str(demo.output_dir / "report.json") and lorad["--budget"] == 0.1
     assert lorad["--fake-updates-per-step"] == 1 and lorad["--batch-size"] == TINY["batch_size"]
-    assert lorad["--ema-decay"] == 0.999 and lorad["--adam-weight-decay"] == 0.0 and "--fake-cfg" not in lorad
+    assert lorad["--ema-decay"] == 0.999 and lorad["--adam-weight-decay"] == 0.0 and lorad["--fake-cfg"] == 1.0
     words = shlex.split(trained["lorad_student"]["command"])
     assert words[:2] == ["wadi-distill", "run"]
     words[words.index("--output-dir") + 1] = str(tmp_path / "again")
