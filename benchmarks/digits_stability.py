@@ -48,7 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("WADI_STABILITY_OUT", ROOT / "reports" / "digits_stability"))
 CURVES = OUT / "curves.jsonl"
 WORK = Path(os.environ.get("WADI_STABILITY_WORK", Path(tempfile.gettempdir()) / "wadi-digits-stability"))
-REPORT = ROOT / "reports" / "demo" / "report.json"
+# the probe report whose plan the studies train (the demo report of 2026-12-02 11:21, kept fixed here so that
+# re-running the demo does not change the studies' LoRaD plan: 47 layers, 98,048 parameters at the 10 % budget)
+REPORT = ROOT / "reports" / "digits_study" / "probe_report.json"
 BUDGET = 0.10
 EVAL_SEED, NOISE_SEEDS, PER_CLASS = 1000, (3001, 3002, 3003, 3004, 3005), 200
 SCORE_EVERY, CHECKPOINT_EVERY = 100, 200

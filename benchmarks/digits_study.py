@@ -63,7 +63,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("WADI_STUDY_OUT", ROOT / "reports" / "digits_study"))
 RUNS = OUT / "runs.jsonl"
 STUDENTS = Path(os.environ.get("WADI_STUDY_WORK", Path(tempfile.gettempdir()) / "wadi-digits-study"))
-REPORT = ROOT / "reports" / "demo" / "report.json"
+# the probe report whose plan the studies train (the demo report of 2026-12-02 11:21, kept fixed here so that
+# re-running the demo does not change the studies' LoRaD plan: 47 layers, 98,048 parameters at the 10 % budget)
+REPORT = ROOT / "reports" / "digits_study" / "probe_report.json"
 METHODS = ("full", "lora-peft", "dora-peft", "lorad-uniform", "lorad-probe")
 BASE_LR = {"full": 2e-5, "lora-peft": 1e-3, "dora-peft": 1e-3, "lorad-uniform": 1e-3, "lorad-probe": 1e-3}
 LR_UP = {"full": 2.5, "lora-peft": 3.0, "dora-peft": 3.0, "lorad-uniform": 3.0, "lorad-probe": 3.0}

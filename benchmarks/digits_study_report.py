@@ -150,7 +150,7 @@ def quality_markdown(runs, chosen, mains, baselines, noise) -> tuple[str, dict[s
              "Every student: VSD on `builtin:digits`, 800 steps, batch 16, VSD CFG 1.5, fake score LoRaD rank 32 at "
              "lr 1e-2; scored on 300 one-step images (30 per digit, the same noise seeds "
              f"`eval_seeds(300, {EVAL_SEED})` for every run) against the 300 held-out reference digits. Budget: the "
-             "probe plan's trainable parameters (10 % of the backbone, from `reports/demo/report.json`); LoRA, DoRA "
+             "probe plan's trainable parameters (10 % of the backbone, from `reports/digits_study/probe_report.json`, the demo report of the time); LoRA, DoRA "
              "and LoRaD-uniform take the paper preset's 48 linear layers at the uniform rank nearest that budget; "
              "full fine-tuning trains all weights.", "",
              f"## 1. Sweep on the validation seed ({VALIDATION_SEED})", "",
