@@ -118,8 +118,10 @@ def run(seeds: list[int], workers: int) -> None:
     def one(seed: int) -> int:
         out = seed_folder(seed)
         print(f"{time.strftime('%H:%M:%S')} start seed {seed} -> {out}", flush=True)
+        # the output folder relative to the repository root (the working directory): the probe report and the
+        # recorded run commands then name it as a user of `wadi-distill demo` would see it
         command = [sys.executable, "-c", "from wadi_distill.cli import main; main()", "demo", "--seed", str(seed),
-                   "--output-dir", str(out), "--no-progress"]
+                   "--output-dir", str(out.relative_to(ROOT)), "--no-progress"]
         with open(logs / f"seed-{seed}.log", "w") as handle:
             code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
                                    env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"})
