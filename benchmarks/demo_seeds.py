@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -118,26 +114,16 @@ def report(seeds: list[int]) -> str:
 
 def run(seeds: list[int], workers: int) -> None:
     """Each seed's demo in its own process (one torch thread), ``workers`` at a time; logs beside the report."""
+    from _study import LoggedProcess, run_logged
+
     logs = ROOT / "reports" / "demo_seeds" / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-
-    def one(seed: int) -> int:
-        out = seed_folder(seed)
-        print(f"{time.strftime('%H:%M:%S')} start seed {seed} -> {out}", flush=True)
-        # the output folder relative to the repository root (the working directory): the probe report and the
-        # recorded run commands then name it as a user of `wadi-distill demo` would see it
-        command = [sys.executable, "-c", "from wadi_distill.cli import main; main()", "demo", "--seed", str(seed),
-                   "--output-dir", str(out.relative_to(ROOT)), "--no-progress"]
-        with open(logs / f"seed-{seed}.log", "w") as handle:
-            code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "120"})
-        print(f"{time.strftime('%H:%M:%S')} done seed {seed} (exit {code})", flush=True)
-        return code
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        codes = list(pool.map(one, seeds))
-    if any(codes):
-        raise SystemExit(f"{sum(1 for c in codes if c)} of {len(codes)} demos failed; see {logs}")
+    # the output folder relative to the repository root (the working directory): the probe report and the recorded
+    # run commands then name it as a user of `wadi-distill demo` would see it
+    run_logged([LoggedProcess(f"seed {seed} -> {seed_folder(seed).relative_to(ROOT)}",
+                              [sys.executable, "-c", "from wadi_distill.cli import main; main()", "demo", "--seed",
+                               str(seed), "--output-dir", str(seed_folder(seed).relative_to(ROOT)), "--no-progress"],
+                              logs / f"seed-{seed}.log", {"OMP_NUM_THREADS": "1", "COLUMNS": "120"}, cwd=ROOT)
+                for seed in seeds], workers, "demos")
 
 
 def main() -> None:

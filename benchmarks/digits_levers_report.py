@@ -10,10 +10,11 @@ the last step ± their sd, the change against the baseline, and the declared ver
 
 from __future__ import annotations
 
-import json
-import platform
 import statistics
 from pathlib import Path
+
+from _study import cpu_model
+from digits_stability import read_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 CURVES = ROOT / "reports" / "digits_levers" / "curves.jsonl"
@@ -63,17 +64,6 @@ def verdict(scores: dict[str, tuple[float, float]], base: dict[str, tuple[float,
     return "**promising**"
 
 
-def cpu_model() -> str:
-    """The CPU's model name as /proc/cpuinfo (and lscpu) give it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def markdown(rows: list[dict]) -> str:
     scores = final_scores(rows)
     base = scores.get(BASELINE, {}).get(DECIDING)
@@ -106,7 +96,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    rows = [json.loads(line) for line in CURVES.read_text().splitlines() if line.strip()]
+    rows = read_curves(CURVES)
     text = REPORT.read_text(encoding="utf-8")
     head = text.split(MARKER)[0].rstrip() + "\n\n"
     REPORT.write_text(head + markdown(rows), encoding="utf-8")

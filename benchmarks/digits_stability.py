@@ -35,11 +35,9 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,21 +351,11 @@ def _parse_field(item: str) -> tuple[str, Any]:
 
 def run_pool(runs: list[Run], workers: int) -> None:
     """Each run in its own process (one torch thread), ``workers`` at a time, in the order given."""
-    def one(run: Run) -> int:
-        log = OUT / "logs" / f"{run.name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"{time.strftime('%H:%M:%S')} start {run.name}", flush=True)
-        with open(log, "a") as handle:
-            code = subprocess.call([sys.executable, __file__, "job", json.dumps(asdict(run))], stdout=handle,
-                                   stderr=subprocess.STDOUT,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-        print(f"{time.strftime('%H:%M:%S')} done {run.name} (exit {code})", flush=True)
-        return code
+    from _study import LoggedProcess, run_logged
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        codes = list(pool.map(one, runs))
-    if any(codes):
-        raise SystemExit(f"{sum(1 for c in codes if c)} of {len(codes)} runs failed; see {OUT / 'logs'}")
+    run_logged([LoggedProcess(run.name, [sys.executable, __file__, "job", json.dumps(asdict(run))],
+                              OUT / "logs" / f"{run.name}.log", {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+                              append=True) for run in runs], workers, "runs")
 
 
 def main() -> None:

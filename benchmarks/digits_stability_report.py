@@ -247,9 +247,9 @@ def phase_b(c: Curves, method: str, lr: float, fake: int, sigma: float) -> dict[
 
 
 def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 "unknown CPU")
+    from _study import cpu_model
+
+    model = cpu_model("unknown CPU")
     import torch
 
     return (f"{model}, {os.cpu_count()} cores (a VM shared with other jobs: load average 3–11 during the runs), "

@@ -50,11 +50,9 @@ import functools
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,20 +280,11 @@ def run_pool(jobs: list[Job], workers: int) -> None:
     cost = {1: 1.0, 5: 2.9}
     jobs = sorted(jobs, key=lambda j: -max(j.lengths) * cost.get(j.fake_updates, 1.0) * (2 if j.method == "full" else 1))
 
-    def one(job: Job) -> int:
-        log = OUT / "logs" / (job.name.replace("/", "__") + ".log")
-        log.parent.mkdir(parents=True, exist_ok=True)
-        print(f"{time.strftime('%H:%M:%S')} start {job.name}", flush=True)
-        with open(log, "w") as handle:
-            code = subprocess.call([sys.executable, __file__, "job", json.dumps(asdict(job))], stdout=handle,
-                                   stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        print(f"{time.strftime('%H:%M:%S')} done {job.name} (exit {code})", flush=True)
-        return code
+    from _study import LoggedProcess, run_logged
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        codes = list(pool.map(one, jobs))
-    if any(codes):
-        raise SystemExit(f"{sum(1 for c in codes if c)} of {len(codes)} jobs failed; see {OUT / 'logs'}")
+    run_logged([LoggedProcess(job.name, [sys.executable, __file__, "job", json.dumps(asdict(job))],
+                              OUT / "logs" / (job.name.replace("/", "__") + ".log"), {"OMP_NUM_THREADS": "1"})
+                for job in jobs], workers, "jobs")
 
 
 # ------------------------------------------------------------------------------------------------ swap, noise

@@ -48,9 +48,10 @@ PAPER_ENERGY = 0.93
 
 @functools.lru_cache(maxsize=1)
 def machine() -> str:
+    from _study import cpu_model
+
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 "unknown CPU")
+    model = cpu_model("unknown CPU")
     simd = "AVX-512" if "avx512f" in cpuinfo else ("AVX2" if "avx2" in cpuinfo else "no AVX2")
     import torch
 
