@@ -310,12 +310,12 @@ def _student_config(teacher_spec: str, output: Path, settings: DemoSettings, see
 
 def _distill(config: Any, record: dict[str, Any], name: str):
     """Train ``config``'s student; ``record[name]`` gets the ``wadi-distill run`` options that train it again."""
-    from wadi_distill.vsd.config import run_command, run_options
+    from wadi_distill.vsd.config import run_command_line, run_options
     from wadi_distill.vsd.trainer import distill
 
     result = distill(config)  # the config now holds the resolved values (the CFG default, the precision)
     options = run_options(config)
-    record[name] = {"run_options": options, "command": run_command(options)}
+    record[name] = {"run_options": options, "command": run_command_line(options)}
     return result
 
 

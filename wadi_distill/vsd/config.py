@@ -251,6 +251,11 @@ RUN_OPTION_FIELDS = ("prompts", "prompt_column", "fake_adapter", "fake_rank", "m
                      "mixed_precision", "gradient_checkpointing", "sequential_cfg", "use_8bit_adam")
 
 
+def option_name(field_name: str) -> str:
+    """The ``wadi-distill run`` option of a DistillConfig field: ``fake_updates_per_step`` → ``--fake-updates-per-step``."""
+    return "--" + field_name.replace("_", "-")
+
+
 def run_options(config: DistillConfig) -> dict[str, Any]:
     """The ``wadi-distill run`` options (``{"--lr": 0.001, ...}``) that train ``config``'s student again: every
     training setting with its value, so a record holding them needs no knowledge of the defaults of its day.
@@ -278,7 +283,7 @@ def run_options(config: DistillConfig) -> dict[str, Any]:
             continue
         if value is None or value is False:
             continue
-        options["--" + name.replace("_", "-")] = value
+        options[option_name(name)] = value
     defaults = DistillConfig(teacher="", output_dir="")
     for name in ("adam_beta1", "adam_beta2", "adam_epsilon"):
         if getattr(config, name) != getattr(defaults, name):
@@ -286,7 +291,7 @@ def run_options(config: DistillConfig) -> dict[str, Any]:
     return options
 
 
-def run_command(options: dict[str, Any], output_dir: str = "OUT") -> str:
+def run_command_line(options: dict[str, Any], output_dir: str = "OUT") -> str:
     """``wadi-distill run ...`` for :func:`run_options`' dict (flags bare; fields without an option left out)."""
     import shlex
 

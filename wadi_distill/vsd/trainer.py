@@ -46,7 +46,7 @@ from wadi_distill.teachers.sampling import one_step_images
 from wadi_distill.vsd import checkpoints as ckpt
 from wadi_distill.vsd import losses as vsd
 from wadi_distill.vsd.checkpoints import list_checkpoints
-from wadi_distill.vsd.config import (FAKE_KINDS, TRAINING_OPTIONS, DistillConfig, on_cpu,
+from wadi_distill.vsd.config import (FAKE_KINDS, TRAINING_OPTIONS, DistillConfig, on_cpu, option_name,
                                      resolve_mixed_precision, resolve_teacher_options, validate_config)
 from wadi_distill.vsd.identity import RunIdentity, identity_for
 from wadi_distill.vsd.preemption import RunStopped, StopSignals, any_process
@@ -152,7 +152,7 @@ def training_options(config: DistillConfig) -> dict[str, Any]:
 
 
 def _flag(name: str, value: Any) -> str:
-    return f"--{name.replace('_', '-')} {value}"
+    return f"{option_name(name)} {value}"
 
 
 # ------------------------------------------------------------------------------------------------ the run

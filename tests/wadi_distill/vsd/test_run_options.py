@@ -1,10 +1,10 @@
-"""run_options / run_command: a config written as the `wadi-distill run` options that train it again."""
+"""run_options / run_command_line: a config written as the `wadi-distill run` options that train it again."""
 
 from __future__ import annotations
 
 import shlex
 
-from wadi_distill.vsd.config import DistillConfig, run_command, run_options
+from wadi_distill.vsd.config import DistillConfig, run_command_line, run_options
 
 
 def test_a_full_finetune_without_average_and_with_an_unguided_fake_score():
@@ -16,7 +16,7 @@ def test_a_full_finetune_without_average_and_with_an_unguided_fake_score():
     assert "--ema-power" not in options and "--ema-decay" not in options and "--prompts" not in options
     assert options["--sequential-cfg"] is True and "--gradient-checkpointing" not in options
     assert options["adam_beta1"] == 0.0 and "adam_beta2" not in options  # no option for it: named as the field
-    words = shlex.split(run_command(options, "runs/a b"))
+    words = shlex.split(run_command_line(options, "runs/a b"))
     assert words[:6] == ["wadi-distill", "run", "--teacher", "sd15", "--output-dir", "runs/a b"]
     assert "adam_beta1" not in words and words[words.index("--lr") + 1] == "2e-05"
     assert "--full-finetune" in words and words[words.index("--full-finetune") + 1].startswith("--")
@@ -28,7 +28,7 @@ def test_a_plan_from_a_probe_report_and_floats_written_exactly():
     options = run_options(config)
     assert options["--rank-from-probe"] == "out/report.json" and options["--budget"] == 0.05
     assert "--preset" not in options and "--full-finetune" not in options
-    words = shlex.split(run_command(options))
+    words = shlex.split(run_command_line(options))
     assert float(words[words.index("--ema-power") + 1]) == 2 / 3  # not 0.666667
     preset = run_options(DistillConfig(teacher="t", output_dir="o", preset="paper", rank=64,
                                        student_adapter="lora"))
