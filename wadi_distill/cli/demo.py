@@ -65,13 +65,23 @@ def demo_command(
     full_steps: Optional[int] = typer.Option(None, "--full-steps", help="VSD steps of the fully fine-tuned student."),
     lorad_steps: Optional[int] = typer.Option(None, "--lorad-steps", help="VSD steps of the LoRaD student."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per VSD step."),
+    processes: Optional[int] = typer.Option(
+        None, "--processes",
+        help="2 (default): score the teacher in a second process while the students train; 1: all in this one."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Distil builtin:digits with full fine-tuning, probe it, distil LoRaD from the probe, and score everything."""
     from wadi_distill.digits_demo.demo import run_demo
+    from wadi_distill.vsd.preemption import RunStopped
+    from wadi_probe.console import err_console
 
-    result = run_demo(output_dir, full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size, seed=seed,
-                      quick=quick, progress=progress, console=console)
+    try:
+        result = run_demo(output_dir, full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size,
+                          seed=seed, processes=processes, quick=quick, progress=progress, console=console)
+    except RunStopped as stopped:  # the demo keeps no checkpoints: it starts over when run again
+        err_console.print(f"{stopped.signal_name} received: the demo stopped and removed its training runs; run it "
+                          f"again to start over (exit code {stopped.exit_code}).", highlight=False, soft_wrap=True)
+        raise typer.Exit(stopped.exit_code) from None
     console.print(results_table(result.rows))
     footnote = noise_footnote(result.rows)
     if footnote:

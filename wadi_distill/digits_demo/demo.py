@@ -8,7 +8,8 @@
    that report (``rank_from_probe``).
 4. The teacher (multi-step DDIM with CFG, and one step), both students (one step) and held-out real digits are
    scored with :mod:`wadi_distill.evaluate` against the held-out ``reference`` split → ``metrics.json``,
-   ``metrics.md`` and one sample grid per model.
+   ``metrics.md`` and one sample grid per model. The teacher's rows need no student, so by default a second
+   process scores them (and then the fully fine-tuned student) while this one trains.
 
 Everything lands in ``output_dir``; the trained students are kept there too (``full_student.safetensors``,
 ``lorad_student/``) so that the probe and the samples can be reproduced from the files.
@@ -21,8 +22,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from wadi_distill.lorad.config import LoRaDConfig
@@ -89,6 +91,10 @@ class DemoSettings:
     grid_per_class: int = 10  # images per class in each sample grid
     threads: int | None = 1  # torch CPU threads while the demo runs (None: torch's default). The model is tiny:
     # one thread per process is fastest, and on shared or busy cores two threads were measured 10× slower.
+    # Processes: 2 scores the teacher's rows (its 25-step DDIM sets are most of the evaluation) and then the fully
+    # fine-tuned student in a second process while this one trains; the scores are the same as with 1, which runs
+    # everything here, one stage after the other.
+    processes: int = 2
 
 
 FULL_SETTINGS = DemoSettings()
@@ -192,22 +198,29 @@ def score_one_step_digits(generator: str | Path | torch.nn.Module | None = None,
     :func:`wadi_distill.evaluation.noise.score_noise_sets`' summary: per metric the mean, the sd over the noise sets
     (the evaluation noise, None for one set) and the per-set values, with ``noise_sets`` and ``images_per_set``.
     """
+    from wadi_distill.evaluation.noise import noise_set_starts, summarize_noise_sets
+
+    starts = noise_set_starts(noise_sets, 10 * per_class)
+    per_set = score_one_step_sets(generator, starts, per_class=per_class, seed=seed, teacher=teacher, bundle=bundle,
+                                  classifier=classifier)
+    return summarize_noise_sets(per_set, 10 * per_class, starts)
+
+
+def score_one_step_sets(generator: str | Path | torch.nn.Module | None, starts: list[int], *,
+                        per_class: int = EVAL_PER_CLASS, seed: int = 0, teacher: str = "builtin:digits",
+                        bundle: Any = None, classifier: Any = None) -> list[dict[str, Any]]:
+    """The metrics of the noise sets that start at ``starts`` (offsets into :func:`eval_seeds`), one dict each:
+    :func:`score_one_step_digits` per set, so that sets scored in different processes summarise to the same result."""
     from wadi_distill.builtin.digits.classifier import shipped_classifier
     from wadi_distill.builtin.digits.data import load_split
     from wadi_distill.evaluate import evaluate_images
-    from wadi_distill.evaluation.noise import check_noise_sets, score_noise_sets
 
-    check_noise_sets(noise_sets)
     labels = eval_labels(per_class)
     unet, bundle = _generator_unet(generator, teacher, bundle)
     classifier = classifier if classifier is not None else shipped_classifier()
     reference = load_split("reference")
-
-    def score_set(offset: int) -> dict[str, Any]:
-        images = one_step_digits(bundle, unet, labels, seed, offset=offset)
-        return evaluate_images(images, labels, reference, classifier=classifier)
-
-    return score_noise_sets(score_set, noise_sets, len(labels))
+    return [evaluate_images(one_step_digits(bundle, unet, labels, seed, offset=start), labels, reference,
+                            classifier=classifier) for start in starts]
 
 
 def _generator_unet(generator: str | Path | torch.nn.Module | None, teacher: str, bundle: Any) -> tuple[Any, Any]:
@@ -340,6 +353,7 @@ def run_demo(
     batch_size: int | None = None,
     ddim_steps: int | None = None,
     eval_per_class: int | None = None,
+    processes: int | None = None,
     seed: int = 0,
     quick: bool = False,
     progress: bool = True,
@@ -350,14 +364,16 @@ def run_demo(
     """Run the whole demo (distil → probe → distil from the probe → evaluate) and write it into ``output_dir``.
 
     ``quick`` starts from :data:`QUICK_SETTINGS` instead of :data:`FULL_SETTINGS`; the keyword arguments override
-    single settings (``eval_per_class`` caps the multi-step teacher's images per class too). ``teacher`` is
+    single settings (``eval_per_class`` caps the multi-step teacher's images per class too; ``processes=1`` keeps
+    the scoring in this process, after the training). ``teacher`` is
     ``builtin:digits`` or a folder written by ``wadi-distill train-teacher``.
     ``console`` (a rich Console) receives the stage headers and the probe summary; None prints nothing but the
     progress bars (``progress=False`` silences those too).
     """
     base = settings if settings is not None else (QUICK_SETTINGS if quick else FULL_SETTINGS)
     overrides = {k: v for k, v in dict(full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size,
-                                         ddim_steps=ddim_steps, eval_per_class=eval_per_class).items() if v is not None}
+                                         ddim_steps=ddim_steps, eval_per_class=eval_per_class,
+                                         processes=processes).items() if v is not None}
     if eval_per_class is not None:  # fewer images asked for: the multi-step teacher's sets shrink with them
         overrides["multistep_per_class"] = min(base.multistep_per_class, eval_per_class)
     settings = replace(base, **overrides)
@@ -368,14 +384,22 @@ def run_demo(
         raise WadiInputError("eval-per-class must be at least 2 (the metrics need more images than k = 3).")
     if settings.eval_noise_sets < 1:
         raise WadiInputError("eval-noise-sets must be at least 1.")
+    if settings.processes < 1:
+        raise WadiInputError("processes must be at least 1.")
     out = Path(output_dir)
     check_outputs({"demo folder": out}, ["builtin:digits"], owned=("demo folder",))
     previous_threads = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(int(settings.threads))
+    # SIGTERM / SIGUSR1 anywhere in the demo raise RunStopped (each training run catches them itself and stops after
+    # its step), so the scratch runs are removed and the scoring process ended however the demo stops
+    from wadi_distill.vsd.preemption import StopSignals
+
+    stop = StopSignals().install()
     try:
         return _run(out, settings, seed=seed, quick=quick, progress=progress, teacher=teacher, console=console)
     finally:
+        stop.restore()
         torch.set_num_threads(previous_threads)
 
 
@@ -397,8 +421,8 @@ def _train_full(teacher: str, out: Path, runs: Path, settings: DemoSettings, see
 
 
 def _probe_full(teacher: str, out: Path, full_student_path: Path, progress: bool, console: Any,
-                timings: dict[str, float]) -> tuple[Any, Any, Path, Any]:
-    """Stage 2: the probe, teacher vs the fully fine-tuned student: (teacher bundle, report, its path, its plots)."""
+                timings: dict[str, float]) -> tuple[Any, Path, Any]:
+    """Stage 2: the probe, teacher vs the fully fine-tuned student: (report, its path, its plots)."""
     from wadi_distill.teachers.pipeline import load_teacher
     from wadi_probe.analyze import compare
     from wadi_probe.report.plots import save_all_plots
@@ -419,7 +443,7 @@ def _probe_full(teacher: str, out: Path, full_student_path: Path, progress: bool
         _print(console, f"report: {report_path}; plots: {out / 'plots'}")
         _print(console, f"the same report from the command line: wadi-probe compare {teacher} "
                         f"{full_student_path} -o {report_path} --plots {out / 'plots'}")
-    return bundle, report, report_path, saved
+    return report, report_path, saved
 
 
 def _train_lorad(teacher: str, out: Path, runs: Path, report_path: Path, settings: DemoSettings, seed: int,
@@ -441,23 +465,30 @@ def _train_lorad(teacher: str, out: Path, runs: Path, report_path: Path, setting
     return lorad, lorad_dir, LoRaDConfig.load(lorad_dir)
 
 
-def _evaluate_all(teacher: str, bundle: Any, full: Any, lorad: Any, settings: DemoSettings, seed: int, out: Path,
-                  progress: bool, console: Any, timings: dict[str, float], full_params: int,
+def _collect_rows(scoring: "Scoring", teacher_rows: Any, full_row: Any, lorad_path: Path, settings: DemoSettings, seed: int,
+                  teacher: str, out: Path, console: Any, timings: dict[str, float], full_params: int,
                   lorad_params: int) -> tuple[list[dict[str, Any]], dict[str, Path]]:
-    """Stage 4: score every model, and add each student's trainable parameters and training time to its row."""
-    from wadi_distill.builtin.digits.data import load_split
-    from wadi_distill.evaluate import evaluate_images
-
-    _print(console, "[bold]4/4[/bold] evaluating teacher (multi-step and one step) and both students")
+    """Stage 4: score the LoRaD student here, collect the rows the scoring process computed meanwhile (or compute
+    them now, in one process), save the grids, and add each student's trainable parameters and training time."""
+    where = " (the teacher and the full student were scored in a second process meanwhile; the LoRaD student's " \
+        "noise sets are shared between both)" if settings.processes >= 2 else ""
+    _print(console, f"[bold]4/4[/bold] evaluating the teacher (multi-step and one step) and both students{where}")
     t0 = time.perf_counter()
-    rows, grids = _evaluate(teacher, bundle, full.merged_path, lorad.merged_path, settings, seed, out, progress,
-                            evaluate_images, load_split)
-    for row in rows:
+    if scoring.processes >= 2:  # the second process is free once the full student is scored: share the last row
+        lorad_row = _split_student_row(scoring, teacher, "lorad_student", lorad_path, settings, seed)
+    else:
+        lorad_row = score_student_row(teacher, "lorad_student", lorad_path, settings, seed)
+    scored = [*teacher_rows.result(), full_row.result(), lorad_row]
+    timings["evaluate"] = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = []
+    grids: dict[str, Path] = {}
+    for row, grid in scored:
         if row["key"] == "full_student":
             row.update(trainable_params=full_params, train_seconds=timings["train_full"])
         elif row["key"] == "lorad_student":
             row.update(trainable_params=lorad_params, train_seconds=timings["train_lorad"])
-    timings["evaluate"] = time.perf_counter() - t0
+        rows.append(row)
+        grids[row["key"]] = save_digit_grid(grid, out / f"samples_{row['key']}.png", per_row=_grid_per_row(settings))
     return rows, grids
 
 
@@ -485,7 +516,10 @@ def _notes(settings: DemoSettings, rows: list[dict[str, Any]], plan: LoRaDConfig
         f"each student is scored from its final/, the average of its weights ({_weights_note()}); metrics.json "
         f"(settings.trained_with) has the wadi-distill run command that trains each one again.",
         f"wall time: {wall:.0f} s in total ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')})"
-        f", {plural(torch.get_num_threads(), 'torch thread')}.",
+        f", {plural(torch.get_num_threads(), 'torch thread')} per process"
+        + ("; a second process scored the teacher's rows and the full student's while the students trained, then "
+           "half of the LoRaD student's noise sets beside this one (evaluate: the time from the end of the training "
+           "to the last score)." if settings.processes >= 2 else "; one process, each stage after the other."),
     ]
 
 
@@ -523,18 +557,23 @@ def _run(out: Path, settings: DemoSettings, *, seed: int, quick: bool, progress:
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(tempfile.mkdtemp(prefix=".runs-", dir=out))
     try:
-        trained: dict[str, Any] = {}  # per student: the run options that train it again
-        full, full_student_path = _train_full(teacher, out, runs, settings, seed, progress, console, timings,
-                                              trained)
-        bundle, report, report_path, saved = _probe_full(teacher, out, full_student_path, progress, console, timings)
-        lorad, lorad_dir, plan = _train_lorad(teacher, out, runs, report_path, settings, seed, progress, console,
-                                              timings, trained)
-        lorad_params = sum(int(v.numel()) for v in lorad.student_state.values())
-        full_params = sum(int(v.numel()) for v in full.student_state.values())
-        _print(console, f"both students side by side: wadi-probe compare {teacher} {full_student_path} {lorad_dir} "
-                        f"--label full --label lorad -o {out / 'students'}")
-        rows, grids = _evaluate_all(teacher, bundle, full, lorad, settings, seed, out, progress, console, timings,
-                                    full_params, lorad_params)
+        with Scoring(settings.processes, settings.threads) as scoring:
+            # the teacher's rows need no student: with a second process they are scored while the students train
+            teacher_rows = scoring.submit(score_teacher_rows, teacher, settings, seed,
+                                          progress and settings.processes < 2)
+            trained: dict[str, Any] = {}  # per student: the run options that train it again
+            full, full_student_path = _train_full(teacher, out, runs, settings, seed, progress, console, timings,
+                                                  trained)
+            full_row = scoring.submit(score_student_row, teacher, "full_student", full_student_path, settings, seed)
+            report, report_path, saved = _probe_full(teacher, out, full_student_path, progress, console, timings)
+            lorad, lorad_dir, plan = _train_lorad(teacher, out, runs, report_path, settings, seed, progress, console,
+                                                  timings, trained)
+            lorad_params = sum(int(v.numel()) for v in lorad.student_state.values())
+            full_params = sum(int(v.numel()) for v in full.student_state.values())
+            _print(console, f"both students side by side: wadi-probe compare {teacher} {full_student_path} "
+                            f"{lorad_dir} --label full --label lorad -o {out / 'students'}")
+            rows, grids = _collect_rows(scoring, teacher_rows, full_row, lorad.merged_path, settings, seed, teacher, out,
+                                        console, timings, full_params, lorad_params)
     finally:
         shutil.rmtree(runs, ignore_errors=True)
 
@@ -569,53 +608,202 @@ def _plan_summary(adapter_config: LoRaDConfig, params: int) -> dict[str, Any]:
     return {"layers": len(ranks), "trainable_params": params, "ranks": ranks}
 
 
-def _evaluate(teacher_spec, bundle, full_path, lorad_path, settings, seed, out, progress, evaluate_images, load_split):
-    """Score each model on ``settings.eval_noise_sets`` noise sets (the held-out real digits: their one fixed set)."""
-    from wadi_distill.builtin.digits.classifier import shipped_classifier
-    from wadi_distill.evaluation.noise import score_noise_sets
+#: The evaluated rows in the order of the table: (key, name). The names of the multi-step row come from the settings.
+TEACHER_ROWS = ("real", "teacher_multistep", "teacher_one_step")
+STUDENT_ROW_NAMES = {"full_student": "full fine-tuning VSD student, one step",
+                     "lorad_student": "LoRaD-from-probe VSD student, one step"}
 
+
+def _grid_per_row(settings: DemoSettings) -> int:
+    return min(settings.grid_per_class, settings.eval_per_class, settings.multistep_per_class)  # a row per digit
+
+
+def _row(key: str, name: str, nfe: int | None, seconds: float | None, summary: dict[str, Any],
+         num_reference: int) -> dict[str, Any]:
+    noise = summary["metrics"]
+    return {"key": key, "name": name, "steps_per_image": nfe or "–",
+            "score_seconds": None if seconds is None else round(seconds, 2),
+            **{k: noise[k]["mean"] if noise[k] else None for k in METRIC_KEYS},
+            **{f"{k}_sd": noise[k]["sd"] if noise[k] else None for k in METRIC_KEYS},
+            "noise_sets": summary["noise_sets"], "num_images": summary["images_per_set"],
+            "num_reference": num_reference}
+
+
+def score_teacher_rows(teacher_spec: str, settings: DemoSettings, seed: int,
+                       progress: bool = False) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    """The table's rows that need no student: held-out real digits (one fixed set), the teacher's multi-step DDIM
+    sample and its own one-step sample (``settings.eval_noise_sets`` noise sets each), each with its grid images."""
+    from wadi_distill.builtin.digits.classifier import shipped_classifier
+    from wadi_distill.builtin.digits.data import load_split
+    from wadi_distill.evaluate import evaluate_images
+    from wadi_distill.evaluation.noise import score_noise_sets
+    from wadi_distill.teachers.pipeline import load_teacher
+
+    bundle = load_teacher(teacher_spec)
     classifier = shipped_classifier()
     reference = load_split("reference")
-    rows: list[dict[str, Any]] = []
-    grids: dict[str, Path] = {}
-    per_row = min(settings.grid_per_class, settings.eval_per_class, settings.multistep_per_class)  # a row per digit
-    grid_labels = eval_labels(per_row)
-
+    per_row = _grid_per_row(settings)
     test = load_split("test")
     real_labels = torch.cat([test.labels[test.labels == k][: settings.eval_per_class] for k in range(10)])
     real_images = torch.cat([test.images[test.labels == k][: settings.eval_per_class] for k in range(10)])
-    candidates: list[tuple[str, str, Any, int]] = [("real", "held-out real digits (test split)", None, 0)]
-    candidates.append(("teacher_multistep",
-                       f"teacher, DDIM {settings.ddim_steps} steps + CFG {settings.teacher_cfg:g}", "multistep",
-                       2 * settings.ddim_steps))
-    candidates.append(("teacher_one_step", "teacher, one step", bundle.denoiser, 1))
-    candidates.append(("full_student", "full fine-tuning VSD student, one step", full_path, 1))
-    candidates.append(("lorad_student", "LoRaD-from-probe VSD student, one step", lorad_path, 1))
-    for key, name, source, nfe in candidates:
-        t0 = time.perf_counter()
-        if key == "real":
-            summary = score_noise_sets(lambda _: evaluate_images(real_images, real_labels, reference,
-                                                                 classifier=classifier), 1, len(real_images))
-            grid = grid_subset(real_images, real_labels, per_row)
-        elif source == "multistep":
-            labels = eval_labels(settings.multistep_per_class)
-            summary, first = score_multistep_digits(bundle, labels, noise_sets=settings.eval_noise_sets, seed=seed,
-                                                    steps=settings.ddim_steps, cfg=settings.teacher_cfg,
-                                                    classifier=classifier, progress=progress)
-            grid = grid_subset(first, labels, per_row)  # the grid shows the first set's images
-        else:
-            unet = source if isinstance(source, torch.nn.Module) else _student_unet(teacher_spec, Path(source))
-            summary = score_one_step_digits(unet, noise_sets=settings.eval_noise_sets,
-                                            per_class=settings.eval_per_class, seed=seed, bundle=bundle,
-                                            classifier=classifier)
-            grid = one_step_digits(bundle, unet, grid_labels, seed)
-        seconds = time.perf_counter() - t0
-        noise = summary["metrics"]
-        rows.append({"key": key, "name": name, "steps_per_image": nfe or "–",
-                     "score_seconds": round(seconds, 2) if key != "real" else None,
-                     **{k: noise[k]["mean"] if noise[k] else None for k in METRIC_KEYS},
-                     **{f"{k}_sd": noise[k]["sd"] if noise[k] else None for k in METRIC_KEYS},
-                     "noise_sets": summary["noise_sets"], "num_images": summary["images_per_set"],
-                     "num_reference": int(len(reference))})
-        grids[key] = save_digit_grid(grid, out / f"samples_{key}.png", per_row=per_row)
-    return rows, grids
+    summary = score_noise_sets(lambda _: evaluate_images(real_images, real_labels, reference, classifier=classifier),
+                               1, len(real_images))
+    rows = [(_row("real", "held-out real digits (test split)", None, None, summary, len(reference)),
+             grid_subset(real_images, real_labels, per_row))]
+
+    t0 = time.perf_counter()
+    labels = eval_labels(settings.multistep_per_class)
+    summary, first = score_multistep_digits(bundle, labels, noise_sets=settings.eval_noise_sets, seed=seed,
+                                            steps=settings.ddim_steps, cfg=settings.teacher_cfg,
+                                            classifier=classifier, progress=progress)
+    name = f"teacher, DDIM {settings.ddim_steps} steps + CFG {settings.teacher_cfg:g}"
+    rows.append((_row("teacher_multistep", name, 2 * settings.ddim_steps, time.perf_counter() - t0, summary,
+                      len(reference)), grid_subset(first, labels, per_row)))  # the grid: the first set's images
+    rows.append(_score_one_step_row("teacher_one_step", "teacher, one step", bundle.denoiser, bundle, settings, seed,
+                                    classifier, reference))
+    return rows
+
+
+def score_student_row(teacher_spec: str, key: str, state_path: str | Path, settings: DemoSettings,
+                      seed: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """One student's row (``key``: ``full_student`` or ``lorad_student``) from its merged weights, with its grid."""
+    from wadi_distill.builtin.digits.classifier import shipped_classifier
+    from wadi_distill.builtin.digits.data import load_split
+    from wadi_distill.teachers.pipeline import load_teacher
+
+    unet = _student_unet(teacher_spec, Path(state_path))
+    return _score_one_step_row(key, STUDENT_ROW_NAMES[key], unet, load_teacher(teacher_spec), settings, seed,
+                               shipped_classifier(), load_split("reference"))
+
+
+def score_student_sets(teacher_spec: str, state_path: str | Path, settings: DemoSettings, seed: int,
+                       starts: list[int]) -> list[dict[str, Any]]:
+    """A student's metrics on the noise sets that start at ``starts`` (a share of its row's sets)."""
+    return score_one_step_sets(_student_unet(teacher_spec, Path(state_path)), starts,
+                               per_class=settings.eval_per_class, seed=seed, teacher=teacher_spec)
+
+
+def _split_student_row(scoring: "Scoring", teacher_spec: str, key: str, state_path: Path, settings: DemoSettings,
+                       seed: int) -> tuple[dict[str, Any], torch.Tensor]:
+    """A student's row with its first noise sets scored in the second process and the rest here, at the same time
+    (the same numbers as :func:`score_student_row`: each set is scored alone, from the same seeds)."""
+    from wadi_distill.builtin.digits.data import load_split
+    from wadi_distill.evaluation.noise import noise_set_starts, summarize_noise_sets
+    from wadi_distill.teachers.pipeline import load_teacher
+
+    t0 = time.perf_counter()
+    images = 10 * settings.eval_per_class
+    starts = noise_set_starts(settings.eval_noise_sets, images)
+    there = starts[: len(starts) // 2]
+    remote = scoring.submit(score_student_sets, teacher_spec, state_path, settings, seed, there)
+    bundle = load_teacher(teacher_spec)
+    unet = _student_unet(teacher_spec, state_path)
+    here = score_one_step_sets(unet, starts[len(there):], per_class=settings.eval_per_class, seed=seed,
+                               bundle=bundle)
+    grid = one_step_digits(bundle, unet, eval_labels(_grid_per_row(settings)), seed)
+    summary = summarize_noise_sets([*remote.result(), *here], images, starts)
+    return _row(key, STUDENT_ROW_NAMES[key], 1, time.perf_counter() - t0, summary,
+                len(load_split("reference"))), grid
+
+
+def _score_one_step_row(key: str, name: str, unet: torch.nn.Module, bundle: Any, settings: DemoSettings, seed: int,
+                        classifier: Any, reference: Any) -> tuple[dict[str, Any], torch.Tensor]:
+    t0 = time.perf_counter()
+    summary = score_one_step_digits(unet, noise_sets=settings.eval_noise_sets, per_class=settings.eval_per_class,
+                                    seed=seed, bundle=bundle, classifier=classifier)
+    grid = one_step_digits(bundle, unet, eval_labels(_grid_per_row(settings)), seed)
+    return _row(key, name, 1, time.perf_counter() - t0, summary, len(reference)), grid
+
+
+# ------------------------------------------------------------------------------------ a second scoring process
+
+
+class _Deferred:
+    """A call made when its result is first asked for (the one-process demo: scoring after training, in order)."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self._call: Callable[[], Any] | None = lambda: fn(*args)
+        self._value: Any = None
+
+    def result(self) -> Any:
+        if self._call is not None:
+            self._value, self._call = self._call(), None
+        return self._value
+
+
+class _Remote:
+    """A call running in the scoring process."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def result(self) -> Any:
+        return _convert(self._handle.get(), np.ndarray, torch.from_numpy)
+
+
+def _convert(value: Any, kind: type, convert: Callable[[Any], Any]) -> Any:
+    """``value`` with every ``kind`` inside its tuples, lists and dicts replaced by ``convert(it)``."""
+    if isinstance(value, kind):
+        return convert(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_convert(v, kind, convert) for v in value)
+    if isinstance(value, dict):
+        return {k: _convert(v, kind, convert) for k, v in value.items()}
+    return value
+
+
+def _with_arrays(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in the scoring process with its tensors as numpy arrays: plain pickles, no shared-memory
+    tensors that would need this process alive after it has answered."""
+    return _convert(fn(*args), torch.Tensor, lambda t: t.numpy())
+
+
+def _scoring_process_init(threads: int | None) -> None:
+    """Start of the scoring process: the demo's torch threads; Ctrl-C is the demo's to handle (it then ends this
+    process); on Linux the process also ends when the demo's process dies, so a killed demo leaves nothing running."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # no prctl: the demo's own exit still terminates this process
+            pass
+    if threads:
+        torch.set_num_threads(int(threads))
+
+
+class Scoring:
+    """Where the demo's scores are computed: in one second process (``processes`` ≥ 2), started at once so that
+    it works while this process trains, calls queued in order; or, with 1, here, each when its result is asked for.
+
+    Use as a context manager: leaving it (also on an error or Ctrl-C) ends the second process."""
+
+    def __init__(self, processes: int, threads: int | None) -> None:
+        self.processes = processes
+        self.threads = threads
+        self._pool: Any = None
+
+    def __enter__(self) -> "Scoring":
+        if self.processes >= 2:
+            import multiprocessing
+
+            # spawn, not fork: a forked child would inherit this process's torch thread pools and open files
+            self._pool = multiprocessing.get_context("spawn").Pool(1, initializer=_scoring_process_init,
+                                                                    initargs=(self.threads,))
+        return self
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> "_Deferred | _Remote":
+        """``fn(*args)``, its result collected by ``result()`` (tensors in it cross the pipe as numpy arrays)."""
+        if self._pool is None:
+            return _Deferred(fn, args)
+        return _Remote(self._pool.apply_async(_with_arrays, (fn, *args)))
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None

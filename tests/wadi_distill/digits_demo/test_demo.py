@@ -52,6 +52,25 @@ def test_demo_writes_every_file(demo):
 
 
 @needs_shipped
+def test_one_process_scores_the_same_as_two(demo, tmp_path):
+    """The default demo scores the teacher and the full student in a second process while it trains; with
+    processes=1 everything runs here, after the training: every score is the same to the bit."""
+    assert demo.settings["processes"] == 2
+    alone = run_demo(tmp_path / "one", seed=0, progress=False, processes=1, **TINY)
+    assert alone.settings["processes"] == 1
+    assert [r["key"] for r in alone.rows] == [r["key"] for r in demo.rows]
+    for one, two in zip(alone.rows, demo.rows):
+        assert {k: v for k, v in one.items() if k not in ("score_seconds", "train_seconds")} == \
+               {k: v for k, v in two.items() if k not in ("score_seconds", "train_seconds")}, one["key"]
+    for key, grid in demo.grids.items():
+        assert grid.read_bytes() == alone.grids[key].read_bytes(), key
+    notes = (tmp_path / "one" / "metrics.md").read_text()
+    assert "one process, each stage after the other" in notes
+    assert "a second process scored the teacher's rows and the full student's while the students trained" in \
+        (demo.output_dir / "metrics.md").read_text()
+
+
+@needs_shipped
 def test_demo_metrics_are_sane(demo):
     record = json.loads((demo.output_dir / "metrics.json").read_text())
     rows = {row["key"]: row for row in record["rows"]}
@@ -147,6 +166,8 @@ def test_cli_refuses_bad_input_without_writing(tmp_path):
     assert result.exit_code == 2
     assert "full-steps must be at least 1" in result.output
     assert not fresh.exists()
+    result = runner.invoke(app, ["demo", "-o", str(fresh), "--processes", "0", "--no-progress"])
+    assert result.exit_code == 2 and "processes must be at least 1" in result.output and not fresh.exists()
 
 
 @needs_shipped
@@ -175,3 +196,43 @@ def test_each_student_trains_again_from_its_recorded_run_command(demo, tmp_path,
     again = load_file(str(tmp_path / "again" / "final" / "adapter.safetensors"))
     shipped = load_file(str(demo.lorad_adapter_dir / "adapter.safetensors"))
     assert again.keys() == shipped.keys() and all(torch.equal(again[k], shipped[k]) for k in shipped)
+
+
+@needs_shipped
+@pytest.mark.slow
+def test_sigterm_mid_demo_ends_both_processes_and_leaves_no_scratch(tmp_path):
+    """SIGTERM while the full student trains and the second process scores the teacher: one sentence, the requeue
+    exit code, the scratch runs removed and the scoring process gone with the demo."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    out = tmp_path / "demo"
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": os.pathsep.join([str(BUILTIN.parents[2]),
+                                                                         os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", "from wadi_distill.cli import main; main()", "demo", "-o",
+                             str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        deadline = time.monotonic() + 120
+        children: list = []
+        while time.monotonic() < deadline and not (children and list(out.glob(".runs-*/full/run.json"))):
+            children = psutil.Process(proc.pid).children(recursive=True)  # the training loop has started
+            time.sleep(0.5)
+        scorers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+        assert scorers, [c.cmdline() for c in children]
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
+    assert "SIGTERM received: the demo stopped and removed its training runs" in stderr
+    assert "Traceback" not in stderr
+    assert not list(out.glob(".runs-*")) and not (out / "metrics.json").exists()
+    gone = psutil.wait_procs(scorers, timeout=20)[1] == []
+    assert gone, "the scoring process outlived the demo"
