@@ -247,6 +247,9 @@ def run_one(run: Run) -> None:
             ema.load_state_dict(saved["averages"][name])
         print(f"{run.name}: resumed at step {trainer.step}", flush=True)
     scorer = Scorer()
+    from _study import cpu_model
+
+    cpu = cpu_model()
     started, train_s = time.perf_counter(), 0.0
     try:
         while trainer.step < run.steps:
@@ -260,8 +263,8 @@ def run_one(run: Run) -> None:
                 seeds = (EVAL_SEED, *NOISE_SEEDS) if step == run.steps else (EVAL_SEED,)
                 t1 = time.perf_counter()
                 new = _score_all(trainer, averages, scorer, run, step, seeds, done)
-                for row in new:
-                    row.update(train_s=round(train_s, 1), score_s=round(time.perf_counter() - t1, 1))
+                for row in new:  # the CPU too: a run's seconds (and its last bits) depend on it
+                    row.update(train_s=round(train_s, 1), score_s=round(time.perf_counter() - t1, 1), cpu=cpu)
                 append_rows(new)
                 for row in new:
                     if row["eval_seed"] == EVAL_SEED:

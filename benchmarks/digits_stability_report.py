@@ -246,15 +246,19 @@ def phase_b(c: Curves, method: str, lr: float, fake: int, sigma: float) -> dict[
 # ------------------------------------------------------------------------------------------------ writing
 
 
-def machine() -> str:
-    from _study import cpu_model
+def run_cpu(c: Curves, name: str) -> str:
+    """The CPU a run's rows were scored on (rows written before the driver recorded it: "not recorded")."""
+    cpus = sorted({r["cpu"] for r in c.rows if r["name"] == name and r.get("cpu")})
+    return " / ".join(cpus) or "not recorded"
 
-    model = cpu_model("unknown CPU")
+
+def machine(c: Curves) -> str:
     import torch
 
-    return (f"{model}, {os.cpu_count()} cores (a VM shared with other jobs: load average 3–11 during the runs), "
-            f"Python {platform.python_version()}, torch {torch.__version__}, one torch thread per run, two runs at "
-            "a time")
+    cpus = sorted({run_cpu(c, name) for name in c.runs})
+    return (f"2-core VMs shared with other jobs (load average 2–11 during the runs), each run's CPU in the table "
+            f"below ({', '.join(cpus)}); this report written with Python {platform.python_version()}, torch "
+            f"{torch.__version__}; one torch thread per run, two runs at a time")
 
 
 def how_lines(c: Curves) -> list[str]:
@@ -270,7 +274,7 @@ def how_lines(c: Curves) -> list[str]:
             got = c.last_step(r.name) if r.name in c.runs else 0
             missing.append(f"{r.name} ({'not started' if not got else f'stopped at step {got}'})")
     return ["### How it was run", "",
-            f"Machine: {machine()}.", "",
+            f"Machine: {machine(c)}.", "",
             "Commands (each lane one run at a time; the queue order is in the amendments above):", "",
             "```",
             "python benchmarks/digits_stability.py run --queue B:lorad-probe:0.001:1 --queue A:lorad-probe --workers 1",
@@ -294,8 +298,8 @@ def how_lines(c: Curves) -> list[str]:
 def runs_table(c: Curves) -> list[str]:
     """Every run: how far it got, and its measured seconds per step (the machine's load shows here)."""
     lines = ["### The runs", "",
-             "| run | seed | last scored step | lengths with noise sets | training s / step | scoring s / point |",
-             "|---|---|---|---|---|---|"]
+             "| run | seed | last scored step | lengths with noise sets | training s / step | scoring s / point | CPU |",
+             "|---|---|---|---|---|---|---|"]
     for name in sorted(c.runs, key=lambda n: (c.runs[n]["method"], c.runs[n]["lr"], c.runs[n]["fake_updates"],
                                                c.runs[n]["seed"])):
         last = c.last_step(name)
@@ -304,7 +308,7 @@ def runs_table(c: Curves) -> list[str]:
         scoring = statistics.fmean(r["score_s"] for r in rows)
         lines.append(f"| {name} | {c.runs[name]['seed']} | {last} | "
                      f"{', '.join(map(str, c.noise_steps(name))) or '–'} | {row['train_s'] / row['step']:.2f} | "
-                     f"{scoring:.0f} |")
+                     f"{scoring:.0f} | {run_cpu(c, name)} |")
     lines += ["", "Training seconds per step are cumulative over the run (a resumed run counts from its resume); "
               "scoring seconds per point: the four weights sets on 2000 images each (six noise sets at the last "
               "step). Both depend on the other jobs on the shared machine.", ""]

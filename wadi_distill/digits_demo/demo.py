@@ -326,7 +326,9 @@ def _distill(config: Any, record: dict[str, Any], name: str):
     from wadi_distill.vsd.config import run_command_line, run_options
     from wadi_distill.vsd.trainer import distill
 
-    result = distill(config)  # the config now holds the resolved values (the CFG default, the precision)
+    # the config now holds the resolved values (the CFG default, the precision); on a stop signal the demo, which
+    # removes its runs, says what happened (not the run's "continue with --resume")
+    result = distill(config, stop_note=False)
     options = run_options(config)
     record[name] = {"run_options": options, "command": run_command_line(options)}
     return result

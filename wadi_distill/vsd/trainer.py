@@ -165,8 +165,12 @@ class VSDTrainer:
     layers); by default ``config.student_adapter`` names its kind.
     """
 
-    def __init__(self, config: DistillConfig, teacher: Teacher | None = None, student: Student | None = None) -> None:
+    def __init__(self, config: DistillConfig, teacher: Teacher | None = None, student: Student | None = None, *,
+                 stop_note: bool = True) -> None:
         validate_config(config)
+        # after a stop signal, print the line that says where the run continues (False: the caller, e.g. the demo
+        # that removes its runs, says what happens instead)
+        self.stop_note = stop_note
         # one run per folder: the lock (main process) is held until train() ends, close(), or a failed set-up
         self.run_lock = lock_run_folder(config.output_dir, note=print_line)
         weakref.finalize(self, self.run_lock.release)
@@ -647,7 +651,8 @@ class VSDTrainer:
             self.step > started_at and self.step % self.config.checkpointing_steps == 0)
         path = self.output_dir / f"checkpoint-{self.step}" if saved else self.save_checkpoint()
         stopped = self.stop.stopped(self.step, path if self.is_main else None)
-        self.console.note(stopped.message())
+        if self.stop_note:
+            self.console.note(stopped.message())
         return stopped
 
     def train(self) -> DistillResult:
@@ -695,9 +700,13 @@ class VSDTrainer:
                              student, ckpt.tensors_state(self.fake_named), last_step_dir, last_step)
 
 
-def distill(config: DistillConfig, *, teacher: Teacher | None = None, student: Student | None = None) -> DistillResult:
-    """Run VSD distillation as ``config`` says (a notebook-friendly entry point; the CLI calls this)."""
-    return VSDTrainer(config, teacher=teacher, student=student).train()
+def distill(config: DistillConfig, *, teacher: Teacher | None = None, student: Student | None = None,
+            stop_note: bool = True) -> DistillResult:
+    """Run VSD distillation as ``config`` says (a notebook-friendly entry point; the CLI calls this).
+
+    A stop signal ends it with :class:`~wadi_distill.vsd.preemption.RunStopped` after a checkpoint; ``stop_note``
+    prints the line saying how to continue (a caller that discards the run passes False and says so itself)."""
+    return VSDTrainer(config, teacher=teacher, student=student, stop_note=stop_note).train()
 
 
 def distill_peft(config: DistillConfig, *, kind: str, rank: int, modules: list[str],

@@ -232,7 +232,7 @@ def test_sigterm_mid_demo_ends_both_processes_and_leaves_no_scratch(tmp_path):
         proc.kill()
     assert proc.returncode == 75, stdout[-2000:] + stderr[-2000:]
     assert "SIGTERM received: the demo stopped and removed its training runs" in stderr
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and "--resume" not in stdout + stderr  # nothing is left to resume
     assert not list(out.glob(".runs-*")) and not (out / "metrics.json").exists()
     gone = psutil.wait_procs(scorers, timeout=20)[1] == []
     assert gone, "the scoring process outlived the demo"
