@@ -1,7 +1,7 @@
 """The demo at several training seeds: its table as seed mean ± seed sd, beside the evaluation noise.
 
-``run`` starts ``wadi-distill demo --seed S`` for each seed (its own process, one torch thread, ``--workers`` at a
-time; seed 0 writes the README's ``reports/demo``, the others ``reports/demo_seeds/seed-S``, of which only the
+``run`` starts ``wadi-distill demo --seed S`` for each seed (one torch thread in each of the demo's two processes,
+``--workers`` demos at a time: 1 on two cores; seed 0 writes the README's ``reports/demo``, the others ``reports/demo_seeds/seed-S``, of which only the
 metrics are committed). ``report`` reads each seed's ``metrics.json`` and writes ``reports/demo_seeds.md``:
 
 - per model and metric, the mean over the seeds ± their sd (the training-seed spread, which includes the
@@ -9,7 +9,7 @@ metrics are committed). ``report`` reads each seed's ``metrics.json`` and writes
 - per seed, whether each student beats the teacher's own one-step sample on every metric, and the LoRaD
   student's feature FD as a multiple of the 25-step teacher's.
 
-    python benchmarks/demo_seeds.py run --seeds 0,1,2 --workers 2
+    python benchmarks/demo_seeds.py run --seeds 0,1,2
     python benchmarks/demo_seeds.py report --seeds 0,1,2
 """
 
@@ -113,7 +113,7 @@ def report(seeds: list[int]) -> str:
 
 
 def run(seeds: list[int], workers: int) -> None:
-    """Each seed's demo in its own process (one torch thread), ``workers`` at a time; logs beside the report."""
+    """Each seed's demo (two processes, one torch thread each), ``workers`` demos at a time; logs beside the report."""
     from _study import LoggedProcess, run_logged
 
     logs = ROOT / "reports" / "demo_seeds" / "logs"
@@ -130,7 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["run", "report"])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="demos at a time (each uses two processes)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",") if s]
     if args.command == "run":
