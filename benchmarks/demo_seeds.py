@@ -1,8 +1,8 @@
 """The demo at several training seeds: its table as seed mean ± seed sd, beside the evaluation noise.
 
 ``run`` starts ``wadi-distill demo --seed S`` for each seed (one torch thread in each of the demo's two processes,
-``--workers`` demos at a time: 1 on two cores; seed 0 writes the README's ``reports/demo``, the others ``reports/demo_seeds/seed-S``, of which only the
-metrics are committed). ``report`` reads each seed's ``metrics.json`` and writes ``reports/demo_seeds.md``:
+``--workers`` demos at a time: 1 on two cores; seed 0 writes the README's ``reports/demo``, the others
+``reports/demo_seeds/seed-S``, of which only the metrics are committed). ``report`` reads each seed's ``metrics.json`` and writes ``reports/demo_seeds.md``:
 
 - per model and metric, the mean over the seeds ± their sd (the training-seed spread, which includes the
   evaluation noise) and the evaluation noise alone (the mean over seeds of each run's sd over its noise sets);

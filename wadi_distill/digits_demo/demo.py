@@ -467,8 +467,8 @@ def _train_lorad(teacher: str, out: Path, runs: Path, report_path: Path, setting
     return lorad, lorad_dir, LoRaDConfig.load(lorad_dir)
 
 
-def _collect_rows(scoring: "Scoring", teacher_rows: Any, full_row: Any, lorad_path: Path, settings: DemoSettings, seed: int,
-                  teacher: str, out: Path, console: Any, timings: dict[str, float], full_params: int,
+def _collect_rows(scoring: "Scoring", teacher_rows: Any, full_row: Any, lorad_path: Path, settings: DemoSettings,
+                  seed: int, teacher: str, out: Path, console: Any, timings: dict[str, float], full_params: int,
                   lorad_params: int) -> tuple[list[dict[str, Any]], dict[str, Path]]:
     """Stage 4: score the LoRaD student here, collect the rows the scoring process computed meanwhile (or compute
     them now, in one process), save the grids, and add each student's trainable parameters and training time."""
@@ -610,8 +610,7 @@ def _plan_summary(adapter_config: LoRaDConfig, params: int) -> dict[str, Any]:
     return {"layers": len(ranks), "trainable_params": params, "ranks": ranks}
 
 
-#: The evaluated rows in the order of the table: (key, name). The names of the multi-step row come from the settings.
-TEACHER_ROWS = ("real", "teacher_multistep", "teacher_one_step")
+#: The students' row names in the table (the teacher's rows are named in :func:`score_teacher_rows`).
 STUDENT_ROW_NAMES = {"full_student": "full fine-tuning VSD student, one step",
                      "lorad_student": "LoRaD-from-probe VSD student, one step"}
 
