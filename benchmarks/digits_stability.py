@@ -32,6 +32,7 @@ longer run is the same run continued).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -62,24 +63,36 @@ AVERAGES: dict[str, dict[str, Any]] = {
     "ema-0.999": {"decay": 0.999, "min_decay": 0.999, "update_after_step": -1, "use_ema_warmup": False},
 }
 WEIGHTS = ("raw", *AVERAGES)
+METHODS = ("full", "lorad-probe", "lorad-uniform", "lora-peft", "dora-peft")
 
 
 @dataclass
 class Run:
     """One continuous VSD run: a student, its recipe, a seed and its length."""
 
-    method: str  # "lorad-probe" or "full"
+    method: str  # one of METHODS
     seed: int
     lr: float
     fake_updates: int
     steps: int
     name: str = field(default="")
     extra: dict[str, Any] = field(default_factory=dict)  # DistillConfig fields changed from the study's set-up
+    rank: int | None = None  # uniform adapters (lorad-uniform, lora-peft, dora-peft): None = the budget's rank
+    weights: list[str] | None = None  # the weights sets scored (None: all of WEIGHTS)
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SystemExit(f"unknown method {self.method!r}: one of {', '.join(METHODS)}")
+        if self.weights is not None and (not self.weights or set(self.weights) - set(WEIGHTS)):
+            raise SystemExit(f"weights must be a non-empty subset of {', '.join(WEIGHTS)}, not {self.weights}")
         if not self.name:
             changed = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in sorted(self.extra.items()))
-            self.name = f"{self.method}-lr{self.lr:g}-f{self.fake_updates}{changed}-s{self.seed}"
+            rank = f"-r{self.rank}" if self.rank else ""
+            self.name = f"{self.method}{rank}-lr{self.lr:g}-f{self.fake_updates}{changed}-s{self.seed}"
+
+    @property
+    def scored(self) -> tuple[str, ...]:
+        return tuple(WEIGHTS if self.weights is None else [w for w in WEIGHTS if w in self.weights])
 
 
 # ------------------------------------------------------------------------------------------------ pure parts
@@ -184,13 +197,32 @@ def _config(run: Run, workdir: Path, resume: bool):
         resume="latest" if resume else None)
     if run.method == "lorad-probe":
         config.student_adapter, config.rank_from_probe, config.budget = "lorad", str(REPORT), BUDGET
-    elif run.method != "full":
-        raise SystemExit(f"unknown method {run.method!r}: this study runs lorad-probe and full")
+    elif run.method == "lorad-uniform":
+        config.student_adapter, config.rank = "lorad", run.rank or budget_ranks()[1][run.method]
     for key, value in run.extra.items():
         if not hasattr(config, key):
             raise SystemExit(f"{run.name}: DistillConfig has no field {key!r}")
         setattr(config, key, value)
     return config
+
+
+@functools.lru_cache(maxsize=1)
+def budget_ranks() -> tuple[int, dict[str, int], list[str]]:
+    """The probe plan's trainable parameters, the uniform rank of each adapter kind that matches it, and the
+    modules a uniform adapter covers (the paper preset's layers) — the like-for-like budget of digits_study.py."""
+    from digits_study import budget_ranks as study_budget_ranks
+
+    return study_budget_ranks()
+
+
+def _student(run: Run):
+    """The student object of a PEFT run (None: the trainer builds the config's student)."""
+    if run.method not in ("lora-peft", "dora-peft"):
+        return None
+    from wadi_distill.vsd.students import PeftStudent
+
+    _, ranks, modules = budget_ranks()
+    return PeftStudent(run.method.split("-")[0], run.rank or ranks[run.method], modules)
 
 
 class Scorer:
@@ -216,10 +248,10 @@ class Scorer:
         return {k: float(metrics[k]) for k in METRICS}
 
 
-def _averages(params: list) -> dict[str, Any]:
+def _averages(params: list, names: tuple[str, ...]) -> dict[str, Any]:
     from diffusers.training_utils import EMAModel
 
-    return {name: EMAModel(params, **kwargs) for name, kwargs in AVERAGES.items()}
+    return {name: EMAModel(params, **kwargs) for name, kwargs in AVERAGES.items() if name in names}
 
 
 def run_one(run: Run) -> None:
@@ -237,8 +269,8 @@ def run_one(run: Run) -> None:
     workdir = WORK / run.name
     averages_file = workdir / "averages.pt"
     resume = averages_file.exists() and any(workdir.glob("checkpoint-*"))
-    trainer = VSDTrainer(_config(run, workdir, resume))
-    averages = _averages(trainer.student_params)
+    trainer = VSDTrainer(_config(run, workdir, resume), student=_student(run))
+    averages = _averages(trainer.student_params, run.scored)
     if resume:
         saved = torch.load(averages_file, weights_only=False)
         if saved["step"] != trainer.step:
@@ -287,7 +319,7 @@ def _score_all(trainer, averages, scorer: Scorer, run: Run, step: int, seeds: tu
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="wadi-stability-") as tmp:
-        for weights in WEIGHTS:
+        for weights in run.scored:
             todo = [s for s in seeds if (step, weights, s) not in done]
             if not todo:
                 continue
@@ -315,6 +347,11 @@ PHASE_A = {"full": [(2e-5, 5), (5e-5, 5), (2e-5, 1)], "lorad-probe": [(1e-3, 1),
 A_STEPS = 1200  # amended from 1600 (see the report)
 B_STEPS = {"lorad-probe": 1200, "full": 1200}  # Phase B's lengths (declared; cut from 2400 / 2000, see the report)
 B_SEEDS = (0, 1, 2, 3, 4)
+# Phase C, the like-for-like comparison (reports/digits_comparison.md, declared before its runs): the adapters the
+# stability study did not run, on the LoRaD recipe of Phase B (lr 1e-3, 1 fake-score update per step, 1200 steps),
+# raw weights and the default average only; full fine-tuning and LoRaD-from-the-probe are Phase B's runs
+C_METHODS = ("lorad-uniform", "lora-peft", "dora-peft")
+C_LR, C_FAKE_UPDATES, C_WEIGHTS = 1e-3, 1, ["raw", "ema-p2/3"]
 
 
 def queue(name: str) -> list[Run]:
@@ -324,6 +361,8 @@ def queue(name: str) -> list[Run]:
     ``A1:<method>`` the same at seed 1.
     ``B:<method>:<lr>:<fake>``  Phase B, seeds 0-4 of that recipe at the method's Phase B length (a Phase A run of
                     the same recipe and seed continues from its 1600-step checkpoint).
+    ``C:<method>[:<rank>]``  Phase C, seeds 0-4 of a uniform adapter (lorad-uniform, lora-peft, dora-peft) on
+                    the LoRaD recipe at the parameter budget of the probe plan, or at ``rank``.
     ``L:<method>:<lr>:<fake>:<seed>[:<steps>][:field=value,...]``  one run with DistillConfig fields changed
                     (the levers study, reports/digits_levers.md), e.g. ``L:lorad-probe:0.001:1:0:cfg=2.0``.
     """
@@ -334,12 +373,17 @@ def queue(name: str) -> list[Run]:
         method, lr, fake = rest.split(":")
         if method in B_STEPS:
             return [Run(method, seed, float(lr), int(fake), B_STEPS[method]) for seed in B_SEEDS]
+    if kind == "C" and rest.split(":")[0] in C_METHODS and rest.count(":") <= 1:
+        method, _, rank = rest.partition(":")
+        return [Run(method, seed, C_LR, C_FAKE_UPDATES, B_STEPS["lorad-probe"], rank=int(rank) if rank else None,
+                    weights=list(C_WEIGHTS)) for seed in B_SEEDS]
     if kind == "L" and rest.count(":") >= 3:  # one lever run: L:<method>:<lr>:<fake>:<seed>[:<steps>][:key=value,...]
         method, lr, fake, seed, *tail = rest.split(":")
         steps = int(tail.pop(0)) if tail and "=" not in tail[0] else A_STEPS
         extra = dict(_parse_field(item) for item in (tail[0].split(",") if tail else []) if item)
         return [Run(method, int(seed), float(lr), int(fake), steps, extra=extra)]
-    raise SystemExit(f"unknown queue {name!r}: A:<method>, A1:<method>, B:<method>:<lr>:<fake updates> or "
+    raise SystemExit(f"unknown queue {name!r}: A:<method>, A1:<method>, B:<method>:<lr>:<fake updates>, "
+                     f"C:<{'|'.join(C_METHODS)}>[:<rank>] or "
                      "L:<method>:<lr>:<fake updates>:<seed>[:<steps>][:field=value,...]")
 
 
@@ -368,6 +412,8 @@ def main() -> None:
     run.add_argument("--queue", action="append", required=True, help="A:<method>, A1:<method>, B:<method>:<lr>:<fake> (repeatable)")
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--only", default="", help="comma-separated run names to keep from the queues")
+    run.add_argument("--by-seed", action="store_true", help="order the pending runs by seed (stable), so that a "
+                     "comparison cut short keeps every method at the seeds it reached")
     run.add_argument("--dry-run", action="store_true")
     job = sub.add_parser("job", help="one run (used by run)")
     job.add_argument("spec")
@@ -382,6 +428,8 @@ def main() -> None:
             if r.name not in seen and not finished(r, rows) and (not only or r.name in only):
                 runs.append(r)
             seen.add(r.name)
+    if args.by_seed:
+        runs.sort(key=lambda r: r.seed)
     for r in runs:
         print("  pending", r.name, r.steps, flush=True)
     if not args.dry_run:
