@@ -518,7 +518,8 @@ def write(c: Curves) -> dict[str, Any]:
 
 
 def main() -> None:
-    rows = read_curves()
+    # the stability study's own methods; Phase C's adapters (the same file) are digits_comparison_report.py's
+    rows = [r for r in read_curves() if r["method"] in METHOD_TITLE]
     if not rows:
         raise SystemExit(f"{CURVES} holds no lines yet: run benchmarks/digits_stability.py first")
     summary = write(Curves(rows))

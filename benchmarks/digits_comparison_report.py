@@ -1,0 +1,291 @@
+"""The comparison's report: LoRaD against LoRA, DoRA and full fine-tuning on averaged weights (no training here).
+
+Reads ``reports/digits_stability/curves.jsonl`` (Phase B of the stability study: full fine-tuning and LoRaD from
+the probe; Phase C: the uniform adapters) and rewrites everything after the results marker of
+``reports/digits_comparison.md`` (its declaration, made before the runs, stays as it stands), the plot
+``reports/digits_comparison.png`` and ``reports/digits_comparison.json`` (every number in the report).
+
+    python benchmarks/digits_comparison_report.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from digits_stability import (  # noqa: E402 - the driver's own constants, one definition
+    B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, ROOT, queue, read_curves, tail_change,
+)
+
+REPORTS = Path(os.environ.get("WADI_COMPARISON_REPORTS", ROOT / "reports"))
+REPORT, PLOT, SUMMARY = (REPORTS / f"digits_comparison.{ext}" for ext in ("md", "png", "json"))
+MARKER = "<!-- results: everything below is written by benchmarks/digits_comparison_report.py -->"
+LENGTH = B_STEPS["lorad-probe"]
+WEIGHTS = "ema-p2/3"  # the default final/ weights (declared); raw is shown for the record
+METRICS = ("fd_features", "fd_pixel", "recall", "precision", "class_accuracy")
+VERDICT_METRICS = ("fd_features", "fd_pixel", "recall")
+LOWER = {"fd_features", "fd_pixel"}
+SMALLEST = {"fd_features": 5.0, "fd_pixel": 0.10, "recall": 0.05}  # declared before the runs
+TITLE = {"fd_features": "feature FD ↓", "fd_pixel": "pixel FD ↓", "recall": "recall ↑", "precision": "precision ↑",
+         "class_accuracy": "class acc. ↑"}
+DIGITS = {"fd_features": 1, "fd_pixel": 3, "recall": 3, "precision": 3, "class_accuracy": 3}
+MIN_SEEDS = 3  # a pair with fewer seeds a side gets no verdict (declared)
+
+
+@dataclass(frozen=True)
+class Student:
+    """One student of the comparison: a label and the queue whose runs (one per seed) train it."""
+
+    label: str
+    queue: str
+    params: int
+    group: str  # "budget" or "rank 4"
+
+    def run_names(self) -> dict[int, str]:
+        return {run.seed: run.name for run in queue(self.queue)}
+
+
+STUDENTS = (
+    Student("full", "B:full:2e-05:5", 983_713, "budget"),
+    Student("lorad-probe", "B:lorad-probe:0.001:1", 98_048, "budget"),
+    Student("lorad-uniform", "C:lorad-uniform", 95_424, "budget"),
+    Student("lora-peft", "C:lora-peft", 97_504, "budget"),
+    Student("dora-peft", "C:dora-peft", 102_272, "budget"),
+    Student("lorad-uniform r4", "C:lorad-uniform:4", 27_264, "rank 4"),
+    Student("lora-peft r4", "C:lora-peft:4", 35_456, "rank 4"),
+    Student("dora-peft r4", "C:dora-peft:4", 40_224, "rank 4"),
+)
+BY_LABEL = {s.label: s for s in STUDENTS}
+PAIRS = (  # declared: (A, B, the question it answers)
+    ("lorad-probe", "full", "budget"), ("lorad-probe", "lora-peft", "budget"), ("lorad-probe", "dora-peft", "budget"),
+    ("lorad-probe", "lorad-uniform", "budget"), ("lorad-uniform", "lora-peft", "budget"),
+    ("lorad-uniform", "dora-peft", "budget"),
+    ("lorad-uniform r4", "lora-peft r4", "rank 4"), ("lorad-uniform r4", "dora-peft r4", "rank 4"),
+    ("lorad-uniform r4", "lorad-uniform", "rank ablation"), ("lorad-uniform r4", "lorad-probe", "rank ablation"),
+)
+
+
+# ------------------------------------------------------------------------------------------------ numbers
+
+
+def sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def fmt(value: float | None, metric: str, extra: int = 0) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{DIGITS[metric] + extra}f}"
+
+
+def index(rows: list[dict[str, Any]]) -> dict[tuple[str, int, str, int], dict[str, Any]]:
+    """(run name, step, weights, noise seed) -> row (the last written, should a step have been scored twice)."""
+    return {(r["name"], r["step"], r["weights"], r.get("eval_seed", EVAL_SEED)): r for r in rows}
+
+
+def student_numbers(student: Student, rows: dict) -> dict[str, Any]:
+    """Per seed that reached the length with its noise sets: the averaged and raw scores, the evaluation noise (sd
+    over the 6 noise sets), the seconds per training step; and the seed-mean curve of the averaged weights."""
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed, name in student.run_names().items():
+        if (name, LENGTH, WEIGHTS, NOISE_SEEDS[-1]) not in rows:
+            continue
+        main = rows[(name, LENGTH, WEIGHTS, EVAL_SEED)]
+        raw = rows.get((name, LENGTH, "raw", EVAL_SEED))
+        sets = [rows[(name, LENGTH, WEIGHTS, s)] for s in (EVAL_SEED, *NOISE_SEEDS) if (name, LENGTH, WEIGHTS, s) in rows]
+        per_seed[seed] = {
+            "run": name,
+            **{m: main[m] for m in METRICS},
+            **{f"raw_{m}": (raw[m] if raw else None) for m in METRICS},
+            **{f"{m}_eval_sd": sd([r[m] for r in sets]) for m in VERDICT_METRICS},
+            "s_per_step": main["train_s"] / LENGTH if main.get("train_s") else None,
+            "cpu": main.get("cpu"),
+        }
+    seeds = sorted(per_seed)
+    out: dict[str, Any] = {"label": student.label, "params": student.params, "group": student.group, "seeds": seeds,
+                           "per_seed": per_seed}
+    for m in METRICS:
+        values = [per_seed[s][m] for s in seeds]
+        raw = [per_seed[s][f"raw_{m}"] for s in seeds if per_seed[s][f"raw_{m}"] is not None]
+        out[m] = {"mean": statistics.fmean(values) if values else float("nan"), "sd": sd(values), "n": len(values),
+                  "values": values, "raw_mean": statistics.fmean(raw) if raw else float("nan"), "raw_sd": sd(raw)}
+    for m in VERDICT_METRICS:  # evaluation noise: RMS over the seeds of the per-run sd over noise sets
+        sds = [per_seed[s][f"{m}_eval_sd"] for s in seeds if not math.isnan(per_seed[s][f"{m}_eval_sd"])]
+        out[m]["eval_sd"] = math.sqrt(sum(x * x for x in sds) / len(sds)) if sds else float("nan")
+    # the seed-mean curve of the averaged weights' feature FD (steps every seed has), and its change over the
+    # last 20 % (the stability study's plateau rule, reported against the evaluation noise)
+    names = [per_seed[s]["run"] for s in seeds]
+    points: dict[int, list[float]] = {}
+    for (name, step, weights, eval_seed), r in rows.items():  # one row per (run, step): a resumed run may re-score
+        if name in names and weights == WEIGHTS and eval_seed == EVAL_SEED:
+            points.setdefault(step, []).append(r["fd_features"])
+    steps = sorted(s for s, v in points.items() if len(v) == len(names) and s <= LENGTH)
+    out["curve"] = {"steps": steps, "fd_features": [statistics.fmean(points[s]) for s in steps]}
+    out["tail_change"] = tail_change(steps, out["curve"]["fd_features"]) if len(steps) >= 3 else float("nan")
+    secs = [per_seed[s]["s_per_step"] for s in seeds if per_seed[s]["s_per_step"]]
+    out["s_per_step"] = statistics.fmean(secs) if secs else float("nan")
+    return out
+
+
+def verdict(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The declared rule on one metric: d = mean(A) − mean(B), SE = √(s_A²/n_A + s_B²/n_B)."""
+    na, nb = a[metric]["n"], b[metric]["n"]
+    if min(na, nb) < MIN_SEEDS:
+        return {"verdict": "too few seeds", "d": float("nan"), "se": float("nan"), "n": (na, nb)}
+    d = a[metric]["mean"] - b[metric]["mean"]
+    se = math.sqrt(a[metric]["sd"] ** 2 / na + b[metric]["sd"] ** 2 / nb)
+    smallest = SMALLEST[metric]
+    if abs(d) > 2 * se and abs(d) >= smallest:
+        a_better = d < 0 if metric in LOWER else d > 0
+        result = "A better" if a_better else "B better"
+    elif abs(d) + 2 * se <= smallest:
+        result = "no difference that matters"
+    else:
+        result = "cannot tell at this size"
+    return {"verdict": result, "d": d, "se": se, "n": (na, nb)}
+
+
+def quality(per_metric: dict[str, dict[str, Any]]) -> str:
+    """Better in quality: better on feature FD and not worse on pixel FD or recall (declared)."""
+    main = per_metric["fd_features"]["verdict"]
+    for side, other in (("A better", "B better"), ("B better", "A better")):
+        if main == side and all(per_metric[m]["verdict"] != other for m in ("fd_pixel", "recall")):
+            return side
+    return main if main in ("no difference that matters", "cannot tell at this size", "too few seeds") else "mixed"
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def machine(numbers: list[dict[str, Any]]) -> str:
+    import platform
+
+    import torch
+
+    cpus = sorted({ps["cpu"] or "not recorded" for n in numbers for ps in n["per_seed"].values()})
+    return (f"2-core VMs shared with other jobs, CPUs {', '.join(cpus)}; this report written with Python "
+            f"{platform.python_version()}, torch {torch.__version__}; one torch thread per run, two runs at a time")
+
+
+def students_table(numbers: list[dict[str, Any]]) -> list[str]:
+    lines = ["| student | trainable params | seeds | " + " | ".join(TITLE[m] for m in METRICS)
+             + " | raw: feature FD | eval noise (feature FD) | change over last 20 % | s / step |",
+             "|---|---:|---|" + "---:|" * (len(METRICS) + 4)]
+    for n in numbers:
+        cells = [f"{fmt(n[m]['mean'], m)} ± {fmt(n[m]['sd'], m)}" if n[m]["n"] else "–" for m in METRICS]
+        raw = n["fd_features"]
+        speed = "–" if math.isnan(n["s_per_step"]) else f"{n['s_per_step']:.2f}"
+        lines.append(f"| {n['label']} | {n['params']:,} | {','.join(map(str, n['seeds'])) or '–'} | "
+                     + " | ".join(cells)
+                     + f" | {fmt(raw['raw_mean'], 'fd_features')} ± {fmt(raw['raw_sd'], 'fd_features')}"
+                     + f" | {fmt(raw.get('eval_sd'), 'fd_features')} | {fmt(n['tail_change'], 'fd_features')}"
+                     + f" | {speed} |")
+    return lines
+
+
+def verdict_sentence(a: str, b: str, per_metric: dict[str, dict[str, Any]]) -> str:
+    q = quality(per_metric)
+    f = per_metric["fd_features"]
+    if q == "too few seeds":
+        return f"**{a} vs {b}: no verdict** — fewer than {MIN_SEEDS} seeds a side ({f['n'][0]}, {f['n'][1]})."
+    head = {"A better": f"**{a} is better in quality than {b}**",
+            "B better": f"**{b} is better in quality than {a}**",
+            "no difference that matters": f"**{a} and {b}: no difference that matters**",
+            "cannot tell at this size": f"**{a} vs {b}: cannot tell on feature FD at this size**",
+            "mixed": f"**{a} vs {b}: mixed** (the feature-FD winner is worse on another declared metric)"}[q]
+    parts = []
+    for m in VERDICT_METRICS:
+        v = per_metric[m]
+        parts.append(f"{TITLE[m]} d = {fmt(v['d'], m, 1)} ± {fmt(v['se'], m, 1)} (SE): {v['verdict'].replace('A better', a + ' better').replace('B better', b + ' better')}")
+    return head + " — " + "; ".join(parts) + "."
+
+
+def plot(numbers: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, group in zip(axes, ("budget", "rank 4")):
+        for n in numbers:
+            if n["group"] == group or (group == "rank 4" and n["label"] in ("lorad-uniform", "lorad-probe")):
+                if n["curve"]["steps"]:
+                    ax.plot(n["curve"]["steps"], n["curve"]["fd_features"], marker=".",
+                            label=f"{n['label']} ({len(n['seeds'])} seeds)")
+        ax.set_title(f"{group}: {WEIGHTS} weights, seed mean" if group == "budget" else
+                     f"rank 4 (and two budget students): {WEIGHTS}, seed mean")
+        ax.set_xlabel("VSD step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("feature FD (2000 images, noise base 1000)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def write(curves: list[dict[str, Any]]) -> dict[str, Any]:
+    rows = index(curves)
+    numbers = [student_numbers(s, rows) for s in STUDENTS]
+    by = {n["label"]: n for n in numbers}
+    pairs = []
+    for a, b, question in PAIRS:
+        per_metric = {m: verdict(by[a], by[b], m) for m in VERDICT_METRICS}
+        pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
+                      "sentence": verdict_sentence(a, b, per_metric)})
+    missing = [f"{s.label} seed {seed}" for s in STUDENTS for seed in B_SEEDS if seed not in by[s.label]["seeds"]]
+    lines = [MARKER, "", "## Results", "",
+             f"Written from `{_shown(CURVES)}`. Machine: {machine(numbers)}. Every score: the `{WEIGHTS}` "
+             f"weights at step {LENGTH}, 2000 one-step images on noise seed base {EVAL_SEED} (the same noise for "
+             "every run); mean ± sd over the training seeds. \"eval noise\": the sd over the 6 noise sets "
+             f"({EVAL_SEED}, {', '.join(map(str, NOISE_SEEDS))}) of one run, root mean square over its seeds. "
+             "\"change over last 20 %\": what the least-squares line through the seed-mean curve moves over its last "
+             "240 steps (the stability study's plateau rule compares it with the evaluation noise). s / step: "
+             "training seconds per step on the shared machine (full fine-tuning does 5 fake-score updates per step, "
+             "the adapters 1).", "",
+             "Not run or not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + ".", "",
+             "### The students", ""]
+    lines += students_table(numbers)
+    lines += ["", f"![seed-mean curves]({PLOT.name})", "", "### Verdicts (declared pairs and rule)", ""]
+    for question in ("budget", "rank 4", "rank ablation"):
+        lines += [f"**{question}**", ""]
+        lines += [f"- {p['sentence']}" for p in pairs if p["question"] == question]
+        lines.append("")
+    lines += ["Smallest effects (declared): " + ", ".join(f"{TITLE[m]} {SMALLEST[m]:g}" for m in VERDICT_METRICS)
+              + ". The adapters all ran at lr 1e-3 without a sweep on averaged weights (declared cut).", ""]
+    text = REPORT.read_text()
+    head = text.split(MARKER)[0].rstrip() + "\n\n"
+    REPORT.write_text(head + "\n".join(lines).rstrip() + "\n")
+    plot(numbers, PLOT)
+    summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs}
+    SUMMARY.write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return summary
+
+
+def main() -> None:
+    curves = read_curves()
+    if not curves:
+        raise SystemExit(f"{CURVES} holds no lines yet: run benchmarks/digits_stability.py first")
+    summary = write(curves)
+    print(f"wrote {REPORT}, {PLOT} and {SUMMARY}")
+    for p in summary["pairs"]:
+        print(f"  {p['a']} vs {p['b']}: {p['quality']}")
+
+
+if __name__ == "__main__":
+    main()
