@@ -248,7 +248,7 @@ class Scorer:
         return {k: float(metrics[k]) for k in METRICS}
 
 
-def _averages(params: list, names: tuple[str, ...]) -> dict[str, Any]:
+def _averages(params: list, names: tuple[str, ...] = tuple(AVERAGES)) -> dict[str, Any]:
     from diffusers.training_utils import EMAModel
 
     return {name: EMAModel(params, **kwargs) for name, kwargs in AVERAGES.items() if name in names}

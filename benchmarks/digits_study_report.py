@@ -6,7 +6,7 @@ Reads ``reports/digits_study/{runs,swap,noise,baselines}.jsonl`` and writes:
 - ``reports/digits_length.md``    training length: scores and the probe's numbers at 100 … 3200 steps (+ a plot);
 - ``reports/digits_swap.md``      the swap ablation on the three fully fine-tuned students;
 - ``reports/digits_rank.md``      the LoRaD rank ablation with the probe-planned student beside it;
-- ``reports/digits_analysis.md``  each of the paper's findings with the measured numbers, the chance baselines and
+- ``reports/digits_study_analysis.md``  each of the paper's findings with the measured numbers, the chance baselines and
   a verdict that follows from them by the rules stated there;
 - ``reports/digits_study/summary.json``  every aggregated number above.
 
@@ -574,7 +574,8 @@ def analysis_markdown(full, structureless, swap, quality, rank, length, teacher=
     d_lines, d_verdict = finding_direction(full, structureless)
     e_lines, e_verdict = finding_energy(full, structureless)
     return "\n".join([
-        "# The WaDi paper's findings on builtin:digits", "",
+        "# The WaDi paper's findings on builtin:digits, with the earlier recipe (raw last-step weights, 800 steps, weight decay 0.01)", "",
+        "Superseded by reports/digits_analysis.md (averaged weights, no weight decay, 5 seeds); kept as the record of the earlier study and for the training-length finding, which was not re-run.", "",
         f"Machine: {machine()}. Every number below is from `benchmarks/digits_study.py` (runs, swap, noise, extras) "
         "through `benchmarks/digits_study_report.py`; the tables behind them are in `reports/digits_quality.md`, "
         "`reports/digits_length.md`, `reports/digits_swap.md` and `reports/digits_rank.md`. The students are the "
@@ -607,7 +608,7 @@ def main() -> None:
     teacher = next((b for b in baselines if b["variant"] == "teacher, one step"), None)
     analysis_md = analysis_markdown(full, structureless, swap, quality, rank, length, teacher)
     for name, text in (("digits_quality", quality_md), ("digits_length", length_md), ("digits_swap", swap_md),
-                       ("digits_rank", rank_md), ("digits_analysis", analysis_md)):
+                       ("digits_rank", rank_md), ("digits_study_analysis", analysis_md)):
         write_text_atomic(REPORTS / f"{name}.md", text)
     write_json_atomic(OUT / "summary.json", {
         "machine": machine(), "chosen_settings": {m: {"lr": lr, "fake_updates": f} for m, (lr, f) in chosen.items()},

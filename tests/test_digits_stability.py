@@ -88,3 +88,19 @@ def test_queues_name_the_declared_runs_and_refuse_unknown_ones():
     assert b[0].name == "lorad-probe-lr0.001-f1-s0"
     with pytest.raises(SystemExit):
         stability.queue("C")
+    with pytest.raises(SystemExit):
+        stability.queue("C:full")  # full fine-tuning is Phase B's, not a uniform adapter
+
+
+def test_phase_c_queues_the_uniform_adapters_on_the_lorad_recipe():
+    budget = stability.queue("C:lora-peft")
+    assert [r.name for r in budget] == [f"lora-peft-lr0.001-f1-s{s}" for s in range(5)]
+    assert {(r.lr, r.fake_updates, r.steps, r.rank) for r in budget} == {(1e-3, 1, 1200, None)}
+    small = stability.queue("C:dora-peft:4")
+    assert small[0].name == "dora-peft-r4-lr0.001-f1-s0" and small[0].rank == 4
+    assert small[0].scored == ("raw", "ema-p2/3")  # the comparison scores the default average and raw only
+    assert stability.Run("full", 0, 2e-5, 5, 10).scored == stability.WEIGHTS
+    with pytest.raises(SystemExit, match="unknown method"):
+        stability.Run("lorad", 0, 1e-3, 1, 10)
+    with pytest.raises(SystemExit, match="weights must be"):
+        stability.Run("full", 0, 2e-5, 5, 10, weights=["ema-p9"])

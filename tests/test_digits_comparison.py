@@ -1,0 +1,109 @@
+"""The comparison's and the ablations' pure parts (benchmarks/digits_comparison_report.py, digits_ablations.py,
+digits_ablations_report.py): the declared verdict rules on known answers, and the structureless changes."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import digits_ablations as ablations  # noqa: E402
+import digits_ablations_report as ablations_report  # noqa: E402
+import digits_comparison_report as comparison  # noqa: E402
+
+
+def _student(values: dict[str, list[float]]) -> dict:
+    out = {}
+    for metric, vals in values.items():
+        out[metric] = {"mean": sum(vals) / len(vals), "sd": comparison.sd(vals), "n": len(vals)}
+    return out
+
+
+def test_verdict_rule_on_known_answers():
+    a = _student({"fd_features": [40.0, 41.0, 42.0, 43.0, 44.0]})  # mean 42, sd 1.58
+    b = _student({"fd_features": [50.0, 51.0, 52.0, 53.0, 54.0]})  # mean 52: d = -10, SE = 1.0
+    v = comparison.verdict(a, b, "fd_features")
+    assert v["d"] == pytest.approx(-10.0) and v["se"] == pytest.approx(1.0)
+    assert v["verdict"] == "A better"  # lower feature FD, |d| > 2 SE and ≥ 5
+    assert comparison.verdict(b, a, "fd_features")["verdict"] == "B better"
+    close = _student({"fd_features": [43.0, 44.0, 45.0, 46.0, 47.0]})  # d = -3, SE 1: beyond 2 SE, below 5
+    assert comparison.verdict(a, close, "fd_features")["verdict"] == "no difference that matters"  # |-3| + 2 ≤ 5
+    wide = _student({"fd_features": [30.0, 40.0, 50.0, 60.0, 70.0]})  # d = -8, SE 7.1: cannot tell
+    assert comparison.verdict(a, wide, "fd_features")["verdict"] == "cannot tell at this size"
+    two = _student({"fd_features": [30.0, 31.0]})
+    assert comparison.verdict(a, two, "fd_features")["verdict"] == "too few seeds"
+    # recall: higher is better, so a positive d is A's
+    hi, lo = _student({"recall": [0.6, 0.61, 0.62]}), _student({"recall": [0.5, 0.51, 0.52]})
+    assert comparison.verdict(hi, lo, "recall")["verdict"] == "A better"
+
+
+def test_quality_needs_feature_fd_and_no_loss_on_the_other_declared_metrics():
+    def per(f, p, r):
+        return {"fd_features": {"verdict": f}, "fd_pixel": {"verdict": p}, "recall": {"verdict": r}}
+
+    assert comparison.quality(per("A better", "cannot tell at this size", "A better")) == "A better"
+    assert comparison.quality(per("A better", "B better", "A better")) == "mixed"
+    assert comparison.quality(per("B better", "no difference that matters", "B better")) == "B better"
+    assert comparison.quality(per("cannot tell at this size", "B better", "B better")) == "cannot tell at this size"
+
+
+def test_every_declared_pair_names_students_of_the_comparison():
+    labels = {s.label for s in comparison.STUDENTS}
+    assert all(a in labels and b in labels for a, b, _ in comparison.PAIRS)
+    assert comparison.BY_LABEL["lora-peft r4"].run_names()[3] == "lora-peft-r4-lr0.001-f1-s3"
+    assert comparison.BY_LABEL["full"].run_names()[0] == "full-lr2e-05-f5-s0"
+
+
+@pytest.mark.parametrize("per", ["matrix", "rows"])
+def test_structureless_change_matches_the_students_change_in_size(per):
+    gen = torch.Generator().manual_seed(1)
+    teacher = {"w": torch.randn(8, 3, 2, 2, generator=gen), "b": torch.randn(8, generator=gen)}
+    row_sizes = torch.arange(1, 9, dtype=torch.float32)
+    change = torch.randn(8, 12, generator=gen)
+    change = change / change.norm(dim=1, keepdim=True) * row_sizes[:, None] * 1e-2
+    student = {"w": teacher["w"] + change.reshape(8, 3, 2, 2), "b": teacher["b"] + 1.0}
+    out = ablations.structureless(teacher, student, seed=0, per=per)
+    delta = (out["w"] - teacher["w"]).reshape(8, -1)
+    assert out["w"].shape == teacher["w"].shape and torch.equal(out["b"], student["b"])
+    assert delta.norm().item() == pytest.approx(change.norm().item(), rel=1e-5)
+    if per == "rows":
+        assert torch.allclose(delta.norm(dim=1), row_sizes * 1e-2, rtol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(delta.flatten(), change.flatten(), dim=0).item()
+    assert abs(cos) < 0.5  # a random direction, not the student's
+    again = ablations.structureless(teacher, student, seed=0, per=per)
+    assert torch.equal(again["w"], out["w"])  # seeded
+    with pytest.raises(ValueError, match="per must be"):
+        ablations.structureless(teacher, student, seed=0, per="column")
+
+
+def _variant(fd_pixel, recall, ratio=10.0):
+    return {"fd_features": 50.0, "fd_pixel": fd_pixel, "recall": recall, "angle_to_norm_ratio": ratio}
+
+
+def test_swap_asymmetry_and_ratio_verdicts_on_known_answers():
+    table = {}
+    for seed, jitter in enumerate([0.0, 0.01, -0.01, 0.02]):
+        table[seed] = {"student": _variant(2.0, 0.5, 9.0 + jitter),
+                       "teacher norms": _variant(2.02 + jitter, 0.49),
+                       "teacher directions": _variant(2.5 + jitter, 0.2),
+                       "structureless (rows)": _variant(3.0, 0.1, 12.0 + jitter),
+                       "structureless (matrix)": _variant(3.0, 0.1, 9.0 - jitter)}
+    swap = ablations_report.swap_verdicts(table)
+    assert swap["fd_pixel"]["asymmetry"][0] == pytest.approx(0.48)
+    assert swap["fd_pixel"]["verdict"] == "directions matter more"
+    assert swap["recall"]["asymmetry"][0] == pytest.approx(0.29)  # falls 0.30 with directions, 0.01 with norms
+    assert swap["recall"]["verdict"] == "directions matter more"
+    assert swap["fd_features"]["verdict"] == "for the record"
+    rows = ablations_report.ratio_verdict(table, "structureless (rows)")
+    assert rows["difference"][0] == pytest.approx(-3.0)
+    assert rows["verdict"] == "the rows changed their norms more than chance"
+    matrix = ablations_report.ratio_verdict(table, "structureless (matrix)")
+    assert matrix["verdict"] == "at chance"  # differences of ±0.02 around zero
+    few = ablations_report.swap_verdicts({k: table[k] for k in (0, 1)})
+    assert few["fd_pixel"]["verdict"] == "too few seeds"
+    assert math.isnan(ablations_report.mean_se([1.0])[1])
