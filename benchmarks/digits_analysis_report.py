@@ -79,7 +79,7 @@ def energy_lines(ab: dict[str, Any]) -> list[str]:
             f"{f(student[1] * 100, 1)} % of its energy in the top 30 % of singular values; the closed-form chance for "
             f"these shapes is {f(closed[0] * 100, 1)} %, and the row-matched structureless change measures "
             f"{f(rows[0] * 100, 1)} ± {f(rows[1] * 100, 1)} %: an excess of {f(excess * 100, 1)} ± {f(se * 100, 1)} "
-            f"points over {len(paired)} seeds (paired) (the paper, SD1.5 → DMD2: ≈93 %).", ""]
+            f"points over {len(paired)} seeds (paired). The paper, SD1.5 → DMD2: ≈93 %.", ""]
 
 
 def swap_lines(ab: dict[str, Any]) -> list[str]:

@@ -257,7 +257,8 @@ def write(curves: list[dict[str, Any]]) -> dict[str, Any]:
              "\"change over last 20 %\": what the least-squares line through the seed-mean curve moves over its last "
              "240 steps (the stability study's plateau rule compares it with the evaluation noise). s / step: "
              "training seconds per step on the shared machine (full fine-tuning does 5 fake-score updates per step, "
-             "the adapters 1).", "",
+             "the adapters 1; Phase B ran in earlier sessions under other loads, so the column compares costs only "
+             "within Phase C).", "",
              "Not run or not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + ".", "",
              "### The students", ""]
     lines += students_table(numbers)

@@ -107,3 +107,41 @@ def test_swap_asymmetry_and_ratio_verdicts_on_known_answers():
     few = ablations_report.swap_verdicts({k: table[k] for k in (0, 1)})
     assert few["fd_pixel"]["verdict"] == "too few seeds"
     assert math.isnan(ablations_report.mean_se([1.0])[1])
+
+
+def test_analysis_composes_the_two_reports_and_decides_low_rank_by_its_rule(tmp_path, monkeypatch):
+    import json
+
+    import digits_analysis_report as analysis
+
+    def entry(ratio, energy, angle=0.75, norm=0.0015):
+        return {"angle_to_norm_ratio": ratio, "residual_energy_at_30pct_rank_mean": energy,
+                "residual_energy_at_30pct_rank_chance_mean": 0.593, "angle_deg_mean": angle, "norm_change_mean": norm}
+
+    variants = {str(s): {"student": entry(8.9, 0.93 + 0.001 * s), "structureless (rows)": entry(13.1, 0.675)}
+                for s in (2, 3, 4)}
+    verdict = {"seeds": [2, 3, 4], "student": [8.9, 0.01], "chance": [13.1, 0.02], "difference": [-4.2, 0.03],
+               "verdict": "the rows changed their norms more than chance"}
+    swap = {m: {"seeds": [2, 3, 4], "norms_rise": [0.07, 0.01], "directions_rise": [1.6, 0.01],
+                "asymmetry": [1.5, 0.01], "verdict": "directions matter more"} for m in ("fd_pixel", "recall")}
+    swap["fd_features"] = {**swap["fd_pixel"], "verdict": "for the record"}
+    (tmp_path / "digits_ablations.json").write_text(json.dumps(
+        {"variants": variants, "swap": swap, "ratios": {"structureless (rows)": verdict,
+                                                        "structureless (matrix)": verdict}}))
+    student = {"label": "lorad-probe", "params": 98048, "seeds": [0, 1, 2],
+               **{m: {"mean": 1.0, "sd": 0.1} for m in ("fd_features", "fd_pixel", "recall")}}
+    (tmp_path / "digits_comparison.json").write_text(json.dumps(
+        {"length": 1200, "weights": "ema-p2/3", "students": [student],
+         "pairs": [{"question": "budget", "sentence": "**budget sentence**"},
+                   {"question": "rank 4", "sentence": "**rank sentence**"}]}))
+    monkeypatch.setattr(analysis, "COMPARISON", tmp_path / "digits_comparison.json")
+    monkeypatch.setattr(analysis, "ABLATIONS", tmp_path / "digits_ablations.json")
+    monkeypatch.setattr(analysis, "REPORT", tmp_path / "digits_analysis.md")
+    text = analysis.write()
+    assert "**Reproduces**" in text and "an excess of 25.8 ± 0.1 points over 3 seeds" in text
+    assert "**budget sentence**" in text and "**rank sentence**" in text
+    assert "Fewer than 5 seeds (cut for time): lorad-probe (3)" in text
+    assert (tmp_path / "digits_analysis.md").read_text() == text
+    (tmp_path / "digits_ablations.json").unlink()
+    with pytest.raises(SystemExit, match="is missing"):
+        analysis.write()
