@@ -107,6 +107,9 @@ def comparison_lines(cmp: dict[str, Any]) -> list[str]:
         cells = [f"{f(s[m]['mean'], d)} ± {f(s[m]['sd'], d)}" for m, d in
                  (("fd_features", 1), ("fd_pixel", 3), ("recall", 3))]
         lines.append(f"| {s['label']} | {s['params']:,} | {len(s['seeds'])} | " + " | ".join(cells) + " |")
+    if cmp.get("still_moving"):
+        lines += ["", f"Still improving on feature FD at {cmp['length']} steps by more than the evaluation noise: "
+                  + ", ".join(cmp["still_moving"]) + "; the verdicts are about students trained this long."]
     lines += [""]
     lines += [f"- {p['sentence']}" for p in cmp["pairs"] if p["question"] == "budget"]
     lines += ["", "## 5. Small ranks and the rank sweet spot", ""]

@@ -262,7 +262,13 @@ def write(curves: list[dict[str, Any]]) -> dict[str, Any]:
              "Not run or not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + ".", "",
              "### The students", ""]
     lines += students_table(numbers)
-    lines += ["", f"![seed-mean curves]({PLOT.name})", "", "### Verdicts (declared pairs and rule)", ""]
+    moving = [n for n in numbers if not math.isnan(n["tail_change"])
+              and abs(n["tail_change"]) > n["fd_features"].get("eval_sd", float("nan"))]
+    lines += ["", "Still moving at the length (the seed-mean feature FD's change over its last 20 % larger than the "
+              "evaluation noise): " + (", ".join(f"{n['label']} ({fmt(n['tail_change'], 'fd_features')})"
+                                                  for n in moving) or "none")
+              + ". A verdict is about students trained this long, not about where each would settle.", ""]
+    lines += [f"![seed-mean curves]({PLOT.name})", "", "### Verdicts (declared pairs and rule)", ""]
     for question in ("budget", "rank 4", "rank ablation"):
         lines += [f"**{question}**", ""]
         lines += [f"- {p['sentence']}" for p in pairs if p["question"] == question]
@@ -273,7 +279,8 @@ def write(curves: list[dict[str, Any]]) -> dict[str, Any]:
     head = text.split(MARKER)[0].rstrip() + "\n\n"
     REPORT.write_text(head + "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)
-    summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs}
+    summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs,
+               "still_moving": [n["label"] for n in moving]}
     SUMMARY.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
