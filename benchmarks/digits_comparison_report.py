@@ -214,12 +214,13 @@ def plot(numbers: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {s.label: plt.get_cmap("tab10")(i) for i, s in enumerate(STUDENTS)}  # one colour per student
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, group in zip(axes, ("budget", "rank 4")):
         for n in numbers:
             if n["group"] == group or (group == "rank 4" and n["label"] in ("lorad-uniform", "lorad-probe")):
                 if n["curve"]["steps"]:
-                    ax.plot(n["curve"]["steps"], n["curve"]["fd_features"], marker=".",
+                    ax.plot(n["curve"]["steps"], n["curve"]["fd_features"], marker=".", color=colors[n["label"]],
                             label=f"{n['label']} ({len(n['seeds'])} seeds)")
         ax.set_title(f"{group}: {WEIGHTS} weights, seed mean" if group == "budget" else
                      f"rank 4 (and two budget students): {WEIGHTS}, seed mean")
