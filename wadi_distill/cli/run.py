@@ -53,6 +53,9 @@ def run_command(
         "fake score unguided, as in DMD2 and SwiftBrush)."),
     guidance: Optional[float] = typer.Option(None, "--guidance", "--teacher-guidance", help="The real score's embedded guidance, for guidance-distilled teachers (FLUX.1-dev; default 3.5)."),
     fake_updates: int = typer.Option(1, "--fake-updates-per-step", help="Fake-score updates per student update."),
+    dmd_normalization: bool = typer.Option(
+        False, "--dmd-normalization", help="DMD's update: (x0_fake - x0_real) divided per sample by "
+        "mean|x0 - x0_real|, in place of the schedule's weight (1 - alpha_bar_t)."),
     max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm."),
     lr_warmup_steps: int = typer.Option(0, "--lr-warmup-steps", help="Linear learning-rate warm-up from 0."),
     adam_weight_decay: float = typer.Option(0.0, "--adam-weight-decay", help="AdamW weight decay of both optimizers."),
@@ -103,7 +106,7 @@ def run_command(
         budget=budget, plan=str(plan) if plan else None, fake_adapter=fake_adapter.value, fake_rank=fake_rank,
         max_steps=max_steps, batch_size=batch_size, lr=lr, fake_lr=fake_lr, cfg=cfg, fake_cfg=fake_cfg,
         teacher_guidance=guidance,
-        fake_updates_per_step=fake_updates, max_grad_norm=max_grad_norm, lr_warmup_steps=lr_warmup_steps,
+        fake_updates_per_step=fake_updates, dmd_normalization=dmd_normalization, max_grad_norm=max_grad_norm, lr_warmup_steps=lr_warmup_steps,
         adam_weight_decay=adam_weight_decay,
         ema_decay=None if no_ema else (EMA_MAX_DECAY if ema_decay is None else ema_decay),
         ema_power=EMA_POWER if ema_power is None else ema_power,

@@ -46,7 +46,8 @@ FAKE_KINDS = tuple(k.value for k in FakeKind)
 # and scheduler carry the old ones); everything else (max_steps, checkpointing, validation, logging) may change.
 TRAINING_OPTIONS = ("lr", "fake_lr", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
                     "lr_warmup_steps", "max_grad_norm", "fake_updates_per_step", "cfg", "fake_cfg", "use_8bit_adam",
-                    "seed", "mixed_precision", "gradient_checkpointing", "sequential_cfg", "teacher_guidance")
+                    "dmd_normalization", "seed", "mixed_precision", "gradient_checkpointing", "sequential_cfg",
+                    "teacher_guidance")
 # The weight average (ema_decay, ema_power) only reads the weights: another value on resume is applied from the
 # resumed step and recorded in run.json's history.
 #: The VSD guidance scale of the real and fake scores when a run gives none and the teacher family names none.
@@ -85,6 +86,9 @@ class DistillConfig:
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
     fake_updates_per_step: int = 1
+    # DMD's normalisation of the student's update: (x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real| per sample in place
+    # of the schedule's weight w_t·(ε_real − ε_fake) (docs/distill.md says what it measured on builtin:digits)
+    dmd_normalization: bool = False
     cfg: float | None = None  # None: the teacher family's default (1 for Flux.1), else DEFAULT_CFG
     # The fake score's guidance scale in the student step. None: cfg, the real score's (the paper's VSD, whose
     # target is then close to the unguided teacher's); 1: the fake score unguided (DMD2, SwiftBrush), whose target
@@ -247,7 +251,7 @@ def validate_config(config: DistillConfig) -> None:
 #: ``--rank-from-probe``/``--budget``, ``--plan``, ``--preset``/``--rank``, ``--student-adapter``).
 RUN_OPTION_FIELDS = ("prompts", "prompt_column", "fake_adapter", "fake_rank", "max_steps", "batch_size",
                      "lr", "fake_lr", "cfg", "fake_cfg", "teacher_guidance", "fake_updates_per_step",
-                     "max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "ema_decay", "ema_power", "seed",
+                     "dmd_normalization", "max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "ema_decay", "ema_power", "seed",
                      "mixed_precision", "gradient_checkpointing", "sequential_cfg", "use_8bit_adam")
 
 

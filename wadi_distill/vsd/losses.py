@@ -28,6 +28,20 @@ def vsd_gradient(eps_real: torch.Tensor, eps_fake: torch.Tensor, weight: torch.T
     return weight * (eps_real - eps_fake)
 
 
+def dmd_normalized_gradient(x0: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """DMD's update direction on x̂0: g = (x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real|, the mean taken per sample.
+
+    The same direction as :func:`vsd_gradient` (VP: x̂0_fake − x̂0_real = (σ_t/α_t)·(ε_real − ε_fake)) with an
+    adaptive weight in place of the schedule's: each sample's step is measured in units of how far the real score
+    would move it, so no timestep dominates. Computed in fp32; a sample the real score leaves exactly where it is
+    (normaliser 0) gets no update rather than a division by zero.
+    """
+    reduce = tuple(range(1, x0.ndim))
+    normalizer = (x0.float() - x0_real.float()).abs().mean(dim=reduce, keepdim=True)
+    diff = x0_fake.float() - x0_real.float()
+    return torch.where(normalizer > 0, diff / normalizer.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+
+
 def student_loss(x0: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """½·mean((x̂0 − stopgrad(x̂0 − g))²): its gradient with respect to x̂0 is g / numel."""
     target = (x0 - grad).detach()

@@ -9,7 +9,8 @@ step with an analytic ``predict`` and no trainer.
 
 Student step: ``x̂0 = G(z)`` at the terminal timestep, ``x_t = α_t·sg(x̂0) + σ_t·ε`` with ``t`` from the
 student range, ε of the teacher and of the fake score with the same guidance scale,
-``g = w_t·(ε_real − ε_fake)`` with the schedule's weight (VP: ``1 − ᾱ_t``; flow: ``σ²/(α² + σ²)``) and the loss
+``g = w_t·(ε_real − ε_fake)`` with the schedule's weight (VP: ``1 − ᾱ_t``; flow: ``σ²/(α² + σ²)``) — or, with
+``dmd_normalization``, DMD's ``g = (x̂0_fake − x̂0_real) / mean|x̂0 − x̂0_real|`` per sample — and the loss
 ``½·mean((x̂0 − sg(x̂0 − g))²)``. Fake step: ``x_t′`` from the detached sample, the prompt replaced by the null
 prompt where the mask says, the schedule's denoising loss (VP: ``mean(ᾱ_t′·(ε_fake − ε′)²)``; flow: the
 flow-matching loss ``mean((v_fake − (ε′ − x̂0))²)``).
@@ -44,6 +45,8 @@ class VSDStep:
     # Guided passes: the conditional and the null-prompt halves in one doubled batch (False: fewer, larger kernel
     # calls) or one after the other (True: the pass's activations are half as large at the step's peak).
     sequential_cfg: bool = False
+    # DMD's per-sample normalisation of the update (losses.dmd_normalized_gradient) in place of the schedule's w_t
+    dmd_normalization: bool = False
 
     def sample(self, z: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The student's one-step sample x̂0 from noise ``z`` (with the graph, for the student's loss)."""
@@ -79,7 +82,11 @@ class VSDStep:
             x_t = add_noise(x0.detach(), noise, alpha, sigma)
             eps_real = self.guided_eps("teacher", x_t, t, cond, alpha, sigma)
             eps_fake = self.guided_eps("fake", x_t, t, cond, alpha, sigma)
-            grad = losses.vsd_gradient(eps_real, eps_fake, self.schedule.vsd_weight(alpha, sigma))
+            if self.dmd_normalization:  # x̂0 = (x_t − σ·ε)/α for VP and flow schedules alike
+                grad = losses.dmd_normalized_gradient(x0.detach(), (x_t - sigma * eps_real) / alpha,
+                                                      (x_t - sigma * eps_fake) / alpha)
+            else:
+                grad = losses.vsd_gradient(eps_real, eps_fake, self.schedule.vsd_weight(alpha, sigma))
         return losses.student_loss(x0, grad), x0
 
     def fake_loss(self, sample: torch.Tensor, cond: Conditioning, t: torch.Tensor, noise: torch.Tensor,

@@ -223,7 +223,8 @@ class VSDTrainer:
         self._prepare_conditioning()
         self.vsd_step = VSDStep(self.schedule, self.predict, self.cache.null.to(self.device), float(config.cfg),
                                fake_cfg=None if config.fake_cfg is None else float(config.fake_cfg),
-                               sequential_cfg=bool(config.sequential_cfg))
+                               sequential_cfg=bool(config.sequential_cfg),
+                               dmd_normalization=bool(config.dmd_normalization))
 
     # ---------------------------------------------------------------- set-up
     def _start_accelerator(self) -> None:

@@ -20,6 +20,17 @@ def test_a_full_finetune_without_average_and_with_an_unguided_fake_score():
     assert words[:6] == ["wadi-distill", "run", "--teacher", "sd15", "--output-dir", "runs/a b"]
     assert "adam_beta1" not in words and words[words.index("--lr") + 1] == "2e-05"
     assert "--full-finetune" in words and words[words.index("--full-finetune") + 1].startswith("--")
+    assert "--dmd-normalization" not in options  # off: left out, as every unset flag
+
+
+def test_dmd_normalization_is_written_as_a_bare_flag_and_is_a_training_option():
+    from wadi_distill.vsd.config import TRAINING_OPTIONS
+
+    options = run_options(DistillConfig(teacher="builtin:digits", output_dir="o", dmd_normalization=True))
+    assert options["--dmd-normalization"] is True
+    words = shlex.split(run_command_line(options))
+    assert "--dmd-normalization" in words and words[words.index("--dmd-normalization") + 1].startswith("--")
+    assert "dmd_normalization" in TRAINING_OPTIONS  # resuming with the other setting is refused
 
 
 def test_a_plan_from_a_probe_report_and_floats_written_exactly():

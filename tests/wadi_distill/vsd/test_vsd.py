@@ -53,3 +53,15 @@ def test_timestep_ranges_and_null_mask():
     assert t2.min().item() == 0 and t2.max().item() == 999
     mask = vsd.null_prompt_mask(20000, gen)
     assert 0.08 < mask.float().mean().item() < 0.12
+
+
+def test_dmd_normalized_gradient_on_known_values():
+    x0 = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 0.0]]]])
+    x0_real = torch.tensor([[[[0.0, 1.0]]], [[[0.0, 0.0]]]])  # mean|x0 - real|: 1.5, then then 0
+    x0_fake = torch.tensor([[[[3.0, 1.0]]], [[[1.0, -1.0]]]])
+    g = vsd.dmd_normalized_gradient(x0, x0_real, x0_fake)
+    torch.testing.assert_close(g[0], torch.tensor([[[2.0, 0.0]]]))
+    assert torch.equal(g[1], torch.zeros(1, 1, 2))  # no update, not a division by zero
+    assert g.dtype == torch.float32
+    half = vsd.dmd_normalized_gradient(x0.half(), x0_real.half(), x0_fake.half())
+    assert half.dtype == torch.float32 and torch.equal(half[0], g[0])

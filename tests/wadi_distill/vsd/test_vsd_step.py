@@ -96,3 +96,29 @@ def test_fake_loss_uses_the_null_prompt_where_the_mask_says():
     expected = (a_bar * (0.25 * x_t + c - noise) ** 2).mean()
     assert loss.item() == pytest.approx(float(expected), rel=1e-5)
     assert predict.calls == [("fake", B, [0, 999])]
+
+
+def test_dmd_normalization_divides_each_sample_by_its_mean_distance_to_the_real_prediction():
+    schedule, predict = _schedule(), Analytic()
+    step = VSDStep(schedule, predict, null=_cond([0.0]), cfg=2.0, fake_cfg=1.0, dmd_normalization=True)
+    gen = torch.Generator().manual_seed(3)
+    z, noise = torch.randn(B, 1, 3, 3, generator=gen), torch.randn(B, 1, 3, 3, generator=gen)
+    t = torch.tensor([50, 900])
+    cond = _cond([1.0, -2.0])
+    loss, x0 = step.student_loss(z, cond, t, noise)
+
+    _, alpha, sigma = _by_hand(schedule, t, z)
+    x_t = alpha * x0.detach() + sigma * noise
+    c = cond.encoder_hidden_states.view(-1, 1, 1, 1)
+    x0_real = (x_t - sigma * (0.5 * x_t + 2.0 * c)) / alpha  # guided at 2
+    x0_fake = (x_t - sigma * (0.25 * x_t + c)) / alpha  # unguided
+    g = (x0_fake - x0_real) / (x0.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True)
+    assert loss.item() == pytest.approx(0.5 * float((g ** 2).mean()), rel=1e-5)
+    # the same direction as the schedule-weighted update, each sample scaled by its own positive factor
+    plain = VSDStep(schedule, Analytic(), null=_cond([0.0]), cfg=2.0, fake_cfg=1.0)
+    loss_plain, _ = plain.student_loss(z, cond, t, noise)
+    g_plain = (1 - alpha * alpha) * ((0.5 * x_t + 2.0 * c) - (0.25 * x_t + c))
+    ratio = g / g_plain
+    assert torch.all(ratio > 0)
+    torch.testing.assert_close(ratio, ratio[:, :1, :1, :1].expand_as(ratio), rtol=1e-4, atol=0)
+    assert not math.isclose(float(ratio[0, 0, 0, 0]), float(ratio[1, 0, 0, 0]), rel_tol=1e-2)
