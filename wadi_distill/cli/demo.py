@@ -64,7 +64,10 @@ def demo_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the training runs and of the evaluation noise."),
     full_steps: Optional[int] = typer.Option(None, "--full-steps", help="VSD steps of the fully fine-tuned student."),
     lorad_steps: Optional[int] = typer.Option(None, "--lorad-steps", help="VSD steps of the LoRaD student."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per VSD step."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Prompts per VSD step (both students unless --lorad-batch-size is given)."),
+    lorad_batch_size: Optional[int] = typer.Option(
+        None, "--lorad-batch-size", help="Prompts per VSD step of the LoRaD student."),
     processes: Optional[int] = typer.Option(
         None, "--processes",
         help="2 (default): score the teacher in a second process while the students train; 1: all in this one."),
@@ -77,7 +80,7 @@ def demo_command(
 
     try:
         result = run_demo(output_dir, full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size,
-                          seed=seed, processes=processes, quick=quick, progress=progress, console=console)
+                          lorad_batch_size=lorad_batch_size, seed=seed, processes=processes, quick=quick, progress=progress, console=console)
     except RunStopped as stopped:  # the demo keeps no checkpoints: it starts over when run again
         err_console.print(f"{stopped.signal_name} received: the demo stopped and removed its training runs; run it "
                           f"again to start over (exit code {stopped.exit_code}).", highlight=False, soft_wrap=True)

@@ -1,0 +1,121 @@
+"""The results of the demo levers study (reports/digits_demo_levers.md) by the rule declared there.
+
+Reads ``reports/digits_demo_levers/curves.jsonl`` (written by ``benchmarks/digits_stability.py`` with
+``WADI_STABILITY_OUT=reports/digits_demo_levers``) and replaces everything below the results marker of
+``reports/digits_demo_levers.md``: each run's averaged (``ema-p2/3``) curve of feature FD, its six-set scores at
+800 steps, and the declared verdict (decided on the noise-seed-1000 set at step 800).
+
+    python benchmarks/digits_demo_levers_report.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from _study import cpu_model
+from digits_levers_report import final_scores
+from digits_stability import EVAL_SEED, read_curves
+
+ROOT = Path(__file__).resolve().parents[1]
+CURVES = ROOT / "reports" / "digits_demo_levers" / "curves.jsonl"
+REPORT = ROOT / "reports" / "digits_demo_levers.md"
+MARKER = "<!-- results: everything below is written by benchmarks/digits_demo_levers_report.py -->"
+BASELINE = "lorad-probe-lr0.001-f1-cfg2-fake_cfg1-s0"
+DECIDING = "ema-p2/3"
+EFFECT = 3.7  # feature FD, the stability study's smallest effect
+#: the teacher's own one-step sample in the demo's table: a student must beat every one of these
+ONE_STEP_TEACHER = {"fd_pixel": 3.58, "fd_features": 63.2, "precision": 0.967, "recall": 0.111,
+                    "class_accuracy": 0.999}
+LOWER_IS_BETTER = {"fd_pixel", "fd_features"}
+NAMES = {"fd_pixel": "pixel FD", "fd_features": "feature FD", "precision": "precision", "recall": "recall",
+         "class_accuracy": "class accuracy"}
+
+
+def lever(rows: list[dict], name: str) -> str:
+    """A run's lever: its settings that differ from the baseline's (``fake updates 5``, ``batch_size=64``)."""
+    run = next(r for r in rows if r["name"] == name)
+    base = next((r for r in rows if r["name"] == BASELINE), None)
+    if name == BASELINE or base is None:
+        return "baseline" if name == BASELINE else name
+    changed = [f"{label} {run[key]:g}" for key, label in (("lr", "lr"), ("fake_updates", "fake updates"))
+               if run[key] != base[key]]
+    changed += [f"{k}={v}" for k, v in sorted(run["extra"].items()) if base["extra"].get(k) != v]
+    return ", ".join(changed) or name
+
+
+def beats_one_step_teacher(scores: dict[str, float]) -> list[str]:
+    """The metrics on which ``scores`` does *not* beat the teacher's own one-step sample (empty: beats it on all)."""
+    return [NAMES[k] for k, v in ONE_STEP_TEACHER.items()
+            if not (scores[k] < v if k in LOWER_IS_BETTER else scores[k] > v)]
+
+
+def verdict(run: dict[str, float], base: dict[str, float]) -> str:
+    """The declared rule: feature FD lower by at least the effect, and the one-step teacher beaten on all five."""
+    delta = run["fd_features"] - base["fd_features"]
+    if -delta < EFFECT:
+        return f"not adopted (feature FD {delta:+.1f}, not lower by {EFFECT})"
+    short = beats_one_step_teacher(run)
+    if short:
+        return f"not adopted: feature FD {delta:+.1f}, but not better than the one-step teacher on {', '.join(short)}"
+    return f"**adopted** (feature FD {delta:+.1f}; the one-step teacher beaten on all five metrics)"
+
+
+def curve(rows: list[dict], name: str) -> dict[int, float]:
+    return {r["step"]: r["fd_features"] for r in rows if r["name"] == name and r["weights"] == DECIDING
+            and r["eval_seed"] == EVAL_SEED}
+
+
+def deciding_scores(rows: list[dict], name: str, step: int = 800) -> dict[str, float] | None:
+    found = [r for r in rows if r["name"] == name and r["weights"] == DECIDING and r["eval_seed"] == EVAL_SEED
+             and r["step"] == step]
+    return found[0] if found else None
+
+
+def markdown(rows: list[dict]) -> str:
+    names = sorted({r["name"] for r in rows}, key=lambda n: (n != BASELINE, n))
+    steps = sorted({r["step"] for r in rows})
+    lines = [MARKER, "", "## Results", "",
+             f"Written from `{CURVES.relative_to(ROOT)}` ({len(rows)} lines).", "",
+             f"**Feature FD of the averaged student (`{DECIDING}`) along each run** (noise seed base {EVAL_SEED}, "
+             "2000 one-step images, the same for every run):", "",
+             "| run | " + " | ".join(str(s) for s in steps) + " | train s / step |",
+             "|---|" + "---:|" * (len(steps) + 1)]
+    for name in names:
+        points = curve(rows, name)
+        last = max((r for r in rows if r["name"] == name), key=lambda r: r["step"])
+        cells = [f"{points[s]:.1f}" if s in points else "" for s in steps]
+        lines.append(f"| {lever(rows, name)} | " + " | ".join(cells) + f" | {last['train_s'] / last['step']:.2f} |")
+    scores = final_scores(rows)
+    lines += ["", f"**At step 800, `{DECIDING}`**: the mean over the six noise sets ± their sd (the evaluation noise).",
+              "", "| run | FD feat. ↓ | FD pixel ↓ | precision ↑ | recall ↑ | class acc. ↑ |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name in names:
+        s = scores.get(name, {}).get(DECIDING)
+        if s is None:
+            continue
+        cells = [f"{s[k][0]:.{1 if k == 'fd_features' else 3}f} ± {s[k][1]:.{1 if k == 'fd_features' else 3}f}"
+                 for k in ("fd_features", "fd_pixel", "precision", "recall", "class_accuracy")]
+        lines.append(f"| {lever(rows, name)} | " + " | ".join(cells) + " |")
+    base = deciding_scores(rows, BASELINE)
+    lines += ["", f"**Verdicts** (declared rule, on the noise-seed-{EVAL_SEED} set at step 800; baseline feature FD "
+              + (f"{base['fd_features']:.1f}" if base else "not yet scored") + "):", ""]
+    for name in names:
+        run = deciding_scores(rows, name)
+        if name == BASELINE or run is None or base is None:
+            continue
+        lines.append(f"- `{lever(rows, name)}`: {verdict(run, base)}")
+    lines += ["", "Seconds per step are each run's own clock with the other lane busy (and, for some runs, a third "
+              f"process): compare them only roughly. Machine of the runs: {cpu_model()}, one torch thread per run.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    rows = read_curves(CURVES)
+    text = REPORT.read_text(encoding="utf-8")
+    head = text.split(MARKER)[0].rstrip() + "\n\n"
+    REPORT.write_text(head + markdown(rows), encoding="utf-8")
+    print(f"wrote {REPORT}")
+
+
+if __name__ == "__main__":
+    main()

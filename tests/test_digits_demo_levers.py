@@ -1,0 +1,39 @@
+"""The demo levers study's report (benchmarks/digits_demo_levers_report.py): the declared rule on known answers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import digits_demo_levers_report as report  # noqa: E402
+
+TEACHER_BEATEN = {"fd_pixel": 3.0, "fd_features": 21.0, "precision": 0.975, "recall": 0.30, "class_accuracy": 1.0}
+
+
+def test_a_lever_is_adopted_only_when_it_lowers_feature_fd_by_the_effect_and_beats_the_one_step_teacher():
+    base = dict(TEACHER_BEATEN, fd_features=26.4)
+    assert report.verdict(TEACHER_BEATEN, base).startswith("**adopted** (feature FD -5.4")
+    assert report.verdict(dict(TEACHER_BEATEN, fd_features=23.0), base).startswith("not adopted (feature FD -3.4")
+    worse_precision = dict(TEACHER_BEATEN, precision=0.944, class_accuracy=0.999)
+    assert report.verdict(worse_precision, base) == ("not adopted: feature FD -5.4, but not better than the "
+                                                     "one-step teacher on precision, class accuracy")
+    assert report.beats_one_step_teacher(TEACHER_BEATEN) == []
+    assert report.beats_one_step_teacher(dict(TEACHER_BEATEN, fd_pixel=3.58, recall=0.111)) == ["pixel FD", "recall"]
+
+
+def test_markdown_names_each_lever_by_what_differs_from_the_baseline():
+    def row(name, step, fd, lr=0.001, fake=1, extra=None, seed=1000):
+        return {"name": name, "steps": 800, "step": step, "weights": "ema-p2/3", "eval_seed": seed, "lr": lr,
+                "fake_updates": fake, "extra": {"cfg": 2.0, "fake_cfg": 1.0, **(extra or {})},
+                "train_s": 0.5 * step, "fd_features": fd, "fd_pixel": 3.0, "precision": 0.98, "recall": 0.3,
+                "class_accuracy": 1.0}
+
+    base, five = report.BASELINE, "lorad-probe-lr0.001-f5-cfg2-fake_cfg1-s0"
+    rows = [row(base, 100, 30.0), row(base, 800, 26.4), row(five, 100, 28.0, fake=5), row(five, 800, 21.0, fake=5),
+            row("b64", 800, 25.0, extra={"batch_size": 64})]
+    text = report.markdown(rows)
+    assert "| fake updates 5 | 28.0 | 21.0 | 0.50 |" in text and "| baseline | 30.0 | 26.4 | 0.50 |" in text
+    assert "- `fake updates 5`: **adopted** (feature FD -5.4" in text
+    assert "- `batch_size=64`: not adopted (feature FD -1.4" in text
