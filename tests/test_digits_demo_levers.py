@@ -14,11 +14,11 @@ TEACHER_BEATEN = {"fd_pixel": 3.0, "fd_features": 21.0, "precision": 0.975, "rec
 
 def test_a_lever_is_adopted_only_when_it_lowers_feature_fd_by_the_effect_and_beats_the_one_step_teacher():
     base = dict(TEACHER_BEATEN, fd_features=26.4)
-    assert report.verdict(TEACHER_BEATEN, base).startswith("**adopted** (feature FD -5.4")
-    assert report.verdict(dict(TEACHER_BEATEN, fd_features=23.0), base).startswith("not adopted (feature FD -3.4")
+    assert report.verdict(TEACHER_BEATEN, base).startswith("**passes the quality rule** (feature FD -5.4")
+    assert report.verdict(dict(TEACHER_BEATEN, fd_features=23.0), base).startswith("fails the quality rule (feature FD -3.4")
     worse_precision = dict(TEACHER_BEATEN, precision=0.944, class_accuracy=0.999)
-    assert report.verdict(worse_precision, base) == ("not adopted: feature FD -5.4, but not better than the "
-                                                     "one-step teacher on precision, class accuracy")
+    assert report.verdict(worse_precision, base) == ("fails the quality rule: feature FD -5.4, but not better "
+                                                     "than the one-step teacher on precision, class accuracy")
     assert report.beats_one_step_teacher(TEACHER_BEATEN) == []
     assert report.beats_one_step_teacher(dict(TEACHER_BEATEN, fd_pixel=3.58, recall=0.111)) == ["pixel FD", "recall"]
 
@@ -35,5 +35,5 @@ def test_markdown_names_each_lever_by_what_differs_from_the_baseline():
             row("b64", 800, 25.0, extra={"batch_size": 64})]
     text = report.markdown(rows)
     assert "| fake updates 5 | 28.0 | 21.0 | 0.50 |" in text and "| baseline | 30.0 | 26.4 | 0.50 |" in text
-    assert "- `fake updates 5`: **adopted** (feature FD -5.4" in text
-    assert "- `batch_size=64`: not adopted (feature FD -1.4" in text
+    assert "- `fake updates 5`: **passes the quality rule** (feature FD -5.4" in text
+    assert "- `batch_size=64`: fails the quality rule (feature FD -1.4" in text
