@@ -1,4 +1,5 @@
-"""What the digits study drivers share: the CPU's name for their reports, and a pool of logged subprocesses.
+"""What the digits study drivers share: the CPU's name for their reports, the results part of a report written
+below its declaration, and a pool of logged subprocesses.
 
 Imported by ``digits_study.py``, ``digits_stability.py``, ``demo_seeds.py`` and their report writers (each run as a
 script from ``benchmarks/``, which Python puts on ``sys.path``).
@@ -21,6 +22,13 @@ def cpu_model(default: str | None = None) -> str:
     found = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  None)
     return found or (default if default is not None else platform.machine())
+
+
+def replace_results(report: Path, marker: str, results: str) -> None:
+    """Write ``results`` into ``report`` in place of everything from ``marker`` on, keeping the part above it (the
+    study's declaration, written before its runs); a report that does not exist yet gets ``results`` alone."""
+    head = report.read_text(encoding="utf-8").split(marker)[0].rstrip() + "\n\n" if report.exists() else ""
+    report.write_text(head + results, encoding="utf-8")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _study import replace_results  # noqa: E402
 from digits_ablations import ABLATIONS, VARIANTS, read_rows  # noqa: E402 - the driver's own names
 from digits_stability import B_SEEDS, EVAL_SEED, NOISE_SEEDS, ROOT  # noqa: E402
 
@@ -151,7 +152,7 @@ def write(rows: list[dict[str, Any]]) -> dict[str, Any]:
         lines.append(f"- Against the {chance} change ({declared}): angle / norm change {pm(r['student'], 2)} for the "
                      f"students, {pm(r['chance'], 2)} by chance; difference {pm(r['difference'], 2)} over "
                      f"{len(r['seeds'])} seeds: **{r['verdict']}**.")
-    REPORT.write_text(REPORT.read_text().split(MARKER)[0].rstrip() + "\n\n" + "\n".join(lines).rstrip() + "\n")
+    replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     summary = {"variants": t, "swap": swap, "ratios": ratios}
     SUMMARY.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary

@@ -21,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _study import replace_results  # noqa: E402
 from digits_stability import (  # noqa: E402 - the driver's own constants, one definition
     B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, ROOT, queue, read_curves, tail_change,
 )
@@ -276,9 +277,7 @@ def write(curves: list[dict[str, Any]]) -> dict[str, Any]:
         lines.append("")
     lines += ["Smallest effects (declared): " + ", ".join(f"{TITLE[m]} {SMALLEST[m]:g}" for m in VERDICT_METRICS)
               + ". The adapters all ran at lr 1e-3 without a sweep on averaged weights (declared cut).", ""]
-    text = REPORT.read_text()
-    head = text.split(MARKER)[0].rstrip() + "\n\n"
-    REPORT.write_text(head + "\n".join(lines).rstrip() + "\n")
+    replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)
     summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs,
                "still_moving": [n["label"] for n in moving]}

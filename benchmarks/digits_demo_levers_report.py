@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from _study import cpu_model
+from _study import cpu_model, replace_results
 from digits_levers_report import final_scores
 from digits_stability import EVAL_SEED, read_curves
 
@@ -63,15 +63,17 @@ def verdict(run: dict[str, float], base: dict[str, float]) -> str:
     return f"**passes the quality rule** (feature FD {delta:+.1f}; the one-step teacher beaten on all five metrics)"
 
 
+def _deciding_rows(rows: list[dict], name: str) -> list[dict]:
+    """``name``'s rows of the deciding weights on the deciding noise set, one per scored step."""
+    return [r for r in rows if r["name"] == name and r["weights"] == DECIDING and r["eval_seed"] == EVAL_SEED]
+
+
 def curve(rows: list[dict], name: str) -> dict[int, float]:
-    return {r["step"]: r["fd_features"] for r in rows if r["name"] == name and r["weights"] == DECIDING
-            and r["eval_seed"] == EVAL_SEED}
+    return {r["step"]: r["fd_features"] for r in _deciding_rows(rows, name)}
 
 
 def deciding_scores(rows: list[dict], name: str, step: int = 800) -> dict[str, float] | None:
-    found = [r for r in rows if r["name"] == name and r["weights"] == DECIDING and r["eval_seed"] == EVAL_SEED
-             and r["step"] == step]
-    return found[0] if found else None
+    return next((r for r in _deciding_rows(rows, name) if r["step"] == step), None)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -89,8 +91,8 @@ def markdown(rows: list[dict]) -> str:
         cells = [f"{points[s]:.1f}" if s in points else "" for s in steps]
         lines.append(f"| {lever(rows, name)} | " + " | ".join(cells) + f" | {last['train_s'] / last['step']:.2f} |")
     scores = final_scores(rows)
-    lines += ["", f"**At step 800, `{DECIDING}`**: the mean over the six noise sets ± their sd (the evaluation noise).",
-              "", "| run | FD feat. ↓ | FD pixel ↓ | precision ↑ | recall ↑ | class acc. ↑ |",
+    lines += ["", f"**At step 800, `{DECIDING}`**: the mean over the six noise sets ± their sd (the evaluation "
+              "noise).", "", "| run | FD feat. ↓ | FD pixel ↓ | precision ↑ | recall ↑ | class acc. ↑ |",
               "|---|---:|---:|---:|---:|---:|"]
     for name in names:
         s = scores.get(name, {}).get(DECIDING)
@@ -100,8 +102,8 @@ def markdown(rows: list[dict]) -> str:
                  for k in ("fd_features", "fd_pixel", "precision", "recall", "class_accuracy")]
         lines.append(f"| {lever(rows, name)} | " + " | ".join(cells) + " |")
     base = deciding_scores(rows, BASELINE)
-    lines += ["", f"**Verdicts** (the declared quality rule, on the noise-seed-{EVAL_SEED} set at step 800; baseline feature FD "
-              + (f"{base['fd_features']:.1f}" if base else "not yet scored") + "):", ""]
+    lines += ["", f"**Verdicts** (the declared quality rule, on the noise-seed-{EVAL_SEED} set at step 800; "
+              "baseline feature FD " + (f"{base['fd_features']:.1f}" if base else "not yet scored") + "):", ""]
     for name in names:
         run = deciding_scores(rows, name)
         if name == BASELINE or run is None or base is None:
@@ -114,9 +116,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     rows = read_curves(CURVES)
-    text = REPORT.read_text(encoding="utf-8")
-    head = text.split(MARKER)[0].rstrip() + "\n\n"
-    REPORT.write_text(head + markdown(rows), encoding="utf-8")
+    replace_results(REPORT, MARKER, markdown(rows))
     print(f"wrote {REPORT}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from _study import cpu_model
+from _study import cpu_model, replace_results
 from digits_stability import read_curves
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,9 +97,7 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     rows = read_curves(CURVES)
-    text = REPORT.read_text(encoding="utf-8")
-    head = text.split(MARKER)[0].rstrip() + "\n\n"
-    REPORT.write_text(head + markdown(rows), encoding="utf-8")
+    replace_results(REPORT, MARKER, markdown(rows))
     print(f"wrote {REPORT}")
 
 

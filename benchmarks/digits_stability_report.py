@@ -21,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _study import replace_results  # noqa: E402
 from digits_stability import (  # noqa: E402 - the driver's own constants, one definition
     AVERAGES, B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, OUT, PHASE_A, ROOT, WEIGHTS, plateau_step, queue,
     read_curves, within_run,
@@ -509,8 +510,7 @@ def write(c: Curves) -> dict[str, Any]:
     plot(c, {m: PHASE_A[m][0] for m in METHOD_TITLE}, PLOT)
     lines += [f"![curves]({PLOT.name})", "",
               "The plot: every seed of each method's demo recipe, raw weights (grey) and the three averages.", ""]
-    head = REPORT.read_text().split(MARKER)[0].rstrip() + "\n\n" if REPORT.exists() else ""
-    REPORT.write_text(head + "\n".join(lines) + "\n")
+    replace_results(REPORT, MARKER, "\n".join(lines) + "\n")
     summary = {"noise": noise, "average": average, "recipes": recipes,
                "phase_b": {m: {k: v for k, v in r.items() if k != "stats"} for m, r in b.items()}}
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
