@@ -15,7 +15,8 @@ TEACHER_BEATEN = {"fd_pixel": 3.0, "fd_features": 21.0, "precision": 0.975, "rec
 def test_a_lever_is_adopted_only_when_it_lowers_feature_fd_by_the_effect_and_beats_the_one_step_teacher():
     base = dict(TEACHER_BEATEN, fd_features=26.4)
     assert report.verdict(TEACHER_BEATEN, base).startswith("**passes the quality rule** (feature FD -5.4")
-    assert report.verdict(dict(TEACHER_BEATEN, fd_features=23.0), base).startswith("fails the quality rule (feature FD -3.4")
+    close = dict(TEACHER_BEATEN, fd_features=23.0)
+    assert report.verdict(close, base).startswith("fails the quality rule (feature FD -3.4")
     worse_precision = dict(TEACHER_BEATEN, precision=0.944, class_accuracy=0.999)
     assert report.verdict(worse_precision, base) == ("fails the quality rule: feature FD -5.4, but not better "
                                                      "than the one-step teacher on precision, class accuracy")

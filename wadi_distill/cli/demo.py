@@ -80,7 +80,8 @@ def demo_command(
 
     try:
         result = run_demo(output_dir, full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size,
-                          lorad_batch_size=lorad_batch_size, seed=seed, processes=processes, quick=quick, progress=progress, console=console)
+                          lorad_batch_size=lorad_batch_size, seed=seed, processes=processes, quick=quick,
+                          progress=progress, console=console)
     except RunStopped as stopped:  # the demo keeps no checkpoints: it starts over when run again
         err_console.print(f"{stopped.signal_name} received: the demo stopped and removed its training runs; run it "
                           f"again to start over (exit code {stopped.exit_code}).", highlight=False, soft_wrap=True)

@@ -103,8 +103,8 @@ class DemoSettings:
 
 
 FULL_SETTINGS = DemoSettings()
-QUICK_SETTINGS = DemoSettings(full_steps=20, lorad_steps=20, batch_size=8, lorad_batch_size=8, ddim_steps=10, eval_per_class=10,
-                              eval_noise_sets=2, multistep_per_class=10, full_fake_updates=2)
+QUICK_SETTINGS = DemoSettings(full_steps=20, lorad_steps=20, batch_size=8, lorad_batch_size=8, ddim_steps=10,
+                              eval_per_class=10, eval_noise_sets=2, multistep_per_class=10, full_fake_updates=2)
 
 
 @dataclass
@@ -383,8 +383,8 @@ def run_demo(
     if lorad_batch_size is None:
         lorad_batch_size = batch_size
     overrides = {k: v for k, v in dict(full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size,
-                                         lorad_batch_size=lorad_batch_size, ddim_steps=ddim_steps, eval_per_class=eval_per_class,
-                                         processes=processes).items() if v is not None}
+                                         lorad_batch_size=lorad_batch_size, ddim_steps=ddim_steps,
+                                         eval_per_class=eval_per_class, processes=processes).items() if v is not None}
     if eval_per_class is not None:  # fewer images asked for: the multi-step teacher's sets shrink with them
         overrides["multistep_per_class"] = min(base.multistep_per_class, eval_per_class)
     settings = replace(base, **overrides)
@@ -463,7 +463,8 @@ def _train_lorad(teacher: str, out: Path, runs: Path, report_path: Path, setting
     """Stage 3: VSD again with the LoRaD student the probe's report planned; the adapter is kept as ``lorad_student/``."""
     _print(console, f"[bold]3/4[/bold] distilling again: LoRaD student planned from the report "
                     f"(budget {settings.budget:.0%} of the backbone, {settings.lorad_steps} steps, batch "
-                    f"{settings.lorad_batch_size}, {plural(settings.lorad_fake_updates, 'fake-score update')} per step)")
+                    f"{settings.lorad_batch_size}, "
+                    f"{plural(settings.lorad_fake_updates, 'fake-score update')} per step)")
     t0 = time.perf_counter()
     config = _student_config(teacher, runs / "lorad", settings, seed, progress, settings.lorad_steps,
                              settings.lorad_lr, settings.lorad_batch_size, fake_updates=settings.lorad_fake_updates,
@@ -520,7 +521,8 @@ def _notes(settings: DemoSettings, rows: list[dict[str, Any]], plan: LoRaDConfig
         f"students: VSD (CFG {settings.vsd_cfg:g}"
         + ("" if settings.vsd_fake_cfg is None else f" on the real score, {settings.vsd_fake_cfg:g} on the fake score")
         + f", fake score LoRaD rank {settings.fake_rank} at lr {settings.fake_lr:g}); full: {settings.full_steps} "
-        f"steps of batch {settings.batch_size} at lr {settings.full_lr:g}, every weight, {plural(settings.full_fake_updates, 'fake-score update')} per step; "
+        f"steps of batch {settings.batch_size} at lr {settings.full_lr:g}, every weight, "
+        f"{plural(settings.full_fake_updates, 'fake-score update')} per step; "
         f"LoRaD: {settings.lorad_steps} steps of batch {settings.lorad_batch_size} at lr {settings.lorad_lr:g}, "
         f"{plural(settings.lorad_fake_updates, 'fake-score update')} per step, "
         f"{len(plan.target_modules)} layers and ranks chosen by the probe ({lorad_params:,} trainable parameters); "

@@ -251,8 +251,9 @@ def validate_config(config: DistillConfig) -> None:
 #: ``--rank-from-probe``/``--budget``, ``--plan``, ``--preset``/``--rank``, ``--student-adapter``).
 RUN_OPTION_FIELDS = ("prompts", "prompt_column", "fake_adapter", "fake_rank", "max_steps", "batch_size",
                      "lr", "fake_lr", "cfg", "fake_cfg", "teacher_guidance", "fake_updates_per_step",
-                     "dmd_normalization", "max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "ema_decay", "ema_power", "seed",
-                     "mixed_precision", "gradient_checkpointing", "sequential_cfg", "use_8bit_adam")
+                     "dmd_normalization", "max_grad_norm", "lr_warmup_steps", "adam_weight_decay", "ema_decay",
+                     "ema_power", "seed", "mixed_precision", "gradient_checkpointing", "sequential_cfg",
+                     "use_8bit_adam")
 
 
 def option_name(field_name: str) -> str:

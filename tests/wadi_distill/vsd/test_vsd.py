@@ -57,7 +57,7 @@ def test_timestep_ranges_and_null_mask():
 
 def test_dmd_normalized_gradient_on_known_values():
     x0 = torch.tensor([[[[1.0, 3.0]]], [[[0.0, 0.0]]]])
-    x0_real = torch.tensor([[[[0.0, 1.0]]], [[[0.0, 0.0]]]])  # mean|x0 - real|: 1.5, then then 0
+    x0_real = torch.tensor([[[[0.0, 1.0]]], [[[0.0, 0.0]]]])  # mean|x0 - real|: 1.5, then 0
     x0_fake = torch.tensor([[[[3.0, 1.0]]], [[[1.0, -1.0]]]])
     g = vsd.dmd_normalized_gradient(x0, x0_real, x0_fake)
     torch.testing.assert_close(g[0], torch.tensor([[[2.0, 0.0]]]))
