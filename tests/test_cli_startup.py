@@ -1,6 +1,7 @@
 """Both command lines start fast (no torch/diffusers for --help), say their version, and offer choices as enums."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,33 @@ def test_a_bad_choice_is_one_sentence_and_exit_2():
     assert "unknown preset 'nope'; use paper, paper-conv or all-linear." in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["sample", "--teacher", "builtin:digits", "--prompt", "3", "--device", "tpu"])
     assert result.exit_code == 2 and "unknown device 'tpu'; use auto, cpu or cuda." in " ".join(result.output.split())
+
+
+
+@pytest.mark.parametrize("package", ["wadi_distill", "wadi_probe"])
+def test_every_help_names_each_option_in_full_within_80_columns(package):
+    """Piped at 80 columns (a log, a narrow terminal): each command's help names every option whole and no line is
+    wider than 80."""
+    import importlib
+
+    from typer.main import get_command
+
+    group = get_command(importlib.import_module(f"{package}.cli").app)
+    assert group.commands
+    code = (f"import sys\nfrom {package}.cli import app\n"
+            f"for name in {sorted(group.commands)!r}:\n"
+            "    sys.argv = ['prog', name, '--help']\n"
+            "    print('=== ' + name, flush=True)\n"
+            "    try:\n        app()\n    except SystemExit as e:\n        assert not e.code, (name, e.code)\n")
+    result = _run(code)  # a subprocess with COLUMNS=80 and stdout piped, as a user's log would have it
+    assert result.returncode == 0, result.stderr
+    helps = dict(part.split("\n", 1) for part in result.stdout.split("=== ")[1:])
+    for name, command in group.commands.items():
+        text = helps[name]
+        assert max(len(line) for line in text.splitlines()) <= 80, (name, text)
+        for param in command.params:
+            if param.param_type_name == "option" and not param.hidden:  # typer vendors its own click
+                # the option's own row starts with its names, whole (not cut to "--rank-from-pro…")
+                flags = "(?:, | / )".join(re.escape(f) for f in sorted(param.opts, key=len))
+                row = re.compile(rf"^[\s│*]*{flags}(?: / [\w-]+)?(?=[\s,]|$)", re.M)
+                assert row.search(text), (name, param.opts, text)

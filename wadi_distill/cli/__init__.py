@@ -18,6 +18,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # click's plain help: it wraps at any width, where rich's option table truncates long option names at 80
+    # columns (a piped log, a narrow terminal)
+    rich_markup_mode=None,
 )
 
 @app.callback()
