@@ -3,18 +3,22 @@
 Reads ``reports/digits_demo_levers/curves.jsonl`` (written by ``benchmarks/digits_stability.py`` with
 ``WADI_STABILITY_OUT=reports/digits_demo_levers``) and replaces everything below the results marker of
 ``reports/digits_demo_levers.md``: each run's averaged (``ema-p2/3``) curve of feature FD, its six-set scores at
-800 steps, and the declared verdict (decided on the noise-seed-1000 set at step 800).
+800 steps, and the declared verdict (decided on the noise-seed-1000 set at step 800); then the runs continued
+past 800 steps (the amendment of 06:13 UTC): their curves, six-set scores at their last step, where they flatten
+(the stability study's plateau rule) and their feature FD as a multiple of the 25-step teacher's scored on sets of
+the same size (``reports/digits_teacher_set_size.json``, written by ``benchmarks/digits_eval_noise.py``).
 
     python benchmarks/digits_demo_levers_report.py
 """
 
 from __future__ import annotations
 
+import json
+import statistics
 from pathlib import Path
 
 from _study import cpu_model, replace_results
-from digits_levers_report import final_scores
-from digits_stability import EVAL_SEED, read_curves
+from digits_stability import EVAL_SEED, NOISE_SEEDS, read_curves, tail_change
 
 ROOT = Path(__file__).resolve().parents[1]
 CURVES = ROOT / "reports" / "digits_demo_levers" / "curves.jsonl"
@@ -22,6 +26,9 @@ REPORT = ROOT / "reports" / "digits_demo_levers.md"
 MARKER = "<!-- results: everything below is written by benchmarks/digits_demo_levers_report.py -->"
 BASELINE = "lorad-probe-lr0.001-f1-cfg2-fake_cfg1-s0"
 DECIDING = "ema-p2/3"
+DECISION_STEP = 800  # the declared length: the verdicts and the first tables
+TEACHER_SIZES = ROOT / "reports" / "digits_teacher_set_size.json"
+SCORED = ("fd_features", "fd_pixel", "precision", "recall", "class_accuracy")
 EFFECT = 3.7  # feature FD, the stability study's smallest effect
 #: the teacher's own one-step sample in the demo's table: a student must beat every one of these
 ONE_STEP_TEACHER = {"fd_pixel": 3.58, "fd_features": 63.2, "precision": 0.967, "recall": 0.111,
@@ -72,13 +79,39 @@ def curve(rows: list[dict], name: str) -> dict[int, float]:
     return {r["step"]: r["fd_features"] for r in _deciding_rows(rows, name)}
 
 
-def deciding_scores(rows: list[dict], name: str, step: int = 800) -> dict[str, float] | None:
+def deciding_scores(rows: list[dict], name: str, step: int = DECISION_STEP) -> dict[str, float] | None:
     return next((r for r in _deciding_rows(rows, name) if r["step"] == step), None)
+
+
+def scores_at(rows: list[dict], step: int, weights: str = DECIDING) -> dict[str, dict[str, tuple[float, float]]]:
+    """run -> metric -> (mean, sd) over the six noise sets at ``step`` (runs scored on all six there)."""
+    found = {}
+    for name in sorted({r["name"] for r in rows}):
+        sets = [r for r in rows if r["name"] == name and r["step"] == step and r["weights"] == weights]
+        if {r["eval_seed"] for r in sets} >= {EVAL_SEED, *NOISE_SEEDS}:
+            found[name] = {k: (statistics.fmean(r[k] for r in sets), statistics.stdev(r[k] for r in sets))
+                           for k in SCORED}
+    return found
+
+
+def teacher_at(images: int, path: Path = TEACHER_SIZES) -> dict[str, float] | None:
+    """The 25-step teacher's feature FD on sets of ``images`` images: mean, sd over its sets and their number."""
+    if not path.exists():
+        return None
+    for row in json.loads(path.read_text())["rows"]:
+        if row["model"] == "teacher_multistep" and row["images_per_set"] == images:
+            return {"mean": row["mean"]["fd_features"], "sd": row["sd"]["fd_features"], "sets": row["noise_sets"]}
+    return None
+
+
+def _cell(value: tuple[float, float], key: str) -> str:
+    digits = 1 if key == "fd_features" else 3
+    return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
 
 
 def markdown(rows: list[dict]) -> str:
     names = sorted({r["name"] for r in rows}, key=lambda n: (n != BASELINE, n))
-    steps = sorted({r["step"] for r in rows})
+    steps = sorted({r["step"] for r in rows if r["step"] <= DECISION_STEP})
     lines = [MARKER, "", "## Results", "",
              f"Written from `{CURVES.relative_to(ROOT)}` ({len(rows)} lines).", "",
              f"**Feature FD of the averaged student (`{DECIDING}`) along each run** (noise seed base {EVAL_SEED}, "
@@ -87,20 +120,16 @@ def markdown(rows: list[dict]) -> str:
              "|---|" + "---:|" * (len(steps) + 1)]
     for name in names:
         points = curve(rows, name)
-        last = max((r for r in rows if r["name"] == name), key=lambda r: r["step"])
+        last = max((r for r in rows if r["name"] == name and r["step"] <= DECISION_STEP), key=lambda r: r["step"])
         cells = [f"{points[s]:.1f}" if s in points else "" for s in steps]
         lines.append(f"| {lever(rows, name)} | " + " | ".join(cells) + f" | {last['train_s'] / last['step']:.2f} |")
-    scores = final_scores(rows)
-    lines += ["", f"**At step 800, `{DECIDING}`**: the mean over the six noise sets ± their sd (the evaluation "
-              "noise).", "", "| run | FD feat. ↓ | FD pixel ↓ | precision ↑ | recall ↑ | class acc. ↑ |",
+    scores = scores_at(rows, DECISION_STEP)
+    lines += ["", f"**At step {DECISION_STEP}, `{DECIDING}`**: the mean over the six noise sets ± their sd (the "
+              "evaluation noise).", "", "| run | FD feat. ↓ | FD pixel ↓ | precision ↑ | recall ↑ | class acc. ↑ |",
               "|---|---:|---:|---:|---:|---:|"]
     for name in names:
-        s = scores.get(name, {}).get(DECIDING)
-        if s is None:
-            continue
-        cells = [f"{s[k][0]:.{1 if k == 'fd_features' else 3}f} ± {s[k][1]:.{1 if k == 'fd_features' else 3}f}"
-                 for k in ("fd_features", "fd_pixel", "precision", "recall", "class_accuracy")]
-        lines.append(f"| {lever(rows, name)} | " + " | ".join(cells) + " |")
+        if name in scores:
+            lines.append(f"| {lever(rows, name)} | " + " | ".join(_cell(scores[name][k], k) for k in SCORED) + " |")
     base = deciding_scores(rows, BASELINE)
     lines += ["", f"**Verdicts** (the declared quality rule, on the noise-seed-{EVAL_SEED} set at step 800; "
               "baseline feature FD " + (f"{base['fd_features']:.1f}" if base else "not yet scored") + "):", ""]
@@ -111,7 +140,50 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"- `{lever(rows, name)}`: {verdict(run, base)}")
     lines += ["", "Seconds per step are each run's own clock with the other lane busy (and, for some runs, a third "
               f"process): compare them only roughly. Machine of the runs: {cpu_model()}, one torch thread per run.", ""]
+    lines += continued(rows)
     return "\n".join(lines)
+
+
+def continued(rows: list[dict], teacher_path: Path = TEACHER_SIZES) -> list[str]:
+    """The runs continued past the declared length: curves, scores at their last step, plateau and the teacher."""
+    longer = sorted({r["name"] for r in rows if r["step"] > DECISION_STEP}, key=lambda n: (n != BASELINE, n))
+    if not longer:
+        return []
+    steps = sorted({r["step"] for r in rows if r["name"] in longer and r["step"] > DECISION_STEP - 300})
+    lines = ["## Continued past 800 steps", "",
+             f"The runs of the amendment of 06:13 UTC, `{DECIDING}` feature FD on the noise-seed-{EVAL_SEED} set "
+             "(from step 600; the earlier points are in the table above):", "",
+             "| run | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---:|" * len(steps)]
+    for name in longer:
+        points = curve(rows, name)
+        lines.append(f"| {lever(rows, name)} | " + " | ".join(f"{points[s]:.1f}" if s in points else ""
+                                                              for s in steps) + " |")
+    teacher = teacher_at(2000, teacher_path)
+    teacher_text = ("not scored yet" if teacher is None else
+                    f"{teacher['mean']:.2f} ± {teacher['sd']:.2f} (mean ± sd over {teacher['sets']} sets of 2000)")
+    lines += ["", f"The 25-step teacher (DDIM 25, CFG 2) on sets of 2000 images, the students' size: {teacher_text}.",
+              "", "| run | step | FD feat. ↓ | FD pixel ↓ | precision ↑ | recall ↑ | class acc. ↑ | × teacher | "
+              "change over the last 20 % | flat? |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name in longer:
+        last = max(r["step"] for r in rows if r["name"] == name)
+        scores = scores_at(rows, last).get(name)
+        if scores is None:
+            lines.append(f"| {lever(rows, name)} | {last} | " + " | ".join(["running", *[""] * 8]) + " |")
+            continue
+        points = curve(rows, name)
+        xs = sorted(points)
+        change = tail_change(xs, [points[x] for x in xs])
+        noise = scores["fd_features"][1]
+        ratio = "–" if teacher is None else f"{scores['fd_features'][0] / teacher['mean']:.2f}×"
+        flat = (f"yes (within the evaluation noise {noise:.1f})" if abs(change) <= noise
+                else f"no (the evaluation noise is {noise:.1f})")
+        lines.append(f"| {lever(rows, name)} | {last} | " + " | ".join(_cell(scores[k], k) for k in SCORED)
+                     + f" | {ratio} | {change:+.1f} | {flat} |")
+    lines += ["", "× teacher: the run's feature FD (mean of its six sets) over the teacher's mean on sets of the same "
+              "size. The change over the last 20 %: what a least-squares line through the last fifth of the curve "
+              "predicts over that stretch (the stability study's plateau rule compares it with the evaluation "
+              "noise).", ""]
+    return lines
 
 
 def main() -> None:

@@ -38,3 +38,30 @@ def test_markdown_names_each_lever_by_what_differs_from_the_baseline():
     assert "| fake updates 5 | 28.0 | 21.0 | 0.50 |" in text and "| baseline | 30.0 | 26.4 | 0.50 |" in text
     assert "- `fake updates 5`: **passes the quality rule** (feature FD -5.4" in text
     assert "- `batch_size=64`: fails the quality rule (feature FD -1.4" in text
+
+
+def test_continued_runs_get_their_last_scores_a_plateau_verdict_and_the_teacher_at_the_same_set_size(tmp_path):
+    import json
+
+    def row(step, fd, seed=1000, name="long"):
+        return {"name": name, "steps": 1000, "step": step, "weights": "ema-p2/3", "eval_seed": seed, "lr": 0.001,
+                "fake_updates": 5, "extra": {"cfg": 2.0, "fake_cfg": 1.0, "batch_size": 64}, "train_s": step,
+                "fd_features": fd, "fd_pixel": 2.5, "precision": 0.97, "recall": 0.4, "class_accuracy": 1.0}
+
+    sets = (1000, *report.NOISE_SEEDS)
+    rows = [row(s, 20.0) for s in (100, 200, 300, 400, 500, 600, 700)] + [row(800, 18.0, seed=k) for k in sets]
+    rows += [row(900, 17.0), row(1000, 16.0)]
+    teacher = tmp_path / "teacher.json"
+    teacher.write_text(json.dumps({"rows": [{"model": "teacher_multistep", "images_per_set": 2000, "noise_sets": 3,
+                                             "mean": {"fd_features": 8.0}, "sd": {"fd_features": 0.5}}]}))
+    running = "\n".join(report.continued(rows, teacher))
+    assert "| long | 1000 | running |" in running  # no baseline among the rows: the run keeps its name
+    assert "8.00 ± 0.50 (mean ± sd over 3 sets of 2000)" in running
+    rows += [row(1000, 16.0 + 0.2 * i, seed=k) for i, k in enumerate(sets[1:], 1)]
+    done = "\n".join(report.continued(rows, teacher))
+    # six sets at 1000 (16.0 … 17.0 by 0.2): mean 16.5, sd 0.37; the last fifth (800, 900, 1000 on the deciding set:
+    # 18, 17, 16) falls 2.0 over its 200 steps, more than the noise: not flat
+    assert "| 1000 | 16.5 ± 0.4 | 2.500 ± 0.000 |" in done and "| 2.06× | -2.0 | no (the evaluation noise is 0.4) |" in done
+    assert "| 600 | 700 | 800 | 900 | 1000 |" in done
+    assert report.scores_at(rows, 800)["long"]["fd_features"] == (18.0, 0.0)
+    assert report.teacher_at(5000, teacher) is None and report.teacher_at(2000, tmp_path / "none.json") is None
