@@ -13,11 +13,11 @@ the same size (``reports/digits_teacher_set_size.json``, written by ``benchmarks
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
 from _study import cpu_model, replace_results
+from demo_seeds import TEACHER_SIZES, teacher_feature_fd
 from digits_stability import EVAL_SEED, NOISE_SEEDS, read_curves, tail_change
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +27,6 @@ MARKER = "<!-- results: everything below is written by benchmarks/digits_demo_le
 BASELINE = "lorad-probe-lr0.001-f1-cfg2-fake_cfg1-s0"
 DECIDING = "ema-p2/3"
 DECISION_STEP = 800  # the declared length: the verdicts and the first tables
-TEACHER_SIZES = ROOT / "reports" / "digits_teacher_set_size.json"
 SCORED = ("fd_features", "fd_pixel", "precision", "recall", "class_accuracy")
 EFFECT = 3.7  # feature FD, the stability study's smallest effect
 #: the teacher's own one-step sample in the demo's table: a student must beat every one of these
@@ -94,16 +93,6 @@ def scores_at(rows: list[dict], step: int, weights: str = DECIDING) -> dict[str,
     return found
 
 
-def teacher_at(images: int, path: Path = TEACHER_SIZES) -> dict[str, float] | None:
-    """The 25-step teacher's feature FD on sets of ``images`` images: mean, sd over its sets and their number."""
-    if not path.exists():
-        return None
-    for row in json.loads(path.read_text())["rows"]:
-        if row["model"] == "teacher_multistep" and row["images_per_set"] == images:
-            return {"mean": row["mean"]["fd_features"], "sd": row["sd"]["fd_features"], "sets": row["noise_sets"]}
-    return None
-
-
 def _cell(value: tuple[float, float], key: str) -> str:
     digits = 1 if key == "fd_features" else 3
     return f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
@@ -158,9 +147,9 @@ def continued(rows: list[dict], teacher_path: Path = TEACHER_SIZES) -> list[str]
         points = curve(rows, name)
         lines.append(f"| {lever(rows, name)} | " + " | ".join(f"{points[s]:.1f}" if s in points else ""
                                                               for s in steps) + " |")
-    teacher = teacher_at(2000, teacher_path)
+    teacher = teacher_feature_fd(2000, teacher_path)
     teacher_text = ("not scored yet" if teacher is None else
-                    f"{teacher['mean']:.2f} ± {teacher['sd']:.2f} (mean ± sd over {teacher['sets']} sets of 2000)")
+                    f"{teacher[0]:.2f} ± {teacher[1]:.2f} (mean ± sd over {teacher[2]} sets of 2000)")
     lines += ["", f"The 25-step teacher (DDIM 25, CFG 2) on sets of 2000 images, the students' size: {teacher_text}.",
               "", "| run | step | FD feat. ↓ | FD pixel ↓ | precision ↑ | recall ↑ | class acc. ↑ | × teacher | "
               "change over the last 20 % | flat? |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -174,7 +163,7 @@ def continued(rows: list[dict], teacher_path: Path = TEACHER_SIZES) -> list[str]
         xs = sorted(points)
         change = tail_change(xs, [points[x] for x in xs])
         noise = scores["fd_features"][1]
-        ratio = "–" if teacher is None else f"{scores['fd_features'][0] / teacher['mean']:.2f}×"
+        ratio = "–" if teacher is None else f"{scores['fd_features'][0] / teacher[0]:.2f}×"
         flat = (f"yes (within the evaluation noise {noise:.1f})" if abs(change) <= noise
                 else f"no (the evaluation noise is {noise:.1f})")
         lines.append(f"| {lever(rows, name)} | {last} | " + " | ".join(_cell(scores[k], k) for k in SCORED)

@@ -64,4 +64,4 @@ def test_continued_runs_get_their_last_scores_a_plateau_verdict_and_the_teacher_
     assert "| 1000 | 16.5 ± 0.4 | 2.500 ± 0.000 |" in done and "| 2.06× | -2.0 | no (the evaluation noise is 0.4) |" in done
     assert "| 600 | 700 | 800 | 900 | 1000 |" in done
     assert report.scores_at(rows, 800)["long"]["fd_features"] == (18.0, 0.0)
-    assert report.teacher_at(5000, teacher) is None and report.teacher_at(2000, tmp_path / "none.json") is None
+    assert report.teacher_feature_fd(5000, teacher) is None and report.teacher_feature_fd(2000, tmp_path / "x") is None
