@@ -35,8 +35,8 @@ def _quiet_broken_pipe() -> None:
 @app.command("compare")
 @handle_errors
 def compare_command(
-    teacher: str = typer.Argument(..., help="Teacher checkpoint: .safetensors, diffusers folder, LDM single file, torch .bin/.pt/.ckpt, or builtin:digits."),
-    students: List[str] = typer.Argument(..., help="One or more students (any of the teacher's layouts, or LoRA/LoRaD adapters, detected)."),
+    teacher: str = typer.Argument(..., metavar="TEACHER", help="Teacher checkpoint: .safetensors, diffusers folder, LDM single file, torch .bin/.pt/.ckpt, or builtin:digits."),
+    students: List[str] = typer.Argument(..., metavar="STUDENT", help="One or more students (any of the teacher's layouts, or LoRA/LoRaD adapters, detected)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report file (one student) or folder (several: LABEL.json per student, summary.json, summary.csv)."),
     labels: Optional[List[str]] = typer.Option(None, "--label", help="A name per student (repeat; default: file or folder names)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Write the per-layer table as CSV here (one student)."),

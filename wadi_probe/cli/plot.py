@@ -23,7 +23,7 @@ def print_saved(saved, out_dir: Path) -> None:
 @app.command("plot")
 @handle_errors
 def plot_command(
-    reports: List[Path] = typer.Argument(..., help="report.json written by `wadi-probe compare` (several: side by side)."),
+    reports: List[Path] = typer.Argument(..., metavar="REPORT", help="report.json written by `wadi-probe compare` (several: side by side)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the figures (created if missing)."),
     labels: Optional[List[str]] = typer.Option(None, "--label", help="A name per report (repeat; default: file names)."),
     layer: Optional[str] = typer.Option(None, "--layer", help="Also draw this layer's pair-angle heatmap (needs --teacher and --student)."),

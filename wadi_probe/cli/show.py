@@ -13,7 +13,7 @@ from wadi_probe.console import console, handle_errors
 @app.command("show")
 @handle_errors
 def show_command(
-    report: Path = typer.Argument(..., help="A report.json written by `wadi-probe compare -o`."),
+    report: Path = typer.Argument(..., metavar="REPORT", help="A report.json written by `wadi-probe compare -o`."),
     top: int = typer.Option(10, "--top", help="How many of the most rotated layers to list."),
 ) -> None:
     """Print the summary of a saved report: headline, most rotated layers, block × layer-type table."""

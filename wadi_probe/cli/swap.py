@@ -14,8 +14,8 @@ from wadi_probe.console import console, handle_errors
 @app.command("swap")
 @handle_errors
 def swap_command(
-    teacher: str = typer.Argument(..., help="Teacher checkpoint (file or diffusers folder, or builtin:digits)."),
-    student: Path = typer.Argument(..., help="Student checkpoint; the hybrid is written in its layout, key names and dtypes."),
+    teacher: str = typer.Argument(..., metavar="TEACHER", help="Teacher checkpoint (file or diffusers folder, or builtin:digits)."),
+    student: Path = typer.Argument(..., metavar="STUDENT", help="Student checkpoint; the hybrid is written in its layout, key names and dtypes."),
     take: str = typer.Option(..., "--take", help="What to take from the teacher: 'norm' (per-row norms) or 'direction' (per-row directions)."),
     output: Path = typer.Option(..., "--output", "-o", help="Hybrid file to write (.safetensors, or .bin/.pt)."),
     include: Optional[str] = typer.Option(None, help="Only swap tensors whose name matches this regex."),
