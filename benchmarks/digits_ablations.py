@@ -15,7 +15,7 @@ Each variant is scored with the stability study's evaluation (2000 one-step imag
 five noise sets 3001–3005) and probed against the teacher (:func:`wadi_probe.analyze.compare`). One JSON line per
 (seed, variant, noise seed) lands in ``reports/digits_stability/ablations.jsonl``; a (seed, variant) already there is
 skipped. A seed whose checkpoint is gone is retrained first with ``--retrain`` (the same run, from step 0, into
-``$WADI_STABILITY_WORK``; its curve lines go to ``ablation_retrain.jsonl``, not the study's file).
+``$WADI_STABILITY_WORK``; its curve lines go to ``ablation_retrain/curves.jsonl``, not the study's file).
 
     python benchmarks/digits_ablations.py run [--seeds 0,1,2,3,4] [--retrain]
     python benchmarks/digits_ablations_report.py

@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _study import replace_results  # noqa: E402
 from digits_ablations import ABLATIONS, VARIANTS, read_rows  # noqa: E402 - the driver's own names
-from digits_stability import B_SEEDS, EVAL_SEED, NOISE_SEEDS, ROOT  # noqa: E402
+from digits_stability import B_SEEDS, CURVES as STUDY_CURVES, EVAL_SEED, NOISE_SEEDS, ROOT  # noqa: E402
+
+RETRAIN_CURVES = ABLATIONS.parent / "ablation_retrain" / "curves.jsonl"  # digits_ablations.retrain's curve lines
 
 REPORTS = Path(os.environ.get("WADI_ABLATIONS_REPORTS", ROOT / "reports"))
 REPORT, SUMMARY = REPORTS / "digits_ablations.md", REPORTS / "digits_ablations.json"
@@ -105,11 +107,36 @@ def pm(pair: tuple[float, float], digits: int) -> str:
     return f"{f(pair[0], digits)} ± {f(pair[1], digits)}"
 
 
+def retrained_note(retrain_curves: Path, study_curves: Path) -> str:
+    """Which seeds were trained again (``--retrain``) and how far each lands from the Phase B run it replaces."""
+    if not retrain_curves.exists():
+        return ""
+    load = lambda path: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]  # noqa: E731
+    retrained = [r for r in load(retrain_curves) if r["weights"] == "ema-p2/3" and r["eval_seed"] == EVAL_SEED]
+    last = {r["seed"]: r for r in retrained if r["step"] == r["steps"]}
+    if not last:
+        return ""
+    phase_b = {(r["name"], r["step"]): r for r in load(study_curves)
+               if r["weights"] == "ema-p2/3" and r.get("eval_seed", EVAL_SEED) == EVAL_SEED}
+    pairs = []
+    for seed, row in sorted(last.items()):
+        before = phase_b.get((row["name"], row["step"]))
+        pairs.append(f"seed {seed} {row['fd_features']:.1f}" + (f" against {before['fd_features']:.1f}" if before else ""))
+    seeds = sorted(last)
+    return (f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} {'were' if len(seeds) > 1 else 'was'} "
+            "trained again on this machine (`--retrain`, the checkpoints being gone). The retrained curves leave "
+            "the Phase B ones from the first scored step (Phase B's rows do not record their CPU; floating-point "
+            "results differ between CPUs and training amplifies the last bits), so these students are other draws "
+            "of the same recipe, not the runs the comparison scored: the averaged student's feature FD at the last "
+            f"step on noise set {EVAL_SEED}, retrained against Phase B: {'; '.join(pairs)}.")
+
+
 def write(rows: list[dict[str, Any]]) -> dict[str, Any]:
     t = table(rows)
     swap = swap_verdicts(t)
     ratios = {c: ratio_verdict(t, c) for c in ("structureless (rows)", "structureless (matrix)")}
     cpus = sorted({r.get("cpu") or "not recorded" for r in rows})
+    retrained = retrained_note(RETRAIN_CURVES, STUDY_CURVES)
     lines = [MARKER, "", "## Results", "",
              f"Written from `{ABLATIONS.name}` ({len(rows)} lines; seeds {', '.join(map(str, sorted(t))) or 'none'}). "
              f"Machine: 2-core VM, CPU {', '.join(cpus)}, one torch thread. Scores: mean over the 6 noise sets "
@@ -117,6 +144,7 @@ def write(rows: list[dict[str, Any]]) -> dict[str, Any]:
              "error over the seeds (paired differences where a difference is shown).", "",
              "Seeds not run (cut for time; `--retrain` trains them again): "
              + (", ".join(str(x) for x in B_SEEDS if x not in t) or "none") + ".", "",
+             *([retrained, ""] if retrained else []),
              "### Every variant (mean over the seeds)", "",
              "| variant | seeds | " + " | ".join(TITLE[m] for m in METRICS)
              + " | mean angle (°) | norm change (%) | angle / norm | E@30 % (excess over closed-form chance) |",

@@ -145,3 +145,21 @@ def test_analysis_composes_the_two_reports_and_decides_low_rank_by_its_rule(tmp_
     (tmp_path / "digits_ablations.json").unlink()
     with pytest.raises(SystemExit, match="is missing"):
         analysis.write()
+
+
+def test_the_ablation_report_says_which_seeds_were_retrained_and_how_far_they_land(tmp_path):
+    import json
+
+    def line(seed, step, fd, weights="ema-p2/3", eval_seed=1000):
+        return json.dumps({"name": f"full-lr2e-05-f5-s{seed}", "seed": seed, "steps": 1200, "step": step,
+                           "weights": weights, "eval_seed": eval_seed, "fd_features": fd})
+
+    retrain, study = tmp_path / "retrain.jsonl", tmp_path / "study.jsonl"
+    assert ablations_report.retrained_note(retrain, study) == ""  # nothing retrained: nothing said
+    retrain.write_text("\n".join([line(0, 1100, 61.0), line(0, 1200, 60.4), line(0, 1200, 59.0, eval_seed=3001),
+                                  line(0, 1200, 70.0, weights="raw"), line(1, 600, 58.0)]) + "\n")
+    study.write_text("\n".join([line(0, 1200, 55.5), line(1, 1200, 52.0)]) + "\n")
+    note = ablations_report.retrained_note(retrain, study)
+    # seed 1 has not reached its last step: only seed 0 is named, on the deciding set and weights
+    assert note.startswith("Seed 0 was trained again on this machine")
+    assert note.endswith("retrained against Phase B: seed 0 60.4 against 55.5.")
