@@ -125,8 +125,9 @@ def retrained_note(retrain_curves: Path, study_curves: Path) -> str:
     seeds = sorted(last)
     return (f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} {'were' if len(seeds) > 1 else 'was'} "
             "trained again on this machine (`--retrain`, the checkpoints being gone). The retrained curves leave "
-            "the Phase B ones from the first scored step (Phase B's rows do not record their CPU; floating-point "
-            "results differ between CPUs and training amplifies the last bits), so these students are other draws "
+            "the Phase B ones from the first scored step (reports/digits_stability.md: Phase B's seeds 0 and 1 ran "
+            "on an Intel Xeon VM; floating-point results differ between CPUs and training amplifies the last "
+            "bits), so these students are other draws "
             "of the same recipe, not the runs the comparison scored: the averaged student's feature FD at the last "
             f"step on noise set {EVAL_SEED}, retrained against Phase B: {'; '.join(pairs)}.")
 

@@ -131,7 +131,8 @@ def write() -> str:
     lines = ["# The WaDi paper's findings on builtin:digits", "",
              "Every number below comes from the stable recipe: VSD students trained 1200 steps without weight decay "
              "and scored as their averaged weights (the ramped EMA that `final/` holds), 2000 one-step images per "
-             "score on shared noise, training seeds 0–4, on the 2-core VM each report names. Verdict rules and the "
+             "score on shared noise, training seeds 0–4 (the ablations' seeds 0 and 1 retrained on another CPU: "
+             "reports/digits_ablations.md), on the 2-core VMs each report names. Verdict rules and the "
              "smallest effects were declared before the runs: reports/digits_comparison.md (findings 4 and 5), "
              "reports/digits_ablations.md (findings 1–3). The earlier study (raw last-step weights, 800 steps, weight "
              "decay 0.01, 3 seeds) is kept in reports/digits_study_analysis.md; its training-length finding (6 there) "
