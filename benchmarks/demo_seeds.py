@@ -34,14 +34,19 @@ STUDENTS = ("full_student", "lorad_student")
 TEACHER_SIZES = ROOT / "reports" / "digits_teacher_set_size.json"
 
 
-def teacher_feature_fd(images: int, path: Path = TEACHER_SIZES) -> tuple[float, float, int] | None:
-    """The 25-step teacher's feature FD on sets of ``images``: (mean, sd over the sets, sets), None if not scored."""
+def teacher_row(model: str, images: int, path: Path = TEACHER_SIZES) -> dict[str, Any] | None:
+    """``model``'s row (``teacher_multistep`` or ``teacher_one_step``) on sets of ``images`` in ``path``: per metric
+    ``mean`` and ``sd`` over its ``noise_sets``; None if that size was not scored."""
     if not path.exists():
         return None
-    for row in json.loads(path.read_text())["rows"]:
-        if row["model"] == "teacher_multistep" and row["images_per_set"] == images:
-            return row["mean"]["fd_features"], row["sd"]["fd_features"], row["noise_sets"]
-    return None
+    return next((row for row in json.loads(path.read_text())["rows"]
+                 if row["model"] == model and row["images_per_set"] == images), None)
+
+
+def teacher_feature_fd(images: int, path: Path = TEACHER_SIZES) -> tuple[float, float, int] | None:
+    """The 25-step teacher's feature FD on sets of ``images``: (mean, sd over the sets, sets), None if not scored."""
+    row = teacher_row("teacher_multistep", images, path)
+    return None if row is None else (row["mean"]["fd_features"], row["sd"]["fd_features"], row["noise_sets"])
 
 
 def seed_folder(seed: int) -> Path:

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 from _study import cpu_model, replace_results
-from demo_seeds import TEACHER_SIZES, teacher_feature_fd
+from demo_seeds import TEACHER_SIZES, teacher_feature_fd, teacher_row
 from digits_stability import EVAL_SEED, NOISE_SEEDS, read_curves, tail_change
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +150,11 @@ def continued(rows: list[dict], teacher_path: Path = TEACHER_SIZES) -> list[str]
     teacher = teacher_feature_fd(2000, teacher_path)
     teacher_text = ("not scored yet" if teacher is None else
                     f"{teacher[0]:.2f} ± {teacher[1]:.2f} (mean ± sd over {teacher[2]} sets of 2000)")
+    one_step = teacher_row("teacher_one_step", 2000, teacher_path)
+    if one_step is not None:  # the rule's one-step values are the demo's (sets of 5000); these are at this size
+        teacher_text += ("; its one-step sample on sets of 2000: " + ", ".join(
+            f"{NAMES[k]} {one_step['mean'][k]:.{1 if k == 'fd_features' else 3}f} ± "
+            f"{one_step['sd'][k]:.{1 if k == 'fd_features' else 3}f}" for k in SCORED))
     lines += ["", f"The 25-step teacher (DDIM 25, CFG 2) on sets of 2000 images, the students' size: {teacher_text}.",
               "", "| run | step | FD feat. ↓ | FD pixel ↓ | precision ↑ | recall ↑ | class acc. ↑ | × teacher | "
               "change over the last 20 % | flat? | beats the one-step teacher |",
