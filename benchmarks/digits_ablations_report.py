@@ -121,7 +121,8 @@ def retrained_note(retrain_curves: Path, study_curves: Path) -> str:
     pairs = []
     for seed, row in sorted(last.items()):
         before = phase_b.get((row["name"], row["step"]))
-        pairs.append(f"seed {seed} {row['fd_features']:.1f}" + (f" against {before['fd_features']:.1f}" if before else ""))
+        against = f" against {before['fd_features']:.1f}" if before else ""
+        pairs.append(f"seed {seed} {row['fd_features']:.1f}{against}")
     seeds = sorted(last)
     return (f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} {'were' if len(seeds) > 1 else 'was'} "
             "trained again on this machine (`--retrain`, the checkpoints being gone). The retrained curves leave "

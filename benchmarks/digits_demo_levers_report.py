@@ -3,10 +3,10 @@
 Reads ``reports/digits_demo_levers/curves.jsonl`` (written by ``benchmarks/digits_stability.py`` with
 ``WADI_STABILITY_OUT=reports/digits_demo_levers``) and replaces everything below the results marker of
 ``reports/digits_demo_levers.md``: each run's averaged (``ema-p2/3``) curve of feature FD, its six-set scores at
-800 steps, and the declared verdict (decided on the noise-seed-1000 set at step 800); then the runs continued
-past 800 steps (the amendment of 06:13 UTC): their curves, six-set scores at their last step, where they flatten
-(the stability study's plateau rule) and their feature FD as a multiple of the 25-step teacher's scored on sets of
-the same size (``reports/digits_teacher_set_size.json``, written by ``benchmarks/digits_eval_noise.py``).
+800 steps, and the declared verdict (decided on the noise-seed-1000 set at step 800); then the runs continued past
+800 steps (the amendments of 06:13 and 07:12 UTC): their curves, six-set scores at their last step, where they
+flatten (the stability study's plateau rule) and their feature FD as a multiple of the 25-step teacher's scored on
+sets of the same size (``reports/digits_teacher_set_size.json``, written by ``benchmarks/digits_eval_noise.py``).
 
     python benchmarks/digits_demo_levers_report.py
 """
@@ -140,7 +140,7 @@ def continued(rows: list[dict], teacher_path: Path = TEACHER_SIZES) -> list[str]
         return []
     steps = sorted({r["step"] for r in rows if r["name"] in longer and r["step"] > DECISION_STEP - 300})
     lines = ["## Continued past 800 steps", "",
-             f"The runs of the amendment of 06:13 UTC, `{DECIDING}` feature FD on the noise-seed-{EVAL_SEED} set "
+             f"The runs the amendments above continue, `{DECIDING}` feature FD on the noise-seed-{EVAL_SEED} set "
              "(from step 600; the earlier points are in the table above):", "",
              "| run | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---:|" * len(steps)]
     for name in longer:
