@@ -139,16 +139,16 @@ def report(seeds: list[int], teacher_sizes: Path = TEACHER_SIZES) -> str:
 def _ratio_note(matched: tuple[float, float, int] | None, student_images: int, teacher_images: int,
                 teacher_fds: list[float]) -> str:
     """What the ratio column divides by, and why."""
-    own = f"{statistics.fmean(teacher_fds):.2f} on sets of {teacher_images}"
+    own = f"{statistics.fmean(teacher_fds):.2f}, the mean over the seeds, on sets of {teacher_images} images"
     if matched is None:
-        return (f"Ratio: over the demo's own 25-step teacher row ({own} images, mean over the seeds); the students "
-                f"are scored on sets of {student_images}, and a smaller set inflates a Fréchet distance, so this "
-                "ratio flatters the students (`benchmarks/digits_eval_noise.py --multistep-sizes "
-                f"{student_images}` scores the teacher at their size).")
+        return (f"Ratio: over the demo's own 25-step teacher row ({own}); the students are scored on sets of "
+                f"{student_images}, and a smaller set inflates a Fréchet distance, so this ratio flatters the "
+                f"students (`benchmarks/digits_eval_noise.py --multistep-sizes {student_images}` scores the teacher "
+                "at their size).")
     mean, sd, sets = matched
     return (f"Ratio: over the 25-step teacher scored on sets of {student_images} images, the students' size: feature "
             f"FD {mean:.2f} ± {sd:.2f} over {sets} sets (`{TEACHER_SIZES.relative_to(ROOT)}`); the demo's own "
-            f"row scores it on sets of {teacher_images} ({own} images), which a smaller set inflates.")
+            f"row ({own}) is inflated by its smaller sets.")
 
 
 def run(seeds: list[int], workers: int) -> None:

@@ -35,7 +35,7 @@ def test_the_ratio_uses_the_teacher_at_the_students_set_size_when_it_was_scored(
     text = demo_seeds.report([0, 1], teacher_sizes=tmp_path / "missing.json")
     # without the teacher at 5000 images: the demo's own row (sets of 1000), said to flatter the students
     assert "| 0 | LoRaD-from-probe | 3.00 | 21.00 | 0.9700 | 0.300 | 1.0000 | yes | 2.80× |" in text
-    assert "Ratio: over the demo's own 25-step teacher row (7.70 on sets of 1000 images" in text
+    assert "Ratio: over the demo's own 25-step teacher row (7.70, the mean over the seeds, on sets of 1000" in text
     assert ("| 0 | full fine-tuning | 3.00 | 20.00 | 0.9700 | 0.300 | 0.9995 ✗ (0.9995) | no: class acc. ↑ | 2.67× |"
             in text)
     assert "flatters the students" in text
