@@ -133,6 +133,25 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _continued_row(rows: list[dict], name: str, step: int, teacher: tuple[float, float, int] | None) -> str:
+    """One row of the continued runs' table: ``name`` at ``step`` (its six sets), the plateau rule on its curve up
+    to ``step``, the ratio to the teacher and whether it beats the one-step teacher."""
+    scores = scores_at(rows, step).get(name)
+    if scores is None:
+        return f"| {lever(rows, name)} | {step} | " + " | ".join(["running", *[""] * 9]) + " |"
+    points = {s: v for s, v in curve(rows, name).items() if s <= step}
+    xs = sorted(points)
+    change = tail_change(xs, [points[x] for x in xs])
+    noise = scores["fd_features"][1]
+    ratio = "–" if teacher is None else f"{scores['fd_features'][0] / teacher[0]:.2f}×"
+    flat = (f"yes (within the evaluation noise {noise:.1f})" if abs(change) <= noise
+            else f"no (the evaluation noise is {noise:.1f})")
+    short = beats_one_step_teacher({k: v[0] for k, v in scores.items()})
+    beats = "yes, on all five metrics" if not short else "no: " + ", ".join(short)
+    return (f"| {lever(rows, name)} | {step} | " + " | ".join(_cell(scores[k], k) for k in SCORED)
+            + f" | {ratio} | {change:+.1f} | {flat} | {beats} |")
+
+
 def continued(rows: list[dict], teacher_path: Path = TEACHER_SIZES) -> list[str]:
     """The runs continued past the declared length: curves, scores at their last step, plateau and the teacher."""
     longer = sorted({r["name"] for r in rows if r["step"] > DECISION_STEP}, key=lambda n: (n != BASELINE, n))
@@ -161,21 +180,12 @@ def continued(rows: list[dict], teacher_path: Path = TEACHER_SIZES) -> list[str]
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for name in longer:
         last = max(r["step"] for r in rows if r["name"] == name)
-        scores = scores_at(rows, last).get(name)
-        if scores is None:
-            lines.append(f"| {lever(rows, name)} | {last} | " + " | ".join(["running", *[""] * 9]) + " |")
-            continue
-        points = curve(rows, name)
-        xs = sorted(points)
-        change = tail_change(xs, [points[x] for x in xs])
-        noise = scores["fd_features"][1]
-        ratio = "–" if teacher is None else f"{scores['fd_features'][0] / teacher[0]:.2f}×"
-        flat = (f"yes (within the evaluation noise {noise:.1f})" if abs(change) <= noise
-                else f"no (the evaluation noise is {noise:.1f})")
-        short = beats_one_step_teacher({k: v[0] for k, v in scores.items()})
-        beats = "yes, on all five metrics" if not short else "no: " + ", ".join(short)
-        lines.append(f"| {lever(rows, name)} | {last} | " + " | ".join(_cell(scores[k], k) for k in SCORED)
-                     + f" | {ratio} | {change:+.1f} | {flat} | {beats} |")
+        scored = sorted(step for step in {r["step"] for r in rows if r["name"] == name}
+                        if step > DECISION_STEP and name in scores_at(rows, step))
+        if last not in scored:
+            scored.append(last)  # still running: said on its own row
+        for step in scored:  # each length scored on all six sets (a run continued twice has two)
+            lines.append(_continued_row(rows, name, step, teacher))
     lines += ["", "× teacher: the run's feature FD (mean of its six sets) over the teacher's mean on sets of the same "
               "size. The change over the last 20 %: what a least-squares line through the last fifth of the curve "
               "predicts over that stretch (the stability study's plateau rule compares it with the evaluation "

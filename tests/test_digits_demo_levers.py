@@ -64,5 +64,9 @@ def test_continued_runs_get_their_last_scores_a_plateau_verdict_and_the_teacher_
     assert "| 1000 | 16.5 ± 0.4 | 2.500 ± 0.000 |" in done
     assert "| 2.06× | -2.0 | no (the evaluation noise is 0.4) | yes, on all five metrics |" in done
     assert "| 600 | 700 | 800 | 900 | 1000 |" in done
+    # a run continued twice (six sets at 900 as well) gets a row per scored length, each judged on its curve so far
+    rows += [row(900, 17.0, seed=k) for k in sets[1:]]
+    twice = "\n".join(report.continued(rows, teacher))
+    assert "| long | 900 | 17.0 ± 0.0 |" in twice and twice.index("| long | 900 |") < twice.index("| long | 1000 |")
     assert report.scores_at(rows, 800)["long"]["fd_features"] == (18.0, 0.0)
     assert report.teacher_feature_fd(5000, teacher) is None and report.teacher_feature_fd(2000, tmp_path / "x") is None
