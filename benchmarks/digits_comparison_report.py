@@ -3,7 +3,9 @@
 Reads ``reports/digits_stability/curves.jsonl`` (Phase B of the stability study: full fine-tuning and LoRaD from
 the probe; Phase C: the uniform adapters) and rewrites everything after the results marker of
 ``reports/digits_comparison.md`` (its declaration, made before the runs, stays as it stands), the plot
-``reports/digits_comparison.png`` and ``reports/digits_comparison.json`` (every number in the report).
+``reports/digits_comparison.png`` and ``reports/digits_comparison.json`` (every number in the report). The
+learning-rate screen of LoRA and DoRA (declared in the report's amendment) is read from
+``reports/digits_lr_screen/curves.jsonl`` when it exists.
 
     python benchmarks/digits_comparison_report.py
 """
@@ -39,6 +41,8 @@ TITLE = {"fd_features": "feature FD ↓", "fd_pixel": "pixel FD ↓", "recall": 
          "class_accuracy": "class acc. ↑"}
 DIGITS = {"fd_features": 1, "fd_pixel": 3, "recall": 3, "precision": 3, "class_accuracy": 3}
 MIN_SEEDS = 3  # a pair with fewer seeds a side gets no verdict (declared)
+SCREEN_CURVES = ROOT / "reports" / "digits_lr_screen" / "curves.jsonl"
+SCREEN_METHODS, SCREEN_RATES, SCREEN_SEED = ("lora-peft", "dora-peft"), (3e-4, 1e-3, 3e-3), 0  # declared
 
 
 @dataclass(frozen=True)
@@ -241,7 +245,55 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def write(curves: list[dict[str, Any]]) -> dict[str, Any]:
+def screen_numbers(rows: dict) -> dict[str, dict[float, dict[str, tuple[float, float]] | None]]:
+    """method -> lr -> metric -> (mean, sd) over the six noise sets of the seed-0 run at the length (None: not
+    finished). ``rows``: :func:`index` of the study's and the screen's curves together."""
+    out: dict[str, dict[float, Any]] = {}
+    for method in SCREEN_METHODS:
+        for lr in SCREEN_RATES:
+            name = f"{method}-lr{lr:g}-f1-s{SCREEN_SEED}"
+            sets = [rows.get((name, LENGTH, WEIGHTS, s)) for s in (EVAL_SEED, *NOISE_SEEDS)]
+            out.setdefault(method, {})[lr] = None if None in sets else {
+                m: (statistics.fmean(r[m] for r in sets), sd([r[m] for r in sets])) for m in METRICS}
+    return out
+
+
+def screen_verdict(rate: dict[str, tuple[float, float]], base: dict[str, tuple[float, float]]) -> str:
+    """The declared screen rule against the lr-1e-3 run: feature FD lower by more than its smallest effect, pixel FD
+    not higher by more than its smallest effect, recall not lower by more than its smallest effect."""
+    delta = {m: rate[m][0] - base[m][0] for m in VERDICT_METRICS}
+    better = (-delta["fd_features"] > SMALLEST["fd_features"] and delta["fd_pixel"] <= SMALLEST["fd_pixel"]
+              and -delta["recall"] <= SMALLEST["recall"])
+    deltas = ", ".join(f"{TITLE[m][:-2]} {delta[m]:+.{DIGITS[m]}f}" for m in VERDICT_METRICS)
+    return ("**better for this adapter**" if better else "not better") + f" ({deltas})"
+
+
+def screen_lines(numbers: dict[str, dict[float, Any]]) -> list[str]:
+    """The learning-rate screen's section (empty when none of its runs has finished)."""
+    if not any(v is not None for by_rate in numbers.values() for lr, v in by_rate.items() if lr != 1e-3):
+        return []
+    lines = ["### Learning-rate screen of LoRA and DoRA (the declared cut, run later; one seed)", "",
+             f"Seed {SCREEN_SEED}, the `{WEIGHTS}` weights at step {LENGTH}, mean ± sd over the six noise sets "
+             "(the evaluation noise); lr 1e-3 is the comparison's own seed-0 run. Written from "
+             f"`{_shown(SCREEN_CURVES)}` and `{_shown(CURVES)}`.", "",
+             "| student | lr | " + " | ".join(TITLE[m] for m in METRICS) + " | against lr 1e-3 |",
+             "|---|---:|" + "---:|" * len(METRICS) + "---|"]
+    for method, by_rate in numbers.items():
+        base = by_rate.get(1e-3)
+        for lr, scores in by_rate.items():
+            if scores is None:
+                lines.append(f"| {method} | {lr:g} | " + " | ".join(["not finished", *[""] * len(METRICS)]) + " |")
+                continue
+            cells = [f"{fmt(scores[m][0], m)} ± {fmt(scores[m][1], m)}" for m in METRICS]
+            against = "–" if lr == 1e-3 or base is None else screen_verdict(scores, base)
+            lines.append(f"| {method} | {lr:g} | " + " | ".join(cells) + f" | {against} |")
+    lines += ["", "Rule (declared): a rate is better for an adapter if it lowers feature FD by more than "
+              f"{SMALLEST['fd_features']:g} without raising pixel FD by more than {SMALLEST['fd_pixel']:g} or "
+              f"lowering recall by more than {SMALLEST['recall']:g}; one seed, so a screen, not a verdict.", ""]
+    return lines
+
+
+def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     rows = index(curves)
     numbers = [student_numbers(s, rows) for s in STUDENTS]
     by = {n["label"]: n for n in numbers}
@@ -275,12 +327,17 @@ def write(curves: list[dict[str, Any]]) -> dict[str, Any]:
         lines += [f"**{question}**", ""]
         lines += [f"- {p['sentence']}" for p in pairs if p["question"] == question]
         lines.append("")
+    screened = screen_numbers(index([*curves, *(screen or [])]))
+    screen_text = screen_lines(screened)
     lines += ["Smallest effects (declared): " + ", ".join(f"{TITLE[m]} {SMALLEST[m]:g}" for m in VERDICT_METRICS)
-              + ". The adapters all ran at lr 1e-3 without a sweep on averaged weights (declared cut).", ""]
+              + ". The adapters all ran at lr 1e-3 without a sweep on averaged weights (declared cut"
+              + ("; the screen below tries LoRA and DoRA at 3e-4 and 3e-3 at one seed)." if screen_text else ")."),
+              "", *screen_text]
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)
     summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs,
-               "still_moving": [n["label"] for n in moving]}
+               "still_moving": [n["label"] for n in moving],
+               "lr_screen": {m: {f"{lr:g}": v for lr, v in by.items()} for m, by in screened.items()}}
     SUMMARY.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 
@@ -289,7 +346,7 @@ def main() -> None:
     curves = read_curves()
     if not curves:
         raise SystemExit(f"{CURVES} holds no lines yet: run benchmarks/digits_stability.py first")
-    summary = write(curves)
+    summary = write(curves, read_curves(SCREEN_CURVES) if SCREEN_CURVES.exists() else None)
     print(f"wrote {REPORT}, {PLOT} and {SUMMARY}")
     for p in summary["pairs"]:
         print(f"  {p['a']} vs {p['b']}: {p['quality']}")

@@ -163,3 +163,27 @@ def test_the_ablation_report_says_which_seeds_were_retrained_and_how_far_they_la
     # seed 1 has not reached its last step: only seed 0 is named, on the deciding set and weights
     assert note.startswith("Seed 0 was trained again on this machine")
     assert note.endswith("retrained against Phase B: seed 0 60.4 against 55.5.")
+
+
+def test_the_learning_rate_screen_reads_each_rate_on_its_six_sets_and_applies_the_declared_rule():
+    report = comparison
+
+    def rows(name, fd, pixel=2.5, recall=0.35):
+        return [{"name": name, "step": report.LENGTH, "weights": report.WEIGHTS, "eval_seed": s, "fd_features": fd + i,
+                 "fd_pixel": pixel, "recall": recall, "precision": 0.95, "class_accuracy": 0.99}
+                for i, s in enumerate((report.EVAL_SEED, *report.NOISE_SEEDS))]
+
+    curves = [*rows("lora-peft-lr0.001-f1-s0", 55.0), *rows("lora-peft-lr0.0003-f1-s0", 48.0),
+              *rows("lora-peft-lr0.003-f1-s0", 45.0, pixel=2.7), *rows("dora-peft-lr0.001-f1-s0", 56.0)]
+    numbers = report.screen_numbers(report.index(curves))
+    assert numbers["lora-peft"][0.0003]["fd_features"] == (50.5, pytest.approx(1.8708, abs=1e-4))  # 48 … 53
+    assert numbers["dora-peft"][0.003] is None  # not run yet
+    base = numbers["lora-peft"][1e-3]
+    # 7 points lower, same pixel FD and recall: better; 10 lower but pixel FD 0.2 higher: not better
+    assert report.screen_verdict(numbers["lora-peft"][0.0003], base).startswith("**better for this adapter** "
+                                                                                 "(feature FD -7.0, pixel FD +0.000")
+    assert report.screen_verdict(numbers["lora-peft"][0.003], base).startswith("not better (feature FD -10.0, "
+                                                                               "pixel FD +0.200")
+    text = "\n".join(report.screen_lines(numbers))
+    assert "| dora-peft | 0.003 | not finished |" in text and "| lora-peft | 0.001 | 57.5 ± 1.9 |" in text
+    assert report.screen_lines(report.screen_numbers(report.index(rows("lora-peft-lr0.001-f1-s0", 55.0)))) == []
