@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _study import replace_results  # noqa: E402
 from digits_ablations import ABLATIONS, VARIANTS, read_rows  # noqa: E402 - the driver's own names
-from digits_stability import B_SEEDS, CURVES as STUDY_CURVES, EVAL_SEED, NOISE_SEEDS, ROOT  # noqa: E402
+from digits_stability import (  # noqa: E402
+    B_SEEDS, CURVES as STUDY_CURVES, EVAL_SEED, NOISE_SEEDS, ROOT, read_curves,
+)
 
 RETRAIN_CURVES = ABLATIONS.parent / "ablation_retrain" / "curves.jsonl"  # digits_ablations.retrain's curve lines
 
@@ -111,12 +113,11 @@ def retrained_note(retrain_curves: Path, study_curves: Path) -> str:
     """Which seeds were trained again (``--retrain``) and how far each lands from the Phase B run it replaces."""
     if not retrain_curves.exists():
         return ""
-    load = lambda path: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]  # noqa: E731
-    retrained = [r for r in load(retrain_curves) if r["weights"] == "ema-p2/3" and r["eval_seed"] == EVAL_SEED]
+    retrained = [r for r in read_curves(retrain_curves) if r["weights"] == "ema-p2/3" and r["eval_seed"] == EVAL_SEED]
     last = {r["seed"]: r for r in retrained if r["step"] == r["steps"]}
     if not last:
         return ""
-    phase_b = {(r["name"], r["step"]): r for r in load(study_curves)
+    phase_b = {(r["name"], r["step"]): r for r in read_curves(study_curves)
                if r["weights"] == "ema-p2/3" and r.get("eval_seed", EVAL_SEED) == EVAL_SEED}
     pairs = []
     for seed, row in sorted(last.items()):

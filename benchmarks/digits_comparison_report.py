@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _study import replace_results  # noqa: E402
 from digits_stability import (  # noqa: E402 - the driver's own constants, one definition
-    B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, ROOT, queue, read_curves, tail_change,
+    B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, ROOT, noise_set_summary, queue, read_curves, tail_change,
 )
 
 REPORTS = Path(os.environ.get("WADI_COMPARISON_REPORTS", ROOT / "reports"))
@@ -252,9 +252,8 @@ def screen_numbers(rows: dict) -> dict[str, dict[float, dict[str, tuple[float, f
     for method in SCREEN_METHODS:
         for lr in SCREEN_RATES:
             name = f"{method}-lr{lr:g}-f1-s{SCREEN_SEED}"
-            sets = [rows.get((name, LENGTH, WEIGHTS, s)) for s in (EVAL_SEED, *NOISE_SEEDS)]
-            out.setdefault(method, {})[lr] = None if None in sets else {
-                m: (statistics.fmean(r[m] for r in sets), sd([r[m] for r in sets])) for m in METRICS}
+            sets = [rows[key] for key in ((name, LENGTH, WEIGHTS, s) for s in (EVAL_SEED, *NOISE_SEEDS)) if key in rows]
+            out.setdefault(method, {})[lr] = noise_set_summary(sets, METRICS)
     return out
 
 

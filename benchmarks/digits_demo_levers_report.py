@@ -13,12 +13,11 @@ sets of the same size (``reports/digits_teacher_set_size.json``, written by ``be
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from _study import cpu_model, replace_results
 from demo_seeds import TEACHER_SIZES, teacher_feature_fd, teacher_row
-from digits_stability import EVAL_SEED, NOISE_SEEDS, read_curves, tail_change
+from digits_stability import EVAL_SEED, noise_set_summary, read_curves, tail_change
 
 ROOT = Path(__file__).resolve().parents[1]
 CURVES = ROOT / "reports" / "digits_demo_levers" / "curves.jsonl"
@@ -86,10 +85,10 @@ def scores_at(rows: list[dict], step: int, weights: str = DECIDING) -> dict[str,
     """run -> metric -> (mean, sd) over the six noise sets at ``step`` (runs scored on all six there)."""
     found = {}
     for name in sorted({r["name"] for r in rows}):
-        sets = [r for r in rows if r["name"] == name and r["step"] == step and r["weights"] == weights]
-        if {r["eval_seed"] for r in sets} >= {EVAL_SEED, *NOISE_SEEDS}:
-            found[name] = {k: (statistics.fmean(r[k] for r in sets), statistics.stdev(r[k] for r in sets))
-                           for k in SCORED}
+        summary = noise_set_summary([r for r in rows if r["name"] == name and r["step"] == step
+                                     and r["weights"] == weights], SCORED)
+        if summary is not None:
+            found[name] = summary
     return found
 
 
@@ -133,10 +132,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _continued_row(rows: list[dict], name: str, step: int, teacher: tuple[float, float, int] | None) -> str:
-    """One row of the continued runs' table: ``name`` at ``step`` (its six sets), the plateau rule on its curve up
-    to ``step``, the ratio to the teacher and whether it beats the one-step teacher."""
-    scores = scores_at(rows, step).get(name)
+def _continued_row(rows: list[dict], name: str, step: int, scores: dict[str, tuple[float, float]] | None,
+                   teacher: tuple[float, float, int] | None) -> str:
+    """One row of the continued runs' table: ``name`` at ``step`` (``scores``: its six sets, None while running),
+    the plateau rule on its curve up to ``step``, the ratio to the teacher and whether it beats the one-step
+    teacher."""
     if scores is None:
         return f"| {lever(rows, name)} | {step} | " + " | ".join(["running", *[""] * 9]) + " |"
     points = {s: v for s, v in curve(rows, name).items() if s <= step}
@@ -171,21 +171,20 @@ def continued(rows: list[dict], teacher_path: Path = TEACHER_SIZES) -> list[str]
                     f"{teacher[0]:.2f} ± {teacher[1]:.2f} (mean ± sd over {teacher[2]} sets of 2000)")
     one_step = teacher_row("teacher_one_step", 2000, teacher_path)
     if one_step is not None:  # the rule's one-step values are the demo's (sets of 5000); these are at this size
-        teacher_text += ("; its one-step sample on sets of 2000: " + ", ".join(
-            f"{NAMES[k]} {one_step['mean'][k]:.{1 if k == 'fd_features' else 3}f} ± "
-            f"{one_step['sd'][k]:.{1 if k == 'fd_features' else 3}f}" for k in SCORED))
+        teacher_text += "; its one-step sample on sets of 2000: " + ", ".join(
+            f"{NAMES[k]} {_cell((one_step['mean'][k], one_step['sd'][k]), k)}" for k in SCORED)
     lines += ["", f"The 25-step teacher (DDIM 25, CFG 2) on sets of 2000 images, the students' size: {teacher_text}.",
               "", "| run | step | FD feat. ↓ | FD pixel ↓ | precision ↑ | recall ↑ | class acc. ↑ | × teacher | "
               "change over the last 20 % | flat? | beats the one-step teacher |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
+    at = {step: scores_at(rows, step) for step in {r["step"] for r in rows if r["step"] > DECISION_STEP}}
     for name in longer:
         last = max(r["step"] for r in rows if r["name"] == name)
-        scored = sorted(step for step in {r["step"] for r in rows if r["name"] == name}
-                        if step > DECISION_STEP and name in scores_at(rows, step))
+        scored = sorted(step for step, scores in at.items() if name in scores)
         if last not in scored:
             scored.append(last)  # still running: said on its own row
         for step in scored:  # each length scored on all six sets (a run continued twice has two)
-            lines.append(_continued_row(rows, name, step, teacher))
+            lines.append(_continued_row(rows, name, step, at[step].get(name), teacher))
     lines += ["", "× teacher: the run's feature FD (mean of its six sets) over the teacher's mean on sets of the same "
               "size. The change over the last 20 %: what a least-squares line through the last fifth of the curve "
               "predicts over that stretch (the stability study's plateau rule compares it with the evaluation "

@@ -10,11 +10,10 @@ the last step ± their sd, the change against the baseline, and the declared ver
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from _study import cpu_model, replace_results
-from digits_stability import read_curves
+from digits_stability import noise_set_summary, read_curves
 
 ROOT = Path(__file__).resolve().parents[1]
 CURVES = ROOT / "reports" / "digits_levers" / "curves.jsonl"
@@ -37,11 +36,9 @@ def final_scores(rows: list[dict]) -> dict[str, dict[str, dict[str, tuple[float,
         if last != mine[0]["steps"]:
             continue
         for weights in sorted({r["weights"] for r in mine}):
-            sets = [r for r in mine if r["step"] == last and r["weights"] == weights]
-            if len(sets) < 6:
-                continue
-            found.setdefault(name, {})[weights] = {
-                k: (statistics.fmean(r[k] for r in sets), statistics.stdev(r[k] for r in sets)) for k in KEYS}
+            summary = noise_set_summary([r for r in mine if r["step"] == last and r["weights"] == weights], KEYS)
+            if summary is not None:
+                found.setdefault(name, {})[weights] = summary
     return found
 
 

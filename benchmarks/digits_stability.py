@@ -36,6 +36,7 @@ import functools
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -116,6 +117,14 @@ def slope(steps: list[int], values: list[float]) -> float:
     ms, mv = sum(steps) / n, sum(values) / n
     var = sum((s - ms) ** 2 for s in steps)
     return sum((s - ms) * (v - mv) for s, v in zip(steps, values)) / var
+
+
+def noise_set_summary(sets: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, tuple[float, float]] | None:
+    """metric -> (mean, sd) over the rows of one run's step and weights, when they hold every noise set (the
+    deciding one and ``NOISE_SEEDS``); None otherwise. The sd is the evaluation noise the reports print."""
+    if {r.get("eval_seed", EVAL_SEED) for r in sets} < {EVAL_SEED, *NOISE_SEEDS}:
+        return None
+    return {k: (statistics.fmean(r[k] for r in sets), statistics.stdev(r[k] for r in sets)) for k in keys}
 
 
 def tail_change(steps: list[int], values: list[float], fraction: float = 0.2) -> float:

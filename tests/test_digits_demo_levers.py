@@ -8,6 +8,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import digits_demo_levers_report as report  # noqa: E402
+from digits_stability import NOISE_SEEDS  # noqa: E402
 
 TEACHER_BEATEN = {"fd_pixel": 3.0, "fd_features": 21.0, "precision": 0.975, "recall": 0.30, "class_accuracy": 1.0}
 
@@ -48,7 +49,7 @@ def test_continued_runs_get_their_last_scores_a_plateau_verdict_and_the_teacher_
                 "fake_updates": 5, "extra": {"cfg": 2.0, "fake_cfg": 1.0, "batch_size": 64}, "train_s": step,
                 "fd_features": fd, "fd_pixel": 2.5, "precision": 0.97, "recall": 0.4, "class_accuracy": 1.0}
 
-    sets = (1000, *report.NOISE_SEEDS)
+    sets = (1000, *NOISE_SEEDS)
     rows = [row(s, 20.0) for s in (100, 200, 300, 400, 500, 600, 700)] + [row(800, 18.0, seed=k) for k in sets]
     rows += [row(900, 17.0), row(1000, 16.0)]
     teacher = tmp_path / "teacher.json"
