@@ -113,7 +113,7 @@ def comparison_lines(cmp: dict[str, Any]) -> list[str]:
     lines += [""]
     lines += [f"- {p['sentence']}" for p in cmp["pairs"] if p["question"] == "budget"]
     lines += ["", "## 5. Small ranks and the rank sweet spot", ""]
-    lines += [f"- {p['sentence']}" for p in cmp["pairs"] if p["question"] in ("rank 4", "rank ablation")]
+    lines += [f"- {p['sentence']}" for p in cmp["pairs"] if p["question"] != "budget"]
     missing = [s["label"] for s in students.values() if len(s["seeds"]) < 5]
     if missing:
         lines += ["", "Fewer than 5 seeds (cut for time): " + ", ".join(

@@ -52,7 +52,7 @@ class Student:
     label: str
     queue: str
     params: int
-    group: str  # "budget" or "rank 4"
+    group: str  # one of GROUPS
 
     def run_names(self) -> dict[int, str]:
         return {run.seed: run.name for run in queue(self.queue)}
@@ -67,7 +67,16 @@ STUDENTS = (
     Student("lorad-uniform r4", "C:lorad-uniform:4", 27_264, "rank 4"),
     Student("lora-peft r4", "C:lora-peft:4", 35_456, "rank 4"),
     Student("dora-peft r4", "C:dora-peft:4", 40_224, "rank 4"),
+    # ranks 2 and 8: declared in the amendment of 2026-12-03 09:11 UTC, before their runs
+    Student("lorad-uniform r2", "C:lorad-uniform:2", 13_632, "rank 2"),
+    Student("lora-peft r2", "C:lora-peft:2", 17_728, "rank 2"),
+    Student("dora-peft r2", "C:dora-peft:2", 22_496, "rank 2"),
+    Student("lorad-uniform r8", "C:lorad-uniform:8", 54_528, "rank 8"),
+    Student("lora-peft r8", "C:lora-peft:8", 70_912, "rank 8"),
+    Student("dora-peft r8", "C:dora-peft:8", 75_680, "rank 8"),
 )
+GROUPS = ("budget", "rank 2", "rank 4", "rank 8")  # the plot's panels, in order
+QUESTIONS = ("budget", "rank 2", "rank 4", "rank 8", "rank ablation")  # the verdicts' sections, in order
 BY_LABEL = {s.label: s for s in STUDENTS}
 PAIRS = (  # declared: (A, B, the question it answers)
     ("lorad-probe", "full", "budget"), ("lorad-probe", "lora-peft", "budget"), ("lorad-probe", "dora-peft", "budget"),
@@ -75,6 +84,11 @@ PAIRS = (  # declared: (A, B, the question it answers)
     ("lorad-uniform", "dora-peft", "budget"),
     ("lorad-uniform r4", "lora-peft r4", "rank 4"), ("lorad-uniform r4", "dora-peft r4", "rank 4"),
     ("lorad-uniform r4", "lorad-uniform", "rank ablation"), ("lorad-uniform r4", "lorad-probe", "rank ablation"),
+    # the amendment's pairs (ranks 2 and 8, and the rank ablation's neighbours)
+    ("lorad-uniform r2", "lora-peft r2", "rank 2"), ("lorad-uniform r2", "dora-peft r2", "rank 2"),
+    ("lorad-uniform r8", "lora-peft r8", "rank 8"), ("lorad-uniform r8", "dora-peft r8", "rank 8"),
+    ("lorad-uniform r2", "lorad-uniform r4", "rank ablation"), ("lorad-uniform r4", "lorad-uniform r8", "rank ablation"),
+    ("lorad-uniform r8", "lorad-uniform", "rank ablation"),
 )
 
 
@@ -214,27 +228,45 @@ def verdict_sentence(a: str, b: str, per_metric: dict[str, dict[str, Any]]) -> s
 
 
 def plot(numbers: list[dict[str, Any]], path: Path) -> None:
+    """Top row: each group's seed-mean curves of the averaged weights' feature FD (the rank panels also show the
+    budget's LoRaD students for reference). Bottom row: each declared metric at the length against the trainable
+    parameters, one line per uniform adapter kind across its ranks, mean ± seed sd."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {s.label: plt.get_cmap("tab10")(i) for i, s in enumerate(STUDENTS)}  # one colour per student
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, group in zip(axes, ("budget", "rank 4")):
+    kinds = ("full", "lorad-probe", "lorad-uniform", "lora-peft", "dora-peft")  # one colour per kind of student
+    colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
+    fig, axes = plt.subplots(2, len(GROUPS), figsize=(4.2 * len(GROUPS), 8))
+    for ax, group in zip(axes[0], GROUPS):
         for n in numbers:
-            if n["group"] == group or (group == "rank 4" and n["label"] in ("lorad-uniform", "lorad-probe")):
-                if n["curve"]["steps"]:
-                    ax.plot(n["curve"]["steps"], n["curve"]["fd_features"], marker=".", color=colors[n["label"]],
-                            label=f"{n['label']} ({len(n['seeds'])} seeds)")
-        ax.set_title(f"{group}: {WEIGHTS} weights, seed mean" if group == "budget" else
-                     f"rank 4 (and two budget students): {WEIGHTS}, seed mean")
+            reference = group != "budget" and n["label"] in ("lorad-uniform", "lorad-probe")
+            if (n["group"] == group or reference) and n["curve"]["steps"]:
+                ax.plot(n["curve"]["steps"], n["curve"]["fd_features"], marker=".", color=colors[n["label"].split()[0]],
+                        linestyle=":" if reference else "-", label=f"{n['label']} ({len(n['seeds'])} seeds)")
+        ax.set_title(f"{group}: {WEIGHTS}, seed mean")
         ax.set_xlabel("VSD step")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("feature FD (2000 images, noise base 1000)")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("feature FD (2000 images, noise base 1000)")
+    for ax, metric in zip(axes[1], VERDICT_METRICS):
+        for kind in kinds:
+            done = sorted((n["params"], n[metric]["mean"], n[metric]["sd"]) for n in numbers
+                          if n["label"].split()[0] == kind and n[metric]["n"])
+            if done:
+                xs, ys, es = zip(*done)
+                ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=3,
+                            color=colors[kind], label=kind)
+        ax.set_xscale("log")
+        ax.set_title(f"{TITLE[metric]} at step {LENGTH} against size")
+        ax.set_xlabel("trainable parameters")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[1][len(VERDICT_METRICS):]:
+        ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -322,7 +354,7 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
                                                   for n in moving) or "none")
               + ". A verdict is about students trained this long, not about where each would settle.", ""]
     lines += [f"![seed-mean curves]({PLOT.name})", "", "### Verdicts (declared pairs and rule)", ""]
-    for question in ("budget", "rank 4", "rank ablation"):
+    for question in QUESTIONS:
         lines += [f"**{question}**", ""]
         lines += [f"- {p['sentence']}" for p in pairs if p["question"] == question]
         lines.append("")

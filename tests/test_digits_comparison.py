@@ -57,6 +57,9 @@ def test_every_declared_pair_names_students_of_the_comparison():
     assert all(a in labels and b in labels for a, b, _ in comparison.PAIRS)
     assert comparison.BY_LABEL["lora-peft r4"].run_names()[3] == "lora-peft-r4-lr0.001-f1-s3"
     assert comparison.BY_LABEL["full"].run_names()[0] == "full-lr2e-05-f5-s0"
+    assert comparison.BY_LABEL["dora-peft r2"].run_names()[4] == "dora-peft-r2-lr0.001-f1-s4"
+    assert {s.group for s in comparison.STUDENTS} == set(comparison.GROUPS)
+    assert {q for _, _, q in comparison.PAIRS} == set(comparison.QUESTIONS)
 
 
 @pytest.mark.parametrize("per", ["matrix", "rows"])
