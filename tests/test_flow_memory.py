@@ -32,8 +32,7 @@ def _config(tmp_path: Path, family: str) -> Path:
     ("sd15", "bf16", True), ("sd3", "bf16", True), ("flux", "bf16", True), ("sana", "bf16", True),
     ("sd15", "fp32", False),  # the case measured at SD1.5 size on the CPU (benchmarks/RESULTS.md)
 ])
-def test_fake_estimate_equals_the_real_step(tmp_path, family, precision, checkpointing):
-    torch.set_num_threads(1)
+def test_fake_estimate_equals_the_real_step(tmp_path, family, precision, checkpointing, single_thread):
     kwargs = dict(image_size=flow_memory.TINY_CONFIGS[family][1], text_tokens=7, rank=4, fake_rank=2, precision=precision,
                   checkpointing=checkpointing, block=1)
     fake = flow_memory.estimate(family, _config(tmp_path, family), fake=True, **kwargs)

@@ -46,7 +46,14 @@ def trained(sana, tmp_path_factory) -> dict[str, Path]:
     prompts = root / "prompts.txt"
     prompts.write_text("a cat\na red house\na dog in the sky\n")
     out = root / "run"
-    result = runner.invoke(app, _run_args(sana, out, prompts))
+    # one torch thread, as the resume test's subprocess (OMP_NUM_THREADS=1): CPU kernels may sum in another order
+    # with another thread count, and bit identity must not depend on what an earlier test left set
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = runner.invoke(app, _run_args(sana, out, prompts))
+    finally:
+        torch.set_num_threads(previous)
     assert result.exit_code == 0, result.output
     return {"root": root, "prompts": prompts, "out": out, "output": result.output}
 

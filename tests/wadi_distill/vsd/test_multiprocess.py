@@ -78,7 +78,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sd", "flux", "sd3"])
-def test_two_processes_identical_adapters_rank0_writes(tmp_path, kind):
+def test_two_processes_identical_adapters_rank0_writes(tmp_path, kind, single_thread):
     # an SD1.5-era config (diffusers fills missing keys in hash-seed order) and no fixed PYTHONHASHSEED: each rank
     # must still find the same run id and embedding-cache key; flux: a Flux.1-dev-like teacher on the flow schedule;
     # sd3: a flow-matching teacher with three encoders
@@ -112,7 +112,6 @@ def test_two_processes_identical_adapters_rank0_writes(tmp_path, kind):
     # one process with the same global batch (2 = 2 processes x 1) takes the same steps, within float tolerance
     from wadi_distill.vsd.trainer import DistillConfig, distill
 
-    torch.set_num_threads(1)
     single = distill(DistillConfig(**{**config, "output_dir": str(tmp_path / "single"), "batch_size": 2}))
     assert single.student_state.keys() == s0.keys()
 
