@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _study import replace_results  # noqa: E402
 from digits_stability import (  # noqa: E402 - the driver's own constants, one definition
-    B_SEEDS, B_STEPS, CURVES, EVAL_SEED, NOISE_SEEDS, ROOT, noise_set_summary, queue, read_curves, tail_change,
+    B_SEEDS, B_STEPS, CURVES, EVAL_SEED, METHODS, NOISE_SEEDS, ROOT, noise_set_summary, queue, read_curves,
+    tail_change,
 )
 
 REPORTS = Path(os.environ.get("WADI_COMPARISON_REPORTS", ROOT / "reports"))
@@ -236,8 +237,7 @@ def plot(numbers: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = ("full", "lorad-probe", "lorad-uniform", "lora-peft", "dora-peft")  # one colour per kind of student
-    colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(kinds)}
+    colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(METHODS)}  # one colour per kind of student
     fig, axes = plt.subplots(2, len(GROUPS), figsize=(4.2 * len(GROUPS), 8))
     for ax, group in zip(axes[0], GROUPS):
         for n in numbers:
@@ -251,7 +251,7 @@ def plot(numbers: list[dict[str, Any]], path: Path) -> None:
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("feature FD (2000 images, noise base 1000)")
     for ax, metric in zip(axes[1], VERDICT_METRICS):
-        for kind in kinds:
+        for kind in METHODS:
             done = sorted((n["params"], n[metric]["mean"], n[metric]["sd"]) for n in numbers
                           if n["label"].split()[0] == kind and n[metric]["n"])
             if done:

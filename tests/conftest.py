@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -38,14 +39,24 @@ def make_tiny_unet(seed: int = 0, **overrides: Any) -> torch.nn.Module:
     return unet.eval()
 
 
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread inside the block, the previous count restored after it (also for module fixtures, which
+    cannot use :func:`single_thread`)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def single_thread():
     """Run a test with one torch thread (tiny models are fastest so on a shared CPU, and bit-identical resume of a
     killed subprocess needs the same thread count); the previous count is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from _tiny_features import save_tiny_features  # noqa: E402
+from conftest import one_torch_thread  # noqa: E402
 from tiny_pipelines import make_pipeline  # noqa: E402
 
 from wadi_distill.cli import app  # noqa: E402
@@ -48,12 +49,8 @@ def trained(sana, tmp_path_factory) -> dict[str, Path]:
     out = root / "run"
     # one torch thread, as the resume test's subprocess (OMP_NUM_THREADS=1): CPU kernels may sum in another order
     # with another thread count, and bit identity must not depend on what an earlier test left set
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         result = runner.invoke(app, _run_args(sana, out, prompts))
-    finally:
-        torch.set_num_threads(previous)
     assert result.exit_code == 0, result.output
     return {"root": root, "prompts": prompts, "out": out, "output": result.output}
 
