@@ -370,12 +370,16 @@ def queue(name: str) -> list[Run]:
     ``A1:<method>`` the same at seed 1.
     ``B:<method>:<lr>:<fake>``  Phase B, seeds 0-4 of that recipe at the method's Phase B length (a Phase A run of
                     the same recipe and seed continues from its 1600-step checkpoint).
-    ``C:<method>[:<rank>]``  Phase C, seeds 0-4 of a uniform adapter (lorad-uniform, lora-peft, dora-peft) on
-                    the LoRaD recipe at the parameter budget of the probe plan, or at ``rank``.
+    ``C:<method>[:<rank>][@<steps>]``  Phase C, seeds 0-4 of a uniform adapter (lorad-uniform, lora-peft,
+                    dora-peft) on the LoRaD recipe at the parameter budget of the probe plan, or at ``rank``; with
+                    ``@<steps>`` the same runs (same names, so the same checkpoints) continued to that length.
     ``L:<method>:<lr>:<fake>:<seed>[:<steps>][:field=value,...]``  one run with DistillConfig fields changed
                     (the levers study, reports/digits_levers.md), e.g. ``L:lorad-probe:0.001:1:0:cfg=2.0``.
     """
     kind, _, rest = name.partition(":")
+    rest, at, length = rest.partition("@")
+    if at and not (kind == "C" and length.isdigit() and int(length) > 0):
+        raise SystemExit(f"unknown queue {name!r}: only C: queues take @<steps>, a positive whole number")
     if kind in ("A", "A1") and rest in PHASE_A:
         return [Run(rest, 0 if kind == "A" else 1, lr, fake, A_STEPS) for lr, fake in PHASE_A[rest]]
     if kind == "B" and rest.count(":") == 2:
@@ -384,7 +388,8 @@ def queue(name: str) -> list[Run]:
             return [Run(method, seed, float(lr), int(fake), B_STEPS[method]) for seed in B_SEEDS]
     if kind == "C" and rest.split(":")[0] in C_METHODS and rest.count(":") <= 1:
         method, _, rank = rest.partition(":")
-        return [Run(method, seed, C_LR, C_FAKE_UPDATES, B_STEPS["lorad-probe"], rank=int(rank) if rank else None,
+        steps = int(length) if length else B_STEPS["lorad-probe"]
+        return [Run(method, seed, C_LR, C_FAKE_UPDATES, steps, rank=int(rank) if rank else None,
                     weights=list(C_WEIGHTS)) for seed in B_SEEDS]
     if kind == "L" and rest.count(":") >= 3:  # one lever run: L:<method>:<lr>:<fake>:<seed>[:<steps>][:key=value,...]
         method, lr, fake, seed, *tail = rest.split(":")
@@ -392,7 +397,7 @@ def queue(name: str) -> list[Run]:
         extra = dict(_parse_field(item) for item in (tail[0].split(",") if tail else []) if item)
         return [Run(method, int(seed), float(lr), int(fake), steps, extra=extra)]
     raise SystemExit(f"unknown queue {name!r}: A:<method>, A1:<method>, B:<method>:<lr>:<fake updates>, "
-                     f"C:<{'|'.join(C_METHODS)}>[:<rank>] or "
+                     f"C:<{'|'.join(C_METHODS)}>[:<rank>][@<steps>] or "
                      "L:<method>:<lr>:<fake updates>:<seed>[:<steps>][:field=value,...]")
 
 

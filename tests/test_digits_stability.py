@@ -100,6 +100,12 @@ def test_phase_c_queues_the_uniform_adapters_on_the_lorad_recipe():
     assert small[0].name == "dora-peft-r4-lr0.001-f1-s0" and small[0].rank == 4
     assert small[0].scored == ("raw", "ema-p2/3")  # the comparison scores the default average and raw only
     assert stability.Run("full", 0, 2e-5, 5, 10).scored == stability.WEIGHTS
+    longer = stability.queue("C:dora-peft:4@2000")  # the same runs continued: same names, so the same checkpoints
+    assert [(r.name, r.steps) for r in longer] == [(r.name, 2000) for r in small]
+    assert {r.steps for r in stability.queue("C:lorad-uniform@2000")} == {2000}
+    for bad in ("C:lora-peft@", "C:lora-peft@-5", "C:lora-peft@2k", "B:lorad-probe:0.001:1@2000"):
+        with pytest.raises(SystemExit, match="@<steps>"):
+            stability.queue(bad)
     with pytest.raises(SystemExit, match="unknown method"):
         stability.Run("lorad", 0, 1e-3, 1, 10)
     with pytest.raises(SystemExit, match="weights must be"):
