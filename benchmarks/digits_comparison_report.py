@@ -31,6 +31,7 @@ from digits_stability import (  # noqa: E402 - the driver's own constants, one d
 
 REPORTS = Path(os.environ.get("WADI_COMPARISON_REPORTS", ROOT / "reports"))
 REPORT, PLOT, SUMMARY = (REPORTS / f"digits_comparison.{ext}" for ext in ("md", "png", "json"))
+LONG_PLOT = REPORTS / "digits_comparison_2000.png"
 MARKER = "<!-- results: everything below is written by benchmarks/digits_comparison_report.py -->"
 LENGTH = B_STEPS["lorad-probe"]
 WEIGHTS = "ema-p2/3"  # the default final/ weights (declared); raw is shown for the record
@@ -91,6 +92,14 @@ PAIRS = (  # declared: (A, B, the question it answers)
     ("lorad-uniform r2", "lorad-uniform r4", "rank ablation"), ("lorad-uniform r4", "lorad-uniform r8", "rank ablation"),
     ("lorad-uniform r8", "lorad-uniform", "rank ablation"),
 )
+# the amendment of 2026-12-03 12:38 UTC: the budget and rank-4 uniform students continued to LONG steps, its pairs
+LONG = 2000
+LONG_STUDENTS = ("lorad-uniform", "lora-peft", "dora-peft", "lorad-uniform r4", "lora-peft r4", "dora-peft r4")
+LONG_PAIRS = (
+    ("lorad-uniform", "lora-peft", "budget"), ("lorad-uniform", "dora-peft", "budget"),
+    ("lorad-uniform r4", "lora-peft r4", "rank 4"), ("lorad-uniform r4", "dora-peft r4", "rank 4"),
+    ("lorad-uniform r4", "lorad-uniform", "rank ablation"),
+)
 
 
 # ------------------------------------------------------------------------------------------------ numbers
@@ -111,22 +120,39 @@ def index(rows: list[dict[str, Any]]) -> dict[tuple[str, int, str, int], dict[st
     return {(r["name"], r["step"], r["weights"], r.get("eval_seed", EVAL_SEED)): r for r in rows}
 
 
-def student_numbers(student: Student, rows: dict) -> dict[str, Any]:
-    """Per seed that reached the length with its noise sets: the averaged and raw scores, the evaluation noise (sd
-    over the 6 noise sets), the seconds per training step; and the seed-mean curve of the averaged weights."""
+def seconds_per_step(rows: dict, name: str, length: int) -> float | None:
+    """Training seconds per step over the last stretch of a run's clock before ``length``: a resumed run restarts
+    its clock (``train_s``), so the cost comes from the scored steps since the last restart."""
+    clock = sorted((step, r["train_s"]) for (n, step, w, e), r in rows.items()
+                   if n == name and w == WEIGHTS and e == EVAL_SEED and step <= length and r.get("train_s") is not None)
+    if not clock or clock[-1][0] != length:
+        return None
+    first = len(clock) - 1
+    while first > 0 and clock[first - 1][1] < clock[first][1]:
+        first -= 1
+    if first == 0:  # one clock from the start: its first scored step began at 0 seconds
+        return clock[-1][1] / length
+    (s0, t0), (s1, t1) = clock[first], clock[-1]
+    return (t1 - t0) / (s1 - s0) if s1 > s0 else None
+
+
+def student_numbers(student: Student, rows: dict, length: int = LENGTH) -> dict[str, Any]:
+    """Per seed that reached ``length`` with its noise sets: the averaged and raw scores, the evaluation noise (sd
+    over the 6 noise sets), the seconds per training step; and the seed-mean curve of the averaged weights up to
+    ``length``."""
     per_seed: dict[int, dict[str, Any]] = {}
     for seed, name in student.run_names().items():
-        if (name, LENGTH, WEIGHTS, NOISE_SEEDS[-1]) not in rows:
+        if (name, length, WEIGHTS, NOISE_SEEDS[-1]) not in rows:
             continue
-        main = rows[(name, LENGTH, WEIGHTS, EVAL_SEED)]
-        raw = rows.get((name, LENGTH, "raw", EVAL_SEED))
-        sets = [rows[(name, LENGTH, WEIGHTS, s)] for s in (EVAL_SEED, *NOISE_SEEDS) if (name, LENGTH, WEIGHTS, s) in rows]
+        main = rows[(name, length, WEIGHTS, EVAL_SEED)]
+        raw = rows.get((name, length, "raw", EVAL_SEED))
+        sets = [rows[(name, length, WEIGHTS, s)] for s in (EVAL_SEED, *NOISE_SEEDS) if (name, length, WEIGHTS, s) in rows]
         per_seed[seed] = {
             "run": name,
             **{m: main[m] for m in METRICS},
             **{f"raw_{m}": (raw[m] if raw else None) for m in METRICS},
             **{f"{m}_eval_sd": sd([r[m] for r in sets]) for m in VERDICT_METRICS},
-            "s_per_step": main["train_s"] / LENGTH if main.get("train_s") else None,
+            "s_per_step": seconds_per_step(rows, name, length),
             "cpu": main.get("cpu"),
         }
     seeds = sorted(per_seed)
@@ -147,7 +173,7 @@ def student_numbers(student: Student, rows: dict) -> dict[str, Any]:
     for (name, step, weights, eval_seed), r in rows.items():  # one row per (run, step): a resumed run may re-score
         if name in names and weights == WEIGHTS and eval_seed == EVAL_SEED:
             points.setdefault(step, []).append(r["fd_features"])
-    steps = sorted(s for s, v in points.items() if len(v) == len(names) and s <= LENGTH)
+    steps = sorted(s for s, v in points.items() if len(v) == len(names) and s <= length)
     out["curve"] = {"steps": steps, "fd_features": [statistics.fmean(points[s]) for s in steps]}
     out["tail_change"] = tail_change(steps, out["curve"]["fd_features"]) if len(steps) >= 3 else float("nan")
     secs = [per_seed[s]["s_per_step"] for s in seeds if per_seed[s]["s_per_step"]]
@@ -324,6 +350,72 @@ def screen_lines(numbers: dict[str, dict[float, Any]]) -> list[str]:
     return lines
 
 
+def continued_numbers(rows: dict, at_length: dict[str, str]) -> dict[str, Any]:
+    """The amendment's students at ``LONG`` steps, its pairs' verdicts there, and each pair's verdict at the
+    comparison's length beside it (``at_length``: "A | B" -> quality at ``LENGTH``)."""
+    numbers = [student_numbers(BY_LABEL[label], rows, LONG) for label in LONG_STUDENTS]
+    numbers = [n for n in numbers if n["seeds"]]
+    by = {n["label"]: n for n in numbers}
+    pairs = []
+    for a, b, question in LONG_PAIRS:
+        if a not in by or b not in by:
+            continue
+        per_metric = {m: verdict(by[a], by[b], m) for m in VERDICT_METRICS}
+        pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
+                      "sentence": verdict_sentence(a, b, per_metric), "at_length": at_length.get(f"{a} | {b}")})
+    moving = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
+              and abs(n["tail_change"]) > n["fd_features"].get("eval_sd", float("nan"))]
+    return {"length": LONG, "students": numbers, "pairs": pairs, "still_moving": moving}
+
+
+def continued_lines(continued: dict[str, Any]) -> list[str]:
+    """The amendment's section: the students at ``LONG`` steps, whether they sit on a plateau, the verdicts."""
+    lines = [f"### Continued to {LONG} steps (the amendment of 12:38 UTC)", ""]
+    numbers = continued["students"]
+    if not numbers:
+        return [*lines, f"No run has reached step {LONG} with its noise sets yet.", ""]
+    missing = [f"{label} seed {seed}" for label in LONG_STUDENTS for seed in B_SEEDS
+               if seed not in next((n["seeds"] for n in numbers if n["label"] == label), [])]
+    lines += [f"The same runs continued from their {LENGTH}-step checkpoints; every score as above, at step {LONG}; "
+              f"\"change over last 20 %\": what the line through the seed-mean curve moves over steps "
+              f"{int(0.8 * LONG)}–{LONG}. s / step: the continued stretch's own clock.", "",
+              "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + ".", ""]
+    lines += students_table(numbers)
+    lines += ["", "Still moving at step " + str(LONG) + " (change over the last 20 % larger than the evaluation noise): "
+              + (", ".join(continued["still_moving"]) or "none") + ".", "",
+              f"![curves to {LONG} steps]({LONG_PLOT.name})", "", f"**Verdicts at step {LONG}** (the declared rule; "
+              f"in brackets the same pair's verdict at step {LENGTH})", ""]
+    for p in continued["pairs"]:
+        lines.append(f"- {p['sentence']} (at {LENGTH}: {p['at_length'] or 'no verdict'})")
+    return [*lines, ""]
+
+
+def long_plot(numbers: list[dict[str, Any]], path: Path) -> None:
+    """The continued students' seed-mean feature-FD curves of the averaged weights, one panel per group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(METHODS)}
+    groups = sorted({n["group"] for n in numbers}, key=GROUPS.index)
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+    for ax, group in zip(axes[0], groups):
+        for n in numbers:
+            if n["group"] == group:
+                ax.plot(n["curve"]["steps"], n["curve"]["fd_features"], marker=".", color=colors[n["label"].split()[0]],
+                        label=f"{n['label']} ({len(n['seeds'])} seeds)")
+        ax.axvline(LENGTH, color="grey", linestyle=":", linewidth=1)
+        ax.set_title(f"{group}: {WEIGHTS}, seed mean, to step {LONG}")
+        ax.set_xlabel("VSD step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("feature FD (2000 images, noise base 1000)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     rows = index(curves)
     numbers = [student_numbers(s, rows) for s in STUDENTS]
@@ -364,11 +456,16 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
               + ". The adapters all ran at lr 1e-3 without a sweep on averaged weights (declared cut"
               + ("; the screen below tries LoRA and DoRA at 3e-4 and 3e-3 at one seed)." if screen_text else ")."),
               "", *screen_text]
+    continued = continued_numbers(rows, {p["a"] + " | " + p["b"]: p["quality"] for p in pairs})
+    lines += continued_lines(continued)
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)
+    if continued["students"]:
+        long_plot(continued["students"], LONG_PLOT)
     summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs,
                "still_moving": [n["label"] for n in moving],
-               "lr_screen": {m: {f"{lr:g}": v for lr, v in by.items()} for m, by in screened.items()}}
+               "lr_screen": {m: {f"{lr:g}": v for lr, v in by.items()} for m, by in screened.items()},
+               "continued": continued}
     SUMMARY.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 

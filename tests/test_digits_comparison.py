@@ -62,6 +62,46 @@ def test_every_declared_pair_names_students_of_the_comparison():
     assert {q for _, _, q in comparison.PAIRS} == set(comparison.QUESTIONS)
 
 
+def test_seconds_per_step_follow_the_clock_of_the_last_resume():
+    def rows(clock):
+        return {("run", step, comparison.WEIGHTS, comparison.EVAL_SEED): {"train_s": t} for step, t in clock}
+
+    one_clock = rows([(100, 30.0), (200, 60.0), (300, 90.0)])
+    assert comparison.seconds_per_step(one_clock, "run", 300) == pytest.approx(0.3)  # 90 s over 300 steps
+    # resumed at 200: the clock restarts, so 1.0 s a step between its own scored steps 300 and 400
+    resumed = rows([(100, 30.0), (200, 60.0), (300, 40.0), (400, 140.0)])
+    assert comparison.seconds_per_step(resumed, "run", 400) == pytest.approx(1.0)
+    assert comparison.seconds_per_step(resumed, "run", 200) == pytest.approx(0.3)
+    assert comparison.seconds_per_step(resumed, "run", 500) is None  # not reached
+
+
+def test_continued_students_get_the_declared_pairs_and_their_verdict_at_the_first_length():
+    long = comparison.LONG
+    curves = []
+    for label, base in (("lorad-uniform", 40.0), ("lora-peft", 50.0)):
+        for seed, name in comparison.BY_LABEL[label].run_names().items():
+            for step in range(100, long + 1, 100):
+                fd = base + seed * 0.5 + (long - step) * 0.001
+                curves.append({"name": name, "step": step, "weights": comparison.WEIGHTS, "train_s": step * 0.3,
+                               "fd_features": fd, "fd_pixel": 2.0, "recall": 0.4, "precision": 0.9,
+                               "class_accuracy": 0.99})
+            for noise in comparison.NOISE_SEEDS:
+                curves.append({**curves[-1], "eval_seed": noise, "fd_features": curves[-1]["fd_features"] + 0.2 * (noise % 2)})
+    rows = comparison.index(curves)
+    out = comparison.continued_numbers(rows, {"lorad-uniform | lora-peft": "cannot tell at this size"})
+    assert [n["label"] for n in out["students"]] == ["lorad-uniform", "lora-peft"]  # the others have no runs
+    first = out["students"][0]
+    assert first["seeds"] == [0, 1, 2, 3, 4] and first["fd_features"]["mean"] == pytest.approx(41.0)
+    assert first["curve"]["steps"][-1] == long and first["tail_change"] == pytest.approx(-0.4)  # 0.001 a step
+    assert out["still_moving"] == ["lorad-uniform", "lora-peft"]  # 0.4 > the evaluation noise (about 0.1)
+    [pair] = out["pairs"]
+    assert (pair["a"], pair["b"], pair["quality"], pair["at_length"]) == (
+        "lorad-uniform", "lora-peft", "A better", "cannot tell at this size")
+    text = "\n".join(comparison.continued_lines(out))
+    assert "(at 1200: cannot tell at this size)" in text and "dora-peft seed 0" in text  # cut runs are named
+    assert comparison.continued_lines(comparison.continued_numbers({}, {}))[-2].startswith("No run has reached")
+
+
 @pytest.mark.parametrize("per", ["matrix", "rows"])
 def test_structureless_change_matches_the_students_change_in_size(per):
     gen = torch.Generator().manual_seed(1)
