@@ -68,6 +68,10 @@ def demo_command(
         None, "--batch-size", help="Prompts per VSD step (both students unless --lorad-batch-size is given)."),
     lorad_batch_size: Optional[int] = typer.Option(
         None, "--lorad-batch-size", help="Prompts per VSD step of the LoRaD student."),
+    full_fake_updates: Optional[int] = typer.Option(
+        None, "--full-fake-updates", help="Fake-score updates per step of the fully fine-tuned student."),
+    lorad_fake_updates: Optional[int] = typer.Option(
+        None, "--lorad-fake-updates", help="Fake-score updates per step of the LoRaD student."),
     processes: Optional[int] = typer.Option(
         None, "--processes",
         help="2 (default): score the teacher in a second process while the students train; 1: all in this one."),
@@ -80,7 +84,8 @@ def demo_command(
 
     try:
         result = run_demo(output_dir, full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size,
-                          lorad_batch_size=lorad_batch_size, seed=seed, processes=processes, quick=quick,
+                          lorad_batch_size=lorad_batch_size, full_fake_updates=full_fake_updates,
+                          lorad_fake_updates=lorad_fake_updates, seed=seed, processes=processes, quick=quick,
                           progress=progress, console=console)
     except RunStopped as stopped:  # the demo keeps no checkpoints: it starts over when run again
         err_console.print(f"{stopped.signal_name} received: the demo stopped and removed its training runs; run it "

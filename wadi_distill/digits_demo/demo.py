@@ -359,6 +359,8 @@ def run_demo(
     lorad_steps: int | None = None,
     batch_size: int | None = None,
     lorad_batch_size: int | None = None,
+    full_fake_updates: int | None = None,
+    lorad_fake_updates: int | None = None,
     ddim_steps: int | None = None,
     eval_per_class: int | None = None,
     processes: int | None = None,
@@ -373,6 +375,7 @@ def run_demo(
 
     ``quick`` starts from :data:`QUICK_SETTINGS` instead of :data:`FULL_SETTINGS`; the keyword arguments override
     single settings (``batch_size`` sets the LoRaD student's too unless ``lorad_batch_size`` is given;
+    ``full_fake_updates`` and ``lorad_fake_updates`` are each student's fake-score updates per student step;
     ``eval_per_class`` caps the multi-step teacher's images per class too; ``processes=1`` keeps
     the scoring in this process, after the training). ``teacher`` is
     ``builtin:digits`` or a folder written by ``wadi-distill train-teacher``.
@@ -383,12 +386,14 @@ def run_demo(
     if lorad_batch_size is None:
         lorad_batch_size = batch_size
     overrides = {k: v for k, v in dict(full_steps=full_steps, lorad_steps=lorad_steps, batch_size=batch_size,
-                                         lorad_batch_size=lorad_batch_size, ddim_steps=ddim_steps,
+                                         lorad_batch_size=lorad_batch_size, full_fake_updates=full_fake_updates,
+                                         lorad_fake_updates=lorad_fake_updates, ddim_steps=ddim_steps,
                                          eval_per_class=eval_per_class, processes=processes).items() if v is not None}
     if eval_per_class is not None:  # fewer images asked for: the multi-step teacher's sets shrink with them
         overrides["multistep_per_class"] = min(base.multistep_per_class, eval_per_class)
     settings = replace(base, **overrides)
-    for name in ("full_steps", "lorad_steps", "batch_size", "lorad_batch_size", "ddim_steps"):
+    for name in ("full_steps", "lorad_steps", "batch_size", "lorad_batch_size", "full_fake_updates",
+                 "lorad_fake_updates", "ddim_steps"):
         if getattr(settings, name) < 1:
             raise WadiInputError(f"{name.replace('_', '-')} must be at least 1.")
     if min(settings.eval_per_class, settings.multistep_per_class) < 2:

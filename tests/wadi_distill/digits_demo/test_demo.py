@@ -25,7 +25,8 @@ needs_shipped = pytest.mark.skipif(
     reason="the shipped digits teacher/classifier are not in wadi_distill/builtin/digits/",
 )
 
-TINY = dict(full_steps=2, lorad_steps=2, batch_size=2, lorad_batch_size=3, ddim_steps=4, eval_per_class=4)
+TINY = dict(full_steps=2, lorad_steps=2, batch_size=2, lorad_batch_size=3, lorad_fake_updates=2, ddim_steps=4,
+            eval_per_class=4)
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,8 @@ def test_cli_refuses_bad_input_without_writing(tmp_path):
     assert result.exit_code == 2 and "processes must be at least 1" in result.output and not fresh.exists()
     result = runner.invoke(app, ["demo", "-o", str(fresh), "--lorad-batch-size", "0", "--no-progress"])
     assert result.exit_code == 2 and "lorad-batch-size must be at least 1" in result.output and not fresh.exists()
+    result = runner.invoke(app, ["demo", "-o", str(fresh), "--lorad-fake-updates", "0", "--no-progress"])
+    assert result.exit_code == 2 and "lorad-fake-updates must be at least 1" in result.output and not fresh.exists()
 
 
 @needs_shipped
@@ -188,7 +191,7 @@ def test_each_student_trains_again_from_its_recorded_run_command(demo, tmp_path,
     assert full["--lr"] == 2e-5 and full["--max-steps"] == TINY["full_steps"]
     assert full["--cfg"] == 2.0 and full["--fake-cfg"] == 1.0
     assert lorad["--rank-from-probe"] == str(demo.output_dir / "report.json") and lorad["--budget"] == 0.1
-    assert lorad["--fake-updates-per-step"] == 1 and lorad["--batch-size"] == TINY["lorad_batch_size"]
+    assert lorad["--fake-updates-per-step"] == 2 and lorad["--batch-size"] == TINY["lorad_batch_size"]
     assert full["--batch-size"] == TINY["batch_size"]
     assert lorad["--ema-decay"] == 0.999 and lorad["--adam-weight-decay"] == 0.0 and lorad["--fake-cfg"] == 1.0
     words = shlex.split(trained["lorad_student"]["command"])
