@@ -12,10 +12,13 @@ Then, in the same run, each method runs in its own subprocess (so peak resident 
 * ``naive``: ``safetensors.torch.load_file`` on both files, then per tensor: row norms, cosines, the direction
   residual and ``torch.linalg.svdvals`` of it (energy at 30 % rank) — what one would write by hand;
 * ``probe``: ``wadi_probe.compare(teacher, student)`` with spectra (everything in the report);
-* ``probe-nospectra``: ``wadi_probe.compare(..., spectra=False)``.
+* ``probe-nospectra``: ``wadi_probe.compare(..., spectra=False)``;
+* ``probe-plain-heap`` (with ``--heap-baseline``): ``probe`` without the allocator setting that ``wadi-probe
+  compare`` applies (:func:`wadi_probe.heap.reuse_freed_memory`), as the library function runs when a script
+  calls it bare: what the setting costs in memory and saves in time.
 
 It reports wall time (inside the worker, from first read to result; and of the whole process) and peak RSS
-(``ru_maxrss`` of the worker), and checks that naive and probe agree on the numbers both compute.
+(the worker's own ``VmHWM``, reset when it starts; ``ru_maxrss`` where that cannot be reset), and checks that naive and probe agree on the numbers both compute.
 
 Usage::
 
@@ -173,12 +176,15 @@ def naive(teacher_path: str, student_path: str, device: str) -> dict:
     return {"layers": layers}
 
 
-def probe(teacher_path: str, student_path: str, device: str, spectra: bool) -> dict:
-    """``wadi_probe.compare`` as a user calls it."""
+def probe(teacher_path: str, student_path: str, device: str, spectra: bool, reuse_heap: bool = True) -> dict:
+    """``wadi_probe.compare`` as a user calls it (``reuse_heap``: inside the allocator setting the command uses)."""
+    import contextlib
+
     import wadi_probe
     from wadi_probe.heap import reuse_freed_memory
 
-    with reuse_freed_memory():  # the allocator setting the wadi-probe command applies (opt-in, process-wide)
+    # the allocator setting the wadi-probe command applies (opt-in, process-wide)
+    with reuse_freed_memory() if reuse_heap else contextlib.nullcontext():
         report = wadi_probe.compare(teacher_path, student_path, device=device, spectra=spectra)
     keys = ("norm_change_mean", "direction_change_mean", "residual_energy_at_30pct_rank")
     return {"layers": {r["name"]: {k: r.get(k) for k in keys} for r in report.layers}, "summary": report.summary}
@@ -211,12 +217,34 @@ def probe_breakdown(teacher_path: str, student_path: str, device: str) -> dict:
     return result
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident size afresh (Linux ≥ 4.0: ``clear_refs`` 5); ``ru_maxrss`` alone is
+    inherited across fork and exec, so a worker would report its parent's peak when that was higher."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb(reset: bool) -> float:
+    """The peak resident size since :func:`reset_peak_rss` (``VmHWM``), else since the process began."""
+    if reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def worker(mode: str, teacher_path: str, student_path: str, device: str, result_path: str) -> None:
+    reset = reset_peak_rss()
     started = time.perf_counter()
     if mode == "naive":
         result = naive(teacher_path, student_path, device)
     elif mode == "probe-breakdown":
         result = probe_breakdown(teacher_path, student_path, device)
+    elif mode == "probe-plain-heap":
+        result = probe(teacher_path, student_path, device, spectra=True, reuse_heap=False)
     else:
         result = probe(teacher_path, student_path, device, spectra=(mode == "probe"))
     if device.startswith("cuda"):
@@ -225,7 +253,7 @@ def worker(mode: str, teacher_path: str, student_path: str, device: str, result_
         torch.cuda.synchronize()
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["seconds"] = time.perf_counter() - started
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["peak_rss_mb"] = peak_rss_mb(reset)
     Path(result_path).write_text(json.dumps(result))
 
 
@@ -276,6 +304,8 @@ def main() -> None:
     parser.add_argument("--skip-naive", action="store_true", help="Only time the probe.")
     parser.add_argument("--breakdown", action="store_true",
                         help="Also run the full analysis once more, timing its Gram products and eigenvalue calls.")
+    parser.add_argument("--heap-baseline", action="store_true",
+                        help="Also run the full analysis without the allocator setting of wadi-probe compare.")
     parser.add_argument("--timeout", type=float, default=3600, help="Seconds before a method is abandoned.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -293,7 +323,8 @@ def main() -> None:
         print(teacher, student)
         return
     warm_page_cache(teacher, student)
-    modes = ["probe-nospectra", "probe"] + (["probe-breakdown"] if args.breakdown else []) + ([] if args.skip_naive else ["naive"])
+    modes = (["probe-nospectra", "probe"] + (["probe-plain-heap"] if args.heap_baseline else [])
+             + (["probe-breakdown"] if args.breakdown else []) + ([] if args.skip_naive else ["naive"]))
     results = {}
     for mode in modes:
         results[mode] = run_worker(mode, teacher, student, args.device, args.timeout)
@@ -315,6 +346,10 @@ def main() -> None:
         **({"breakdown": {k: round(v, 2) for k, v in results["probe-breakdown"]["breakdown"].items()}}
            if "probe-breakdown" in results else {}),
     }
+    if "probe-plain-heap" in results:  # what the allocator setting does: time saved, peak memory added
+        plain, kept = results["probe-plain-heap"], results["probe"]
+        summary["heap_setting"] = {"time_ratio": round(kept["seconds"] / plain["seconds"], 2),
+                                   "peak_rss_added_mb": round(kept["peak_rss_mb"] - plain["peak_rss_mb"])}
     if "naive" in results:
         summary["speedup_full"] = round(results["naive"]["seconds"] / results["probe"]["seconds"], 1)
         summary["speedup_nospectra"] = round(results["naive"]["seconds"] / results["probe-nospectra"]["seconds"], 1)

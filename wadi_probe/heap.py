@@ -6,7 +6,10 @@ residual, the pair products) and frees them before the next layer. glibc serves 
 first touched page by page: on a 2-core machine that was 20 s of kernel time out of a 57 s SD1.5 probe.
 :func:`reuse_freed_memory` makes glibc serve blocks from its heap and keep freed blocks for reuse, then puts
 back the limits that were in force before and hands the kept memory back to the system when the block ends.
-Peak resident memory is unchanged (it is the largest layer's working set either way).
+The price is memory: a freed block a little too small for the next aligned request stays resident
+beside the fresh one, so the peak can grow by about one more working set of the largest layer (measured 0–77 MB on
+a quarter-width SD1.5 pair, 250–290 MB on stacks whose largest tensor is 118 MB; ``benchmarks/RESULTS.md``), not
+with the number of layers.
 
 It changes a setting of the whole process, so the library never applies it on its own: the ``wadi-probe``
 command wraps its work in it, and a script that wants the same speed opts in the same way (as
