@@ -6,8 +6,8 @@ residual, the pair products) and frees them before the next layer. glibc serves 
 first touched page by page: on a 2-core machine that was 20 s of kernel time out of a 57 s SD1.5 probe.
 :func:`reuse_freed_memory` makes glibc serve blocks from its heap and keep freed blocks for reuse, then puts
 back the limits that were in force before and hands the kept memory back to the system when the block ends.
-The price is memory: a freed block a little too small for the next aligned request stays resident
-beside the fresh one, so the peak can grow by about one more working set of the largest layer (measured 0–77 MB on
+The price is memory: glibc does not always serve a new array from a freed block, and kept blocks stay resident
+beside fresh ones, so the peak can grow by about one more working set of the largest layer (measured 0–77 MB on
 a quarter-width SD1.5 pair, 250–290 MB on stacks whose largest tensor is 118 MB; ``benchmarks/RESULTS.md``), not
 with the number of layers.
 
