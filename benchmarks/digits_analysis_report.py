@@ -97,6 +97,19 @@ def swap_lines(ab: dict[str, Any]) -> list[str]:
     return lines
 
 
+def continued_lines(continued: dict[str, Any]) -> list[str]:
+    """The students continued past the comparison's length: their verdicts there, the earlier one beside each."""
+    if not continued.get("pairs"):
+        return []
+    seeds = {s["label"]: len(s["seeds"]) for s in continued["students"]}
+    lines = ["", f"Continued to {continued['length']} steps (the same runs; seeds per student: "
+             + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; still moving there: "
+             + (", ".join(continued["still_moving"]) or "none") + "):", ""]
+    lines += [f"- {p['sentence']} (at the comparison's length: {p['at_length'] or 'no verdict'})"
+              for p in continued["pairs"]]
+    return lines
+
+
 def comparison_lines(cmp: dict[str, Any]) -> list[str]:
     students = {s["label"]: s for s in cmp["students"]}
     lines = ["## 4. LoRaD against LoRA, DoRA and full fine-tuning", "",
@@ -114,6 +127,7 @@ def comparison_lines(cmp: dict[str, Any]) -> list[str]:
     lines += [f"- {p['sentence']}" for p in cmp["pairs"] if p["question"] == "budget"]
     lines += ["", "## 5. Small ranks and the rank sweet spot", ""]
     lines += [f"- {p['sentence']}" for p in cmp["pairs"] if p["question"] != "budget"]
+    lines += continued_lines(cmp.get("continued") or {})
     missing = [s["label"] for s in students.values() if len(s["seeds"]) < 5]
     if missing:
         lines += ["", "Fewer than 5 seeds (cut for time): " + ", ".join(

@@ -184,7 +184,15 @@ def test_analysis_composes_the_two_reports_and_decides_low_rank_by_its_rule(tmp_
     assert "**Reproduces**" in text and "an excess of 25.8 ± 0.1 points over 3 seeds" in text
     assert "**budget sentence**" in text and "**rank sentence**" in text
     assert "Fewer than 5 seeds (cut for time): lorad-probe (3)" in text
+    assert "Continued to" not in text  # a summary without the continued runs says nothing of them
     assert (tmp_path / "digits_analysis.md").read_text() == text
+    summary = json.loads((tmp_path / "digits_comparison.json").read_text())
+    summary["continued"] = {"length": 2000, "students": [{"label": "lorad-uniform", "seeds": [0, 1, 2, 3, 4]}],
+                            "still_moving": [], "pairs": [{"sentence": "**long sentence**", "at_length": "mixed"}]}
+    (tmp_path / "digits_comparison.json").write_text(json.dumps(summary))
+    text = analysis.write()
+    assert "Continued to 2000 steps (the same runs; seeds per student: lorad-uniform 5; still moving there: none)" in text
+    assert "- **long sentence** (at the comparison's length: mixed)" in text
     (tmp_path / "digits_ablations.json").unlink()
     with pytest.raises(SystemExit, match="is missing"):
         analysis.write()
