@@ -350,6 +350,13 @@ def screen_lines(numbers: dict[str, dict[float, Any]]) -> list[str]:
     return lines
 
 
+def readable(quality_verdict: str | None, a: str, b: str) -> str | None:
+    """A pair's quality verdict with the students named ("A better" -> "<a> better in quality")."""
+    if quality_verdict in ("A better", "B better"):
+        return f"{a if quality_verdict == 'A better' else b} better in quality"
+    return quality_verdict
+
+
 def continued_numbers(rows: dict, at_length: dict[str, str]) -> dict[str, Any]:
     """The amendment's students at ``LONG`` steps, its pairs' verdicts there, and each pair's verdict at the
     comparison's length beside it (``at_length``: "A | B" -> quality at ``LENGTH``)."""
@@ -362,7 +369,7 @@ def continued_numbers(rows: dict, at_length: dict[str, str]) -> dict[str, Any]:
             continue
         per_metric = {m: verdict(by[a], by[b], m) for m in VERDICT_METRICS}
         pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
-                      "sentence": verdict_sentence(a, b, per_metric), "at_length": at_length.get(f"{a} | {b}")})
+                      "sentence": verdict_sentence(a, b, per_metric), "at_length": readable(at_length.get(f"{a} | {b}"), a, b)})
     moving = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
               and abs(n["tail_change"]) > n["fd_features"].get("eval_sd", float("nan"))]
     return {"length": LONG, "students": numbers, "pairs": pairs, "still_moving": moving}

@@ -100,6 +100,8 @@ def test_continued_students_get_the_declared_pairs_and_their_verdict_at_the_firs
     text = "\n".join(comparison.continued_lines(out))
     assert "(at 1200: cannot tell at this size)" in text and "dora-peft seed 0" in text  # cut runs are named
     assert comparison.continued_lines(comparison.continued_numbers({}, {}))[-2].startswith("No run has reached")
+    assert comparison.readable("B better", "lorad-uniform r4", "dora-peft r4") == "dora-peft r4 better in quality"
+    assert comparison.readable("mixed", "a", "b") == "mixed" and comparison.readable(None, "a", "b") is None
 
 
 @pytest.mark.parametrize("per", ["matrix", "rows"])
