@@ -126,17 +126,3 @@ def teacher_family(tmp_path_factory) -> dict[str, Any]:
             "legacy-sd15": make_pipeline(root / "legacy-sd15", "sd", legacy_config=True),
             "sdxl-fp16-hub": make_pipeline(root / "hub", "sdxl", variant="fp16", hub_snapshot=True),
             "sd2-fp16": make_pipeline(root / "sd2-fp16", "sd2", variant="fp16")}
-
-
-# The files whose fixtures or tests take minutes on 2 cores: collected first, so that under `-n 2 --dist loadfile`
-# they start at once and the two workers finish together instead of one waiting on them at the end.
-SLOW_FILES = ("tests/test_gpu_check.py", "tests/wadi_distill/builtin/test_models.py",
-              "tests/wadi_distill/evaluation/test_inception_weights.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        path = item.nodeid.split("::")[0]
-        return SLOW_FILES.index(path) if path in SLOW_FILES else len(SLOW_FILES)
-
-    items.sort(key=rank)  # stable: every other test keeps its order
