@@ -18,7 +18,8 @@ Then, in the same run, each method runs in its own subprocess (so peak resident 
   calls it bare: what the setting costs in memory and saves in time.
 
 It reports wall time (inside the worker, from first read to result; and of the whole process) and peak RSS
-(the worker's own ``VmHWM``, reset when it starts; ``ru_maxrss`` where that cannot be reset), and checks that naive and probe agree on the numbers both compute.
+(the worker's own ``VmHWM``, which exec starts afresh, as ``benchmarks/vsd_step.py`` reads it; ``ru_maxrss`` is
+inherited from the parent), and checks that naive and probe agree on the numbers both compute.
 
 Usage::
 
@@ -36,7 +37,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -217,27 +217,9 @@ def probe_breakdown(teacher_path: str, student_path: str, device: str) -> dict:
     return result
 
 
-def reset_peak_rss() -> bool:
-    """Start this process's peak resident size afresh (Linux ≥ 4.0: ``clear_refs`` 5); ``ru_maxrss`` alone is
-    inherited across fork and exec, so a worker would report its parent's peak when that was higher."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb(reset: bool) -> float:
-    """The peak resident size since :func:`reset_peak_rss` (``VmHWM``), else since the process began."""
-    if reset:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(mode: str, teacher_path: str, student_path: str, device: str, result_path: str) -> None:
-    reset = reset_peak_rss()
+    from vsd_step import _peak_rss  # the worker's own peak (VmHWM: exec starts it afresh; ru_maxrss is inherited)
+
     started = time.perf_counter()
     if mode == "naive":
         result = naive(teacher_path, student_path, device)
@@ -253,7 +235,7 @@ def worker(mode: str, teacher_path: str, student_path: str, device: str, result_
         torch.cuda.synchronize()
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     result["seconds"] = time.perf_counter() - started
-    result["peak_rss_mb"] = peak_rss_mb(reset)
+    result["peak_rss_mb"] = _peak_rss() / 2**20
     Path(result_path).write_text(json.dumps(result))
 
 

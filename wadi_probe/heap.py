@@ -7,7 +7,7 @@ first touched page by page: on a 2-core machine that was 20 s of kernel time out
 :func:`reuse_freed_memory` makes glibc serve blocks from its heap and keep freed blocks for reuse, then puts
 back the limits that were in force before and hands the kept memory back to the system when the block ends.
 The price is memory: glibc does not always serve a new array from a freed block, and kept blocks stay resident
-beside fresh ones, so the peak can grow by about one more working set of the largest layer (measured 0–77 MB on
+beside fresh ones, so the peak can grow by about one more working set of the largest layer (measured up to 77 MB on
 a quarter-width SD1.5 pair, 250–290 MB on stacks whose largest tensor is 118 MB; ``benchmarks/RESULTS.md``), not
 with the number of layers.
 
