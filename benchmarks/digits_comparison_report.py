@@ -254,6 +254,20 @@ def verdict_sentence(a: str, b: str, per_metric: dict[str, dict[str, Any]]) -> s
     return head + " — " + "; ".join(parts) + "."
 
 
+def curves_panel(ax: Any, numbers: list[dict[str, Any]], group: str, title: str, colors: dict[str, Any],
+                 references: tuple[str, ...] = ()) -> None:
+    """One panel: the seed-mean feature-FD curves of ``group``'s students (and, dotted, of ``references``)."""
+    for n in numbers:
+        reference = n["label"] in references
+        if (n["group"] == group or reference) and n["curve"]["steps"]:
+            ax.plot(n["curve"]["steps"], n["curve"]["fd_features"], marker=".", color=colors[n["label"].split()[0]],
+                    linestyle=":" if reference else "-", label=f"{n['label']} ({len(n['seeds'])} seeds)")
+    ax.set_title(title)
+    ax.set_xlabel("VSD step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def plot(numbers: list[dict[str, Any]], path: Path) -> None:
     """Top row: each group's seed-mean curves of the averaged weights' feature FD (the rank panels also show the
     budget's LoRaD students for reference). Bottom row: each declared metric at the length against the trainable
@@ -266,15 +280,8 @@ def plot(numbers: list[dict[str, Any]], path: Path) -> None:
     colors = {k: plt.get_cmap("tab10")(i) for i, k in enumerate(METHODS)}  # one colour per kind of student
     fig, axes = plt.subplots(2, len(GROUPS), figsize=(4.2 * len(GROUPS), 8))
     for ax, group in zip(axes[0], GROUPS):
-        for n in numbers:
-            reference = group != "budget" and n["label"] in ("lorad-uniform", "lorad-probe")
-            if (n["group"] == group or reference) and n["curve"]["steps"]:
-                ax.plot(n["curve"]["steps"], n["curve"]["fd_features"], marker=".", color=colors[n["label"].split()[0]],
-                        linestyle=":" if reference else "-", label=f"{n['label']} ({len(n['seeds'])} seeds)")
-        ax.set_title(f"{group}: {WEIGHTS}, seed mean")
-        ax.set_xlabel("VSD step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        references = () if group == "budget" else ("lorad-uniform", "lorad-probe")
+        curves_panel(ax, numbers, group, f"{group}: {WEIGHTS}, seed mean", colors, references)
     axes[0][0].set_ylabel("feature FD (2000 images, noise base 1000)")
     for ax, metric in zip(axes[1], VERDICT_METRICS):
         for kind in METHODS:
@@ -357,9 +364,9 @@ def readable(quality_verdict: str | None, a: str, b: str) -> str | None:
     return quality_verdict
 
 
-def continued_numbers(rows: dict, at_length: dict[str, str]) -> dict[str, Any]:
+def continued_numbers(rows: dict, at_length: dict[tuple[str, str], str]) -> dict[str, Any]:
     """The amendment's students at ``LONG`` steps, its pairs' verdicts there, and each pair's verdict at the
-    comparison's length beside it (``at_length``: "A | B" -> quality at ``LENGTH``)."""
+    comparison's length beside it (``at_length``: (A, B) -> quality at ``LENGTH``)."""
     numbers = [student_numbers(BY_LABEL[label], rows, LONG) for label in LONG_STUDENTS]
     numbers = [n for n in numbers if n["seeds"]]
     by = {n["label"]: n for n in numbers}
@@ -369,7 +376,7 @@ def continued_numbers(rows: dict, at_length: dict[str, str]) -> dict[str, Any]:
             continue
         per_metric = {m: verdict(by[a], by[b], m) for m in VERDICT_METRICS}
         pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
-                      "sentence": verdict_sentence(a, b, per_metric), "at_length": readable(at_length.get(f"{a} | {b}"), a, b)})
+                      "sentence": verdict_sentence(a, b, per_metric), "at_length": readable(at_length.get((a, b)), a, b)})
     moving = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
               and abs(n["tail_change"]) > n["fd_features"].get("eval_sd", float("nan"))]
     return {"length": LONG, "students": numbers, "pairs": pairs, "still_moving": moving}
@@ -408,15 +415,8 @@ def long_plot(numbers: list[dict[str, Any]], path: Path) -> None:
     groups = sorted({n["group"] for n in numbers}, key=GROUPS.index)
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups):
-        for n in numbers:
-            if n["group"] == group:
-                ax.plot(n["curve"]["steps"], n["curve"]["fd_features"], marker=".", color=colors[n["label"].split()[0]],
-                        label=f"{n['label']} ({len(n['seeds'])} seeds)")
+        curves_panel(ax, numbers, group, f"{group}: {WEIGHTS}, seed mean, to step {LONG}", colors)
         ax.axvline(LENGTH, color="grey", linestyle=":", linewidth=1)
-        ax.set_title(f"{group}: {WEIGHTS}, seed mean, to step {LONG}")
-        ax.set_xlabel("VSD step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("feature FD (2000 images, noise base 1000)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -463,7 +463,7 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
               + ". The adapters all ran at lr 1e-3 without a sweep on averaged weights (declared cut"
               + ("; the screen below tries LoRA and DoRA at 3e-4 and 3e-3 at one seed)." if screen_text else ")."),
               "", *screen_text]
-    continued = continued_numbers(rows, {p["a"] + " | " + p["b"]: p["quality"] for p in pairs})
+    continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs})
     lines += continued_lines(continued)
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)

@@ -88,7 +88,7 @@ def test_continued_students_get_the_declared_pairs_and_their_verdict_at_the_firs
             for noise in comparison.NOISE_SEEDS:
                 curves.append({**curves[-1], "eval_seed": noise, "fd_features": curves[-1]["fd_features"] + 0.2 * (noise % 2)})
     rows = comparison.index(curves)
-    out = comparison.continued_numbers(rows, {"lorad-uniform | lora-peft": "cannot tell at this size"})
+    out = comparison.continued_numbers(rows, {("lorad-uniform", "lora-peft"): "cannot tell at this size"})
     assert [n["label"] for n in out["students"]] == ["lorad-uniform", "lora-peft"]  # the others have no runs
     first = out["students"][0]
     assert first["seeds"] == [0, 1, 2, 3, 4] and first["fd_features"]["mean"] == pytest.approx(41.0)
