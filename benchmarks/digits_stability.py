@@ -368,8 +368,9 @@ def queue(name: str) -> list[Run]:
 
     ``A:<method>``  Phase A, seed 0: that method's recipes at 1600 steps, the demo's first.
     ``A1:<method>`` the same at seed 1.
-    ``B:<method>:<lr>:<fake>``  Phase B, seeds 0-4 of that recipe at the method's Phase B length (a Phase A run of
-                    the same recipe and seed continues from its 1600-step checkpoint).
+    ``B:<method>:<lr>:<fake>[@<steps>]``  Phase B, seeds 0-4 of that recipe at the method's Phase B length (a
+                    Phase A run of the same recipe and seed continues from its 1600-step checkpoint); with
+                    ``@<steps>`` the same runs continued to that length.
     ``C:<method>[:<rank>][@<steps>]``  Phase C, seeds 0-4 of a uniform adapter (lorad-uniform, lora-peft,
                     dora-peft) on the LoRaD recipe at the parameter budget of the probe plan, or at ``rank``; with
                     ``@<steps>`` the same runs (same names, so the same checkpoints) continued to that length.
@@ -378,14 +379,15 @@ def queue(name: str) -> list[Run]:
     """
     kind, _, rest = name.partition(":")
     rest, at, length = rest.partition("@")
-    if at and not (kind == "C" and length.isdigit() and int(length) > 0):
-        raise SystemExit(f"unknown queue {name!r}: only C: queues take @<steps>, a positive whole number")
+    if at and not (kind in ("B", "C") and length.isdigit() and int(length) > 0):
+        raise SystemExit(f"unknown queue {name!r}: only B: and C: queues take @<steps>, a positive whole number")
     if kind in ("A", "A1") and rest in PHASE_A:
         return [Run(rest, 0 if kind == "A" else 1, lr, fake, A_STEPS) for lr, fake in PHASE_A[rest]]
     if kind == "B" and rest.count(":") == 2:
         method, lr, fake = rest.split(":")
         if method in B_STEPS:
-            return [Run(method, seed, float(lr), int(fake), B_STEPS[method]) for seed in B_SEEDS]
+            steps = int(length) if length else B_STEPS[method]
+            return [Run(method, seed, float(lr), int(fake), steps) for seed in B_SEEDS]
     if kind == "C" and rest.split(":")[0] in C_METHODS and rest.count(":") <= 1:
         method, _, rank = rest.partition(":")
         steps = int(length) if length else B_STEPS["lorad-probe"]
@@ -396,7 +398,7 @@ def queue(name: str) -> list[Run]:
         steps = int(tail.pop(0)) if tail and "=" not in tail[0] else A_STEPS
         extra = dict(_parse_field(item) for item in (tail[0].split(",") if tail else []) if item)
         return [Run(method, int(seed), float(lr), int(fake), steps, extra=extra)]
-    raise SystemExit(f"unknown queue {name!r}: A:<method>, A1:<method>, B:<method>:<lr>:<fake updates>, "
+    raise SystemExit(f"unknown queue {name!r}: A:<method>, A1:<method>, B:<method>:<lr>:<fake updates>[@<steps>], "
                      f"C:<{'|'.join(C_METHODS)}>[:<rank>][@<steps>] or "
                      "L:<method>:<lr>:<fake updates>:<seed>[:<steps>][:field=value,...]")
 
@@ -423,7 +425,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run queues' pending runs")
-    run.add_argument("--queue", action="append", required=True, help="A:<method>, A1:<method>, B:<method>:<lr>:<fake> (repeatable)")
+    run.add_argument("--queue", action="append", required=True,
+                     help="A:<method>, A1:<method>, B:<method>:<lr>:<fake>[@<steps>], C:<method>[:<rank>][@<steps>] "
+                          "or L:... (see queue(); repeatable)")
     run.add_argument("--workers", type=int, default=2)
     run.add_argument("--only", default="", help="comma-separated run names to keep from the queues")
     run.add_argument("--by-seed", action="store_true", help="order the pending runs by seed (stable), so that a "
