@@ -370,7 +370,7 @@ def queue(name: str) -> list[Run]:
     ``A1:<method>`` the same at seed 1.
     ``B:<method>:<lr>:<fake>[@<steps>]``  Phase B, seeds 0-4 of that recipe at the method's Phase B length (a
                     Phase A run of the same recipe and seed continues from its 1600-step checkpoint); with
-                    ``@<steps>`` the same runs continued to that length.
+                    ``@<steps>`` the same runs continued to that length for the comparison, scoring its weights.
     ``C:<method>[:<rank>][@<steps>]``  Phase C, seeds 0-4 of a uniform adapter (lorad-uniform, lora-peft,
                     dora-peft) on the LoRaD recipe at the parameter budget of the probe plan, or at ``rank``; with
                     ``@<steps>`` the same runs (same names, so the same checkpoints) continued to that length.
@@ -385,9 +385,10 @@ def queue(name: str) -> list[Run]:
         return [Run(rest, 0 if kind == "A" else 1, lr, fake, A_STEPS) for lr, fake in PHASE_A[rest]]
     if kind == "B" and rest.count(":") == 2:
         method, lr, fake = rest.split(":")
-        if method in B_STEPS:
-            steps = int(length) if length else B_STEPS[method]
-            return [Run(method, seed, float(lr), int(fake), steps) for seed in B_SEEDS]
+        if method in B_STEPS and not at:
+            return [Run(method, seed, float(lr), int(fake), B_STEPS[method]) for seed in B_SEEDS]
+        if method in B_STEPS:  # continued for the comparison: its weights (a retrained run keeps only those averages)
+            return [Run(method, seed, float(lr), int(fake), int(length), weights=list(C_WEIGHTS)) for seed in B_SEEDS]
     if kind == "C" and rest.split(":")[0] in C_METHODS and rest.count(":") <= 1:
         method, _, rank = rest.partition(":")
         steps = int(length) if length else B_STEPS["lorad-probe"]

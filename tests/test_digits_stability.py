@@ -105,7 +105,7 @@ def test_phase_c_queues_the_uniform_adapters_on_the_lorad_recipe():
     assert {r.steps for r in stability.queue("C:lorad-uniform@2000")} == {2000}
     full = stability.queue("B:full:2e-05:5@2000")  # Phase B's runs continued the same way
     assert [(r.name, r.steps) for r in full] == [(f"full-lr2e-05-f5-s{s}", 2000) for s in range(5)]
-    assert full[0].scored == stability.WEIGHTS
+    assert full[0].scored == ("raw", "ema-p2/3")  # the comparison's weights
     for bad in ("C:lora-peft@", "C:lora-peft@-5", "C:lora-peft@2k", "B:full:2e-05:5@0", "A:full@2000"):
         with pytest.raises(SystemExit, match="@<steps>"):
             stability.queue(bad)
