@@ -92,14 +92,24 @@ PAIRS = (  # declared: (A, B, the question it answers)
     ("lorad-uniform r2", "lorad-uniform r4", "rank ablation"), ("lorad-uniform r4", "lorad-uniform r8", "rank ablation"),
     ("lorad-uniform r8", "lorad-uniform", "rank ablation"),
 )
-# the amendment of 2026-12-03 12:38 UTC: the budget and rank-4 uniform students continued to LONG steps, its pairs
+# the amendment of 2026-12-03 12:38 UTC: the budget and rank-4 uniform students continued to LONG steps, its pairs;
+# then the amendment of 15:37 UTC: full fine-tuning and ranks 2 and 8 continued the same way, its pairs
 LONG = 2000
-LONG_STUDENTS = ("lorad-uniform", "lora-peft", "dora-peft", "lorad-uniform r4", "lora-peft r4", "dora-peft r4")
+LONG_STUDENTS = ("full", "lorad-uniform", "lora-peft", "dora-peft", "lorad-uniform r2", "lora-peft r2", "dora-peft r2",
+                 "lorad-uniform r4", "lora-peft r4", "dora-peft r4", "lorad-uniform r8", "lora-peft r8", "dora-peft r8")
 LONG_PAIRS = (
     ("lorad-uniform", "lora-peft", "budget"), ("lorad-uniform", "dora-peft", "budget"),
     ("lorad-uniform r4", "lora-peft r4", "rank 4"), ("lorad-uniform r4", "dora-peft r4", "rank 4"),
     ("lorad-uniform r4", "lorad-uniform", "rank ablation"),
+    ("lorad-uniform", "full", "budget"),
+    ("lorad-uniform r2", "lora-peft r2", "rank 2"), ("lorad-uniform r2", "dora-peft r2", "rank 2"),
+    ("lorad-uniform r8", "lora-peft r8", "rank 8"), ("lorad-uniform r8", "dora-peft r8", "rank 8"),
+    ("lorad-uniform r2", "lorad-uniform r4", "rank ablation"), ("lorad-uniform r4", "lorad-uniform r8", "rank ablation"),
+    ("lorad-uniform r8", "lorad-uniform", "rank ablation"),
 )
+# full fine-tuning's seeds 0 and 1 past LENGTH continue the ablation study's retrained draws (reports/digits_ablations.md),
+# not the Phase B runs scored up to LENGTH: a change across LENGTH is read on the other seeds only
+RETRAINED = {"full": (0, 1)}
 
 
 # ------------------------------------------------------------------------------------------------ numbers
@@ -136,13 +146,14 @@ def seconds_per_step(rows: dict, name: str, length: int) -> float | None:
     return (t1 - t0) / (s1 - s0) if s1 > s0 else None
 
 
-def student_numbers(student: Student, rows: dict, length: int = LENGTH) -> dict[str, Any]:
-    """Per seed that reached ``length`` with its noise sets: the averaged and raw scores, the evaluation noise (sd
-    over the 6 noise sets), the seconds per training step; and the seed-mean curve of the averaged weights up to
-    ``length``."""
+def student_numbers(student: Student, rows: dict, length: int = LENGTH,
+                    seeds: set[int] | None = None) -> dict[str, Any]:
+    """Per seed that reached ``length`` with its noise sets (of ``seeds`` when given): the averaged and raw scores,
+    the evaluation noise (sd over the 6 noise sets), the seconds per training step; and the seed-mean curve of the
+    averaged weights up to ``length``."""
     per_seed: dict[int, dict[str, Any]] = {}
     for seed, name in student.run_names().items():
-        if (name, length, WEIGHTS, NOISE_SEEDS[-1]) not in rows:
+        if (name, length, WEIGHTS, NOISE_SEEDS[-1]) not in rows or (seeds is not None and seed not in seeds):
             continue
         main = rows[(name, length, WEIGHTS, EVAL_SEED)]
         raw = rows.get((name, length, "raw", EVAL_SEED))
@@ -374,17 +385,36 @@ def continued_numbers(rows: dict, at_length: dict[tuple[str, str], str]) -> dict
     for a, b, question in LONG_PAIRS:
         if a not in by or b not in by:
             continue
-        per_metric = {m: verdict(by[a], by[b], m) for m in VERDICT_METRICS}
+        common = set(by[a]["seeds"]) & set(by[b]["seeds"])  # a pair compares the same seeds a side (declared)
+        na, nb = (student_numbers(BY_LABEL[x], rows, LONG, common) for x in (a, b))
+        per_metric = {m: verdict(na, nb, m) for m in VERDICT_METRICS}
         pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
-                      "sentence": verdict_sentence(a, b, per_metric), "at_length": readable(at_length.get((a, b)), a, b)})
+                      "seeds": sorted(common), "sentence": verdict_sentence(a, b, per_metric),
+                      "at_length": readable(at_length.get((a, b)), a, b)})
     moving = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
               and abs(n["tail_change"]) > n["fd_features"].get("eval_sd", float("nan"))]
-    return {"length": LONG, "students": numbers, "pairs": pairs, "still_moving": moving}
+    return {"length": LONG, "students": numbers, "pairs": pairs, "still_moving": moving,
+            "changes": [change_across(rows, label) for label in LONG_STUDENTS if label in by]}
+
+
+def change_across(rows: dict, label: str) -> dict[str, Any]:
+    """``label``'s averaged feature FD at ``LENGTH`` and at ``LONG`` (noise base 1000) on the seeds that reached
+    ``LONG`` and continue the run scored at ``LENGTH`` (``RETRAINED`` seeds left out), and their mean change."""
+    names = BY_LABEL[label].run_names()
+    pairs = [(seed, rows[(names[seed], LENGTH, WEIGHTS, EVAL_SEED)]["fd_features"],
+              rows[(names[seed], LONG, WEIGHTS, EVAL_SEED)]["fd_features"])
+             for seed in sorted(names) if seed not in RETRAINED.get(label, ())
+             and (names[seed], LONG, WEIGHTS, NOISE_SEEDS[-1]) in rows and (names[seed], LENGTH, WEIGHTS, EVAL_SEED) in rows]
+    before, after = [p[1] for p in pairs], [p[2] for p in pairs]
+    return {"label": label, "seeds": [p[0] for p in pairs], "at_length": statistics.fmean(before) if pairs else None,
+            "at_long": statistics.fmean(after) if pairs else None,
+            "change": statistics.fmean(b - a for a, b in zip(before, after)) if pairs else None,
+            "left_out": list(RETRAINED.get(label, ()))}
 
 
 def continued_lines(continued: dict[str, Any]) -> list[str]:
     """The amendment's section: the students at ``LONG`` steps, whether they sit on a plateau, the verdicts."""
-    lines = [f"### Continued to {LONG} steps (the amendment of 12:38 UTC)", ""]
+    lines = [f"### Continued to {LONG} steps (the amendments of 12:38 and 15:37 UTC)", ""]
     numbers = continued["students"]
     if not numbers:
         return [*lines, f"No run has reached step {LONG} with its noise sets yet.", ""]
@@ -395,12 +425,20 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
               f"{int(0.8 * LONG)}–{LONG}. s / step: the continued stretch's own clock.", "",
               "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + ".", ""]
     lines += students_table(numbers)
-    lines += ["", "Still moving at step " + str(LONG) + " (change over the last 20 % larger than the evaluation noise): "
+    lines += ["", f"**From step {LENGTH} to {LONG}** (`{WEIGHTS}` feature FD on noise base {EVAL_SEED}, mean over the "
+              "seeds that continue the run scored at " + str(LENGTH) + "): "
+              + "; ".join(f"{c['label']} {fmt(c['at_length'], 'fd_features')} → {fmt(c['at_long'], 'fd_features')} "
+                          f"(seeds {','.join(map(str, c['seeds']))}"
+                          + (f"; seeds {','.join(map(str, c['left_out']))} left out: past {LENGTH} they continue the "
+                             "ablation study's retrained draws, `reports/digits_ablations.md`" if c["left_out"] else "")
+                          + ")" for c in continued["changes"] if c["seeds"]) + ".", ""]
+    lines += ["Still moving at step " + str(LONG) + " (change over the last 20 % larger than the evaluation noise): "
               + (", ".join(continued["still_moving"]) or "none") + ".", "",
               f"![curves to {LONG} steps]({LONG_PLOT.name})", "", f"**Verdicts at step {LONG}** (the declared rule; "
               f"in brackets the same pair's verdict at step {LENGTH})", ""]
     for p in continued["pairs"]:
-        lines.append(f"- {p['sentence']} (at {LENGTH}: {p['at_length'] or 'no verdict'})")
+        lines.append(f"- {p['sentence']} Seeds {','.join(map(str, p['seeds'])) or 'none'} (at {LENGTH}: "
+                     f"{p['at_length'] or 'no verdict'})")
     return [*lines, ""]
 
 

@@ -104,6 +104,36 @@ def test_continued_students_get_the_declared_pairs_and_their_verdict_at_the_firs
     assert comparison.readable("mixed", "a", "b") == "mixed" and comparison.readable(None, "a", "b") is None
 
 
+def test_a_continued_pair_compares_the_same_seeds_and_a_retrained_seed_is_left_out_of_the_change():
+    length, long = comparison.LENGTH, comparison.LONG
+    curves = []
+
+    def scored(name, step, fd):
+        row = {"name": name, "step": step, "weights": comparison.WEIGHTS, "train_s": step * 0.3, "fd_features": fd,
+               "fd_pixel": 2.0, "recall": 0.4, "precision": 0.9, "class_accuracy": 0.99}
+        curves.append(row)
+        if step == long:
+            curves.extend({**row, "eval_seed": noise} for noise in comparison.NOISE_SEEDS)
+
+    for seed, name in comparison.BY_LABEL["lorad-uniform"].run_names().items():  # all five seeds at 2000
+        scored(name, length, 60.0 + seed)
+        scored(name, long, 40.0 + seed)
+    for seed, name in comparison.BY_LABEL["full"].run_names().items():  # seeds 0-2 only; 0, 1 retrained past 1200
+        scored(name, length, 50.0)
+        if seed <= 2:
+            scored(name, long, 30.0 if seed < 2 else 45.0)
+    out = comparison.continued_numbers(comparison.index(curves), {})
+    [pair] = [p for p in out["pairs"] if p["b"] == "full"]
+    assert pair["seeds"] == [0, 1, 2]  # lorad-uniform's seeds 3, 4 are not in this pair
+    assert pair["metrics"]["fd_features"]["d"] == pytest.approx(41.0 - 35.0)  # 40,41,42 against 30,30,45
+    change = {c["label"]: c for c in out["changes"]}
+    assert change["full"]["seeds"] == [2] and change["full"]["left_out"] == [0, 1]
+    assert change["full"]["change"] == pytest.approx(-5.0)  # seed 2 alone: 50 -> 45
+    assert change["lorad-uniform"]["change"] == pytest.approx(-20.0) and change["lorad-uniform"]["left_out"] == []
+    text = "\n".join(comparison.continued_lines(out))
+    assert "full 50.0 → 45.0 (seeds 2; seeds 0,1 left out" in text
+
+
 @pytest.mark.parametrize("per", ["matrix", "rows"])
 def test_structureless_change_matches_the_students_change_in_size(per):
     gen = torch.Generator().manual_seed(1)
