@@ -270,3 +270,31 @@ def test_the_learning_rate_screen_reads_each_rate_on_its_six_sets_and_applies_th
     text = "\n".join(report.screen_lines(numbers))
     assert "| dora-peft | 0.003 | not finished |" in text and "| lora-peft | 0.001 | 57.5 ± 1.9 |" in text
     assert report.screen_lines(report.screen_numbers(report.index(rows("lora-peft-lr0.001-f1-s0", 55.0)))) == []
+
+
+def test_the_declared_parameter_counts_are_the_students_trainable_parameters():
+    """The comparison's table states each student's trainable parameters as constants: they are what the runs'
+    students train (PEFT's own injection for LoRA and DoRA, the LoRaD layers for the LoRaD students)."""
+    import copy
+
+    from wadi_distill.builtin.digits.model import load_builtin
+    from wadi_distill.lorad.config import adapter_param_count
+    from wadi_distill.plan import plan_from_preset, plan_from_report
+    from wadi_distill.vsd.peft_student import inject_peft_student
+
+    import digits_stability as stability
+
+    unet = load_builtin("digits").unet
+    _, budget_rank, modules = stability.budget_ranks()
+    shapes = [tuple(e.shape) for e in plan_from_preset(unet, 1).layers]
+    counted = {"full": sum(p.numel() for p in unet.parameters()),
+               "lorad-probe": plan_from_report(unet, stability.REPORT, budget=stability.BUDGET).trainable_params}
+    for student in comparison.STUDENTS:
+        method, _, rank = student.label.partition(" r")
+        if method == "lorad-uniform":
+            counted[student.label] = sum(adapter_param_count(s, int(rank or budget_rank[method]), "lorad")
+                                         for s in shapes)
+        elif method in ("lora-peft", "dora-peft"):
+            params = inject_peft_student(copy.deepcopy(unet), modules, int(rank or budget_rank[method]), method.split("-")[0])
+            counted[student.label] = sum(p.numel() for _, p in params)
+    assert {s.label: s.params for s in comparison.STUDENTS} == counted
