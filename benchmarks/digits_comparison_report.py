@@ -390,7 +390,7 @@ def continued_numbers(rows: dict, at_length: dict[tuple[str, str], str]) -> dict
         per_metric = {m: verdict(na, nb, m) for m in VERDICT_METRICS}
         pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
                       "seeds": sorted(common), "sentence": verdict_sentence(a, b, per_metric),
-                      "at_length": readable(at_length.get((a, b)), a, b)})
+                      "at_length": readable(at_length[(a, b)], a, b) if (a, b) in at_length else None})
     moving = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
               and abs(n["tail_change"]) > n["fd_features"].get("eval_sd", float("nan"))]
     return {"length": LONG, "students": numbers, "pairs": pairs, "still_moving": moving,
@@ -438,7 +438,7 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
               f"in brackets the same pair's verdict at step {LENGTH})", ""]
     for p in continued["pairs"]:
         lines.append(f"- {p['sentence']} Seeds {','.join(map(str, p['seeds'])) or 'none'} (at {LENGTH}: "
-                     f"{p['at_length'] or 'no verdict'})")
+                     f"{p['at_length'] or 'not a declared pair there'})")
     return [*lines, ""]
 
 
