@@ -105,7 +105,7 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
     lines = ["", f"Continued to {continued['length']} steps (the same runs; seeds per student: "
              + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; still moving there: "
              + (", ".join(continued["still_moving"]) or "none") + "):", ""]
-    lines += [f"- {p['sentence']} (at the comparison's length: {p['at_length'] or 'no verdict'})"
+    lines += [f"- {p['sentence']} (at the comparison's length: {p['at_length'] or 'not a declared pair there'})"
               for p in continued["pairs"]]
     return lines
 
