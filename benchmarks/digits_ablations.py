@@ -40,6 +40,7 @@ from digits_stability import (  # noqa: E402 - the study's runs and evaluation, 
 )
 
 ABLATIONS = OUT / "ablations.jsonl"
+RETRAIN_OUT = OUT / "ablation_retrain"  # retrain()'s runs write their curve lines here, not in the study's file
 WEIGHTS = "ema-p2/3"
 VARIANTS = ("student", "teacher norms", "teacher directions", "structureless (matrix)", "structureless (rows)")
 PROBE_KEYS = ("angle_rad_mean", "angle_deg_mean", "norm_change_mean", "angle_to_norm_ratio",
@@ -161,7 +162,7 @@ def retrain(seed: int) -> None:
     """The seed's Phase B run again from step 0 (its checkpoint is gone), curves in a file of their own."""
     run = full_runs()[seed]
     run = Run(**{**asdict(run), "weights": ["raw", WEIGHTS]})
-    env = {**os.environ, "WADI_STABILITY_OUT": str(OUT / "ablation_retrain"), "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "WADI_STABILITY_OUT": str(RETRAIN_OUT), "OMP_NUM_THREADS": "1",
            "MKL_NUM_THREADS": "1"}
     driver = Path(__file__).resolve().parent / "digits_stability.py"
     subprocess.run([sys.executable, str(driver), "job", json.dumps(asdict(run))], env=env, check=True)

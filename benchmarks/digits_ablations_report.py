@@ -19,12 +19,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _study import replace_results  # noqa: E402
-from digits_ablations import ABLATIONS, VARIANTS, read_rows  # noqa: E402 - the driver's own names
+from digits_ablations import ABLATIONS, RETRAIN_OUT, VARIANTS, read_rows  # noqa: E402 - the driver's own names
 from digits_stability import (  # noqa: E402
     B_SEEDS, CURVES as STUDY_CURVES, EVAL_SEED, NOISE_SEEDS, ROOT, read_curves,
 )
 
-RETRAIN_CURVES = ABLATIONS.parent / "ablation_retrain" / "curves.jsonl"  # digits_ablations.retrain's curve lines
+RETRAIN_CURVES = RETRAIN_OUT / "curves.jsonl"  # digits_ablations.retrain's curve lines
 
 REPORTS = Path(os.environ.get("WADI_ABLATIONS_REPORTS", ROOT / "reports"))
 REPORT, SUMMARY = REPORTS / "digits_ablations.md", REPORTS / "digits_ablations.json"

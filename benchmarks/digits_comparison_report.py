@@ -24,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _study import replace_results  # noqa: E402
+from digits_ablations import RETRAIN_OUT  # noqa: E402 - where its retrained runs write
 from digits_stability import (  # noqa: E402 - the driver's own constants, one definition
     B_SEEDS, B_STEPS, CURVES, EVAL_SEED, METHODS, NOISE_SEEDS, ROOT, noise_set_summary, queue, read_curves,
     tail_change,
@@ -107,9 +108,9 @@ LONG_PAIRS = (
     ("lorad-uniform r2", "lorad-uniform r4", "rank ablation"), ("lorad-uniform r4", "lorad-uniform r8", "rank ablation"),
     ("lorad-uniform r8", "lorad-uniform", "rank ablation"),
 )
-# full fine-tuning's seeds 0 and 1 past LENGTH continue the ablation study's retrained draws (reports/digits_ablations.md),
-# not the Phase B runs scored up to LENGTH: a change across LENGTH is read on the other seeds only
-RETRAINED = {"full": (0, 1)}
+# runs the ablation study trained again from step 0 (reports/digits_ablations.md): past LENGTH they continue those
+# draws, not the runs scored up to LENGTH, so a change across LENGTH is read on the other seeds only
+RETRAIN_CURVES = RETRAIN_OUT / "curves.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------ numbers
@@ -375,9 +376,11 @@ def readable(quality_verdict: str | None, a: str, b: str) -> str | None:
     return quality_verdict
 
 
-def continued_numbers(rows: dict, at_length: dict[tuple[str, str], str]) -> dict[str, Any]:
+def continued_numbers(rows: dict, at_length: dict[tuple[str, str], str],
+                      retrained: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The amendment's students at ``LONG`` steps, its pairs' verdicts there, and each pair's verdict at the
-    comparison's length beside it (``at_length``: (A, B) -> quality at ``LENGTH``)."""
+    comparison's length beside it (``at_length``: (A, B) -> quality at ``LENGTH``); ``retrained``: the run names
+    trained again from step 0, left out of the change across ``LENGTH``."""
     numbers = [student_numbers(BY_LABEL[label], rows, LONG) for label in LONG_STUDENTS]
     numbers = [n for n in numbers if n["seeds"]]
     by = {n["label"]: n for n in numbers}
@@ -394,22 +397,23 @@ def continued_numbers(rows: dict, at_length: dict[tuple[str, str], str]) -> dict
     moving = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
               and abs(n["tail_change"]) > n["fd_features"].get("eval_sd", float("nan"))]
     return {"length": LONG, "students": numbers, "pairs": pairs, "still_moving": moving,
-            "changes": [change_across(rows, label) for label in LONG_STUDENTS if label in by]}
+            "changes": [change_across(rows, label, retrained) for label in LONG_STUDENTS if label in by]}
 
 
-def change_across(rows: dict, label: str) -> dict[str, Any]:
+def change_across(rows: dict, label: str, retrained: frozenset[str] = frozenset()) -> dict[str, Any]:
     """``label``'s averaged feature FD at ``LENGTH`` and at ``LONG`` (noise base 1000) on the seeds that reached
-    ``LONG`` and continue the run scored at ``LENGTH`` (``RETRAINED`` seeds left out), and their mean change."""
+    ``LONG`` and continue the run scored at ``LENGTH`` (runs in ``retrained`` left out), and their mean change."""
     names = BY_LABEL[label].run_names()
+    left_out = [seed for seed in sorted(names) if names[seed] in retrained]
     pairs = [(seed, rows[(names[seed], LENGTH, WEIGHTS, EVAL_SEED)]["fd_features"],
               rows[(names[seed], LONG, WEIGHTS, EVAL_SEED)]["fd_features"])
-             for seed in sorted(names) if seed not in RETRAINED.get(label, ())
+             for seed in sorted(names) if seed not in left_out
              and (names[seed], LONG, WEIGHTS, NOISE_SEEDS[-1]) in rows and (names[seed], LENGTH, WEIGHTS, EVAL_SEED) in rows]
     before, after = [p[1] for p in pairs], [p[2] for p in pairs]
     return {"label": label, "seeds": [p[0] for p in pairs], "at_length": statistics.fmean(before) if pairs else None,
             "at_long": statistics.fmean(after) if pairs else None,
             "change": statistics.fmean(b - a for a, b in zip(before, after)) if pairs else None,
-            "left_out": list(RETRAINED.get(label, ()))}
+            "left_out": left_out}
 
 
 def continued_lines(continued: dict[str, Any]) -> list[str]:
@@ -501,7 +505,8 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
               + ". The adapters all ran at lr 1e-3 without a sweep on averaged weights (declared cut"
               + ("; the screen below tries LoRA and DoRA at 3e-4 and 3e-3 at one seed)." if screen_text else ")."),
               "", *screen_text]
-    continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs})
+    retrained = frozenset(r["name"] for r in read_curves(RETRAIN_CURVES))  # none when the file is absent
+    continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs}, retrained)
     lines += continued_lines(continued)
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)

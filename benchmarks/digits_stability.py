@@ -387,7 +387,7 @@ def queue(name: str) -> list[Run]:
         method, lr, fake = rest.split(":")
         if method in B_STEPS and not at:
             return [Run(method, seed, float(lr), int(fake), B_STEPS[method]) for seed in B_SEEDS]
-        if method in B_STEPS:  # continued for the comparison: its weights (a retrained run keeps only those averages)
+        if method in B_STEPS:  # continued for the comparison, on its weights (a retrained run keeps only that average)
             return [Run(method, seed, float(lr), int(fake), int(length), weights=list(C_WEIGHTS)) for seed in B_SEEDS]
     if kind == "C" and rest.split(":")[0] in C_METHODS and rest.count(":") <= 1:
         method, _, rank = rest.partition(":")

@@ -122,7 +122,8 @@ def test_a_continued_pair_compares_the_same_seeds_and_a_retrained_seed_is_left_o
         scored(name, length, 50.0)
         if seed <= 2:
             scored(name, long, 30.0 if seed < 2 else 45.0)
-    out = comparison.continued_numbers(comparison.index(curves), {})
+    retrained = frozenset(comparison.BY_LABEL["full"].run_names()[seed] for seed in (0, 1))
+    out = comparison.continued_numbers(comparison.index(curves), {}, retrained)
     [pair] = [p for p in out["pairs"] if p["b"] == "full"]
     assert pair["seeds"] == [0, 1, 2]  # lorad-uniform's seeds 3, 4 are not in this pair
     assert pair["metrics"]["fd_features"]["d"] == pytest.approx(41.0 - 35.0)  # 40,41,42 against 30,30,45
