@@ -931,15 +931,18 @@ def prepare_environment(scratch: Path, wheels: Path | None, install: bool) -> di
     paths = [str(ROOT)]
     pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
            "--disable-pip-version-check", "--target", str(site)]
-    if wheels is not None:
-        subprocess.run(pip + sorted(str(p) for p in Path(wheels).glob("*.whl")), check=True)
+    # one pip call for the wheels and the project: a second call into the same --target leaves its bin/ alone
+    # (pip only warns that the folder exists), and the project's console scripts would be missing
+    targets = sorted(str(p) for p in Path(wheels).glob("*.whl")) if wheels is not None else []
     if install:
         # setuptools builds in the tree (build/, wadi.egg-info/): leave the tree as it was
         left_alone = [ROOT / name for name in ("build", "wadi.egg-info") if not (ROOT / name).exists()]
-        subprocess.run(pip + ["--no-build-isolation", str(ROOT)], check=True)
+        subprocess.run(pip + ["--no-build-isolation"] + targets + [str(ROOT)], check=True)
         for path in left_alone:
             shutil.rmtree(path, ignore_errors=True)
         env["PATH"] = os.pathsep.join([str(site / "bin"), env.get("PATH", "")])
+    elif targets:
+        subprocess.run(pip + targets, check=True)
     if wheels is not None or install:
         paths.append(str(site))
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
