@@ -29,6 +29,7 @@ from rich.console import Console
 
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 from wadi_probe.text import quoted
+from wadi_probe.choices import Choice
 
 __all__ = ["console", "err_console", "EXIT_USAGE", "EXIT_RUNTIME", "fail", "handle_errors", "Device", "choice_option",
            "device_option", "version_option", "progress_bar", "print_line", "stdout_may_close"]
@@ -44,7 +45,7 @@ EXIT_USAGE = 2
 EXIT_RUNTIME = 1
 
 
-class Device(str, enum.Enum):
+class Device(Choice):
     """Where to compute: ``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``."""
 
     auto = "auto"
@@ -88,6 +89,9 @@ def choice_option(choices: type[E], default: E | None, *names: str, what: str, h
     The help shows ``[a|b|c]``; anything else stops the command with "unknown <what> 'x'; use a, b or c." on
     stderr and exit code 2.
     """
+    if not issubclass(choices, Choice):
+        # a plain str enum reaches the command as None under typer < 0.29 (see wadi_probe.choices)
+        raise TypeError(f"{choices.__name__} must subclass wadi_probe.choices.Choice to be a command-line choice")
     values = [member.value for member in choices]
 
     def parse(text: Any) -> E:

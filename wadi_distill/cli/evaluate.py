@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,9 +12,10 @@ from rich.table import Table
 from wadi_distill.cli import app
 from wadi_probe.console import Device, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
+from wadi_probe.choices import Choice
 
 
-class InceptionResize(str, Enum):
+class InceptionResize(Choice):
     """The resize to Inception's 299 pixels (see wadi_distill.evaluation.features.INCEPTION_RESIZES)."""
 
     clean = "clean"

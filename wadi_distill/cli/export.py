@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 
 import typer
@@ -10,9 +9,10 @@ import typer
 from wadi_distill.cli import app
 from wadi_probe.console import choice_option, console, handle_errors
 from wadi_probe.errors import WadiInputError
+from wadi_probe.choices import Choice
 
 
-class ExportFormat(str, enum.Enum):
+class ExportFormat(Choice):
     """Key names of the written student: the teacher's own (diffusers) or the original LDM single-file ones."""
 
     diffusers = "diffusers"

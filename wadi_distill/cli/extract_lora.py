@@ -2,23 +2,23 @@
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 
 import typer
 
 from wadi_distill.cli import app
 from wadi_probe.console import Device, choice_option, console, device_option, handle_errors
+from wadi_probe.choices import Choice
 
 
-class LoraFormat(str, enum.Enum):
+class LoraFormat(Choice):
     """Key layout of the written LoRA."""
 
     diffusers = "diffusers"
     kohya = "kohya"
 
 
-class FactorDtype(str, enum.Enum):
+class FactorDtype(Choice):
     """Stored dtype of the LoRA factors."""
 
     float16 = "float16"

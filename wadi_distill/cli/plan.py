@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import json
 from collections import Counter
 from pathlib import Path
@@ -13,12 +12,13 @@ import typer
 from wadi_distill.cli import app
 from wadi_probe.console import choice_option, console, handle_errors
 from wadi_probe.errors import WadiInputError
+from wadi_probe.choices import Choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from wadi_distill.plan import Plan
 
 
-class Preset(str, enum.Enum):
+class Preset(Choice):
     """The uniform plans (:data:`wadi_distill.plan.presets.PRESETS`; a test keeps the two lists equal)."""
 
     paper = "paper"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
@@ -15,10 +14,11 @@ from wadi_probe.console import (Device, choice_option, console, device_option, e
                                 stdout_may_close)
 from wadi_probe.errors import WadiInputError
 from wadi_probe.text import plural
+from wadi_probe.choices import Choice
 
 
 
-class StudentAdapter(str, Enum):
+class StudentAdapter(Choice):
     """Adapter kinds of an adapter student (``--full-finetune`` trains every weight instead)."""
 
     lorad = "lorad"

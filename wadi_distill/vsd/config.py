@@ -15,9 +15,10 @@ from typing import Any
 
 from wadi_distill.vsd.preemption import DEFAULT_SIGNALS, parse_signals
 from wadi_probe.errors import WadiInputError
+from wadi_probe.choices import Choice
 
 
-class MixedPrecision(str, Enum):
+class MixedPrecision(Choice):
     """Compute dtype of the frozen teacher and of autocast; adapters and optimizer states stay fp32."""
 
     no = "no"
@@ -25,7 +26,7 @@ class MixedPrecision(str, Enum):
     bf16 = "bf16"
 
 
-class FakeKind(str, Enum):
+class FakeKind(Choice):
     """The fake score's adapter on the shared base."""
 
     lorad = "lorad"
