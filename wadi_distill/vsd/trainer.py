@@ -331,11 +331,14 @@ class VSDTrainer:
         self.fake_params = [p for _, p in self.fake_named]
         opt_s = _optimizer(self.student_params, config.lr, config)
         opt_f = _optimizer(self.fake_params, config.fake_lr, config)
-        self.opt_student, self.opt_fake = self.accelerator.prepare(opt_s, opt_f)
-        # diffusers' warm-up: the rate rises linearly from 0 to --lr over --lr-warmup-steps, then stays
+        # diffusers' warm-up: the rate rises linearly from 0 to --lr over --lr-warmup-steps, then stays. Made before
+        # accelerate wraps the optimizers: with fp16's loss scaler it swaps the optimizer's step method in and out
+        # around each step, and a scheduler made afterwards loses its hook on it (torch then warns at every run
+        # that "optimizer.step() has been overridden after learning rate scheduler initialization")
         self.sched_student, self.sched_fake = (
             get_scheduler("constant_with_warmup", optimizer=o, num_warmup_steps=config.lr_warmup_steps)
             for o in (opt_s, opt_f))
+        self.opt_student, self.opt_fake = self.accelerator.prepare(opt_s, opt_f)
         self.ema: EMAModel | None = None
         self.ema_note: str | None = None  # said once and recorded in run.json when a resume starts the average
         if config.ema_decay is not None:
@@ -412,7 +415,10 @@ class VSDTrainer:
         self.accelerator.unscale_gradients(optimizer=optimizer)
         torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         optimizer.step()
-        scheduler.step()
+        # a step fp16's loss scaler skipped (inf/NaN gradients) does not advance the warm-up, as accelerate's own
+        # scheduler wrapper does
+        if not getattr(optimizer, "step_was_skipped", False):
+            scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return value
 

@@ -89,6 +89,39 @@ def test_vsd_steps_change_adapters_not_the_teacher(kind, pipelines, prompt_file,
     assert trainer.schedule.prediction_type == ("v_prediction" if kind == "sd2" else "epsilon")
 
 
+def test_fp16_loss_scaler_keeps_the_warm_up_schedule_and_no_warning(pipelines, prompt_file, tmp_path, monkeypatch):
+    # fp16 on a GPU: accelerate wraps each optimizer with a loss scaler that swaps its step method around every step.
+    # Here the same on the CPU with a GradScaler; the first student gradient is made infinite, so that step is skipped
+    import warnings
+
+    import accelerate
+
+    class ScaledAccelerator(accelerate.Accelerator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scaler = torch.amp.GradScaler("cpu")
+
+    monkeypatch.setattr("wadi_distill.vsd.trainer.Accelerator", ScaledAccelerator)
+    trainer = VSDTrainer(_config(pipelines["sd"], tmp_path / "out", prompt_file, lr_warmup_steps=10))
+    student0 = _snapshot(trainer.student_named)
+    overflow = trainer.student_params[0].register_hook(lambda grad: grad * float("inf"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "optimizer.step() has been overridden" was printed on every fp16 run
+        trainer.train_step()
+        assert trainer.opt_student.step_was_skipped and not trainer.opt_fake.step_was_skipped
+        assert all(torch.equal(student0[n], p) for n, p in trainer.student_named)
+        assert trainer.sched_student.last_epoch == 0  # the skipped step left the warm-up where it was
+        assert trainer.sched_fake.last_epoch == 1
+        overflow.remove()
+        trainer.train_step()
+    assert not trainer.opt_student.step_was_skipped
+    assert trainer.sched_student.last_epoch == 1 and trainer.sched_fake.last_epoch == 2
+    assert trainer.sched_student.get_last_lr()[0] == pytest.approx(trainer.config.lr / 10)
+    assert all(torch.equal(student0[n], p) for n, p in trainer.student_named)  # the first warm-up rate is 0
+    trainer.train_step()
+    assert any(not torch.equal(student0[n], p) for n, p in trainer.student_named)
+
+
 def test_full_finetune_trains_a_copy(pipelines, prompt_file, tmp_path):
     trainer = VSDTrainer(_config(pipelines["sd"], tmp_path / "out", prompt_file, rank=None, student_adapter="full"))
     base0 = {n: p.detach().clone() for n, p in trainer.base.named_parameters() if not p.requires_grad}
