@@ -198,8 +198,12 @@ def test_a_second_run_is_refused_while_the_first_runs_and_a_signal_in_set_up_rel
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 75, stderr
     assert not (early / LOCK_NAME).exists()
-    if "before training started" in stderr:  # the usual case: the teacher was still loading
-        assert not early.exists()  # nothing was written, the folder the run made is gone again
+    if "before training started" in stderr:
+        # the usual case: the teacher was still loading, nothing was written and the folder the run made is gone
+        # again; on a loaded machine the signal can come after the prompts were encoded, and the embedding cache
+        # the next start reuses stays (and only it)
+        left = sorted(p.name for p in early.iterdir()) if early.exists() else []
+        assert left in ([], ["embedding-cache"]), left
     assert "Traceback" not in stderr
 
 
