@@ -1,4 +1,4 @@
-"""One prepared check of every CUDA path, at SD1.5 size, in about ten minutes; writes one JSON and one Markdown.
+"""One prepared check of every CUDA path, at SD1.5 size, in nine minutes; writes one JSON and one Markdown.
 
 Nothing is downloaded: every model has random weights built from a config written here (the SD1.5 UNet config
 of ``probe_sd15.py``, an SD VAE, a CLIP text encoder with a real ``CLIPTokenizer`` whose vocab/merges are
@@ -9,21 +9,22 @@ in the JSON and the next section still runs):
 
 * ``environment``: Python, torch, CUDA, the GPU, package versions, the commit;
 * ``cuda_tests``: ``python -m pytest -q -k cuda`` over the project's tests;
-* ``probe``: ``wadi_probe.compare`` on the SD1.5-sized pair of ``probe_sd15.py`` on the device — wall time
-  (read + compute, full analysis and ``spectra=False``), peak GPU and host memory — and the largest
-  difference from the CPU numbers on a few layers;
 * ``vsd_step``: ``vsd_step.compare_variants`` at SD1.5 size (512 px, 64×64 latents, student rank 256, fake
-  rank 32) in fp16 and bf16: our step against the paper-style loop, step time, peak memory, their ratios;
-* ``real_run``: ``wadi-distill run`` on an SD1.5-architecture pipeline folder (batch 8, fp16): 50 steps with
-  gradient checkpointing, 15 without: s/step, peak memory; the last steps resumed twice from a checkpoint in
+  rank 32) in fp16 and bf16: our step against the paper-style loop, step time, peak memory, their ratios, and
+  one profiled step of each (device busy time against wall time, kernel launches);
+* ``real_run``: ``wadi-distill run`` on an SD1.5-architecture pipeline folder (batch 8, fp16): 20 steps with
+  gradient checkpointing, 6 without: s/step, peak memory; the last steps resumed twice from a checkpoint in
   other folders (bit-identical to the straight run; the two resumes against each other measure the device's own
   nondeterminism), the merged export loaded back and compared with base + adapter;
-* ``pixart``: ``wadi-distill run`` on a PixArt-α-sized pipeline folder in bf16, a few steps: s/step, peak memory;
 * ``flow_families``: one VSD step of SANA 1.6B, SD3.5 Large and FLUX.1-dev at 1024 px (random weights built on the
   GPU from ``benchmarks/configs``, bf16, gradient checkpointing, student rank 256, fake rank 32, batch 1) with
   ``flow_memory.py --device cuda``: step time, peak memory allocated and reserved, against the fake-tensor estimate
-  of ``flow_memory.py`` computed on the CPU at the same time. On a CPU (``--size tiny``) the families' tiny
-  configs: the metered real step against the estimate (equal to the byte).
+  of ``flow_memory.py`` computed on the host's CPU from the check's start. On a CPU (``--size tiny``) the families'
+  tiny configs: the metered real step against the estimate (equal to the byte);
+* ``pixart``: ``wadi-distill run`` on a PixArt-α-sized pipeline folder in bf16, a few steps: s/step, peak memory;
+* ``probe``: ``wadi_probe.compare`` on the SD1.5-sized pair of ``probe_sd15.py`` on the device — wall time
+  (read + compute, full analysis and ``spectra=False``), peak GPU and host memory — and the largest
+  difference from the CPU numbers on a few layers.
 
 Usage (on a GPU machine without network; ``--wheels`` installs the wheels in that folder first, ``--install``
 installs the project from this working tree, both into a folder under the scratch folder, nothing system-wide)::
@@ -45,6 +46,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -60,13 +62,15 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))  # the sibling benchmark scripts (probe_sd15, vsd_step) are imported as modules
 
-SECTIONS = ("environment", "cuda_tests", "probe", "vsd_step", "real_run", "pixart", "flow_families")
+# in the order they run: what only a GPU run can show first (the CUDA tests, the VSD step against the paper-style
+# loop, the main job end to end), the probe last (measured on a GPU already: 7.7 s, commit 1b8a9ad)
+SECTIONS = ("environment", "cuda_tests", "vsd_step", "real_run", "flow_families", "pixart", "probe")
 FP32_EPS = 2.0**-23  # the rounding unit of the fp32 numbers the CPU and the GPU compute
 
 # What each section runs, per size. "sd15" is SD1.5's size (PixArt-α 512 px for pixart); "tiny" the same
-# architectures, small enough for a CPU in a test. The budgets (seconds) are caps; the time limit keeps the
-# whole sd15 check under 8 minutes (a section that would start past it is recorded as skipped). flow_families
-# runs last on the time the others leave; when that is too little, `--only flow_families` runs it alone.
+# architectures, small enough for a CPU in a test. The budgets (seconds) are caps, sized from the first GPU run
+# (H200, 2026-12-04); the time limit keeps the whole sd15 check within 9 minutes, one device call (a section that
+# would start past it is recorded as skipped, and the check ends by printing the command that runs the rest).
 PLANS: dict[str, dict[str, Any]] = {
     "tiny": {
         "probe": {"pair": "tiny", "layers": 4},
@@ -83,15 +87,17 @@ PLANS: dict[str, dict[str, Any]] = {
     "sd15": {
         "probe": {"pair": "full", "layers": 6},
         "vsd_step": {"config": "sd15", "batch_size": 2, "rank": 256, "fake_rank": 32, "steps": 4, "warmup": 2},
-        "real_run": {"model": "sd15", "batch_size": 8, "steps": 50, "resume_from": 47, "steps_no_checkpointing": 15,
+        # each `wadi-distill run` process spends about a minute outside its steps at this size (loading, the
+        # embedding cache, the merged export and the samples; 58 s of 125 s on the H200), so few steps each
+        "real_run": {"model": "sd15", "batch_size": 8, "steps": 20, "resume_from": 17, "steps_no_checkpointing": 6,
                      "rank": 256, "fake_rank": 32},
         "pixart": {"model": "alpha-512", "batch_size": 4, "steps": 6, "rank": 256, "fake_rank": 32},
         # the published configs of benchmarks/configs (SD3.5 Large, FLUX.1-dev, SANA 1.6B 1024 px), 1024 px
         "flow_families": {"families": ["sana", "sd3", "flux"], "tiny": False, "batch_size": 1, "rank": 256,
                           "fake_rank": 32, "steps": 2},
-        "budgets": {"environment": 20, "cuda_tests": 45, "probe": 90, "vsd_step": 100, "real_run": 190,
-                    "pixart": 60, "flow_families": 150},
-        "time_limit": 470,
+        "budgets": {"environment": 20, "cuda_tests": 45, "probe": 90, "vsd_step": 150, "real_run": 270,
+                    "pixart": 60, "flow_families": 240},
+        "time_limit": 540,
     },
 }
 PROMPT_WORDS = ["a", "photo", "of", "the", "red", "blue", "green", "cat", "dog", "house", "tree", "car", "on",
@@ -279,7 +285,7 @@ def section_environment(ctx: Context) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ section: cuda_tests
 def section_cuda_tests(ctx: Context) -> dict[str, Any]:
     """``pytest -k cuda`` over the project's tests (collection errors of unrelated modules do not stop it)."""
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-k", "cuda", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rsE", "-k", "cuda", "-p", "no:cacheprovider",
            "--continue-on-collection-errors", "--ignore", str(ROOT / "tests" / "test_gpu_check.py"), "tests"]
     try:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=ctx.left())
@@ -397,13 +403,14 @@ def section_vsd_step(ctx: Context) -> dict[str, Any]:
                                         rank=plan["rank"], fake_rank=plan["fake_rank"], mixed_precision=precision,
                                         steps=plan["steps"], warmup=plan["warmup"],
                                         threads=min(8, os.cpu_count() or 1) if ctx.device == "cuda" else 1,
-                                        timeout=ctx.left())
+                                        timeout=ctx.left(), profile=True)
         entry = {"peak_memory": out["peak_memory"], "adapted_layers": out["ours"]["adapted_layers"],
                  "time_ratio": round(out["time_ratio"], 3), "memory_ratio": round(out["memory_ratio"], 3)}
         for variant in ("paper", "ours"):
             times = out[variant]["step_s"]
             entry[variant] = {"step_s": {k: round(v, 4) for k, v in _spread(times).items()},
-                              "peak_mb": round(out[variant]["peak_bytes"] / 2**20, 1)}
+                              "peak_mb": round(out[variant]["peak_bytes"] / 2**20, 1),
+                              "profile": out[variant].get("profile")}
         entry["targets"] = {"time_ratio_le_0.7": out["time_ratio"] <= 0.7, "memory_ratio_le_0.6": out["memory_ratio"] <= 0.6}
         result["precisions"][precision] = entry
         ctx.save(result)
@@ -763,6 +770,43 @@ def section_pixart(ctx: Context) -> dict[str, Any]:
     return result
 
 
+ESTIMATES_FOLDER = "flow-estimates"  # under the scratch folder: the fake-tensor estimates of the real-size steps
+
+
+def start_flow_estimates(plan: dict[str, Any], scratch: Path, env: dict[str, str]) -> list[subprocess.Popen]:
+    """Start the CPU estimates of the flow families' real-size steps, one single-thread process each.
+
+    They take minutes on a host CPU (FLUX.1-dev: 199 s on one core), so they start with the check and run beside
+    the GPU sections; ``flow_families`` reads what they wrote (``<family>.json``, ``.err`` and ``.rc``).
+    """
+    folder = scratch / ESTIMATES_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    flags = ["--batch-size", str(plan["batch_size"]), "--rank", str(plan["rank"]), "--fake-rank",
+             str(plan["fake_rank"]), "--precision", "bf16"]
+    procs = []
+    for family in plan["families"]:
+        cmd = [sys.executable, str(HERE / "flow_memory.py"), "--family", family, *flags, "--json",
+               str(folder / f"{family}.json")]
+        script = f'{" ".join(map(shlex.quote, cmd))} >/dev/null 2>{shlex.quote(str(folder / (family + ".err")))}; ' \
+                 f'echo $? > {shlex.quote(str(folder / (family + ".rc")))}'
+        procs.append(subprocess.Popen(["sh", "-c", script], env={**env, "OMP_NUM_THREADS": "1"},
+                                      start_new_session=True))
+    return procs
+
+
+def _wait_for_estimate(folder: Path, family: str, ctx: Context) -> tuple[dict[str, Any], str]:
+    """The estimate ``start_flow_estimates`` wrote for ``family``, waiting for it while the section has time."""
+    rc_file = folder / f"{family}.rc"
+    while not rc_file.is_file():
+        if ctx.left() <= 1:
+            return {}, "the estimate did not finish within the section's time budget"
+        time.sleep(1)
+    if rc_file.read_text().strip() != "0":
+        err = (folder / f"{family}.err").read_text() if (folder / f"{family}.err").is_file() else ""
+        return {}, (err.strip().splitlines() or ["the estimate failed"])[-1][-800:]
+    return json.loads((folder / f"{family}.json").read_text()), ""
+
+
 def section_flow_families(ctx: Context) -> dict[str, Any]:
     """The VSD step of each flow-matching family at its real size on the device, against the CPU estimate."""
     import flow_memory
@@ -781,73 +825,88 @@ def section_flow_families(ctx: Context) -> dict[str, Any]:
             args[family] = ["--family", family, "--config", str(config), "--image-size", str(size), *common]
         else:
             args[family] = ["--family", family, *common]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # at real size the estimates run on the CPU while the device measures (each in its own process, one thread
-    # each); the tiny ones take seconds, in this process after the measurements
-    estimates = {family: subprocess.Popen([sys.executable, script, *a, "--json", str(folder / f"{family}-estimate.json")],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-                 for family, a in args.items() if not plan["tiny"]}
     result: dict[str, Any] = {"batch_size": plan["batch_size"], "rank": plan["rank"], "fake_rank": plan["fake_rank"],
                               "precision": "bf16", "checkpointing": True, "families": {}}
     problems = []
-    try:
-        for family, a in args.items():
-            entry: dict[str, Any] = {}
-            try:
-                if ctx.device == "cuda":  # each family in its own process: its own peak, its memory handed back
-                    out = folder / f"{family}-measured.json"
-                    _run([sys.executable, script, *a, "--device", "cuda", "--steps", str(plan["steps"]), "--json",
-                          str(out)], ctx, what=f"the {family} step")
-                    measured = json.loads(out.read_text())
-                else:  # the tiny configs: the same step on real CPU tensors, metered, in this process
-                    measured = flow_memory.estimate(family, tiny[family]["config"], batch=plan["batch_size"],
-                                                    rank=plan["rank"], fake_rank=plan["fake_rank"], precision="bf16",
-                                                    image_size=tiny[family]["image_size"], fake=False)
-                entry = {"config": measured["config"], "class": measured["class"],
-                         "base_params": measured["base_params"], "student_params": measured["student_params"]}
-                if ctx.device == "cuda":
-                    entry.update(build_s=measured["build_s"], gpu=measured["gpu"],
-                                 step_s={k: round(v, 4) for k, v in _spread(measured["step_s"]).items()},
-                                 peak_allocated_mb=round(measured["peak_allocated_bytes"] / 2**20, 1),
-                                 peak_reserved_mb=round(measured["peak_reserved_bytes"] / 2**20, 1))
-                else:
-                    entry["peak_metered_mb"] = round(measured["peak_bytes"] / 2**20, 3)
-            except SectionProblem as exc:
-                entry = {"error": str(exc)[-800:]}
-                problems.append(f"{family}: {exc}"[:300])
-            result["families"][family] = entry
-            ctx.save(result)
-        for family in args:
-            entry = result["families"][family]
-            if plan["tiny"]:
-                estimate = flow_memory.estimate(family, tiny[family]["config"], batch=plan["batch_size"],
-                                                rank=plan["rank"], fake_rank=plan["fake_rank"], precision="bf16",
-                                                image_size=tiny[family]["image_size"])
-            else:
-                proc = estimates[family]
+    for family, a in args.items():
+        entry: dict[str, Any] = {}
+        try:
+            if ctx.device == "cuda":  # each family in its own process: its own peak, its memory handed back
+                out = folder / f"{family}-measured.json"
+                cmd = [sys.executable, script, *a, "--device", "cuda", "--steps", str(plan["steps"]), "--json",
+                       str(out)]
                 try:
-                    proc.wait(timeout=ctx.left())
-                except subprocess.TimeoutExpired:
-                    entry["estimate_error"] = "the estimate did not finish within the section's time budget"
-                    continue
-                if proc.returncode != 0:
-                    entry["estimate_error"] = proc.stderr.read()[-800:]
-                    continue
-                estimate = json.loads((folder / f"{family}-estimate.json").read_text())
-            entry["estimate_peak_mb"] = round(estimate["peak_bytes"] / 2**20, 1 if ctx.device == "cuda" else 3)
-            entry["estimate_step_s_at_40pct"] = round(flow_memory.step_seconds(estimate["flops"]), 3)
-            measured_mb = entry.get("peak_allocated_mb", entry.get("peak_metered_mb"))
-            if measured_mb:
-                entry["measured_over_estimate"] = round(measured_mb / entry["estimate_peak_mb"], 3)
-            ctx.save(result)
-    finally:
-        for proc in estimates.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                    _run(cmd, ctx, what=f"the {family} step")
+                except SectionProblem as exc:
+                    # a CUDA error is reported at a later call than the kernel that caused it: run the step
+                    # once more with every launch synchronous, so that the trace names the failing kernel
+                    if "illegal memory access" in str(exc) and ctx.left() > 60:
+                        entry["launch_blocking"] = _launch_blocking_trace(cmd, ctx, family)
+                        ctx.save({**result, "families": {**result["families"], family: entry}})
+                    raise
+                measured = json.loads(out.read_text())
+            else:  # the tiny configs: the same step on real CPU tensors, metered, in this process
+                measured = flow_memory.estimate(family, tiny[family]["config"], batch=plan["batch_size"],
+                                                rank=plan["rank"], fake_rank=plan["fake_rank"], precision="bf16",
+                                                image_size=tiny[family]["image_size"], fake=False)
+            entry = {"config": measured["config"], "class": measured["class"],
+                     "base_params": measured["base_params"], "student_params": measured["student_params"]}
+            if ctx.device == "cuda":
+                entry.update(build_s=measured["build_s"], gpu=measured["gpu"],
+                             step_s={k: round(v, 4) for k, v in _spread(measured["step_s"]).items()},
+                             peak_allocated_mb=round(measured["peak_allocated_bytes"] / 2**20, 1),
+                             peak_reserved_mb=round(measured["peak_reserved_bytes"] / 2**20, 1))
+            else:
+                entry["peak_metered_mb"] = round(measured["peak_bytes"] / 2**20, 3)
+        except SectionProblem as exc:
+            entry = {"error": str(exc)[-800:], **{k: v for k, v in entry.items() if k == "launch_blocking"}}
+            problems.append(f"{family}: {exc}"[:300])
+        result["families"][family] = entry
+        ctx.save(result)
+    for family in args:
+        entry = result["families"][family]
+        if plan["tiny"]:
+            estimate = flow_memory.estimate(family, tiny[family]["config"], batch=plan["batch_size"],
+                                            rank=plan["rank"], fake_rank=plan["fake_rank"], precision="bf16",
+                                            image_size=tiny[family]["image_size"])
+        else:  # started by the check's first process when the check began (start_flow_estimates)
+            estimate, problem = _wait_for_estimate(Path(ctx.scratch) / ESTIMATES_FOLDER, family, ctx)
+            if problem:
+                entry["estimate_error"] = problem
+                continue
+        entry["estimate_peak_mb"] = round(estimate["peak_bytes"] / 2**20, 1 if ctx.device == "cuda" else 3)
+        entry["estimate_step_s_at_40pct"] = round(flow_memory.step_seconds(estimate["flops"]), 3)
+        measured_mb = entry.get("peak_allocated_mb", entry.get("peak_metered_mb"))
+        if measured_mb:
+            entry["measured_over_estimate"] = round(measured_mb / entry["estimate_peak_mb"], 3)
+        ctx.save(result)
     result["problems"] = problems
     shutil.rmtree(folder, ignore_errors=True)
     return result
+
+
+def _launch_blocking_trace(cmd: list[str], ctx: Context, family: str) -> str:
+    """The failing step once more under ``CUDA_LAUNCH_BLOCKING=1``: where its first traceback ends (the last
+    frames and the error), or that it passed that way (then the failure depends on how the kernels overlap)."""
+    env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1"}
+    try:
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=ctx.left())
+    except subprocess.TimeoutExpired:
+        return f"the {family} step with CUDA_LAUNCH_BLOCKING=1 did not finish within the section's time budget"
+    sys.stderr.write(done.stderr[-20000:])
+    if done.returncode == 0:
+        return "passed with CUDA_LAUNCH_BLOCKING=1"
+    return first_traceback_end(done.stderr)
+
+
+def first_traceback_end(stderr: str, frames: int = 4) -> str:
+    """The last ``frames`` frames of the first traceback in ``stderr`` and its error line (where it was raised;
+    a chained second traceback, "During handling of the above exception", follows it and is left out)."""
+    lines = stderr.splitlines()
+    end = next((i for i, line in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line)), len(lines) - 1)
+    starts = [i for i, line in enumerate(lines[:end]) if line.startswith("  File ")]
+    start = starts[-frames] if len(starts) >= frames else 0
+    return "\n".join(lines[start:end + 1])[-2000:]
 
 
 SECTION_FUNCTIONS: dict[str, Callable[[Context], dict[str, Any]]] = {
@@ -1025,6 +1084,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                           f"{p} time {'met' if e['targets']['time_ratio_le_0.7'] else 'not met'}, memory "
                           f"{'met' if e['targets']['memory_ratio_le_0.6'] else 'not met'}" for p, e in sec["precisions"].items())
                       + (" (the targets are for SD1.5 on a GPU; at this size convolutions dominate the step)." if tiny else ".")]
+            profiled = [(p, v, e[v]["profile"]) for p, e in sec["precisions"].items() for v in ("paper", "ours")
+                        if e[v].get("profile")]
+            if profiled:
+                lines += ["", "One more step of each under torch's profiler (its wall time includes the profiler's "
+                          "own cost): a device busy for much less than the step is waiting on the host.", "",
+                          "| precision | loop | wall ms | device busy ms | kernel launches | aten calls | top host operators (ms) |",
+                          "|---|---|---|---|---|---|---|"]
+                for precision, variant, prof in profiled:
+                    busy = prof.get("device_busy_s")
+                    top = ", ".join(f"{k} {ms}" for k, ms, _ in prof["top_host"][:4]).replace("|", "/")
+                    lines.append(f"| {precision} | {variant} | {prof['wall_s_under_profiler'] * 1000:.1f} | "
+                                 f"{_fmt(None if busy is None else busy * 1000, 4)} | {_fmt(prof.get('kernel_launches'))} | "
+                                 f"{prof['aten_calls']} | {top} |")
         elif name in ("real_run", "pixart"):
             runs = ({"checkpointing on": sec["checkpointing_on"], "checkpointing off": sec["checkpointing_off"],
                      "resumed": sec["resumed"], "resumed again": sec["resumed_again"]}
@@ -1064,12 +1136,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                       "measured / estimate | estimated step (40 % of 989 TFLOP/s) |", "|---|---|---|---|---|---|---|---|"]
             for family, e in sec["families"].items():
                 if "error" in e:
-                    lines.append(f"| {family} | failed: {e['error'][-200:]} | | | | | | |")
+                    first = next((ln for ln in e["error"].splitlines() if "Error" in ln), e["error"].splitlines()[0])
+                    lines.append(f"| {family} | failed: {first.strip()[-200:].replace('|', '/')} | | | | | | |")
                     continue
                 peak = e.get("peak_allocated_mb", e.get("peak_metered_mb"))
                 lines.append(f"| {family} | {e['class']} ({e['config']}) | {_steps(e.get('step_s'))} | {_fmt(peak, 6)} | "
                              f"{_fmt(e.get('peak_reserved_mb'), 6)} | {_fmt(e.get('estimate_peak_mb'), 6)} | "
                              f"{_fmt(e.get('measured_over_estimate'))} | {_fmt(e.get('estimate_step_s_at_40pct'))} s |")
+            for family, e in sec["families"].items():
+                if "estimate_error" in e:
+                    lines += ["", f"{family}: no estimate ({e['estimate_error'].strip().splitlines()[-1][-200:]})."]
+                if "launch_blocking" in e:
+                    lines += ["", f"{family}, the failing step again with `CUDA_LAUNCH_BLOCKING=1`:", "", "```",
+                              e["launch_blocking"], "```"]
             if not cuda:
                 lines += ["", "On a CPU the peak is the metered real step's (tensor bytes), which must equal the estimate."]
         elif name == "environment":
@@ -1094,6 +1173,29 @@ def parse_budgets(parser: argparse.ArgumentParser, items: list[str]) -> dict[str
     return budgets
 
 
+def rest_command(argv: list[str], rest: list[str]) -> str:
+    """The command that runs the sections in ``rest`` alone: this one's arguments without ``--only`` and with its
+    own ``--out`` folder (``OUT-rest``), so that the first results are kept."""
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--only", "--out"):
+            skip = True
+            if arg == "--out" and i + 1 < len(argv):
+                kept += ["--out", argv[i + 1].rstrip("/") + "-rest"]
+            continue
+        if arg.startswith("--only="):
+            continue
+        if arg.startswith("--out="):
+            kept.append(arg.rstrip("/") + "-rest")
+            continue
+        kept.append(arg)
+    sections = ["environment"] + [name for name in rest if name != "environment"]
+    return " ".join(["python", "benchmarks/gpu_check.py", *map(shlex.quote, kept), "--only", ",".join(sections)])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(PLANS), default="sd15", help="sd15 (the real sizes) or tiny (CPU).")
@@ -1102,7 +1204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="Comma-separated sections to run (default: all).")
     parser.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
                         help="Override one section's time budget (repeatable).")
-    parser.add_argument("--time-limit", type=float, help="Seconds for the whole check (default: 470 at sd15).")
+    parser.add_argument("--time-limit", type=float, help="Seconds for the whole check (default: 540 at sd15).")
     parser.add_argument("--wheels", type=Path, help="Install the .whl files in this folder first (no index, no deps).")
     parser.add_argument("--install", action="store_true", help="Install the project from this working tree first.")
     parser.add_argument("--scratch", help="Scratch folder (default: a temporary one, deleted at the end).")
@@ -1141,6 +1243,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"size": args.size, "device": device, "command": command,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "time_limit_s": limit,
                               "plan": {k: v for k, v in PLANS[args.size].items() if k != "budgets"}, "sections": {}}
+    estimates: list[subprocess.Popen] = []
     try:
         try:
             env = prepare_environment(scratch, args.wheels, args.install)
@@ -1152,6 +1255,9 @@ def main(argv: list[str] | None = None) -> int:
             # one thread per process: on a shared CPU, OpenMP threads waiting for each other make the tiny
             # models' steps 10-30x slower (measured: 30 s against 1.3 s per step); the GPU run is unaffected
             env.setdefault("OMP_NUM_THREADS", "1")
+        flow_plan = PLANS[args.size]["flow_families"]
+        if "flow_families" in only and not flow_plan["tiny"]:
+            estimates = start_flow_estimates(flow_plan, scratch, env)
         for name in only:
             left = limit - (time.perf_counter() - started)
             if left < 5:
@@ -1164,10 +1270,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:12s} {sec['status']:8s} {sec['seconds']:7.1f} s", flush=True)
             write_outputs(report, args.out, started)
     finally:
+        for proc in estimates:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if own_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     write_outputs(report, args.out, started)
     print(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'gpu_check.md'}")
+    rest = [name for name, sec in report["sections"].items() if sec["status"] in ("skipped", "timeout")]
+    if rest:
+        print(f"not run or cut short: {', '.join(rest)}; they run alone with: "
+              f"{rest_command(argv if argv is not None else sys.argv[1:], rest)}")
     return 0 if all(s["status"] == "ok" for s in report["sections"].values()) else 1
 
 

@@ -57,7 +57,8 @@ def _teacher(config_name: str, device: str):
     from wadi_distill.teachers.pipeline import Conditioning, Teacher
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**CONFIGS[config_name])
+    with torch.device(device):  # initialised where it runs: 860M random weights take ~10 s a process on a host CPU
+        unet = UNet2DConditionModel(**CONFIGS[config_name])
     unet.requires_grad_(False)
     schedule = schedule_from_scheduler(
         DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
@@ -229,17 +230,51 @@ def _worker(args: argparse.Namespace) -> dict:
             if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    peak = (torch.cuda.max_memory_allocated() if cuda else
-            _peak_rss() - rss0)
-    return {"variant": args.variant, "median_step_s": statistics.median(times), "step_s": times,
-            "peak_bytes": int(peak), "code_bytes": 0 if cuda else _file_backed_rss() - file0, "adapted_layers": len(ranks)}
+        peak = (torch.cuda.max_memory_allocated() if cuda else
+                _peak_rss() - rss0)
+        profiled = _profile_step(step, cuda) if args.profile else None
+    result = {"variant": args.variant, "median_step_s": statistics.median(times), "step_s": times,
+              "peak_bytes": int(peak), "code_bytes": 0 if cuda else _file_backed_rss() - file0,
+              "adapted_layers": len(ranks)}
+    if profiled is not None:
+        result["profile"] = profiled
+    return result
+
+
+def _profile_step(step, cuda: bool, top: int = 12) -> dict:
+    """One more step under torch's profiler: where its time goes (after the timed steps and the memory peak).
+
+    On a GPU a step whose kernels keep the device busy for much less than the step's wall time is bound by the
+    host (Python, dispatch, kernel launches), not by the device's arithmetic; the launch and operator counts say
+    how many calls the host made.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    by_device = sorted(events, key=lambda e: -e.self_device_time_total)[:top] if cuda else []
+    by_host = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return {
+        "wall_s_under_profiler": wall,
+        "device_busy_s": sum(e.self_device_time_total for e in events) / 1e6 if cuda else None,
+        "kernel_launches": sum(e.count for e in events if "LaunchKernel" in e.key) if cuda else None,
+        "aten_calls": sum(e.count for e in events if e.key.startswith("aten::")),
+        "top_device": [[e.key[:80], round(e.self_device_time_total / 1e3, 2), e.count] for e in by_device],
+        "top_host": [[e.key[:80], round(e.self_cpu_time_total / 1e3, 2), e.count] for e in by_host],
+    }
 
 
 def compare_variants(*, device: str = "cpu", config: str = "small", batch_size: int = 1, rank: int | None = None,
                      fake_rank: int | None = None, cfg: float = 1.5, mixed_precision: str = "no",
                      gradient_checkpointing: bool = False, sequential_cfg: bool = False, steps: int = 5,
                      warmup: int = 2, threads: int = 1,
-                     timeout: float | None = None, parallel: bool = False) -> dict:
+                     timeout: float | None = None, parallel: bool = False, profile: bool = False) -> dict:
     """Time the paper-style step and ours, each in its own process; their step times, peak memory and ratios.
 
     ``rank``/``fake_rank`` default to 8/4 on the small UNet and to the paper's 256/32 on SD1.5. Peak memory is
@@ -256,6 +291,8 @@ def compare_variants(*, device: str = "cpu", config: str = "small", batch_size: 
         flags.append("--gradient-checkpointing")
     if sequential_cfg:  # both loops: the guided passes' two halves one after the other
         flags.append("--sequential-cfg")
+    if profile:
+        flags.append("--profile")
     root = str(Path(__file__).resolve().parents[1])  # the workers import this checkout's packages
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     results: dict = {}
@@ -320,6 +357,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true",
+                        help="one more step of each under torch's profiler: device busy time, launches, top operators")
     parser.add_argument("--variant", choices=["ours", "paper"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rank is None:
@@ -334,7 +373,7 @@ def main() -> None:
                                    fake_rank=args.fake_rank, cfg=args.cfg, mixed_precision=args.mixed_precision,
                                    gradient_checkpointing=args.gradient_checkpointing,
                                    sequential_cfg=args.sequential_cfg, steps=args.steps,
-                                   warmup=args.warmup, threads=args.threads)
+                                   warmup=args.warmup, threads=args.threads, profile=args.profile)
     except RuntimeError as exc:
         sys.exit(str(exc))
     print(f"device {results['device']}, config {args.config}, batch {args.batch_size}, precision {args.mixed_precision}, "
@@ -344,6 +383,12 @@ def main() -> None:
         r = results[variant]
         print(f"  {variant:6s} step {r['median_step_s'] * 1000:9.1f} ms   peak memory {r['peak_bytes'] / 2**20:9.1f} MiB"
               f"   code pages {r['code_bytes'] / 2**20:6.1f} MiB")
+    for variant in ("paper", "ours") if args.profile else ():
+        prof = results[variant]["profile"]
+        busy = (f", device busy {prof['device_busy_s'] * 1000:.1f} ms, {prof['kernel_launches']} kernel launches"
+                if prof["device_busy_s"] is not None else "")
+        print(f"  {variant:6s} profiled step {prof['wall_s_under_profiler'] * 1000:.1f} ms{busy}, "
+              f"{prof['aten_calls']} aten calls")
     print(f"  ours / paper-style: step time {results['time_ratio']:.2f}x, peak memory {results['memory_ratio']:.2f}x"
           + (f" ({results['memory_ratio_less_code']:.2f}x less code pages)" if args.device == "cpu" else ""))
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +43,7 @@ def tiny_check(tmp_path_factory):
 def test_every_section_runs_and_reports_real_numbers(tiny_check):
     report, markdown, out = tiny_check
     sections = report["sections"]
-    assert list(sections) == ["environment", "cuda_tests", "probe", "vsd_step", "real_run", "pixart", "flow_families"]
+    assert list(sections) == ["environment", "cuda_tests", "vsd_step", "real_run", "flow_families", "pixart", "probe"]
     assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(sections, "ok")
     assert 0 < report["total_s"] < report["time_limit_s"]
     assert all(0 < s["seconds"] <= s["budget_s"] + 10 for s in sections.values())
@@ -78,6 +77,12 @@ def test_every_section_runs_and_reports_real_numbers(tiny_check):
                                                rel=0.01)
     assert step["memory_ratio"] == pytest.approx(step["ours"]["peak_mb"] / step["paper"]["peak_mb"], rel=0.01)
     assert step["adapted_layers"] > 10
+    for variant in ("paper", "ours"):  # one more step each under the profiler (on a CPU: no device numbers)
+        prof = step[variant]["profile"]
+        assert prof["aten_calls"] > 1000 and prof["wall_s_under_profiler"] > 0
+        assert prof["device_busy_s"] is None and prof["kernel_launches"] is None
+        assert len(prof["top_host"]) == 12 and all(ms >= 0 and n >= 1 for _, ms, n in prof["top_host"])
+    assert "| no | ours |" in markdown and "under torch's profiler" in markdown
 
     run = sections["real_run"]
     plan = report["plan"]["real_run"]
@@ -205,21 +210,58 @@ def test_markdown_of_a_gpu_run_states_the_gpu_numbers_and_targets(tiny_check):
 @pytest.mark.slow
 def test_wheels_and_the_project_install_into_the_scratch_folder(tmp_path):
     """``--wheels`` and ``--install`` (the GPU machine's set-up) install into the scratch folder only, and the
-    sections then find the ``wadi-distill`` command there."""
+    sections then find the ``wadi-distill`` command there, also when a wheel brings console scripts of its own
+    (diffusers' wheel brings diffusers-cli: a second pip call into the same folder then left wadi's out)."""
+    tool = tmp_path / "clitool"
+    (tool / "clitool").mkdir(parents=True)
+    (tool / "clitool" / "__init__.py").write_text("def main():\n    print('clitool')\n")
+    (tool / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=61"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        '[project]\nname = "clitool"\nversion = "1.0"\n\n[project.scripts]\nclitool-cli = "clitool:main"\n\n'
+        '[tool.setuptools]\npackages = ["clitool"]\n')
     wheels = tmp_path / "wheels"
-    new = [ROOT / name for name in ("build", "wadi.egg-info") if not (ROOT / name).exists()]
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-                        "-w", str(wheels), str(ROOT)], check=True, capture_output=True, timeout=300)
-    finally:
-        for path in new:  # setuptools builds in the tree
-            shutil.rmtree(path, ignore_errors=True)
-    assert [p.name for p in wheels.glob("*.whl")] == ["wadi-0.1.0-py3-none-any.whl"]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(wheels), str(tool)], check=True, capture_output=True, timeout=300)
+    assert [p.name for p in wheels.glob("*.whl")] == ["clitool-1.0-py3-none-any.whl"]
     scratch = tmp_path / "scratch"
     done = _check(["--size", "tiny", "--device", "cpu", "--out", "out", "--only", "environment", "--wheels",
                    str(wheels), "--install", "--scratch", str(scratch)], tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     env = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["sections"]["environment"]
     assert env["wadi_distill_command"] == str(scratch / "site" / "bin" / "wadi-distill")
+    assert (scratch / "site" / "bin" / "clitool-cli").is_file() and (scratch / "site" / "bin" / "wadi-probe").is_file()
     assert (scratch / "site" / "wadi_distill" / "__init__.py").is_file()
+    assert (scratch / "site" / "clitool" / "__init__.py").is_file()
     assert Path(env["wadi_imported_from"]) == ROOT  # the working tree stays first on the path
+
+
+def test_the_rest_command_and_the_end_of_the_first_traceback():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    argv = ["--size", "sd15", "--out", "/root/out/", "--wheels", ".whl", "--install", "--only", "environment,real_run"]
+    assert gpu_check.rest_command(argv, ["real_run", "pixart"]) == (
+        "python benchmarks/gpu_check.py --size sd15 --out /root/out-rest --wheels .whl --install "
+        "--only environment,real_run,pixart")
+    assert gpu_check.rest_command(["--out=a b", "--only=probe"], ["probe"]) == (
+        "python benchmarks/gpu_check.py '--out=a b-rest' --only environment,probe")
+    # a CUDA error raised in a checkpointed recompute, then re-raised while restoring the RNG state (the first
+    # GPU run's Flux step): the first traceback's last frames and its error line, not the second traceback
+    stderr = "\n".join([
+        "Traceback (most recent call last):",
+        '  File "/x/checkpoint.py", line 1607, in recompute_fn', "    fn(*args, **kwargs)",
+        '  File "/x/module.py", line 1790, in _call_impl', "    return forward_call(*args, **kwargs)",
+        '  File "/w/wadi_distill/lorad/layer.py", line 320, in _forward', "    return _AdaptedMatmul.apply(...)",
+        '  File "/w/wadi_distill/lorad/layer.py", line 117, in forward', "    x_cast = _autocast_cast(x, ctx.autocast)",
+        '  File "/w/wadi_distill/lorad/layer.py", line 97, in _autocast_cast', "    return t.to(dtype)",
+        "torch.AcceleratorError: CUDA error: an illegal memory access was encountered",
+        "For debugging consider passing CUDA_LAUNCH_BLOCKING=1", "",
+        "During handling of the above exception, another exception occurred:", "",
+        "Traceback (most recent call last):", '  File "/x/random.py", line 217, in fork_rng',
+        "torch.AcceleratorError: CUDA error: an illegal memory access was encountered"])
+    end = gpu_check.first_traceback_end(stderr, frames=3)
+    assert end.splitlines()[0] == '  File "/w/wadi_distill/lorad/layer.py", line 320, in _forward'
+    assert end.splitlines()[-1] == "torch.AcceleratorError: CUDA error: an illegal memory access was encountered"
+    assert "fork_rng" not in end and len(end.splitlines()) == 7
