@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _study import replace_results  # noqa: E402
 from digits_ablations import RETRAIN_OUT  # noqa: E402 - where its retrained runs write
 from digits_stability import (  # noqa: E402 - the driver's own constants, one definition
-    B_SEEDS, B_STEPS, CURVES, EVAL_SEED, METHODS, NOISE_SEEDS, ROOT, noise_set_summary, queue, read_curves,
-    tail_change,
+    B_SEEDS, B_STEPS, CURVES, EVAL_SEED, METHODS, NOISE_SEEDS, RESTARTS, ROOT, noise_set_summary, queue,
+    read_curves, tail_change,
 )
 
 REPORTS = Path(os.environ.get("WADI_COMPARISON_REPORTS", ROOT / "reports"))
@@ -377,10 +377,12 @@ def readable(quality_verdict: str | None, a: str, b: str) -> str | None:
 
 
 def continued_numbers(rows: dict, at_length: dict[tuple[str, str], str],
-                      retrained: frozenset[str] = frozenset()) -> dict[str, Any]:
+                      retrained: frozenset[str] = frozenset(),
+                      restarted: frozenset[str] = frozenset()) -> dict[str, Any]:
     """The amendment's students at ``LONG`` steps, its pairs' verdicts there, and each pair's verdict at the
     comparison's length beside it (``at_length``: (A, B) -> quality at ``LENGTH``); ``retrained``: the run names
-    trained again from step 0, left out of the change across ``LENGTH``."""
+    the ablation study trained again from step 0, ``restarted``: those this study trained again from step 0 after
+    their checkpoint was lost (``RESTARTS``); both are left out of the change across ``LENGTH``."""
     numbers = [student_numbers(BY_LABEL[label], rows, LONG) for label in LONG_STUDENTS]
     numbers = [n for n in numbers if n["seeds"]]
     by = {n["label"]: n for n in numbers}
@@ -397,23 +399,26 @@ def continued_numbers(rows: dict, at_length: dict[tuple[str, str], str],
     moving = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
               and abs(n["tail_change"]) > n["fd_features"].get("eval_sd", float("nan"))]
     return {"length": LONG, "students": numbers, "pairs": pairs, "still_moving": moving,
-            "changes": [change_across(rows, label, retrained) for label in LONG_STUDENTS if label in by]}
+            "changes": [change_across(rows, label, retrained, restarted) for label in LONG_STUDENTS if label in by]}
 
 
-def change_across(rows: dict, label: str, retrained: frozenset[str] = frozenset()) -> dict[str, Any]:
+def change_across(rows: dict, label: str, retrained: frozenset[str] = frozenset(),
+                  restarted: frozenset[str] = frozenset()) -> dict[str, Any]:
     """``label``'s averaged feature FD at ``LENGTH`` and at ``LONG`` (noise base 1000) on the seeds that reached
-    ``LONG`` and continue the run scored at ``LENGTH`` (runs in ``retrained`` left out), and their mean change."""
+    ``LONG`` and continue the run scored at ``LENGTH`` (runs in ``retrained`` or ``restarted`` left out), and their
+    mean change."""
     names = BY_LABEL[label].run_names()
     left_out = [seed for seed in sorted(names) if names[seed] in retrained]
+    restarts = [seed for seed in sorted(names) if names[seed] in restarted and seed not in left_out]
     pairs = [(seed, rows[(names[seed], LENGTH, WEIGHTS, EVAL_SEED)]["fd_features"],
               rows[(names[seed], LONG, WEIGHTS, EVAL_SEED)]["fd_features"])
-             for seed in sorted(names) if seed not in left_out
+             for seed in sorted(names) if seed not in left_out and seed not in restarts
              and (names[seed], LONG, WEIGHTS, NOISE_SEEDS[-1]) in rows and (names[seed], LENGTH, WEIGHTS, EVAL_SEED) in rows]
     before, after = [p[1] for p in pairs], [p[2] for p in pairs]
     return {"label": label, "seeds": [p[0] for p in pairs], "at_length": statistics.fmean(before) if pairs else None,
             "at_long": statistics.fmean(after) if pairs else None,
             "change": statistics.fmean(b - a for a, b in zip(before, after)) if pairs else None,
-            "left_out": left_out}
+            "left_out": left_out, "restarted": restarts}
 
 
 def continued_lines(continued: dict[str, Any]) -> list[str]:
@@ -435,6 +440,9 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
                           f"(seeds {','.join(map(str, c['seeds']))}"
                           + (f"; seeds {','.join(map(str, c['left_out']))} left out: past {LENGTH} they continue the "
                              "ablation study's retrained draws, `reports/digits_ablations.md`" if c["left_out"] else "")
+                          + (f"; seeds {','.join(map(str, c['restarted']))} left out: trained again from step 0 on "
+                             f"another machine, their lines past {LENGTH} continue another trajectory "
+                             f"(`{RESTARTS.name}`)" if c.get("restarted") else "")
                           + ")" for c in continued["changes"] if c["seeds"]) + ".", ""]
     lines += ["Still moving at step " + str(LONG) + " (change over the last 20 % larger than the evaluation noise): "
               + (", ".join(continued["still_moving"]) or "none") + ".", "",
@@ -506,7 +514,9 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
               + ("; the screen below tries LoRA and DoRA at 3e-4 and 3e-3 at one seed)." if screen_text else ")."),
               "", *screen_text]
     retrained = frozenset(r["name"] for r in read_curves(RETRAIN_CURVES))  # none when the file is absent
-    continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs}, retrained)
+    # a restart after step LENGTH was recorded splices two trajectories between LENGTH and LONG
+    restarted = frozenset(r["name"] for r in read_curves(RESTARTS) if LENGTH <= r["recorded_through"] < LONG)
+    continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs}, retrained, restarted)
     lines += continued_lines(continued)
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)

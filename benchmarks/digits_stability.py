@@ -47,6 +47,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("WADI_STABILITY_OUT", ROOT / "reports" / "digits_stability"))
 CURVES = OUT / "curves.jsonl"
+#: runs trained again from step 0 after their checkpoint was lost (a new machine): their lines past the recorded
+#: step continue another trajectory than the lines before it (the last bits differ between machines)
+RESTARTS = OUT / "restarts.jsonl"
 WORK = Path(os.environ.get("WADI_STABILITY_WORK", Path(tempfile.gettempdir()) / "wadi-digits-stability"))
 # the probe report whose plan the studies train (the demo report of 2026-12-02 11:21, kept fixed here so that
 # re-running the demo does not change the studies' LoRaD plan: 47 layers, 98,048 parameters at the 10 % budget)
@@ -278,6 +281,14 @@ def run_one(run: Run) -> None:
     workdir = WORK / run.name
     averages_file = workdir / "averages.pt"
     resume = averages_file.exists() and any(workdir.glob("checkpoint-*"))
+    if not resume and done:
+        from _study import cpu_model
+
+        through = max(step for step, _, _ in done)
+        append_rows([{"name": run.name, "recorded_through": through, "cpu": cpu_model(),
+                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}], RESTARTS)
+        print(f"{run.name}: no checkpoint for its lines through step {through}; trained again from step 0, and "
+              f"its lines past {through} are recorded as a restart ({RESTARTS.name})", flush=True)
     trainer = VSDTrainer(_config(run, workdir, resume), student=_student(run))
     averages = _averages(trainer.student_params, run.scored)
     if resume:

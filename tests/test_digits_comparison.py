@@ -299,3 +299,46 @@ def test_the_declared_parameter_counts_are_the_students_trainable_parameters():
             params = inject_peft_student(copy.deepcopy(unet), modules, int(rank or budget_rank[method]), method.split("-")[0])
             counted[student.label] = sum(p.numel() for _, p in params)
     assert {s.label: s.params for s in comparison.STUDENTS} == counted
+
+
+def test_a_seed_trained_again_after_its_checkpoint_was_lost_is_left_out_of_the_change_not_the_verdicts():
+    length, long = comparison.LENGTH, comparison.LONG
+    curves = []
+    for seed, name in comparison.BY_LABEL["lorad-uniform"].run_names().items():
+        for step, fd in ((length, 60.0 + seed), (long, 40.0 + seed)):
+            row = {"name": name, "step": step, "weights": comparison.WEIGHTS, "train_s": 1.0, "fd_features": fd,
+                   "fd_pixel": 2.0, "recall": 0.4, "precision": 0.9, "class_accuracy": 0.99}
+            curves.append(row)
+            if step == long:
+                curves.extend({**row, "eval_seed": noise} for noise in comparison.NOISE_SEEDS)
+    restarted = frozenset({comparison.BY_LABEL["lorad-uniform"].run_names()[3]})
+    out = comparison.continued_numbers(comparison.index(curves), {}, frozenset(), restarted)
+    [change] = [c for c in out["changes"] if c["label"] == "lorad-uniform"]
+    assert change["seeds"] == [0, 1, 2, 4] and change["restarted"] == [3] and change["left_out"] == []
+    assert change["change"] == pytest.approx(-20.0)
+    [student] = [n for n in out["students"] if n["label"] == "lorad-uniform"]
+    assert student["seeds"] == [0, 1, 2, 3, 4]  # its score at LONG still counts: a draw of the same recipe
+    text = "\n".join(comparison.continued_lines(out))
+    assert "seeds 3 left out: trained again from step 0 on another machine" in text and "restarts.jsonl" in text
+
+
+def test_the_runner_records_a_restart_when_a_run_has_lines_but_no_checkpoint(tmp_path, monkeypatch):
+    import digits_stability as stability
+
+    monkeypatch.setattr(stability, "RESTARTS", tmp_path / "restarts.jsonl")
+    monkeypatch.setattr(stability, "CURVES", tmp_path / "curves.jsonl")
+    monkeypatch.setattr(stability, "WORK", tmp_path / "work")
+    run = stability.Run("lorad-uniform", 3, 1e-3, 1, 2, rank=2, weights=["raw"])
+    stability.append_rows([{"name": run.name, "step": 1, "weights": "raw", "eval_seed": stability.EVAL_SEED}])
+
+    class Stop(Exception):
+        pass
+
+    def no_training(*args, **kwargs):  # the record is written before the trainer is built
+        raise Stop
+
+    monkeypatch.setattr("wadi_distill.vsd.trainer.VSDTrainer", no_training)
+    with pytest.raises(Stop):
+        stability.run_one(run)
+    [record] = stability.read_curves(tmp_path / "restarts.jsonl")
+    assert record["name"] == run.name and record["recorded_through"] == 1 and record["cpu"]
