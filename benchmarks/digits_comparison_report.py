@@ -409,7 +409,8 @@ def change_across(rows: dict, label: str, retrained: frozenset[str] = frozenset(
     mean change."""
     names = BY_LABEL[label].run_names()
     left_out = [seed for seed in sorted(names) if names[seed] in retrained]
-    restarts = [seed for seed in sorted(names) if names[seed] in restarted and seed not in left_out]
+    restarts = [seed for seed in sorted(names) if names[seed] in restarted and seed not in left_out
+                and (names[seed], LONG, WEIGHTS, NOISE_SEEDS[-1]) in rows]
     pairs = [(seed, rows[(names[seed], LENGTH, WEIGHTS, EVAL_SEED)]["fd_features"],
               rows[(names[seed], LONG, WEIGHTS, EVAL_SEED)]["fd_features"])
              for seed in sorted(names) if seed not in left_out and seed not in restarts
@@ -419,6 +420,11 @@ def change_across(rows: dict, label: str, retrained: frozenset[str] = frozenset(
             "at_long": statistics.fmean(after) if pairs else None,
             "change": statistics.fmean(b - a for a, b in zip(before, after)) if pairs else None,
             "left_out": left_out, "restarted": restarts}
+
+
+def seeds_text(seeds: list[int]) -> str:
+    """"seed 3" or "seeds 0,1"."""
+    return ("seed " if len(seeds) == 1 else "seeds ") + ",".join(map(str, seeds))
 
 
 def continued_lines(continued: dict[str, Any]) -> list[str]:
@@ -438,11 +444,10 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
               "seeds that continue the run scored at " + str(LENGTH) + "): "
               + "; ".join(f"{c['label']} {fmt(c['at_length'], 'fd_features')} → {fmt(c['at_long'], 'fd_features')} "
                           f"(seeds {','.join(map(str, c['seeds']))}"
-                          + (f"; seeds {','.join(map(str, c['left_out']))} left out: past {LENGTH} they continue the "
+                          + (f"; {seeds_text(c['left_out'])} left out: past {LENGTH} they continue the "
                              "ablation study's retrained draws, `reports/digits_ablations.md`" if c["left_out"] else "")
-                          + (f"; seeds {','.join(map(str, c['restarted']))} left out: trained again from step 0 on "
-                             f"another machine, their lines past {LENGTH} continue another trajectory "
-                             f"(`{RESTARTS.name}`)" if c.get("restarted") else "")
+                          + (f"; {seeds_text(c['restarted'])} left out: trained again from step 0 on another machine, "
+                             f"past {LENGTH} another trajectory (`{RESTARTS.name}`)" if c.get("restarted") else "")
                           + ")" for c in continued["changes"] if c["seeds"]) + ".", ""]
     lines += ["Still moving at step " + str(LONG) + " (change over the last 20 % larger than the evaluation noise): "
               + (", ".join(continued["still_moving"]) or "none") + ".", "",

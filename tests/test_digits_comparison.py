@@ -319,7 +319,7 @@ def test_a_seed_trained_again_after_its_checkpoint_was_lost_is_left_out_of_the_c
     [student] = [n for n in out["students"] if n["label"] == "lorad-uniform"]
     assert student["seeds"] == [0, 1, 2, 3, 4]  # its score at LONG still counts: a draw of the same recipe
     text = "\n".join(comparison.continued_lines(out))
-    assert "seeds 3 left out: trained again from step 0 on another machine" in text and "restarts.jsonl" in text
+    assert "seed 3 left out: trained again from step 0 on another machine" in text and "restarts.jsonl" in text
 
 
 def test_the_runner_records_a_restart_when_a_run_has_lines_but_no_checkpoint(tmp_path, monkeypatch):
