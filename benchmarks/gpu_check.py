@@ -95,7 +95,7 @@ PLANS: dict[str, dict[str, Any]] = {
         # the published configs of benchmarks/configs (SD3.5 Large, FLUX.1-dev, SANA 1.6B 1024 px), 1024 px
         "flow_families": {"families": ["sana", "sd3", "flux"], "tiny": False, "batch_size": 1, "rank": 256,
                           "fake_rank": 32, "steps": 2},
-        "budgets": {"environment": 20, "cuda_tests": 45, "probe": 90, "vsd_step": 150, "real_run": 270,
+        "budgets": {"environment": 20, "cuda_tests": 45, "probe": 90, "vsd_step": 150, "real_run": 300,
                     "pixart": 60, "flow_families": 240},
         "time_limit": 540,
     },
