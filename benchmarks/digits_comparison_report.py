@@ -435,7 +435,11 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
         return [*lines, f"No run has reached step {LONG} with its noise sets yet.", ""]
     missing = [f"{label} seed {seed}" for label in LONG_STUDENTS for seed in B_SEEDS
                if seed not in next((n["seeds"] for n in numbers if n["label"] == label), [])]
-    lines += [f"The same runs continued from their {LENGTH}-step checkpoints; every score as above, at step {LONG}; "
+    restarted = sorted({f"{c['label']} {seeds_text(c['restarted'])}" for c in continued["changes"] if c.get("restarted")})
+    lines += [f"The same runs continued from their {LENGTH}-step checkpoints"
+              + (f" (where a checkpoint was lost with its machine, the run was trained again from step 0 with the "
+                 f"same seed and recipe, `{RESTARTS.name}`: " + "; ".join(restarted) + ")" if restarted else "")
+              + f"; every score as above, at step {LONG}; "
               f"\"change over last 20 %\": what the line through the seed-mean curve moves over steps "
               f"{int(0.8 * LONG)}–{LONG}. s / step: the continued stretch's own clock.", "",
               "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + ".", ""]
