@@ -170,3 +170,32 @@ def test_changing_the_base_weight_before_backward_is_an_error():
     layer.merge("s")  # writes into the base weight the backward forms R_Θ(W) from again
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("autocast_dtype", [None, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_cuda_adapted_layers_match_the_cpu(autocast_dtype):
+    """Outputs and gradients of the adapted Linear and Conv2d on CUDA against the same layers on the CPU (fp32;
+    under fp16/bf16 autocast, against the CPU in fp32 within the low precision's rounding)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    tolerance = {None: 1e-4, torch.float16: 5e-3, torch.bfloat16: 4e-2}[autocast_dtype]
+    import copy
+
+    for base, x in cases():
+        cpu_layer = adapted(base)
+        gpu_layer = adapted(copy.deepcopy(base)).cuda()  # a copy: wrapping the same module would move it too
+        gpu_layer.load_state_dict(cpu_layer.state_dict())
+        g = torch.randn(cpu_layer(x).shape, generator=torch.Generator().manual_seed(5))
+        results = []
+        for layer, device in ((cpu_layer, "cpu"), (gpu_layer, "cuda")):
+            layer.zero_grad()
+            xd = x.to(device).requires_grad_(True)
+            with torch.autocast("cuda", dtype=autocast_dtype or torch.float16, enabled=device == "cuda" and autocast_dtype is not None):
+                y = layer(xd)
+            y.float().backward(g.to(device))
+            results.append([y.detach().float().cpu(), xd.grad.float().cpu()]
+                           + [p.grad.float().cpu() for p in layer.parameters() if p.requires_grad])
+        for cpu_value, gpu_value in zip(*results):
+            scale = cpu_value.abs().max().clamp_min(1e-6)
+            assert ((gpu_value - cpu_value).abs().max() / scale).item() < tolerance
