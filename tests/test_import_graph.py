@@ -21,7 +21,7 @@ PACKAGES = ("wadi_probe", "wadi_distill")
 #: package's own ``__init__`` (its lazy re-exports), which sits at the top.
 LAYERS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "wadi_probe": [
-        ("foundation", ("errors", "lazy", "console", "device", "heap", "builtins", "text")),  # shared by both packages
+        ("foundation", ("errors", "lazy", "choices", "console", "device", "heap", "builtins", "text")),  # shared by both
         ("math", ("rotation", "chance", "decompose")),
         ("files", ("io",)),
         ("pairing", ("pairing", "layers")),

@@ -110,7 +110,9 @@ def test_the_one_step_sample_is_the_pipelines_one_euler_step_and_decode_is_its_i
     torch.testing.assert_close(x0, latents, rtol=0, atol=1e-6)
     torch.testing.assert_close(x0, z - direct, rtol=0, atol=1e-6)
     assert torch.equal(half, at_250)  # timestep = σ·1000
-    torch.testing.assert_close(teacher.decode(x0), images, rtol=0, atol=1e-6)
+    # the decode on the pipeline's own latents: x0 and those agree within 1e-6 (above), and the random VAE can
+    # amplify that (1.25e-6 seen on a fresh install, 2026-12-04), which is not what this line checks
+    torch.testing.assert_close(teacher.decode(latents), images, rtol=0, atol=1e-6)
     assert images.shape == (2, 3, 32, 32)
 
 
