@@ -27,9 +27,9 @@ from typing import Any, Callable, TypeVar
 import typer
 from rich.console import Console
 
+from wadi_probe.choices import Choice
 from wadi_probe.errors import WadiInputError, WadiRuntimeError
 from wadi_probe.text import quoted
-from wadi_probe.choices import Choice
 
 __all__ = ["console", "err_console", "EXIT_USAGE", "EXIT_RUNTIME", "fail", "handle_errors", "Device", "choice_option",
            "device_option", "version_option", "progress_bar", "print_line", "stdout_may_close"]

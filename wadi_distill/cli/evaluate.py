@@ -10,9 +10,9 @@ import typer
 from rich.table import Table
 
 from wadi_distill.cli import app
+from wadi_probe.choices import Choice
 from wadi_probe.console import Device, console, device_option, handle_errors
 from wadi_probe.errors import WadiInputError
-from wadi_probe.choices import Choice
 
 
 class InceptionResize(Choice):

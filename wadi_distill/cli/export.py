@@ -7,9 +7,9 @@ from pathlib import Path
 import typer
 
 from wadi_distill.cli import app
+from wadi_probe.choices import Choice
 from wadi_probe.console import choice_option, console, handle_errors
 from wadi_probe.errors import WadiInputError
-from wadi_probe.choices import Choice
 
 
 class ExportFormat(Choice):

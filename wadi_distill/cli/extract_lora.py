@@ -7,8 +7,8 @@ from pathlib import Path
 import typer
 
 from wadi_distill.cli import app
-from wadi_probe.console import Device, choice_option, console, device_option, handle_errors
 from wadi_probe.choices import Choice
+from wadi_probe.console import Device, choice_option, console, device_option, handle_errors
 
 
 class LoraFormat(Choice):

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Optional
 import typer
 
 from wadi_distill.cli import app
+from wadi_probe.choices import Choice
 from wadi_probe.console import choice_option, console, handle_errors
 from wadi_probe.errors import WadiInputError
-from wadi_probe.choices import Choice
 
 if TYPE_CHECKING:  # pragma: no cover
     from wadi_distill.plan import Plan

@@ -10,12 +10,11 @@ import typer
 from wadi_distill.cli import app
 from wadi_distill.cli.plan import Preset
 from wadi_distill.vsd.config import EMA_MAX_DECAY, EMA_POWER, FakeKind, MixedPrecision
+from wadi_probe.choices import Choice
 from wadi_probe.console import (Device, choice_option, console, device_option, err_console, handle_errors,
                                 stdout_may_close)
 from wadi_probe.errors import WadiInputError
 from wadi_probe.text import plural
-from wadi_probe.choices import Choice
-
 
 
 class StudentAdapter(Choice):

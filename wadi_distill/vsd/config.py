@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from wadi_distill.vsd.preemption import DEFAULT_SIGNALS, parse_signals
-from wadi_probe.errors import WadiInputError
 from wadi_probe.choices import Choice
+from wadi_probe.errors import WadiInputError
 
 
 class MixedPrecision(Choice):
