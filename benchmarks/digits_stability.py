@@ -281,11 +281,12 @@ def run_one(run: Run) -> None:
     workdir = WORK / run.name
     averages_file = workdir / "averages.pt"
     resume = averages_file.exists() and any(workdir.glob("checkpoint-*"))
-    if not resume and done:
-        from _study import cpu_model
+    from _study import cpu_model
 
+    cpu = cpu_model()
+    if not resume and done:
         through = max(step for step, _, _ in done)
-        append_rows([{"name": run.name, "recorded_through": through, "cpu": cpu_model(),
+        append_rows([{"name": run.name, "recorded_through": through, "cpu": cpu,
                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}], RESTARTS)
         print(f"{run.name}: no checkpoint for its lines through step {through}; trained again from step 0, and "
               f"its lines past {through} are recorded as a restart ({RESTARTS.name})", flush=True)
@@ -299,9 +300,6 @@ def run_one(run: Run) -> None:
             ema.load_state_dict(saved["averages"][name])
         print(f"{run.name}: resumed at step {trainer.step}", flush=True)
     scorer = Scorer()
-    from _study import cpu_model
-
-    cpu = cpu_model()
     started, train_s = time.perf_counter(), 0.0
     try:
         while trainer.step < run.steps:

@@ -773,6 +773,12 @@ def section_pixart(ctx: Context) -> dict[str, Any]:
 ESTIMATES_FOLDER = "flow-estimates"  # under the scratch folder: the fake-tensor estimates of the real-size steps
 
 
+def _flow_flags(plan: dict[str, Any]) -> list[str]:
+    """``flow_memory.py``'s step options of the plan, the same for the estimate and the measured step."""
+    return ["--batch-size", str(plan["batch_size"]), "--rank", str(plan["rank"]), "--fake-rank",
+            str(plan["fake_rank"]), "--precision", "bf16"]
+
+
 def start_flow_estimates(plan: dict[str, Any], scratch: Path, env: dict[str, str]) -> list[subprocess.Popen]:
     """Start the CPU estimates of the flow families' real-size steps, one single-thread process each.
 
@@ -781,11 +787,9 @@ def start_flow_estimates(plan: dict[str, Any], scratch: Path, env: dict[str, str
     """
     folder = scratch / ESTIMATES_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    flags = ["--batch-size", str(plan["batch_size"]), "--rank", str(plan["rank"]), "--fake-rank",
-             str(plan["fake_rank"]), "--precision", "bf16"]
     procs = []
     for family in plan["families"]:
-        cmd = [sys.executable, str(HERE / "flow_memory.py"), "--family", family, *flags, "--json",
+        cmd = [sys.executable, str(HERE / "flow_memory.py"), "--family", family, *_flow_flags(plan), "--json",
                str(folder / f"{family}.json")]
         script = f'{" ".join(map(shlex.quote, cmd))} >/dev/null 2>{shlex.quote(str(folder / (family + ".err")))}; ' \
                  f'echo $? > {shlex.quote(str(folder / (family + ".rc")))}'
@@ -814,8 +818,7 @@ def section_flow_families(ctx: Context) -> dict[str, Any]:
     plan = ctx.plan["flow_families"]
     folder = ctx.folder("flow_families")
     script = str(HERE / "flow_memory.py")
-    common = ["--batch-size", str(plan["batch_size"]), "--rank", str(plan["rank"]), "--fake-rank",
-              str(plan["fake_rank"]), "--precision", "bf16"]
+    common = _flow_flags(plan)
     args: dict[str, list[str]] = {}
     tiny: dict[str, dict[str, Any]] = {}
     for family in plan["families"]:
@@ -835,15 +838,7 @@ def section_flow_families(ctx: Context) -> dict[str, Any]:
                 out = folder / f"{family}-measured.json"
                 cmd = [sys.executable, script, *a, "--device", "cuda", "--steps", str(plan["steps"]), "--json",
                        str(out)]
-                try:
-                    _run(cmd, ctx, what=f"the {family} step")
-                except SectionProblem as exc:
-                    # a CUDA error is reported at a later call than the kernel that caused it: run the step
-                    # once more with every launch synchronous, so that the trace names the failing kernel
-                    if "illegal memory access" in str(exc) and ctx.left() > 60:
-                        entry["launch_blocking"] = _launch_blocking_trace(cmd, ctx, family)
-                        ctx.save({**result, "families": {**result["families"], family: entry}})
-                    raise
+                _run(cmd, ctx, what=f"the {family} step")
                 measured = json.loads(out.read_text())
             else:  # the tiny configs: the same step on real CPU tensors, metered, in this process
                 measured = flow_memory.estimate(family, tiny[family]["config"], batch=plan["batch_size"],
@@ -859,7 +854,11 @@ def section_flow_families(ctx: Context) -> dict[str, Any]:
             else:
                 entry["peak_metered_mb"] = round(measured["peak_bytes"] / 2**20, 3)
         except SectionProblem as exc:
-            entry = {"error": str(exc)[-800:], **{k: v for k, v in entry.items() if k == "launch_blocking"}}
+            entry = {"error": str(exc)[-800:]}
+            # a CUDA error is reported at a later call than the kernel that caused it: run the step once more
+            # with every launch synchronous, so that the trace names the failing kernel
+            if ctx.device == "cuda" and "illegal memory access" in str(exc) and ctx.left() > 60:
+                entry["launch_blocking"] = _launch_blocking_trace(cmd, ctx, family)
             problems.append(f"{family}: {exc}"[:300])
         result["families"][family] = entry
         ctx.save(result)
