@@ -94,9 +94,11 @@ PAIRS = (  # declared: (A, B, the question it answers)
     ("lorad-uniform r8", "lorad-uniform", "rank ablation"),
 )
 # the amendment of 2026-12-03 12:38 UTC: the budget and rank-4 uniform students continued to LONG steps, its pairs;
-# then the amendment of 15:37 UTC: full fine-tuning and ranks 2 and 8 continued the same way, its pairs
+# then the amendment of 15:37 UTC: full fine-tuning and ranks 2 and 8 continued the same way, its pairs; then the
+# amendment of 2026-12-04 19:40 UTC: LoRaD-from-the-probe trained again from step 0 to LONG, its pairs (8', 9')
 LONG = 2000
-LONG_STUDENTS = ("full", "lorad-uniform", "lora-peft", "dora-peft", "lorad-uniform r2", "lora-peft r2", "dora-peft r2",
+LONG_AMENDMENTS = "the amendments of 2026-12-03 12:38 and 15:37 UTC and of 2026-12-04 19:40 UTC"
+LONG_STUDENTS = ("full", "lorad-probe", "lorad-uniform", "lora-peft", "dora-peft", "lorad-uniform r2", "lora-peft r2", "dora-peft r2",
                  "lorad-uniform r4", "lora-peft r4", "dora-peft r4", "lorad-uniform r8", "lora-peft r8", "dora-peft r8")
 LONG_PAIRS = (
     ("lorad-uniform", "lora-peft", "budget"), ("lorad-uniform", "dora-peft", "budget"),
@@ -107,7 +109,13 @@ LONG_PAIRS = (
     ("lorad-uniform r8", "lora-peft r8", "rank 8"), ("lorad-uniform r8", "dora-peft r8", "rank 8"),
     ("lorad-uniform r2", "lorad-uniform r4", "rank ablation"), ("lorad-uniform r4", "lorad-uniform r8", "rank ablation"),
     ("lorad-uniform r8", "lorad-uniform", "rank ablation"),
+    ("lorad-probe", "full", "budget"), ("lorad-probe", "lora-peft", "budget"), ("lorad-probe", "dora-peft", "budget"),
+    ("lorad-probe", "lorad-uniform", "budget"), ("lorad-uniform r4", "lorad-probe", "rank ablation"),
 )
+# the same amendment of 2026-12-04 19:40 UTC: LoRaD-from-the-probe continued from LONG to PLATEAU steps, a plateau
+# reading only (its curve's change over the last 20 % against the evaluation noise), no verdicts
+PLATEAU = 3000
+PLATEAU_STUDENTS = ("lorad-probe",)
 # runs the ablation study trained again from step 0 (reports/digits_ablations.md): past LENGTH they continue those
 # draws, not the runs scored up to LENGTH, so a change across LENGTH is read on the other seeds only
 RETRAIN_CURVES = RETRAIN_OUT / "curves.jsonl"
@@ -429,7 +437,7 @@ def seeds_text(seeds: list[int]) -> str:
 
 def continued_lines(continued: dict[str, Any]) -> list[str]:
     """The amendment's section: the students at ``LONG`` steps, whether they sit on a plateau, the verdicts."""
-    lines = [f"### Continued to {LONG} steps (the amendments of 12:38 and 15:37 UTC)", ""]
+    lines = [f"### Continued to {LONG} steps ({LONG_AMENDMENTS})", ""]
     numbers = continued["students"]
     if not numbers:
         return [*lines, f"No run has reached step {LONG} with its noise sets yet.", ""]
@@ -452,7 +460,10 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
                              "ablation study's retrained draws, `reports/digits_ablations.md`" if c["left_out"] else "")
                           + (f"; {seeds_text(c['restarted'])} left out: trained again from step 0 on another machine, "
                              f"past {LENGTH} another trajectory (`{RESTARTS.name}`)" if c.get("restarted") else "")
-                          + ")" for c in continued["changes"] if c["seeds"]) + ".", ""]
+                          + ")" for c in continued["changes"] if c["seeds"])
+              + "".join(f"; {c['label']}: no change read ({seeds_text(c['restarted'])} trained again from step 0 on "
+                        f"another machine, past {LENGTH} another trajectory)"
+                        for c in continued["changes"] if not c["seeds"] and c.get("restarted")) + ".", ""]
     lines += ["Still moving at step " + str(LONG) + " (change over the last 20 % larger than the evaluation noise): "
               + (", ".join(continued["still_moving"]) or "none") + ".", "",
               f"![curves to {LONG} steps]({LONG_PLOT.name})", "", f"**Verdicts at step {LONG}** (the declared rule; "
@@ -463,8 +474,50 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def plateau_numbers(rows: dict) -> dict[str, Any]:
+    """The plateau reading: ``PLATEAU_STUDENTS`` at ``PLATEAU`` steps (the seeds that reached it with their noise
+    sets), each one's curve change over its last 20 % against its evaluation noise, and its change from ``LONG``."""
+    numbers = [n for n in (student_numbers(BY_LABEL[label], rows, PLATEAU) for label in PLATEAU_STUDENTS) if n["seeds"]]
+    changes = []
+    for n in numbers:
+        at_long = [rows[(n["per_seed"][s]["run"], LONG, WEIGHTS, EVAL_SEED)]["fd_features"] for s in n["seeds"]
+                   if (n["per_seed"][s]["run"], LONG, WEIGHTS, EVAL_SEED) in rows]
+        at_plateau = [n["per_seed"][s]["fd_features"] for s in n["seeds"]]
+        changes.append({"label": n["label"], "seeds": n["seeds"],
+                        "at_long": statistics.fmean(at_long) if len(at_long) == len(at_plateau) else None,
+                        "at_plateau": statistics.fmean(at_plateau)})
+    flat = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
+            and abs(n["tail_change"]) <= n["fd_features"].get("eval_sd", float("nan"))]
+    return {"length": PLATEAU, "students": numbers, "flat": flat, "changes": changes}
+
+
+def plateau_lines(plateau: dict[str, Any]) -> list[str]:
+    """The plateau reading's section (empty until a run reaches ``PLATEAU`` with its noise sets)."""
+    numbers = plateau["students"]
+    if not numbers:
+        return []
+    missing = [f"{label} seed {seed}" for label in PLATEAU_STUDENTS for seed in B_SEEDS
+               if seed not in next((n["seeds"] for n in numbers if n["label"] == label), [])]
+    lines = [f"### Continued to {PLATEAU} steps (a plateau reading, the amendment of 2026-12-04 19:40 UTC)", "",
+             f"The runs of step {LONG} continued from their {LONG}-step checkpoints; every score as above, at step "
+             f"{PLATEAU}; \"change over last 20 %\": what the line through the seed-mean curve moves over steps "
+             f"{int(0.8 * PLATEAU)}–{PLATEAU}. No verdicts (declared).", "",
+             "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + ".", ""]
+    lines += students_table(numbers)
+    lines.append("")
+    for n, c in zip(numbers, plateau["changes"]):
+        noise = n["fd_features"].get("eval_sd", float("nan"))
+        state = "flat" if n["label"] in plateau["flat"] else "still moving"
+        lines.append(f"- {n['label']}: {state} at step {PLATEAU} (change over steps {int(0.8 * PLATEAU)}–{PLATEAU} "
+                     f"{fmt(n['tail_change'], 'fd_features')} against an evaluation noise of "
+                     f"{fmt(noise, 'fd_features')}); feature FD {fmt(c['at_long'], 'fd_features')} at step {LONG} → "
+                     f"{fmt(c['at_plateau'], 'fd_features')} at {PLATEAU} ({seeds_text(c['seeds'])}).")
+    return [*lines, ""]
+
+
 def long_plot(numbers: list[dict[str, Any]], path: Path) -> None:
-    """The continued students' seed-mean feature-FD curves of the averaged weights, one panel per group."""
+    """The continued students' seed-mean feature-FD curves of the averaged weights, one panel per group (to
+    ``PLATEAU`` for the students read that far)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -474,8 +527,11 @@ def long_plot(numbers: list[dict[str, Any]], path: Path) -> None:
     groups = sorted({n["group"] for n in numbers}, key=GROUPS.index)
     fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
     for ax, group in zip(axes[0], groups):
-        curves_panel(ax, numbers, group, f"{group}: {WEIGHTS}, seed mean, to step {LONG}", colors)
-        ax.axvline(LENGTH, color="grey", linestyle=":", linewidth=1)
+        last = max((n["curve"]["steps"][-1] for n in numbers if n["group"] == group and n["curve"]["steps"]),
+                   default=LONG)
+        curves_panel(ax, numbers, group, f"{group}: {WEIGHTS}, seed mean, to step {last}", colors)
+        for step in (LENGTH, LONG) if last > LONG else (LENGTH,):
+            ax.axvline(step, color="grey", linestyle=":", linewidth=1)
     axes[0][0].set_ylabel("feature FD (2000 images, noise base 1000)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -527,14 +583,17 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
     restarted = frozenset(r["name"] for r in read_curves(RESTARTS) if LENGTH <= r["recorded_through"] < LONG)
     continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs}, retrained, restarted)
     lines += continued_lines(continued)
+    plateau = plateau_numbers(rows)
+    lines += plateau_lines(plateau)
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)
     if continued["students"]:
-        long_plot(continued["students"], LONG_PLOT)
+        longer = {n["label"]: n for n in plateau["students"]}  # a student read to PLATEAU: its longer curve
+        long_plot([longer.get(n["label"], n) for n in continued["students"]], LONG_PLOT)
     summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs,
                "still_moving": [n["label"] for n in moving],
                "lr_screen": {m: {f"{lr:g}": v for lr, v in by.items()} for m, by in screened.items()},
-               "continued": continued}
+               "continued": continued, "plateau": plateau}
     SUMMARY.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 

@@ -342,3 +342,60 @@ def test_the_runner_records_a_restart_when_a_run_has_lines_but_no_checkpoint(tmp
         stability.run_one(run)
     [record] = stability.read_curves(tmp_path / "restarts.jsonl")
     assert record["name"] == run.name and record["recorded_through"] == 1 and record["cpu"]
+
+
+def test_every_continued_pair_names_continued_students():
+    assert all(a in comparison.LONG_STUDENTS and b in comparison.LONG_STUDENTS for a, b, _ in comparison.LONG_PAIRS)
+    assert set(comparison.PLATEAU_STUDENTS) <= set(comparison.LONG_STUDENTS)
+    assert comparison.LENGTH < comparison.LONG < comparison.PLATEAU
+
+
+def _scored(curves, name, step, fd, noise_sets=False):
+    row = {"name": name, "step": step, "weights": comparison.WEIGHTS, "train_s": step * 0.5, "fd_features": fd,
+           "fd_pixel": 2.0, "recall": 0.4, "precision": 0.9, "class_accuracy": 0.99}
+    curves.append(row)
+    if noise_sets:  # the five more noise sets: +-0.5 around the base set, so an evaluation sd of about 0.5
+        curves.extend({**row, "eval_seed": noise, "fd_features": fd + (0.5 if i % 2 else -0.5)}
+                      for i, noise in enumerate(comparison.NOISE_SEEDS))
+
+
+def test_a_student_trained_again_on_every_seed_gets_no_change_line_but_says_why():
+    curves = []
+    names = comparison.BY_LABEL["lorad-probe"].run_names()
+    for seed, name in names.items():
+        _scored(curves, name, comparison.LENGTH, 55.0)
+        _scored(curves, name, comparison.LONG, 45.0 + seed, noise_sets=True)
+    out = comparison.continued_numbers(comparison.index(curves), {}, frozenset(), frozenset(names.values()))
+    [student] = out["students"]
+    assert student["label"] == "lorad-probe" and student["fd_features"]["mean"] == pytest.approx(47.0)
+    text = "\n".join(comparison.continued_lines(out))
+    assert "lorad-probe: no change read (seeds 0,1,2,3,4 trained again from step 0" in text
+    assert "lorad-probe 55.0 →" not in text
+
+
+def test_the_plateau_reading_says_flat_or_still_moving_against_the_evaluation_noise():
+    names = comparison.BY_LABEL["lorad-probe"].run_names()
+    plateau, long = comparison.PLATEAU, comparison.LONG
+
+    def curves_for(slope):  # feature FD falls by `slope` a step; seeds 0-3 reach PLATEAU, seed 4 stops at LONG
+        curves = []
+        for seed, name in names.items():
+            last = plateau if seed < 4 else long
+            for step in range(100, last + 1, 100):
+                _scored(curves, name, step, 40.0 + seed + (plateau - step) * slope,
+                        noise_sets=step in (long, plateau))
+        return comparison.plateau_numbers(comparison.index(curves))
+
+    flat = curves_for(0.0001)  # 0.06 over the last 600 steps, against an evaluation noise of 0.5
+    [student] = flat["students"]
+    assert student["seeds"] == [0, 1, 2, 3] and student["tail_change"] == pytest.approx(-0.06)
+    assert flat["flat"] == ["lorad-probe"]
+    [change] = flat["changes"]
+    assert change["at_long"] == pytest.approx(41.5 + 0.1) and change["at_plateau"] == pytest.approx(41.5)
+    text = "\n".join(comparison.plateau_lines(flat))
+    assert "lorad-probe: flat at step 3000 (change over steps 2400–3000 -0.1 against an evaluation noise of 0.5)" in text
+    assert "Not finished (cut for time): lorad-probe seed 4." in text
+    moving = curves_for(0.002)  # 1.2 over the last 600 steps: more than the noise
+    assert moving["flat"] == [] and "lorad-probe: still moving at step 3000" in "\n".join(
+        comparison.plateau_lines(moving))
+    assert comparison.plateau_lines(comparison.plateau_numbers({})) == []
