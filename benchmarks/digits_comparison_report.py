@@ -112,10 +112,18 @@ LONG_PAIRS = (
     ("lorad-probe", "full", "budget"), ("lorad-probe", "lora-peft", "budget"), ("lorad-probe", "dora-peft", "budget"),
     ("lorad-probe", "lorad-uniform", "budget"), ("lorad-uniform r4", "lorad-probe", "rank ablation"),
 )
-# the same amendment of 2026-12-04 19:40 UTC: LoRaD-from-the-probe continued from LONG to PLATEAU steps, a plateau
-# reading only (its curve's change over the last 20 % against the evaluation noise), no verdicts
+# the same amendment of 2026-12-04 19:40 UTC: LoRaD-from-the-probe continued from LONG to PLATEAU steps (its curve's
+# change over the last 20 % against the evaluation noise); the amendment of 19:48 UTC: the budget's uniform adapters
+# trained to PLATEAU as well, and verdicts there (10'-12'), full fine-tuning entering with its scores at LONG (flat)
 PLATEAU = 3000
-PLATEAU_STUDENTS = ("lorad-probe",)
+PLATEAU_AMENDMENTS = "the amendments of 2026-12-04 19:40 and 19:48 UTC"
+PLATEAU_STUDENTS = ("lorad-probe", "lorad-uniform", "lora-peft", "dora-peft")
+PLATEAU_AT_LONG = ("full",)  # flat at LONG: compared there, each student at its plateau
+PLATEAU_PAIRS = (
+    ("lorad-probe", "lorad-uniform", "budget"), ("lorad-probe", "lora-peft", "budget"),
+    ("lorad-probe", "dora-peft", "budget"), ("lorad-uniform", "lora-peft", "budget"),
+    ("lorad-uniform", "dora-peft", "budget"), ("lorad-probe", "full", "budget"), ("lorad-uniform", "full", "budget"),
+)
 # runs the ablation study trained again from step 0 (reports/digits_ablations.md): past LENGTH they continue those
 # draws, not the runs scored up to LENGTH, so a change across LENGTH is read on the other seeds only
 RETRAIN_CURVES = RETRAIN_OUT / "curves.jsonl"
@@ -474,44 +482,77 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def plateau_numbers(rows: dict) -> dict[str, Any]:
-    """The plateau reading: ``PLATEAU_STUDENTS`` at ``PLATEAU`` steps (the seeds that reached it with their noise
-    sets), each one's curve change over its last 20 % against its evaluation noise, and its change from ``LONG``."""
-    numbers = [n for n in (student_numbers(BY_LABEL[label], rows, PLATEAU) for label in PLATEAU_STUDENTS) if n["seeds"]]
+def plateau_numbers(rows: dict, at_long: dict[tuple[str, str], str] | None = None,
+                    restarted: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The budget's students at ``PLATEAU`` steps (the seeds that reached it with their noise sets) and
+    ``PLATEAU_AT_LONG`` at ``LONG``; each one's curve change over its last 20 % against its evaluation noise, its
+    change from ``LONG`` (``restarted``: runs trained again from step 0 after ``LONG`` was scored, left out), and the
+    declared pairs' verdicts (``at_long``: (A, B) -> the same pair's quality at ``LONG``)."""
+    def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:
+        return student_numbers(BY_LABEL[label], rows, LONG if label in PLATEAU_AT_LONG else PLATEAU, seeds)
+
+    numbers = [n for n in (numbers_of(label) for label in PLATEAU_STUDENTS) if n["seeds"]]
+    by = {n["label"]: n for n in numbers}
+    by.update({label: n for label in PLATEAU_AT_LONG if (n := numbers_of(label))["seeds"]})
     changes = []
     for n in numbers:
-        at_long = [rows[(n["per_seed"][s]["run"], LONG, WEIGHTS, EVAL_SEED)]["fd_features"] for s in n["seeds"]
-                   if (n["per_seed"][s]["run"], LONG, WEIGHTS, EVAL_SEED) in rows]
-        at_plateau = [n["per_seed"][s]["fd_features"] for s in n["seeds"]]
-        changes.append({"label": n["label"], "seeds": n["seeds"],
-                        "at_long": statistics.fmean(at_long) if len(at_long) == len(at_plateau) else None,
-                        "at_plateau": statistics.fmean(at_plateau)})
+        names = {s: n["per_seed"][s]["run"] for s in n["seeds"]}
+        kept = [s for s in n["seeds"] if names[s] not in restarted and (names[s], LONG, WEIGHTS, EVAL_SEED) in rows]
+        changes.append({
+            "label": n["label"], "seeds": kept, "restarted": [s for s in n["seeds"] if names[s] in restarted],
+            "at_long": statistics.fmean(rows[(names[s], LONG, WEIGHTS, EVAL_SEED)]["fd_features"] for s in kept)
+            if kept else None,
+            "at_plateau": statistics.fmean(n["per_seed"][s]["fd_features"] for s in kept) if kept else None})
+    pairs = []
+    for a, b, question in PLATEAU_PAIRS:
+        if a not in by or b not in by:
+            continue
+        common = set(by[a]["seeds"]) & set(by[b]["seeds"])  # the same seeds a side (declared)
+        per_metric = {m: verdict(numbers_of(a, common), numbers_of(b, common), m) for m in VERDICT_METRICS}
+        pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
+                      "seeds": sorted(common), "sentence": verdict_sentence(a, b, per_metric),
+                      "at_long": readable((at_long or {}).get((a, b)), a, b)})
     flat = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
             and abs(n["tail_change"]) <= n["fd_features"].get("eval_sd", float("nan"))]
-    return {"length": PLATEAU, "students": numbers, "flat": flat, "changes": changes}
+    return {"length": PLATEAU, "students": numbers, "flat": flat, "changes": changes, "pairs": pairs,
+            "at_long_students": [by[label] for label in PLATEAU_AT_LONG if label in by]}
 
 
 def plateau_lines(plateau: dict[str, Any]) -> list[str]:
-    """The plateau reading's section (empty until a run reaches ``PLATEAU`` with its noise sets)."""
+    """The section of the students at ``PLATEAU`` (empty until a run reaches it with its noise sets)."""
     numbers = plateau["students"]
     if not numbers:
         return []
     missing = [f"{label} seed {seed}" for label in PLATEAU_STUDENTS for seed in B_SEEDS
                if seed not in next((n["seeds"] for n in numbers if n["label"] == label), [])]
-    lines = [f"### Continued to {PLATEAU} steps (a plateau reading, the amendment of 2026-12-04 19:40 UTC)", "",
-             f"The runs of step {LONG} continued from their {LONG}-step checkpoints; every score as above, at step "
-             f"{PLATEAU}; \"change over last 20 %\": what the line through the seed-mean curve moves over steps "
-             f"{int(0.8 * PLATEAU)}–{PLATEAU}. No verdicts (declared).", "",
+    restarted = [f"{c['label']} {seeds_text(c['restarted'])}" for c in plateau["changes"] if c["restarted"]]
+    lines = [f"### The budget's students at {PLATEAU} steps ({PLATEAU_AMENDMENTS})", "",
+             f"LoRaD-from-the-probe continued from its {LONG}-step checkpoints; "
+             + (f"trained again from step 0 after their {LONG}-step checkpoints were lost (`{RESTARTS.name}`; their "
+                f"curves up to {LONG} are the earlier runs', from {LONG + 100} on the new ones'): "
+                + "; ".join(restarted) + ". " if restarted else "")
+             + f"Every score as above, at step {PLATEAU}; full fine-tuning enters with its scores at step {LONG}, "
+             f"where its curve is flat. \"change over last 20 %\": what the line through the seed-mean curve moves "
+             f"over steps {int(0.8 * PLATEAU)}–{PLATEAU}.", "",
              "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + ".", ""]
-    lines += students_table(numbers)
+    at_long = [{**n, "label": f"{n['label']} (at {LONG})"} for n in plateau.get("at_long_students", [])]
+    lines += students_table(numbers + at_long)
     lines.append("")
     for n, c in zip(numbers, plateau["changes"]):
         noise = n["fd_features"].get("eval_sd", float("nan"))
-        state = "flat" if n["label"] in plateau["flat"] else "still moving"
+        state = ("flat" if n["label"] in plateau["flat"] else "still moving" if not math.isnan(n["tail_change"])
+                 else "not read")
+        since = (f"; feature FD {fmt(c['at_long'], 'fd_features')} at step {LONG} → "
+                 f"{fmt(c['at_plateau'], 'fd_features')} at {PLATEAU} ({seeds_text(c['seeds'])})" if c["seeds"] else
+                 f"; no change from {LONG} read (every seed trained again from step 0)")
         lines.append(f"- {n['label']}: {state} at step {PLATEAU} (change over steps {int(0.8 * PLATEAU)}–{PLATEAU} "
                      f"{fmt(n['tail_change'], 'fd_features')} against an evaluation noise of "
-                     f"{fmt(noise, 'fd_features')}); feature FD {fmt(c['at_long'], 'fd_features')} at step {LONG} → "
-                     f"{fmt(c['at_plateau'], 'fd_features')} at {PLATEAU} ({seeds_text(c['seeds'])}).")
+                     f"{fmt(noise, 'fd_features')}){since}.")
+    if plateau["pairs"]:
+        lines += ["", f"**Verdicts at step {PLATEAU}** (the declared rule; full fine-tuning at {LONG}; in brackets the "
+                  f"same pair's verdict at step {LONG})", ""]
+        lines += [f"- {p['sentence']} Seeds {','.join(map(str, p['seeds'])) or 'none'} (at {LONG}: "
+                  f"{p['at_long'] or 'not a declared pair there'})" for p in plateau["pairs"]]
     return [*lines, ""]
 
 
@@ -583,7 +624,8 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
     restarted = frozenset(r["name"] for r in read_curves(RESTARTS) if LENGTH <= r["recorded_through"] < LONG)
     continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs}, retrained, restarted)
     lines += continued_lines(continued)
-    plateau = plateau_numbers(rows)
+    restarted_late = frozenset(r["name"] for r in read_curves(RESTARTS) if LONG <= r["recorded_through"] < PLATEAU)
+    plateau = plateau_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in continued["pairs"]}, restarted_late)
     lines += plateau_lines(plateau)
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)

@@ -389,13 +389,45 @@ def test_the_plateau_reading_says_flat_or_still_moving_against_the_evaluation_no
     flat = curves_for(0.0001)  # 0.06 over the last 600 steps, against an evaluation noise of 0.5
     [student] = flat["students"]
     assert student["seeds"] == [0, 1, 2, 3] and student["tail_change"] == pytest.approx(-0.06)
-    assert flat["flat"] == ["lorad-probe"]
+    assert flat["flat"] == ["lorad-probe"] and flat["pairs"] == []  # no other student: no pair
     [change] = flat["changes"]
     assert change["at_long"] == pytest.approx(41.5 + 0.1) and change["at_plateau"] == pytest.approx(41.5)
     text = "\n".join(comparison.plateau_lines(flat))
     assert "lorad-probe: flat at step 3000 (change over steps 2400–3000 -0.1 against an evaluation noise of 0.5)" in text
-    assert "Not finished (cut for time): lorad-probe seed 4." in text
+    assert "Not finished (cut for time): lorad-probe seed 4; lorad-uniform seed 0;" in text
     moving = curves_for(0.002)  # 1.2 over the last 600 steps: more than the noise
     assert moving["flat"] == [] and "lorad-probe: still moving at step 3000" in "\n".join(
         comparison.plateau_lines(moving))
     assert comparison.plateau_lines(comparison.plateau_numbers({})) == []
+
+
+def test_the_verdicts_at_the_plateau_compare_full_fine_tuning_at_its_flat_length_and_leave_restarts_out_of_the_change():
+    plateau, long = comparison.PLATEAU, comparison.LONG
+    curves = []
+    for seed in range(5):
+        probe = comparison.BY_LABEL["lorad-probe"].run_names()[seed]
+        uniform = comparison.BY_LABEL["lorad-uniform"].run_names()[seed]
+        full = comparison.BY_LABEL["full"].run_names()[seed]
+        _scored(curves, probe, long, 50.0 + seed, noise_sets=True)
+        _scored(curves, probe, plateau, 40.0 + seed, noise_sets=True)
+        _scored(curves, uniform, long, 60.0, noise_sets=True)  # the earlier runs' score: left out of the change
+        _scored(curves, uniform, plateau, 50.0 + seed, noise_sets=True)
+        _scored(curves, full, long, 30.0 + seed, noise_sets=True)  # flat there: enters at LONG
+        _scored(curves, full, plateau, 99.0, noise_sets=True)  # never read: full is compared at LONG
+    restarted = frozenset(comparison.BY_LABEL["lorad-uniform"].run_names().values())
+    out = comparison.plateau_numbers(comparison.index(curves), {("lorad-probe", "lorad-uniform"): "A better"},
+                                     restarted)
+    pairs = {(p["a"], p["b"]): p for p in out["pairs"]}
+    assert set(pairs) == {("lorad-probe", "lorad-uniform"), ("lorad-probe", "full"), ("lorad-uniform", "full")}
+    assert pairs[("lorad-probe", "lorad-uniform")]["metrics"]["fd_features"]["d"] == pytest.approx(-10.0)
+    assert pairs[("lorad-probe", "lorad-uniform")]["at_long"] == "lorad-probe better in quality"
+    assert pairs[("lorad-probe", "full")]["metrics"]["fd_features"]["d"] == pytest.approx(10.0)  # 42 against 32
+    assert pairs[("lorad-uniform", "full")]["quality"] == "B better"
+    change = {c["label"]: c for c in out["changes"]}
+    assert change["lorad-probe"]["at_long"] == pytest.approx(52.0) and change["lorad-probe"]["at_plateau"] == pytest.approx(42.0)
+    assert change["lorad-uniform"]["seeds"] == [] and change["lorad-uniform"]["restarted"] == [0, 1, 2, 3, 4]
+    text = "\n".join(comparison.plateau_lines(out))
+    assert ("- lorad-uniform: not read at step 3000 (change over steps 2400–3000 – against an evaluation noise of "
+            "0.5); no change from 2000 read (every seed trained again from step 0).") in text  # two scored steps
+    assert "lorad-uniform seeds 0,1,2,3,4" in text and "| full (at 2000) |" in text
+    assert "- **full is better in quality than lorad-uniform**" in text
