@@ -102,11 +102,26 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
     if not continued.get("pairs"):
         return []
     seeds = {s["label"]: len(s["seeds"]) for s in continued["students"]}
-    lines = ["", f"Continued to {continued['length']} steps (the same runs; seeds per student: "
+    lines = ["", f"Continued to {continued['length']} steps (the same recipes and seeds, runs trained again from step "
+             "0 where a checkpoint was lost, as reports/digits_comparison.md names them; seeds per student: "
              + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; still moving there: "
              + (", ".join(continued["still_moving"]) or "none") + "):", ""]
     lines += [f"- {p['sentence']} (at the comparison's length: {p['at_length'] or 'not a declared pair there'})"
               for p in continued["pairs"]]
+    return lines
+
+
+def plateau_lines(plateau: dict[str, Any]) -> list[str]:
+    """The budget's students at the longest length: whether they are flat there, their verdicts, the earlier ones."""
+    if not plateau.get("pairs"):
+        return []
+    seeds = {s["label"]: len(s["seeds"]) for s in plateau["students"]}
+    moving = [s["label"] for s in plateau["students"] if s["label"] not in plateau["flat"]]
+    lines = ["", f"The budget's students at {plateau['length']} steps (full fine-tuning at its flat 2000; seeds per "
+             "student: " + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; flat there: "
+             + (", ".join(plateau["flat"]) or "none") + "; still moving or not read: " + (", ".join(moving) or "none")
+             + "):", ""]
+    lines += [f"- {p['sentence']} (at 2000: {p['at_long'] or 'not a declared pair there'})" for p in plateau["pairs"]]
     return lines
 
 
@@ -128,6 +143,7 @@ def comparison_lines(cmp: dict[str, Any]) -> list[str]:
     lines += ["", "## 5. Small ranks and the rank sweet spot", ""]
     lines += [f"- {p['sentence']}" for p in cmp["pairs"] if p["question"] != "budget"]
     lines += continued_lines(cmp.get("continued") or {})
+    lines += plateau_lines(cmp.get("plateau") or {})
     missing = [s["label"] for s in students.values() if len(s["seeds"]) < 5]
     if missing:
         lines += ["", "Fewer than 5 seeds (cut for time): " + ", ".join(
@@ -143,7 +159,8 @@ def write() -> str:
                              "benchmarks/digits_ablations_report.py first")
     cmp, ab = json.loads(COMPARISON.read_text()), json.loads(ABLATIONS.read_text())
     lines = ["# The WaDi paper's findings on builtin:digits", "",
-             "Every number below comes from the stable recipe: VSD students trained 1200 steps without weight decay "
+             "Every number below comes from the stable recipe: VSD students trained 1200 steps (continued to 2000, and "
+             "the budget's adapters to 3000, where section 5 says) without weight decay "
              "and scored as their averaged weights (the ramped EMA that `final/` holds), 2000 one-step images per "
              "score on shared noise, training seeds 0–4 (the ablations' seeds 0 and 1 retrained on another CPU: "
              "reports/digits_ablations.md), on the 2-core VMs each report names. Verdict rules and the "

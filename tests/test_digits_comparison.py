@@ -224,8 +224,18 @@ def test_analysis_composes_the_two_reports_and_decides_low_rank_by_its_rule(tmp_
                             "still_moving": [], "pairs": [{"sentence": "**long sentence**", "at_length": "mixed"}]}
     (tmp_path / "digits_comparison.json").write_text(json.dumps(summary))
     text = analysis.write()
-    assert "Continued to 2000 steps (the same runs; seeds per student: lorad-uniform 5; still moving there: none)" in text
+    assert "seeds per student: lorad-uniform 5; still moving there: none)" in text
     assert "- **long sentence** (at the comparison's length: mixed)" in text
+    assert "at 3000 steps" not in text
+    summary["plateau"] = {"length": 3000, "flat": ["lorad-probe"],
+                          "students": [{"label": "lorad-probe", "seeds": [0, 1, 2]},
+                                       {"label": "lora-peft", "seeds": [0, 1, 2]}],
+                          "pairs": [{"sentence": "**plateau sentence**", "at_long": None}]}
+    (tmp_path / "digits_comparison.json").write_text(json.dumps(summary))
+    text = analysis.write()
+    assert ("The budget's students at 3000 steps (full fine-tuning at its flat 2000; seeds per student: lorad-probe 3, "
+            "lora-peft 3; flat there: lorad-probe; still moving or not read: lora-peft):") in text
+    assert "- **plateau sentence** (at 2000: not a declared pair there)" in text
     (tmp_path / "digits_ablations.json").unlink()
     with pytest.raises(SystemExit, match="is missing"):
         analysis.write()
