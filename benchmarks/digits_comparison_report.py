@@ -491,7 +491,11 @@ def plateau_numbers(rows: dict, at_long: dict[tuple[str, str], str] | None = Non
     def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:
         return student_numbers(BY_LABEL[label], rows, LONG if label in PLATEAU_AT_LONG else PLATEAU, seeds)
 
-    numbers = [n for n in (numbers_of(label) for label in PLATEAU_STUDENTS) if n["seeds"]]
+    # the last seeds are cut for every student alike (declared): a seed counts where all of them reached PLATEAU
+    reached = {label: set(numbers_of(label)["seeds"]) for label in PLATEAU_STUDENTS}
+    alike = set.intersection(*reached.values())
+    cut_alike = {label: sorted(seeds - alike) for label, seeds in reached.items() if seeds - alike}
+    numbers = [n for n in (numbers_of(label, alike) for label in PLATEAU_STUDENTS) if n["seeds"]]
     by = {n["label"]: n for n in numbers}
     by.update({label: n for label in PLATEAU_AT_LONG if (n := numbers_of(label))["seeds"]})
     changes = []
@@ -515,6 +519,7 @@ def plateau_numbers(rows: dict, at_long: dict[tuple[str, str], str] | None = Non
     flat = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
             and abs(n["tail_change"]) <= n["fd_features"].get("eval_sd", float("nan"))]
     return {"length": PLATEAU, "students": numbers, "flat": flat, "changes": changes, "pairs": pairs,
+            "cut_alike": cut_alike,
             "at_long_students": [by[label] for label in PLATEAU_AT_LONG if label in by]}
 
 
@@ -523,8 +528,11 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
     numbers = plateau["students"]
     if not numbers:
         return []
+    cut_alike = plateau.get("cut_alike", {})
     missing = [f"{label} seed {seed}" for label in PLATEAU_STUDENTS for seed in B_SEEDS
-               if seed not in next((n["seeds"] for n in numbers if n["label"] == label), [])]
+               if seed not in next((n["seeds"] for n in numbers if n["label"] == label), [])
+               and seed not in cut_alike.get(label, [])]
+    alike = [f"{label} {seeds_text(seeds)}" for label, seeds in cut_alike.items()]
     restarted = [f"{c['label']} {seeds_text(c['restarted'])}" for c in plateau["changes"] if c["restarted"]]
     lines = [f"### The budget's students at {PLATEAU} steps ({PLATEAU_AMENDMENTS})", "",
              f"LoRaD-from-the-probe continued from its {LONG}-step checkpoints; "
@@ -534,7 +542,9 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
              + f"Every score as above, at step {PLATEAU}; full fine-tuning enters with its scores at step {LONG}, "
              f"where its curve is flat. \"change over last 20 %\": what the line through the seed-mean curve moves "
              f"over steps {int(0.8 * PLATEAU)}–{PLATEAU}.", "",
-             "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + ".", ""]
+             "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + "."
+             + (" Finished but left out, as the seeds above are cut for every student alike (declared): "
+                + "; ".join(alike) + "." if alike else ""), ""]
     at_long = [{**n, "label": f"{n['label']} (at {LONG})"} for n in plateau.get("at_long_students", [])]
     lines += students_table(numbers + at_long)
     lines.append("")

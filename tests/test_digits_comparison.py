@@ -383,7 +383,7 @@ def test_a_student_trained_again_on_every_seed_gets_no_change_line_but_says_why(
     assert "lorad-probe 55.0 →" not in text
 
 
-def test_the_plateau_reading_says_flat_or_still_moving_against_the_evaluation_noise():
+def test_the_plateau_reading_says_flat_or_still_moving_against_the_evaluation_noise(monkeypatch):
     names = comparison.BY_LABEL["lorad-probe"].run_names()
     plateau, long = comparison.PLATEAU, comparison.LONG
 
@@ -396,7 +396,11 @@ def test_the_plateau_reading_says_flat_or_still_moving_against_the_evaluation_no
                         noise_sets=step in (long, plateau))
         return comparison.plateau_numbers(comparison.index(curves))
 
+    assert comparison.plateau_numbers({})["students"] == []
     flat = curves_for(0.0001)  # 0.06 over the last 600 steps, against an evaluation noise of 0.5
+    assert flat["students"] == []  # no other student reached PLATEAU: every seed is cut alike
+    monkeypatch.setattr(comparison, "PLATEAU_STUDENTS", ("lorad-probe",))
+    flat = curves_for(0.0001)
     [student] = flat["students"]
     assert student["seeds"] == [0, 1, 2, 3] and student["tail_change"] == pytest.approx(-0.06)
     assert flat["flat"] == ["lorad-probe"] and flat["pairs"] == []  # no other student: no pair
@@ -404,15 +408,17 @@ def test_the_plateau_reading_says_flat_or_still_moving_against_the_evaluation_no
     assert change["at_long"] == pytest.approx(41.5 + 0.1) and change["at_plateau"] == pytest.approx(41.5)
     text = "\n".join(comparison.plateau_lines(flat))
     assert "lorad-probe: flat at step 3000 (change over steps 2400–3000 -0.1 against an evaluation noise of 0.5)" in text
-    assert "Not finished (cut for time): lorad-probe seed 4; lorad-uniform seed 0;" in text
+    assert "Not finished (cut for time): lorad-probe seed 4." in text
     moving = curves_for(0.002)  # 1.2 over the last 600 steps: more than the noise
     assert moving["flat"] == [] and "lorad-probe: still moving at step 3000" in "\n".join(
         comparison.plateau_lines(moving))
     assert comparison.plateau_lines(comparison.plateau_numbers({})) == []
 
 
-def test_the_verdicts_at_the_plateau_compare_full_fine_tuning_at_its_flat_length_and_leave_restarts_out_of_the_change():
+def test_the_verdicts_at_the_plateau_compare_full_fine_tuning_at_its_flat_length_and_leave_restarts_out_of_the_change(
+        monkeypatch):
     plateau, long = comparison.PLATEAU, comparison.LONG
+    monkeypatch.setattr(comparison, "PLATEAU_STUDENTS", ("lorad-probe", "lorad-uniform"))
     curves = []
     for seed in range(5):
         probe = comparison.BY_LABEL["lorad-probe"].run_names()[seed]
@@ -441,3 +447,19 @@ def test_the_verdicts_at_the_plateau_compare_full_fine_tuning_at_its_flat_length
             "0.5); no change from 2000 read (every seed trained again from step 0).") in text  # two scored steps
     assert "lorad-uniform seeds 0,1,2,3,4" in text and "| full (at 2000) |" in text
     assert "- **full is better in quality than lorad-uniform**" in text
+
+
+def test_a_seed_not_every_student_reached_at_the_plateau_is_cut_for_all_of_them():
+    plateau = comparison.PLATEAU
+    curves = []
+    for label in comparison.PLATEAU_STUDENTS:
+        for seed, name in comparison.BY_LABEL[label].run_names().items():
+            if seed < 4 or label == "lorad-probe":  # only lorad-probe reached PLATEAU at seed 4
+                _scored(curves, name, plateau, 40.0 + seed, noise_sets=True)
+    out = comparison.plateau_numbers(comparison.index(curves))
+    assert {n["label"]: n["seeds"] for n in out["students"]} == {label: [0, 1, 2, 3]
+                                                                for label in comparison.PLATEAU_STUDENTS}
+    assert out["cut_alike"] == {"lorad-probe": [4]}
+    text = "\n".join(comparison.plateau_lines(out))
+    assert ("Not finished (cut for time): lorad-uniform seed 4; lora-peft seed 4; dora-peft seed 4. Finished but left "
+            "out, as the seeds above are cut for every student alike (declared): lorad-probe seed 4.") in text
