@@ -106,7 +106,7 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
              "0 where a checkpoint was lost, as reports/digits_comparison.md names them; seeds per student: "
              + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; still moving there: "
              + (", ".join(continued["still_moving"]) or "none") + "):", ""]
-    lines += [f"- {p['sentence']} (at the comparison's length: {p['at_length'] or 'not a declared pair there'})"
+    lines += [f"- {p['sentence']} (at the comparison's length: {p['earlier'] or 'not a declared pair there'})"
               for p in continued["pairs"]]
     return lines
 
@@ -121,7 +121,8 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
              "student: " + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; flat there: "
              + (", ".join(plateau["flat"]) or "none") + "; still moving or not read: " + (", ".join(moving) or "none")
              + "):", ""]
-    lines += [f"- {p['sentence']} (at 2000: {p['at_long'] or 'not a declared pair there'})" for p in plateau["pairs"]]
+    lines += [f"- {p['sentence']} (at {plateau['since']}: {p['earlier'] or 'not a declared pair there'})"
+              for p in plateau["pairs"]]
     return lines
 
 
@@ -143,7 +144,8 @@ def comparison_lines(cmp: dict[str, Any]) -> list[str]:
     lines += ["", "## 5. Small ranks and the rank sweet spot", ""]
     lines += [f"- {p['sentence']}" for p in cmp["pairs"] if p["question"] != "budget"]
     lines += continued_lines(cmp.get("continued") or {})
-    lines += plateau_lines(cmp.get("plateau") or {})
+    for plateau in cmp.get("plateaus") or []:  # the budget's students at each longer length, in order
+        lines += plateau_lines(plateau)
     missing = [s["label"] for s in students.values() if len(s["seeds"]) < 5]
     if missing:
         lines += ["", "Fewer than 5 seeds (cut for time): " + ", ".join(

@@ -115,8 +115,12 @@ LONG_PAIRS = (
 # the same amendment of 2026-12-04 19:40 UTC: LoRaD-from-the-probe continued from LONG to PLATEAU steps (its curve's
 # change over the last 20 % against the evaluation noise); the amendment of 19:48 UTC: the budget's uniform adapters
 # trained to PLATEAU as well, and verdicts there (10'-12'), full fine-tuning entering with its scores at LONG (flat)
-PLATEAU = 3000
-PLATEAU_AMENDMENTS = "the amendments of 2026-12-04 19:40 and 19:48 UTC"
+PLATEAU = 3000  # the first length the budget's students were read at past LONG
+# the amendment of 2026-12-04 21:51 UTC: the same runs continued from PLATEAU to 4000, the same pairs, the section
+# written once every student has PLATEAU_MIN_SEEDS seeds there (cut alike)
+PLATEAU_AMENDMENTS = {PLATEAU: "the amendments of 2026-12-04 19:40 and 19:48 UTC",
+                      4000: "the amendment of 2026-12-04 21:51 UTC"}
+PLATEAU_MIN_SEEDS = 3
 PLATEAU_STUDENTS = ("lorad-probe", "lorad-uniform", "lora-peft", "dora-peft")
 PLATEAU_AT_LONG = ("full",)  # flat at LONG: compared there, each student at its plateau
 PLATEAU_PAIRS = (
@@ -392,6 +396,53 @@ def readable(quality_verdict: str | None, a: str, b: str) -> str | None:
     return quality_verdict
 
 
+def curve_state(n: dict[str, Any]) -> str:
+    """"flat", "still moving" or "not read": the seed-mean curve's change over its last 20 % against the student's
+    evaluation noise (the stability study's plateau rule)."""
+    noise = n["fd_features"].get("eval_sd", float("nan"))
+    if math.isnan(n["tail_change"]) or math.isnan(noise):
+        return "not read"
+    return "still moving" if abs(n["tail_change"]) > noise else "flat"
+
+
+def declared_verdicts(declared: tuple[tuple[str, str, str], ...], by: dict[str, dict[str, Any]],
+                      numbers_of: Any, earlier: dict[tuple[str, str], str] | None = None) -> list[dict[str, Any]]:
+    """The verdicts of the ``declared`` pairs whose two students are in ``by``, each on the seeds both sides have
+    (``numbers_of(label, seeds)`` gives a student's numbers on them), with the same pair's verdict at the earlier
+    length beside it (``earlier``: (A, B) -> quality there)."""
+    pairs = []
+    for a, b, question in declared:
+        if a not in by or b not in by:
+            continue
+        common = set(by[a]["seeds"]) & set(by[b]["seeds"])  # a pair compares the same seeds a side (declared)
+        per_metric = {m: verdict(numbers_of(a, common), numbers_of(b, common), m) for m in VERDICT_METRICS}
+        pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
+                      "seeds": sorted(common), "sentence": verdict_sentence(a, b, per_metric),
+                      "earlier": readable((earlier or {}).get((a, b)), a, b)})
+    return pairs
+
+
+def change_across(rows: dict, label: str, start: int, end: int, seeds: set[int] | list[int] | None = None,
+                  retrained: frozenset[str] = frozenset(), restarted: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """``label``'s averaged feature FD at ``start`` and at ``end`` (noise base 1000) on the seeds (of ``seeds`` when
+    given) that reached ``end`` with their noise sets and continue the run scored at ``start`` (runs in
+    ``retrained``, the ablation study's, and in ``restarted``, trained again from step 0 after ``start`` was scored,
+    left out), and their mean change."""
+    names = {s: n for s, n in BY_LABEL[label].run_names().items() if seeds is None or s in seeds}
+    left_out = [seed for seed in sorted(names) if names[seed] in retrained]
+    reached = [seed for seed in sorted(names) if seed not in left_out
+               and (names[seed], end, WEIGHTS, NOISE_SEEDS[-1]) in rows]
+    restarts = [seed for seed in reached if names[seed] in restarted]
+    kept = [(seed, rows[(names[seed], start, WEIGHTS, EVAL_SEED)]["fd_features"],
+             rows[(names[seed], end, WEIGHTS, EVAL_SEED)]["fd_features"])
+            for seed in reached if seed not in restarts and (names[seed], start, WEIGHTS, EVAL_SEED) in rows]
+    before, after = [k[1] for k in kept], [k[2] for k in kept]
+    return {"label": label, "from": start, "to": end, "seeds": [k[0] for k in kept],
+            "before": statistics.fmean(before) if kept else None, "after": statistics.fmean(after) if kept else None,
+            "change": statistics.fmean(b - a for a, b in zip(before, after)) if kept else None,
+            "left_out": left_out, "restarted": restarts}
+
+
 def continued_numbers(rows: dict, at_length: dict[tuple[str, str], str],
                       retrained: frozenset[str] = frozenset(),
                       restarted: frozenset[str] = frozenset()) -> dict[str, Any]:
@@ -399,43 +450,15 @@ def continued_numbers(rows: dict, at_length: dict[tuple[str, str], str],
     comparison's length beside it (``at_length``: (A, B) -> quality at ``LENGTH``); ``retrained``: the run names
     the ablation study trained again from step 0, ``restarted``: those this study trained again from step 0 after
     their checkpoint was lost (``RESTARTS``); both are left out of the change across ``LENGTH``."""
-    numbers = [student_numbers(BY_LABEL[label], rows, LONG) for label in LONG_STUDENTS]
-    numbers = [n for n in numbers if n["seeds"]]
+    def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:
+        return student_numbers(BY_LABEL[label], rows, LONG, seeds)
+
+    numbers = [n for n in (numbers_of(label) for label in LONG_STUDENTS) if n["seeds"]]
     by = {n["label"]: n for n in numbers}
-    pairs = []
-    for a, b, question in LONG_PAIRS:
-        if a not in by or b not in by:
-            continue
-        common = set(by[a]["seeds"]) & set(by[b]["seeds"])  # a pair compares the same seeds a side (declared)
-        na, nb = (student_numbers(BY_LABEL[x], rows, LONG, common) for x in (a, b))
-        per_metric = {m: verdict(na, nb, m) for m in VERDICT_METRICS}
-        pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
-                      "seeds": sorted(common), "sentence": verdict_sentence(a, b, per_metric),
-                      "at_length": readable(at_length[(a, b)], a, b) if (a, b) in at_length else None})
-    moving = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
-              and abs(n["tail_change"]) > n["fd_features"].get("eval_sd", float("nan"))]
-    return {"length": LONG, "students": numbers, "pairs": pairs, "still_moving": moving,
-            "changes": [change_across(rows, label, retrained, restarted) for label in LONG_STUDENTS if label in by]}
-
-
-def change_across(rows: dict, label: str, retrained: frozenset[str] = frozenset(),
-                  restarted: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """``label``'s averaged feature FD at ``LENGTH`` and at ``LONG`` (noise base 1000) on the seeds that reached
-    ``LONG`` and continue the run scored at ``LENGTH`` (runs in ``retrained`` or ``restarted`` left out), and their
-    mean change."""
-    names = BY_LABEL[label].run_names()
-    left_out = [seed for seed in sorted(names) if names[seed] in retrained]
-    restarts = [seed for seed in sorted(names) if names[seed] in restarted and seed not in left_out
-                and (names[seed], LONG, WEIGHTS, NOISE_SEEDS[-1]) in rows]
-    pairs = [(seed, rows[(names[seed], LENGTH, WEIGHTS, EVAL_SEED)]["fd_features"],
-              rows[(names[seed], LONG, WEIGHTS, EVAL_SEED)]["fd_features"])
-             for seed in sorted(names) if seed not in left_out and seed not in restarts
-             and (names[seed], LONG, WEIGHTS, NOISE_SEEDS[-1]) in rows and (names[seed], LENGTH, WEIGHTS, EVAL_SEED) in rows]
-    before, after = [p[1] for p in pairs], [p[2] for p in pairs]
-    return {"label": label, "seeds": [p[0] for p in pairs], "at_length": statistics.fmean(before) if pairs else None,
-            "at_long": statistics.fmean(after) if pairs else None,
-            "change": statistics.fmean(b - a for a, b in zip(before, after)) if pairs else None,
-            "left_out": left_out, "restarted": restarts}
+    return {"length": LONG, "students": numbers, "pairs": declared_verdicts(LONG_PAIRS, by, numbers_of, at_length),
+            "still_moving": [n["label"] for n in numbers if curve_state(n) == "still moving"],
+            "changes": [change_across(rows, label, LENGTH, LONG, None, retrained, restarted)
+                        for label in LONG_STUDENTS if label in by]}
 
 
 def seeds_text(seeds: list[int]) -> str:
@@ -462,7 +485,7 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
     lines += students_table(numbers)
     lines += ["", f"**From step {LENGTH} to {LONG}** (`{WEIGHTS}` feature FD on noise base {EVAL_SEED}, mean over the "
               "seeds that continue the run scored at " + str(LENGTH) + "): "
-              + "; ".join(f"{c['label']} {fmt(c['at_length'], 'fd_features')} → {fmt(c['at_long'], 'fd_features')} "
+              + "; ".join(f"{c['label']} {fmt(c['before'], 'fd_features')} → {fmt(c['after'], 'fd_features')} "
                           f"(seeds {','.join(map(str, c['seeds']))}"
                           + (f"; {seeds_text(c['left_out'])} left out: past {LENGTH} they continue the "
                              "ablation study's retrained draws, `reports/digits_ablations.md`" if c["left_out"] else "")
@@ -478,70 +501,54 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
               f"in brackets the same pair's verdict at step {LENGTH})", ""]
     for p in continued["pairs"]:
         lines.append(f"- {p['sentence']} Seeds {','.join(map(str, p['seeds'])) or 'none'} (at {LENGTH}: "
-                     f"{p['at_length'] or 'not a declared pair there'})")
+                     f"{p['earlier'] or 'not a declared pair there'})")
     return [*lines, ""]
 
 
-def plateau_numbers(rows: dict, at_long: dict[tuple[str, str], str] | None = None,
-                    restarted: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """The budget's students at ``PLATEAU`` steps (the seeds that reached it with their noise sets) and
-    ``PLATEAU_AT_LONG`` at ``LONG``; each one's curve change over its last 20 % against its evaluation noise, its
-    change from ``LONG`` (``restarted``: runs trained again from step 0 after ``LONG`` was scored, left out), and the
-    declared pairs' verdicts (``at_long``: (A, B) -> the same pair's quality at ``LONG``)."""
+def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = None,
+                    restarted: frozenset[str] = frozenset(), length: int = PLATEAU, since: int = LONG) -> dict[str, Any]:
+    """The budget's students at ``length`` steps (the seeds that reached it with their noise sets, cut for every
+    student alike) and ``PLATEAU_AT_LONG`` at ``LONG``; each one's curve state over its last 20 %, its change from
+    ``since`` (``restarted``: runs trained again from step 0 after ``since`` was scored, left out), and the declared
+    pairs' verdicts (``earlier``: (A, B) -> the same pair's quality at ``since``)."""
     def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:
-        return student_numbers(BY_LABEL[label], rows, LONG if label in PLATEAU_AT_LONG else PLATEAU, seeds)
+        return student_numbers(BY_LABEL[label], rows, LONG if label in PLATEAU_AT_LONG else length, seeds)
 
-    # the last seeds are cut for every student alike (declared): a seed counts where all of them reached PLATEAU
+    # the last seeds are cut for every student alike (declared): a seed counts where all of them reached the length
     reached = {label: set(numbers_of(label)["seeds"]) for label in PLATEAU_STUDENTS}
     alike = set.intersection(*reached.values())
     cut_alike = {label: sorted(seeds - alike) for label, seeds in reached.items() if seeds - alike}
     numbers = [n for n in (numbers_of(label, alike) for label in PLATEAU_STUDENTS) if n["seeds"]]
     by = {n["label"]: n for n in numbers}
     by.update({label: n for label in PLATEAU_AT_LONG if (n := numbers_of(label))["seeds"]})
-    changes = []
-    for n in numbers:
-        names = {s: n["per_seed"][s]["run"] for s in n["seeds"]}
-        kept = [s for s in n["seeds"] if names[s] not in restarted and (names[s], LONG, WEIGHTS, EVAL_SEED) in rows]
-        changes.append({
-            "label": n["label"], "seeds": kept, "restarted": [s for s in n["seeds"] if names[s] in restarted],
-            "at_long": statistics.fmean(rows[(names[s], LONG, WEIGHTS, EVAL_SEED)]["fd_features"] for s in kept)
-            if kept else None,
-            "at_plateau": statistics.fmean(n["per_seed"][s]["fd_features"] for s in kept) if kept else None})
-    pairs = []
-    for a, b, question in PLATEAU_PAIRS:
-        if a not in by or b not in by:
-            continue
-        common = set(by[a]["seeds"]) & set(by[b]["seeds"])  # the same seeds a side (declared)
-        per_metric = {m: verdict(numbers_of(a, common), numbers_of(b, common), m) for m in VERDICT_METRICS}
-        pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
-                      "seeds": sorted(common), "sentence": verdict_sentence(a, b, per_metric),
-                      "at_long": readable((at_long or {}).get((a, b)), a, b)})
-    flat = [n["label"] for n in numbers if not math.isnan(n["tail_change"])
-            and abs(n["tail_change"]) <= n["fd_features"].get("eval_sd", float("nan"))]
-    return {"length": PLATEAU, "students": numbers, "flat": flat, "changes": changes, "pairs": pairs,
-            "cut_alike": cut_alike,
+    return {"length": length, "since": since, "amendments": PLATEAU_AMENDMENTS[length], "students": numbers,
+            "flat": [n["label"] for n in numbers if curve_state(n) == "flat"],
+            "changes": [change_across(rows, n["label"], since, length, n["seeds"], restarted=restarted) for n in numbers],
+            "pairs": declared_verdicts(PLATEAU_PAIRS, by, numbers_of, earlier), "cut_alike": cut_alike,
             "at_long_students": [by[label] for label in PLATEAU_AT_LONG if label in by]}
 
 
 def plateau_lines(plateau: dict[str, Any]) -> list[str]:
-    """The section of the students at ``PLATEAU`` (empty until a run reaches it with its noise sets)."""
+    """The section of the budget's students at one plateau length (empty until a run reaches it with its noise
+    sets)."""
     numbers = plateau["students"]
     if not numbers:
         return []
+    length, since = plateau["length"], plateau["since"]
     cut_alike = plateau.get("cut_alike", {})
     missing = [f"{label} seed {seed}" for label in PLATEAU_STUDENTS for seed in B_SEEDS
                if seed not in next((n["seeds"] for n in numbers if n["label"] == label), [])
                and seed not in cut_alike.get(label, [])]
     alike = [f"{label} {seeds_text(seeds)}" for label, seeds in cut_alike.items()]
     restarted = [f"{c['label']} {seeds_text(c['restarted'])}" for c in plateau["changes"] if c["restarted"]]
-    lines = [f"### The budget's students at {PLATEAU} steps ({PLATEAU_AMENDMENTS})", "",
-             f"LoRaD-from-the-probe continued from its {LONG}-step checkpoints; "
-             + (f"trained again from step 0 after their {LONG}-step checkpoints were lost (`{RESTARTS.name}`; their "
-                f"curves up to {LONG} are the earlier runs', from {LONG + 100} on the new ones'): "
-                + "; ".join(restarted) + ". " if restarted else "")
-             + f"Every score as above, at step {PLATEAU}; full fine-tuning enters with its scores at step {LONG}, "
+    lines = [f"### The budget's students at {length} steps ({plateau['amendments']})", "",
+             f"The runs continued from their {since}-step checkpoints"
+             + (f", except those trained again from step 0 after their {since}-step checkpoints were lost "
+                f"(`{RESTARTS.name}`; their curves up to {since} are the earlier runs', from {since + 100} on the new "
+                "ones'): " + "; ".join(restarted) if restarted else "")
+             + f". Every score as above, at step {length}; full fine-tuning enters with its scores at step {LONG}, "
              f"where its curve is flat. \"change over last 20 %\": what the line through the seed-mean curve moves "
-             f"over steps {int(0.8 * PLATEAU)}–{PLATEAU}.", "",
+             f"over steps {int(0.8 * length)}–{length}.", "",
              "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + "."
              + (" Finished but left out, as the seeds above are cut for every student alike (declared): "
                 + "; ".join(alike) + "." if alike else ""), ""]
@@ -550,25 +557,23 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
     lines.append("")
     for n, c in zip(numbers, plateau["changes"]):
         noise = n["fd_features"].get("eval_sd", float("nan"))
-        state = ("flat" if n["label"] in plateau["flat"] else "still moving" if not math.isnan(n["tail_change"])
-                 else "not read")
-        since = (f"; feature FD {fmt(c['at_long'], 'fd_features')} at step {LONG} → "
-                 f"{fmt(c['at_plateau'], 'fd_features')} at {PLATEAU} ({seeds_text(c['seeds'])})" if c["seeds"] else
-                 f"; no change from {LONG} read (every seed trained again from step 0)")
-        lines.append(f"- {n['label']}: {state} at step {PLATEAU} (change over steps {int(0.8 * PLATEAU)}–{PLATEAU} "
-                     f"{fmt(n['tail_change'], 'fd_features')} against an evaluation noise of "
-                     f"{fmt(noise, 'fd_features')}){since}.")
+        since_text = (f"; feature FD {fmt(c['before'], 'fd_features')} at step {since} → "
+                      f"{fmt(c['after'], 'fd_features')} at {length} ({seeds_text(c['seeds'])})" if c["seeds"] else
+                      f"; no change from {since} read (every seed trained again from step 0)")
+        lines.append(f"- {n['label']}: {curve_state(n)} at step {length} (change over steps {int(0.8 * length)}–"
+                     f"{length} {fmt(n['tail_change'], 'fd_features')} against an evaluation noise of "
+                     f"{fmt(noise, 'fd_features')}){since_text}.")
     if plateau["pairs"]:
-        lines += ["", f"**Verdicts at step {PLATEAU}** (the declared rule; full fine-tuning at {LONG}; in brackets the "
-                  f"same pair's verdict at step {LONG})", ""]
-        lines += [f"- {p['sentence']} Seeds {','.join(map(str, p['seeds'])) or 'none'} (at {LONG}: "
-                  f"{p['at_long'] or 'not a declared pair there'})" for p in plateau["pairs"]]
+        lines += ["", f"**Verdicts at step {length}** (the declared rule; full fine-tuning at {LONG}; in brackets the "
+                  f"same pair's verdict at step {since})", ""]
+        lines += [f"- {p['sentence']} Seeds {','.join(map(str, p['seeds'])) or 'none'} (at {since}: "
+                  f"{p['earlier'] or 'not a declared pair there'})" for p in plateau["pairs"]]
     return [*lines, ""]
 
 
 def long_plot(numbers: list[dict[str, Any]], path: Path) -> None:
     """The continued students' seed-mean feature-FD curves of the averaged weights, one panel per group (to
-    ``PLATEAU`` for the students read that far)."""
+    the furthest length each student was read at)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -581,12 +586,34 @@ def long_plot(numbers: list[dict[str, Any]], path: Path) -> None:
         last = max((n["curve"]["steps"][-1] for n in numbers if n["group"] == group and n["curve"]["steps"]),
                    default=LONG)
         curves_panel(ax, numbers, group, f"{group}: {WEIGHTS}, seed mean, to step {last}", colors)
-        for step in (LENGTH, LONG) if last > LONG else (LENGTH,):
-            ax.axvline(step, color="grey", linestyle=":", linewidth=1)
+        for step in (LENGTH, LONG, *PLATEAU_AMENDMENTS):
+            if step < last:
+                ax.axvline(step, color="grey", linestyle=":", linewidth=1)
     axes[0][0].set_ylabel("feature FD (2000 images, noise base 1000)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def restarted_between(restarts: list[dict[str, Any]], start: int, end: int) -> frozenset[str]:
+    """The runs whose restart (``RESTARTS``) came after ``start`` was scored and before ``end``: past ``start`` they
+    splice two trajectories."""
+    return frozenset(r["name"] for r in restarts if start <= r["recorded_through"] < end)
+
+
+def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The budget's students at each length of ``PLATEAU_AMENDMENTS`` that every one of them reached with at least
+    ``PLATEAU_MIN_SEEDS`` seeds (cut alike); each length read against the one before it (its change, the same pairs'
+    verdicts there), the first against ``LONG`` (``long_pairs``)."""
+    plateaus, earlier, since = [], long_pairs, LONG
+    for length in PLATEAU_AMENDMENTS:
+        plateau = plateau_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in earlier},
+                                  restarted_between(restarts, since, length), length, since)
+        if len(plateau["students"]) == len(PLATEAU_STUDENTS) and all(
+                len(n["seeds"]) >= PLATEAU_MIN_SEEDS for n in plateau["students"]):
+            plateaus.append(plateau)
+        earlier, since = plateau["pairs"], length
+    return plateaus
 
 
 def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -612,8 +639,7 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
              "Not run or not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + ".", "",
              "### The students", ""]
     lines += students_table(numbers)
-    moving = [n for n in numbers if not math.isnan(n["tail_change"])
-              and abs(n["tail_change"]) > n["fd_features"].get("eval_sd", float("nan"))]
+    moving = [n for n in numbers if curve_state(n) == "still moving"]
     lines += ["", "Still moving at the length (the seed-mean feature FD's change over its last 20 % larger than the "
               "evaluation noise): " + (", ".join(f"{n['label']} ({fmt(n['tail_change'], 'fd_features')})"
                                                   for n in moving) or "none")
@@ -630,22 +656,22 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
               + ("; the screen below tries LoRA and DoRA at 3e-4 and 3e-3 at one seed)." if screen_text else ")."),
               "", *screen_text]
     retrained = frozenset(r["name"] for r in read_curves(RETRAIN_CURVES))  # none when the file is absent
-    # a restart after step LENGTH was recorded splices two trajectories between LENGTH and LONG
-    restarted = frozenset(r["name"] for r in read_curves(RESTARTS) if LENGTH <= r["recorded_through"] < LONG)
-    continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs}, retrained, restarted)
+    restarts = read_curves(RESTARTS)
+    continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs}, retrained,
+                                  restarted_between(restarts, LENGTH, LONG))
     lines += continued_lines(continued)
-    restarted_late = frozenset(r["name"] for r in read_curves(RESTARTS) if LONG <= r["recorded_through"] < PLATEAU)
-    plateau = plateau_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in continued["pairs"]}, restarted_late)
-    lines += plateau_lines(plateau)
+    plateaus = plateaus_read(rows, continued["pairs"], restarts)
+    for plateau in plateaus:
+        lines += plateau_lines(plateau)
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)
     if continued["students"]:
-        longer = {n["label"]: n for n in plateau["students"]}  # a student read to PLATEAU: its longer curve
+        longer = {n["label"]: n for p in plateaus for n in p["students"]}  # the longest length each was read at
         long_plot([longer.get(n["label"], n) for n in continued["students"]], LONG_PLOT)
     summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs,
                "still_moving": [n["label"] for n in moving],
                "lr_screen": {m: {f"{lr:g}": v for lr, v in by.items()} for m, by in screened.items()},
-               "continued": continued, "plateau": plateau}
+               "continued": continued, "plateaus": plateaus}
     SUMMARY.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 

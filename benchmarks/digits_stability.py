@@ -132,10 +132,13 @@ def noise_set_summary(sets: list[dict[str, Any]], keys: tuple[str, ...]) -> dict
 
 def tail_change(steps: list[int], values: list[float], fraction: float = 0.2) -> float:
     """The change a least-squares line predicts over the last ``fraction`` of the run (points at steps ≥ (1 −
-    fraction) × last step): slope × that span. The plateau rule compares its size with the evaluation noise."""
+    fraction) × last step): slope × that span, NaN when that stretch holds fewer than two points (no line to read).
+    The plateau rule compares its size with the evaluation noise."""
     last = steps[-1]
     start = (1.0 - fraction) * last
     tail = [(s, v) for s, v in zip(steps, values) if s >= start]
+    if len(tail) < 2:
+        return float("nan")
     return slope([s for s, _ in tail], [v for _, v in tail]) * (last - start)
 
 

@@ -95,7 +95,7 @@ def test_continued_students_get_the_declared_pairs_and_their_verdict_at_the_firs
     assert first["curve"]["steps"][-1] == long and first["tail_change"] == pytest.approx(-0.4)  # 0.001 a step
     assert out["still_moving"] == ["lorad-uniform", "lora-peft"]  # 0.4 > the evaluation noise (about 0.1)
     [pair] = out["pairs"]
-    assert (pair["a"], pair["b"], pair["quality"], pair["at_length"]) == (
+    assert (pair["a"], pair["b"], pair["quality"], pair["earlier"]) == (
         "lorad-uniform", "lora-peft", "A better", "cannot tell at this size")
     text = "\n".join(comparison.continued_lines(out))
     assert "(at 1200: cannot tell at this size)" in text and "dora-peft seed 0" in text  # cut runs are named
@@ -221,16 +221,16 @@ def test_analysis_composes_the_two_reports_and_decides_low_rank_by_its_rule(tmp_
     assert (tmp_path / "digits_analysis.md").read_text() == text
     summary = json.loads((tmp_path / "digits_comparison.json").read_text())
     summary["continued"] = {"length": 2000, "students": [{"label": "lorad-uniform", "seeds": [0, 1, 2, 3, 4]}],
-                            "still_moving": [], "pairs": [{"sentence": "**long sentence**", "at_length": "mixed"}]}
+                            "still_moving": [], "pairs": [{"sentence": "**long sentence**", "earlier": "mixed"}]}
     (tmp_path / "digits_comparison.json").write_text(json.dumps(summary))
     text = analysis.write()
     assert "seeds per student: lorad-uniform 5; still moving there: none)" in text
     assert "- **long sentence** (at the comparison's length: mixed)" in text
     assert "at 3000 steps" not in text
-    summary["plateau"] = {"length": 3000, "flat": ["lorad-probe"],
+    summary["plateaus"] = [{"length": 3000, "since": 2000, "flat": ["lorad-probe"],
                           "students": [{"label": "lorad-probe", "seeds": [0, 1, 2]},
                                        {"label": "lora-peft", "seeds": [0, 1, 2]}],
-                          "pairs": [{"sentence": "**plateau sentence**", "at_long": None}]}
+                          "pairs": [{"sentence": "**plateau sentence**", "earlier": None}]}]
     (tmp_path / "digits_comparison.json").write_text(json.dumps(summary))
     text = analysis.write()
     assert ("The budget's students at 3000 steps (full fine-tuning at its flat 2000; seeds per student: lorad-probe 3, "
@@ -405,7 +405,7 @@ def test_the_plateau_reading_says_flat_or_still_moving_against_the_evaluation_no
     assert student["seeds"] == [0, 1, 2, 3] and student["tail_change"] == pytest.approx(-0.06)
     assert flat["flat"] == ["lorad-probe"] and flat["pairs"] == []  # no other student: no pair
     [change] = flat["changes"]
-    assert change["at_long"] == pytest.approx(41.5 + 0.1) and change["at_plateau"] == pytest.approx(41.5)
+    assert change["before"] == pytest.approx(41.5 + 0.1) and change["after"] == pytest.approx(41.5)
     text = "\n".join(comparison.plateau_lines(flat))
     assert "lorad-probe: flat at step 3000 (change over steps 2400–3000 -0.1 against an evaluation noise of 0.5)" in text
     assert "Not finished (cut for time): lorad-probe seed 4." in text
@@ -436,11 +436,11 @@ def test_the_verdicts_at_the_plateau_compare_full_fine_tuning_at_its_flat_length
     pairs = {(p["a"], p["b"]): p for p in out["pairs"]}
     assert set(pairs) == {("lorad-probe", "lorad-uniform"), ("lorad-probe", "full"), ("lorad-uniform", "full")}
     assert pairs[("lorad-probe", "lorad-uniform")]["metrics"]["fd_features"]["d"] == pytest.approx(-10.0)
-    assert pairs[("lorad-probe", "lorad-uniform")]["at_long"] == "lorad-probe better in quality"
+    assert pairs[("lorad-probe", "lorad-uniform")]["earlier"] == "lorad-probe better in quality"
     assert pairs[("lorad-probe", "full")]["metrics"]["fd_features"]["d"] == pytest.approx(10.0)  # 42 against 32
     assert pairs[("lorad-uniform", "full")]["quality"] == "B better"
     change = {c["label"]: c for c in out["changes"]}
-    assert change["lorad-probe"]["at_long"] == pytest.approx(52.0) and change["lorad-probe"]["at_plateau"] == pytest.approx(42.0)
+    assert change["lorad-probe"]["before"] == pytest.approx(52.0) and change["lorad-probe"]["after"] == pytest.approx(42.0)
     assert change["lorad-uniform"]["seeds"] == [] and change["lorad-uniform"]["restarted"] == [0, 1, 2, 3, 4]
     text = "\n".join(comparison.plateau_lines(out))
     assert ("- lorad-uniform: not read at step 3000 (change over steps 2400–3000 – against an evaluation noise of "
@@ -463,3 +463,46 @@ def test_a_seed_not_every_student_reached_at_the_plateau_is_cut_for_all_of_them(
     text = "\n".join(comparison.plateau_lines(out))
     assert ("Not finished (cut for time): lorad-uniform seed 4; lora-peft seed 4; dora-peft seed 4. Finished but left "
             "out, as the seeds above are cut for every student alike (declared): lorad-probe seed 4.") in text
+
+
+def test_each_longer_length_is_read_against_the_one_before_once_every_student_has_three_seeds_there():
+    long, plateau, further = comparison.LONG, comparison.PLATEAU, max(comparison.PLATEAU_AMENDMENTS)
+    assert plateau < further
+    curves = []
+    for label in comparison.PLATEAU_STUDENTS:
+        for seed, name in comparison.BY_LABEL[label].run_names().items():
+            _scored(curves, name, long, 60.0 + seed, noise_sets=True)
+            _scored(curves, name, plateau, 50.0 + seed, noise_sets=True)
+            if seed < 2 or label == "lorad-probe":  # two seeds a student at the further length: below the minimum
+                _scored(curves, name, further, (45.0 if label == "lorad-probe" else 40.0) + seed, noise_sets=True)
+    for seed, name in comparison.BY_LABEL["full"].run_names().items():
+        _scored(curves, name, long, 55.0 + seed, noise_sets=True)
+    rows = comparison.index(curves)
+    long_pairs = [{"a": "lorad-probe", "b": "lora-peft", "quality": "B better"}]
+    [at_plateau] = comparison.plateaus_read(rows, long_pairs, [])  # the further length waits for a third seed
+    assert at_plateau["length"] == plateau and at_plateau["since"] == long
+    pairs = {(p["a"], p["b"]): p for p in at_plateau["pairs"]}
+    assert pairs[("lorad-probe", "lora-peft")]["earlier"] == "lora-peft better in quality"
+    assert pairs[("lorad-probe", "lora-peft")]["quality"] == "no difference that matters"
+    for label in comparison.PLATEAU_STUDENTS[1:]:  # a third seed for the others: the further length is read
+        _scored(curves, comparison.BY_LABEL[label].run_names()[2], further, 42.0, noise_sets=True)
+    # a restart recorded between LONG and PLATEAU leaves PLATEAU's change, not the further one's
+    restarted = comparison.BY_LABEL["lora-peft"].run_names()[0]
+    first, second = comparison.plateaus_read(comparison.index(curves), long_pairs,
+                                             [{"name": restarted, "recorded_through": long}])
+    assert (second["length"], second["since"], second["amendments"]) == (
+        further, plateau, "the amendment of 2026-12-04 21:51 UTC")
+    assert {n["label"]: n["seeds"] for n in second["students"]} == {
+        label: [0, 1, 2] for label in comparison.PLATEAU_STUDENTS}
+    assert second["cut_alike"] == {"lorad-probe": [3, 4]}
+    change = {c["label"]: c for c in second["changes"]}
+    assert change["lora-peft"]["seeds"] == [0, 1, 2] and change["lora-peft"]["change"] == pytest.approx(-10.0)
+    assert {c["label"]: c["restarted"] for c in first["changes"]}["lora-peft"] == [0]
+    pairs = {(p["a"], p["b"]): p for p in second["pairs"]}
+    assert pairs[("lorad-probe", "lora-peft")]["metrics"]["fd_features"]["d"] == pytest.approx(5.0)
+    assert pairs[("lorad-probe", "lora-peft")]["earlier"] == "no difference that matters"
+    assert pairs[("lorad-probe", "full")]["metrics"]["fd_features"]["d"] == pytest.approx(46.0 - 56.0)
+    text = "\n".join(comparison.plateau_lines(second))
+    assert text.startswith(f"### The budget's students at {further} steps (the amendment of 2026-12-04 21:51 UTC)")
+    assert f"The runs continued from their {plateau}-step checkpoints." in text
+    assert f"(at {plateau}: no difference that matters)" in text and f"| full (at {long}) |" in text

@@ -55,6 +55,7 @@ def test_slope_and_tail_change_of_a_line_and_a_flat_tail():
     assert stability.tail_change(steps, falling_then_flat) == pytest.approx(0.0)
     with pytest.raises(ValueError):
         stability.slope([1], [1.0])
+    assert math.isnan(stability.tail_change([2000, 3000, 4000], [50.0, 45.0, 47.0]))  # one point past 3200
 
 
 def test_plateau_step_is_the_first_length_whose_tail_moves_less_than_the_noise():
