@@ -160,9 +160,11 @@ def write() -> str:
             raise SystemExit(f"{path} is missing: run benchmarks/digits_comparison_report.py and "
                              "benchmarks/digits_ablations_report.py first")
     cmp, ab = json.loads(COMPARISON.read_text()), json.loads(ABLATIONS.read_text())
+    longer = [str(p["length"]) for p in cmp.get("plateaus") or []]
     lines = ["# The WaDi paper's findings on builtin:digits", "",
-             "Every number below comes from the stable recipe: VSD students trained 1200 steps (continued to 2000, and "
-             "the budget's adapters to 3000, where section 5 says) without weight decay "
+             "Every number below comes from the stable recipe: VSD students trained 1200 steps (continued to 2000"
+             + (", and the budget's adapters to " + " and ".join(longer) if longer else "")
+             + ", where section 5 says) without weight decay "
              "and scored as their averaged weights (the ramped EMA that `final/` holds), 2000 one-step images per "
              "score on shared noise, training seeds 0–4 (the ablations' seeds 0 and 1 retrained on another CPU: "
              "reports/digits_ablations.md), on the 2-core VMs each report names. Verdict rules and the "
