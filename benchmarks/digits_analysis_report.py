@@ -117,7 +117,8 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
         return []
     seeds = {s["label"]: len(s["seeds"]) for s in plateau["students"]}
     moving = [s["label"] for s in plateau["students"] if s["label"] not in plateau["flat"]]
-    lines = ["", f"The budget's students at {plateau['length']} steps (full fine-tuning at its flat 2000; seeds per "
+    flat_ones = ", ".join(f"{label} at {flat}" for label, flat in plateau["entering"].items())
+    lines = ["", f"The budget's students at {plateau['length']} steps ({flat_ones}, where flat; seeds per "
              "student: " + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; flat there: "
              + (", ".join(plateau["flat"]) or "none") + "; still moving or not read: " + (", ".join(moving) or "none")
              + "):", ""]

@@ -118,11 +118,15 @@ LONG_PAIRS = (
 PLATEAU = 3000  # the first length the budget's students were read at past LONG
 # the amendment of 2026-12-04 21:51 UTC: the same runs continued from PLATEAU to 4000, the same pairs, the section
 # written once every student has PLATEAU_MIN_SEEDS seeds there (cut alike)
+# the amendment of 22:46 UTC: the LoRaD students continued in 1000-step stretches while still moving (at most 7000)
 PLATEAU_AMENDMENTS = {PLATEAU: "the amendments of 2026-12-04 19:40 and 19:48 UTC",
-                      4000: "the amendment of 2026-12-04 21:51 UTC"}
+                      4000: "the amendment of 2026-12-04 21:51 UTC",
+                      **{length: "the amendment of 2026-12-04 22:46 UTC" for length in (5000, 6000, 7000)}}
 PLATEAU_MIN_SEEDS = 3
 PLATEAU_STUDENTS = ("lorad-probe", "lorad-uniform", "lora-peft", "dora-peft")
-PLATEAU_AT_LONG = ("full",)  # flat at LONG: compared there, each student at its plateau
+# where a student's curve was read flat: it is not continued past that length and enters every longer length's
+# verdicts with its scores there, each student at its plateau (declared: full at LONG; LoRA and DoRA at 4000)
+FLAT_AT = {"full": LONG, "lora-peft": 4000, "dora-peft": 4000}
 PLATEAU_PAIRS = (
     ("lorad-probe", "lorad-uniform", "budget"), ("lorad-probe", "lora-peft", "budget"),
     ("lorad-probe", "dora-peft", "budget"), ("lorad-uniform", "lora-peft", "budget"),
@@ -507,25 +511,34 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
 
 def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = None,
                     restarted: frozenset[str] = frozenset(), length: int = PLATEAU, since: int = LONG) -> dict[str, Any]:
-    """The budget's students at ``length`` steps (the seeds that reached it with their noise sets, cut for every
-    student alike) and ``PLATEAU_AT_LONG`` at ``LONG``; each one's curve state over its last 20 %, its change from
-    ``since`` (``restarted``: runs trained again from step 0 after ``since`` was scored, left out), and the declared
-    pairs' verdicts (``earlier``: (A, B) -> the same pair's quality at ``since``)."""
-    def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:
-        return student_numbers(BY_LABEL[label], rows, LONG if label in PLATEAU_AT_LONG else length, seeds)
+    """The budget's students still continued at ``length`` steps (the seeds that reached it with their noise sets,
+    cut for every one of them alike) and those ``FLAT_AT`` a shorter length, at that length; each continued one's
+    curve state over its last 20 %, its change from ``since`` (``restarted``: runs trained again from step 0 after
+    ``since`` was scored, left out), and the declared pairs' verdicts (``earlier``: (A, B) -> the same pair's
+    quality at ``since``)."""
+    entering = {label: flat for label, flat in FLAT_AT.items() if flat < length}
+    continued = [label for label in PLATEAU_STUDENTS if label not in entering]
 
-    # the last seeds are cut for every student alike (declared): a seed counts where all of them reached the length
-    reached = {label: set(numbers_of(label)["seeds"]) for label in PLATEAU_STUDENTS}
-    alike = set.intersection(*reached.values())
+    def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:
+        return student_numbers(BY_LABEL[label], rows, entering.get(label, length), seeds)
+
+    # the last seeds are cut for every continued student alike (declared): a seed counts where all reached the length
+    reached = {label: set(numbers_of(label)["seeds"]) for label in continued}
+    alike = set.intersection(*reached.values()) if reached else set()
     cut_alike = {label: sorted(seeds - alike) for label, seeds in reached.items() if seeds - alike}
-    numbers = [n for n in (numbers_of(label, alike) for label in PLATEAU_STUDENTS) if n["seeds"]]
+    numbers = [n for n in (numbers_of(label, alike) for label in continued) if n["seeds"]]
     by = {n["label"]: n for n in numbers}
-    by.update({label: n for label in PLATEAU_AT_LONG if (n := numbers_of(label))["seeds"]})
-    return {"length": length, "since": since, "amendments": PLATEAU_AMENDMENTS[length], "students": numbers,
-            "flat": [n["label"] for n in numbers if curve_state(n) == "flat"],
+    by.update({label: n for label in entering if (n := numbers_of(label))["seeds"]})
+    return {"length": length, "since": since, "amendments": PLATEAU_AMENDMENTS[length], "continued": continued,
+            "entering": entering, "students": numbers, "flat": [n["label"] for n in numbers if curve_state(n) == "flat"],
             "changes": [change_across(rows, n["label"], since, length, n["seeds"], restarted=restarted) for n in numbers],
             "pairs": declared_verdicts(PLATEAU_PAIRS, by, numbers_of, earlier), "cut_alike": cut_alike,
-            "at_long_students": [by[label] for label in PLATEAU_AT_LONG if label in by]}
+            "entering_students": [by[label] for label in entering if label in by]}
+
+
+def entering_text(entering: dict[str, int]) -> str:
+    """"full at 2000, lora-peft at 4000": the students that enter a length with their scores where they were flat."""
+    return ", ".join(f"{label} at {flat}" for label, flat in entering.items())
 
 
 def plateau_lines(plateau: dict[str, Any]) -> list[str]:
@@ -534,9 +547,9 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
     numbers = plateau["students"]
     if not numbers:
         return []
-    length, since = plateau["length"], plateau["since"]
+    length, since, entering = plateau["length"], plateau["since"], plateau["entering"]
     cut_alike = plateau.get("cut_alike", {})
-    missing = [f"{label} seed {seed}" for label in PLATEAU_STUDENTS for seed in B_SEEDS
+    missing = [f"{label} seed {seed}" for label in plateau["continued"] for seed in B_SEEDS
                if seed not in next((n["seeds"] for n in numbers if n["label"] == label), [])
                and seed not in cut_alike.get(label, [])]
     alike = [f"{label} {seeds_text(seeds)}" for label, seeds in cut_alike.items()]
@@ -546,14 +559,15 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
              + (f", except those trained again from step 0 after their {since}-step checkpoints were lost "
                 f"(`{RESTARTS.name}`; their curves up to {since} are the earlier runs', from {since + 100} on the new "
                 "ones'): " + "; ".join(restarted) if restarted else "")
-             + f". Every score as above, at step {length}; full fine-tuning enters with its scores at step {LONG}, "
-             f"where its curve is flat. \"change over last 20 %\": what the line through the seed-mean curve moves "
-             f"over steps {int(0.8 * length)}–{length}.", "",
+             + f". Every score as above, at step {length}; entering with their scores at the length where their "
+             f"curves were read flat: {entering_text(entering) or 'none'}. \"change over last 20 %\": what the line "
+             f"through the seed-mean curve moves over steps {int(0.8 * length)}–{length}.", "",
              "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + "."
              + (" Finished but left out, as the seeds above are cut for every student alike (declared): "
                 + "; ".join(alike) + "." if alike else ""), ""]
-    at_long = [{**n, "label": f"{n['label']} (at {LONG})"} for n in plateau.get("at_long_students", [])]
-    lines += students_table(numbers + at_long)
+    flat_ones = [{**n, "label": f"{n['label']} (at {entering[n['label']]})"}
+                 for n in plateau.get("entering_students", [])]
+    lines += students_table(numbers + flat_ones)
     lines.append("")
     for n, c in zip(numbers, plateau["changes"]):
         noise = n["fd_features"].get("eval_sd", float("nan"))
@@ -564,7 +578,7 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
                      f"{length} {fmt(n['tail_change'], 'fd_features')} against an evaluation noise of "
                      f"{fmt(noise, 'fd_features')}){since_text}.")
     if plateau["pairs"]:
-        lines += ["", f"**Verdicts at step {length}** (the declared rule; full fine-tuning at {LONG}; in brackets the "
+        lines += ["", f"**Verdicts at step {length}** (the declared rule; {entering_text(entering)}; in brackets the "
                   f"same pair's verdict at step {since})", ""]
         lines += [f"- {p['sentence']} Seeds {','.join(map(str, p['seeds'])) or 'none'} (at {since}: "
                   f"{p['earlier'] or 'not a declared pair there'})" for p in plateau["pairs"]]
@@ -609,7 +623,7 @@ def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[d
     for length in PLATEAU_AMENDMENTS:
         plateau = plateau_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in earlier},
                                   restarted_between(restarts, since, length), length, since)
-        if len(plateau["students"]) == len(PLATEAU_STUDENTS) and all(
+        if plateau["continued"] and len(plateau["students"]) == len(plateau["continued"]) and all(
                 len(n["seeds"]) >= PLATEAU_MIN_SEEDS for n in plateau["students"]):
             plateaus.append(plateau)
         earlier, since = plateau["pairs"], length

@@ -227,13 +227,13 @@ def test_analysis_composes_the_two_reports_and_decides_low_rank_by_its_rule(tmp_
     assert "seeds per student: lorad-uniform 5; still moving there: none)" in text
     assert "- **long sentence** (at the comparison's length: mixed)" in text
     assert "at 3000 steps" not in text
-    summary["plateaus"] = [{"length": 3000, "since": 2000, "flat": ["lorad-probe"],
+    summary["plateaus"] = [{"length": 3000, "since": 2000, "flat": ["lorad-probe"], "entering": {"full": 2000},
                           "students": [{"label": "lorad-probe", "seeds": [0, 1, 2]},
                                        {"label": "lora-peft", "seeds": [0, 1, 2]}],
                           "pairs": [{"sentence": "**plateau sentence**", "earlier": None}]}]
     (tmp_path / "digits_comparison.json").write_text(json.dumps(summary))
     text = analysis.write()
-    assert ("The budget's students at 3000 steps (full fine-tuning at its flat 2000; seeds per student: lorad-probe 3, "
+    assert ("The budget's students at 3000 steps (full at 2000, where flat; seeds per student: lorad-probe 3, "
             "lora-peft 3; flat there: lorad-probe; still moving or not read: lora-peft):") in text
     assert "- **plateau sentence** (at 2000: not a declared pair there)" in text
     (tmp_path / "digits_ablations.json").unlink()
@@ -466,7 +466,7 @@ def test_a_seed_not_every_student_reached_at_the_plateau_is_cut_for_all_of_them(
 
 
 def test_each_longer_length_is_read_against_the_one_before_once_every_student_has_three_seeds_there():
-    long, plateau, further = comparison.LONG, comparison.PLATEAU, max(comparison.PLATEAU_AMENDMENTS)
+    long, plateau, further = comparison.LONG, comparison.PLATEAU, sorted(comparison.PLATEAU_AMENDMENTS)[1]
     assert plateau < further
     curves = []
     for label in comparison.PLATEAU_STUDENTS:
@@ -506,3 +506,34 @@ def test_each_longer_length_is_read_against_the_one_before_once_every_student_ha
     assert text.startswith(f"### The budget's students at {further} steps (the amendment of 2026-12-04 21:51 UTC)")
     assert f"The runs continued from their {plateau}-step checkpoints." in text
     assert f"(at {plateau}: no difference that matters)" in text and f"| full (at {long}) |" in text
+
+
+def test_past_the_length_where_a_student_was_flat_it_enters_with_its_scores_there_and_only_the_others_are_cut_alike():
+    further, next_length = sorted(comparison.PLATEAU_AMENDMENTS)[1:3]
+    assert comparison.FLAT_AT["lora-peft"] == comparison.FLAT_AT["dora-peft"] == further
+    curves = []
+    for label in comparison.PLATEAU_STUDENTS:
+        for seed, name in comparison.BY_LABEL[label].run_names().items():
+            _scored(curves, name, further, 40.0 + seed, noise_sets=True)
+            if label.startswith("lorad") and (seed < 4 or label == "lorad-probe"):
+                _scored(curves, name, next_length, 30.0 + seed, noise_sets=True)
+    for seed, name in comparison.BY_LABEL["full"].run_names().items():
+        _scored(curves, name, comparison.LONG, 50.0, noise_sets=True)
+    rows = comparison.index(curves)
+    out = comparison.plateau_numbers(rows, {("lorad-probe", "lora-peft"): "mixed"}, frozenset(), next_length, further)
+    assert out["continued"] == ["lorad-probe", "lorad-uniform"]
+    assert out["entering"] == {"full": comparison.LONG, "lora-peft": further, "dora-peft": further}
+    assert {n["label"]: n["seeds"] for n in out["students"]} == {"lorad-probe": [0, 1, 2, 3], "lorad-uniform": [0, 1, 2, 3]}
+    assert out["cut_alike"] == {"lorad-probe": [4]}  # lora-peft and dora-peft are not continued: nothing to cut there
+    pairs = {(p["a"], p["b"]): p for p in out["pairs"]}
+    assert pairs[("lorad-probe", "lora-peft")]["seeds"] == [0, 1, 2, 3]  # lora-peft's seed 4 waits for the probe's
+    assert pairs[("lorad-probe", "lora-peft")]["metrics"]["fd_features"]["d"] == pytest.approx(-10.0)  # 31.5 vs 41.5
+    assert pairs[("lorad-probe", "lora-peft")]["earlier"] == "mixed"
+    assert pairs[("lorad-uniform", "full")]["metrics"]["fd_features"]["d"] == pytest.approx(31.5 - 50.0)
+    text = "\n".join(comparison.plateau_lines(out))
+    assert (f"entering with their scores at the length where their curves were read flat: full at {comparison.LONG}, "
+            f"lora-peft at {further}, dora-peft at {further}.") in text
+    assert f"| lora-peft (at {further}) |" in text and "Not finished (cut for time): lorad-uniform seed 4." in text
+    read = comparison.plateaus_read(rows, [], [])
+    assert [(p["length"], p["since"]) for p in read] == [(further, comparison.PLATEAU), (next_length, further)]
+    assert read[1]["pairs"][0]["earlier"] == "no difference that matters"  # the same scores at 4000: d 0 ± 1
