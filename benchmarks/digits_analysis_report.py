@@ -19,6 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from digits_comparison_report import answer_lines, entering_text  # noqa: E402
 from digits_stability import ROOT  # noqa: E402
 
 REPORTS = Path(os.environ.get("WADI_ANALYSIS_REPORTS", ROOT / "reports"))
@@ -112,13 +113,13 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
 
 
 def plateau_lines(plateau: dict[str, Any]) -> list[str]:
-    """The budget's students at the longest length: whether they are flat there, their verdicts, the earlier ones."""
+    """The budget's students at one longer length: whether they are flat there, their verdicts, the earlier ones."""
     if not plateau.get("pairs"):
         return []
     seeds = {s["label"]: len(s["seeds"]) for s in plateau["students"]}
     moving = [s["label"] for s in plateau["students"] if s["label"] not in plateau["flat"]]
-    flat_ones = ", ".join(f"{label} at {flat}" for label, flat in plateau["entering"].items())
-    lines = ["", f"The budget's students at {plateau['length']} steps ({flat_ones}, where flat; seeds per "
+    lines = ["", f"The budget's students at {plateau['length']} steps ({entering_text(plateau['entering'])}, where "
+             "flat; seeds per "
              "student: " + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; flat there: "
              + (", ".join(plateau["flat"]) or "none") + "; still moving or not read: " + (", ".join(moving) or "none")
              + "):", ""]
@@ -147,6 +148,8 @@ def comparison_lines(cmp: dict[str, Any]) -> list[str]:
     lines += continued_lines(cmp.get("continued") or {})
     for plateau in cmp.get("plateaus") or []:  # the budget's students at each longer length, in order
         lines += plateau_lines(plateau)
+    if cmp.get("budget_answer"):
+        lines += ["", *answer_lines(cmp["budget_answer"])]
     missing = [s["label"] for s in students.values() if len(s["seeds"]) < 5]
     if missing:
         lines += ["", "Fewer than 5 seeds (cut for time): " + ", ".join(
@@ -161,10 +164,13 @@ def write() -> str:
             raise SystemExit(f"{path} is missing: run benchmarks/digits_comparison_report.py and "
                              "benchmarks/digits_ablations_report.py first")
     cmp, ab = json.loads(COMPARISON.read_text()), json.loads(ABLATIONS.read_text())
-    longer = [str(p["length"]) for p in cmp.get("plateaus") or []]
+    plateaus = cmp.get("plateaus") or []
+    every = [str(p["length"]) for p in plateaus if not p.get("entering", {}).keys() - {"full"}]
+    some = [f"{' and '.join(p['continued'])} on to {p['length']}" for p in plateaus if p.get("entering", {}).keys() - {"full"}]
     lines = ["# The WaDi paper's findings on builtin:digits", "",
              "Every number below comes from the stable recipe: VSD students trained 1200 steps (continued to 2000"
-             + (", and the budget's adapters to " + " and ".join(longer) if longer else "")
+             + (", the budget's adapters to " + " and ".join(every) if every else "")
+             + (" (" + ", ".join(some[-1:]) + ")" if some else "")
              + ", where section 5 says) without weight decay "
              "and scored as their averaged weights (the ramped EMA that `final/` holds), 2000 one-step images per "
              "score on shared noise, training seeds 0–4 (the ablations' seeds 0 and 1 retrained on another CPU: "

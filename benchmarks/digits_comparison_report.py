@@ -509,13 +509,20 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def length_before(length: int) -> int:
+    """The length a plateau length is read against: the declared one before it, ``LONG`` for the first."""
+    return max((other for other in PLATEAU_AMENDMENTS if other < length), default=LONG)
+
+
 def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = None,
-                    restarted: frozenset[str] = frozenset(), length: int = PLATEAU, since: int = LONG) -> dict[str, Any]:
+                    restarted: frozenset[str] = frozenset(), length: int = PLATEAU) -> dict[str, Any]:
     """The budget's students still continued at ``length`` steps (the seeds that reached it with their noise sets,
-    cut for every one of them alike) and those ``FLAT_AT`` a shorter length, at that length; each continued one's
-    curve state over its last 20 %, its change from ``since`` (``restarted``: runs trained again from step 0 after
-    ``since`` was scored, left out), and the declared pairs' verdicts (``earlier``: (A, B) -> the same pair's
-    quality at ``since``)."""
+    cut for every one of them alike) and those ``FLAT_AT`` a shorter length, at that length, with their curve state
+    there (declared flat: the report says so if it does not read flat); each continued one's curve state over its
+    last 20 %, its change from the length before (``restarted``: runs trained again from step 0 after that length
+    was scored, left out), and the declared pairs' verdicts (``earlier``: (A, B) -> the same pair's quality
+    there)."""
+    since = length_before(length)
     entering = {label: flat for label, flat in FLAT_AT.items() if flat < length}
     continued = [label for label in PLATEAU_STUDENTS if label not in entering]
 
@@ -533,7 +540,8 @@ def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = Non
             "entering": entering, "students": numbers, "flat": [n["label"] for n in numbers if curve_state(n) == "flat"],
             "changes": [change_across(rows, n["label"], since, length, n["seeds"], restarted=restarted) for n in numbers],
             "pairs": declared_verdicts(PLATEAU_PAIRS, by, numbers_of, earlier), "cut_alike": cut_alike,
-            "entering_students": [by[label] for label in entering if label in by]}
+            "entering_students": [by[label] for label in entering if label in by],
+            "entering_state": {label: curve_state(by[label]) for label in entering if label in by}}
 
 
 def entering_text(entering: dict[str, int]) -> str:
@@ -560,7 +568,10 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
                 f"(`{RESTARTS.name}`; their curves up to {since} are the earlier runs', from {since + 100} on the new "
                 "ones'): " + "; ".join(restarted) if restarted else "")
              + f". Every score as above, at step {length}; entering with their scores at the length where their "
-             f"curves were read flat: {entering_text(entering) or 'none'}. \"change over last 20 %\": what the line "
+             f"curves were read flat: {entering_text(entering) or 'none'}"
+             + "".join(f" ({label} was declared flat at {entering[label]} but reads {state} there)"
+                       for label, state in plateau.get("entering_state", {}).items() if state != "flat")
+             + f". \"change over last 20 %\": what the line "
              f"through the seed-mean curve moves over steps {int(0.8 * length)}–{length}.", "",
              "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + "."
              + (" Finished but left out, as the seeds above are cut for every student alike (declared): "
@@ -573,7 +584,8 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
         noise = n["fd_features"].get("eval_sd", float("nan"))
         since_text = (f"; feature FD {fmt(c['before'], 'fd_features')} at step {since} → "
                       f"{fmt(c['after'], 'fd_features')} at {length} ({seeds_text(c['seeds'])})" if c["seeds"] else
-                      f"; no change from {since} read (every seed trained again from step 0)")
+                      f"; no change from {since} read (every seed trained again from step 0)" if c["restarted"] else
+                      f"; no change from {since} read (no scores at {since})")
         lines.append(f"- {n['label']}: {curve_state(n)} at step {length} (change over steps {int(0.8 * length)}–"
                      f"{length} {fmt(n['tail_change'], 'fd_features')} against an evaluation noise of "
                      f"{fmt(noise, 'fd_features')}){since_text}.")
@@ -616,18 +628,47 @@ def restarted_between(restarts: list[dict[str, Any]], start: int, end: int) -> f
 
 
 def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The budget's students at each length of ``PLATEAU_AMENDMENTS`` that every one of them reached with at least
-    ``PLATEAU_MIN_SEEDS`` seeds (cut alike); each length read against the one before it (its change, the same pairs'
-    verdicts there), the first against ``LONG`` (``long_pairs``)."""
-    plateaus, earlier, since = [], long_pairs, LONG
+    """The budget's students at each length of ``PLATEAU_AMENDMENTS`` that every continued student reached with at
+    least ``PLATEAU_MIN_SEEDS`` seeds (cut alike); each length read against the one before it (its change, the same
+    pairs' verdicts there), the first against ``LONG`` (``long_pairs``)."""
+    plateaus, earlier = [], long_pairs
     for length in PLATEAU_AMENDMENTS:
         plateau = plateau_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in earlier},
-                                  restarted_between(restarts, since, length), length, since)
+                                  restarted_between(restarts, length_before(length), length), length)
         if plateau["continued"] and len(plateau["students"]) == len(plateau["continued"]) and all(
                 len(n["seeds"]) >= PLATEAU_MIN_SEEDS for n in plateau["students"]):
             plateaus.append(plateau)
-        earlier, since = plateau["pairs"], length
+        earlier = plateau["pairs"]
     return plateaus
+
+
+def budget_answer(plateaus: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The declared answer to the budget's comparison (amendment of 22:46 UTC): the verdicts at the first length
+    read where every continued student is flat (the others entering flat), else at the last length read, said as
+    such; None before any length past ``LONG`` is read."""
+    if not plateaus:
+        return None
+    settled = next((p for p in plateaus if len(p["flat"]) == len(p["students"])
+                    and all(state == "flat" for state in p.get("entering_state", {}).values())), None)
+    chosen = settled or plateaus[-1]
+    return {"length": chosen["length"], "all_flat": settled is not None,
+            "still_moving": [n["label"] for n in chosen["students"] if n["label"] not in chosen["flat"]],
+            "pairs": [{**{k: p[k] for k in ("a", "b", "quality", "seeds")},
+                       "metrics": {m: p["metrics"][m]["verdict"] for m in VERDICT_METRICS}} for p in chosen["pairs"]]}
+
+
+def answer_lines(answer: dict[str, Any] | None) -> list[str]:
+    """The answer's paragraph: at which length, whether every student is flat there, each pair's verdict."""
+    if answer is None:
+        return []
+    where = (f"at step {answer['length']}, the first length read where every student is flat" if answer["all_flat"]
+             else f"at step {answer['length']}, the last length read; not every student is flat there (still moving "
+             f"or not read: {', '.join(answer['still_moving'])}), so this is the answer as far as the runs went")
+    return [f"### The budget's answer (declared at 22:46 UTC: {where})", "",
+            *(f"- {p['a']} vs {p['b']}: {readable(p['quality'], p['a'], p['b'])} ("
+              + "; ".join(f"{TITLE[m]} {v.replace('A better', p['a'] + ' better').replace('B better', p['b'] + ' better')}"
+                          for m, v in p["metrics"].items())
+              + f"; seeds {','.join(map(str, p['seeds']))})" for p in answer["pairs"]), ""]
 
 
 def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -677,6 +718,8 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
     plateaus = plateaus_read(rows, continued["pairs"], restarts)
     for plateau in plateaus:
         lines += plateau_lines(plateau)
+    answer = budget_answer(plateaus)
+    lines += answer_lines(answer)
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)
     if continued["students"]:
@@ -685,7 +728,7 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
     summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs,
                "still_moving": [n["label"] for n in moving],
                "lr_screen": {m: {f"{lr:g}": v for lr, v in by.items()} for m, by in screened.items()},
-               "continued": continued, "plateaus": plateaus}
+               "continued": continued, "plateaus": plateaus, "budget_answer": answer}
     SUMMARY.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 

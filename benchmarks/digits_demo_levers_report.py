@@ -13,6 +13,7 @@ sets of the same size (``reports/digits_teacher_set_size.json``, written by ``be
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from _study import cpu_model, replace_results
@@ -144,12 +145,13 @@ def _continued_row(rows: list[dict], name: str, step: int, scores: dict[str, tup
     change = tail_change(xs, [points[x] for x in xs])
     noise = scores["fd_features"][1]
     ratio = "–" if teacher is None else f"{scores['fd_features'][0] / teacher[0]:.2f}×"
-    flat = (f"yes (within the evaluation noise {noise:.1f})" if abs(change) <= noise
+    flat = ("not read (fewer than two points in the last 20 %)" if math.isnan(change)
+            else f"yes (within the evaluation noise {noise:.1f})" if abs(change) <= noise
             else f"no (the evaluation noise is {noise:.1f})")
     short = beats_one_step_teacher({k: v[0] for k, v in scores.items()})
     beats = "yes, on all five metrics" if not short else "no: " + ", ".join(short)
     return (f"| {lever(rows, name)} | {step} | " + " | ".join(_cell(scores[k], k) for k in SCORED)
-            + f" | {ratio} | {change:+.1f} | {flat} | {beats} |")
+            + f" | {ratio} | {'–' if math.isnan(change) else f'{change:+.1f}'} | {flat} | {beats} |")
 
 
 def continued(rows: list[dict], teacher_path: Path = TEACHER_SIZES) -> list[str]:

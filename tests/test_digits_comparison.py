@@ -520,7 +520,7 @@ def test_past_the_length_where_a_student_was_flat_it_enters_with_its_scores_ther
     for seed, name in comparison.BY_LABEL["full"].run_names().items():
         _scored(curves, name, comparison.LONG, 50.0, noise_sets=True)
     rows = comparison.index(curves)
-    out = comparison.plateau_numbers(rows, {("lorad-probe", "lora-peft"): "mixed"}, frozenset(), next_length, further)
+    out = comparison.plateau_numbers(rows, {("lorad-probe", "lora-peft"): "mixed"}, frozenset(), next_length)
     assert out["continued"] == ["lorad-probe", "lorad-uniform"]
     assert out["entering"] == {"full": comparison.LONG, "lora-peft": further, "dora-peft": further}
     assert {n["label"]: n["seeds"] for n in out["students"]} == {"lorad-probe": [0, 1, 2, 3], "lorad-uniform": [0, 1, 2, 3]}
@@ -532,8 +532,54 @@ def test_past_the_length_where_a_student_was_flat_it_enters_with_its_scores_ther
     assert pairs[("lorad-uniform", "full")]["metrics"]["fd_features"]["d"] == pytest.approx(31.5 - 50.0)
     text = "\n".join(comparison.plateau_lines(out))
     assert (f"entering with their scores at the length where their curves were read flat: full at {comparison.LONG}, "
-            f"lora-peft at {further}, dora-peft at {further}.") in text
+            f"lora-peft at {further}, dora-peft at {further} (full was declared flat at") in text
     assert f"| lora-peft (at {further}) |" in text and "Not finished (cut for time): lorad-uniform seed 4." in text
     read = comparison.plateaus_read(rows, [], [])
     assert [(p["length"], p["since"]) for p in read] == [(further, comparison.PLATEAU), (next_length, further)]
     assert read[1]["pairs"][0]["earlier"] == "no difference that matters"  # the same scores at 4000: d 0 ± 1
+    assert out["since"] == further and comparison.length_before(comparison.PLATEAU) == comparison.LONG
+    # nothing at `further` for the continued students here: their change is not read, for want of scores
+    assert f"lorad-probe: not read at step {next_length}" in text and f"(no scores at {further})" not in text
+    assert out["entering_state"] == {"full": "not read", "lora-peft": "not read", "dora-peft": "not read"}
+    assert f"(lora-peft was declared flat at {further} but reads not read there)" in text
+
+
+def test_a_restart_counts_for_the_stretch_it_splices_and_the_answer_is_the_first_length_where_all_are_flat():
+    restarts = [{"name": "a", "recorded_through": comparison.PLATEAU}, {"name": "b", "recorded_through": 4000}]
+    assert comparison.restarted_between(restarts, comparison.LONG, comparison.PLATEAU) == frozenset()
+    assert comparison.restarted_between(restarts, comparison.PLATEAU, 4000) == frozenset({"a"})
+
+    def plateau(length, flat, entering_state):
+        return {"length": length, "students": [{"label": "x"}, {"label": "y"}], "flat": flat,
+                "entering_state": entering_state,
+                "pairs": [{"a": "x", "b": "y", "quality": "A better", "seeds": [0, 1, 2], "sentence": "s",
+                           "metrics": {"fd_features": {"verdict": "A better"}, "fd_pixel": {"verdict": "B better"},
+                                       "recall": {"verdict": "cannot tell at this size"}}}]}
+
+    assert comparison.budget_answer([]) is None and comparison.answer_lines(None) == []
+    read = [plateau(4000, ["x"], {"full": "flat"}), plateau(5000, ["x", "y"], {"full": "flat"}),
+            plateau(6000, ["x", "y"], {"full": "flat"})]
+    answer = comparison.budget_answer(read)
+    assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (5000, True, [])
+    text = "\n".join(comparison.answer_lines(answer))
+    assert "the first length read where every student is flat" in text
+    assert ("- x vs y: x better in quality (feature FD ↓ x better; pixel FD ↓ y better; recall ↑ cannot tell at this "
+            "size; seeds 0,1,2)") in text
+    answer = comparison.budget_answer([read[0], plateau(5000, ["x", "y"], {"full": "still moving"})])
+    assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (5000, False, [])
+    answer = comparison.budget_answer(read[:1])
+    assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (4000, False, ["y"])
+    assert "the last length read; not every student is flat there (still moving or not read: y)" in "\n".join(
+        comparison.answer_lines(answer))
+
+
+def test_a_change_without_scores_at_the_length_before_says_so_not_that_the_runs_restarted():
+    length = sorted(comparison.PLATEAU_AMENDMENTS)[2]
+    curves = []
+    for label in ("lorad-probe", "lorad-uniform"):
+        for name in comparison.BY_LABEL[label].run_names().values():
+            _scored(curves, name, length, 30.0, noise_sets=True)
+    out = comparison.plateau_numbers(comparison.index(curves), length=length)
+    text = "\n".join(comparison.plateau_lines(out))
+    assert f"no change from {out['since']} read (no scores at {out['since']})" in text
+    assert "trained again from step 0" not in text

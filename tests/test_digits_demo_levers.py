@@ -71,3 +71,7 @@ def test_continued_runs_get_their_last_scores_a_plateau_verdict_and_the_teacher_
     assert "| long | 900 | 17.0 ± 0.0 |" in twice and twice.index("| long | 900 |") < twice.index("| long | 1000 |")
     assert report.scores_at(rows, 800)["long"]["fd_features"] == (18.0, 0.0)
     assert report.teacher_feature_fd(5000, teacher) is None and report.teacher_feature_fd(2000, tmp_path / "x") is None
+    # a run scored only at 100 and 1000: one point in its last fifth, so no plateau is read
+    sparse = [row(100, 30.0, name="sparse"), *(row(1000, 20.0, seed=k, name="sparse") for k in sets)]
+    text = "\n".join(report.continued(sparse, teacher))
+    assert "| 2.50× | – | not read (fewer than two points in the last 20 %) |" in text
