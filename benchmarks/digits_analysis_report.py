@@ -113,19 +113,29 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
 
 
 def plateau_lines(plateau: dict[str, Any]) -> list[str]:
-    """The budget's students at one longer length: whether they are flat there, their verdicts, the earlier ones."""
+    """One group's students at one longer length: whether they are flat there, their verdicts, the earlier ones."""
     if not plateau.get("pairs"):
         return []
     seeds = {s["label"]: len(s["seeds"]) for s in plateau["students"]}
     moving = [s["label"] for s in plateau["students"] if s["label"] not in plateau["flat"]]
-    lines = ["", f"The budget's students at {plateau['length']} steps ({entering_text(plateau['entering'])}, where "
-             "flat; seeds per "
-             "student: " + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; flat there: "
+    flat_ones = entering_text(plateau["entering"])
+    lines = ["", f"{plateau['title'][0].upper()}{plateau['title'][1:]} at {plateau['length']} steps ("
+             + (f"{flat_ones}, where flat; " if flat_ones else "") + "seeds per student: " + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; flat there: "
              + (", ".join(plateau["flat"]) or "none") + "; still moving or not read: " + (", ".join(moving) or "none")
              + "):", ""]
     lines += [f"- {p['sentence']} (at {plateau['since']}: {p['earlier'] or 'not a declared pair there'})"
               for p in plateau["pairs"]]
     return lines
+
+
+def longer_text(group: dict[str, Any]) -> str:
+    """"the budget's students to 3000 and 4000 (lorad-probe and lorad-uniform on to 5000)": how far a group read past
+    2000 steps went, all of it and the students continued alone."""
+    every = [str(p["length"]) for p in group["plateaus"] if len(p["continued"]) == len(p["students"])
+             and not set(p["entering"]) - {"full"}]
+    some = [f"{' and '.join(p['continued'])} on to {p['length']}" for p in group["plateaus"]
+            if set(p["entering"]) - {"full"}]
+    return (f"{group['title']} to {' and '.join(every)}" if every else group["title"]) + (f" ({some[-1]})" if some else "")
 
 
 def comparison_lines(cmp: dict[str, Any]) -> list[str]:
@@ -146,10 +156,11 @@ def comparison_lines(cmp: dict[str, Any]) -> list[str]:
     lines += ["", "## 5. Small ranks and the rank sweet spot", ""]
     lines += [f"- {p['sentence']}" for p in cmp["pairs"] if p["question"] != "budget"]
     lines += continued_lines(cmp.get("continued") or {})
-    for plateau in cmp.get("plateaus") or []:  # the budget's students at each longer length, in order
-        lines += plateau_lines(plateau)
-    if cmp.get("budget_answer"):
-        lines += ["", *answer_lines(cmp["budget_answer"])]
+    for group in cmp.get("longer") or []:  # each group read past 2000 steps, length by length, then its answer
+        for plateau in group["plateaus"]:
+            lines += plateau_lines(plateau)
+        if group["answer"]:
+            lines += ["", *answer_lines(group["answer"])]
     missing = [s["label"] for s in students.values() if len(s["seeds"]) < 5]
     if missing:
         lines += ["", "Fewer than 5 seeds (cut for time): " + ", ".join(
@@ -164,13 +175,9 @@ def write() -> str:
             raise SystemExit(f"{path} is missing: run benchmarks/digits_comparison_report.py and "
                              "benchmarks/digits_ablations_report.py first")
     cmp, ab = json.loads(COMPARISON.read_text()), json.loads(ABLATIONS.read_text())
-    plateaus = cmp.get("plateaus") or []
-    every = [str(p["length"]) for p in plateaus if not p.get("entering", {}).keys() - {"full"}]
-    some = [f"{' and '.join(p['continued'])} on to {p['length']}" for p in plateaus if p.get("entering", {}).keys() - {"full"}]
     lines = ["# The WaDi paper's findings on builtin:digits", "",
              "Every number below comes from the stable recipe: VSD students trained 1200 steps (continued to 2000"
-             + (", the budget's adapters to " + " and ".join(every) if every else "")
-             + (" (" + ", ".join(some[-1:]) + ")" if some else "")
+             + "".join(f", {longer_text(group)}" for group in cmp.get("longer") or [] if group["plateaus"])
              + ", where section 5 says) without weight decay "
              "and scored as their averaged weights (the ramped EMA that `final/` holds), 2000 one-step images per "
              "score on shared noise, training seeds 0–4 (the ablations' seeds 0 and 1 retrained on another CPU: "

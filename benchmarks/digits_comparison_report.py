@@ -115,23 +115,50 @@ LONG_PAIRS = (
 # the same amendment of 2026-12-04 19:40 UTC: LoRaD-from-the-probe continued from LONG to PLATEAU steps (its curve's
 # change over the last 20 % against the evaluation noise); the amendment of 19:48 UTC: the budget's uniform adapters
 # trained to PLATEAU as well, and verdicts there (10'-12'), full fine-tuning entering with its scores at LONG (flat)
-PLATEAU = 3000  # the first length the budget's students were read at past LONG
-# the amendment of 2026-12-04 21:51 UTC: the same runs continued from PLATEAU to 4000, the same pairs, the section
-# written once every student has PLATEAU_MIN_SEEDS seeds there (cut alike)
-# the amendment of 22:46 UTC: the LoRaD students continued in 1000-step stretches while still moving (at most 7000)
-PLATEAU_AMENDMENTS = {PLATEAU: "the amendments of 2026-12-04 19:40 and 19:48 UTC",
-                      4000: "the amendment of 2026-12-04 21:51 UTC",
-                      **{length: "the amendment of 2026-12-04 22:46 UTC" for length in (5000, 6000, 7000)}}
-PLATEAU_MIN_SEEDS = 3
-PLATEAU_STUDENTS = ("lorad-probe", "lorad-uniform", "lora-peft", "dora-peft")
-# where a student's curve was read flat: it is not continued past that length and enters every longer length's
-# verdicts with its scores there, each student at its plateau (declared: full at LONG; LoRA and DoRA at 4000)
-FLAT_AT = {"full": LONG, "lora-peft": 4000, "dora-peft": 4000}
-PLATEAU_PAIRS = (
-    ("lorad-probe", "lorad-uniform", "budget"), ("lorad-probe", "lora-peft", "budget"),
-    ("lorad-probe", "dora-peft", "budget"), ("lorad-uniform", "lora-peft", "budget"),
-    ("lorad-uniform", "dora-peft", "budget"), ("lorad-probe", "full", "budget"), ("lorad-uniform", "full", "budget"),
-)
+PLATEAU = 3000  # the first length students are read at past LONG
+
+
+@dataclass(frozen=True)
+class Longer:
+    """Students read past ``LONG``, 1000 steps at a time, until their curves are flat, each length declared in an
+    amendment before its runs: who is continued, the pairs read at each length, and where a student was read flat
+    (not continued past it, it enters every longer length's verdicts with its scores there: each student at its
+    plateau)."""
+
+    title: str
+    students: tuple[str, ...]
+    pairs: tuple[tuple[str, str, str], ...]
+    amendments: dict[int, str]  # length -> the amendments that declared it
+    flat_at: dict[str, int]
+    answer_declared: str  # when the rule "the first length where all are flat, else the last read" was declared
+
+
+PLATEAU_MIN_SEEDS = 3  # a length is read once every continued student has this many seeds there (cut alike)
+# the amendments of 2026-12-04 19:40 and 19:48 UTC: LoRaD-from-the-probe continued from LONG to PLATEAU, the budget's
+# uniform adapters trained to PLATEAU as well, verdicts there (10'-12'); 21:51 UTC: the same runs continued to 4000;
+# 22:46 UTC: the LoRaD students continued in 1000-step stretches while still moving (at most 7000)
+BUDGET = Longer(
+    title="the budget's students",
+    students=("lorad-probe", "lorad-uniform", "lora-peft", "dora-peft"),
+    pairs=(("lorad-probe", "lorad-uniform", "budget"), ("lorad-probe", "lora-peft", "budget"),
+           ("lorad-probe", "dora-peft", "budget"), ("lorad-uniform", "lora-peft", "budget"),
+           ("lorad-uniform", "dora-peft", "budget"), ("lorad-probe", "full", "budget"),
+           ("lorad-uniform", "full", "budget")),
+    amendments={PLATEAU: "the amendments of 2026-12-04 19:40 and 19:48 UTC",
+                4000: "the amendment of 2026-12-04 21:51 UTC",
+                **{length: "the amendment of 2026-12-04 22:46 UTC" for length in (5000, 6000, 7000)}},
+    flat_at={"full": LONG, "lora-peft": 4000, "dora-peft": 4000},
+    answer_declared="22:46 UTC")
+# the amendment of 2026-12-04 23:11 UTC: the rank-4 trio trained again from step 0 to 4000, then in 1000-step
+# stretches while any is still moving (at most 6000)
+RANK4 = Longer(
+    title="the rank-4 students",
+    students=("lorad-uniform r4", "lora-peft r4", "dora-peft r4"),
+    pairs=(("lorad-uniform r4", "lora-peft r4", "rank 4"), ("lorad-uniform r4", "dora-peft r4", "rank 4")),
+    amendments={length: "the amendment of 2026-12-04 23:11 UTC" for length in (3000, 4000, 5000, 6000)},
+    flat_at={},
+    answer_declared="23:11 UTC")
+LONGER = (BUDGET, RANK4)
 # runs the ablation study trained again from step 0 (reports/digits_ablations.md): past LENGTH they continue those
 # draws, not the runs scored up to LENGTH, so a change across LENGTH is read on the other seeds only
 RETRAIN_CURVES = RETRAIN_OUT / "curves.jsonl"
@@ -509,22 +536,23 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def length_before(length: int) -> int:
+def length_before(length: int, spec: Longer = BUDGET) -> int:
     """The length a plateau length is read against: the declared one before it, ``LONG`` for the first."""
-    return max((other for other in PLATEAU_AMENDMENTS if other < length), default=LONG)
+    return max((other for other in spec.amendments if other < length), default=LONG)
 
 
 def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = None,
-                    restarted: frozenset[str] = frozenset(), length: int = PLATEAU) -> dict[str, Any]:
-    """The budget's students still continued at ``length`` steps (the seeds that reached it with their noise sets,
-    cut for every one of them alike) and those ``FLAT_AT`` a shorter length, at that length, with their curve state
+                    restarted: frozenset[str] = frozenset(), length: int = PLATEAU,
+                    spec: Longer = BUDGET) -> dict[str, Any]:
+    """``spec``'s students still continued at ``length`` steps (the seeds that reached it with their noise sets,
+    cut for every one of them alike) and those flat at a shorter length (``spec.flat_at``), at that length, with their curve state
     there (declared flat: the report says so if it does not read flat); each continued one's curve state over its
     last 20 %, its change from the length before (``restarted``: runs trained again from step 0 after that length
     was scored, left out), and the declared pairs' verdicts (``earlier``: (A, B) -> the same pair's quality
     there)."""
-    since = length_before(length)
-    entering = {label: flat for label, flat in FLAT_AT.items() if flat < length}
-    continued = [label for label in PLATEAU_STUDENTS if label not in entering]
+    since = length_before(length, spec)
+    entering = {label: flat for label, flat in spec.flat_at.items() if flat < length}
+    continued = [label for label in spec.students if label not in entering]
 
     def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:
         return student_numbers(BY_LABEL[label], rows, entering.get(label, length), seeds)
@@ -536,10 +564,11 @@ def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = Non
     numbers = [n for n in (numbers_of(label, alike) for label in continued) if n["seeds"]]
     by = {n["label"]: n for n in numbers}
     by.update({label: n for label in entering if (n := numbers_of(label))["seeds"]})
-    return {"length": length, "since": since, "amendments": PLATEAU_AMENDMENTS[length], "continued": continued,
+    return {"title": spec.title, "length": length, "since": since, "amendments": spec.amendments[length],
+            "continued": continued,
             "entering": entering, "students": numbers, "flat": [n["label"] for n in numbers if curve_state(n) == "flat"],
             "changes": [change_across(rows, n["label"], since, length, n["seeds"], restarted=restarted) for n in numbers],
-            "pairs": declared_verdicts(PLATEAU_PAIRS, by, numbers_of, earlier), "cut_alike": cut_alike,
+            "pairs": declared_verdicts(spec.pairs, by, numbers_of, earlier), "cut_alike": cut_alike,
             "entering_students": [by[label] for label in entering if label in by],
             "entering_state": {label: curve_state(by[label]) for label in entering if label in by}}
 
@@ -550,7 +579,7 @@ def entering_text(entering: dict[str, int]) -> str:
 
 
 def plateau_lines(plateau: dict[str, Any]) -> list[str]:
-    """The section of the budget's students at one plateau length (empty until a run reaches it with its noise
+    """The section of one group's students at one plateau length (empty until a run reaches it with its noise
     sets)."""
     numbers = plateau["students"]
     if not numbers:
@@ -562,7 +591,7 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
                and seed not in cut_alike.get(label, [])]
     alike = [f"{label} {seeds_text(seeds)}" for label, seeds in cut_alike.items()]
     restarted = [f"{c['label']} {seeds_text(c['restarted'])}" for c in plateau["changes"] if c["restarted"]]
-    lines = [f"### The budget's students at {length} steps ({plateau['amendments']})", "",
+    lines = [f"### {plateau['title'][0].upper()}{plateau['title'][1:]} at {length} steps ({plateau['amendments']})", "",
              f"The runs continued from their {since}-step checkpoints"
              + (f", except those trained again from step 0 after their {since}-step checkpoints were lost "
                 f"(`{RESTARTS.name}`; their curves up to {since} are the earlier runs', from {since + 100} on the new "
@@ -612,7 +641,7 @@ def long_plot(numbers: list[dict[str, Any]], path: Path) -> None:
         last = max((n["curve"]["steps"][-1] for n in numbers if n["group"] == group and n["curve"]["steps"]),
                    default=LONG)
         curves_panel(ax, numbers, group, f"{group}: {WEIGHTS}, seed mean, to step {last}", colors)
-        for step in (LENGTH, LONG, *PLATEAU_AMENDMENTS):
+        for step in (LENGTH, LONG, *sorted({length for spec in LONGER for length in spec.amendments})):
             if step < last:
                 ax.axvline(step, color="grey", linestyle=":", linewidth=1)
     axes[0][0].set_ylabel("feature FD (2000 images, noise base 1000)")
@@ -627,14 +656,15 @@ def restarted_between(restarts: list[dict[str, Any]], start: int, end: int) -> f
     return frozenset(r["name"] for r in restarts if start <= r["recorded_through"] < end)
 
 
-def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The budget's students at each length of ``PLATEAU_AMENDMENTS`` that every continued student reached with at
-    least ``PLATEAU_MIN_SEEDS`` seeds (cut alike); each length read against the one before it (its change, the same
-    pairs' verdicts there), the first against ``LONG`` (``long_pairs``)."""
+def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[dict[str, Any]],
+                  spec: Longer = BUDGET) -> list[dict[str, Any]]:
+    """``spec``'s students at each of its declared lengths that every continued student reached with at least
+    ``PLATEAU_MIN_SEEDS`` seeds (cut alike); each length read against the one before it (its change, the same pairs'
+    verdicts there), the first against ``LONG`` (``long_pairs``)."""
     plateaus, earlier = [], long_pairs
-    for length in PLATEAU_AMENDMENTS:
+    for length in sorted(spec.amendments):
         plateau = plateau_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in earlier},
-                                  restarted_between(restarts, length_before(length), length), length)
+                                  restarted_between(restarts, length_before(length, spec), length), length, spec)
         if plateau["continued"] and len(plateau["students"]) == len(plateau["continued"]) and all(
                 len(n["seeds"]) >= PLATEAU_MIN_SEEDS for n in plateau["students"]):
             plateaus.append(plateau)
@@ -642,16 +672,17 @@ def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[d
     return plateaus
 
 
-def budget_answer(plateaus: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The declared answer to the budget's comparison (amendment of 22:46 UTC): the verdicts at the first length
-    read where every continued student is flat (the others entering flat), else at the last length read, said as
-    such; None before any length past ``LONG`` is read."""
+def longer_answer(plateaus: list[dict[str, Any]], spec: Longer = BUDGET) -> dict[str, Any] | None:
+    """The declared answer for ``spec``'s students: the verdicts at the first length read where every continued
+    student is flat (the others entering flat), else at the last length read, said as such; None before any length
+    past ``LONG`` is read."""
     if not plateaus:
         return None
     settled = next((p for p in plateaus if len(p["flat"]) == len(p["students"])
                     and all(state == "flat" for state in p.get("entering_state", {}).values())), None)
     chosen = settled or plateaus[-1]
-    return {"length": chosen["length"], "all_flat": settled is not None,
+    return {"title": spec.title, "declared": spec.answer_declared, "length": chosen["length"],
+            "all_flat": settled is not None,
             "still_moving": [n["label"] for n in chosen["students"] if n["label"] not in chosen["flat"]],
             "pairs": [{**{k: p[k] for k in ("a", "b", "quality", "seeds")},
                        "metrics": {m: p["metrics"][m]["verdict"] for m in VERDICT_METRICS}} for p in chosen["pairs"]]}
@@ -664,7 +695,8 @@ def answer_lines(answer: dict[str, Any] | None) -> list[str]:
     where = (f"at step {answer['length']}, the first length read where every student is flat" if answer["all_flat"]
              else f"at step {answer['length']}, the last length read; not every student is flat there (still moving "
              f"or not read: {', '.join(answer['still_moving'])}), so this is the answer as far as the runs went")
-    return [f"### The budget's answer (declared at 22:46 UTC: {where})", "",
+    title = answer["title"].replace("students", "answer")
+    return [f"### {title[0].upper()}{title[1:]} (declared at {answer['declared']}: {where})", "",
             *(f"- {p['a']} vs {p['b']}: {readable(p['quality'], p['a'], p['b'])} ("
               + "; ".join(f"{TITLE[m]} {v.replace('A better', p['a'] + ' better').replace('B better', p['b'] + ' better')}"
                           for m, v in p["metrics"].items())
@@ -715,20 +747,23 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
     continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs}, retrained,
                                   restarted_between(restarts, LENGTH, LONG))
     lines += continued_lines(continued)
-    plateaus = plateaus_read(rows, continued["pairs"], restarts)
-    for plateau in plateaus:
-        lines += plateau_lines(plateau)
-    answer = budget_answer(plateaus)
-    lines += answer_lines(answer)
+    longer = []
+    for spec in LONGER:
+        plateaus = plateaus_read(rows, continued["pairs"], restarts, spec)
+        for plateau in plateaus:
+            lines += plateau_lines(plateau)
+        answer = longer_answer(plateaus, spec)
+        lines += answer_lines(answer)
+        longer.append({"title": spec.title, "plateaus": plateaus, "answer": answer})
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)
     if continued["students"]:
-        longer = {n["label"]: n for p in plateaus for n in p["students"]}  # the longest length each was read at
-        long_plot([longer.get(n["label"], n) for n in continued["students"]], LONG_PLOT)
+        furthest = {n["label"]: n for group in longer for p in group["plateaus"] for n in p["students"]}
+        long_plot([furthest.get(n["label"], n) for n in continued["students"]], LONG_PLOT)  # each to its longest
     summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs,
                "still_moving": [n["label"] for n in moving],
                "lr_screen": {m: {f"{lr:g}": v for lr, v in by.items()} for m, by in screened.items()},
-               "continued": continued, "plateaus": plateaus, "budget_answer": answer}
+               "continued": continued, "longer": longer}
     SUMMARY.write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return summary
 

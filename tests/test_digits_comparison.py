@@ -3,6 +3,7 @@ digits_ablations_report.py): the declared verdict rules on known answers, and th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -227,15 +228,17 @@ def test_analysis_composes_the_two_reports_and_decides_low_rank_by_its_rule(tmp_
     assert "seeds per student: lorad-uniform 5; still moving there: none)" in text
     assert "- **long sentence** (at the comparison's length: mixed)" in text
     assert "at 3000 steps" not in text
-    summary["plateaus"] = [{"length": 3000, "since": 2000, "flat": ["lorad-probe"], "entering": {"full": 2000},
-                          "students": [{"label": "lorad-probe", "seeds": [0, 1, 2]},
-                                       {"label": "lora-peft", "seeds": [0, 1, 2]}],
-                          "pairs": [{"sentence": "**plateau sentence**", "earlier": None}]}]
+    summary["longer"] = [{"title": "the budget's students", "answer": None, "plateaus": [{
+        "title": "the budget's students", "length": 3000, "since": 2000, "flat": ["lorad-probe"],
+        "entering": {"full": 2000}, "continued": ["lorad-probe", "lora-peft"],
+        "students": [{"label": "lorad-probe", "seeds": [0, 1, 2]}, {"label": "lora-peft", "seeds": [0, 1, 2]}],
+        "pairs": [{"sentence": "**plateau sentence**", "earlier": None}]}]}]
     (tmp_path / "digits_comparison.json").write_text(json.dumps(summary))
     text = analysis.write()
     assert ("The budget's students at 3000 steps (full at 2000, where flat; seeds per student: lorad-probe 3, "
             "lora-peft 3; flat there: lorad-probe; still moving or not read: lora-peft):") in text
     assert "- **plateau sentence** (at 2000: not a declared pair there)" in text
+    assert "(continued to 2000, the budget's students to 3000, where section 5 says)" in text
     (tmp_path / "digits_ablations.json").unlink()
     with pytest.raises(SystemExit, match="is missing"):
         analysis.write()
@@ -356,7 +359,7 @@ def test_the_runner_records_a_restart_when_a_run_has_lines_but_no_checkpoint(tmp
 
 def test_every_continued_pair_names_continued_students():
     assert all(a in comparison.LONG_STUDENTS and b in comparison.LONG_STUDENTS for a, b, _ in comparison.LONG_PAIRS)
-    assert set(comparison.PLATEAU_STUDENTS) <= set(comparison.LONG_STUDENTS)
+    assert all(set(spec.students) <= set(comparison.LONG_STUDENTS) for spec in comparison.LONGER)
     assert comparison.LENGTH < comparison.LONG < comparison.PLATEAU
 
 
@@ -383,24 +386,24 @@ def test_a_student_trained_again_on_every_seed_gets_no_change_line_but_says_why(
     assert "lorad-probe 55.0 →" not in text
 
 
-def test_the_plateau_reading_says_flat_or_still_moving_against_the_evaluation_noise(monkeypatch):
+def test_the_plateau_reading_says_flat_or_still_moving_against_the_evaluation_noise():
     names = comparison.BY_LABEL["lorad-probe"].run_names()
     plateau, long = comparison.PLATEAU, comparison.LONG
 
-    def curves_for(slope):  # feature FD falls by `slope` a step; seeds 0-3 reach PLATEAU, seed 4 stops at LONG
+    def curves_for(slope, spec=comparison.BUDGET):  # falls by `slope` a step; seeds 0-3 reach PLATEAU, 4 stops at LONG
         curves = []
         for seed, name in names.items():
             last = plateau if seed < 4 else long
             for step in range(100, last + 1, 100):
                 _scored(curves, name, step, 40.0 + seed + (plateau - step) * slope,
                         noise_sets=step in (long, plateau))
-        return comparison.plateau_numbers(comparison.index(curves))
+        return comparison.plateau_numbers(comparison.index(curves), spec=spec)
 
     assert comparison.plateau_numbers({})["students"] == []
     flat = curves_for(0.0001)  # 0.06 over the last 600 steps, against an evaluation noise of 0.5
     assert flat["students"] == []  # no other student reached PLATEAU: every seed is cut alike
-    monkeypatch.setattr(comparison, "PLATEAU_STUDENTS", ("lorad-probe",))
-    flat = curves_for(0.0001)
+    alone = dataclasses.replace(comparison.BUDGET, students=("lorad-probe",))
+    flat = curves_for(0.0001, alone)
     [student] = flat["students"]
     assert student["seeds"] == [0, 1, 2, 3] and student["tail_change"] == pytest.approx(-0.06)
     assert flat["flat"] == ["lorad-probe"] and flat["pairs"] == []  # no other student: no pair
@@ -409,16 +412,15 @@ def test_the_plateau_reading_says_flat_or_still_moving_against_the_evaluation_no
     text = "\n".join(comparison.plateau_lines(flat))
     assert "lorad-probe: flat at step 3000 (change over steps 2400–3000 -0.1 against an evaluation noise of 0.5)" in text
     assert "Not finished (cut for time): lorad-probe seed 4." in text
-    moving = curves_for(0.002)  # 1.2 over the last 600 steps: more than the noise
+    moving = curves_for(0.002, alone)  # 1.2 over the last 600 steps: more than the noise
     assert moving["flat"] == [] and "lorad-probe: still moving at step 3000" in "\n".join(
         comparison.plateau_lines(moving))
     assert comparison.plateau_lines(comparison.plateau_numbers({})) == []
 
 
-def test_the_verdicts_at_the_plateau_compare_full_fine_tuning_at_its_flat_length_and_leave_restarts_out_of_the_change(
-        monkeypatch):
+def test_the_verdicts_at_the_plateau_compare_full_fine_tuning_at_its_flat_length_and_leave_restarts_out_of_the_change():
     plateau, long = comparison.PLATEAU, comparison.LONG
-    monkeypatch.setattr(comparison, "PLATEAU_STUDENTS", ("lorad-probe", "lorad-uniform"))
+    spec = dataclasses.replace(comparison.BUDGET, students=("lorad-probe", "lorad-uniform"))
     curves = []
     for seed in range(5):
         probe = comparison.BY_LABEL["lorad-probe"].run_names()[seed]
@@ -432,7 +434,7 @@ def test_the_verdicts_at_the_plateau_compare_full_fine_tuning_at_its_flat_length
         _scored(curves, full, plateau, 99.0, noise_sets=True)  # never read: full is compared at LONG
     restarted = frozenset(comparison.BY_LABEL["lorad-uniform"].run_names().values())
     out = comparison.plateau_numbers(comparison.index(curves), {("lorad-probe", "lorad-uniform"): "A better"},
-                                     restarted)
+                                     restarted, spec=spec)
     pairs = {(p["a"], p["b"]): p for p in out["pairs"]}
     assert set(pairs) == {("lorad-probe", "lorad-uniform"), ("lorad-probe", "full"), ("lorad-uniform", "full")}
     assert pairs[("lorad-probe", "lorad-uniform")]["metrics"]["fd_features"]["d"] == pytest.approx(-10.0)
@@ -452,13 +454,13 @@ def test_the_verdicts_at_the_plateau_compare_full_fine_tuning_at_its_flat_length
 def test_a_seed_not_every_student_reached_at_the_plateau_is_cut_for_all_of_them():
     plateau = comparison.PLATEAU
     curves = []
-    for label in comparison.PLATEAU_STUDENTS:
+    for label in comparison.BUDGET.students:
         for seed, name in comparison.BY_LABEL[label].run_names().items():
             if seed < 4 or label == "lorad-probe":  # only lorad-probe reached PLATEAU at seed 4
                 _scored(curves, name, plateau, 40.0 + seed, noise_sets=True)
     out = comparison.plateau_numbers(comparison.index(curves))
     assert {n["label"]: n["seeds"] for n in out["students"]} == {label: [0, 1, 2, 3]
-                                                                for label in comparison.PLATEAU_STUDENTS}
+                                                                for label in comparison.BUDGET.students}
     assert out["cut_alike"] == {"lorad-probe": [4]}
     text = "\n".join(comparison.plateau_lines(out))
     assert ("Not finished (cut for time): lorad-uniform seed 4; lora-peft seed 4; dora-peft seed 4. Finished but left "
@@ -466,10 +468,10 @@ def test_a_seed_not_every_student_reached_at_the_plateau_is_cut_for_all_of_them(
 
 
 def test_each_longer_length_is_read_against_the_one_before_once_every_student_has_three_seeds_there():
-    long, plateau, further = comparison.LONG, comparison.PLATEAU, sorted(comparison.PLATEAU_AMENDMENTS)[1]
+    long, plateau, further = comparison.LONG, comparison.PLATEAU, sorted(comparison.BUDGET.amendments)[1]
     assert plateau < further
     curves = []
-    for label in comparison.PLATEAU_STUDENTS:
+    for label in comparison.BUDGET.students:
         for seed, name in comparison.BY_LABEL[label].run_names().items():
             _scored(curves, name, long, 60.0 + seed, noise_sets=True)
             _scored(curves, name, plateau, 50.0 + seed, noise_sets=True)
@@ -484,7 +486,7 @@ def test_each_longer_length_is_read_against_the_one_before_once_every_student_ha
     pairs = {(p["a"], p["b"]): p for p in at_plateau["pairs"]}
     assert pairs[("lorad-probe", "lora-peft")]["earlier"] == "lora-peft better in quality"
     assert pairs[("lorad-probe", "lora-peft")]["quality"] == "no difference that matters"
-    for label in comparison.PLATEAU_STUDENTS[1:]:  # a third seed for the others: the further length is read
+    for label in comparison.BUDGET.students[1:]:  # a third seed for the others: the further length is read
         _scored(curves, comparison.BY_LABEL[label].run_names()[2], further, 42.0, noise_sets=True)
     # a restart recorded between LONG and PLATEAU leaves PLATEAU's change, not the further one's
     restarted = comparison.BY_LABEL["lora-peft"].run_names()[0]
@@ -493,7 +495,7 @@ def test_each_longer_length_is_read_against_the_one_before_once_every_student_ha
     assert (second["length"], second["since"], second["amendments"]) == (
         further, plateau, "the amendment of 2026-12-04 21:51 UTC")
     assert {n["label"]: n["seeds"] for n in second["students"]} == {
-        label: [0, 1, 2] for label in comparison.PLATEAU_STUDENTS}
+        label: [0, 1, 2] for label in comparison.BUDGET.students}
     assert second["cut_alike"] == {"lorad-probe": [3, 4]}
     change = {c["label"]: c for c in second["changes"]}
     assert change["lora-peft"]["seeds"] == [0, 1, 2] and change["lora-peft"]["change"] == pytest.approx(-10.0)
@@ -509,10 +511,10 @@ def test_each_longer_length_is_read_against_the_one_before_once_every_student_ha
 
 
 def test_past_the_length_where_a_student_was_flat_it_enters_with_its_scores_there_and_only_the_others_are_cut_alike():
-    further, next_length = sorted(comparison.PLATEAU_AMENDMENTS)[1:3]
-    assert comparison.FLAT_AT["lora-peft"] == comparison.FLAT_AT["dora-peft"] == further
+    further, next_length = sorted(comparison.BUDGET.amendments)[1:3]
+    assert comparison.BUDGET.flat_at["lora-peft"] == comparison.BUDGET.flat_at["dora-peft"] == further
     curves = []
-    for label in comparison.PLATEAU_STUDENTS:
+    for label in comparison.BUDGET.students:
         for seed, name in comparison.BY_LABEL[label].run_names().items():
             _scored(curves, name, further, 40.0 + seed, noise_sets=True)
             if label.startswith("lorad") and (seed < 4 or label == "lorad-probe"):
@@ -556,25 +558,25 @@ def test_a_restart_counts_for_the_stretch_it_splices_and_the_answer_is_the_first
                            "metrics": {"fd_features": {"verdict": "A better"}, "fd_pixel": {"verdict": "B better"},
                                        "recall": {"verdict": "cannot tell at this size"}}}]}
 
-    assert comparison.budget_answer([]) is None and comparison.answer_lines(None) == []
+    assert comparison.longer_answer([]) is None and comparison.answer_lines(None) == []
     read = [plateau(4000, ["x"], {"full": "flat"}), plateau(5000, ["x", "y"], {"full": "flat"}),
             plateau(6000, ["x", "y"], {"full": "flat"})]
-    answer = comparison.budget_answer(read)
+    answer = comparison.longer_answer(read)
     assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (5000, True, [])
     text = "\n".join(comparison.answer_lines(answer))
     assert "the first length read where every student is flat" in text
     assert ("- x vs y: x better in quality (feature FD ↓ x better; pixel FD ↓ y better; recall ↑ cannot tell at this "
             "size; seeds 0,1,2)") in text
-    answer = comparison.budget_answer([read[0], plateau(5000, ["x", "y"], {"full": "still moving"})])
+    answer = comparison.longer_answer([read[0], plateau(5000, ["x", "y"], {"full": "still moving"})])
     assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (5000, False, [])
-    answer = comparison.budget_answer(read[:1])
+    answer = comparison.longer_answer(read[:1])
     assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (4000, False, ["y"])
     assert "the last length read; not every student is flat there (still moving or not read: y)" in "\n".join(
         comparison.answer_lines(answer))
 
 
 def test_a_change_without_scores_at_the_length_before_says_so_not_that_the_runs_restarted():
-    length = sorted(comparison.PLATEAU_AMENDMENTS)[2]
+    length = sorted(comparison.BUDGET.amendments)[2]
     curves = []
     for label in ("lorad-probe", "lorad-uniform"):
         for name in comparison.BY_LABEL[label].run_names().values():
@@ -583,3 +585,29 @@ def test_a_change_without_scores_at_the_length_before_says_so_not_that_the_runs_
     text = "\n".join(comparison.plateau_lines(out))
     assert f"no change from {out['since']} read (no scores at {out['since']})" in text
     assert "trained again from step 0" not in text
+
+
+def test_the_rank_4_trio_is_read_like_the_budget_with_its_own_pairs_and_answer():
+    spec = comparison.RANK4
+    assert [p[:2] for p in spec.pairs] == [("lorad-uniform r4", "lora-peft r4"), ("lorad-uniform r4", "dora-peft r4")]
+    curves, restarts = [], []
+    for label, base in zip(spec.students, (50.0, 60.0, 45.0)):
+        for seed, name in comparison.BY_LABEL[label].run_names().items():
+            _scored(curves, name, comparison.LONG, 70.0, noise_sets=True)  # the earlier runs, on another machine
+            restarts.append({"name": name, "recorded_through": comparison.LONG})
+            for step in range(2100, 3100, 100):  # the new runs past 2000: flat
+                _scored(curves, name, step, base + seed, noise_sets=step == 3000)
+    earlier = [{"a": "lorad-uniform r4", "b": "dora-peft r4", "quality": "B better"}]
+    [at_3000] = comparison.plateaus_read(comparison.index(curves), earlier, restarts, spec)
+    assert at_3000["title"] == "the rank-4 students" and at_3000["entering"] == {} and len(at_3000["flat"]) == 3
+    assert all(c["seeds"] == [] and c["restarted"] == [0, 1, 2, 3, 4] for c in at_3000["changes"])
+    pairs = {(p["a"], p["b"]): p for p in at_3000["pairs"]}
+    assert pairs[("lorad-uniform r4", "lora-peft r4")]["quality"] == "A better"  # 52 against 62
+    assert pairs[("lorad-uniform r4", "dora-peft r4")]["earlier"] == "dora-peft r4 better in quality"
+    text = "\n".join(comparison.plateau_lines(at_3000))
+    assert text.startswith("### The rank-4 students at 3000 steps (the amendment of 2026-12-04 23:11 UTC)")
+    assert "no change from 2000 read (every seed trained again from step 0)" in text
+    answer = comparison.longer_answer([at_3000], spec)
+    assert (answer["length"], answer["all_flat"]) == (3000, True)
+    assert comparison.answer_lines(answer)[0] == ("### The rank-4 answer (declared at 23:11 UTC: at step 3000, the "
+                                                  "first length read where every student is flat)")
