@@ -543,13 +543,14 @@ def length_before(length: int, spec: Longer = BUDGET) -> int:
 
 def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = None,
                     restarted: frozenset[str] = frozenset(), length: int = PLATEAU,
-                    spec: Longer = BUDGET) -> dict[str, Any]:
+                    spec: Longer = BUDGET, trained_again: frozenset[str] | None = None) -> dict[str, Any]:
     """``spec``'s students still continued at ``length`` steps (the seeds that reached it with their noise sets,
     cut for every one of them alike) and those flat at a shorter length (``spec.flat_at``), at that length, with their curve state
     there (declared flat: the report says so if it does not read flat); each continued one's curve state over its
     last 20 %, its change from the length before (``restarted``: runs trained again from step 0 after that length
     was scored, left out), and the declared pairs' verdicts (``earlier``: (A, B) -> the same pair's quality
-    there)."""
+    there); ``trained_again`` (``restarted`` when not given): the runs restarted anywhere past ``LONG``, named in the
+    section because their curves past the restart are other runs'."""
     since = length_before(length, spec)
     entering = {label: flat for label, flat in spec.flat_at.items() if flat < length}
     continued = [label for label in spec.students if label not in entering]
@@ -570,7 +571,9 @@ def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = Non
             "changes": [change_across(rows, n["label"], since, length, n["seeds"], restarted=restarted) for n in numbers],
             "pairs": declared_verdicts(spec.pairs, by, numbers_of, earlier), "cut_alike": cut_alike,
             "entering_students": [by[label] for label in entering if label in by],
-            "entering_state": {label: curve_state(by[label]) for label in entering if label in by}}
+            "entering_state": {label: curve_state(by[label]) for label in entering if label in by},
+            "trained_again": {n["label"]: seeds for n in numbers if (seeds := [
+                s for s in n["seeds"] if n["per_seed"][s]["run"] in (restarted if trained_again is None else trained_again)])}}
 
 
 def entering_text(entering: dict[str, int]) -> str:
@@ -590,13 +593,14 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
                if seed not in next((n["seeds"] for n in numbers if n["label"] == label), [])
                and seed not in cut_alike.get(label, [])]
     alike = [f"{label} {seeds_text(seeds)}" for label, seeds in cut_alike.items()]
-    restarted = [f"{c['label']} {seeds_text(c['restarted'])}" for c in plateau["changes"] if c["restarted"]]
+    trained_again = [f"{label} {seeds_text(seeds)}" for label, seeds in plateau.get("trained_again", {}).items()]
     lines = [f"### {plateau['title'][0].upper()}{plateau['title'][1:]} at {length} steps ({plateau['amendments']})", "",
-             f"The runs continued from their {since}-step checkpoints"
-             + (f", except those trained again from step 0 after their {since}-step checkpoints were lost "
-                f"(`{RESTARTS.name}`; their curves up to {since} are the earlier runs', from {since + 100} on the new "
-                "ones'): " + "; ".join(restarted) if restarted else "")
-             + f". Every score as above, at step {length}; entering with their scores at the length where their "
+             f"Every score as above, at step {length}; the change from step {since} is read on the runs not trained "
+             "again in between"
+             + (f". Trained again from step 0 after their checkpoints were lost (`{RESTARTS.name}`: up to the step "
+                "recorded there the curves are the earlier runs', past it the new ones'): " + "; ".join(trained_again)
+                if trained_again else "")
+             + f". Entering with their scores at the length where their "
              f"curves were read flat: {entering_text(entering) or 'none'}"
              + "".join(f" ({label} was declared flat at {entering[label]} but reads {state} there)"
                        for label, state in plateau.get("entering_state", {}).items() if state != "flat")
@@ -619,10 +623,12 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
                      f"{length} {fmt(n['tail_change'], 'fd_features')} against an evaluation noise of "
                      f"{fmt(noise, 'fd_features')}){since_text}.")
     if plateau["pairs"]:
-        lines += ["", f"**Verdicts at step {length}** (the declared rule; {entering_text(entering)}; in brackets the "
-                  f"same pair's verdict at step {since})", ""]
+        lines += ["", f"**Verdicts at step {length}** (the declared rule; "
+                  + (f"{entering_text(entering)}; " if entering else "")
+                  + f"in brackets the same pair's verdict at step {since})", ""]
+        earlier = "not a declared pair there" if plateau.get("since_read", True) else "not read"
         lines += [f"- {p['sentence']} Seeds {','.join(map(str, p['seeds'])) or 'none'} (at {since}: "
-                  f"{p['earlier'] or 'not a declared pair there'})" for p in plateau["pairs"]]
+                  f"{p['earlier'] or earlier})" for p in plateau["pairs"]]
     return [*lines, ""]
 
 
@@ -661,15 +667,27 @@ def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[d
     """``spec``'s students at each of its declared lengths that every continued student reached with at least
     ``PLATEAU_MIN_SEEDS`` seeds (cut alike); each length read against the one before it (its change, the same pairs'
     verdicts there), the first against ``LONG`` (``long_pairs``)."""
-    plateaus, earlier = [], long_pairs
+    plateaus, earlier, earlier_read = [], long_pairs, True
     for length in sorted(spec.amendments):
         plateau = plateau_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in earlier},
-                                  restarted_between(restarts, length_before(length, spec), length), length, spec)
-        if plateau["continued"] and len(plateau["students"]) == len(plateau["continued"]) and all(
-                len(n["seeds"]) >= PLATEAU_MIN_SEEDS for n in plateau["students"]):
+                                  restarted_between(restarts, length_before(length, spec), length), length, spec,
+                                  restarted_between(restarts, LONG, length))
+        plateau["since_read"] = earlier_read
+        read = bool(plateau["continued"]) and len(plateau["students"]) == len(plateau["continued"]) and all(
+            len(n["seeds"]) >= PLATEAU_MIN_SEEDS for n in plateau["students"])
+        if read:
             plateaus.append(plateau)
-        earlier = plateau["pairs"]
+        earlier, earlier_read = plateau["pairs"], read
     return plateaus
+
+
+def unread_lines(plateaus: list[dict[str, Any]], spec: Longer) -> list[str]:
+    """One line for each of ``spec``'s declared lengths below the longest one read that was not read itself."""
+    read = {p["length"] for p in plateaus}
+    return [f"### {spec.title[0].upper()}{spec.title[1:]} at {length} steps ({spec.amendments[length]})\n\nNot read: "
+            f"fewer than {PLATEAU_MIN_SEEDS} seeds a student with the six noise sets at step {length} (a run scores "
+            "them at the end of each stretch it is given).\n"
+            for length in sorted(spec.amendments) if read and length < max(read) and length not in read]
 
 
 def longer_answer(plateaus: list[dict[str, Any]], spec: Longer = BUDGET) -> dict[str, Any] | None:
@@ -750,6 +768,7 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
     longer = []
     for spec in LONGER:
         plateaus = plateaus_read(rows, continued["pairs"], restarts, spec)
+        lines += unread_lines(plateaus, spec)
         for plateau in plateaus:
             lines += plateau_lines(plateau)
         answer = longer_answer(plateaus, spec)

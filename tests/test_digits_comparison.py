@@ -506,7 +506,7 @@ def test_each_longer_length_is_read_against_the_one_before_once_every_student_ha
     assert pairs[("lorad-probe", "full")]["metrics"]["fd_features"]["d"] == pytest.approx(46.0 - 56.0)
     text = "\n".join(comparison.plateau_lines(second))
     assert text.startswith(f"### The budget's students at {further} steps (the amendment of 2026-12-04 21:51 UTC)")
-    assert f"The runs continued from their {plateau}-step checkpoints." in text
+    assert f"the change from step {plateau} is read on the runs not trained again in between." in text
     assert f"(at {plateau}: no difference that matters)" in text and f"| full (at {long}) |" in text
 
 
@@ -533,7 +533,7 @@ def test_past_the_length_where_a_student_was_flat_it_enters_with_its_scores_ther
     assert pairs[("lorad-probe", "lora-peft")]["earlier"] == "mixed"
     assert pairs[("lorad-uniform", "full")]["metrics"]["fd_features"]["d"] == pytest.approx(31.5 - 50.0)
     text = "\n".join(comparison.plateau_lines(out))
-    assert (f"entering with their scores at the length where their curves were read flat: full at {comparison.LONG}, "
+    assert (f"Entering with their scores at the length where their curves were read flat: full at {comparison.LONG}, "
             f"lora-peft at {further}, dora-peft at {further} (full was declared flat at") in text
     assert f"| lora-peft (at {further}) |" in text and "Not finished (cut for time): lorad-uniform seed 4." in text
     read = comparison.plateaus_read(rows, [], [])
@@ -611,3 +611,20 @@ def test_the_rank_4_trio_is_read_like_the_budget_with_its_own_pairs_and_answer()
     assert (answer["length"], answer["all_flat"]) == (3000, True)
     assert comparison.answer_lines(answer)[0] == ("### The rank-4 answer (declared at 23:11 UTC: at step 3000, the "
                                                   "first length read where every student is flat)")
+    # runs that went to 4000 in one stretch: no noise sets at 3000, so 3000 is not read and says why
+    curves = []
+    for label, base in zip(spec.students, (50.0, 60.0, 45.0)):
+        for seed, name in comparison.BY_LABEL[label].run_names().items():
+            _scored(curves, name, comparison.LONG, 70.0, noise_sets=True)
+            for step in range(2100, 4100, 100):
+                _scored(curves, name, step, base + seed, noise_sets=step == 4000)
+    [at_4000] = comparison.plateaus_read(comparison.index(curves), earlier, restarts, spec)
+    assert (at_4000["length"], at_4000["since"], at_4000["since_read"]) == (4000, 3000, False)
+    assert all(c["seeds"] == [0, 1, 2, 3, 4] and c["change"] == 0.0 for c in at_4000["changes"])  # same trajectory
+    text = "\n".join(comparison.plateau_lines(at_4000))
+    assert "(the declared rule; in brackets the same pair's verdict at step 3000)" in text
+    assert "(at 3000: not read)" in text and "Trained again from step 0" in text and "lora-peft r4 seeds 0,1,2,3,4" in text
+    [unread] = comparison.unread_lines([at_4000], spec)
+    assert unread.startswith("### The rank-4 students at 3000 steps (the amendment of 2026-12-04 23:11 UTC)\n\nNot read: "
+                             "fewer than 3 seeds a student with the six noise sets at step 3000")
+    assert comparison.unread_lines([], spec) == [] and comparison.unread_lines([at_3000], spec) == []
