@@ -123,8 +123,8 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
              + (f"{flat_ones}, where flat; " if flat_ones else "") + "seeds per student: " + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; flat there: "
              + (", ".join(plateau["flat"]) or "none") + "; still moving or not read: " + (", ".join(moving) or "none")
              + "):", ""]
-    lines += [f"- {p['sentence']} (at {plateau['since']}: {p['earlier'] or 'not a declared pair there'})"
-              for p in plateau["pairs"]]
+    earlier = "not a declared pair there" if plateau.get("since_read", True) else "not read"
+    lines += [f"- {p['sentence']} (at {plateau['since']}: {p['earlier'] or earlier})" for p in plateau["pairs"]]
     return lines
 
 

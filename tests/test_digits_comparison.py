@@ -239,6 +239,9 @@ def test_analysis_composes_the_two_reports_and_decides_low_rank_by_its_rule(tmp_
             "lora-peft 3; flat there: lorad-probe; still moving or not read: lora-peft):") in text
     assert "- **plateau sentence** (at 2000: not a declared pair there)" in text
     assert "(continued to 2000, the budget's students to 3000, where section 5 says)" in text
+    summary["longer"][0]["plateaus"][0]["since_read"] = False  # the length before was not read
+    (tmp_path / "digits_comparison.json").write_text(json.dumps(summary))
+    assert "- **plateau sentence** (at 2000: not read)" in analysis.write()
     (tmp_path / "digits_ablations.json").unlink()
     with pytest.raises(SystemExit, match="is missing"):
         analysis.write()
