@@ -19,7 +19,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digits_comparison_report import answer_lines, entering_text  # noqa: E402
+from digits_comparison_report import answer_lines, entering_text, sentence_start  # noqa: E402
 from digits_stability import ROOT  # noqa: E402
 
 REPORTS = Path(os.environ.get("WADI_ANALYSIS_REPORTS", ROOT / "reports"))
@@ -119,8 +119,9 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
     seeds = {s["label"]: len(s["seeds"]) for s in plateau["students"]}
     moving = [s["label"] for s in plateau["students"] if s["label"] not in plateau["flat"]]
     flat_ones = entering_text(plateau["entering"])
-    lines = ["", f"{plateau['title'][0].upper()}{plateau['title'][1:]} at {plateau['length']} steps ("
-             + (f"{flat_ones}, where flat; " if flat_ones else "") + "seeds per student: " + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; flat there: "
+    lines = ["", f"{sentence_start(plateau['title'])} at {plateau['length']} steps ("
+             + (f"{flat_ones}, where flat; " if flat_ones else "") + "seeds per student: "
+             + ", ".join(f"{k} {v}" for k, v in seeds.items()) + "; flat there: "
              + (", ".join(plateau["flat"]) or "none") + "; still moving or not read: " + (", ".join(moving) or "none")
              + "):", ""]
     earlier = "not a declared pair there" if plateau.get("since_read", True) else "not read"
@@ -131,10 +132,9 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
 def longer_text(group: dict[str, Any]) -> str:
     """"the budget's students to 3000 and 4000 (lorad-probe and lorad-uniform on to 5000)": how far a group read past
     2000 steps went, all of it and the students continued alone."""
-    every = [str(p["length"]) for p in group["plateaus"] if len(p["continued"]) == len(p["students"])
-             and not set(p["entering"]) - {"full"}]
-    some = [f"{' and '.join(p['continued'])} on to {p['length']}" for p in group["plateaus"]
-            if set(p["entering"]) - {"full"}]
+    whole = group["plateaus"][0]["continued"]  # the students read at the group's first length
+    every = [str(p["length"]) for p in group["plateaus"] if p["continued"] == whole]
+    some = [f"{' and '.join(p['continued'])} on to {p['length']}" for p in group["plateaus"] if p["continued"] != whole]
     return (f"{group['title']} to {' and '.join(every)}" if every else group["title"]) + (f" ({some[-1]})" if some else "")
 
 

@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -300,6 +301,11 @@ def students_table(numbers: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def named(metric_verdict: str, a: str, b: str) -> str:
+    """A per-metric verdict with the students named ("A better" -> "<a> better")."""
+    return metric_verdict.replace("A better", a + " better").replace("B better", b + " better")
+
+
 def verdict_sentence(a: str, b: str, per_metric: dict[str, dict[str, Any]]) -> str:
     q = quality(per_metric)
     f = per_metric["fd_features"]
@@ -313,7 +319,7 @@ def verdict_sentence(a: str, b: str, per_metric: dict[str, dict[str, Any]]) -> s
     parts = []
     for m in VERDICT_METRICS:
         v = per_metric[m]
-        parts.append(f"{TITLE[m]} d = {fmt(v['d'], m, 1)} ± {fmt(v['se'], m, 1)} (SE): {v['verdict'].replace('A better', a + ' better').replace('B better', b + ' better')}")
+        parts.append(f"{TITLE[m]} d = {fmt(v['d'], m, 1)} ± {fmt(v['se'], m, 1)} (SE): {named(v['verdict'], a, b)}")
     return head + " — " + "; ".join(parts) + "."
 
 
@@ -542,16 +548,16 @@ def length_before(length: int, spec: Longer = BUDGET) -> int:
 
 
 def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = None,
-                    restarted: frozenset[str] = frozenset(), length: int = PLATEAU,
-                    spec: Longer = BUDGET, trained_again: frozenset[str] | None = None) -> dict[str, Any]:
+                    restarts: Sequence[dict[str, Any]] = (), length: int = PLATEAU,
+                    spec: Longer = BUDGET) -> dict[str, Any]:
     """``spec``'s students still continued at ``length`` steps (the seeds that reached it with their noise sets,
     cut for every one of them alike) and those flat at a shorter length (``spec.flat_at``), at that length, with their curve state
     there (declared flat: the report says so if it does not read flat); each continued one's curve state over its
-    last 20 %, its change from the length before (``restarted``: runs trained again from step 0 after that length
-    was scored, left out), and the declared pairs' verdicts (``earlier``: (A, B) -> the same pair's quality
-    there); ``trained_again`` (``restarted`` when not given): the runs restarted anywhere past ``LONG``, named in the
-    section because their curves past the restart are other runs'."""
+    last 20 %, its change from the length before (runs ``restarts`` records between the two, trained again from
+    step 0, left out), and the declared pairs' verdicts (``earlier``: (A, B) -> the same pair's quality there); the
+    runs restarted anywhere past ``LONG`` are named, their curves past the restart being other runs'."""
     since = length_before(length, spec)
+    restarted, trained_again = restarted_between(restarts, since, length), restarted_between(restarts, LONG, length)
     entering = {label: flat for label, flat in spec.flat_at.items() if flat < length}
     continued = [label for label in spec.students if label not in entering]
 
@@ -573,7 +579,12 @@ def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = Non
             "entering_students": [by[label] for label in entering if label in by],
             "entering_state": {label: curve_state(by[label]) for label in entering if label in by},
             "trained_again": {n["label"]: seeds for n in numbers if (seeds := [
-                s for s in n["seeds"] if n["per_seed"][s]["run"] in (restarted if trained_again is None else trained_again)])}}
+                s for s in n["seeds"] if n["per_seed"][s]["run"] in trained_again])}, "since_read": True}
+
+
+def sentence_start(text: str) -> str:
+    """``text`` with its first letter capitalised (a group's title opening a heading; the rest kept as written)."""
+    return text[:1].upper() + text[1:]
 
 
 def entering_text(entering: dict[str, int]) -> str:
@@ -588,13 +599,13 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
     if not numbers:
         return []
     length, since, entering = plateau["length"], plateau["since"], plateau["entering"]
-    cut_alike = plateau.get("cut_alike", {})
+    cut_alike = plateau["cut_alike"]
     missing = [f"{label} seed {seed}" for label in plateau["continued"] for seed in B_SEEDS
                if seed not in next((n["seeds"] for n in numbers if n["label"] == label), [])
                and seed not in cut_alike.get(label, [])]
     alike = [f"{label} {seeds_text(seeds)}" for label, seeds in cut_alike.items()]
-    trained_again = [f"{label} {seeds_text(seeds)}" for label, seeds in plateau.get("trained_again", {}).items()]
-    lines = [f"### {plateau['title'][0].upper()}{plateau['title'][1:]} at {length} steps ({plateau['amendments']})", "",
+    trained_again = [f"{label} {seeds_text(seeds)}" for label, seeds in plateau["trained_again"].items()]
+    lines = [f"### {sentence_start(plateau['title'])} at {length} steps ({plateau['amendments']})", "",
              f"Every score as above, at step {length}; the change from step {since} is read on the runs not trained "
              "again in between"
              + (f". Trained again from step 0 after their checkpoints were lost (`{RESTARTS.name}`: up to the step "
@@ -603,14 +614,14 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
              + f". Entering with their scores at the length where their "
              f"curves were read flat: {entering_text(entering) or 'none'}"
              + "".join(f" ({label} was declared flat at {entering[label]} but reads {state} there)"
-                       for label, state in plateau.get("entering_state", {}).items() if state != "flat")
+                       for label, state in plateau["entering_state"].items() if state != "flat")
              + f". \"change over last 20 %\": what the line "
              f"through the seed-mean curve moves over steps {int(0.8 * length)}–{length}.", "",
              "Not finished (cut for time): " + ("; ".join(missing) if missing else "nothing") + "."
              + (" Finished but left out, as the seeds above are cut for every student alike (declared): "
                 + "; ".join(alike) + "." if alike else ""), ""]
     flat_ones = [{**n, "label": f"{n['label']} (at {entering[n['label']]})"}
-                 for n in plateau.get("entering_students", [])]
+                 for n in plateau["entering_students"]]
     lines += students_table(numbers + flat_ones)
     lines.append("")
     for n, c in zip(numbers, plateau["changes"]):
@@ -626,7 +637,7 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
         lines += ["", f"**Verdicts at step {length}** (the declared rule; "
                   + (f"{entering_text(entering)}; " if entering else "")
                   + f"in brackets the same pair's verdict at step {since})", ""]
-        earlier = "not a declared pair there" if plateau.get("since_read", True) else "not read"
+        earlier = "not a declared pair there" if plateau["since_read"] else "not read"
         lines += [f"- {p['sentence']} Seeds {','.join(map(str, p['seeds'])) or 'none'} (at {since}: "
                   f"{p['earlier'] or earlier})" for p in plateau["pairs"]]
     return [*lines, ""]
@@ -656,7 +667,7 @@ def long_plot(numbers: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def restarted_between(restarts: list[dict[str, Any]], start: int, end: int) -> frozenset[str]:
+def restarted_between(restarts: Sequence[dict[str, Any]], start: int, end: int) -> frozenset[str]:
     """The runs whose restart (``RESTARTS``) came after ``start`` was scored and before ``end``: past ``start`` they
     splice two trajectories."""
     return frozenset(r["name"] for r in restarts if start <= r["recorded_through"] < end)
@@ -669,10 +680,8 @@ def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[d
     verdicts there), the first against ``LONG`` (``long_pairs``)."""
     plateaus, earlier, earlier_read = [], long_pairs, True
     for length in sorted(spec.amendments):
-        plateau = plateau_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in earlier},
-                                  restarted_between(restarts, length_before(length, spec), length), length, spec,
-                                  restarted_between(restarts, LONG, length))
-        plateau["since_read"] = earlier_read
+        plateau = plateau_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in earlier}, restarts, length, spec)
+        plateau["since_read"] = earlier_read  # the length before was read: its verdicts stand beside these
         read = bool(plateau["continued"]) and len(plateau["students"]) == len(plateau["continued"]) and all(
             len(n["seeds"]) >= PLATEAU_MIN_SEEDS for n in plateau["students"])
         if read:
@@ -684,7 +693,7 @@ def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[d
 def unread_lines(plateaus: list[dict[str, Any]], spec: Longer) -> list[str]:
     """One line for each of ``spec``'s declared lengths below the longest one read that was not read itself."""
     read = {p["length"] for p in plateaus}
-    return [f"### {spec.title[0].upper()}{spec.title[1:]} at {length} steps ({spec.amendments[length]})\n\nNot read: "
+    return [f"### {sentence_start(spec.title)} at {length} steps ({spec.amendments[length]})\n\nNot read: "
             f"fewer than {PLATEAU_MIN_SEEDS} seeds a student with the six noise sets at step {length} (a run scores "
             "them at the end of each stretch it is given).\n"
             for length in sorted(spec.amendments) if read and length < max(read) and length not in read]
@@ -697,7 +706,7 @@ def longer_answer(plateaus: list[dict[str, Any]], spec: Longer = BUDGET) -> dict
     if not plateaus:
         return None
     settled = next((p for p in plateaus if len(p["flat"]) == len(p["students"])
-                    and all(state == "flat" for state in p.get("entering_state", {}).values())), None)
+                    and all(state == "flat" for state in p["entering_state"].values())), None)
     chosen = settled or plateaus[-1]
     return {"title": spec.title, "declared": spec.answer_declared, "length": chosen["length"],
             "all_flat": settled is not None,
@@ -713,11 +722,10 @@ def answer_lines(answer: dict[str, Any] | None) -> list[str]:
     where = (f"at step {answer['length']}, the first length read where every student is flat" if answer["all_flat"]
              else f"at step {answer['length']}, the last length read; not every student is flat there (still moving "
              f"or not read: {', '.join(answer['still_moving'])}), so this is the answer as far as the runs went")
-    title = answer["title"].replace("students", "answer")
-    return [f"### {title[0].upper()}{title[1:]} (declared at {answer['declared']}: {where})", "",
+    return [f"### {sentence_start(answer['title'].replace('students', 'answer'))} (declared at {answer['declared']}: "
+            f"{where})", "",
             *(f"- {p['a']} vs {p['b']}: {readable(p['quality'], p['a'], p['b'])} ("
-              + "; ".join(f"{TITLE[m]} {v.replace('A better', p['a'] + ' better').replace('B better', p['b'] + ' better')}"
-                          for m, v in p["metrics"].items())
+              + "; ".join(f"{TITLE[m]} {named(v, p['a'], p['b'])}" for m, v in p["metrics"].items())
               + f"; seeds {','.join(map(str, p['seeds']))})" for p in answer["pairs"]), ""]
 
 

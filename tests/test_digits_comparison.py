@@ -435,9 +435,10 @@ def test_the_verdicts_at_the_plateau_compare_full_fine_tuning_at_its_flat_length
         _scored(curves, uniform, plateau, 50.0 + seed, noise_sets=True)
         _scored(curves, full, long, 30.0 + seed, noise_sets=True)  # flat there: enters at LONG
         _scored(curves, full, plateau, 99.0, noise_sets=True)  # never read: full is compared at LONG
-    restarted = frozenset(comparison.BY_LABEL["lorad-uniform"].run_names().values())
+    restarts = [{"name": name, "recorded_through": long}
+                for name in comparison.BY_LABEL["lorad-uniform"].run_names().values()]
     out = comparison.plateau_numbers(comparison.index(curves), {("lorad-probe", "lorad-uniform"): "A better"},
-                                     restarted, spec=spec)
+                                     restarts, spec=spec)
     pairs = {(p["a"], p["b"]): p for p in out["pairs"]}
     assert set(pairs) == {("lorad-probe", "lorad-uniform"), ("lorad-probe", "full"), ("lorad-uniform", "full")}
     assert pairs[("lorad-probe", "lorad-uniform")]["metrics"]["fd_features"]["d"] == pytest.approx(-10.0)
@@ -525,7 +526,7 @@ def test_past_the_length_where_a_student_was_flat_it_enters_with_its_scores_ther
     for seed, name in comparison.BY_LABEL["full"].run_names().items():
         _scored(curves, name, comparison.LONG, 50.0, noise_sets=True)
     rows = comparison.index(curves)
-    out = comparison.plateau_numbers(rows, {("lorad-probe", "lora-peft"): "mixed"}, frozenset(), next_length)
+    out = comparison.plateau_numbers(rows, {("lorad-probe", "lora-peft"): "mixed"}, [], next_length)
     assert out["continued"] == ["lorad-probe", "lorad-uniform"]
     assert out["entering"] == {"full": comparison.LONG, "lora-peft": further, "dora-peft": further}
     assert {n["label"]: n["seeds"] for n in out["students"]} == {"lorad-probe": [0, 1, 2, 3], "lorad-uniform": [0, 1, 2, 3]}
