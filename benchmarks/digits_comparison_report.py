@@ -159,7 +159,18 @@ RANK4 = Longer(
     amendments={length: "the amendment of 2026-12-04 23:11 UTC" for length in (3000, 4000, 5000, 6000)},
     flat_at={},
     answer_declared="23:11 UTC")
-LONGER = (BUDGET, RANK4)
+# the amendment of 2026-12-05 01:18 UTC: the rank-2 and rank-8 trios trained the same way (seeds 3 and 4 from their
+# 2000-step checkpoints, seeds 0-2 again from step 0) to 4000, then in 1000-step stretches while any is still moving
+SMALL_RANKS = tuple(
+    Longer(title=f"the rank-{rank} students",
+           students=(f"lorad-uniform r{rank}", f"lora-peft r{rank}", f"dora-peft r{rank}"),
+           pairs=((f"lorad-uniform r{rank}", f"lora-peft r{rank}", f"rank {rank}"),
+                  (f"lorad-uniform r{rank}", f"dora-peft r{rank}", f"rank {rank}")),
+           amendments={length: "the amendment of 2026-12-05 01:18 UTC" for length in (4000, 5000, 6000)},
+           flat_at={},
+           answer_declared="01:18 UTC (2026-12-05)")
+    for rank in (2, 8))
+LONGER = (BUDGET, RANK4, *SMALL_RANKS)
 # runs the ablation study trained again from step 0 (reports/digits_ablations.md): past LENGTH they continue those
 # draws, not the runs scored up to LENGTH, so a change across LENGTH is read on the other seeds only
 RETRAIN_CURVES = RETRAIN_OUT / "curves.jsonl"

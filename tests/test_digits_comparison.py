@@ -366,6 +366,19 @@ def test_every_continued_pair_names_continued_students():
     assert comparison.LENGTH < comparison.LONG < comparison.PLATEAU
 
 
+def test_each_longer_group_reads_only_declared_pairs_of_its_own_students():
+    declared = {(a, b) for a, b, _ in (*comparison.PAIRS, *comparison.LONG_PAIRS)}
+    for spec in comparison.LONGER:
+        for a, b, _ in spec.pairs:
+            assert (a, b) in declared or (b, a) in declared, (spec.title, a, b)
+            assert {a, b} <= set(spec.students) | set(spec.flat_at), (spec.title, a, b)
+        assert min(spec.amendments) > comparison.LONG
+    titles = [spec.title for spec in comparison.LONGER]
+    assert len(set(titles)) == len(titles)
+    assert [spec.students for spec in comparison.SMALL_RANKS] == [
+        ("lorad-uniform r2", "lora-peft r2", "dora-peft r2"), ("lorad-uniform r8", "lora-peft r8", "dora-peft r8")]
+
+
 def _scored(curves, name, step, fd, noise_sets=False):
     row = {"name": name, "step": step, "weights": comparison.WEIGHTS, "train_s": step * 0.5, "fd_features": fd,
            "fd_pixel": 2.0, "recall": 0.4, "precision": 0.9, "class_accuracy": 0.99}
