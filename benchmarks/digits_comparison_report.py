@@ -157,7 +157,7 @@ RANK4 = Longer(
     students=("lorad-uniform r4", "lora-peft r4", "dora-peft r4"),
     pairs=(("lorad-uniform r4", "lora-peft r4", "rank 4"), ("lorad-uniform r4", "dora-peft r4", "rank 4")),
     amendments={length: "the amendment of 2026-12-04 23:11 UTC" for length in (3000, 4000, 5000, 6000)},
-    flat_at={},
+    flat_at={"lorad-uniform r4": 4000},  # read at 4000 on seeds 0-4: LoRA r4 and DoRA r4 still moving there
     answer_declared="23:11 UTC")
 # the amendment of 2026-12-05 01:18 UTC: the rank-2 and rank-8 trios trained the same way (seeds 3 and 4 from their
 # 2000-step checkpoints, seeds 0-2 again from step 0) to 4000, then in 1000-step stretches while any is still moving
