@@ -33,7 +33,7 @@ from digits_stability import (  # noqa: E402 - the driver's own constants, one d
 
 REPORTS = Path(os.environ.get("WADI_COMPARISON_REPORTS", ROOT / "reports"))
 REPORT, PLOT, SUMMARY = (REPORTS / f"digits_comparison.{ext}" for ext in ("md", "png", "json"))
-LONG_PLOT = REPORTS / "digits_comparison_2000.png"
+LONG_PLOT = REPORTS / "digits_comparison_longer.png"  # each group to the furthest length it was read at
 MARKER = "<!-- results: everything below is written by benchmarks/digits_comparison_report.py -->"
 LENGTH = B_STEPS["lorad-probe"]
 WEIGHTS = "ema-p2/3"  # the default final/ weights (declared); raw is shown for the record
@@ -545,7 +545,7 @@ def continued_lines(continued: dict[str, Any]) -> list[str]:
                         for c in continued["changes"] if not c["seeds"] and c.get("restarted")) + ".", ""]
     lines += ["Still moving at step " + str(LONG) + " (change over the last 20 % larger than the evaluation noise): "
               + (", ".join(continued["still_moving"]) or "none") + ".", "",
-              f"![curves to {LONG} steps]({LONG_PLOT.name})", "", f"**Verdicts at step {LONG}** (the declared rule; "
+              f"![curves from step 0 to the furthest length each group was read at]({LONG_PLOT.name})", "", f"**Verdicts at step {LONG}** (the declared rule; "
               f"in brackets the same pair's verdict at step {LENGTH})", ""]
     for p in continued["pairs"]:
         lines.append(f"- {p['sentence']} Seeds {','.join(map(str, p['seeds'])) or 'none'} (at {LENGTH}: "
