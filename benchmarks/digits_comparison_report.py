@@ -170,7 +170,18 @@ SMALL_RANKS = tuple(
            flat_at={},
            answer_declared="01:18 UTC (2026-12-05)")
     for rank in (2, 8))
-LONGER = (BUDGET, RANK4, *SMALL_RANKS)
+# the amendment of 2026-12-05 01:26 UTC: the rank ablation's neighbours (7') read at the same lengths, r4 and the
+# budget's rank entering with their flat scores
+RANK_ABLATION = Longer(
+    title="the rank ablation of uniform LoRaD",
+    students=("lorad-uniform r2", "lorad-uniform r8"),
+    pairs=(("lorad-uniform r2", "lorad-uniform r4", "rank ablation"),
+           ("lorad-uniform r4", "lorad-uniform r8", "rank ablation"),
+           ("lorad-uniform r8", "lorad-uniform", "rank ablation")),
+    amendments={length: "the amendments of 2026-12-05 01:18 and 01:26 UTC" for length in (4000, 5000, 6000)},
+    flat_at={"lorad-uniform r4": 4000, "lorad-uniform": 5000},
+    answer_declared="01:26 UTC (2026-12-05)")
+LONGER = (BUDGET, RANK4, *SMALL_RANKS, RANK_ABLATION)
 # runs the ablation study trained again from step 0 (reports/digits_ablations.md): past LENGTH they continue those
 # draws, not the runs scored up to LENGTH, so a change across LENGTH is read on the other seeds only
 RETRAIN_CURVES = RETRAIN_OUT / "curves.jsonl"
