@@ -580,7 +580,9 @@ def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = Non
     runs restarted anywhere past ``LONG`` are named, their curves past the restart being other runs'."""
     since = length_before(length, spec)
     restarted, trained_again = restarted_between(restarts, since, length), restarted_between(restarts, LONG, length)
-    entering = {label: flat for label, flat in spec.flat_at.items() if flat < length}
+    # a student the spec continues enters once it was read flat at a shorter length; one it does not continue
+    # (read flat in another group) enters at every length with its scores where it was flat
+    entering = {label: flat for label, flat in spec.flat_at.items() if flat < length or label not in spec.students}
     continued = [label for label in spec.students if label not in entering]
 
     def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:

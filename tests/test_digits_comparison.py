@@ -645,3 +645,22 @@ def test_the_rank_4_trio_is_read_like_the_budget_with_its_own_pairs_and_answer()
     assert unread.startswith("### The rank-4 students at 3000 steps (the amendment of 2026-12-04 23:11 UTC)\n\nNot read: "
                              "fewer than 3 seeds a student with the six noise sets at step 3000")
     assert comparison.unread_lines([], spec) == [] and comparison.unread_lines([at_3000], spec) == []
+
+
+def test_the_rank_ablation_reads_r2_and_r8_as_they_continue_against_r4_and_the_budget_rank_at_their_flat_lengths():
+    spec = comparison.RANK_ABLATION
+    first = min(spec.amendments)
+    curves = []
+    for label, fd in (("lorad-uniform r2", 60.0), ("lorad-uniform r8", 50.0)):
+        for seed, name in comparison.BY_LABEL[label].run_names().items():
+            _scored(curves, name, first, fd + seed, noise_sets=True)
+    for label, fd in (("lorad-uniform r4", 45.0), ("lorad-uniform", 35.0)):  # scored at their flat lengths only
+        for seed, name in comparison.BY_LABEL[label].run_names().items():
+            _scored(curves, name, spec.flat_at[label], fd + seed, noise_sets=True)
+    out = comparison.plateau_numbers(comparison.index(curves), None, [], first, spec)
+    assert out["continued"] == ["lorad-uniform r2", "lorad-uniform r8"]
+    assert out["entering"] == {"lorad-uniform r4": 4000, "lorad-uniform": 5000}  # the budget's rank: beyond `first`
+    pairs = {(p["a"], p["b"]): p["metrics"]["fd_features"]["d"] for p in out["pairs"]}
+    assert pairs == pytest.approx({("lorad-uniform r2", "lorad-uniform r4"): 15.0,
+                                   ("lorad-uniform r4", "lorad-uniform r8"): -5.0,
+                                   ("lorad-uniform r8", "lorad-uniform"): 15.0})
