@@ -734,7 +734,8 @@ def longer_answer(plateaus: list[dict[str, Any]], spec: Longer = BUDGET) -> dict
     chosen = settled or plateaus[-1]
     return {"title": spec.title, "declared": spec.answer_declared, "length": chosen["length"],
             "all_flat": settled is not None,
-            "still_moving": [n["label"] for n in chosen["students"] if n["label"] not in chosen["flat"]],
+            "still_moving": [n["label"] for n in chosen["students"] if n["label"] not in chosen["flat"]]
+            + [label for label, state in chosen["entering_state"].items() if state != "flat"],
             "pairs": [{**{k: p[k] for k in ("a", "b", "quality", "seeds")},
                        "metrics": {m: p["metrics"][m]["verdict"] for m in VERDICT_METRICS}} for p in chosen["pairs"]]}
 

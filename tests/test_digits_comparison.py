@@ -585,7 +585,7 @@ def test_a_restart_counts_for_the_stretch_it_splices_and_the_answer_is_the_first
     assert ("- x vs y: x better in quality (feature FD ↓ x better; pixel FD ↓ y better; recall ↑ cannot tell at this "
             "size; seeds 0,1,2)") in text
     answer = comparison.longer_answer([read[0], plateau(5000, ["x", "y"], {"full": "still moving"})])
-    assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (5000, False, [])
+    assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (5000, False, ["full"])
     answer = comparison.longer_answer(read[:1])
     assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (4000, False, ["y"])
     assert "the last length read; not every student is flat there (still moving or not read: y)" in "\n".join(
@@ -664,3 +664,9 @@ def test_the_rank_ablation_reads_r2_and_r8_as_they_continue_against_r4_and_the_b
     assert pairs == pytest.approx({("lorad-uniform r2", "lorad-uniform r4"): 15.0,
                                    ("lorad-uniform r4", "lorad-uniform r8"): -5.0,
                                    ("lorad-uniform r8", "lorad-uniform"): 15.0})
+    # every student was scored at one step only (no curve to read): the answer names the continued and the entering
+    [read] = comparison.plateaus_read(comparison.index(curves), [], [], spec)
+    answer = comparison.longer_answer([read], spec)
+    not_read = ["lorad-uniform r2", "lorad-uniform r8", "lorad-uniform r4", "lorad-uniform"]
+    assert not answer["all_flat"] and answer["still_moving"] == not_read
+    assert f"(still moving or not read: {', '.join(not_read)})" in "\n".join(comparison.answer_lines(answer))
