@@ -132,6 +132,9 @@ class Longer:
     amendments: dict[int, str]  # length -> the amendments that declared it
     flat_at: dict[str, int]
     answer_declared: str  # when the rule "the first length where all are flat, else the last read" was declared
+    # titles of the groups that continue this group's students: it is read at the lengths they were read at, each
+    # student on the seeds and in the state its own group read it with (not cut again, not read alone)
+    follows: tuple[str, ...] = ()
 
 
 PLATEAU_MIN_SEEDS = 3  # a length is read once every continued student has this many seeds there (cut alike)
@@ -168,19 +171,20 @@ SMALL_RANKS = tuple(
                   (f"lorad-uniform r{rank}", f"dora-peft r{rank}", f"rank {rank}")),
            amendments={length: "the amendment of 2026-12-05 01:18 UTC" for length in (4000, 5000, 6000)},
            flat_at={},
-           answer_declared="01:18 UTC (2026-12-05)")
+           answer_declared="2026-12-05 01:18 UTC")
     for rank in (2, 8))
 # the amendment of 2026-12-05 01:26 UTC: the rank ablation's neighbours (7') read at the same lengths, r4 and the
 # budget's rank entering with their flat scores
 RANK_ABLATION = Longer(
-    title="the rank ablation of uniform LoRaD",
+    title="the rank-ablation students",
     students=("lorad-uniform r2", "lorad-uniform r8"),
     pairs=(("lorad-uniform r2", "lorad-uniform r4", "rank ablation"),
            ("lorad-uniform r4", "lorad-uniform r8", "rank ablation"),
            ("lorad-uniform r8", "lorad-uniform", "rank ablation")),
     amendments={length: "the amendments of 2026-12-05 01:18 and 01:26 UTC" for length in (4000, 5000, 6000)},
     flat_at={"lorad-uniform r4": 4000, "lorad-uniform": 5000},
-    answer_declared="01:26 UTC (2026-12-05)")
+    answer_declared="2026-12-05 01:26 UTC",
+    follows=tuple(spec.title for spec in SMALL_RANKS))
 LONGER = (BUDGET, RANK4, *SMALL_RANKS, RANK_ABLATION)
 # runs the ablation study trained again from step 0 (reports/digits_ablations.md): past LENGTH they continue those
 # draws, not the runs scored up to LENGTH, so a change across LENGTH is read on the other seeds only
@@ -714,6 +718,64 @@ def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[d
     return plateaus
 
 
+def followed_plateaus(rows: dict, long_pairs: list[dict[str, Any]], spec: Longer,
+                      reads: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``spec``'s students at each declared length where every group it ``follows`` was read, or had settled (all
+    flat) at a shorter length read: each student with the seeds, numbers, change and state its own group read it
+    with there (entering with its settled or flat scores where its group no longer continues it), ``spec.flat_at``'s
+    students with their scores where they were flat; the declared pairs' verdicts on those numbers."""
+    plateaus, earlier, earlier_read = [], long_pairs, True
+    for length in sorted(spec.amendments):
+        parts = []  # (the followed group's read, whether its students enter from a shorter length)
+        for title in spec.follows:
+            by_length = {p["length"]: p for p in reads.get(title, [])}
+            settled = [p for p in by_length.values() if p["length"] < length and len(p["flat"]) == len(p["students"])
+                       and all(state == "flat" for state in p["entering_state"].values())]
+            parts.append((by_length[length], False) if length in by_length else
+                         (min(settled, key=lambda p: p["length"]), True) if settled else None)
+        if None in parts:
+            earlier_read = False
+            continue
+        if all(settled for _, settled in parts):  # every followed group had settled before: nothing ran this far
+            break
+        students, changes, entering, entering_students, cut_alike, trained_again = [], [], {}, [], {}, {}
+        for part, settled in parts:
+            own = {n["label"]: n for n in part["students"]}
+            for label in spec.students:
+                if label in own and not settled:
+                    students.append(own[label])
+                    changes += [c for c in part["changes"] if c["label"] == label]
+                    cut_alike.update({label: part["cut_alike"][label]} if label in part["cut_alike"] else {})
+                    trained_again.update({label: part["trained_again"][label]} if label in part["trained_again"]
+                                         else {})
+                elif label in own or label in part["entering"]:
+                    entering[label] = part["length"] if label in own else part["entering"][label]
+                    entering_students += [own.get(label) or next(n for n in part["entering_students"]
+                                                                  if n["label"] == label)]
+        for label, flat in spec.flat_at.items():
+            if label not in entering and (n := student_numbers(BY_LABEL[label], rows, flat))["seeds"]:
+                entering[label] = flat
+                entering_students.append(n)
+        by = {n["label"]: n for n in (*students, *entering_students)}
+        lengths = {**{n["label"]: length for n in students}, **entering}
+
+        def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:
+            return student_numbers(BY_LABEL[label], rows, lengths[label], seeds)
+
+        plateau = {"title": spec.title, "length": length, "since": length_before(length, spec),
+                   "amendments": spec.amendments[length], "continued": [n["label"] for n in students],
+                   "entering": entering, "students": students,
+                   "flat": [n["label"] for n in students if curve_state(n) == "flat"], "changes": changes,
+                   "pairs": declared_verdicts(spec.pairs, by, numbers_of,
+                                              {(p["a"], p["b"]): p["quality"] for p in earlier}),
+                   "cut_alike": cut_alike, "entering_students": entering_students,
+                   "entering_state": {n["label"]: curve_state(n) for n in entering_students},
+                   "trained_again": trained_again, "since_read": earlier_read}
+        plateaus.append(plateau)
+        earlier, earlier_read = plateau["pairs"], True
+    return plateaus
+
+
 def unread_lines(plateaus: list[dict[str, Any]], spec: Longer) -> list[str]:
     """One line for each of ``spec``'s declared lengths below the longest one read that was not read itself."""
     read = {p["length"] for p in plateaus}
@@ -798,9 +860,11 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
     continued = continued_numbers(rows, {(p["a"], p["b"]): p["quality"] for p in pairs}, retrained,
                                   restarted_between(restarts, LENGTH, LONG))
     lines += continued_lines(continued)
-    longer = []
+    longer, reads = [], {}
     for spec in LONGER:
-        plateaus = plateaus_read(rows, continued["pairs"], restarts, spec)
+        plateaus = (followed_plateaus(rows, continued["pairs"], spec, reads) if spec.follows
+                    else plateaus_read(rows, continued["pairs"], restarts, spec))
+        reads[spec.title] = plateaus
         lines += unread_lines(plateaus, spec)
         for plateau in plateaus:
             lines += plateau_lines(plateau)
@@ -810,7 +874,11 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)
     if continued["students"]:
-        furthest = {n["label"]: n for group in longer for p in group["plateaus"] for n in p["students"]}
+        furthest: dict[str, dict[str, Any]] = {}
+        for n in (n for group in longer for p in group["plateaus"] for n in p["students"]):
+            if n["curve"]["steps"] and n["curve"]["steps"][-1] >= furthest.get(n["label"], {"curve": {"steps": [0]}})[
+                    "curve"]["steps"][-1]:
+                furthest[n["label"]] = n
         long_plot([furthest.get(n["label"], n) for n in continued["students"]], LONG_PLOT)  # each to its longest
     summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs,
                "still_moving": [n["label"] for n in moving],

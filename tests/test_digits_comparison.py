@@ -647,26 +647,45 @@ def test_the_rank_4_trio_is_read_like_the_budget_with_its_own_pairs_and_answer()
     assert comparison.unread_lines([], spec) == [] and comparison.unread_lines([at_3000], spec) == []
 
 
-def test_the_rank_ablation_reads_r2_and_r8_as_they_continue_against_r4_and_the_budget_rank_at_their_flat_lengths():
-    spec = comparison.RANK_ABLATION
-    first = min(spec.amendments)
+def _curve(curves, label, seeds, end, fd, slope=0.0, start=comparison.LONG):
+    """A run's rows every 100 steps from ``start`` to ``end`` (fd + slope per 1000 steps), noise sets at ``end``."""
+    for seed in seeds:
+        name = comparison.BY_LABEL[label].run_names()[seed]
+        for step in range(start, end + 1, 100):
+            _scored(curves, name, step, fd + seed + slope * (step - end) / 1000, noise_sets=step == end)
+
+
+def test_the_rank_ablation_follows_the_rank_2_and_rank_8_reads_and_takes_r4_and_the_budget_rank_where_flat():
+    spec, (rank2, rank8) = comparison.RANK_ABLATION, comparison.SMALL_RANKS
+    assert spec.follows == (rank2.title, rank8.title)
+    first, second = sorted(spec.amendments)[:2]
     curves = []
-    for label, fd in (("lorad-uniform r2", 60.0), ("lorad-uniform r8", 50.0)):
-        for seed, name in comparison.BY_LABEL[label].run_names().items():
-            _scored(curves, name, first, fd + seed, noise_sets=True)
-    for label, fd in (("lorad-uniform r4", 45.0), ("lorad-uniform", 35.0)):  # scored at their flat lengths only
-        for seed, name in comparison.BY_LABEL[label].run_names().items():
-            _scored(curves, name, spec.flat_at[label], fd + seed, noise_sets=True)
-    out = comparison.plateau_numbers(comparison.index(curves), None, [], first, spec)
-    assert out["continued"] == ["lorad-uniform r2", "lorad-uniform r8"]
-    assert out["entering"] == {"lorad-uniform r4": 4000, "lorad-uniform": 5000}  # the budget's rank: beyond `first`
-    pairs = {(p["a"], p["b"]): p["metrics"]["fd_features"]["d"] for p in out["pairs"]}
-    assert pairs == pytest.approx({("lorad-uniform r2", "lorad-uniform r4"): 15.0,
-                                   ("lorad-uniform r4", "lorad-uniform r8"): -5.0,
-                                   ("lorad-uniform r8", "lorad-uniform"): 15.0})
-    # every student was scored at one step only (no curve to read): the answer names the continued and the entering
-    [read] = comparison.plateaus_read(comparison.index(curves), [], [], spec)
-    answer = comparison.longer_answer([read], spec)
-    not_read = ["lorad-uniform r2", "lorad-uniform r8", "lorad-uniform r4", "lorad-uniform"]
-    assert not answer["all_flat"] and answer["still_moving"] == not_read
-    assert f"(still moving or not read: {', '.join(not_read)})" in "\n".join(comparison.answer_lines(answer))
+    _curve(curves, "lorad-uniform r2", [0, 1, 2, 3], first, 60.0)  # seed 3: one its trio cuts (the others lack it)
+    _curve(curves, "lora-peft r2", [0, 1, 2], first, 55.0)
+    _curve(curves, "dora-peft r2", [0, 1, 2], first, 55.0)
+    for label in rank8.students:  # rank 8 still moving at `first`, flat at `second`
+        _curve(curves, label, range(5), first, 50.0, slope=-5.0)
+        _curve(curves, label, range(5), second, 50.0, start=first + 100)
+    _curve(curves, "lorad-uniform r4", range(5), spec.flat_at["lorad-uniform r4"], 45.0)
+    _curve(curves, "lorad-uniform", range(5), spec.flat_at["lorad-uniform"], 35.0)
+    rows = comparison.index(curves)
+    reads = {s.title: comparison.plateaus_read(rows, [], [], s) for s in comparison.SMALL_RANKS}
+    assert [p["length"] for p in reads[rank2.title]] == [first] and len(reads[rank8.title]) == 2
+    at_first, at_second = comparison.followed_plateaus(rows, [], spec, reads)
+    assert at_first["continued"] == ["lorad-uniform r2", "lorad-uniform r8"]
+    r2 = {n["label"]: n for n in at_first["students"]}["lorad-uniform r2"]
+    assert r2["seeds"] == [0, 1, 2] and at_first["cut_alike"] == {"lorad-uniform r2": [3]}  # the trio's cut
+    assert at_first["flat"] == ["lorad-uniform r2"]  # r8 still moving, as its trio reads it
+    assert at_first["entering"] == {"lorad-uniform r4": 4000, "lorad-uniform": 5000}
+    d = {(p["a"], p["b"]): p["metrics"]["fd_features"]["d"] for p in at_first["pairs"]}
+    assert d == pytest.approx({("lorad-uniform r2", "lorad-uniform r4"): 15.0,
+                               ("lorad-uniform r4", "lorad-uniform r8"): -5.0,
+                               ("lorad-uniform r8", "lorad-uniform"): 15.0})
+    # at `second` rank 2 had settled (all flat at `first`): r2 enters with its scores there, r8 continues
+    assert at_second["continued"] == ["lorad-uniform r8"] and at_second["entering"]["lorad-uniform r2"] == first
+    assert at_second["since_read"] and {p["a"] for p in at_second["pairs"]} >= {"lorad-uniform r2"}
+    answer = comparison.longer_answer([at_first, at_second], spec)
+    assert answer["all_flat"] and answer["length"] == second
+    assert comparison.answer_lines(answer)[0].startswith("### The rank-ablation answer (declared at 2026-12-05")
+    # without rank 8 read, the ablation is not read at all
+    assert comparison.followed_plateaus(rows, [], spec, {rank2.title: reads[rank2.title]}) == []
