@@ -719,6 +719,12 @@ def plateaus_read(rows: dict, long_pairs: list[dict[str, Any]], restarts: list[d
     return plateaus
 
 
+def all_flat(plateau: dict[str, Any]) -> bool:
+    """Whether every student of a group's read is flat there, the continued and the entering ones (settled)."""
+    return len(plateau["flat"]) == len(plateau["students"]) and all(
+        state == "flat" for state in plateau["entering_state"].values())
+
+
 def followed_plateaus(rows: dict, long_pairs: list[dict[str, Any]], spec: Longer,
                       reads: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """``spec``'s students at each declared length where every group it ``follows`` was read, or had settled (all
@@ -730,8 +736,7 @@ def followed_plateaus(rows: dict, long_pairs: list[dict[str, Any]], spec: Longer
         parts = []  # (the followed group's read, whether its students enter from a shorter length)
         for title in spec.follows:
             by_length = {p["length"]: p for p in reads.get(title, [])}
-            settled = [p for p in by_length.values() if p["length"] < length and len(p["flat"]) == len(p["students"])
-                       and all(state == "flat" for state in p["entering_state"].values())]
+            settled = [p for p in by_length.values() if p["length"] < length and all_flat(p)]
             parts.append((by_length[length], False) if length in by_length else
                          (min(settled, key=lambda p: p["length"]), True) if settled else None)
         if None in parts:
@@ -792,8 +797,7 @@ def longer_answer(plateaus: list[dict[str, Any]], spec: Longer = BUDGET) -> dict
     past ``LONG`` is read."""
     if not plateaus:
         return None
-    settled = next((p for p in plateaus if len(p["flat"]) == len(p["students"])
-                    and all(state == "flat" for state in p["entering_state"].values())), None)
+    settled = next((p for p in plateaus if all_flat(p)), None)
     chosen = settled or plateaus[-1]
     return {"title": spec.title, "declared": spec.answer_declared, "length": chosen["length"],
             "all_flat": settled is not None,
@@ -875,11 +879,9 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")
     plot(numbers, PLOT)
     if continued["students"]:
-        furthest: dict[str, dict[str, Any]] = {}
-        for n in (n for group in longer for p in group["plateaus"] for n in p["students"]):
-            if n["curve"]["steps"] and n["curve"]["steps"][-1] >= furthest.get(n["label"], {"curve": {"steps": [0]}})[
-                    "curve"]["steps"][-1]:
-                furthest[n["label"]] = n
+        student_reads = sorted((n for group in longer for p in group["plateaus"] for n in p["students"]),
+                               key=lambda n: n["curve"]["steps"][-1] if n["curve"]["steps"] else 0)
+        furthest = {n["label"]: n for n in student_reads}  # the last, so the longest, read of each student
         long_plot([furthest.get(n["label"], n) for n in continued["students"]], LONG_PLOT)  # each to its longest
     summary = {"length": LENGTH, "weights": WEIGHTS, "smallest": SMALLEST, "students": numbers, "pairs": pairs,
                "still_moving": [n["label"] for n in moving],
