@@ -785,9 +785,11 @@ def followed_plateaus(rows: dict, long_pairs: list[dict[str, Any]], spec: Longer
 def unread_lines(plateaus: list[dict[str, Any]], spec: Longer) -> list[str]:
     """One line for each of ``spec``'s declared lengths below the longest one read that was not read itself."""
     read = {p["length"] for p in plateaus}
+    why = (f"not every group it follows ({', '.join(spec.follows)}) was read at step {{length}}" if spec.follows
+           else f"fewer than {PLATEAU_MIN_SEEDS} seeds a student with the six noise sets at step {{length}} (a run "
+           "scores them at the end of each stretch it is given)")
     return [f"### {sentence_start(spec.title)} at {length} steps ({spec.amendments[length]})\n\nNot read: "
-            f"fewer than {PLATEAU_MIN_SEEDS} seeds a student with the six noise sets at step {length} (a run scores "
-            "them at the end of each stretch it is given).\n"
+            f"{why.format(length=length)}.\n"
             for length in sorted(spec.amendments) if read and length < max(read) and length not in read]
 
 

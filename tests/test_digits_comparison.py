@@ -645,6 +645,10 @@ def test_the_rank_4_trio_is_read_like_the_budget_with_its_own_pairs_and_answer()
     assert unread.startswith("### The rank-4 students at 3000 steps (the amendment of 2026-12-04 23:11 UTC)\n\nNot read: "
                              "fewer than 3 seeds a student with the six noise sets at step 3000")
     assert comparison.unread_lines([], spec) == [] and comparison.unread_lines([at_3000], spec) == []
+    # a group that follows others is unread at a length because they were not read there, not for want of seeds
+    [unread] = comparison.unread_lines([{"length": 5000}], comparison.RANK_ABLATION)
+    assert unread.endswith("Not read: not every group it follows (the rank-2 students, the rank-8 students) was read "
+                           "at step 4000.\n")
 
 
 def _curve(curves, label, seeds, end, fd, slope=0.0, start=comparison.LONG):
