@@ -130,12 +130,18 @@ def plateau_lines(plateau: dict[str, Any]) -> list[str]:
 
 
 def longer_text(group: dict[str, Any]) -> str:
-    """"the budget's students to 3000 and 4000 (lorad-probe and lorad-uniform on to 5000)": how far a group read past
-    2000 steps went, all of it and the students continued alone."""
+    """"the rank-2 students to 4000 (lora-peft r2 on to 5000, lorad-uniform r2 on to 6000)": how far a group read
+    past 2000 steps went, all of it and each student continued alone (to the last length it was read at)."""
     whole = group["plateaus"][0]["continued"]  # the students read at the group's first length
     every = [str(p["length"]) for p in group["plateaus"] if p["continued"] == whole]
-    some = [f"{' and '.join(p['continued'])} on to {p['length']}" for p in group["plateaus"] if p["continued"] != whole]
-    return (f"{group['title']} to {' and '.join(every)}" if every else group["title"]) + (f" ({some[-1]})" if some else "")
+    furthest: dict[str, int] = {}
+    for plateau in group["plateaus"]:
+        if plateau["continued"] != whole:
+            furthest.update(dict.fromkeys(plateau["continued"], plateau["length"]))
+    some = [f"{' and '.join(label for label in furthest if furthest[label] == length)} on to {length}"
+            for length in sorted(set(furthest.values()))]
+    return (f"{group['title']} to {' and '.join(every)}" if every else group["title"]) + (
+        f" ({', '.join(some)})" if some else "")
 
 
 def comparison_lines(cmp: dict[str, Any]) -> list[str]:

@@ -170,7 +170,7 @@ SMALL_RANKS = tuple(
            pairs=((f"lorad-uniform r{rank}", f"lora-peft r{rank}", f"rank {rank}"),
                   (f"lorad-uniform r{rank}", f"dora-peft r{rank}", f"rank {rank}")),
            amendments={length: "the amendment of 2026-12-05 01:18 UTC" for length in (4000, 5000, 6000)},
-           # rank 2 read on seeds 0-4: DoRA r2 flat at 4000, LoRA r2 flat at 5000, LoRaD r2 still moving at 5000
+           # rank 2 read on seeds 0-4: DoRA r2 flat at 4000, LoRA r2 at 5000, LoRaD r2 at 6000 (the last length)
            flat_at={"dora-peft r2": 4000, "lora-peft r2": 5000} if rank == 2 else {},
            answer_declared="2026-12-05 01:18 UTC")
     for rank in (2, 8))

@@ -247,6 +247,22 @@ def test_analysis_composes_the_two_reports_and_decides_low_rank_by_its_rule(tmp_
         analysis.write()
 
 
+def test_the_analysis_says_how_far_each_student_continued_alone_was_read():
+    import digits_analysis_report as analysis
+
+    def read(length, *continued):
+        return {"length": length, "continued": list(continued)}
+
+    trio = ("lorad-uniform r2", "lora-peft r2", "dora-peft r2")
+    rank2 = {"title": "the rank-2 students", "plateaus": [read(4000, *trio), read(5000, *trio[:2]), read(6000, trio[0])]}
+    assert analysis.longer_text(rank2) == ("the rank-2 students to 4000 (lora-peft r2 on to 5000, lorad-uniform r2 on "
+                                           "to 6000)")
+    rank4 = {"title": "the rank-4 students", "plateaus": [read(3000, *trio), read(4000, *trio), read(5000, *trio[1:]),
+                                                          read(6000, *trio[1:])]}
+    assert analysis.longer_text(rank4) == "the rank-4 students to 3000 and 4000 (lora-peft r2 and dora-peft r2 on to 6000)"
+    assert analysis.longer_text({"title": "t", "plateaus": [read(4000, *trio)]}) == "t to 4000"
+
+
 def test_the_ablation_report_says_which_seeds_were_retrained_and_how_far_they_land(tmp_path):
     import json
 
