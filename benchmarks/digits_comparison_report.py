@@ -171,7 +171,9 @@ SMALL_RANKS = tuple(
                   (f"lorad-uniform r{rank}", f"dora-peft r{rank}", f"rank {rank}")),
            amendments={length: "the amendment of 2026-12-05 01:18 UTC" for length in (4000, 5000, 6000)},
            # rank 2 read on seeds 0-4: DoRA r2 flat at 4000, LoRA r2 at 5000, LoRaD r2 at 6000 (the last length)
-           flat_at={"dora-peft r2": 4000, "lora-peft r2": 5000} if rank == 2 else {},
+           # rank 8 read at 4000 on seeds 0-4: LoRaD r8 and LoRA r8 flat there, DoRA r8 still moving
+           flat_at=({"dora-peft r2": 4000, "lora-peft r2": 5000} if rank == 2
+                    else {"lorad-uniform r8": 4000, "lora-peft r8": 4000}),
            answer_declared="2026-12-05 01:18 UTC")
     for rank in (2, 8))
 # the amendment of 2026-12-05 01:26 UTC: the rank ablation's neighbours (7') read at the same lengths, r4 and the
