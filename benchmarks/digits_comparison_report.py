@@ -164,18 +164,19 @@ RANK4 = Longer(
     answer_declared="23:11 UTC")
 # the amendment of 2026-12-05 01:18 UTC: the rank-2 and rank-8 trios trained the same way (seeds 3 and 4 from their
 # 2000-step checkpoints, seeds 0-2 again from step 0) to 4000, then in 1000-step stretches while any is still moving
+# where each small-rank student was read flat, on seeds 0-4: rank 2 DoRA at 4000, LoRA at 5000, LoRaD at 6000 (the
+# last length); rank 8 LoRaD and LoRA at 4000, DoRA still moving at 5000
+SMALL_RANKS_FLAT_AT = {2: {"dora-peft r2": 4000, "lora-peft r2": 5000},
+                       8: {"lorad-uniform r8": 4000, "lora-peft r8": 4000}}
 SMALL_RANKS = tuple(
     Longer(title=f"the rank-{rank} students",
            students=(f"lorad-uniform r{rank}", f"lora-peft r{rank}", f"dora-peft r{rank}"),
            pairs=((f"lorad-uniform r{rank}", f"lora-peft r{rank}", f"rank {rank}"),
                   (f"lorad-uniform r{rank}", f"dora-peft r{rank}", f"rank {rank}")),
            amendments={length: "the amendment of 2026-12-05 01:18 UTC" for length in (4000, 5000, 6000)},
-           # rank 2 read on seeds 0-4: DoRA r2 flat at 4000, LoRA r2 at 5000, LoRaD r2 at 6000 (the last length)
-           # rank 8 read at 4000 on seeds 0-4: LoRaD r8 and LoRA r8 flat there, DoRA r8 still moving
-           flat_at=({"dora-peft r2": 4000, "lora-peft r2": 5000} if rank == 2
-                    else {"lorad-uniform r8": 4000, "lora-peft r8": 4000}),
+           flat_at=SMALL_RANKS_FLAT_AT[rank],
            answer_declared="2026-12-05 01:18 UTC")
-    for rank in (2, 8))
+    for rank in SMALL_RANKS_FLAT_AT)
 # the amendment of 2026-12-05 01:26 UTC: the rank ablation's neighbours (7') read at the same lengths, r4 and the
 # budget's rank entering with their flat scores
 RANK_ABLATION = Longer(
@@ -787,11 +788,15 @@ def followed_plateaus(rows: dict, long_pairs: list[dict[str, Any]], spec: Longer
 def unread_lines(plateaus: list[dict[str, Any]], spec: Longer) -> list[str]:
     """One line for each of ``spec``'s declared lengths below the longest one read that was not read itself."""
     read = {p["length"] for p in plateaus}
-    why = (f"not every group it follows ({', '.join(spec.follows)}) was read at step {{length}}" if spec.follows
-           else f"fewer than {PLATEAU_MIN_SEEDS} seeds a student with the six noise sets at step {{length}} (a run "
-           "scores them at the end of each stretch it is given)")
+
+    def why(length: int) -> str:
+        if spec.follows:
+            return f"not every group it follows ({', '.join(spec.follows)}) was read at step {length}"
+        return (f"fewer than {PLATEAU_MIN_SEEDS} seeds a student with the six noise sets at step {length} (a run "
+                "scores them at the end of each stretch it is given)")
+
     return [f"### {sentence_start(spec.title)} at {length} steps ({spec.amendments[length]})\n\nNot read: "
-            f"{why.format(length=length)}.\n"
+            f"{why(length)}.\n"
             for length in sorted(spec.amendments) if read and length < max(read) and length not in read]
 
 
