@@ -45,6 +45,7 @@ TITLE = {"fd_features": "feature FD ↓", "fd_pixel": "pixel FD ↓", "recall": 
          "class_accuracy": "class acc. ↑"}
 DIGITS = {"fd_features": 1, "fd_pixel": 3, "recall": 3, "precision": 3, "class_accuracy": 3}
 MIN_SEEDS = 3  # a pair with fewer seeds a side gets no verdict (declared)
+SEED_SD_TARGET = 3.0  # the issue's target for the seed sd of feature FD at the final length
 SCREEN_CURVES = ROOT / "reports" / "digits_lr_screen" / "curves.jsonl"
 SCREEN_METHODS, SCREEN_RATES, SCREEN_SEED = ("lora-peft", "dora-peft"), (3e-4, 1e-3, 3e-3), 0  # declared
 
@@ -230,24 +231,30 @@ def seconds_per_step(rows: dict, name: str, length: int) -> float | None:
 
 
 def student_numbers(student: Student, rows: dict, length: int = LENGTH,
-                    seeds: set[int] | None = None) -> dict[str, Any]:
+                    seeds: set[int] | None = None, six_sets: bool = False) -> dict[str, Any]:
     """Per seed that reached ``length`` with its noise sets (of ``seeds`` when given): the averaged and raw scores,
     the evaluation noise (sd over the 6 noise sets), the seconds per training step; and the seed-mean curve of the
-    averaged weights up to ``length``."""
+    averaged weights up to ``length``. ``six_sets``: each averaged score is the mean over the six noise sets (12,000
+    images) and its evaluation noise that mean's, the sets' sd / √6 (the second read, declared at 2026-12-05 07:15
+    UTC); the curve stays the deciding set's."""
     per_seed: dict[int, dict[str, Any]] = {}
     for seed, name in student.run_names().items():
         if (name, length, WEIGHTS, NOISE_SEEDS[-1]) not in rows or (seeds is not None and seed not in seeds):
             continue
-        main = rows[(name, length, WEIGHTS, EVAL_SEED)]
         raw = rows.get((name, length, "raw", EVAL_SEED))
         sets = [rows[(name, length, WEIGHTS, s)] for s in (EVAL_SEED, *NOISE_SEEDS) if (name, length, WEIGHTS, s) in rows]
+        if six_sets and len(sets) < 1 + len(NOISE_SEEDS):
+            continue
+        main = ({m: statistics.fmean(r[m] for r in sets) for m in METRICS} if six_sets
+                else rows[(name, length, WEIGHTS, EVAL_SEED)])
+        per_set = math.sqrt(len(sets)) if six_sets else 1.0  # the sd of a mean of the sets is theirs / √(count)
         per_seed[seed] = {
             "run": name,
             **{m: main[m] for m in METRICS},
             **{f"raw_{m}": (raw[m] if raw else None) for m in METRICS},
-            **{f"{m}_eval_sd": sd([r[m] for r in sets]) for m in VERDICT_METRICS},
+            **{f"{m}_eval_sd": sd([r[m] for r in sets]) / per_set for m in VERDICT_METRICS},
             "s_per_step": seconds_per_step(rows, name, length),
-            "cpu": main.get("cpu"),
+            "cpu": rows[(name, length, WEIGHTS, EVAL_SEED)].get("cpu"),
         }
     seeds = sorted(per_seed)
     out: dict[str, Any] = {"label": student.label, "params": student.params, "group": student.group, "seeds": seeds,
@@ -604,7 +611,7 @@ def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = Non
     by = {n["label"]: n for n in numbers}
     by.update({label: n for label in entering if (n := numbers_of(label))["seeds"]})
     return {"title": spec.title, "length": length, "since": since, "amendments": spec.amendments[length],
-            "continued": continued,
+            "continued": continued, "lengths": {label: entering.get(label, length) for label in by},
             "entering": entering, "students": numbers, "flat": [n["label"] for n in numbers if curve_state(n) == "flat"],
             "changes": [change_across(rows, n["label"], since, length, n["seeds"], restarted=restarted) for n in numbers],
             "pairs": declared_verdicts(spec.pairs, by, numbers_of, earlier), "cut_alike": cut_alike,
@@ -773,7 +780,7 @@ def followed_plateaus(rows: dict, long_pairs: list[dict[str, Any]], spec: Longer
 
         plateau = {"title": spec.title, "length": length, "since": length_before(length, spec),
                    "amendments": spec.amendments[length], "continued": [n["label"] for n in students],
-                   "entering": entering, "students": students,
+                   "lengths": lengths, "entering": entering, "students": students,
                    "flat": [n["label"] for n in students if curve_state(n) == "flat"], "changes": changes,
                    "pairs": declared_verdicts(spec.pairs, by, numbers_of,
                                               {(p["a"], p["b"]): p["quality"] for p in earlier}),
@@ -800,20 +807,63 @@ def unread_lines(plateaus: list[dict[str, Any]], spec: Longer) -> list[str]:
             for length in sorted(spec.amendments) if read and length < max(read) and length not in read]
 
 
-def longer_answer(plateaus: list[dict[str, Any]], spec: Longer = BUDGET) -> dict[str, Any] | None:
+def six_set_read(rows: dict, plateau: dict[str, Any], spec: Longer) -> dict[str, Any]:
+    """The second read of a group's answer (declared at 2026-12-05 07:15 UTC, beside the declared read, never
+    instead of it): every student of ``plateau`` at the length and on the seeds it was read with there, each score
+    the mean over its run's six noise sets; the same pairs, metrics, smallest effects and rule, each pair's
+    declared-read quality beside it."""
+    seeds_of = {n["label"]: set(n["seeds"]) for n in (*plateau["students"], *plateau["entering_students"])}
+
+    def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:
+        return student_numbers(BY_LABEL[label], rows, plateau["lengths"][label],
+                               seeds_of[label] if seeds is None else seeds, six_sets=True)
+
+    by = {label: numbers_of(label) for label in plateau["lengths"]}
+    declared = {(p["a"], p["b"]): p["quality"] for p in plateau["pairs"]}
+    pairs = declared_verdicts(spec.pairs, by, numbers_of, declared)
+    return {"students": [{"label": label, "length": plateau["lengths"][label], "seeds": n["seeds"],
+                          **{m: {k: n[m][k] for k in ("mean", "sd", "n", "eval_sd")} for m in VERDICT_METRICS}}
+                         for label, n in by.items()],
+            "pairs": [{**{k: p[k] for k in ("a", "b", "quality", "seeds")},
+                       "metrics": {m: p["metrics"][m]["verdict"] for m in VERDICT_METRICS},
+                       "declared": p["earlier"]} for p in pairs]}
+
+
+def longer_answer(plateaus: list[dict[str, Any]], spec: Longer = BUDGET, rows: dict | None = None
+                  ) -> dict[str, Any] | None:
     """The declared answer for ``spec``'s students: the verdicts at the first length read where every continued
     student is flat (the others entering flat), else at the last length read, said as such; None before any length
-    past ``LONG`` is read."""
+    past ``LONG`` is read. With ``rows``, the six-set second read of the same length beside it."""
     if not plateaus:
         return None
     settled = next((p for p in plateaus if all_flat(p)), None)
     chosen = settled or plateaus[-1]
-    return {"title": spec.title, "declared": spec.answer_declared, "length": chosen["length"],
-            "all_flat": settled is not None,
-            "still_moving": [n["label"] for n in chosen["students"] if n["label"] not in chosen["flat"]]
-            + [label for label, state in chosen["entering_state"].items() if state != "flat"],
-            "pairs": [{**{k: p[k] for k in ("a", "b", "quality", "seeds")},
-                       "metrics": {m: p["metrics"][m]["verdict"] for m in VERDICT_METRICS}} for p in chosen["pairs"]]}
+    answer = {"title": spec.title, "declared": spec.answer_declared, "length": chosen["length"],
+              "all_flat": settled is not None,
+              "still_moving": [n["label"] for n in chosen["students"] if n["label"] not in chosen["flat"]]
+              + [label for label, state in chosen["entering_state"].items() if state != "flat"],
+              "pairs": [{**{k: p[k] for k in ("a", "b", "quality", "seeds")},
+                         "metrics": {m: p["metrics"][m]["verdict"] for m in VERDICT_METRICS}}
+                        for p in chosen["pairs"]],
+              "seed_sd": {n["label"]: n["fd_features"]["sd"]
+                          for n in (*chosen["students"], *chosen["entering_students"])}}
+    if rows is not None:
+        answer["six_sets"] = six_set_read(rows, chosen, spec)
+    return answer
+
+
+def pair_line(p: dict[str, Any]) -> str:
+    """"a vs b: <quality> (<each metric's verdict>; seeds …)": one pair of an answer."""
+    return (f"{p['a']} vs {p['b']}: {readable(p['quality'], p['a'], p['b'])} ("
+            + "; ".join(f"{TITLE[m]} {named(v, p['a'], p['b'])}" for m, v in p["metrics"].items())
+            + f"; seeds {','.join(map(str, p['seeds']))})")
+
+
+def seed_sd_text(seed_sd: dict[str, float]) -> str:
+    """Which students' seed sd of feature FD is within the issue's target (≤ ``SEED_SD_TARGET``) and which not."""
+    within = [f"{label} {fmt(v, 'fd_features')}" for label, v in seed_sd.items() if v <= SEED_SD_TARGET]
+    above = [f"{label} {fmt(v, 'fd_features')}" for label, v in seed_sd.items() if not v <= SEED_SD_TARGET]
+    return (f"within {SEED_SD_TARGET:g}: {', '.join(within) or 'none'}; above it: {', '.join(above) or 'none'}")
 
 
 def answer_lines(answer: dict[str, Any] | None) -> list[str]:
@@ -825,9 +875,32 @@ def answer_lines(answer: dict[str, Any] | None) -> list[str]:
              f"or not read: {', '.join(answer['still_moving'])}), so this is the answer as far as the runs went")
     return [f"### {sentence_start(answer['title'].replace('students', 'answer'))} (declared at {answer['declared']}: "
             f"{where})", "",
-            *(f"- {p['a']} vs {p['b']}: {readable(p['quality'], p['a'], p['b'])} ("
-              + "; ".join(f"{TITLE[m]} {named(v, p['a'], p['b'])}" for m, v in p["metrics"].items())
-              + f"; seeds {','.join(map(str, p['seeds']))})" for p in answer["pairs"]), ""]
+            *(f"- {pair_line(p)}" for p in answer["pairs"]), "",
+            f"Seed sd of feature FD (the target is at most {SEED_SD_TARGET:g} points): {seed_sd_text(answer['seed_sd'])}.",
+            "", *six_set_lines(answer.get("six_sets"))]
+
+
+def six_set_lines(read: dict[str, Any] | None) -> list[str]:
+    """The answer's second read: each student on its six noise sets' mean, the pairs' verdicts there, whether each
+    agrees with the declared read, and the seed sd against the target."""
+    if read is None:
+        return []
+    lines = ["Read a second way (declared at 2026-12-05 07:15 UTC, beside the declared read and never instead of "
+             "it): each score the mean over its run's six noise sets (12,000 images), its evaluation noise the sets' "
+             "sd / √6 (root mean square over the seeds); the same lengths, seeds, pairs and rule.", "",
+             "| student | at step | seeds | " + " | ".join(TITLE[m] for m in VERDICT_METRICS)
+             + " | eval noise (feature FD) |", "|---|---:|---|" + "---:|" * (len(VERDICT_METRICS) + 1)]
+    for n in read["students"]:
+        lines.append(f"| {n['label']} | {n['length']} | {','.join(map(str, n['seeds']))} | "
+                     + " | ".join(f"{fmt(n[m]['mean'], m)} ± {fmt(n[m]['sd'], m)}" for m in VERDICT_METRICS)
+                     + f" | {fmt(n['fd_features']['eval_sd'], 'fd_features')} |")
+    lines.append("")
+    for p in read["pairs"]:
+        same = p["declared"] == readable(p["quality"], p["a"], p["b"])
+        lines.append(f"- {pair_line(p)}: " + ("the declared read's quality verdict" if same else
+                                               f"**not the declared read's quality verdict** ({p['declared']})"))
+    sds = {n["label"]: n["fd_features"]["sd"] for n in read["students"]}
+    return [*lines, "", f"Seed sd of feature FD on this read: {seed_sd_text(sds)}.", ""]
 
 
 def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -882,7 +955,7 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
         lines += unread_lines(plateaus, spec)
         for plateau in plateaus:
             lines += plateau_lines(plateau)
-        answer = longer_answer(plateaus, spec)
+        answer = longer_answer(plateaus, spec, rows)
         lines += answer_lines(answer)
         longer.append({"title": spec.title, "plateaus": plateaus, "answer": answer})
     replace_results(REPORT, MARKER, "\n".join(lines).rstrip() + "\n")

@@ -585,8 +585,9 @@ def test_a_restart_counts_for_the_stretch_it_splices_and_the_answer_is_the_first
     assert comparison.restarted_between(restarts, comparison.PLATEAU, 4000) == frozenset({"a"})
 
     def plateau(length, flat, entering_state):
-        return {"length": length, "students": [{"label": "x"}, {"label": "y"}], "flat": flat,
-                "entering_state": entering_state,
+        return {"length": length, "students": [{"label": "x", "fd_features": {"sd": 1.0}},
+                                               {"label": "y", "fd_features": {"sd": 4.0}}], "flat": flat,
+                "entering_state": entering_state, "entering_students": [],
                 "pairs": [{"a": "x", "b": "y", "quality": "A better", "seeds": [0, 1, 2], "sentence": "s",
                            "metrics": {"fd_features": {"verdict": "A better"}, "fd_pixel": {"verdict": "B better"},
                                        "recall": {"verdict": "cannot tell at this size"}}}]}
@@ -600,6 +601,7 @@ def test_a_restart_counts_for_the_stretch_it_splices_and_the_answer_is_the_first
     assert "the first length read where every student is flat" in text
     assert ("- x vs y: x better in quality (feature FD ↓ x better; pixel FD ↓ y better; recall ↑ cannot tell at this "
             "size; seeds 0,1,2)") in text
+    assert "Seed sd of feature FD (the target is at most 3 points): within 3: x 1.0; above it: y 4.0." in text
     answer = comparison.longer_answer([read[0], plateau(5000, ["x", "y"], {"full": "still moving"})])
     assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (5000, False, ["full"])
     answer = comparison.longer_answer(read[:1])
@@ -710,3 +712,47 @@ def test_the_rank_ablation_follows_the_rank_2_and_rank_8_reads_and_takes_r4_and_
     assert comparison.answer_lines(answer)[0].startswith("### The rank-ablation answer (declared at 2026-12-05")
     # without rank 8 read, the ablation is not read at all
     assert comparison.followed_plateaus(rows, [], spec, {rank2.title: reads[rank2.title]}) == []
+
+
+def test_the_second_read_averages_the_six_noise_sets_and_says_where_its_verdict_differs():
+    spec, rows_of = comparison.RANK4, []
+    for label, fd in zip(spec.students, (50.0, 45.0, 45.0)):
+        _curve(rows_of, label, range(5), 3000, fd, start=2100)
+    for seed, name in comparison.BY_LABEL["lorad-uniform r4"].run_names().items():
+        # the deciding set scores 50 + seed, the five others 12 points lower: a six-set mean of 40 + seed
+        rows_of.extend({"name": name, "step": 3000, "weights": comparison.WEIGHTS, "eval_seed": noise,
+                        "fd_features": 38.0 + seed, "fd_pixel": 2.0, "recall": 0.4, "precision": 0.9,
+                        "class_accuracy": 0.99} for noise in comparison.NOISE_SEEDS)
+    for label in ("lora-peft r4", "dora-peft r4"):  # every set scores the same: no evaluation noise
+        for seed, name in comparison.BY_LABEL[label].run_names().items():
+            rows_of.extend({"name": name, "step": 3000, "weights": comparison.WEIGHTS, "eval_seed": noise,
+                            "fd_features": 45.0 + seed, "fd_pixel": 2.0, "recall": 0.4, "precision": 0.9,
+                            "class_accuracy": 0.99} for noise in comparison.NOISE_SEEDS)
+    rows = comparison.index(rows_of)
+    [at_3000] = comparison.plateaus_read(rows, [], [], spec)
+    assert at_3000["lengths"] == {label: 3000 for label in spec.students}
+    answer = comparison.longer_answer([at_3000], spec, rows)
+    assert answer["pairs"][0]["quality"] == "B better"  # declared read: 50 + seed against 45 + seed
+    assert answer["seed_sd"] == pytest.approx({label: math.sqrt(2.5) for label in spec.students})
+    read = answer["six_sets"]
+    lorad = next(n for n in read["students"] if n["label"] == "lorad-uniform r4")
+    assert lorad["fd_features"]["mean"] == pytest.approx(42.0) and lorad["seeds"] == [0, 1, 2, 3, 4]
+    # the sd of [12, 0, 0, 0, 0, 0] is √24; its six-set mean's, √24 / √6 = 2
+    assert lorad["fd_features"]["eval_sd"] == pytest.approx(2.0)
+    lora = next(n for n in read["students"] if n["label"] == "lora-peft r4")
+    assert lora["fd_features"]["mean"] == pytest.approx(47.0) and lora["fd_features"]["eval_sd"] == 0.0
+    first = read["pairs"][0]
+    assert (first["quality"], first["declared"]) == ("A better", "lora-peft r4 better in quality")
+    text = "\n".join(comparison.answer_lines(answer))
+    assert ("Seed sd of feature FD (the target is at most 3 points): within 3: lorad-uniform r4 1.6, lora-peft r4 "
+            "1.6, dora-peft r4 1.6; above it: none.") in text
+    assert "| lorad-uniform r4 | 3000 | 0,1,2,3,4 | 42.0 ± 1.6 | 2.000 ± 0.000 | 0.400 ± 0.000 | 2.0 |" in text
+    assert ("- lorad-uniform r4 vs lora-peft r4: lorad-uniform r4 better in quality (feature FD ↓ lorad-uniform r4 "
+            "better; pixel FD ↓ no difference that matters; recall ↑ no difference that matters; seeds 0,1,2,3,4): "
+            "**not the declared read's quality verdict** (lora-peft r4 better in quality)") in text
+    assert text.endswith("Seed sd of feature FD on this read: within 3: lorad-uniform r4 1.6, lora-peft r4 1.6, "
+                         "dora-peft r4 1.6; above it: none.\n")
+    # a run without all six sets has no second-read score (the declared read needs only the last of them)
+    del rows[(comparison.BY_LABEL["lora-peft r4"].run_names()[0], 3000, comparison.WEIGHTS, comparison.NOISE_SEEDS[0])]
+    six = comparison.student_numbers(comparison.BY_LABEL["lora-peft r4"], rows, 3000, six_sets=True)
+    assert six["seeds"] == [1, 2, 3, 4]
