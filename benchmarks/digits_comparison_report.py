@@ -610,15 +610,29 @@ def plateau_numbers(rows: dict, earlier: dict[tuple[str, str], str] | None = Non
     numbers = [n for n in (numbers_of(label, alike) for label in continued) if n["seeds"]]
     by = {n["label"]: n for n in numbers}
     by.update({label: n for label in entering if (n := numbers_of(label))["seeds"]})
-    return {"title": spec.title, "length": length, "since": since, "amendments": spec.amendments[length],
-            "continued": continued, "lengths": {label: entering.get(label, length) for label in by},
-            "entering": entering, "students": numbers, "flat": [n["label"] for n in numbers if curve_state(n) == "flat"],
-            "changes": [change_across(rows, n["label"], since, length, n["seeds"], restarted=restarted) for n in numbers],
-            "pairs": declared_verdicts(spec.pairs, by, numbers_of, earlier), "cut_alike": cut_alike,
-            "entering_students": [by[label] for label in entering if label in by],
-            "entering_state": {label: curve_state(by[label]) for label in entering if label in by},
-            "trained_again": {n["label"]: seeds for n in numbers if (seeds := [
-                s for s in n["seeds"] if n["per_seed"][s]["run"] in trained_again])}, "since_read": True}
+    return plateau_read(
+        spec, length, continued, numbers, [by[label] for label in entering if label in by], entering,
+        lengths={label: entering.get(label, length) for label in by},
+        changes=[change_across(rows, n["label"], since, length, n["seeds"], restarted=restarted) for n in numbers],
+        pairs=declared_verdicts(spec.pairs, by, numbers_of, earlier), cut_alike=cut_alike,
+        trained_again={n["label"]: seeds for n in numbers if (seeds := [
+            s for s in n["seeds"] if n["per_seed"][s]["run"] in trained_again])}, since_read=True)
+
+
+def plateau_read(spec: Longer, length: int, continued: list[str], students: list[dict[str, Any]],
+                 entering_students: list[dict[str, Any]], entering: dict[str, int], *, lengths: dict[str, int],
+                 changes: list[dict[str, Any]], pairs: list[dict[str, Any]], cut_alike: dict[str, list[int]],
+                 trained_again: dict[str, list[int]], since_read: bool) -> dict[str, Any]:
+    """One group's read at one length, as ``plateau_lines``, ``longer_answer`` and the summary take it: the
+    continued ``students`` at ``length``, the ``entering_students`` at their own lengths (``lengths``), each one's
+    curve state there, the changes and the pairs' verdicts."""
+    return {"title": spec.title, "length": length, "since": length_before(length, spec),
+            "amendments": spec.amendments[length], "continued": continued, "lengths": lengths,
+            "entering": entering, "students": students,
+            "flat": [n["label"] for n in students if curve_state(n) == "flat"], "changes": changes,
+            "pairs": pairs, "cut_alike": cut_alike, "entering_students": entering_students,
+            "entering_state": {n["label"]: curve_state(n) for n in entering_students},
+            "trained_again": trained_again, "since_read": since_read}
 
 
 def sentence_start(text: str) -> str:
@@ -778,15 +792,11 @@ def followed_plateaus(rows: dict, long_pairs: list[dict[str, Any]], spec: Longer
         def numbers_of(label: str, seeds: set[int] | None = None) -> dict[str, Any]:
             return student_numbers(BY_LABEL[label], rows, lengths[label], seeds)
 
-        plateau = {"title": spec.title, "length": length, "since": length_before(length, spec),
-                   "amendments": spec.amendments[length], "continued": [n["label"] for n in students],
-                   "lengths": lengths, "entering": entering, "students": students,
-                   "flat": [n["label"] for n in students if curve_state(n) == "flat"], "changes": changes,
-                   "pairs": declared_verdicts(spec.pairs, by, numbers_of,
-                                              {(p["a"], p["b"]): p["quality"] for p in earlier}),
-                   "cut_alike": cut_alike, "entering_students": entering_students,
-                   "entering_state": {n["label"]: curve_state(n) for n in entering_students},
-                   "trained_again": trained_again, "since_read": earlier_read}
+        plateau = plateau_read(
+            spec, length, [n["label"] for n in students], students, entering_students, entering, lengths=lengths,
+            changes=changes, pairs=declared_verdicts(spec.pairs, by, numbers_of,
+                                                     {(p["a"], p["b"]): p["quality"] for p in earlier}),
+            cut_alike=cut_alike, trained_again=trained_again, since_read=earlier_read)
         plateaus.append(plateau)
         earlier, earlier_read = plateau["pairs"], True
     return plateaus
@@ -907,11 +917,8 @@ def write(curves: list[dict[str, Any]], screen: list[dict[str, Any]] | None = No
     rows = index(curves)
     numbers = [student_numbers(s, rows) for s in STUDENTS]
     by = {n["label"]: n for n in numbers}
-    pairs = []
-    for a, b, question in PAIRS:
-        per_metric = {m: verdict(by[a], by[b], m) for m in VERDICT_METRICS}
-        pairs.append({"a": a, "b": b, "question": question, "quality": quality(per_metric), "metrics": per_metric,
-                      "sentence": verdict_sentence(a, b, per_metric)})
+    pairs = declared_verdicts(PAIRS, by, lambda label, seeds=None: student_numbers(BY_LABEL[label], rows, LENGTH,
+                                                                                   seeds))
     missing = [f"{s.label} seed {seed}" for s in STUDENTS for seed in B_SEEDS if seed not in by[s.label]["seeds"]]
     lines = [MARKER, "", "## Results", "",
              f"Written from `{_shown(CURVES)}`. Machine: {machine(numbers)}. Every score: the `{WEIGHTS}` "
