@@ -855,7 +855,7 @@ def longer_answer(plateaus: list[dict[str, Any]], spec: Longer = BUDGET, rows: d
               "pairs": [{**{k: p[k] for k in ("a", "b", "quality", "seeds")},
                          "metrics": {m: p["metrics"][m]["verdict"] for m in VERDICT_METRICS}}
                         for p in chosen["pairs"]],
-              "seed_sd": {n["label"]: n["fd_features"]["sd"]
+              "seed_sd": {n["label"]: (n["fd_features"]["sd"], n["fd_features"]["n"])
                           for n in (*chosen["students"], *chosen["entering_students"])}}
     if rows is not None:
         answer["six_sets"] = six_set_read(rows, chosen, spec)
@@ -869,11 +869,29 @@ def pair_line(p: dict[str, Any]) -> str:
             + f"; seeds {','.join(map(str, p['seeds']))})")
 
 
-def seed_sd_text(seed_sd: dict[str, float]) -> str:
-    """Which students' seed sd of feature FD is within the issue's target (≤ ``SEED_SD_TARGET``) and which not."""
-    within = [f"{label} {fmt(v, 'fd_features')}" for label, v in seed_sd.items() if v <= SEED_SD_TARGET]
-    above = [f"{label} {fmt(v, 'fd_features')}" for label, v in seed_sd.items() if not v <= SEED_SD_TARGET]
-    return (f"within {SEED_SD_TARGET:g}: {', '.join(within) or 'none'}; above it: {', '.join(above) or 'none'}")
+def sd_interval(value: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The ``level`` confidence interval of a standard deviation ``value`` measured on ``n`` normal draws (the
+    chi-square interval): with five seeds an sd is known only to within a factor of about 0.6–2.9."""
+    from scipy.stats import chi2
+
+    if n < 2 or math.isnan(value):
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2
+    return (value * math.sqrt((n - 1) / chi2.ppf(1 - tail, n - 1)),
+            value * math.sqrt((n - 1) / chi2.ppf(tail, n - 1)))
+
+
+def seed_sd_text(seed_sd: dict[str, tuple[float, int]]) -> str:
+    """Which students' seed sd of feature FD (label -> (sd, seeds)) is within the issue's target
+    (≤ ``SEED_SD_TARGET``) and which not, each with its 95 % interval."""
+    def shown(label: str, value: float, n: int) -> str:
+        low, high = sd_interval(value, n)
+        return f"{label} {fmt(value, 'fd_features')} ({fmt(low, 'fd_features')}–{fmt(high, 'fd_features')})"
+
+    within = [shown(label, v, n) for label, (v, n) in seed_sd.items() if v <= SEED_SD_TARGET]
+    above = [shown(label, v, n) for label, (v, n) in seed_sd.items() if not v <= SEED_SD_TARGET]
+    return (f"within {SEED_SD_TARGET:g}: {', '.join(within) or 'none'}; above it: {', '.join(above) or 'none'} "
+            "(in brackets each sd's 95 % interval for its number of seeds)")
 
 
 def answer_lines(answer: dict[str, Any] | None) -> list[str]:
@@ -909,7 +927,7 @@ def six_set_lines(read: dict[str, Any] | None) -> list[str]:
         same = p["declared"] == readable(p["quality"], p["a"], p["b"])
         lines.append(f"- {pair_line(p)}: " + ("the declared read's quality verdict" if same else
                                                f"**not the declared read's quality verdict** ({p['declared']})"))
-    sds = {n["label"]: n["fd_features"]["sd"] for n in read["students"]}
+    sds = {n["label"]: (n["fd_features"]["sd"], n["fd_features"]["n"]) for n in read["students"]}
     return [*lines, "", f"Seed sd of feature FD on this read: {seed_sd_text(sds)}.", ""]
 
 

@@ -585,8 +585,8 @@ def test_a_restart_counts_for_the_stretch_it_splices_and_the_answer_is_the_first
     assert comparison.restarted_between(restarts, comparison.PLATEAU, 4000) == frozenset({"a"})
 
     def plateau(length, flat, entering_state):
-        return {"length": length, "students": [{"label": "x", "fd_features": {"sd": 1.0}},
-                                               {"label": "y", "fd_features": {"sd": 4.0}}], "flat": flat,
+        return {"length": length, "students": [{"label": "x", "fd_features": {"sd": 1.0, "n": 5}},
+                                               {"label": "y", "fd_features": {"sd": 4.0, "n": 3}}], "flat": flat,
                 "entering_state": entering_state, "entering_students": [],
                 "pairs": [{"a": "x", "b": "y", "quality": "A better", "seeds": [0, 1, 2], "sentence": "s",
                            "metrics": {"fd_features": {"verdict": "A better"}, "fd_pixel": {"verdict": "B better"},
@@ -601,7 +601,9 @@ def test_a_restart_counts_for_the_stretch_it_splices_and_the_answer_is_the_first
     assert "the first length read where every student is flat" in text
     assert ("- x vs y: x better in quality (feature FD ↓ x better; pixel FD ↓ y better; recall ↑ cannot tell at this "
             "size; seeds 0,1,2)") in text
-    assert "Seed sd of feature FD (the target is at most 3 points): within 3: x 1.0; above it: y 4.0." in text
+    # the chi-square interval of an sd: 0.60–2.87 times it on 5 draws, 0.52–6.28 on 3
+    assert ("Seed sd of feature FD (the target is at most 3 points): within 3: x 1.0 (0.6–2.9); above it: y 4.0 "
+            "(2.1–25.1) (in brackets each sd's 95 % interval for its number of seeds).") in text
     answer = comparison.longer_answer([read[0], plateau(5000, ["x", "y"], {"full": "still moving"})])
     assert (answer["length"], answer["all_flat"], answer["still_moving"]) == (5000, False, ["full"])
     answer = comparison.longer_answer(read[:1])
@@ -733,7 +735,7 @@ def test_the_second_read_averages_the_six_noise_sets_and_says_where_its_verdict_
     assert at_3000["lengths"] == {label: 3000 for label in spec.students}
     answer = comparison.longer_answer([at_3000], spec, rows)
     assert answer["pairs"][0]["quality"] == "B better"  # declared read: 50 + seed against 45 + seed
-    assert answer["seed_sd"] == pytest.approx({label: math.sqrt(2.5) for label in spec.students})
+    assert answer["seed_sd"] == {label: (pytest.approx(math.sqrt(2.5)), 5) for label in spec.students}
     read = answer["six_sets"]
     lorad = next(n for n in read["students"] if n["label"] == "lorad-uniform r4")
     assert lorad["fd_features"]["mean"] == pytest.approx(42.0) and lorad["seeds"] == [0, 1, 2, 3, 4]
@@ -744,14 +746,13 @@ def test_the_second_read_averages_the_six_noise_sets_and_says_where_its_verdict_
     first = read["pairs"][0]
     assert (first["quality"], first["declared"]) == ("A better", "lora-peft r4 better in quality")
     text = "\n".join(comparison.answer_lines(answer))
-    assert ("Seed sd of feature FD (the target is at most 3 points): within 3: lorad-uniform r4 1.6, lora-peft r4 "
-            "1.6, dora-peft r4 1.6; above it: none.") in text
+    assert ("Seed sd of feature FD (the target is at most 3 points): within 3: lorad-uniform r4 1.6 (0.9–4.5), "
+            "lora-peft r4 1.6 (0.9–4.5), dora-peft r4 1.6 (0.9–4.5); above it: none (in brackets") in text
     assert "| lorad-uniform r4 | 3000 | 0,1,2,3,4 | 42.0 ± 1.6 | 2.000 ± 0.000 | 0.400 ± 0.000 | 2.0 |" in text
     assert ("- lorad-uniform r4 vs lora-peft r4: lorad-uniform r4 better in quality (feature FD ↓ lorad-uniform r4 "
             "better; pixel FD ↓ no difference that matters; recall ↑ no difference that matters; seeds 0,1,2,3,4): "
             "**not the declared read's quality verdict** (lora-peft r4 better in quality)") in text
-    assert text.endswith("Seed sd of feature FD on this read: within 3: lorad-uniform r4 1.6, lora-peft r4 1.6, "
-                         "dora-peft r4 1.6; above it: none.\n")
+    assert "Seed sd of feature FD on this read: within 3: lorad-uniform r4 1.6 (0.9–4.5)," in text
     # a run without all six sets has no second-read score (the declared read needs only the last of them)
     del rows[(comparison.BY_LABEL["lora-peft r4"].run_names()[0], 3000, comparison.WEIGHTS, comparison.NOISE_SEEDS[0])]
     six = comparison.student_numbers(comparison.BY_LABEL["lora-peft r4"], rows, 3000, six_sets=True)
