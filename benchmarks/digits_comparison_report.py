@@ -166,7 +166,7 @@ RANK4 = Longer(
 # the amendment of 2026-12-05 01:18 UTC: the rank-2 and rank-8 trios trained the same way (seeds 3 and 4 from their
 # 2000-step checkpoints, seeds 0-2 again from step 0) to 4000, then in 1000-step stretches while any is still moving
 # where each small-rank student was read flat, on seeds 0-4: rank 2 DoRA at 4000, LoRA at 5000, LoRaD at 6000 (the
-# last length); rank 8 LoRaD and LoRA at 4000, DoRA still moving at 5000
+# last length); rank 8 LoRaD and LoRA at 4000, DoRA at 6000 (the last length)
 SMALL_RANKS_FLAT_AT = {2: {"dora-peft r2": 4000, "lora-peft r2": 5000},
                        8: {"lorad-uniform r8": 4000, "lora-peft r8": 4000}}
 SMALL_RANKS = tuple(
