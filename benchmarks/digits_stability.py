@@ -32,6 +32,7 @@ longer run is the same run continued).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -373,6 +374,7 @@ B_SEEDS = (0, 1, 2, 3, 4)
 # raw weights and the default average only; full fine-tuning and LoRaD-from-the-probe are Phase B's runs
 C_METHODS = ("lorad-uniform", "lora-peft", "dora-peft")
 C_LR, C_FAKE_UPDATES, C_WEIGHTS = 1e-3, 1, ["raw", "ema-p2/3"]
+E_WEIGHTS = ["ema-p2/3", "ema-p3/4"]  # the two ramped averages side by side (reports/digits_ema_seeds.md)
 
 
 def queue(name: str) -> list[Run]:
@@ -386,13 +388,19 @@ def queue(name: str) -> list[Run]:
     ``C:<method>[:<rank>][@<steps>]``  Phase C, seeds 0-4 of a uniform adapter (lorad-uniform, lora-peft,
                     dora-peft) on the LoRaD recipe at the parameter budget of the probe plan, or at ``rank``; with
                     ``@<steps>`` the same runs (same names, so the same checkpoints) continued to that length.
+    ``E:<method>[:<rank>]@<steps>``  Phase C's runs trained again from step 0 to ``<steps>``, scoring both ramped
+                    averages (``E_WEIGHTS``), under their own names (``…-averages``), so that they never continue
+                    or skip a Phase C run.
     ``L:<method>:<lr>:<fake>:<seed>[:<steps>][:field=value,...]``  one run with DistillConfig fields changed
                     (the levers study, reports/digits_levers.md), e.g. ``L:lorad-probe:0.001:1:0:cfg=2.0``.
     """
     kind, _, rest = name.partition(":")
     rest, at, length = rest.partition("@")
-    if at and not (kind in ("B", "C") and length.isdigit() and int(length) > 0):
-        raise SystemExit(f"unknown queue {name!r}: only B: and C: queues take @<steps>, a positive whole number")
+    if at and not (kind in ("B", "C", "E") and length.isdigit() and int(length) > 0):
+        raise SystemExit(f"unknown queue {name!r}: only B:, C: and E: queues take @<steps>, a positive whole number")
+    if kind == "E" and at:
+        return [dataclasses.replace(run, name=f"{run.name}-averages", weights=list(E_WEIGHTS))
+                for run in queue(f"C:{rest}@{length}")]
     if kind in ("A", "A1") and rest in PHASE_A:
         return [Run(rest, 0 if kind == "A" else 1, lr, fake, A_STEPS) for lr, fake in PHASE_A[rest]]
     if kind == "B" and rest.count(":") == 2:
@@ -412,7 +420,7 @@ def queue(name: str) -> list[Run]:
         extra = dict(_parse_field(item) for item in (tail[0].split(",") if tail else []) if item)
         return [Run(method, int(seed), float(lr), int(fake), steps, extra=extra)]
     raise SystemExit(f"unknown queue {name!r}: A:<method>, A1:<method>, B:<method>:<lr>:<fake updates>[@<steps>], "
-                     f"C:<{'|'.join(C_METHODS)}>[:<rank>][@<steps>] or "
+                     f"C:<{'|'.join(C_METHODS)}>[:<rank>][@<steps>], E:<{'|'.join(C_METHODS)}>[:<rank>]@<steps> or "
                      "L:<method>:<lr>:<fake updates>:<seed>[:<steps>][:field=value,...]")
 
 

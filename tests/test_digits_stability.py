@@ -104,6 +104,12 @@ def test_phase_c_queues_the_uniform_adapters_on_the_lorad_recipe():
     longer = stability.queue("C:dora-peft:4@2000")  # the same runs continued: same names, so the same checkpoints
     assert [(r.name, r.steps) for r in longer] == [(r.name, 2000) for r in small]
     assert {r.steps for r in stability.queue("C:lorad-uniform@2000")} == {2000}
+    both = stability.queue("E:lora-peft@4000")  # the two ramped averages, under names no Phase C run has
+    assert [r.name for r in both] == [f"lora-peft-lr0.001-f1-s{s}-averages" for s in range(5)]
+    assert {(r.lr, r.fake_updates, r.steps, r.rank) for r in both} == {(1e-3, 1, 4000, None)}
+    assert both[0].scored == ("ema-p2/3", "ema-p3/4")
+    with pytest.raises(SystemExit):
+        stability.queue("E:lora-peft")  # a length is required
     full = stability.queue("B:full:2e-05:5@2000")  # Phase B's runs continued the same way
     assert [(r.name, r.steps) for r in full] == [(f"full-lr2e-05-f5-s{s}", 2000) for s in range(5)]
     assert full[0].scored == ("raw", "ema-p2/3")  # the comparison's weights
