@@ -45,7 +45,7 @@ TITLE = {"fd_features": "feature FD ↓", "fd_pixel": "pixel FD ↓", "recall": 
          "class_accuracy": "class acc. ↑"}
 DIGITS = {"fd_features": 1, "fd_pixel": 3, "recall": 3, "precision": 3, "class_accuracy": 3}
 MIN_SEEDS = 3  # a pair with fewer seeds a side gets no verdict (declared)
-SEED_SD_TARGET = 3.0  # the issue's target for the seed sd of feature FD at the final length
+SEED_SD_TARGET = 3.0  # the stability target: the seed sd of feature FD at the final length (declared)
 SCREEN_CURVES = ROOT / "reports" / "digits_lr_screen" / "curves.jsonl"
 SCREEN_METHODS, SCREEN_RATES, SCREEN_SEED = ("lora-peft", "dora-peft"), (3e-4, 1e-3, 3e-3), 0  # declared
 
@@ -882,7 +882,7 @@ def sd_interval(value: float, n: int, level: float = 0.95) -> tuple[float, float
 
 
 def seed_sd_text(seed_sd: dict[str, tuple[float, int]]) -> str:
-    """Which students' seed sd of feature FD (label -> (sd, seeds)) is within the issue's target
+    """Which students' seed sd of feature FD (label -> (sd, seeds)) is within the stability target
     (≤ ``SEED_SD_TARGET``) and which not, each with its 95 % interval."""
     def shown(label: str, value: float, n: int) -> str:
         low, high = sd_interval(value, n)
