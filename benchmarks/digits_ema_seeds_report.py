@@ -130,7 +130,8 @@ def analyse(curves: list[dict[str, Any]], study_curves: list[dict[str, Any]]) ->
                  for m in VERDICT_METRICS} for w in E_WEIGHTS}
     adopt = (spread[(SLOW, "six")]["sd"] <= SEED_SD_TARGET
              and all(p["verdict"] in ("better", "no difference that matters") for p in paired.values()))
-    return {"length": last, "seeds": seeds, "spread": spread, "paired": paired, "means": means,
+    cpus = sorted({r.get("cpu") or "not recorded" for r in curves if r["name"] in names.values()})
+    return {"length": last, "seeds": seeds, "planned": sorted(names), "cpus": cpus, "spread": spread, "paired": paired, "means": means,
             "steadiness": {w: steadiness(rows, {s: names[s] for s in seeds}, w, last) for w in E_WEIGHTS},
             "reproduction": reproduction(rows, study, {s: names[s] for s in seeds}), "adopt": adopt}
 
@@ -139,7 +140,9 @@ def lines(result: dict[str, Any]) -> list[str]:
     seeds, length = result["seeds"], result["length"]
     out = [MARKER, "", "## Results", "",
            f"Seeds with both averages scored on all six noise sets at step {length}: "
-           f"{', '.join(map(str, seeds)) or 'none yet'}.", ""]
+           f"{', '.join(map(str, seeds)) or 'none yet'} (not finished: "
+           f"{', '.join(str(s) for s in result['planned'] if s not in seeds) or 'none'}). Machine: "
+           f"{', '.join(result['cpus'])}, one torch thread per run, two runs at a time.", ""]
     if len(seeds) < 3:
         return [*out, "Fewer than 3 seeds: nothing is read yet."]
     out += ["**1. Seed sd of feature FD at step {}** (mean ± seed sd; in brackets the sd's 95 % interval for {} "

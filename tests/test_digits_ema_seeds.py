@@ -73,6 +73,7 @@ def test_the_reads_on_known_answers():
     assert repro[0] == {"steps": 10, "max_gap": pytest.approx(0.25), "first_differs": 3300}
     assert repro[1] == {"steps": 10, "max_gap": 0.0, "first_differs": None}
     text = "\n".join(report.lines(result))
+    assert "at step 4000: 0, 1, 2, 3, 4 (not finished: none). Machine: not recorded, one torch thread" in text
     assert "| `ema-p3/4` | 39.0 ± 0.8 (0.5–2.3) | 39.0 ± 0.8 (0.5–2.3) |" in text
     assert "- feature FD ↓: `ema-p2/3` 42.0, `ema-p3/4` 39.0; d = -3.00 ± 0.35: no difference that matters." in text
     assert "- seed 0: 10 steps, largest difference 0.25: first differs at step 3300." in text
@@ -96,4 +97,5 @@ def test_fewer_than_three_seeds_read_nothing():
     rows = [r for r in _runs(40.0, 38.0) if r["name"] in (NAMES[0], NAMES[1])]
     result = report.analyse(rows, [])
     assert result["seeds"] == [0, 1]
+    assert "(not finished: 2, 3, 4)" in report.lines(result)[4]
     assert report.lines(result)[-1] == "Fewer than 3 seeds: nothing is read yet."
