@@ -289,15 +289,18 @@ def verdict(a: dict[str, Any], b: dict[str, Any], metric: str) -> dict[str, Any]
         return {"verdict": "too few seeds", "d": float("nan"), "se": float("nan"), "n": (na, nb)}
     d = a[metric]["mean"] - b[metric]["mean"]
     se = math.sqrt(a[metric]["sd"] ** 2 / na + b[metric]["sd"] ** 2 / nb)
+    return {"verdict": rule(d, se, metric), "d": d, "se": se, "n": (na, nb)}
+
+
+def rule(d: float, se: float, metric: str) -> str:
+    """The declared rule on a difference d = A − B with standard error ``se``: A or B better where |d| > 2 SE and
+    |d| is at least the smallest effect, "no difference that matters" where |d| + 2 SE is within it."""
     smallest = SMALLEST[metric]
     if abs(d) > 2 * se and abs(d) >= smallest:
-        a_better = d < 0 if metric in LOWER else d > 0
-        result = "A better" if a_better else "B better"
-    elif abs(d) + 2 * se <= smallest:
-        result = "no difference that matters"
-    else:
-        result = "cannot tell at this size"
-    return {"verdict": result, "d": d, "se": se, "n": (na, nb)}
+        return "A better" if (d < 0 if metric in LOWER else d > 0) else "B better"
+    if abs(d) + 2 * se <= smallest:
+        return "no difference that matters"
+    return "cannot tell at this size"
 
 
 def quality(per_metric: dict[str, dict[str, Any]]) -> str:

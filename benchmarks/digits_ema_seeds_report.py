@@ -21,17 +21,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _study import replace_results  # noqa: E402
 from digits_comparison_report import (  # noqa: E402 - the comparison's rule and formatting, one definition
-    LOWER,
     SEED_SD_TARGET,
     SMALLEST,
     TITLE,
     VERDICT_METRICS,
     fmt,
     index,
+    rule,
     sd,
     sd_interval,
 )
-from digits_stability import EVAL_SEED, E_WEIGHTS, METRICS, NOISE_SEEDS, ROOT, queue, read_curves, tail_change  # noqa: E402
+from digits_stability import (  # noqa: E402
+    E_WEIGHTS,
+    EVAL_SEED,
+    METRICS,
+    NOISE_SEEDS,
+    ROOT,
+    noise_set_summary,
+    queue,
+    read_curves,
+    tail_change,
+)
 
 QUEUE = "E:lora-peft@4000"  # declared
 OUT = Path(os.environ.get("WADI_STABILITY_OUT", ROOT / "reports" / "digits_ema_seeds"))
@@ -46,12 +56,12 @@ REPRODUCED_PAST = 2000  # the comparison's runs of these seeds were trained agai
 def final_scores(rows: dict, name: str, step: int, weights: str) -> dict[str, Any] | None:
     """One run's scores at ``step`` for ``weights``: the deciding set's, the six sets' mean and sd; None until every
     noise set is there."""
-    sets = [rows.get((name, step, weights, seed)) for seed in (EVAL_SEED, *NOISE_SEEDS)]
-    if any(r is None for r in sets):
+    sets = [row for seed in (EVAL_SEED, *NOISE_SEEDS) if (row := rows.get((name, step, weights, seed)))]
+    summary = noise_set_summary(sets, METRICS)
+    if summary is None:
         return None
-    return {"deciding": {m: sets[0][m] for m in METRICS},
-            "six": {m: statistics.fmean(r[m] for r in sets) for m in METRICS},
-            "eval_sd": {m: sd([r[m] for r in sets]) for m in VERDICT_METRICS}}
+    return {"deciding": {m: sets[0][m] for m in METRICS}, "six": {m: summary[m][0] for m in METRICS},
+            "eval_sd": {m: summary[m][1] for m in VERDICT_METRICS}}
 
 
 def paired_verdict(differences: list[float], metric: str) -> dict[str, Any]:
@@ -62,20 +72,16 @@ def paired_verdict(differences: list[float], metric: str) -> dict[str, Any]:
     if n < 3:
         return {"d": float("nan"), "se": float("nan"), "n": n, "verdict": "too few seeds"}
     d, se = statistics.fmean(differences), sd(differences) / math.sqrt(n)
-    smallest = SMALLEST[metric]
-    if abs(d) > 2 * se and abs(d) >= smallest:
-        verdict = "better" if (d < 0) == (metric in LOWER) else "worse"
-    elif abs(d) + 2 * se <= smallest:
-        verdict = "no difference that matters"
-    else:
-        verdict = "cannot tell"
-    return {"d": d, "se": se, "n": n, "verdict": verdict}
+    said = {"A better": "better", "B better": "worse", "cannot tell at this size": "cannot tell"}
+    verdict = rule(d, se, metric)
+    return {"d": d, "se": se, "n": n, "verdict": said.get(verdict, verdict)}
 
 
-def steadiness(rows: dict, names: dict[int, str], weights: str, last: int) -> dict[str, Any]:
+def steadiness(rows: dict, names: dict[int, str], weights: str, last: int, noise: list[float]) -> dict[str, Any]:
     """The within-run sd of feature FD over steps ``WITHIN_FROM``..``last`` (deciding set; mean over the seeds) and
-    the seed-mean curve's change over its last 20 % against the evaluation noise (RMS of the runs' six-set sd)."""
-    within, curves, noise = [], {}, []
+    the seed-mean curve's change over its last 20 % against the evaluation noise (RMS of the runs' six-set sd,
+    ``noise``)."""
+    within, curves = [], {}
     for name in names.values():
         points = sorted((s, r["fd_features"]) for (n, s, w, e), r in rows.items()
                         if n == name and w == weights and e == EVAL_SEED and s <= last)
@@ -84,9 +90,6 @@ def steadiness(rows: dict, names: dict[int, str], weights: str, last: int) -> di
         within.append(sd([v for s, v in points if s >= WITHIN_FROM]))
         for s, v in points:
             curves.setdefault(s, []).append(v)
-        scores = final_scores(rows, name, last, weights)
-        if scores:
-            noise.append(scores["eval_sd"]["fd_features"])
     steps = sorted(s for s, v in curves.items() if len(v) == len(within))
     change = tail_change(steps, [statistics.fmean(curves[s]) for s in steps]) if len(steps) >= 3 else float("nan")
     rms = math.sqrt(statistics.fmean(x * x for x in noise)) if noise else float("nan")
@@ -131,8 +134,10 @@ def analyse(curves: list[dict[str, Any]], study_curves: list[dict[str, Any]]) ->
     adopt = (spread[(SLOW, "six")]["sd"] <= SEED_SD_TARGET
              and all(p["verdict"] in ("better", "no difference that matters") for p in paired.values()))
     cpus = sorted({r.get("cpu") or "not recorded" for r in curves if r["name"] in names.values()})
-    return {"length": last, "seeds": seeds, "planned": sorted(names), "cpus": cpus, "spread": spread, "paired": paired, "means": means,
-            "steadiness": {w: steadiness(rows, {s: names[s] for s in seeds}, w, last) for w in E_WEIGHTS},
+    return {"length": last, "seeds": seeds, "planned": sorted(names), "cpus": cpus, "spread": spread,
+            "paired": paired, "means": means,
+            "steadiness": {w: steadiness(rows, {s: names[s] for s in seeds}, w, last,
+                                         [finals[w][s]["eval_sd"]["fd_features"] for s in seeds]) for w in E_WEIGHTS},
             "reproduction": reproduction(rows, study, {s: names[s] for s in seeds}), "adopt": adopt}
 
 

@@ -398,7 +398,7 @@ def queue(name: str) -> list[Run]:
     rest, at, length = rest.partition("@")
     if at and not (kind in ("B", "C", "E") and length.isdigit() and int(length) > 0):
         raise SystemExit(f"unknown queue {name!r}: only B:, C: and E: queues take @<steps>, a positive whole number")
-    if kind == "E" and at:
+    if kind == "E" and at and rest.split(":")[0] in C_METHODS and rest.count(":") <= 1:
         return [dataclasses.replace(run, name=f"{run.name}-averages", weights=list(E_WEIGHTS))
                 for run in queue(f"C:{rest}@{length}")]
     if kind in ("A", "A1") and rest in PHASE_A:

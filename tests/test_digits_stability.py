@@ -110,6 +110,8 @@ def test_phase_c_queues_the_uniform_adapters_on_the_lorad_recipe():
     assert both[0].scored == ("ema-p2/3", "ema-p3/4")
     with pytest.raises(SystemExit):
         stability.queue("E:lora-peft")  # a length is required
+    with pytest.raises(SystemExit, match="unknown queue 'E:full@4000'"):  # named as given, not as the C: it builds on
+        stability.queue("E:full@4000")
     full = stability.queue("B:full:2e-05:5@2000")  # Phase B's runs continued the same way
     assert [(r.name, r.steps) for r in full] == [(f"full-lr2e-05-f5-s{s}", 2000) for s in range(5)]
     assert full[0].scored == ("raw", "ema-p2/3")  # the comparison's weights
