@@ -84,7 +84,7 @@ def test_ldm_export_into_the_teachers_checkpoint_keeps_everything_else_byte_iden
     out = tmp_path / "complete.safetensors"
     result = run("export", "--teacher", teacher, "--adapter", adapter, "-o", out, "--format", "ldm", "--into", original)
     assert result.exit_code == 0, result.output
-    text = result.output.replace("\n", " ")
+    text = " ".join(result.output.split())
     assert "2 other tensors copied unchanged, 2 EMA tensors left out" in text and "float16" in text
     diffusers_out = tmp_path / "merged.safetensors"
     assert run("export", "--teacher", teacher, "--adapter", adapter, "-o", diffusers_out).exit_code == 0
@@ -139,7 +139,7 @@ def test_ldm_export_refusals_exit_2_and_write_nothing(tmp_path):
             args += ["--format", "ldm"]
         result = run(*args, *extra)
         assert result.exit_code == 2, (extra, result.output)
-        assert message in result.output.replace("\n", " ") and "Traceback" not in result.output
+        assert message in " ".join(result.output.split()) and "Traceback" not in result.output
         assert not out.exists() and not list(tmp_path.glob(".out*"))
     result = run("export", "--teacher", teacher, "--adapter", adapter, "-o", out, "--into", mismatched)
     assert result.exit_code == 2 and "use it with --format ldm" in result.output

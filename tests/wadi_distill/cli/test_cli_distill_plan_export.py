@@ -72,7 +72,7 @@ def test_plan_preset_json_and_file(folders, tmp_path):
     assert Plan.load(out).to_json() == printed
     table = run("plan", "--teacher", folders["teacher"] / "unet", "--preset", "paper", "--rank", 4)
     assert table.exit_code == 0, table.output
-    assert f"{len(expected.layers)} layers, {expected.trainable_params:,} trainable parameters" in table.output.replace("\n", " ")
+    assert f"{len(expected.layers)} layers, {expected.trainable_params:,} trainable parameters" in " ".join(table.output.split())
 
 
 def test_plan_from_a_real_probe_report(folders, report_path, tmp_path):
@@ -115,7 +115,7 @@ def test_plan_bad_inputs_exit_2_and_write_nothing(folders, report_path, tmp_path
     for args, message in cases:
         result = run("plan", *args, "-o", out)
         assert result.exit_code == 2, (args, result.output)
-        assert message in result.output.replace("\n", " "), (message, result.output)
+        assert message in " ".join(result.output.split()), (message, result.output)
         assert "Traceback" not in result.output
         assert not out.exists()
 
@@ -181,14 +181,14 @@ def test_export_official_thetas_and_refusals(folders, tmp_path):
     other = write_pipeline(tmp_path / "other", make_tiny_unet(cross_attention_dim=8))
     bad_out = tmp_path / "bad.safetensors"
     result = run("export", "--teacher", other, "--adapter", folders["adapter"], "-o", bad_out)
-    assert result.exit_code == 2 and "does not fit this base model" in result.output.replace("\n", " ")
+    assert result.exit_code == 2 and "does not fit this base model" in " ".join(result.output.split())
     assert not bad_out.exists() and not list(tmp_path.glob(".bad*"))
     result = run("export", "--teacher", folders["teacher"], "--adapter", tmp_path / "nope", "-o", bad_out)
     assert result.exit_code == 2 and "does not exist" in result.output
     teacher_file = folders["teacher"] / "unet" / "diffusion_pytorch_model.safetensors"
     before = teacher_file.read_bytes()
     result = run("export", "--teacher", folders["teacher"], "--adapter", folders["adapter"], "-o", teacher_file)
-    assert result.exit_code == 2 and "is inside the input" in result.output.replace("\n", " ")
+    assert result.exit_code == 2 and "is inside the input" in " ".join(result.output.split())
     assert teacher_file.read_bytes() == before
 
 
@@ -200,4 +200,4 @@ def test_plan_for_the_builtin_teacher():
     expected = plan_from_preset(load_digits("builtin:digits").unet, 8)
     assert json.loads(result.output)["trainable_params"] == expected.trainable_params
     result = run("plan", "--teacher", "builtin:nope", "--preset", "paper", "--rank", 8)
-    assert result.exit_code == 2 and "no built-in model" in result.output.replace("\n", " ")
+    assert result.exit_code == 2 and "no built-in model" in " ".join(result.output.split())
